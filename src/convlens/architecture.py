@@ -1,0 +1,173 @@
+"""Finding structure in a model: the global-average-pooling head that CAM needs, and the default
+layer of the CAM family.
+
+Detection is by observation, not by module names: one forward pass of a single image records
+every module's output; the classifier is the last ``nn.Linear`` whose output is the model's
+output, and the CAM layer is the last 4-D feature map whose spatial mean equals that linear
+layer's input. This works however the pooling is written (module, ``F.adaptive_avg_pool2d``,
+``x.mean((2, 3))``) and for modules called several times.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from convlens.errors import LayerError, UnsupportedModelError
+from convlens.hooks import hooks, model_state, named_module
+
+__all__ = ["GapHead", "LayerRef", "find_gap_head", "default_layer", "parse_layer"]
+
+
+@dataclass(frozen=True)
+class LayerRef:
+    """A module and which of its calls in one forward pass (``-1``: the last)."""
+
+    name: str
+    call: int = -1
+
+    def __str__(self) -> str:
+        return self.name if self.call == -1 else f"{self.name}@{self.call}"
+
+
+@dataclass(frozen=True)
+class GapHead:
+    """A feature map that feeds global average pooling and a linear classifier.
+
+    ``logits = fc.weight @ mean_hw(A) + fc.bias`` where ``A`` is the output of ``layer``.
+    """
+
+    layer: LayerRef
+    fc_name: str
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+
+
+@dataclass
+class _Scan:
+    head: GapHead | None
+    head_error: str | None
+    last_spatial: LayerRef | None
+
+
+_CACHE: weakref.WeakKeyDictionary[nn.Module, dict[tuple[int, ...], _Scan]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def parse_layer(spec: str | LayerRef) -> LayerRef:
+    """Parse ``"name"`` or ``"name@call"`` (call index, negative counts from the end)."""
+    if isinstance(spec, LayerRef):
+        return spec
+    name, sep, call = spec.rpartition("@")
+    if sep and call.lstrip("-").isdigit():
+        return LayerRef(name, int(call))
+    return LayerRef(spec, -1)
+
+
+def _scan(net: nn.Module, x: torch.Tensor) -> _Scan:
+    key = tuple(x.shape[1:])
+    per_net = _CACHE.setdefault(net, {})
+    if key in per_net:
+        return per_net[key]
+    names = {m: n for n, m in net.named_modules()}
+    calls: dict[str, int] = {}
+    maps: list[tuple[LayerRef, torch.Tensor]] = []  # (layer, spatial mean (1, C))
+    spatial: list[LayerRef] = []
+    linears: list[tuple[str, torch.Tensor, torch.Tensor]] = []  # (name, input, output)
+
+    def record(module: nn.Module, args: tuple[object, ...], out: object) -> None:
+        name = names[module]
+        idx = calls.get(name, 0)
+        calls[name] = idx + 1
+        if name == "":
+            return
+        if isinstance(out, torch.Tensor) and out.dim() == 4 and out.shape[2] * out.shape[3] > 1:
+            ref = LayerRef(name, idx)
+            maps.append((ref, out.detach().float().mean(dim=(2, 3))))
+            spatial.append(ref)
+        if isinstance(module, nn.Linear) and args and isinstance(args[0], torch.Tensor):
+            linears.append((name, args[0].detach().float(), out.detach().float()))
+
+    regs = [lambda m=m: m.register_forward_hook(record) for m in net.modules()]
+    with model_state(net, eval_mode=True, grads=False), torch.no_grad(), hooks(regs):
+        out = net(x[:1])
+    # Calls counted per name; turn call indices into "from the end" where it is the last call.
+    def normal(ref: LayerRef) -> LayerRef:
+        return LayerRef(ref.name, -1) if ref.call == calls[ref.name] - 1 else ref
+
+    last_spatial = normal(spatial[-1]) if spatial else None
+    head: GapHead | None = None
+    error: str | None = None
+    fc = None
+    if isinstance(out, torch.Tensor):
+        for name, inp, lin_out in reversed(linears):
+            if lin_out.shape == out.shape and torch.allclose(lin_out, out.float(), atol=1e-5):
+                fc = (name, inp)
+                break
+    if fc is None:
+        error = "its output is not produced by an nn.Linear classifier"
+    else:
+        name, inp = fc
+        vec = inp.flatten(1)
+        tol = 1e-4 * (1.0 + float(vec.abs().max()))
+        for ref, mean in reversed(maps):
+            if mean.shape == vec.shape and torch.allclose(mean, vec, atol=tol):
+                linear = named_module(net, name)
+                assert isinstance(linear, nn.Linear)
+                head = GapHead(
+                    layer=normal(ref),
+                    fc_name=name,
+                    weight=linear.weight.detach(),
+                    bias=None if linear.bias is None else linear.bias.detach(),
+                )
+                break
+        if head is None:
+            error = (
+                f"the input of its classifier {name!r} is not the global average of any "
+                "layer's feature map"
+            )
+    scan = _Scan(head=head, head_error=error, last_spatial=last_spatial)
+    per_net[key] = scan
+    return scan
+
+
+def find_gap_head(net: nn.Module, x: torch.Tensor) -> GapHead:
+    """The feature map feeding global average pooling and the linear classifier.
+
+    Raises:
+        UnsupportedModelError: the model has no such structure; the message names Grad-CAM as
+            the method to use instead.
+    """
+    scan = _scan(net, x)
+    if scan.head is None:
+        raise UnsupportedModelError(
+            f"CAM needs a model that ends in global average pooling and one linear layer, but "
+            f"{scan.head_error}. Use Grad-CAM instead (method 'gradcam'), which works on any "
+            "convolutional layer."
+        )
+    return scan.head
+
+
+def default_layer(net: nn.Module, x: torch.Tensor) -> LayerRef:
+    """The layer the CAM family uses when none is given.
+
+    The feature map that feeds global average pooling when the model has one (the last
+    convolutional map, as in the CAM and Grad-CAM papers); otherwise the last module output
+    with a spatial extent larger than 1x1.
+
+    Raises:
+        LayerError: the model has no module with a 4-D output.
+    """
+    scan = _scan(net, x)
+    if scan.head is not None:
+        return scan.head.layer
+    if scan.last_spatial is None:
+        raise LayerError(
+            "the model has no layer with a spatial (B, C, H, W) output to explain; "
+            "use an input-gradient method such as 'saliency'"
+        )
+    return scan.last_spatial

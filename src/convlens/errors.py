@@ -1,0 +1,64 @@
+"""Exceptions raised by convlens.
+
+Every error a user can cause derives from :class:`ConvlensError`; its message says what went wrong
+and what to do. The CLI prints the message on one line and exits non-zero (traceback with --debug).
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+__all__ = [
+    "ConvlensError",
+    "ImageError",
+    "InferenceModeError",
+    "InputError",
+    "LayerError",
+    "ModelLoadError",
+    "TargetError",
+    "UnsupportedModelError",
+    "close_matches",
+]
+
+
+class ConvlensError(Exception):
+    """Base class of every error convlens raises on bad input."""
+
+
+class ImageError(ConvlensError, ValueError):
+    """An image file cannot be read, is corrupt, or is too small."""
+
+
+class InputError(ConvlensError, ValueError):
+    """A tensor given to a method has the wrong shape, dtype or device."""
+
+
+class TargetError(ConvlensError, ValueError):
+    """A target class cannot be resolved (unknown name, index out of range)."""
+
+
+class LayerError(ConvlensError, ValueError):
+    """A layer name does not exist in the model or its output is unusable for the method."""
+
+
+class UnsupportedModelError(ConvlensError, ValueError):
+    """The model lacks the structure a method needs (e.g. CAM without global average pooling)."""
+
+
+class InferenceModeError(ConvlensError, RuntimeError):
+    """A gradient method was called under ``torch.inference_mode`` or on inference tensors."""
+
+
+class ModelLoadError(ConvlensError, ValueError):
+    """A model specification cannot be loaded."""
+
+
+def close_matches(word: str, choices: Iterable[str], n: int = 3) -> str:
+    """Return ``" Did you mean: a, b?"`` for the closest choices, or an empty string."""
+    choices = list(choices)
+    found = difflib.get_close_matches(word, choices, n=n, cutoff=0.5)
+    if not found:
+        lowered = word.lower()
+        found = [c for c in choices if lowered in c.lower()][:n]
+    return f" Did you mean: {', '.join(repr(f) for f in found)}?" if found else ""

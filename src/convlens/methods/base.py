@@ -1,0 +1,182 @@
+"""The method interface: validation, targets, model state, upsampling and the result are owned
+here; each method overrides one step, :meth:`Method.compute`."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from convlens.architecture import LayerRef, default_layer, parse_layer
+from convlens.errors import InputError
+from convlens.hooks import model_state
+from convlens.models.base import ConvlensModel, unwrap
+from convlens.models.classes import ClassList
+from convlens.result import Explanation
+from convlens.targets import TargetSpec, resolve_targets
+
+__all__ = ["Context", "Method", "RawResult"]
+
+
+@dataclass
+class Context:
+    """What a method's :meth:`Method.compute` gets: the network (already in eval mode with
+    frozen parameters), the batch and the user's target request."""
+
+    net: nn.Module
+    x: torch.Tensor
+    target: TargetSpec
+    top_k: int | None
+    classes: ClassList | None
+    layer: str | LayerRef | None
+
+    def targets(self, logits: torch.Tensor) -> torch.Tensor:
+        """Resolve the target request against the clean logits, (B, K)."""
+        return resolve_targets(self.target, logits, classes=self.classes, top_k=self.top_k)
+
+    def layer_ref(self) -> LayerRef:
+        """The requested layer, or the default layer of the CAM family."""
+        if self.layer is None:
+            return default_layer(self.net, self.x)
+        return parse_layer(self.layer)
+
+
+@dataclass
+class RawResult:
+    """What :meth:`Method.compute` returns."""
+
+    maps: torch.Tensor  # (B, K, h, w)
+    logits: torch.Tensor  # (B, num_classes) of the unchanged input
+    targets: torch.Tensor  # (B, K)
+    layer: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+class Method:
+    """Base of every explanation method.
+
+    Subclasses set the class attributes and implement :meth:`compute`; calling the instance
+    validates the input, puts the model in eval mode with frozen parameters for the call,
+    restores it afterwards (also on error), upsamples the maps to the input size and builds the
+    :class:`~convlens.result.Explanation`.
+    """
+
+    name: ClassVar[str] = ""
+    title: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
+    uses_gradients: ClassVar[bool] = True
+    uses_layer: ClassVar[bool] = False
+
+    def options(self) -> dict[str, Any]:
+        """The method's settings (recorded in the result's ``meta``)."""
+        return {}
+
+    def __call__(
+        self,
+        model: nn.Module | ConvlensModel,
+        x: torch.Tensor,
+        target: TargetSpec = None,
+        *,
+        top_k: int | None = None,
+        layer: str | LayerRef | None = None,
+    ) -> Explanation:
+        """Explain the model's predictions on a batch.
+
+        Args:
+            model: a network or a :class:`~convlens.models.ConvlensModel`.
+            x: (B, 3, H, W) float inputs, already preprocessed for the model.
+            target: class(es) to explain; default the top-1 class (see
+                :func:`~convlens.targets.resolve_targets`).
+            top_k: explain the ``top_k`` most probable classes of each image.
+            layer: for layer methods, a module name (``"_blocks.15"``), optionally with the call
+                index for modules used several times (``"_swish@1"``); default chosen by the
+                method.
+
+        Returns:
+            An :class:`~convlens.result.Explanation` with maps (B, K, H, W).
+
+        Raises:
+            InputError: ``x`` is not a float (B, 3, H, W) tensor.
+            TargetError, LayerError, UnsupportedModelError, InferenceModeError: see messages.
+        """
+        net, wrapper = unwrap(model)
+        x = self._validate(x, net)
+        classes = wrapper.classes if wrapper is not None else None
+        ctx = Context(net=net, x=x, target=target, top_k=top_k, classes=classes, layer=layer)
+        start = time.perf_counter()
+        with model_state(net, eval_mode=True, grads=self.uses_gradients):
+            raw = self.compute(ctx)
+        seconds = time.perf_counter() - start
+        return self._result(raw, x, wrapper, seconds)
+
+    def compute(self, ctx: Context) -> RawResult:
+        """Compute raw maps; the one step each method overrides."""
+        raise NotImplementedError
+
+    @staticmethod
+    def _validate(x: torch.Tensor, net: nn.Module) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):
+            raise InputError(f"expected a (B, 3, H, W) tensor, got {type(x).__name__}")
+        if x.dim() == 3:
+            raise InputError("expected a batch (B, 3, H, W); use x.unsqueeze(0) for one image")
+        if x.dim() != 4 or x.shape[0] == 0:
+            raise InputError(f"expected a (B, C, H, W) batch, got shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise InputError(f"expected a float tensor, got {x.dtype}; preprocess the images")
+        if x.is_inference():
+            x = x.clone()
+        for p in net.parameters():
+            if p.device != x.device:
+                raise InputError(
+                    f"input is on {x.device} but the model is on {p.device}; move one of them"
+                )
+            if p.is_floating_point() and p.dtype != x.dtype:
+                x = x.to(p.dtype)
+            break
+        return x.detach()
+
+    def _result(
+        self,
+        raw: RawResult,
+        x: torch.Tensor,
+        wrapper: ConvlensModel | None,
+        seconds: float,
+    ) -> Explanation:
+        h, w = x.shape[-2:]
+        maps = raw.maps.detach().float()
+        upsampled = maps
+        if maps.shape[-2:] != (h, w):
+            upsampled = F.interpolate(maps, size=(h, w), mode="bilinear", align_corners=False)
+        logits = raw.logits.detach().float()
+        probs_all = torch.softmax(logits, dim=1)
+        k5 = min(5, logits.shape[1])
+        top = probs_all.topk(k5, dim=1)
+        targets = raw.targets.detach()
+        class_names = top_names = None
+        images = None
+        if wrapper is not None:
+            cl = wrapper.classes
+            if len(cl) == logits.shape[1]:
+                class_names = [[cl[int(t)] for t in row] for row in targets]
+                top_names = [[cl[int(t)] for t in row] for row in top.indices]
+            images = wrapper.display(x).float()
+        meta = {"seconds": seconds, **self.options(), **raw.meta}
+        return Explanation(
+            method=self.name,
+            maps=upsampled.contiguous(),
+            targets=targets,
+            scores=logits.gather(1, targets),
+            probs=probs_all.gather(1, targets),
+            top_indices=top.indices,
+            top_probs=top.values,
+            raw_maps=None if upsampled is maps else maps,
+            layer=raw.layer,
+            class_names=class_names,
+            top_names=top_names,
+            images=images,
+            meta=meta,
+        )

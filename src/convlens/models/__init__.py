@@ -1,0 +1,108 @@
+"""Models: built-in pretrained classifiers, user models, preprocessing and class lists."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from convlens.errors import ModelLoadError
+from convlens.models.base import ConvlensModel, unwrap
+from convlens.models.builtin import BUILTIN_MODELS, load_builtin
+from convlens.models.classes import ClassList, imagenet_classes
+from convlens.models.preprocess import Preprocess
+
+__all__ = [
+    "BUILTIN_MODELS",
+    "ClassList",
+    "ConvlensModel",
+    "Preprocess",
+    "imagenet_classes",
+    "load_model",
+    "unwrap",
+    "wrap_model",
+]
+
+
+def wrap_model(
+    net: nn.Module,
+    *,
+    classes: ClassList | str | Path | None = None,
+    preprocess: Preprocess | None = None,
+    name: str = "model",
+) -> ConvlensModel:
+    """Wrap a user's ``nn.Module`` with preprocessing and class names.
+
+    Args:
+        net: the classifier, mapping (B, 3, H, W) to (B, num_classes) logits.
+        classes: a :class:`ClassList`, a path to a class-list file, or ``None`` for
+            ImageNet names when the model has 1000 outputs (``class i`` names otherwise, decided
+            on first use).
+        preprocess: defaults to resize 256, crop 224, ImageNet mean/std
+            (0.485, 0.456, 0.406) / (0.229, 0.224, 0.225).
+        name: shown in reports.
+    """
+    if classes is not None and not isinstance(classes, ClassList):
+        classes = ClassList.from_file(classes)
+    if preprocess is None:
+        preprocess = Preprocess(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    if classes is None:
+        classes = _guess_classes(net, preprocess)
+    return ConvlensModel(net=net, preprocess=preprocess, classes=classes, name=name)
+
+
+def _guess_classes(net: nn.Module, preprocess: Preprocess) -> ClassList:
+    from convlens.hooks import model_state
+
+    try:
+        device = next(iter(net.parameters())).device
+    except StopIteration:
+        device = torch.device("cpu")
+    with model_state(net, eval_mode=True, grads=False), torch.no_grad():
+        out = net(torch.zeros(1, 3, preprocess.crop, preprocess.crop, device=device))
+    n = int(out.shape[-1])
+    return imagenet_classes() if n == 1000 else ClassList.generic(n)
+
+
+def load_model(
+    spec: str | nn.Module = "lite0",
+    *,
+    weights: str | Path | None = None,
+    classes: ClassList | str | Path | None = None,
+    preprocess: Preprocess | None = None,
+    device: torch.device | str = "cpu",
+) -> ConvlensModel:
+    """Load a model by name or specification.
+
+    Args:
+        spec: ``"lite0"`` (default), ``"lite1"``, ``"lite2"``; a factory
+            ``"path/to/net.py:build"`` or ``"package.module:build"``; a TorchScript file
+            (``.pt``/``.pth`` saved with ``torch.jit.save``); or an ``nn.Module``.
+        weights: optional state-dict file loaded into a factory-built model.
+        classes: class list (object or file) for user models; ImageNet for built-ins.
+        preprocess: preprocessing for user models (built-ins know their own).
+        device: where to put the network.
+
+    Returns:
+        The wrapped model, in eval mode for built-ins and factory models; a given ``nn.Module``
+        is left in the mode it is in (methods switch to eval for their call only).
+
+    Raises:
+        ModelLoadError: the specification cannot be resolved or loaded.
+    """
+    if isinstance(spec, nn.Module):
+        return wrap_model(spec, classes=classes, preprocess=preprocess).to(device)
+    if spec in BUILTIN_MODELS:
+        if weights is not None:
+            raise ModelLoadError(f"built-in model {spec!r} takes no --weights")
+        model = load_builtin(spec, device=device)
+        if classes is not None:
+            model.classes = classes if isinstance(classes, ClassList) else ClassList.from_file(classes)
+        if preprocess is not None:
+            model.preprocess = preprocess
+        return model
+    from convlens.models.user import load_user_network
+
+    net, name = load_user_network(spec, weights=weights)
+    return wrap_model(net, classes=classes, preprocess=preprocess, name=name).to(device)

@@ -1,0 +1,64 @@
+"""Turning a PIL image into the normalised tensor a model expects, and back for display."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+__all__ = ["Preprocess"]
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Resize-and-crop preprocessing of one model.
+
+    The shorter side is resized to ``resize`` (bilinear, with antialiasing), the centre
+    ``crop`` x ``crop`` square is cut out, pixels are scaled to [0, 1] and normalised per channel:
+    ``x = (pixel / 255 - mean) / std``.
+
+    Args:
+        resize: length of the shorter side after resizing; ``None`` resizes straight to ``crop``.
+        crop: side of the square centre crop (the model's input size).
+        mean: per-channel mean subtracted after scaling to [0, 1].
+        std: per-channel standard deviation divided by.
+    """
+
+    resize: int | None = 256
+    crop: int = 224
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+
+    def geometry(self, image: Image.Image) -> Image.Image:
+        """Resize and centre-crop an RGB image, without normalising."""
+        w, h = image.size
+        if self.resize is None:
+            return image.resize((self.crop, self.crop), Image.Resampling.BILINEAR)
+        scale = self.resize / min(w, h)
+        nw, nh = max(self.crop, round(w * scale)), max(self.crop, round(h * scale))
+        image = image.resize((nw, nh), Image.Resampling.BILINEAR)
+        left, top = (nw - self.crop) // 2, (nh - self.crop) // 2
+        return image.crop((left, top, left + self.crop, top + self.crop))
+
+    def to_unit(self, image: Image.Image) -> torch.Tensor:
+        """Resize, crop and scale to a (3, crop, crop) float tensor in [0, 1]."""
+        arr = np.asarray(self.geometry(image.convert("RGB")), dtype=np.float32) / 255.0
+        return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+
+    def normalize(self, unit: torch.Tensor) -> torch.Tensor:
+        """Map [0, 1] pixels (..., 3, H, W) to model inputs."""
+        mean = torch.tensor(self.mean, dtype=unit.dtype, device=unit.device).view(3, 1, 1)
+        std = torch.tensor(self.std, dtype=unit.dtype, device=unit.device).view(3, 1, 1)
+        return (unit - mean) / std
+
+    def denormalize(self, x: torch.Tensor) -> torch.Tensor:
+        """Map model inputs (..., 3, H, W) back to [0, 1] pixels for display (clamped)."""
+        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(3, 1, 1)
+        std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(3, 1, 1)
+        return (x * std + mean).clamp(0.0, 1.0)
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        """Preprocess one PIL image into a normalised (3, crop, crop) tensor."""
+        return self.normalize(self.to_unit(image))

@@ -1,0 +1,165 @@
+"""The one result type of every explanation method."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+    from PIL import Image
+
+__all__ = ["Explanation"]
+
+
+@dataclass
+class Explanation:
+    """Maps produced by one method for a batch of images.
+
+    Shapes use ``B`` images, ``K`` targets per image (1 unless several classes were asked for,
+    e.g. ``top_k=3``), input size ``H x W``.
+
+    Attributes:
+        method: registry name of the method (``"gradcam"``).
+        maps: (B, K, H, W) float32 maps at input resolution; larger means more important for the
+            target. Not normalised (see :meth:`normalized`).
+        targets: (B, K) class indices explained.
+        scores: (B, K) unnormalised class scores (logits) of the targets on the unchanged input.
+        probs: (B, K) softmax probabilities of the targets.
+        top_indices: (B, 5) the model's five most probable classes per image.
+        top_probs: (B, 5) their probabilities.
+        raw_maps: (B, K, h, w) maps at the resolution the method computed them (layer resolution
+            for CAM methods), or ``None`` when equal to ``maps``.
+        layer: name of the layer used, when the method uses one.
+        class_names: (B, K) nested list of target names, when the class list is known.
+        top_names: (B, 5) nested list of the names of ``top_indices``.
+        images: (B, 3, H, W) the inputs in [0, 1] for display, when known.
+        meta: method options and timings (``seconds``).
+    """
+
+    method: str
+    maps: torch.Tensor
+    targets: torch.Tensor
+    scores: torch.Tensor
+    probs: torch.Tensor
+    top_indices: torch.Tensor
+    top_probs: torch.Tensor
+    raw_maps: torch.Tensor | None = None
+    layer: str | None = None
+    class_names: list[list[str]] | None = None
+    top_names: list[list[str]] | None = None
+    images: torch.Tensor | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def batch_size(self) -> int:
+        """Number of images ``B``."""
+        return int(self.maps.shape[0])
+
+    @property
+    def num_targets(self) -> int:
+        """Number of targets per image ``K``."""
+        return int(self.maps.shape[1])
+
+    def normalized(self) -> torch.Tensor:
+        """Maps rescaled per image and target to [0, 1] (min-max); constant maps become 0."""
+        flat = self.maps.flatten(2)
+        lo = flat.min(dim=2, keepdim=True).values
+        hi = flat.max(dim=2, keepdim=True).values
+        span = (hi - lo).clamp_min(torch.finfo(flat.dtype).tiny)
+        out = torch.where(hi > lo, (flat - lo) / span, torch.zeros_like(flat))
+        return out.view_as(self.maps)
+
+    def target_name(self, i: int, k: int = 0) -> str:
+        """Name of target ``k`` of image ``i`` (its index when no class list is known)."""
+        if self.class_names is not None:
+            return self.class_names[i][k]
+        return f"class {int(self.targets[i, k])}"
+
+    def select(self, index: int | slice) -> Explanation:
+        """The explanation of one image (kept batched, B=1) or a slice of images."""
+        idx = slice(index, index + 1) if isinstance(index, int) else index
+
+        def cut(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t[idx]
+
+        def cut_list(v: list[list[str]] | None) -> list[list[str]] | None:
+            return None if v is None else v[idx]
+
+        return replace(
+            self,
+            maps=self.maps[idx],
+            targets=self.targets[idx],
+            scores=self.scores[idx],
+            probs=self.probs[idx],
+            top_indices=self.top_indices[idx],
+            top_probs=self.top_probs[idx],
+            raw_maps=cut(self.raw_maps),
+            class_names=cut_list(self.class_names),
+            top_names=cut_list(self.top_names),
+            images=cut(self.images),
+        )
+
+    def to(self, device: torch.device | str) -> Explanation:
+        """Move every tensor to ``device``."""
+
+        def mv(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device)
+
+        return replace(
+            self,
+            maps=self.maps.to(device),
+            targets=self.targets.to(device),
+            scores=self.scores.to(device),
+            probs=self.probs.to(device),
+            top_indices=self.top_indices.to(device),
+            top_probs=self.top_probs.to(device),
+            raw_maps=mv(self.raw_maps),
+            images=mv(self.images),
+        )
+
+    def overlay(
+        self, i: int = 0, k: int = 0, *, cmap: str = "jet", alpha: float = 0.5
+    ) -> Image.Image:
+        """Heatmap of image ``i``, target ``k`` blended over the image (or alone when unknown)."""
+        from convlens.render.overlay import overlay_map
+
+        image = None if self.images is None else self.images[i]
+        return overlay_map(self.normalized()[i, k], image, cmap=cmap, alpha=alpha)
+
+    def save(
+        self, path: str | Path, *, cmap: str = "jet", alpha: float = 0.5
+    ) -> list[Path]:
+        """Save one overlay PNG per image and target.
+
+        Args:
+            path: a ``.png`` file when B*K == 1, else a folder that receives
+                ``{i}_{method}_{k}.png`` files.
+            cmap: matplotlib colour map.
+            alpha: opacity of the heatmap over the image.
+
+        Returns:
+            The paths written.
+        """
+        path = Path(path)
+        written: list[Path] = []
+        single = self.batch_size * self.num_targets == 1
+        if not (single and path.suffix.lower() == ".png"):
+            path.mkdir(parents=True, exist_ok=True)
+        for i in range(self.batch_size):
+            for k in range(self.num_targets):
+                out = path
+                if not (single and path.suffix.lower() == ".png"):
+                    out = path / f"{i:03d}_{self.method}_{k}.png"
+                self.overlay(i, k, cmap=cmap, alpha=alpha).save(out)
+                written.append(out)
+        return written
+
+    def plot(self, i: int = 0, *, cmap: str = "jet", alpha: float = 0.5) -> Figure:
+        """A matplotlib figure: the image and each target's overlay with its name and probability."""
+        from convlens.render.panels import explanation_figure
+
+        return explanation_figure(self, i, cmap=cmap, alpha=alpha)
