@@ -57,8 +57,12 @@ class ModelLoadError(ConvlensError, ValueError):
 def close_matches(word: str, choices: Iterable[str], n: int = 3) -> str:
     """Return ``" Did you mean: a, b?"`` for the closest choices, or an empty string."""
     choices = list(choices)
-    found = difflib.get_close_matches(word, choices, n=n, cutoff=0.5)
+    lowered = word.lower()
+    # Names containing the word as a whole word first ("cat" -> "tiger cat"), then spelling.
+    found = [c for c in choices if lowered in c.lower().replace(",", " ").split()][:n]
+    for c in difflib.get_close_matches(word, choices, n=n, cutoff=0.5):
+        if len(found) < n and c not in found:
+            found.append(c)
     if not found:
-        lowered = word.lower()
         found = [c for c in choices if lowered in c.lower()][:n]
     return f" Did you mean: {', '.join(repr(f) for f in found)}?" if found else ""

@@ -62,7 +62,8 @@ def _snapshot(net: nn.Module) -> _Snapshot:
     tensors = params + [b for b in net.buffers()]
     return _Snapshot(
         training=[(m, m.training) for m in net.modules()],
-        requires_grad=[(p, p.requires_grad) for p in params],
+        # Inference tensors cannot change requires_grad; they never take part in autograd.
+        requires_grad=[(p, p.requires_grad) for p in params if not p.is_inference()],
         grads=[(p, p.grad, None if p.grad is None else p.grad.detach().clone()) for p in params],
         values=[(t, t._version, t.detach().clone()) for t in tensors if not t.is_inference()],
     )

@@ -77,6 +77,17 @@ class ClassList:
         for i, name in enumerate(self.names):
             if key in (part.strip().lower() for part in name.split(",")):
                 return i
+        # "tabby cat" -> "tabby": the one class all of whose words occur in the query.
+        words = set(re.findall(r"[\w'-]+", key))
+        subsets = [
+            (len(ws), i)
+            for i, name in enumerate(self.names)
+            if (ws := set(re.findall(r"[\w'-]+", name.lower()))) and ws <= words
+        ]
+        if subsets:
+            subsets.sort(reverse=True)
+            if len(subsets) == 1 or subsets[0][0] > subsets[1][0]:
+                return subsets[0][1]
         hint = close_matches(text, self.names)
         kind = "synset" if _SYNSET.match(text) else "class name"
         raise TargetError(f"unknown {kind} {text!r}.{hint}")

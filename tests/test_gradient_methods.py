@@ -1,0 +1,102 @@
+"""Saliency, gradient x input and SmoothGrad against autograd and hand-worked values."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import images
+
+from convlens import GradCAM, GradientXInput, Saliency, SmoothGrad
+
+
+def per_image_grad(net: torch.nn.Module, x: torch.Tensor, t: int) -> torch.Tensor:
+    xi = x.clone().requires_grad_(True)
+    net(xi)[0, t].backward()
+    assert xi.grad is not None
+    return xi.grad[0]
+
+
+def test_saliency_equals_autograd_per_image(gap_net: torch.nn.Module) -> None:
+    x = images(3)
+    exp = Saliency()(gap_net, x)
+    with torch.no_grad():
+        top = gap_net(x).argmax(1)
+    assert exp.targets[:, 0].tolist() == top.tolist()
+    for i in range(3):
+        g = per_image_grad(gap_net, x[i : i + 1], int(top[i]))
+        torch.testing.assert_close(exp.maps[i, 0], g.abs().amax(0).float())
+
+
+def test_saliency_on_linear_model_is_the_weight_row(linear_net: torch.nn.Module) -> None:
+    x = images(2, size=6)
+    exp = Saliency()(linear_net, x, target=[1, 2])
+    w = linear_net.fc.weight.detach().view(3, 3, 6, 6)
+    torch.testing.assert_close(exp.maps[0, 0], w[1].abs().amax(0).float())
+    torch.testing.assert_close(exp.maps[1, 0], w[2].abs().amax(0).float())
+    gxi = GradientXInput()(linear_net, x, target=1)
+    torch.testing.assert_close(gxi.maps[:, 0], (w[1] * x).sum(1).float())
+
+
+def test_gradient_x_input_sums_to_score_on_linear_model(linear_net: torch.nn.Module) -> None:
+    x = images(2, size=6)
+    exp = GradientXInput()(linear_net, x, target=0)
+    bias = linear_net.fc.bias.detach()[0]
+    torch.testing.assert_close(exp.maps.sum(dim=(1, 2, 3)), exp.scores[:, 0] - float(bias))
+
+
+def test_top_k_gives_one_map_per_class(gap_net: torch.nn.Module) -> None:
+    x = images(2)
+    exp = Saliency()(gap_net, x, top_k=3)
+    assert exp.maps.shape == (2, 3, 12, 12)
+    order = gap_net(x).topk(3, dim=1).indices
+    assert torch.equal(exp.targets, order)
+    for k in range(3):
+        g = per_image_grad(gap_net, x[1:2], int(order[1, k]))
+        torch.testing.assert_close(exp.maps[1, k], g.abs().amax(0).float())
+
+
+def test_smoothgrad_without_noise_equals_inner(gap_net: torch.nn.Module) -> None:
+    x = images(2)
+    plain = Saliency()(gap_net, x)
+    smooth = SmoothGrad(Saliency(), samples=3, noise=0.0)(gap_net, x)
+    torch.testing.assert_close(smooth.maps, plain.maps)
+
+
+def test_smoothgrad_is_the_mean_over_noisy_copies(gap_net: torch.nn.Module) -> None:
+    x = images(2)
+    smooth = SmoothGrad(samples=4, noise=0.2, batch_size=3, seed=7)(gap_net, x)
+    # Independent loop with the same noise draws.
+    gen = torch.Generator().manual_seed(7)
+    span = (x.amax(dim=(1, 2, 3)) - x.amin(dim=(1, 2, 3))).view(2, 1, 1, 1)
+    eps = torch.cat(
+        [torch.randn((3, *x.shape), generator=gen, dtype=x.dtype),
+         torch.randn((1, *x.shape), generator=gen, dtype=x.dtype)]
+    )
+    t = smooth.targets[:, 0]
+    total = torch.zeros(2, 12, 12, dtype=torch.float64)
+    for s in range(4):
+        noisy = x + 0.2 * span * eps[s]
+        for i in range(2):
+            total[i] += per_image_grad(gap_net, noisy[i : i + 1], int(t[i])).abs().amax(0)
+    torch.testing.assert_close(smooth.maps[:, 0], (total / 4).float())
+
+
+def test_smoothgrad_is_deterministic_and_seed_dependent(gap_net: torch.nn.Module) -> None:
+    x = images(1)
+    a = SmoothGrad(samples=3, seed=1)(gap_net, x).maps
+    b = SmoothGrad(samples=3, seed=1)(gap_net, x).maps
+    c = SmoothGrad(samples=3, seed=2)(gap_net, x).maps
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_smoothgrad_wraps_gradcam(gap_net: torch.nn.Module) -> None:
+    x = images(2)
+    exp = SmoothGrad(GradCAM(), samples=2, noise=0.0)(gap_net, x)
+    torch.testing.assert_close(exp.maps, GradCAM()(gap_net, x).maps)
+    assert exp.layer == "relu2"
+
+
+def test_smoothgrad_rejects_zero_samples() -> None:
+    with pytest.raises(ValueError):
+        SmoothGrad(samples=0)

@@ -1,0 +1,151 @@
+"""Every registered method leaves the user's model exactly as found, after success and after an
+error injected halfway; batched results equal one-by-one results; inference mode is handled."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import GapNet, images, seeded
+from torch import nn
+
+from convlens import InferenceModeError, get_method, list_methods
+from convlens.methods.base import Method
+
+FAST = {"occlusion": {"patch": 4, "stride": 4}, "smoothgrad": {"samples": 3}}
+
+
+def make(name: str) -> Method:
+    return get_method(name, **FAST.get(name, {}))
+
+
+class Boom(RuntimeError):
+    pass
+
+
+class Injected(nn.Module):
+    """Identity that raises on its ``fail_at``-th call (counting from 1)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+        self.fail_at = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise Boom("injected failure")
+        return x
+
+
+class FragileNet(GapNet):
+    def __init__(self) -> None:
+        super().__init__()
+        self.trap = Injected()
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return super().features(self.trap(x))
+
+
+def state(net: nn.Module) -> dict[str, object]:
+    return {
+        "training": [m.training for m in net.modules()],
+        "requires_grad": [p.requires_grad for p in net.parameters()],
+        "values": [t.detach().clone() for t in net.state_dict().values()],
+        "grads": [None if p.grad is None else p.grad.clone() for p in net.parameters()],
+        "grad_ids": [id(p.grad) for p in net.parameters()],
+        "hooks": [
+            len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
+            + len(m._backward_pre_hooks)
+            for m in net.modules()
+        ],
+    }
+
+
+def assert_same(a: dict[str, object], b: dict[str, object]) -> None:
+    assert a["training"] == b["training"]
+    assert a["requires_grad"] == b["requires_grad"]
+    assert a["grad_ids"] == b["grad_ids"]
+    assert a["hooks"] == b["hooks"] and not any(b["hooks"])  # type: ignore[arg-type]
+    for x, y in zip(a["values"], b["values"], strict=True):  # type: ignore[call-overload]
+        assert torch.equal(x, y)
+    for x, y in zip(a["grads"], b["grads"], strict=True):  # type: ignore[call-overload]
+        assert (x is None and y is None) or torch.equal(x, y)
+
+
+def user_model() -> FragileNet:
+    net = seeded(FragileNet())
+    assert isinstance(net, FragileNet)
+    net.train()  # a user's model mid-training, with mixed flags and grads
+    net.bn.eval()
+    net.conv1.weight.requires_grad_(False)
+    net.fc.weight.grad = torch.ones_like(net.fc.weight)
+    return net
+
+
+@pytest.mark.parametrize("name", list_methods())
+def test_model_left_as_found_after_success(name: str) -> None:
+    net = user_model()
+    before = state(net)
+    x = images(2)
+    x.requires_grad_(True)
+    exp = make(name)(net, x)
+    assert exp.maps.shape == (2, 1, 12, 12)
+    assert torch.isfinite(exp.maps).all()
+    assert x.requires_grad and x.grad is None
+    assert_same(before, state(net))
+
+
+@pytest.mark.parametrize("fail_at", [1, 2, 3])
+@pytest.mark.parametrize("name", list_methods())
+def test_model_left_as_found_after_failure(name: str, fail_at: int) -> None:
+    net = user_model()
+    before = state(net)
+    net.trap.fail_at = fail_at
+    try:
+        make(name)(net, images(2))
+    except Boom:
+        pass
+    else:
+        assert net.trap.calls < fail_at  # the method finished before the trap fired
+    assert_same(before, state(net))
+
+
+@pytest.mark.parametrize("name", list_methods())
+def test_batched_equals_one_by_one(name: str, gap_net: nn.Module) -> None:
+    # SmoothGrad's noise depends on the batch layout; its average is tested on its own.
+    opts = {"noise": 0.0} if name == "smoothgrad" else {}
+    x = images(3)
+    together = make(name)(gap_net, x, top_k=2)
+    if opts:
+        together = get_method(name, **FAST[name], **opts)(gap_net, x, top_k=2)
+    for i in range(3):
+        alone = get_method(name, **FAST.get(name, {}), **opts)(gap_net, x[i : i + 1], top_k=2)
+        assert torch.equal(alone.targets, together.targets[i : i + 1])
+        torch.testing.assert_close(alone.maps, together.maps[i : i + 1], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", list_methods())
+def test_inference_mode(name: str, gap_net: nn.Module) -> None:
+    method = make(name)
+    with torch.inference_mode():
+        if method.uses_gradients:
+            with pytest.raises(InferenceModeError, match="inference_mode"):
+                method(gap_net, images(1))
+        else:
+            assert method(gap_net, images(1)).maps.shape == (1, 1, 12, 12)
+
+
+def test_model_built_in_inference_mode_is_reported() -> None:
+    with torch.inference_mode():
+        net = seeded(GapNet())
+    x = images(1)
+    with pytest.raises(InferenceModeError, match="parameters"):
+        get_method("saliency")(net, x)
+    assert get_method("cam")(net, x).maps.shape == (1, 1, 12, 12)
+
+
+def test_inference_tensor_input_is_accepted(gap_net: nn.Module) -> None:
+    with torch.inference_mode():
+        x = images(1).clone()
+    assert x.is_inference()
+    assert get_method("gradcam")(gap_net, x).maps.shape == (1, 1, 12, 12)
