@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import images
 
+from conftest import images
 from convlens import (
     CAM,
     GradCAM,
@@ -16,7 +16,7 @@ from convlens import (
 from convlens.architecture import default_layer, find_gap_head
 
 
-def features_and_grads(net, x, t):  # noqa: ANN001, ANN202 - test helper
+def features_and_grads(net, x, t):
     """Independent computation: A from the model's own feature function, dS/dA by autograd."""
     a = net.features(x).detach().requires_grad_(True)
     logits = net.fc(net.pool(a).flatten(1))
@@ -89,8 +89,9 @@ def test_gradcam_on_a_layer_followed_by_inplace_relu(gap_net: torch.nn.Module) -
     exp = GradCAM()(gap_net, x, layer="conv1")
     t = exp.targets[:, 0]
     a = gap_net.conv1(x).detach().requires_grad_(True)
-    logits = gap_net.fc(gap_net.pool(gap_net.relu2(gap_net.bn(gap_net.conv2(torch.relu(a)))))
-                        .flatten(1))
+    logits = gap_net.fc(
+        gap_net.pool(gap_net.relu2(gap_net.bn(gap_net.conv2(torch.relu(a))))).flatten(1)
+    )
     (g,) = torch.autograd.grad(logits.gather(1, t[:, None]).sum(), a)
     expected = torch.relu(torch.einsum("bc,bchw->bhw", g.mean(dim=(2, 3)), a.detach()))
     assert exp.raw_maps is None  # conv1 keeps the input resolution: nothing to upsample

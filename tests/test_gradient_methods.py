@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import images
 
+from conftest import images
 from convlens import GradCAM, GradientXInput, Saliency, SmoothGrad
 
 
@@ -69,8 +69,10 @@ def test_smoothgrad_is_the_mean_over_noisy_copies(gap_net: torch.nn.Module) -> N
     gen = torch.Generator().manual_seed(7)
     span = (x.amax(dim=(1, 2, 3)) - x.amin(dim=(1, 2, 3))).view(2, 1, 1, 1)
     eps = torch.cat(
-        [torch.randn((3, *x.shape), generator=gen, dtype=x.dtype),
-         torch.randn((1, *x.shape), generator=gen, dtype=x.dtype)]
+        [
+            torch.randn((3, *x.shape), generator=gen, dtype=x.dtype),
+            torch.randn((1, *x.shape), generator=gen, dtype=x.dtype),
+        ]
     )
     t = smooth.targets[:, 0]
     total = torch.zeros(2, 12, 12, dtype=torch.float64)

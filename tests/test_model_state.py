@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import GapNet, images, seeded
 from torch import nn
 
+from conftest import GapNet, images, seeded
 from convlens import InferenceModeError, get_method, list_methods
 from convlens.methods.base import Method
 
@@ -54,7 +54,9 @@ def state(net: nn.Module) -> dict[str, object]:
         "grads": [None if p.grad is None else p.grad.clone() for p in net.parameters()],
         "grad_ids": [id(p.grad) for p in net.parameters()],
         "hooks": [
-            len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
+            len(m._forward_hooks)
+            + len(m._forward_pre_hooks)
+            + len(m._backward_hooks)
             + len(m._backward_pre_hooks)
             for m in net.modules()
         ],

@@ -9,8 +9,9 @@ from convlens import ClassList, TargetError, wrap_model
 from convlens.models import imagenet_classes
 from convlens.targets import resolve_targets
 
-CLASSES = ClassList(("tabby, tabby cat", "coffee mug", "space shuttle"),
-                    ("n02123045", "n03063599", "n04266014"))
+CLASSES = ClassList(
+    ("tabby, tabby cat", "coffee mug", "space shuttle"), ("n02123045", "n03063599", "n04266014")
+)
 LOGITS = torch.tensor([[0.1, 2.0, 0.5], [3.0, 0.2, 1.0]])
 
 
@@ -68,7 +69,7 @@ def test_targets_by_name_through_a_method(gap_net: torch.nn.Module) -> None:
     assert exp.top_names is not None and len(exp.top_names[0]) == 5
 
 
-def test_class_list_files(tmp_path) -> None:  # noqa: ANN001
+def test_class_list_files(tmp_path) -> None:
     plain = tmp_path / "labels.txt"
     plain.write_text("cat\ndog\n\nbird\n")
     assert ClassList.from_file(plain).names == ("cat", "dog", "bird")

@@ -19,7 +19,7 @@ from torch import nn
 from convlens.errors import LayerError, UnsupportedModelError
 from convlens.hooks import hooks, model_state, named_module
 
-__all__ = ["GapHead", "LayerRef", "find_gap_head", "default_layer", "parse_layer"]
+__all__ = ["GapHead", "LayerRef", "default_layer", "find_gap_head", "parse_layer"]
 
 
 @dataclass(frozen=True)
@@ -95,6 +95,7 @@ def _scan(net: nn.Module, x: torch.Tensor) -> _Scan:
     regs = [lambda m=m: m.register_forward_hook(record) for m in net.modules()]
     with model_state(net, eval_mode=True, grads=False), torch.no_grad(), hooks(regs):
         out = net(x[:1])
+
     # Calls counted per name; turn call indices into "from the end" where it is the last call.
     def normal(ref: LayerRef) -> LayerRef:
         return LayerRef(ref.name, -1) if ref.call == calls[ref.name] - 1 else ref

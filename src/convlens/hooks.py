@@ -192,10 +192,7 @@ class LayerCapture:
             # Clone: an in-place op after the layer (ReLU(inplace=True)) must not change it.
             self.outputs.append(out.detach().clone())
             return None
-        if out.requires_grad:
-            captured = out
-        else:
-            captured = out.detach().requires_grad_(True)
+        captured = out if out.requires_grad else out.detach().requires_grad_(True)
         self.outputs.append(captured)
         # Hand the rest of the network a copy, so in-place ops after the layer leave the
         # captured activation (and the leaf) untouched.

@@ -64,14 +64,27 @@ class Explanation:
         """Number of targets per image ``K``."""
         return int(self.maps.shape[1])
 
-    def normalized(self) -> torch.Tensor:
-        """Maps rescaled per image and target to [0, 1] (min-max); constant maps become 0."""
-        flat = self.maps.flatten(2)
-        lo = flat.min(dim=2, keepdim=True).values
-        hi = flat.max(dim=2, keepdim=True).values
+    def normalized(self, percentile: float | None = None) -> torch.Tensor:
+        """Maps rescaled per image and target to [0, 1] (min-max); constant maps become 0.
+
+        Args:
+            percentile: clip each map to its [100 - p, p] percentiles before rescaling, so a few
+                extreme pixels do not wash out the rest (gradient maps); default
+                ``meta["display_percentile"]`` when the method sets it, else no clipping.
+        """
+        if percentile is None:
+            percentile = self.meta.get("display_percentile")
+        flat = self.maps.flatten(2).float()
+        if percentile is not None and percentile < 100:
+            q = torch.tensor([1 - percentile / 100.0, percentile / 100.0], device=flat.device)
+            lo, hi = torch.quantile(flat, q, dim=2, keepdim=True)
+            flat = torch.maximum(torch.minimum(flat, hi), lo)
+        else:
+            lo = flat.min(dim=2, keepdim=True).values
+            hi = flat.max(dim=2, keepdim=True).values
         span = (hi - lo).clamp_min(torch.finfo(flat.dtype).tiny)
         out = torch.where(hi > lo, (flat - lo) / span, torch.zeros_like(flat))
-        return out.view_as(self.maps)
+        return out.view(self.maps.shape)
 
     def target_name(self, i: int, k: int = 0) -> str:
         """Name of target ``k`` of image ``i`` (its index when no class list is known)."""
@@ -130,9 +143,7 @@ class Explanation:
         image = None if self.images is None else self.images[i]
         return overlay_map(self.normalized()[i, k], image, cmap=cmap, alpha=alpha)
 
-    def save(
-        self, path: str | Path, *, cmap: str = "jet", alpha: float = 0.5
-    ) -> list[Path]:
+    def save(self, path: str | Path, *, cmap: str = "jet", alpha: float = 0.5) -> list[Path]:
         """Save one overlay PNG per image and target.
 
         Args:
@@ -159,7 +170,7 @@ class Explanation:
         return written
 
     def plot(self, i: int = 0, *, cmap: str = "jet", alpha: float = 0.5) -> Figure:
-        """A matplotlib figure: the image and each target's overlay with its name and probability."""
+        """A matplotlib figure: the image and each target's overlay, name and probability."""
         from convlens.render.panels import explanation_figure
 
         return explanation_figure(self, i, cmap=cmap, alpha=alpha)

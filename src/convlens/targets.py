@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Union
 
 import torch
 
@@ -13,8 +12,7 @@ from convlens.models.classes import ClassList
 __all__ = ["TargetSpec", "resolve_targets"]
 
 #: A target for every image (int or str), one per image (sequence), or (B,) / (B, K) indices.
-TargetSpec = Union[int, str, Sequence[Union[int, str]], Sequence[Sequence[Union[int, str]]],
-                   torch.Tensor, None]
+TargetSpec = int | str | Sequence[int | str] | Sequence[Sequence[int | str]] | torch.Tensor | None
 
 
 def _one(value: int | str, classes: ClassList | None, num_classes: int) -> int:

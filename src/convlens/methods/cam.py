@@ -21,8 +21,9 @@ def _check_spatial(a: torch.Tensor, name: str) -> None:
         )
 
 
-def layer_gradients(ctx: Context) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                           torch.Tensor, str]:
+def layer_gradients(
+    ctx: Context,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, str]:
     """Activations and score gradients of one layer.
 
     Returns ``(A (B, C, h, w), dS/dA (B, K, C, h, w), logits, targets, layer name)``. The

@@ -9,6 +9,9 @@ from convlens.methods.registry import register
 
 __all__ = ["GradientXInput", "Saliency", "input_gradients"]
 
+#: Pixel-gradient maps have a few extreme values; views clip them at this percentile.
+DISPLAY = {"display_percentile": 99.0}
+
 
 def input_gradients(ctx: Context) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dS_t/dx for every target: ``(grads (B, K, 3, H, W), logits (B, N), targets (B, K))``.
@@ -43,7 +46,7 @@ class Saliency(Method):
 
     def compute(self, ctx: Context) -> RawResult:
         grads, logits, targets = input_gradients(ctx)
-        return RawResult(grads.abs().amax(dim=2), logits, targets)
+        return RawResult(grads.abs().amax(dim=2), logits, targets, meta=DISPLAY)
 
 
 @register("gradxinput")
@@ -59,4 +62,4 @@ class GradientXInput(Method):
 
     def compute(self, ctx: Context) -> RawResult:
         grads, logits, targets = input_gradients(ctx)
-        return RawResult((grads * ctx.x.unsqueeze(1)).sum(dim=2), logits, targets)
+        return RawResult((grads * ctx.x.unsqueeze(1)).sum(dim=2), logits, targets, meta=DISPLAY)

@@ -49,8 +49,12 @@ class SmoothGrad(Method):
         self.uses_layer = self.inner.uses_layer  # type: ignore[misc]
 
     def options(self) -> dict[str, Any]:
-        return {"inner": self.inner.name, "samples": self.samples, "noise": self.noise,
-                "seed": self.seed}
+        return {
+            "inner": self.inner.name,
+            "samples": self.samples,
+            "noise": self.noise,
+            "seed": self.seed,
+        }
 
     def compute(self, ctx: Context) -> RawResult:
         x = ctx.x
@@ -82,4 +86,4 @@ class SmoothGrad(Method):
             layer = raw.layer
             done += s
         assert total is not None
-        return RawResult(total / self.samples, logits, targets, layer=layer)
+        return RawResult(total / self.samples, logits, targets, layer=layer, meta=raw.meta)

@@ -98,7 +98,9 @@ def load_model(
             raise ModelLoadError(f"built-in model {spec!r} takes no --weights")
         model = load_builtin(spec, device=device)
         if classes is not None:
-            model.classes = classes if isinstance(classes, ClassList) else ClassList.from_file(classes)
+            model.classes = (
+                classes if isinstance(classes, ClassList) else ClassList.from_file(classes)
+            )
         if preprocess is not None:
             model.preprocess = preprocess
         return model

@@ -48,7 +48,7 @@ class ClassList:
         return self.names[index]
 
     def short(self, index: int) -> str:
-        """The first comma-separated part of a class name (``"tabby, tabby cat"`` -> ``"tabby"``)."""
+        """The first comma-separated part of a name (``"tabby, tabby cat"`` -> ``"tabby"``)."""
         return self.names[index].split(",")[0].strip()
 
     def index(self, target: int | str) -> int:

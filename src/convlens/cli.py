@@ -1,0 +1,410 @@
+"""The ``convlens`` command line: thin wrappers over the public API.
+
+Every user error is reported as one line on stderr with exit code 2; ``--debug`` shows the
+traceback instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Annotated, Optional
+
+import torch
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from convlens.errors import ConvlensError, InputError
+
+app = typer.Typer(
+    name="convlens",
+    help="See what a convolutional image classifier looks at, and why it gets images wrong.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console()
+err = Console(stderr=True)
+log = logging.getLogger("convlens")
+
+ModelOpt = Annotated[
+    str,
+    typer.Option(
+        "--model",
+        "-m",
+        help="lite0 (default), lite1, lite2, path/to/net.py:factory, pkg.module:factory, "
+        "or a TorchScript file.",
+    ),
+]
+WeightsOpt = Annotated[
+    Optional[Path], typer.Option(help="State-dict file for a factory model.")  # noqa: UP045
+]
+ClassesOpt = Annotated[
+    Optional[Path],  # noqa: UP045
+    typer.Option(help="Class names: one per line, or a TSV with index, synset, name."),
+]
+SizeOpt = Annotated[Optional[int], typer.Option(help="Input size (centre crop).")]  # noqa: UP045
+ResizeOpt = Annotated[
+    Optional[int],  # noqa: UP045
+    typer.Option(help="Shorter side before cropping (default size/0.875)."),
+]
+MeanOpt = Annotated[
+    Optional[str],  # noqa: UP045
+    typer.Option(help="Normalisation mean, e.g. 0.485,0.456,0.406."),
+]
+StdOpt = Annotated[
+    Optional[str],  # noqa: UP045
+    typer.Option(help="Normalisation std, e.g. 0.229,0.224,0.225."),
+]
+DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, cuda:1 ... or auto.")]
+
+
+def _triple(text: str | None, what: str) -> tuple[float, float, float] | None:
+    if text is None:
+        return None
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise InputError(f"--{what} must be three numbers like 0.5,0.5,0.5, got {text!r}") from None
+    if len(values) == 1:
+        values = values * 3
+    if len(values) != 3:
+        raise InputError(f"--{what} must have 1 or 3 values, got {text!r}")
+    return values  # type: ignore[return-value]
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda was asked for but no CUDA device is available")
+    return dev
+
+
+def _load(
+    model: str,
+    weights: Path | None,
+    classes: Path | None,
+    size: int | None,
+    resize: int | None,
+    mean: str | None,
+    std: str | None,
+    device: str,
+):
+    from convlens.models import BUILTIN_MODELS, Preprocess, load_model
+
+    pre = None
+    m, s = _triple(mean, "mean"), _triple(std, "std")
+    if any(v is not None for v in (size, resize, m, s)):
+        base = (
+            Preprocess(mean=(0.5,) * 3, std=(0.5,) * 3)
+            if model in BUILTIN_MODELS
+            else Preprocess(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+        )
+        crop = size or base.crop
+        pre = Preprocess(
+            resize=resize or (round(crop / 0.875) if size else base.resize),
+            crop=crop,
+            mean=m or base.mean,
+            std=s or base.std,
+        )
+    with err.status(f"loading model {model} ..."):
+        return load_model(
+            model, weights=weights, classes=classes, preprocess=pre, device=_device(device)
+        )
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=err,
+        transient=False,
+    )
+
+
+def _batches(paths: Sequence[Path], size: int) -> list[list[Path]]:
+    return [list(paths[i : i + size]) for i in range(0, len(paths), size)]
+
+
+@app.command()
+def predict(
+    images: Annotated[list[Path], typer.Argument(help="Image files or folders.")],
+    model: ModelOpt = "lite0",
+    weights: WeightsOpt = None,
+    classes: ClassesOpt = None,
+    size: SizeOpt = None,
+    resize: ResizeOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    top: Annotated[int, typer.Option(help="Number of classes to show.")] = 5,
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 16,
+    device: DeviceOpt = "cpu",
+) -> None:
+    """Show the top classes the model predicts for each image."""
+    from convlens.images import list_images
+
+    files = list_images(images)
+    net = _load(model, weights, classes, size, resize, mean, std, device)
+    for chunk in _batches(files, batch_size):
+        x = net.load_images(chunk).to(net.device)
+        idx, probs = net.predict(x, k=top)
+        for i, path in enumerate(chunk):
+            table = Table(title=str(path), title_justify="left", show_edge=False)
+            table.add_column("#", justify="right")
+            table.add_column("class")
+            table.add_column("index", justify="right")
+            table.add_column("probability", justify="right")
+            for r in range(idx.shape[1]):
+                c = int(idx[i, r])
+                table.add_row(str(r + 1), net.classes[c], str(c), f"{float(probs[i, r]):.3f}")
+            out.print(table)
+
+
+def _parse_methods(text: str) -> list[str]:
+    from convlens.methods import METHODS
+    from convlens.methods.registry import get_method
+
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    if not names:
+        raise InputError(f"--methods needs at least one of: {', '.join(METHODS)}")
+    for n in names:
+        get_method(n)  # raises with close matches
+    return names
+
+
+def _parse_target(text: str | None) -> int | str | None:
+    if text is None:
+        return None
+    return int(text) if text.strip().lstrip("-").isdigit() else text
+
+
+def run_explain(
+    model_obj,
+    files: Sequence[Path],
+    out_dir: Path,
+    *,
+    methods: Sequence[str],
+    target: int | str | None = None,
+    top_k: int | None = None,
+    layer: str | None = None,
+    batch_size: int = 8,
+    options: dict[str, dict[str, object]] | None = None,
+    cmap: str = "jet",
+    alpha: float = 0.5,
+) -> list[Path]:
+    """Explain image files and write panels; returns the written PNG paths."""
+    from convlens.api import explain
+    from convlens.hooks import named_module
+    from convlens.render import multiclass_figure, save_figure, side_by_side_figure
+
+    if layer is not None:
+        named_module(model_obj.net, layer.rpartition("@")[0] or layer)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    multi = (
+        "gradcam"
+        if "gradcam" in methods
+        else next((m for m in methods if m in ("cam", "gradcam++")), None)
+    )
+    with _progress() as bar:
+        task = bar.add_task("explaining", total=len(files) * len(methods))
+        for chunk in _batches(files, batch_size):
+            x = model_obj.load_images(chunk).to(model_obj.device)
+            results = {}
+            for name in methods:
+                bar.update(task, description=f"{name:>10}")
+                results.update(
+                    explain(model_obj, x, [name], target, top_k=top_k, layer=layer, options=options)
+                )
+                bar.advance(task, len(chunk))
+            for i, path in enumerate(chunk):
+                stem = path.stem
+                fig = side_by_side_figure(results, i, cmap=cmap, alpha=alpha)
+                written.append(save_figure(fig, out_dir / f"{stem}_panel.png"))
+                for name, exp in results.items():
+                    for k in range(exp.num_targets):
+                        suffix = "" if exp.num_targets == 1 else f"_{k + 1}"
+                        png = out_dir / f"{stem}_{name}{suffix}.png"
+                        exp.overlay(i, k, cmap=cmap, alpha=alpha).save(png)
+                        written.append(png)
+                if multi is not None and results[multi].num_targets > 1:
+                    fig = multiclass_figure(results[multi], i)
+                    written.append(save_figure(fig, out_dir / f"{stem}_{multi}_top{top_k}.png"))
+    return written
+
+
+@app.command("explain")
+def explain_cmd(
+    images: Annotated[list[Path], typer.Argument(help="Image files or folders.")],
+    methods: Annotated[
+        str, typer.Option(help="Comma-separated method names (see `convlens methods`).")
+    ] = "saliency,occlusion,cam,gradcam",
+    target: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(help="Class to explain: index, name ('tabby cat') or synset; default top-1."),
+    ] = None,
+    top_k: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option("--top-k", help="Explain the k most probable classes (multi-class view)."),
+    ] = None,
+    layer: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(
+            help="Layer for Grad-CAM & co. (`convlens layers`); name@call for "
+            "modules called several times."
+        ),
+    ] = None,
+    out_dir: Annotated[Path, typer.Option("--out", help="Output folder.")] = Path("convlens-out"),
+    model: ModelOpt = "lite0",
+    weights: WeightsOpt = None,
+    classes: ClassesOpt = None,
+    size: SizeOpt = None,
+    resize: ResizeOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 8,
+    patch: Annotated[int, typer.Option(help="Occlusion patch size (pixels).")] = 32,
+    stride: Annotated[int, typer.Option(help="Occlusion stride (pixels).")] = 16,
+    fill: Annotated[str, typer.Option(help="Occlusion fill: mean, blur, zero or a number.")] = (
+        "mean"
+    ),
+    cmap: Annotated[str, typer.Option(help="Matplotlib colour map.")] = "jet",
+    alpha: Annotated[float, typer.Option(help="Heatmap opacity.")] = 0.5,
+    device: DeviceOpt = "cpu",
+) -> None:
+    """Explain predictions: one side-by-side panel per image plus one overlay per method."""
+    from convlens.images import list_images
+
+    names = _parse_methods(methods)
+    files = list_images(images)
+    net = _load(model, weights, classes, size, resize, mean, std, device)
+    fill_value: str | float = fill
+    with contextlib.suppress(ValueError):
+        fill_value = float(fill)
+    opts: dict[str, dict[str, object]] = {
+        "occlusion": {"patch": patch, "stride": stride, "fill": fill_value}
+    }
+    try:
+        written = run_explain(
+            net,
+            files,
+            out_dir,
+            methods=names,
+            target=_parse_target(target),
+            top_k=top_k,
+            layer=layer,
+            batch_size=batch_size,
+            options=opts,
+            cmap=cmap,
+            alpha=alpha,
+        )
+    except ValueError as exc:
+        if isinstance(exc, ConvlensError):
+            raise
+        raise InputError(str(exc)) from exc
+    err.print(f"wrote {len(written)} images to {out_dir}/")
+
+
+@app.command()
+def layers(
+    model: Annotated[str, typer.Argument(help="Model name or specification (see --model).")] = (
+        "lite0"
+    ),
+    weights: WeightsOpt = None,
+    size: SizeOpt = None,
+    device: DeviceOpt = "cpu",
+) -> None:
+    """List the model's layers with the output shape of each for a real input."""
+    from convlens.layers import format_layer_table, layer_table
+
+    net = _load(model, weights, None, size, None, None, None, device)
+    crop = net.preprocess.crop
+    rows = layer_table(net.net, torch.zeros(1, 3, crop, crop, device=net.device))
+    out.print(format_layer_table(rows), markup=False, highlight=False)
+
+
+@app.command()
+def methods() -> None:
+    """List the explanation methods."""
+    from convlens.methods import METHODS
+
+    table = Table(show_edge=False)
+    table.add_column("name")
+    table.add_column("method")
+    table.add_column("paper")
+    table.add_column("layer")
+    for name, cls in METHODS.items():
+        table.add_row(name, cls.title, cls.paper, "yes" if cls.uses_layer else "")
+    out.print(table)
+
+
+DEMO_IMAGES = {"cat": "chelsea", "coffee": "coffee", "rocket": "rocket", "astronaut": "astronaut"}
+
+
+@app.command()
+def demo(
+    out_dir: Annotated[Path, typer.Option("--out", help="Output folder.")] = Path("convlens-demo"),
+    methods: Annotated[str, typer.Option(help="Comma-separated method names.")] = (
+        "saliency,occlusion,cam,gradcam"
+    ),
+    top_k: Annotated[int, typer.Option("--top-k", help="Classes in the multi-class view.")] = 3,
+    device: DeviceOpt = "cpu",
+) -> None:
+    """Explain four sample photos bundled with scikit-image (nothing is downloaded)."""
+    import numpy as np
+    import skimage.data
+    from PIL import Image
+
+    names = _parse_methods(methods)
+    img_dir = out_dir / "images"
+    img_dir.mkdir(parents=True, exist_ok=True)
+    files = []
+    for stem, fn in DEMO_IMAGES.items():
+        path = img_dir / f"{stem}.png"
+        Image.fromarray(np.asarray(getattr(skimage.data, fn)())).save(path)
+        files.append(path)
+    net = _load("lite0", None, None, None, None, None, None, device)
+    written = run_explain(net, files, out_dir, methods=names, batch_size=4)
+    if "gradcam" in names or "cam" in names:
+        written += run_explain(
+            net, files, out_dir / f"top{top_k}", methods=["gradcam"], top_k=top_k, batch_size=4
+        )
+    x = net.load_images(files).to(net.device)
+    idx, probs = net.predict(x, k=1)
+    for i, path in enumerate(files):
+        err.print(f"{path.stem:>10}: {net.classes[int(idx[i, 0])]} ({float(probs[i, 0]):.2f})")
+    err.print(f"wrote {len(written)} images to {out_dir}/ — open {out_dir}/cat_panel.png first")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Console entry point: runs the app, turning user errors into one-line messages."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    args = [a for a in args if a != "--debug"]
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING)
+    try:
+        app(args=args, prog_name="convlens")
+    except ConvlensError as exc:
+        if debug:
+            raise
+        err.print(f"[red]error:[/red] {exc}", markup=True, highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except OSError as exc:
+        if debug:
+            raise
+        err.print(f"[red]error:[/red] {exc}", markup=True, highlight=False, soft_wrap=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
