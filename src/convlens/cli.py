@@ -330,7 +330,14 @@ def layers(
     net = _load(model, weights, None, size, None, None, None, device)
     crop = net.preprocess.crop
     rows = layer_table(net.net, torch.zeros(1, 3, crop, crop, device=net.device))
-    out.print(format_layer_table(rows), markup=False, highlight=False)
+    out.print(format_layer_table(rows), markup=False, highlight=False, soft_wrap=True)
+    if any(r.calls > 1 for r in rows):
+        out.print(
+            "Layers used several times in one forward pass can be chosen per call: "
+            "--layer NAME@0 for the first call, NAME (or NAME@-1) for the last.",
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 @app.command()
