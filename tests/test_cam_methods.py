@@ -135,3 +135,39 @@ def test_wrong_layer_name_lists_close_matches(gap_net: torch.nn.Module) -> None:
 def test_layer_without_spatial_output_is_refused(gap_net: torch.nn.Module) -> None:
     with pytest.raises(LayerError, match="feature map"):
         GradCAM()(gap_net, images(1), layer="fc")
+
+
+class _NoBackward(torch.autograd.Function):
+    """Identity whose backward fails: proves that no gradient flows below the chosen layer."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise AssertionError("backward went below the explained layer")
+
+
+class _GuardedNet(torch.nn.Module):
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = _NoBackward.apply(x)
+        return self.inner(x)
+
+
+def test_gradcam_backward_stops_at_the_layer(gap_net: torch.nn.Module) -> None:
+    net = _GuardedNet(gap_net)
+    x = images(2)
+    for p in net.parameters():
+        p.requires_grad_(True)
+    exp = GradCAM()(net, x, layer="inner.conv2")
+    assert exp.maps.shape == (2, 1, 12, 12)
+    assert all(p.grad is None for p in net.parameters())  # no parameter gradients either
+    with pytest.raises(AssertionError, match="below"):
+        from convlens import Saliency
+
+        Saliency()(net, x)  # an input-gradient method does go through it

