@@ -212,3 +212,155 @@ def layer_capture(net: nn.Module, name: str, *, grad: bool = False) -> Iterator[
     capture = LayerCapture(name=name, grad=grad)
     with hooks([lambda: module.register_forward_hook(capture.hook)]):
         yield capture
+
+
+# --------------------------------------------------------------------------------------------
+# Backprop rules for ReLU-like activations (deconvnet, guided backpropagation)
+# --------------------------------------------------------------------------------------------
+
+RULES = ("gradient", "deconvnet", "guided", "pass")
+"""Backward rules for ReLU-like units ``y = clamp(x, 0, upper)`` with incoming signal ``R``:
+
+- ``gradient``: ``R * [0 < x < upper]`` (the true gradient);
+- ``deconvnet``: ``ReLU(R)`` (Zeiler & Fergus: the reconstruction is rectified; the forward
+  mask is ignored);
+- ``guided``: ``ReLU(R) * [0 < x < upper]`` (Springenberg et al.: both);
+- ``pass``: ``R`` (straight through; used for receptive fields).
+"""
+
+
+class _ReluRule(torch.autograd.Function):
+    """``clamp(x, 0, upper)`` forward; the chosen rule backward."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, upper: float, rule: str) -> torch.Tensor:  # type: ignore[override]
+        out = x.clamp(min=0.0) if upper == float("inf") else x.clamp(0.0, upper)
+        ctx.rule = rule
+        if rule in ("gradient", "guided"):
+            mask = x > 0 if upper == float("inf") else (x > 0) & (x < upper)
+            ctx.save_for_backward(mask)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
+        if ctx.rule == "pass":
+            return grad, None, None
+        if ctx.rule == "deconvnet":
+            return grad.clamp(min=0.0), None, None
+        (mask,) = ctx.saved_tensors
+        if ctx.rule == "guided":
+            return grad.clamp(min=0.0) * mask, None, None
+        return grad * mask, None, None
+
+
+_F = torch.nn.functional
+_RELU = {torch.relu, _F.relu, torch.Tensor.relu}
+_RELU_INPLACE = {torch.relu_, torch.Tensor.relu_}
+_CLAMP = {torch.clamp, torch.clip, torch.Tensor.clamp, torch.Tensor.clip}
+_CLAMP_INPLACE = {torch.clamp_, torch.Tensor.clamp_, torch.Tensor.clip_}
+_CLAMP_MIN = {torch.clamp_min, torch.Tensor.clamp_min}
+_CLAMP_MIN_INPLACE = {torch.clamp_min_, torch.Tensor.clamp_min_}
+_NO_RULE = {
+    _F.leaky_relu: "leaky_relu",
+    _F.elu: "elu",
+    _F.selu: "selu",
+    _F.celu: "celu",
+    _F.gelu: "gelu",
+    _F.silu: "silu",
+    _F.mish: "mish",
+    _F.hardswish: "hardswish",
+    _F.softplus: "softplus",
+    _F.prelu: "prelu",
+    _F.rrelu: "rrelu",
+}
+
+
+def _arg(args: tuple[Any, ...], kwargs: dict[str, Any], i: int, key: str, default: Any) -> Any:
+    if key in kwargs:
+        return kwargs[key]
+    return args[i] if len(args) > i else default
+
+
+def _relu_like(
+    func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[torch.Tensor, float, bool] | None:
+    """``(input, upper bound, in place)`` when ``func(*args)`` is a ReLU-like unit."""
+    if not args or not isinstance(args[0], torch.Tensor):
+        return None
+    x = args[0]
+    if func in _RELU:
+        return x, float("inf"), bool(_arg(args, kwargs, 1, "inplace", False))
+    if func in _RELU_INPLACE:
+        return x, float("inf"), True
+    if func is _F.relu6:
+        return x, 6.0, bool(_arg(args, kwargs, 1, "inplace", False))
+    if func is _F.hardtanh:
+        lo, hi = _arg(args, kwargs, 1, "min_val", -1.0), _arg(args, kwargs, 2, "max_val", 1.0)
+        if lo == 0 and hi > 0:
+            return x, float(hi), bool(_arg(args, kwargs, 3, "inplace", False))
+        return None
+    if func in _CLAMP or func in _CLAMP_INPLACE:
+        lo, hi = _arg(args, kwargs, 1, "min", None), _arg(args, kwargs, 2, "max", None)
+        if (
+            isinstance(lo, (int, float))
+            and lo == 0
+            and (hi is None or (isinstance(hi, (int, float)) and hi > 0))
+        ):
+            return x, float("inf") if hi is None else float(hi), func in _CLAMP_INPLACE
+        return None
+    if func in _CLAMP_MIN or func in _CLAMP_MIN_INPLACE:
+        lo = _arg(args, kwargs, 1, "min", None)
+        if isinstance(lo, (int, float)) and lo == 0:
+            return x, float("inf"), func in _CLAMP_MIN_INPLACE
+    return None
+
+
+class BackpropRuleMode(torch.overrides.TorchFunctionMode):
+    """Applies a backward rule to every ReLU-like operation run while the mode is active.
+
+    Works on ``nn.ReLU``/``nn.ReLU6`` modules (in place or not, called any number of times)
+    and on functional calls (``F.relu``, ``torch.relu``, ``x.relu_()``, ``F.relu6``,
+    ``F.hardtanh(x, 0, m)``, ``x.clamp(min=0)``, ``clamp_min(x, 0)``), because all of them go
+    through these functions. Activations with no rule (SiLU, GELU, LeakyReLU, ...) are
+    recorded in :attr:`unsupported`.
+    """
+
+    def __init__(self, rule: str) -> None:
+        super().__init__()
+        if rule not in RULES:
+            raise ValueError(f"rule must be one of {RULES}, not {rule!r}")
+        self.rule = rule
+        self.count = 0
+        self.unsupported: set[str] = set()
+
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        kwargs = kwargs or {}
+        spec = _relu_like(func, args, kwargs)
+        if spec is None:
+            name = _NO_RULE.get(func)
+            if name is not None:
+                self.unsupported.add(name)
+            return func(*args, **kwargs)
+        x, upper, inplace = spec
+        self.count += 1
+        out = _ReluRule.apply(x, upper, self.rule)
+        if inplace:
+            with torch.no_grad() if not x.requires_grad else contextlib.nullcontext():
+                x.copy_(out)
+            return x
+        return out
+
+
+@contextlib.contextmanager
+def backprop_rule(rule: str) -> Iterator[BackpropRuleMode]:
+    """Apply ``rule`` (see :data:`RULES`) to the backward pass of every ReLU-like operation
+    run inside the block; the model itself is not changed."""
+    mode = BackpropRuleMode(rule)
+    with mode:
+        yield mode

@@ -37,6 +37,9 @@ class Explanation:
         class_names: (B, K) nested list of target names, when the class list is known.
         top_names: (B, 5) nested list of the names of ``top_indices``.
         images: (B, 3, H, W) the inputs in [0, 1] for display, when known.
+        attributions: (B, K, 3, H, W) per-channel signed attributions for the pixel-space
+            methods (saliency, deconvnet, guided backprop ...), when the method has them;
+            ``maps`` is then a per-pixel reduction of them.
         meta: method options and timings (``seconds``).
     """
 
@@ -52,6 +55,7 @@ class Explanation:
     class_names: list[list[str]] | None = None
     top_names: list[list[str]] | None = None
     images: torch.Tensor | None = None
+    attributions: torch.Tensor | None = None
     meta: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -114,6 +118,7 @@ class Explanation:
             class_names=cut_list(self.class_names),
             top_names=cut_list(self.top_names),
             images=cut(self.images),
+            attributions=cut(self.attributions),
         )
 
     def to(self, device: torch.device | str) -> Explanation:
@@ -132,13 +137,22 @@ class Explanation:
             top_probs=self.top_probs.to(device),
             raw_maps=mv(self.raw_maps),
             images=mv(self.images),
+            attributions=mv(self.attributions),
         )
 
     def overlay(
         self, i: int = 0, k: int = 0, *, cmap: str = "jet", alpha: float = 0.5
     ) -> Image.Image:
-        """Heatmap of image ``i``, target ``k`` blended over the image (or alone when unknown)."""
-        from convlens.render.overlay import overlay_map
+        """The picture of image ``i``, target ``k``.
+
+        A heatmap blended over the image (alone when the image is unknown); for methods whose
+        natural display is an image in pixel space (deconvnet, guided backprop,
+        ``meta["display"] == "rgb"``), the signed RGB attribution centred on grey.
+        """
+        from convlens.render.overlay import overlay_map, rgb_attribution
+
+        if self.meta.get("display") == "rgb" and self.attributions is not None:
+            return rgb_attribution(self.attributions[i, k])
 
         image = None if self.images is None else self.images[i]
         return overlay_map(self.normalized()[i, k], image, cmap=cmap, alpha=alpha)

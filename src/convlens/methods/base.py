@@ -54,6 +54,7 @@ class RawResult:
     targets: torch.Tensor  # (B, K)
     layer: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    attributions: torch.Tensor | None = None  # (B, K, 3, H, W) pixel-space attributions
 
 
 class Method:
@@ -178,5 +179,6 @@ class Method:
             class_names=class_names,
             top_names=top_names,
             images=images,
+            attributions=None if raw.attributions is None else raw.attributions.detach().float(),
             meta=meta,
         )

@@ -8,6 +8,7 @@ from convlens.render.overlay import (
     dominant_class,
     multiclass_composite,
     overlay_map,
+    rgb_attribution,
     to_pil,
 )
 from convlens.render.panels import (
@@ -26,6 +27,7 @@ __all__ = [
     "multiclass_composite",
     "multiclass_figure",
     "overlay_map",
+    "rgb_attribution",
     "save_figure",
     "short_name",
     "side_by_side_figure",

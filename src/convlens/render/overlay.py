@@ -306,3 +306,21 @@ def multiclass_composite(
     color = rgb[winner].permute(2, 0, 1)  # (3, H, W)
     out = (1.0 - opacity) * base + opacity * color
     return Image.fromarray(_to_uint8(out))
+
+
+def rgb_attribution(attribution: torch.Tensor, percentile: float = 99.0) -> Image.Image:
+    """A signed (3, H, W) pixel-space attribution as an RGB picture centred on grey.
+
+    The usual display of deconvnet and guided-backpropagation results (Zeiler & Fergus 2014;
+    Springenberg et al. 2015): ``0.5 + a / (2 q)`` with ``q`` the ``percentile`` of ``|a|``,
+    clipped to [0, 1]. Zero attribution is mid-grey.
+
+    Args:
+        attribution: (3, H, W) tensor.
+        percentile: the magnitude mapped to full saturation.
+    """
+    a = attribution.detach().float().cpu()
+    if a.dim() != 3 or a.shape[0] != 3:
+        raise InputError(f"expected a (3, H, W) attribution, got shape {tuple(a.shape)}")
+    q = torch.quantile(a.abs().flatten(), percentile / 100.0).clamp_min(1e-12)
+    return to_pil((0.5 + a / (2 * q)).clamp(0.0, 1.0))

@@ -143,9 +143,9 @@ def explanation_figure(
         axes[0].imshow(np.asarray(to_pil(image)))
         axes[0].set_title("input", fontsize=_TITLE_SIZE)
     overlay_axes = axes[-num_targets:]
-    maps = exp.normalized()[i]
     for k, ax in enumerate(overlay_axes):
-        ax.imshow(np.asarray(overlay_map(maps[k], image, cmap=cmap, alpha=alpha)))
+        # Drawn by exp.overlay, which knows each method's display (heatmap or RGB).
+        ax.imshow(np.asarray(exp.overlay(i, k, cmap=cmap, alpha=alpha)))
         name = short_name(exp.target_name(i, k))
         ax.set_title(f"{name} (p={_prob(exp.probs[i, k]):.2f})", fontsize=_TITLE_SIZE)
     _colorbar(fig, cmap, axes=overlay_axes)
@@ -230,8 +230,12 @@ def side_by_side_figure(
         axes[0].set_title("input", fontsize=_TITLE_SIZE, pad=16)
     method_axes = axes[first_method:-1]
     for ax, (label, exp) in zip(method_axes, items, strict=True):
-        own = exp.images[i] if exp.images is not None else image
-        ax.imshow(np.asarray(overlay_map(exp.normalized()[i, 0], own, cmap=cmap, alpha=alpha)))
+        if exp.images is None and image is not None:
+            ax.imshow(
+                np.asarray(overlay_map(exp.normalized()[i, 0], image, cmap=cmap, alpha=alpha))
+            )
+        else:
+            ax.imshow(np.asarray(exp.overlay(i, 0, cmap=cmap, alpha=alpha)))
         ax.set_title(label, fontsize=_TITLE_SIZE + 1, fontweight="bold", pad=16)
         ax.annotate(
             short_name(exp.target_name(i, 0)),
