@@ -191,3 +191,14 @@ def test_bad_model_spec_is_one_line(tmp_path: Path, capsys) -> None:
     Image.new("RGB", (40, 40)).save(tmp_path / "x.png")
     assert run(["predict", str(tmp_path / "x.png"), "--model", "lite9"]) == 2
     assert "lite" in capsys.readouterr().err
+
+
+def test_docs_list_every_registered_method() -> None:
+    from convlens import list_methods
+
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    notes = (root / "docs" / "methods.md").read_text()
+    for name in list_methods():
+        assert f"`{name}`" in readme, name
+        assert f"`{name}`" in notes, name
