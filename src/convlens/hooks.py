@@ -333,6 +333,28 @@ class BackpropRuleMode(torch.overrides.TorchFunctionMode):
         self.count = 0
         self.unsupported: set[str] = set()
 
+    def check(self, method: str, *, strict: bool = True) -> None:
+        """Raise when the rule could not apply as asked.
+
+        Raises:
+            UnsupportedModelError: no ReLU-like unit ran, or (``strict``) activations without a
+                rule ran too.
+        """
+        from convlens.errors import UnsupportedModelError
+
+        if self.count == 0:
+            raise UnsupportedModelError(
+                f"{method} needs ReLU-like activations (nn.ReLU, nn.ReLU6, F.relu, "
+                "clamp(min=0)), and the model ran none; use 'saliency' or 'gradcam'"
+            )
+        if self.unsupported and strict:
+            names = ", ".join(sorted(self.unsupported))
+            raise UnsupportedModelError(
+                f"{method} defines a backward rule for ReLU-like units only, but the model also "
+                f"uses {names}; the map would be a mix of rules. Pass strict=False to apply the "
+                "rule to the ReLUs and plain gradients elsewhere."
+            )
+
     def __torch_function__(
         self,
         func: Callable[..., Any],

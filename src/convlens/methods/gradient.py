@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from convlens.hooks import backprop_rule
 from convlens.methods.base import Context, Method, RawResult
 from convlens.methods.registry import register
 
@@ -13,15 +14,32 @@ __all__ = ["GradientXInput", "Saliency", "input_gradients"]
 DISPLAY = {"display_percentile": 99.0}
 
 
-def input_gradients(ctx: Context) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def input_gradients(
+    ctx: Context, *, rule: str | None = None, strict: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dS_t/dx for every target: ``(grads (B, K, 3, H, W), logits (B, N), targets (B, K))``.
 
     One forward pass, then one backward pass per target column (K of them). Only the input
     requires gradients; parameters stay frozen, so no parameter gradient is computed.
+
+    Args:
+        ctx: the call's context.
+        rule: a backward rule for ReLU-like units (:data:`convlens.hooks.RULES`), e.g.
+            ``"guided"``; ``None`` for the true gradient.
+        strict: with a rule, refuse models that also use activations without a rule.
+
+    Raises:
+        UnsupportedModelError: ``rule`` cannot apply to the model (see
+            :meth:`convlens.hooks.BackpropRuleMode.check`).
     """
     x = ctx.x.detach().clone().requires_grad_(True)
     with torch.enable_grad():
-        logits = ctx.net(x)
+        if rule is None:
+            logits = ctx.net(x)
+        else:
+            with backprop_rule(rule) as mode:
+                logits = ctx.net(x)
+            mode.check(rule, strict=strict)
         targets = ctx.targets(logits.detach())
         k = targets.shape[1]
         grads = []

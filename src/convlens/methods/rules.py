@@ -19,9 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from convlens.architecture import LayerRef, parse_layer
-from convlens.errors import LayerError, UnsupportedModelError
+from convlens.errors import LayerError
 from convlens.hooks import (
-    BackpropRuleMode,
     backprop_rule,
     hooks,
     model_state,
@@ -29,49 +28,12 @@ from convlens.hooks import (
 )
 from convlens.methods.base import Context, Method, RawResult
 from convlens.methods.cam import GradCAM
+from convlens.methods.gradient import input_gradients
 from convlens.methods.registry import register
 
-__all__ = ["Deconvnet", "GuidedBackprop", "GuidedGradCAM", "project_units", "rule_gradients"]
+__all__ = ["Deconvnet", "GuidedBackprop", "GuidedGradCAM", "project_units"]
 
 RGB = {"display": "rgb"}
-
-
-def _check_mode(mode: BackpropRuleMode, rule: str, strict: bool) -> None:
-    if mode.count == 0:
-        raise UnsupportedModelError(
-            f"{rule} needs ReLU-like activations (nn.ReLU, nn.ReLU6, F.relu, clamp(min=0)), "
-            "and the model ran none; use 'saliency' or 'gradcam'"
-        )
-    if mode.unsupported and strict:
-        names = ", ".join(sorted(mode.unsupported))
-        raise UnsupportedModelError(
-            f"{rule} defines a backward rule for ReLU-like units only, but the model also uses "
-            f"{names}; the map would be a mix of rules. Pass strict=False to apply the rule to "
-            "the ReLUs and plain gradients elsewhere."
-        )
-
-
-def rule_gradients(
-    ctx: Context, rule: str, *, strict: bool = True
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Input 'gradients' under a backprop rule: ``(signals (B, K, 3, H, W), logits, targets)``.
-
-    Raises:
-        UnsupportedModelError: no ReLU-like unit ran, or (``strict``) other activations did.
-    """
-    x = ctx.x.detach().clone().requires_grad_(True)
-    with torch.enable_grad():
-        with backprop_rule(rule) as mode:
-            logits = ctx.net(x)
-        _check_mode(mode, rule, strict)
-        targets = ctx.targets(logits.detach())
-        k = targets.shape[1]
-        grads = []
-        for j in range(k):
-            score = logits.gather(1, targets[:, j : j + 1]).sum()
-            (g,) = torch.autograd.grad(score, x, retain_graph=j < k - 1)
-            grads.append(g)
-    return torch.stack(grads, dim=1), logits.detach(), targets
 
 
 class _RuleMethod(Method):
@@ -84,7 +46,7 @@ class _RuleMethod(Method):
         return {"strict": self.strict}
 
     def compute(self, ctx: Context) -> RawResult:
-        g, logits, targets = rule_gradients(ctx, self.rule, strict=self.strict)
+        g, logits, targets = input_gradients(ctx, rule=self.rule, strict=self.strict)
         return RawResult(g.abs().amax(dim=2), logits, targets, meta=dict(RGB), attributions=g)
 
 
@@ -146,7 +108,7 @@ class GuidedGradCAM(Method):
             classes=ctx.classes,
             layer=ctx.layer,
         )
-        g, _, _ = rule_gradients(fixed, "guided", strict=self.strict)
+        g, _, _ = input_gradients(fixed, rule="guided", strict=self.strict)
         up = F.interpolate(cam.maps, size=ctx.x.shape[-2:], mode="bilinear", align_corners=False)
         attr = g * up.unsqueeze(2)
         return RawResult(
