@@ -26,10 +26,20 @@ that routes the gradient to its argmax only. Two counter-measures:
 * Several random inputs of different scales; the supports are united.
 
 The stride (the "jump" between neighbouring units in input pixels) is the shift between the boxes
-of two neighbouring units, and the offset is extrapolated from one of them. Units are taken near
-the centre so that their boxes are not clipped by the image border; when the layer's RF does not
-fit in ``input_size`` (deep layers at 224x224), the input is enlarged (keeping its size modulo the
-stride, so that "same" padding stays the same) until it fits, up to 1024 pixels per side.
+of two neighbouring units near the centre, and the offset is extrapolated from one of them. A
+deep layer's RF does not fit in a 224x224 image, and with dilated convolutions a box that stays
+clear of the border may still miss taps beyond it; so after a pass at ``input_size`` each axis is
+measured again on an input about ``MAX_INPUT`` (1024) pixels long along it and narrow along the
+other (cheap), whose size differs from ``input_size`` by a multiple of the stride so that "same"
+padding is unchanged. Where even that does not contain the centre unit's RF, the result is
+flagged ``clipped``. The geometry is assumed not to depend on the input size (true for
+convolutions, pooling and padding; not after adaptive pooling, which is detected and reported as
+``clipped``).
+
+Limitations: every unit of a layer is assumed to have the same RF shape (convolutions and
+pooling); a layer after a global operation (squeeze-and-excitation, attention) sees the whole
+image, which is what is reported (``clipped``). TorchScript and compiled models bypass the
+straight-through rules.
 """
 
 from __future__ import annotations
@@ -48,14 +58,14 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from convlens.architecture import LayerRef, parse_layer
-from convlens.errors import InputError, LayerError
+from convlens.errors import ConvlensError, InputError, LayerError
 from convlens.hooks import hooks, model_state, named_module
 
 __all__ = ["ReceptiveField", "receptive_field"]
 
 logger = logging.getLogger(__name__)
 
-#: Largest input side tried when the RF does not fit in the requested input size.
+#: Input side (along one axis) of the second measurement; RFs larger than this are ``clipped``.
 MAX_INPUT = 1024
 #: Scales of the random inputs (one image each); supports are united over them.
 SCALES = (1.0, 0.1, 3.0, 10.0)
@@ -78,9 +88,9 @@ class ReceptiveField:
             padding extends it beyond the image.
         input_size: ``(height, width)`` of the input the boxes refer to.
         output_size: ``(height, width)`` of the layer's output for that input.
-        clipped: the RF did not fit in the largest input tried (or in the requested one, when the
-            model's geometry depends on the input size), so ``size`` is the part of it that was
-            measured inside the image and boxes may be too small.
+        clipped: the RF did not fit in the largest input tried (``MAX_INPUT`` pixels per side),
+            or the geometry depends on the input size; ``size`` is then the part of the RF seen
+            inside the image and boxes may be too small.
     """
 
     layer: str
@@ -149,7 +159,8 @@ def receptive_field(
         LayerError: no such layer, the forward pass does not reach it (or not for the requested
             call), its output is not a ``(B, C, H, W)`` tensor, or it does not depend on the
             input.
-        InputError: ``input_size`` is not two positive integers.
+        InputError: ``input_size`` is not two positive integers, or the model fails on a random
+            input of that size (wrong ``input_size``, ``in_channels`` or ``dtype``).
         InferenceModeError: called under ``torch.inference_mode()``.
     """
     ref = parse_layer(layer)
@@ -165,48 +176,20 @@ def receptive_field(
         device=torch.device(device),
         dtype=dtype,
     )
+    axes = []
     with model_state(net, eval_mode=True, grads=True), torch.enable_grad(), _exact_kernels(device):
         first = probe.measure(size)
-        last = first
-        current = size
-        while last.touches_border():
-            grown = _grow(current, last)
-            if grown == current:
-                break
-            try:
-                nxt = probe.measure(grown)
-            except LayerError:
-                raise
-            except Exception as exc:  # a model that only accepts some input sizes
-                logger.debug("receptive_field: input %s failed (%s); stopping", grown, exc)
-                break
-            current, last = grown, nxt
-    geometry = last.geometry()
-    clipped = last.touches_border()
-    if last is not first and not geometry.explains(first):
-        # The model's geometry depends on the input size (e.g. padding fixed for one size):
-        # report what was seen at the requested size.
-        logger.debug("receptive_field: geometry at %s differs from %s", current, size)
-        geometry, clipped = first.geometry(), True
-    h, w = size
+        for axis in (0, 1):
+            axes.append(_resolve_axis(probe, first, axis))
     oh, ow = first.output_size
-    for axis, (n_in, n_out) in enumerate(((h, oh), (w, ow))):
-        if not clipped and n_in % n_out == 0 and geometry.stride[axis] != n_in // n_out:
-            logger.debug(
-                "receptive_field: %s stride %d along axis %d, but input/output is %d",
-                ref,
-                geometry.stride[axis],
-                axis,
-                n_in // n_out,
-            )
     return ReceptiveField(
         layer=str(ref),
-        size=geometry.size,
-        stride=geometry.stride,
-        offset=geometry.offset,
+        size=(axes[0].size, axes[1].size),
+        stride=(axes[0].stride, axes[1].stride),
+        offset=(axes[0].offset, axes[1].offset),
         input_size=size,
-        output_size=first.output_size,
-        clipped=clipped,
+        output_size=(oh, ow),
+        clipped=axes[0].clipped or axes[1].clipped,
     )
 
 
@@ -218,64 +201,115 @@ Box = tuple[int, int, int, int]
 
 
 @dataclass(frozen=True)
-class _Geometry:
-    size: tuple[int, int]
-    stride: tuple[int, int]
-    offset: tuple[int, int]
-
-    def explains(self, m: _Measurement) -> bool:
-        """Whether this geometry predicts the (clipped) boxes measured in ``m``."""
-        h, w = m.input_size
-        for (y, x), box in m.units:
-            top, left = self.offset[0] + y * self.stride[0], self.offset[1] + x * self.stride[1]
-            predicted = (
-                max(top, 0),
-                max(left, 0),
-                min(top + self.size[0], h),
-                min(left + self.size[1], w),
-            )
-            if predicted != box:
-                return False
-        return True
+class _AxisGeometry:
+    size: int
+    stride: int
+    offset: int
+    clipped: bool
 
 
 @dataclass(frozen=True)
 class _Measurement:
-    """Boxes of unit ``a`` and (where the output has one) its lower-right neighbour ``b``."""
+    """Boxes of unit ``a`` near the centre and of its lower-right neighbour ``b`` (where the
+    output has one along an axis) for one input size."""
 
     input_size: tuple[int, int]
     output_size: tuple[int, int]
     units: list[tuple[tuple[int, int], Box]]
 
-    def _axis(self, axis: int) -> tuple[int, int, int | None, int, int]:
-        """``(index_a, start_a, start_b or None, end_a, size)`` along one axis."""
-        (ia, box_a) = self.units[0][0][axis], self.units[0][1]
-        start_a, end_a = box_a[axis], box_a[axis + 2]
-        start_b = None
-        if len(self.units) > 1 and self.units[1][0][axis] == ia + 1:
-            start_b = self.units[1][1][axis]
-        return ia, start_a, start_b, end_a, self.input_size[axis]
+    def _ends(self, k: int, axis: int) -> tuple[int, int, int]:
+        (unit, box) = self.units[k]
+        return unit[axis], box[axis], box[axis + 2]
 
-    def touches_border(self, axis: int | None = None) -> bool:
-        """A box reaches the image border, or there is no neighbour to measure the stride."""
-        if axis is None:
-            return self.touches_border(0) or self.touches_border(1)
-        _, _, start_b, _, n = self._axis(axis)
-        if start_b is None:
-            return True
-        return any(box[axis] <= 0 or box[axis + 2] >= n for _, box in self.units)
+    def _has_b(self, axis: int) -> bool:
+        return len(self.units) > 1 and self.units[1][0][axis] == self.units[0][0][axis] + 1
 
-    def geometry(self) -> _Geometry:
-        size, stride, offset = [], [], []
-        for axis in (0, 1):
-            ia, start_a, start_b, end_a, _ = self._axis(axis)
-            jump = 0 if start_b is None else start_b - start_a
-            size.append(end_a - start_a)
-            stride.append(jump)
-            offset.append(start_a - ia * jump)
-        return _Geometry(
-            size=(size[0], size[1]), stride=(stride[0], stride[1]), offset=(offset[0], offset[1])
+    def stride(self, axis: int) -> int | None:
+        """Shift between the boxes of ``a`` and ``b``, from two edges that the image border did
+        not clip (a clipped box starts at 0 or ends at the image size); None if unknown."""
+        if not self._has_b(axis):
+            return None
+        n = self.input_size[axis]
+        _, start_a, end_a = self._ends(0, axis)
+        _, start_b, end_b = self._ends(1, axis)
+        if start_a > 0 and start_b > 0:
+            return start_b - start_a
+        if end_a < n and end_b < n:
+            return end_b - end_a
+        return None
+
+    def resolved(self, axis: int) -> bool:
+        """Unit ``a``'s box is inside the image and the stride is known."""
+        _, start, end = self._ends(0, axis)
+        return start > 0 and end < self.input_size[axis] and self.stride(axis) is not None
+
+    def geometry(self, axis: int) -> _AxisGeometry:
+        index, start, end = self._ends(0, axis)
+        stride = self.stride(axis) or 0
+        return _AxisGeometry(
+            size=end - start,
+            stride=stride,
+            offset=start - index * stride,
+            clipped=not self.resolved(axis),
         )
+
+    def consistent_with(self, g: _AxisGeometry, axis: int) -> bool:
+        """Whether the boxes measured here along ``axis`` agree with ``g``: each lies within the
+        predicted box clipped to the image, and equals it where that is inside the image (a box
+        clipped by the border may lose pixels next to it that fall in holes of a dilated field).
+        """
+        n = self.input_size[axis]
+        for k in range(len(self.units)):
+            index, start, end = self._ends(k, axis)
+            top = g.offset + index * g.stride
+            bottom = top + g.size
+            if top >= 0 and bottom <= n:
+                if (start, end) != (top, bottom):
+                    return False
+            elif not (max(top, 0) <= start and end <= min(bottom, n)):
+                return False
+        return True
+
+
+def _resolve_axis(probe: _Probe, first: _Measurement, axis: int) -> _AxisGeometry:
+    """Geometry along ``axis``, measured on an input enlarged to about ``MAX_INPUT`` along it.
+
+    A centre unit whose box does not touch the border at the requested size is not proof enough:
+    with dilated convolutions the outer taps of a large field may fall beyond the image while the
+    box of the taps inside stays clear of the border. So each axis is measured once more on an
+    input about ``MAX_INPUT`` long along it. The size added is a multiple of the stride, so that
+    the input size modulo each layer's stride, and with it any "same" padding, is unchanged. The
+    other side is made as small as keeps two output units (the geometry of convolutions and
+    pooling along one axis does not depend on the other), which keeps the pass cheap; if the
+    model rejects that input, the requested side is used instead.
+    """
+    n = first.input_size[axis]
+    limit = max(MAX_INPUT, n)
+    jump = first.stride(axis) or max(1, math.ceil(n / first.output_size[axis]))
+    grown = n + ((limit - n) // jump) * jump
+    other = 1 - axis
+    n_other, out_other = first.input_size[other], first.output_size[other]
+    jump_other = first.stride(other) or max(1, n_other // out_other)
+    thin = max(1, n_other - max(0, out_other - 2) * jump_other)
+    m = first
+    if grown > n:
+        for side in dict.fromkeys((thin, n_other)):  # thin first; the full side if that fails
+            size = (grown, side) if axis == 0 else (side, grown)
+            try:
+                m = probe.measure(size)
+                break
+            except LayerError:
+                raise
+            except Exception as exc:  # a model that accepts only some input sizes
+                logger.debug("receptive_field: input %s failed: %s", size, exc)
+    geometry = m.geometry(axis)
+    if m is not first and not first.consistent_with(geometry, axis):
+        # The geometry depends on the input size (e.g. an adaptive pooling before the layer):
+        # report what was seen at the requested size.
+        logger.debug("receptive_field: axis %d geometry differs between input sizes", axis)
+        geometry = first.geometry(axis)
+        geometry = _AxisGeometry(geometry.size, geometry.stride, geometry.offset, clipped=True)
+    return geometry
 
 
 class _Stop(BaseException):
@@ -339,47 +373,61 @@ class _Probe:
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         """Run the model until the layer's requested call; return that call's raw output."""
+        if self.call is None:
+            self.call = self._resolve_call(x)
         seen: list[torch.Tensor] = []
         calls = 0
 
-        def record(module: nn.Module, args: Any, out: Any) -> Any:
+        def record(module: nn.Module, args: Any, out: Any) -> None:
             nonlocal calls
             index, calls = calls, calls + 1
-            target = self.call if self.call is not None else self.ref.call
-            if target >= 0 and index != target:
-                return None
+            if index != self.call:
+                return
             if not isinstance(out, torch.Tensor):
                 raise LayerError(
                     f"layer {str(self.ref)!r} returns {type(out).__name__}, not a tensor; "
                     "choose a layer whose output is a feature map"
                 )
-            seen[:] = [out]
-            if target >= 0:
-                raise _Stop
-            # Later in-place operations (ReLU(inplace=True), x += ...) must not change the
-            # captured output: the rest of the model gets a copy.
-            return out.clone()
+            seen.append(out)
+            raise _Stop  # nothing after the layer is needed
 
         with (
             hooks([lambda: self.module.register_forward_hook(record)]),
-            _StraightThrough(),
             contextlib.suppress(_Stop),
+            _StraightThrough(),
         ):
-            self.net(x)
-        if self.call is None:
-            if self.ref.call < 0:
-                index = calls + self.ref.call
-                if index < 0:
-                    raise self._missing(calls)
-                if index != calls - 1:  # an earlier call from the end: run again, stopping there
-                    self.call = index
-                    return self._forward(x)
-                self.call = index
-            else:
-                self.call = self.ref.call
+            self._run(x.clone())  # not the leaf itself: the model may change its input in place
         if not seen:
             raise self._missing(calls)
         return seen[0]
+
+    def _resolve_call(self, x: torch.Tensor) -> int:
+        """The requested call as an index from the start (one cheap pass counts the calls)."""
+        if self.ref.call >= 0:
+            return self.ref.call
+        calls = 0
+
+        def count(module: nn.Module, args: Any, out: Any) -> None:
+            nonlocal calls
+            calls += 1
+
+        with hooks([lambda: self.module.register_forward_hook(count)]), torch.no_grad():
+            self._run(x[:1].detach())
+        index = calls + self.ref.call
+        if index < 0:
+            raise self._missing(calls)
+        return index
+
+    def _run(self, x: torch.Tensor) -> None:
+        try:
+            self.net(x)
+        except ConvlensError:
+            raise
+        except Exception as exc:
+            raise InputError(
+                f"the model fails on a random input of shape {tuple(x.shape)} "
+                f"({type(exc).__name__}: {exc}); pass the input_size (and in_channels) it accepts"
+            ) from exc
 
     def _missing(self, calls: int) -> LayerError:
         if calls == 0:
@@ -387,9 +435,10 @@ class _Probe:
                 f"layer {self.ref.name!r} is not used in the model's forward pass; "
                 "choose a layer the model calls"
             )
+        name = self.ref.name
         return LayerError(
-            f"layer {self.ref.name!r} is called {calls} time(s) per forward pass; there is no "
-            f"call {self.ref.call} (use 'name@0' .. 'name@{calls - 1}', or 'name' for the last)"
+            f"layer {name!r} is called {calls} time(s) per forward pass; there is no call "
+            f"{self.ref.call} (use '{name}@0' .. '{name}@{calls - 1}', or '{name}' for the last)"
         )
 
 
@@ -405,30 +454,6 @@ def _check_size(size: tuple[int, int]) -> tuple[int, int]:
 
 def _in_channels(net: nn.Module) -> int:
     return next((m.in_channels for m in net.modules() if isinstance(m, nn.Conv2d)), 3)
-
-
-def _grow(current: tuple[int, int], m: _Measurement) -> tuple[int, int]:
-    """A larger input for the axes whose boxes touch the border.
-
-    Adds a multiple of the measured stride (about doubling the side), so that the input size
-    modulo every layer's stride, and with it any "same" padding, stays the same.
-    """
-    geometry = m.geometry()
-    out = list(current)
-    for axis in (0, 1):
-        if not m.touches_border(axis):
-            continue
-        n = current[axis]
-        limit = max(MAX_INPUT, n)
-        jump = geometry.stride[axis]
-        if jump <= 0:
-            jump = max(1, math.ceil(n / m.output_size[axis]))
-        steps = max(1, math.ceil(n / jump))
-        grown = n + steps * jump
-        if grown > limit:
-            grown = n + ((limit - n) // jump) * jump
-        out[axis] = grown
-    return out[0], out[1]
 
 
 @contextlib.contextmanager
@@ -517,7 +542,9 @@ class _StraightThrough(TorchFunctionMode):
         return func(*args, **kwargs)
 
     @staticmethod
-    def _elementwise(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    def _elementwise(
+        func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
         x = args[0] if args else None
         others = [*args[1:], *kwargs.values()]
         if not _grad_tensor(x) or any(_grad_tensor(o) for o in others):
@@ -544,7 +571,7 @@ class _StraightThrough(TorchFunctionMode):
 
     @staticmethod
     def _max_pool(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        a = dict(zip(_MAX_POOL_ARGS, args))
+        a = dict(zip(_MAX_POOL_ARGS, args, strict=False))
         a.update(kwargs)
         x = a.get("input")
         result = func(*args, **kwargs)
@@ -572,7 +599,7 @@ class _StraightThrough(TorchFunctionMode):
     def _adaptive_max_pool(
         func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
-        a = dict(zip(("input", "output_size"), args))
+        a = dict(zip(("input", "output_size"), args, strict=False))
         a.update(kwargs)
         x = a.get("input")
         result = func(*args, **kwargs)
