@@ -151,3 +151,21 @@ def test_inference_tensor_input_is_accepted(gap_net: nn.Module) -> None:
         x = images(1).clone()
     assert x.is_inference()
     assert get_method("gradcam")(gap_net, x).maps.shape == (1, 1, 12, 12)
+
+
+class SelfEditing(GapNet):
+    """A model whose own forward writes a buffer in place (as some user code does)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return super().forward(x)
+
+
+def test_in_place_changes_by_the_model_itself_are_reported() -> None:
+    net = seeded(SelfEditing())
+    with pytest.warns(RuntimeWarning, match="calls"):
+        get_method("gradcam")(net, images(1))

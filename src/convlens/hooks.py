@@ -9,6 +9,7 @@ several times in one forward work.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -53,35 +54,41 @@ def hooks(register: Sequence[Callable[[], RemovableHandle]]) -> Iterator[list[Re
 class _Snapshot:
     training: list[tuple[nn.Module, bool]]
     requires_grad: list[tuple[torch.Tensor, bool]]
-    grads: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]]
-    values: list[tuple[torch.Tensor, int, torch.Tensor]]
+    grads: list[tuple[torch.Tensor, torch.Tensor | None]]
+    versions: list[tuple[str, torch.Tensor, int]]
 
 
 def _snapshot(net: nn.Module) -> _Snapshot:
     params = list(net.parameters())
-    tensors = params + [b for b in net.buffers()]
+    named = list(net.named_parameters()) + list(net.named_buffers())
+    grads = [(n + ".grad", p.grad) for n, p in net.named_parameters() if p.grad is not None]
     return _Snapshot(
         training=[(m, m.training) for m in net.modules()],
         # Inference tensors cannot change requires_grad; they never take part in autograd.
         requires_grad=[(p, p.requires_grad) for p in params if not p.is_inference()],
-        grads=[(p, p.grad, None if p.grad is None else p.grad.detach().clone()) for p in params],
-        values=[(t, t._version, t.detach().clone()) for t in tensors if not t.is_inference()],
+        grads=[(p, p.grad) for p in params],
+        versions=[
+            (n, t, t._version) for n, t in named + grads if t is not None and not t.is_inference()
+        ],
     )
 
 
 def _restore(snap: _Snapshot) -> None:
     for module, flag in snap.training:
         module.training = flag
-    with torch.no_grad():
-        for tensor, version, value in snap.values:
-            if tensor._version != version:
-                tensor.copy_(value)
-        for param, grad, grad_value in snap.grads:
-            param.grad = grad
-            if grad is not None and grad_value is not None and not torch.equal(grad, grad_value):
-                grad.copy_(grad_value)
+    for param, grad in snap.grads:
+        param.grad = grad
     for param, flag in snap.requires_grad:
         param.requires_grad_(flag)
+    changed = [name for name, t, version in snap.versions if t._version != version]
+    if changed:
+        warnings.warn(
+            f"the model changed {len(changed)} of its own tensors in place during the call "
+            f"({', '.join(changed[:3])}{' ...' if len(changed) > 3 else ''}); convlens never "
+            "writes parameters, buffers or .grad, so the model's own forward did",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 @contextlib.contextmanager
@@ -90,9 +97,14 @@ def model_state(
 ) -> Iterator[nn.Module]:
     """Use a model for one call and leave it exactly as found.
 
-    On entry every module's ``training`` flag, every parameter's ``requires_grad`` and ``.grad``,
-    and the values of parameters and buffers are recorded; on exit (also on error) they are
-    restored. Inside, the model is in eval mode (``eval_mode``) and parameters do not require
+    On entry every module's ``training`` flag and every parameter's ``requires_grad`` and
+    ``.grad`` are recorded; on exit (also on error) they are restored. Parameter, buffer and
+    ``.grad`` values are never written by convlens (parameters are frozen inside, so no gradient
+    accumulates); their version counters are checked on exit, and a ``RuntimeWarning`` names any
+    tensor the model's own forward changed in place (copying every weight on every call to be
+    able to undo that would cost more than the explanation).
+
+    Inside, the model is in eval mode (``eval_mode``) and parameters do not require
     gradients, so backward passes compute input/activation gradients only.
 
     Args:
