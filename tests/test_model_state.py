@@ -11,7 +11,13 @@ from conftest import GapNet, images, seeded
 from convlens import InferenceModeError, get_method, list_methods
 from convlens.methods.base import Method
 
-FAST = {"occlusion": {"patch": 4, "stride": 4}, "smoothgrad": {"samples": 3}}
+FAST = {
+    "occlusion": {"patch": 4, "stride": 4},
+    "smoothgrad": {"samples": 3},
+    "vargrad": {"samples": 3},
+    "rise": {"masks": 40, "batch_size": 16},
+    "intgrad": {"steps": 4},
+}
 
 
 def make(name: str) -> Method:
@@ -115,7 +121,7 @@ def test_model_left_as_found_after_failure(name: str, fail_at: int) -> None:
 @pytest.mark.parametrize("name", list_methods())
 def test_batched_equals_one_by_one(name: str, gap_net: nn.Module) -> None:
     # SmoothGrad's noise depends on the batch layout; its average is tested on its own.
-    opts = {"noise": 0.0} if name == "smoothgrad" else {}
+    opts = {"noise": 0.0} if name in ("smoothgrad", "vargrad") else {}
     x = images(3)
     together = make(name)(gap_net, x, top_k=2)
     if opts:

@@ -3,28 +3,47 @@
 from __future__ import annotations
 
 from convlens.methods.base import Context, Method, RawResult
-from convlens.methods.cam import CAM, GradCAM, GradCAMPlusPlus
-from convlens.methods.gradient import GradientXInput, Saliency
-from convlens.methods.perturbation import Occlusion
+from convlens.methods.cam import (
+    CAM,
+    EigenCAM,
+    GradCAM,
+    GradCAMPlusPlus,
+    HiResCAM,
+    LayerCAM,
+    XGradCAM,
+)
+from convlens.methods.cam_forward import AblationCAM, ScoreCAM
+from convlens.methods.gradient import GradientXInput, IntegratedGradients, Saliency
+from convlens.methods.perturbation import RISE, Occlusion
 from convlens.methods.registry import METHODS, get_method, list_methods, register
 from convlens.methods.rules import Deconvnet, GuidedBackprop, GuidedGradCAM, project_units
-from convlens.methods.wrappers import SmoothGrad
+from convlens.methods.wrappers import TTA, SmoothGrad, VarGrad
 
 __all__ = [
     "CAM",
     "METHODS",
+    "RISE",
+    "TTA",
+    "AblationCAM",
     "Context",
     "Deconvnet",
+    "EigenCAM",
     "GradCAM",
     "GradCAMPlusPlus",
     "GradientXInput",
     "GuidedBackprop",
     "GuidedGradCAM",
+    "HiResCAM",
+    "IntegratedGradients",
+    "LayerCAM",
     "Method",
     "Occlusion",
     "RawResult",
     "Saliency",
+    "ScoreCAM",
     "SmoothGrad",
+    "VarGrad",
+    "XGradCAM",
     "get_method",
     "list_methods",
     "project_units",

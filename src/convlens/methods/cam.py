@@ -1,8 +1,11 @@
-"""The CAM family: CAM, Grad-CAM, Grad-CAM++."""
+"""The CAM family: CAM, Grad-CAM, Grad-CAM++, XGrad-CAM, HiResCAM, Layer-CAM, Eigen-CAM."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+import torch.nn.functional as F
 
 from convlens.architecture import find_gap_head
 from convlens.errors import LayerError
@@ -10,7 +13,16 @@ from convlens.hooks import layer_capture
 from convlens.methods.base import Context, Method, RawResult
 from convlens.methods.registry import register
 
-__all__ = ["CAM", "GradCAM", "GradCAMPlusPlus", "layer_gradients"]
+__all__ = [
+    "CAM",
+    "EigenCAM",
+    "GradCAM",
+    "GradCAMPlusPlus",
+    "HiResCAM",
+    "LayerCAM",
+    "XGradCAM",
+    "layer_gradients",
+]
 
 
 def _check_spatial(a: torch.Tensor, name: str) -> None:
@@ -122,3 +134,120 @@ class GradCAMPlusPlus(GradCAM):
         safe = torch.where(denom != 0, denom, torch.ones_like(denom))
         coeff = torch.where(denom != 0, g2 / safe, torch.zeros_like(g2))
         return (coeff * torch.relu(g)).sum(dim=(3, 4))
+
+
+@register("xgradcam")
+class XGradCAM(GradCAM):
+    """XGrad-CAM (Fu et al. 2020, "Axiom-based Grad-CAM").
+
+    ``alpha_c = sum_ij (A_cij / sum_ab A_cab) dS_t/dA_cij``, ``M_t = ReLU(sum_c alpha_c A_c)``.
+    """
+
+    title = "XGrad-CAM"
+    paper = "Fu et al. 2020"
+
+    def weights(self, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        total = a.sum(dim=(2, 3))[:, None, :, None, None]
+        safe = torch.where(total != 0, total, torch.ones_like(total))
+        norm = torch.where(total != 0, a.unsqueeze(1) / safe, torch.zeros_like(g))
+        return (norm * g).sum(dim=(3, 4))
+
+
+@register("hirescam")
+class HiResCAM(GradCAM):
+    """HiResCAM (Draelos & Carin 2020): ``M_t = ReLU(sum_c dS_t/dA_c * A_c)`` element-wise, so
+    each location keeps its own gradient instead of the channel average. On a GAP + linear head
+    it equals Grad-CAM."""
+
+    title = "HiResCAM"
+    paper = "Draelos & Carin 2020"
+
+    def compute(self, ctx: Context) -> RawResult:
+        a, g, logits, targets, name = layer_gradients(ctx)
+        maps = torch.relu((g * a.unsqueeze(1)).sum(dim=2))
+        return RawResult(maps, logits, targets, layer=name)
+
+
+@register("layercam")
+class LayerCAM(GradCAM):
+    """Layer-CAM (Jiang et al. 2021): ``M_t = ReLU(sum_c ReLU(dS_t/dA_c) * A_c)`` element-wise.
+
+    Args:
+        layers: fuse several layers: each layer's map is computed, upsampled to the input,
+            rescaled to [0, 1] and the maps are combined by element-wise maximum (the paper's
+            fusion of shallow and deep maps). ``None`` uses the ``layer`` of the call (or the
+            default layer).
+    """
+
+    title = "Layer-CAM"
+    paper = "Jiang et al. 2021"
+
+    def __init__(self, layers: list[str] | None = None) -> None:
+        self.layers = layers
+
+    def options(self) -> dict[str, Any]:
+        return {"layers": self.layers}
+
+    def _one(self, ctx: Context) -> RawResult:
+        a, g, logits, targets, name = layer_gradients(ctx)
+        maps = torch.relu((torch.relu(g) * a.unsqueeze(1)).sum(dim=2))
+        return RawResult(maps, logits, targets, layer=name)
+
+    def compute(self, ctx: Context) -> RawResult:
+        if not self.layers:
+            return self._one(ctx)
+        size = ctx.x.shape[-2:]
+        fused: torch.Tensor | None = None
+        first: RawResult | None = None
+        for layer in self.layers:
+            one = Context(
+                ctx.net,
+                ctx.x,
+                ctx.target if first is None else first.targets,
+                None if first is not None else ctx.top_k,
+                ctx.classes,
+                layer,
+            )
+            raw = self._one(one)
+            first = first or raw
+            m = F.interpolate(raw.maps, size=size, mode="bilinear", align_corners=False)
+            flat = m.flatten(2)
+            lo, hi = flat.amin(2, keepdim=True), flat.amax(2, keepdim=True)
+            m = ((flat - lo) / (hi - lo).clamp_min(1e-12)).view_as(m)
+            fused = m if fused is None else torch.maximum(fused, m)
+        assert fused is not None and first is not None
+        return RawResult(fused, first.logits, first.targets, layer="+".join(self.layers))
+
+
+@register("eigencam")
+class EigenCAM(Method):
+    """Eigen-CAM (Muhammad & Yeasin 2020): the projection of the layer's activations on their
+    first principal component.
+
+    With ``A`` reshaped to (h w, C) and centred per channel, ``M = A v_1`` where ``v_1`` is the
+    first right singular vector; the sign is chosen so that the map correlates positively with
+    the mean activation, then ``ReLU``. Class-agnostic: every target gets the same map.
+    """
+
+    title = "Eigen-CAM"
+    paper = "Muhammad & Yeasin 2020"
+    uses_gradients = False
+    uses_layer = True
+
+    def compute(self, ctx: Context) -> RawResult:
+        ref = ctx.layer_ref()
+        with torch.no_grad(), layer_capture(ctx.net, ref.name) as cap:
+            logits = ctx.net(ctx.x)
+            a = cap.output(ref.call)
+        _check_spatial(a, ref.name)
+        targets = ctx.targets(logits)
+        b, _, h, w = a.shape
+        flat = a.float().flatten(2).transpose(1, 2)  # (B, hw, C)
+        centred = flat - flat.mean(dim=1, keepdim=True)
+        _, _, vh = torch.linalg.svd(centred, full_matrices=False)
+        proj = (centred @ vh[:, 0, :].unsqueeze(2)).squeeze(2)  # (B, hw)
+        mean_act = flat.mean(dim=2)
+        sign = torch.sign((proj * (mean_act - mean_act.mean(1, keepdim=True))).sum(1))
+        sign = torch.where(sign == 0, torch.ones_like(sign), sign)
+        maps = torch.relu(proj * sign[:, None]).view(b, 1, h, w)
+        return RawResult(maps.expand(b, targets.shape[1], h, w), logits, targets, layer=str(ref))

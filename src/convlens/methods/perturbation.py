@@ -157,3 +157,107 @@ class Occlusion(Method):
             maps = total / count.clamp_min(1.0)
         meta = {"forward_passes": b * n_pos + b, "perturbations_per_batch": chunk}
         return RawResult(maps, logits, targets, meta=meta)
+
+
+@register("rise")
+class RISE(Method):
+    """RISE (Petsiuk, Das & Saenko 2018, "RISE: Randomized Input Sampling for Explanation").
+
+    ``N`` random masks are drawn: binary ``s x s`` grids (each cell kept with probability
+    ``p``), upsampled bilinearly to ``(s + 1) cell`` and cropped at a random shift. The model
+    scores each masked image ``x * m_i``; the saliency is the score-weighted mean of the masks,
+    ``M_t = 1 / (N p) sum_i s_t(x * m_i) m_i``, accumulated in one matrix product per batch.
+    Seeded: the same seed gives the same masks.
+
+    Args:
+        masks: number of masks ``N``.
+        cells: grid size ``s``.
+        p: probability of keeping a cell.
+        score: ``"prob"`` (the paper) or ``"logit"``.
+        batch_size: masked images per forward pass.
+        seed: seed of the masks.
+    """
+
+    title = "RISE"
+    paper = "Petsiuk et al. 2018"
+    uses_gradients = False
+
+    def __init__(
+        self,
+        masks: int = 2000,
+        cells: int = 7,
+        p: float = 0.5,
+        score: Literal["prob", "logit"] = "prob",
+        batch_size: int = 64,
+        seed: int = 0,
+    ) -> None:
+        if masks < 1 or cells < 1 or not 0 < p <= 1:
+            raise ValueError("masks and cells must be positive and p in (0, 1]")
+        self.n, self.cells, self.p, self.score = masks, cells, p, score
+        self.batch_size, self.seed = batch_size, seed
+
+    def options(self) -> dict[str, Any]:
+        return {
+            "masks": self.n,
+            "cells": self.cells,
+            "p": self.p,
+            "score": self.score,
+            "seed": self.seed,
+        }
+
+    def draw(
+        self, size: tuple[int, int], gen: torch.Generator, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The random part of all ``N`` masks: grids (N, 1, s, s) and shifts (N,), (N,).
+
+        Drawn at once, so the masks do not depend on ``batch_size``."""
+        h, w = size
+        ch, cw = -(-h // self.cells), -(-w // self.cells)
+        grid = (
+            torch.rand(self.n, 1, self.cells, self.cells, generator=gen, device=device) < self.p
+        ).float()
+        dy = torch.randint(0, ch, (self.n,), generator=gen, device=device)
+        dx = torch.randint(0, cw, (self.n,), generator=gen, device=device)
+        return grid, dy, dx
+
+    def masks(
+        self, grid: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, size: tuple[int, int]
+    ) -> torch.Tensor:
+        """Masks (n, 1, H, W) in [0, 1]: grids upsampled bilinearly to ``(s + 1)`` cells and
+        cropped at the shifts."""
+        h, w = size
+        ch, cw = -(-h // self.cells), -(-w // self.cells)
+        up = F.interpolate(
+            grid,
+            size=((self.cells + 1) * ch, (self.cells + 1) * cw),
+            mode="bilinear",
+            align_corners=False,
+        )
+        rows = dy[:, None] + torch.arange(h, device=grid.device)  # (n, H)
+        cols = dx[:, None] + torch.arange(w, device=grid.device)  # (n, W)
+        idx = torch.arange(grid.shape[0], device=grid.device)[:, None, None]
+        return up[idx, 0, rows[:, :, None], cols[:, None, :]].unsqueeze(1)
+
+    def compute(self, ctx: Context) -> RawResult:
+        x = ctx.x
+        b, _, h, w = x.shape
+        gen = torch.Generator(device=x.device).manual_seed(self.seed)
+        with torch.no_grad():
+            logits = ctx.net(x)
+            targets = ctx.targets(logits)
+            k = targets.shape[1]
+            sal = torch.zeros(b, k, h * w, device=x.device, dtype=torch.float32)
+            grid, dy, dx = self.draw((h, w), gen, x.device)
+            done = 0
+            while done < self.n:
+                sl = slice(done, min(done + self.batch_size, self.n))
+                m = self.masks(grid[sl], dy[sl], dx[sl], (h, w))
+                n = m.shape[0]
+                masked = (x.unsqueeze(1) * m.unsqueeze(0).to(x.dtype)).flatten(0, 1)
+                out = ctx.net(masked).float().view(b, n, -1)
+                s = torch.softmax(out, dim=2) if self.score == "prob" else out
+                s = s.gather(2, targets.unsqueeze(1).expand(b, n, k))  # (B, n, K)
+                sal += torch.einsum("bnk,np->bkp", s, m.flatten(1))
+                done += n
+        maps = (sal / (self.n * self.p)).view(b, k, h, w)
+        return RawResult(maps, logits, targets, meta={"forward_passes": b * (self.n + 1)})

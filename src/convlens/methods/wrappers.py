@@ -1,16 +1,17 @@
-"""Wrappers that apply to any method: SmoothGrad."""
+"""Wrappers that apply to any method: SmoothGrad, VarGrad, test-time augmentation."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from convlens.methods.base import Context, Method, RawResult
 from convlens.methods.gradient import Saliency
 from convlens.methods.registry import register
 
-__all__ = ["SmoothGrad"]
+__all__ = ["TTA", "SmoothGrad", "VarGrad"]
 
 
 @register("smoothgrad")
@@ -28,6 +29,8 @@ class SmoothGrad(Method):
         noise: noise level as a fraction of each image's value range (the paper uses 0.1-0.2).
         batch_size: noisy copies per image evaluated in one batch.
         seed: seed of the noise (results are deterministic for a seed).
+        aggregate: ``"mean"`` (SmoothGrad) or ``"var"`` (VarGrad: the variance of the maps over
+            the noisy copies, Adebayo et al. 2018).
     """
 
     title = "SmoothGrad"
@@ -40,9 +43,13 @@ class SmoothGrad(Method):
         noise: float = 0.15,
         batch_size: int = 8,
         seed: int = 0,
+        aggregate: str = "mean",
     ) -> None:
         if samples < 1:
             raise ValueError("samples must be at least 1")
+        if aggregate not in ("mean", "var"):
+            raise ValueError(f"aggregate must be 'mean' or 'var', not {aggregate!r}")
+        self.aggregate = aggregate
         self.inner = inner if inner is not None else Saliency()
         self.samples, self.noise, self.batch_size, self.seed = samples, noise, batch_size, seed
         self.uses_gradients = self.inner.uses_gradients  # type: ignore[misc]
@@ -66,6 +73,7 @@ class SmoothGrad(Method):
         sigma = self.noise * span
         gen = torch.Generator(device=x.device).manual_seed(self.seed)
         total: torch.Tensor | None = None
+        squares: torch.Tensor | None = None
         layer = None
         done = 0
         while done < self.samples:
@@ -81,9 +89,102 @@ class SmoothGrad(Method):
                 layer=ctx.layer,
             )
             raw = self.inner.compute(inner_ctx)
-            part = raw.maps.view(s, b, *raw.maps.shape[1:]).sum(dim=0)
+            maps = raw.maps.view(s, b, *raw.maps.shape[1:])
+            part, part2 = maps.sum(dim=0), maps.pow(2).sum(dim=0)
             total = part if total is None else total + part
+            squares = part2 if squares is None else squares + part2
             layer = raw.layer
             done += s
-        assert total is not None
-        return RawResult(total / self.samples, logits, targets, layer=layer, meta=raw.meta)
+        assert total is not None and squares is not None
+        mean = total / self.samples
+        out = (
+            mean
+            if self.aggregate == "mean"
+            else (squares / self.samples - mean.pow(2)).clamp_min(0)
+        )
+        return RawResult(out, logits, targets, layer=layer, meta=raw.meta)
+
+
+@register("vargrad")
+class VarGrad(SmoothGrad):
+    """VarGrad (Adebayo et al. 2018): the variance of a method's maps over noisy copies of the
+    input, ``M = Var_i M_inner(x + eps_i)``; SmoothGrad with ``aggregate="var"``."""
+
+    title = "VarGrad"
+    paper = "Adebayo et al. 2018"
+
+    def __init__(
+        self,
+        inner: Method | None = None,
+        samples: int = 25,
+        noise: float = 0.15,
+        batch_size: int = 8,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(inner, samples, noise, batch_size, seed, aggregate="var")
+
+
+@register("tta")
+class TTA(Method):
+    """Test-time augmentation of any method: the method's maps averaged over transformed copies
+    of the input (horizontal flip, rescaling), each mapped back to the original frame.
+
+    ``M = 1/|T| sum_T T^-1(M_inner(T(x)))``. Targets are fixed on the unchanged input.
+
+    Args:
+        inner: the method to average (default Grad-CAM).
+        flips: also use the horizontally flipped image.
+        scales: input scale factors (bilinear resize; 1.0 is the original).
+    """
+
+    title = "Test-time augmentation"
+    paper = "(wrapper)"
+
+    def __init__(
+        self,
+        inner: Method | None = None,
+        flips: bool = True,
+        scales: tuple[float, ...] = (1.0,),
+    ) -> None:
+        from convlens.methods.cam import GradCAM
+
+        self.inner = inner if inner is not None else GradCAM()
+        self.flips, self.scales = flips, tuple(scales)
+        if not self.scales or any(s <= 0 for s in self.scales):
+            raise ValueError("scales must be positive")
+        self.uses_gradients = self.inner.uses_gradients  # type: ignore[misc]
+        self.uses_layer = self.inner.uses_layer  # type: ignore[misc]
+
+    def options(self) -> dict[str, Any]:
+        return {"inner": self.inner.name, "flips": self.flips, "scales": list(self.scales)}
+
+    def compute(self, ctx: Context) -> RawResult:
+        x = ctx.x
+        h, w = x.shape[-2:]
+        with torch.no_grad():
+            logits = ctx.net(x)
+        targets = ctx.targets(logits)
+        total = torch.zeros(x.shape[0], targets.shape[1], h, w, device=x.device)
+        count = 0
+        layer = None
+        for scale in self.scales:
+            size = (max(8, round(h * scale)), max(8, round(w * scale)))
+            xs = (
+                x
+                if size == (h, w)
+                else F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+            )
+            for flip in (False, True) if self.flips else (False,):
+                xt = xs.flip(-1) if flip else xs
+                raw = self.inner.compute(
+                    Context(ctx.net, xt, targets, None, ctx.classes, ctx.layer)
+                )
+                m = raw.maps.float()
+                if flip:
+                    m = m.flip(-1)
+                if m.shape[-2:] != (h, w):
+                    m = F.interpolate(m, size=(h, w), mode="bilinear", align_corners=False)
+                total += m
+                count += 1
+                layer = raw.layer
+        return RawResult(total / count, logits, targets, layer=layer)

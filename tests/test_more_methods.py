@@ -1,0 +1,275 @@
+"""The wider family against formulas and brute force: XGrad-CAM, HiResCAM, Layer-CAM,
+Eigen-CAM, Score-CAM, Ablation-CAM, integrated gradients, RISE, VarGrad, TTA."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from conftest import images, seeded
+from convlens.methods import (
+    RISE,
+    TTA,
+    AblationCAM,
+    EigenCAM,
+    GradCAM,
+    HiResCAM,
+    IntegratedGradients,
+    LayerCAM,
+    Saliency,
+    ScoreCAM,
+    SmoothGrad,
+    VarGrad,
+    XGradCAM,
+)
+
+
+def feats_grads(net, x, t):
+    a = net.features(x).detach().requires_grad_(True)
+    logits = net.fc(net.pool(a).flatten(1))
+    (g,) = torch.autograd.grad(logits.gather(1, t[:, None]).sum(), a)
+    return a.detach(), g, logits.detach()
+
+
+def test_xgradcam_formula(gap_net: nn.Module) -> None:
+    x = images(2)
+    exp = XGradCAM()(gap_net, x)
+    a, g, _ = feats_grads(gap_net, x, exp.targets[:, 0])
+    alpha = (a / a.sum(dim=(2, 3), keepdim=True).clamp_min(1e-30) * g).sum(dim=(2, 3))
+    expected = torch.relu(torch.einsum("bc,bchw->bhw", alpha, a))
+    assert exp.raw_maps is not None
+    torch.testing.assert_close(exp.raw_maps[:, 0], expected.float())
+
+
+def test_hirescam_formula_and_gradcam_identity_on_gap(gap_net: nn.Module) -> None:
+    x = images(3)
+    hi = HiResCAM()(gap_net, x, top_k=2)
+    gc = GradCAM()(gap_net, x, top_k=2)
+    torch.testing.assert_close(hi.maps, gc.maps)
+    exp = HiResCAM()(gap_net, x, layer="conv2")
+    t = exp.targets[:, 0]
+    a = gap_net.conv2(gap_net.relu1(gap_net.conv1(x))).detach().requires_grad_(True)
+    logits = gap_net.fc(gap_net.pool(gap_net.relu2(gap_net.bn(a))).flatten(1))
+    (g,) = torch.autograd.grad(logits.gather(1, t[:, None]).sum(), a)
+    assert exp.raw_maps is not None
+    torch.testing.assert_close(exp.raw_maps[:, 0], torch.relu((g * a).sum(1)).float())
+
+
+def test_layercam_formula_and_fusion(gap_net: nn.Module) -> None:
+    x = images(2)
+    exp = LayerCAM()(gap_net, x)
+    a, g, _ = feats_grads(gap_net, x, exp.targets[:, 0])
+    assert exp.raw_maps is not None
+    torch.testing.assert_close(exp.raw_maps[:, 0], torch.relu((torch.relu(g) * a).sum(1)).float())
+    fused = LayerCAM(layers=["relu1", "relu2"])(gap_net, x)
+    one = LayerCAM()(gap_net, x, layer="relu1").maps
+    two = LayerCAM()(gap_net, x, layer="relu2").maps
+
+    def unit(m: torch.Tensor) -> torch.Tensor:
+        f = m.flatten(2)
+        lo, hi = f.amin(2, keepdim=True), f.amax(2, keepdim=True)
+        return ((f - lo) / (hi - lo)).view_as(m)
+
+    torch.testing.assert_close(fused.maps, torch.maximum(unit(one), unit(two)))
+    assert fused.layer == "relu1+relu2"
+
+
+def test_eigencam_is_the_first_principal_component(gap_net: nn.Module) -> None:
+    x = images(2)
+    exp = EigenCAM()(gap_net, x, top_k=2)
+    a = gap_net.features(x).detach()
+    for i in range(2):
+        m = a[i].flatten(1).T.numpy()  # (hw, C)
+        m = m - m.mean(axis=0)
+        _, _, vt = np.linalg.svd(m, full_matrices=False)
+        proj = m @ vt[0]
+        mean_act = a[i].mean(0).flatten().numpy()
+        if (proj * (mean_act - mean_act.mean())).sum() < 0:
+            proj = -proj
+        expected = torch.relu(torch.from_numpy(proj)).view(a.shape[-2:])
+        assert exp.raw_maps is not None
+        torch.testing.assert_close(exp.raw_maps[i, 0], expected.float(), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(exp.raw_maps[i, 1], exp.raw_maps[i, 0])  # class-agnostic
+
+
+def score_cam_brute(net, x, t, logit=False, softmax=False):
+    a = net.features(x).detach()
+    out = torch.zeros(x.shape[0], *a.shape[-2:], dtype=x.dtype)
+    for i in range(x.shape[0]):
+        w = torch.zeros(a.shape[1], dtype=x.dtype)
+        for c in range(a.shape[1]):
+            m = F.interpolate(a[i : i + 1, c : c + 1], size=x.shape[-2:], mode="bilinear")
+            m = (m - m.min()) / (m.max() - m.min() + 1e-8)
+            with torch.no_grad():
+                o = net(x[i : i + 1] * m)[0]
+            w[c] = o[t[i]] if logit else torch.softmax(o, 0)[t[i]]
+        if softmax:
+            w = torch.softmax(w, 0)
+        out[i] = torch.relu((w[:, None, None] * a[i]).sum(0))
+    return out
+
+
+@pytest.mark.parametrize(("score", "softmax"), [("prob", False), ("logit", True)])
+def test_scorecam_equals_brute_force(gap_net: nn.Module, score: str, softmax: bool) -> None:
+    x = images(2)
+    exp = ScoreCAM(score=score, channel_softmax=softmax, batch_size=5)(gap_net, x)  # type: ignore[arg-type]
+    expected = score_cam_brute(gap_net, x, exp.targets[:, 0], score == "logit", softmax)
+    assert exp.raw_maps is not None
+    torch.testing.assert_close(exp.raw_maps[:, 0], expected.float(), atol=1e-6, rtol=1e-5)
+
+
+def test_scorecam_top_channels_uses_only_those(gap_net: nn.Module) -> None:
+    x = images(2)
+    full = ScoreCAM()(gap_net, x)
+    approx = ScoreCAM(top_channels=6)(gap_net, x)  # all 6 channels: the same
+    torch.testing.assert_close(full.maps, approx.maps)
+    few = ScoreCAM(top_channels=2)(gap_net, x)
+    assert few.meta["forward_passes"] == 2 + 2 * 2
+
+
+def ablation_brute(net, x, t):
+    a = net.features(x).detach()
+    out = torch.zeros(x.shape[0], *a.shape[-2:], dtype=x.dtype)
+    for i in range(x.shape[0]):
+        with torch.no_grad():
+            s = net.fc(net.pool(a[i : i + 1]).flatten(1))[0, t[i]]
+        alpha = torch.zeros(a.shape[1], dtype=x.dtype)
+        for c in range(a.shape[1]):
+            ab = a[i : i + 1].clone()
+            ab[:, c] = 0
+            with torch.no_grad():
+                sc = net.fc(net.pool(ab).flatten(1))[0, t[i]]
+            alpha[c] = (s - sc) / s
+        out[i] = torch.relu((alpha[:, None, None] * a[i]).sum(0))
+    return out
+
+
+def test_ablationcam_closed_form_equals_brute_force(gap_net: nn.Module) -> None:
+    x = images(3)
+    exp = AblationCAM()(gap_net, x)
+    assert exp.meta["closed_form"] and exp.meta["suffix_passes"] == 0
+    expected = ablation_brute(gap_net, x, exp.targets[:, 0])
+    assert exp.raw_maps is not None
+    torch.testing.assert_close(exp.raw_maps[:, 0], expected.float())
+    rerun = AblationCAM(exact="never", batch_size=4)(gap_net, x)
+    assert not rerun.meta["closed_form"] and rerun.meta["suffix_passes"] == 3 * 2
+    torch.testing.assert_close(rerun.maps, exp.maps, atol=1e-6, rtol=1e-5)
+
+
+class BatchOneHead(nn.Module):
+    """A head that reshapes with the input's batch size (as EfficientNet does): the suffix
+    cannot take the ablated copies as a batch, so Ablation-CAM must re-run everything."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.act = nn.ReLU()
+        self.fc = nn.Linear(4 * 6 * 6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bs = x.shape[0]
+        return self.fc(self.act(self.conv(x)).reshape(bs, -1))
+
+
+def test_ablationcam_on_a_model_without_gap() -> None:
+    net = seeded(BatchOneHead())
+    x = images(2, size=6)
+    exp = AblationCAM(batch_size=3)(net, x, layer="act")
+    t = exp.targets[:, 0]
+    a = net.act(net.conv(x)).detach()
+    for i in range(2):
+        s = net.fc(a[i : i + 1].flatten(1))[0, t[i]]
+        alpha = []
+        for c in range(4):
+            ab = a[i : i + 1].clone()
+            ab[:, c] = 0
+            alpha.append((s - net.fc(ab.flatten(1))[0, t[i]]) / s)
+        expected = torch.relu((torch.stack(alpha)[:, None, None] * a[i]).sum(0))
+        torch.testing.assert_close(exp.maps[i, 0], expected.detach().float())
+
+
+def test_integrated_gradients_is_exact_on_a_linear_model(linear_net: nn.Module) -> None:
+    x = images(2, size=6)
+    exp = IntegratedGradients(steps=3, rule="left")(linear_net, x, target=1)
+    w = linear_net.fc.weight.detach().view(3, 3, 6, 6)[1]
+    assert exp.attributions is not None
+    torch.testing.assert_close(exp.attributions[:, 0], (w * x).float())
+    assert exp.meta["delta"].abs().max() < 1e-5
+
+
+def test_integrated_gradients_converges_and_reports_delta(gap_net: nn.Module) -> None:
+    x = images(2)
+    ref = IntegratedGradients(steps=2000, rule="middle", batch_size=512)(gap_net, x, target=2)
+    gl = IntegratedGradients(steps=48, batch_size=16)(gap_net, x, target=2)
+    left = IntegratedGradients(steps=48, rule="left", batch_size=16)(gap_net, x, target=2)
+    err_gl = (gl.maps - ref.maps).abs().max()
+    err_left = (left.maps - ref.maps).abs().max()
+    assert err_gl < err_left
+    assert gl.meta["delta"].abs().max() < left.meta["delta"].abs().max()
+    # Independent Riemann sum with autograd, one point at a time.
+    t = 2
+    total = torch.zeros_like(x)
+    for k in range(8):
+        pt = (x * (k + 0.5) / 8).requires_grad_(True)
+        gap_net(pt)[:, t].sum().backward()
+        assert pt.grad is not None
+        total += pt.grad / 8
+    mid = IntegratedGradients(steps=8, rule="middle", batch_size=3)(gap_net, x, target=t)
+    assert mid.attributions is not None
+    torch.testing.assert_close(mid.attributions[:, 0], (total * x).float())
+
+
+def test_integrated_gradients_baselines(gap_net: nn.Module) -> None:
+    x = images(1)
+    same = IntegratedGradients(steps=4, baseline=x.clone())(gap_net, x)
+    assert same.maps.abs().max() == 0
+    blur = IntegratedGradients(steps=4, baseline="blur", blur_sigma=1.0)(gap_net, x)
+    assert blur.maps.abs().max() > 0
+    with pytest.raises(ValueError):
+        IntegratedGradients(rule="simpson")
+
+
+def test_rise_equals_the_mask_weighted_average(gap_net: nn.Module) -> None:
+    x = images(2)
+    method = RISE(masks=30, cells=3, batch_size=7, seed=3)
+    exp = method(gap_net, x)
+    gen = torch.Generator().manual_seed(3)
+    masks = method.masks(*method.draw((12, 12), gen, torch.device("cpu")), (12, 12))
+    assert masks.min() >= 0 and masks.max() <= 1
+    t = exp.targets[:, 0]
+    for i in range(2):
+        total = torch.zeros(12, 12, dtype=torch.float64)
+        for m in masks:
+            with torch.no_grad():
+                p = torch.softmax(gap_net(x[i : i + 1] * m.double()), 1)[0, t[i]]
+            total += p * m[0].double()
+        torch.testing.assert_close(exp.maps[i, 0], (total / (30 * 0.5)).float())
+    again = RISE(masks=30, cells=3, batch_size=30, seed=3)(gap_net, x)
+    torch.testing.assert_close(again.maps, exp.maps)
+
+
+def test_vargrad_is_the_variance(gap_net: nn.Module) -> None:
+    x = images(1)
+    var = VarGrad(samples=4, noise=0.2, batch_size=4, seed=5)(gap_net, x)
+    mean = SmoothGrad(samples=4, noise=0.2, batch_size=4, seed=5)(gap_net, x)
+    gen = torch.Generator().manual_seed(5)
+    eps = torch.randn((4, *x.shape), generator=gen, dtype=x.dtype)
+    span = x.max() - x.min()
+    maps = torch.stack([Saliency()(gap_net, x + 0.2 * span * eps[s]).maps for s in range(4)])
+    torch.testing.assert_close(mean.maps, maps.mean(0))
+    torch.testing.assert_close(var.maps, maps.var(0, unbiased=False), atol=1e-6, rtol=1e-4)
+
+
+def test_tta_maps_back_to_the_original_frame(gap_net: nn.Module) -> None:
+    x = images(2)
+    plain = GradCAM()(gap_net, x)
+    none = TTA(GradCAM(), flips=False)(gap_net, x)
+    torch.testing.assert_close(none.maps, plain.maps)
+    both = TTA(GradCAM(), flips=True)(gap_net, x)
+    flipped = GradCAM()(gap_net, x.flip(-1), target=plain.targets)
+    torch.testing.assert_close(both.maps, (plain.maps + flipped.maps.flip(-1)) / 2)
+    scaled = TTA(Saliency(), flips=False, scales=(1.0, 2.0))(gap_net, x)
+    assert scaled.maps.shape == (2, 1, 12, 12)
