@@ -1,0 +1,29 @@
+"""Trusting the maps: faithfulness metrics and sanity checks."""
+
+from __future__ import annotations
+
+from convlens.metrics.evaluate import EvaluationTable, baseline_map, evaluate_methods
+from convlens.metrics.faithfulness import Curves, average_drop, deletion_insertion, ranking
+from convlens.metrics.pointing import boxes_to_masks, pointing_game
+from convlens.metrics.sanity import (
+    SanityResult,
+    cascading_randomization,
+    map_similarity,
+    parameter_layers,
+)
+
+__all__ = [
+    "Curves",
+    "EvaluationTable",
+    "SanityResult",
+    "average_drop",
+    "baseline_map",
+    "boxes_to_masks",
+    "cascading_randomization",
+    "deletion_insertion",
+    "evaluate_methods",
+    "map_similarity",
+    "parameter_layers",
+    "pointing_game",
+    "ranking",
+]
