@@ -202,3 +202,31 @@ def test_docs_list_every_registered_method() -> None:
     for name in list_methods():
         assert f"`{name}`" in readme, name
         assert f"`{name}`" in notes, name
+
+
+def test_evaluate_writes_table_curves_and_sanity(setup) -> None:
+    d = setup["dir"]
+    (d / "set.csv").write_text("path,label\na.png,dog\nb.png,cat\nc.png,2\n")
+    out = d / "eval"
+    args = [
+        "evaluate",
+        str(d / "set.csv"),
+        *model_args(d),
+        "--out",
+        str(out),
+        "--methods",
+        "gradcam,saliency",
+        "--steps",
+        "4",
+        "--sanity",
+        "--sanity-images",
+        "2",
+        "--use-labels",
+    ]
+    assert run(args) == 0
+    text = (out / "metrics.md").read_text()
+    assert "| gradcam |" in text and "(random)" in text and "(centre)" in text
+    assert "Sanity checks" in text
+    assert (out / "curves.png").exists() and (out / "sanity.png").exists()
+    rows = (out / "metrics.csv").read_text().splitlines()
+    assert len(rows) == 1 + 3 * 4  # header + 3 images x (2 methods + 2 baselines)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -391,6 +391,134 @@ def demo(
     for i, path in enumerate(files):
         err.print(f"{path.stem:>10}: {net.classes[int(idx[i, 0])]} ({float(probs[i, 0]):.2f})")
     err.print(f"wrote {len(written)} images to {out_dir}/ — open {out_dir}/cat_panel.png first")
+
+
+@app.command("features")
+def features_cmd(
+    data: Annotated[
+        list[Path], typer.Argument(help="Image folders (searched recursively) or files.")
+    ],
+    layer: Annotated[
+        list[str],
+        typer.Option(
+            "--layer",
+            help="Layer to browse (repeatable; `convlens layers`); name@call for modules "
+            "called several times.",
+        ),
+    ],
+    channels: Annotated[
+        str,
+        typer.Option(help="Channels: 'auto' (the most active), a range '0-15', a list '0,3,7'."),
+    ] = "auto",
+    num_channels: Annotated[int, typer.Option(help="Channels picked by --channels auto.")] = 16,
+    top: Annotated[int, typer.Option(help="Strongest activations (images) per channel.")] = 9,
+    rule: Annotated[
+        str,
+        typer.Option(help="Projection: deconvnet (Zeiler & Fergus) or guided (backprop)."),
+    ] = "deconvnet",
+    crop: Annotated[
+        str,
+        typer.Option(
+            help="Patches: 'effective' (the part of the receptive field holding 90% of the "
+            "projection) or 'field' (the whole receptive field)."
+        ),
+    ] = "effective",
+    out_dir: Annotated[Path, typer.Option("--out", help="Output folder.")] = Path(
+        "convlens-features"
+    ),
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
+    workers: Annotated[int, typer.Option(help="Processes reading images (0: none).")] = 0,
+    limit: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option(help="Scan at most this many images (the first in sorted order)."),
+    ] = None,
+    model: ModelOpt = "lite0",
+    weights: WeightsOpt = None,
+    classes: ClassesOpt = None,
+    size: SizeOpt = None,
+    resize: ResizeOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    device: DeviceOpt = "cpu",
+) -> None:
+    """What each channel responds to: its top images, patches and projections (Zeiler & Fergus).
+
+    Writes one grid PNG per layer and an index.html that works offline.
+    """
+    from convlens.architecture import parse_layer
+    from convlens.features.browser import parse_channels, render_features, scan_features
+    from convlens.hooks import named_module
+    from convlens.images import list_images
+
+    spec = parse_channels(channels)
+    if rule not in ("deconvnet", "guided"):
+        raise InputError(f"--rule must be 'deconvnet' or 'guided', got {rule!r}")
+    if crop not in ("effective", "field"):
+        raise InputError(f"--crop must be 'effective' or 'field', got {crop!r}")
+    if limit is not None and limit < 1:
+        raise InputError(f"--limit must be a positive number of images, got {limit}")
+    files = list_images(data)
+    if limit is not None:
+        files = files[:limit]
+    if not files:
+        raise InputError(f"no images found in {', '.join(str(d) for d in data)}")
+    net = _load(model, weights, classes, size, resize, mean, std, device)
+    for name in layer:
+        named_module(net.net, parse_layer(name).name)  # a bad name fails before the scan
+    bar = _progress()
+    tasks: dict[str, int] = {}
+
+    def report(what: str) -> Callable[[int, int], None]:
+        def update(done: int, total: int) -> None:
+            if not tasks:
+                bar.start()
+            if what not in tasks:
+                tasks[what] = bar.add_task(what, total=total)
+            bar.update(tasks[what], completed=done, total=total)
+
+        return update
+
+    try:
+        scan = scan_features(
+            net,
+            files,
+            layer,
+            spec,
+            top=top,
+            num_channels=num_channels,
+            batch_size=batch_size,
+            workers=workers,
+            progress=report("scanning"),
+        )
+        written = render_features(
+            scan,
+            net,
+            out_dir,
+            rule=rule,
+            crop=crop,  # type: ignore[arg-type]
+            batch_size=batch_size,
+            progress=report("rendering"),
+        )
+    finally:
+        if tasks:
+            bar.stop()
+    skipped = f", skipped {len(scan.skipped)} unreadable" if scan.skipped else ""
+    err.print(
+        f"scanned {scan.scanned} images{skipped}; wrote {len(written) - 1} grid(s) to "
+        f"{out_dir}/ — open {out_dir / 'index.html'}",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+def _register_commands() -> None:
+    """Commands kept in their own modules, each adding itself to ``app``."""
+    from convlens.cli_evaluate import register as register_evaluate
+
+    register_evaluate(app)
+
+
+_register_commands()
 
 
 def main(argv: Sequence[str] | None = None) -> None:
