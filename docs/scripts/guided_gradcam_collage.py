@@ -51,7 +51,8 @@ def main() -> None:
     fig.savefig(out, dpi=80)
     with torch.no_grad():
         top = torch.softmax(model.net(x), 1).topk(5)
-    print(out, [(model.classes[int(i)], round(float(p), 3)) for p, i in zip(top.values[0], top.indices[0], strict=True)])
+    pairs = zip(top.values[0].tolist(), top.indices[0].tolist(), strict=True)
+    print(out, [(model.classes[i], round(p, 3)) for p, i in pairs])
 
 
 if __name__ == "__main__":
