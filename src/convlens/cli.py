@@ -513,9 +513,11 @@ def features_cmd(
 
 def _register_commands() -> None:
     """Commands kept in their own modules, each adding itself to ``app``."""
+    from convlens.cli_analyze import register as register_analyze
     from convlens.cli_evaluate import register as register_evaluate
 
     register_evaluate(app)
+    register_analyze(app)
 
 
 _register_commands()

@@ -1,0 +1,312 @@
+"""The offline HTML report of an analysis run: ``RUN_DIR/report/index.html`` and image pages.
+
+Self-contained: inline CSS and vanilla JavaScript, no network resources; every link is relative
+and points inside the run folder. All text from the data set is escaped with :func:`html.escape`.
+"""
+
+from __future__ import annotations
+
+import html
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from convlens.analysis.run import AnalysisResult
+    from convlens.analysis.store import Prediction
+
+__all__ = ["write_report"]
+
+_CSS = """
+body{font:14px/1.4 system-ui,sans-serif;margin:0 auto;max-width:1200px;padding:0 1em;color:#222}
+nav{position:sticky;top:0;background:#fff;padding:.5em 0;border-bottom:1px solid #ddd}
+nav a{margin-right:1em}
+table{border-collapse:collapse;margin:.5em 0}
+th,td{border:1px solid #ddd;padding:3px 8px;text-align:left;vertical-align:middle}
+th[data-key]{cursor:pointer;background:#f4f4f4;user-select:none}
+th[aria-sort=ascending]::after{content:" \\25B2"}
+th[aria-sort=descending]::after{content:" \\25BC"}
+td.num{text-align:right;font-variant-numeric:tabular-nums}
+.wrong{color:#b00}.right{color:#070}
+.gallery{display:flex;flex-wrap:wrap;gap:10px}
+.card{border:1px solid #ddd;padding:6px;width:150px;font-size:12px}
+.card img{max-width:140px;max-height:140px;display:block}
+.stats td:first-child{font-weight:600}
+img.thumb{max-height:48px}
+.plots img{max-width:32%;min-width:300px}
+.panel img{max-width:100%}
+"""
+
+_JS = """
+(function () {
+  "use strict";
+  var table = document.getElementById("images-table");
+  if (!table) { return; }
+  var tbody = table.tBodies[0];
+  var text = document.getElementById("filter-text");
+  var status = document.getElementById("filter-status");
+  var shown = document.getElementById("shown-count");
+  function apply() {
+    var q = text.value.trim().toLowerCase();
+    var s = status.value;
+    var n = 0;
+    Array.prototype.forEach.call(tbody.rows, function (row) {
+      var classes = (row.dataset.true + "\\n" + row.dataset.pred).toLowerCase();
+      var ok = (!q || classes.indexOf(q) >= 0) && (s === "all" || row.dataset.status === s);
+      row.hidden = !ok;
+      if (ok) { n += 1; }
+    });
+    shown.textContent = String(n);
+  }
+  function sortBy(th) {
+    var col = th.cellIndex;
+    var numeric = th.dataset.type === "num";
+    var asc = th.getAttribute("aria-sort") !== "ascending";
+    var rows = Array.prototype.slice.call(tbody.rows);
+    rows.sort(function (a, b) {
+      var x = a.cells[col].dataset.value, y = b.cells[col].dataset.value;
+      var c = numeric ? parseFloat(x) - parseFloat(y) : x.localeCompare(y);
+      return asc ? c : -c;
+    });
+    rows.forEach(function (r) { tbody.appendChild(r); });
+    Array.prototype.forEach.call(table.tHead.rows[0].cells, function (h) {
+      h.removeAttribute("aria-sort");
+    });
+    th.setAttribute("aria-sort", asc ? "ascending" : "descending");
+  }
+  Array.prototype.forEach.call(table.tHead.querySelectorAll("th[data-key]"), function (th) {
+    th.addEventListener("click", function () { sortBy(th); });
+  });
+  text.addEventListener("input", apply);
+  status.addEventListener("change", apply);
+  apply();
+})();
+"""
+
+
+def _e(value: object) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _rel(target: Path, start: Path) -> str:
+    """URL of ``target`` relative to the folder ``start`` (forward slashes, escaped)."""
+    return _e(Path(os.path.relpath(target, start)).as_posix())
+
+
+def _page(title: str, body: str, *, script: str = "") -> str:
+    js = f"<script>{script}</script>" if script else ""
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f"<title>{_e(title)}</title><style>{_CSS}</style></head>"
+        f"<body>{body}{js}</body></html>\n"
+    )
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+class _Report:
+    def __init__(self, result: AnalysisResult, examined: Sequence[str]) -> None:
+        self.r = result
+        self.root = result.out_dir
+        self.dir = self.root / "report"
+        self.pages = self.dir / "images"
+        self.examined = [i for i in examined if (result.explanations.get(i) or Path()).is_file()]
+        self.by_id = {p.id: p for p in result.predictions}
+
+    def name(self, c: int | None) -> str:
+        return "(no label)" if c is None else self.r.class_names[c]
+
+    def thumb(self, p: Prediction, start: Path, css: str = "thumb") -> str:
+        f = self.root / "thumbs" / f"{p.id}.jpg"
+        if not f.is_file():
+            return _e(Path(p.path).name)
+        return f'<img class="{css}" src="{_rel(f, start)}" alt="{_e(Path(p.path).name)}">'
+
+    def page_link(self, p: Prediction, start: Path, inner: str) -> str:
+        if p.id in self.examined:
+            return f'<a href="{_rel(self.pages / f"{p.id}.html", start)}">{inner}</a>'
+        f = self.root / "thumbs" / f"{p.id}.jpg"
+        if f.is_file():
+            return f'<a href="{_rel(f, start)}">{inner}</a>'
+        return inner
+
+    def write(self) -> Path:
+        self.pages.mkdir(parents=True, exist_ok=True)
+        index = self.dir / "index.html"
+        index.write_text(_page("convlens error analysis", self.index_body(), script=_JS))
+        for n, pid in enumerate(self.examined):
+            prev = self.examined[n - 1] if n > 0 else None
+            nxt = self.examined[n + 1] if n + 1 < len(self.examined) else None
+            (self.pages / f"{pid}.html").write_text(self.image_page(self.by_id[pid], prev, nxt))
+        return index
+
+    def index_body(self) -> str:
+        m = self.r.metrics
+        d = self.dir
+        parts = [
+            '<nav><a href="#summary">Summary</a><a href="#plots">Plots</a>'
+            '<a href="#mistakes">Worst mistakes</a><a href="#pairs">Most confused</a>'
+            '<a href="#classes">Per class</a><a href="#images">All images</a>'
+            '<a href="#failures">Unreadable files</a></nav>',
+            f"<h1>Error analysis: {_e(m.get('model', 'model'))}</h1>",
+            '<section id="summary"><h2>Summary</h2><table class="stats">',
+        ]
+        rows = [
+            ("images predicted", m["images"]),
+            ("labelled", m["labelled"]),
+            ("correct", m["correct"]),
+            ("top-1 accuracy", _pct(m["top1"])),
+            ("top-5 accuracy", _pct(m["top5"])),
+            ("expected calibration error (15 bins)", f"{m['ece']:.4f}"),
+            ("mean cross-entropy", f"{m['mean_loss']:.4f}"),
+            ("unreadable files (skipped)", m["failures"]),
+            ("explanation methods", ", ".join(m.get("methods", []))),
+        ]
+        parts += [f"<tr><td>{_e(k)}</td><td>{_e(v)}</td></tr>" for k, v in rows]
+        parts.append("</table>")
+        if self.examined:
+            parts.append(
+                f'<p><a href="#mistakes">See the {len(self.examined)} examined mistakes</a>, '
+                "each with explanations for the predicted and the true class.</p>"
+            )
+        parts.append("</section>")
+        plots = self.root / "plots"
+        parts.append('<section id="plots" class="plots"><h2>Plots</h2>')
+        for name, alt in (
+            ("reliability", "reliability diagram"),
+            ("confidence", "confidence histograms"),
+            ("confusion", "confusion matrix"),
+        ):
+            f = plots / f"{name}.png"
+            if f.is_file():
+                parts.append(f'<a href="{_rel(f, d)}"><img src="{_rel(f, d)}" alt="{alt}"></a>')
+        parts.append("</section>")
+        parts.append('<section id="mistakes"><h2>Worst mistakes</h2>')
+        parts.append(
+            "<p>The most confident mistakes and examples of the most confused pairs; "
+            "click one for its explanations.</p><div class='gallery'>"
+        )
+        for pid in self.examined:
+            p = self.by_id[pid]
+            parts.append(
+                '<div class="card">'
+                + self.page_link(p, d, self.thumb(p, d, css="big"))
+                + f"<div>true: {_e(self.name(p.label))}</div>"
+                + f"<div class='wrong'>predicted: {_e(self.name(p.pred))} "
+                + f"({p.confidence:.2f})</div></div>"
+            )
+        parts.append("</div></section>")
+        parts.append(self.pairs_section())
+        parts.append(self.classes_section())
+        parts.append(self.images_section())
+        parts.append('<section id="failures"><h2>Unreadable files</h2>')
+        if self.r.failures:
+            parts.append("<ul>")
+            parts += [f"<li>{_e(p)}: {_e(reason)}</li>" for p, reason in self.r.failures]
+            parts.append("</ul>")
+        else:
+            parts.append("<p>None.</p>")
+        parts.append("</section>")
+        return "\n".join(parts)
+
+    def pairs_section(self) -> str:
+        d = self.dir
+        out = [
+            '<section id="pairs"><h2>Most confused pairs</h2><table>'
+            "<tr><th>true class</th><th>predicted class</th><th>count</th><th>examples</th></tr>"
+        ]
+        for pair in self.r.metrics["confused_pairs"][:50]:
+            links = [
+                self.page_link(self.by_id[i], d, "example")
+                for i in self.examined
+                if self.by_id[i].label == pair["true"] and self.by_id[i].pred == pair["pred"]
+            ][:2]
+            out.append(
+                f"<tr><td>{_e(pair['true_name'])}</td><td>{_e(pair['pred_name'])}</td>"
+                f"<td class='num'>{pair['count']}</td><td>{' '.join(links)}</td></tr>"
+            )
+        out.append("</table></section>")
+        return "\n".join(out)
+
+    def classes_section(self) -> str:
+        out = [
+            '<section id="classes"><h2>Per class</h2><table>'
+            "<tr><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>support</th></tr>"
+        ]
+        for row in self.r.metrics["per_class"]:
+            out.append(
+                f"<tr><td>{_e(row['name'])}</td><td class='num'>{row['precision']:.3f}</td>"
+                f"<td class='num'>{row['recall']:.3f}</td><td class='num'>{row['f1']:.3f}</td>"
+                f"<td class='num'>{row['support']}</td></tr>"
+            )
+        out.append("</table></section>")
+        return "\n".join(out)
+
+    def images_section(self) -> str:
+        d = self.dir
+        out = [
+            '<section id="images"><h2>All images</h2><p>'
+            '<label>class contains <input id="filter-text" type="search"></label> '
+            '<label>show <select id="filter-status"><option value="all">all</option>'
+            '<option value="right">right</option><option value="wrong">wrong</option>'
+            '<option value="unlabelled">unlabelled</option></select></label> '
+            '<span id="shown-count"></span> shown; click a header to sort.</p>'
+            '<table id="images-table"><thead><tr><th>image</th>'
+            '<th data-key="true">true class</th><th data-key="pred">predicted class</th>'
+            '<th data-key="conf" data-type="num">confidence</th>'
+            '<th data-key="status">right/wrong</th></tr></thead><tbody>'
+        ]
+        for p in self.r.predictions:
+            status = "unlabelled" if p.correct is None else "right" if p.correct else "wrong"
+            true, pred = self.name(p.label), self.name(p.pred)
+            out.append(
+                f'<tr data-true="{_e(true)}" data-pred="{_e(pred)}" data-status="{status}">'
+                f"<td>{self.page_link(p, d, self.thumb(p, d))}</td>"
+                f'<td data-value="{_e(true)}">{_e(true)}</td>'
+                f'<td data-value="{_e(pred)}">{_e(pred)}</td>'
+                f'<td class="num" data-value="{p.confidence:.6f}">{p.confidence:.3f}</td>'
+                f'<td data-value="{status}" class="{status}">{status}</td></tr>'
+            )
+        out.append("</tbody></table></section>")
+        return "\n".join(out)
+
+    def image_page(self, p: Prediction, prev: str | None, nxt: str | None) -> str:
+        d = self.pages
+        nav = [f'<a href="{_rel(self.dir / "index.html", d)}#mistakes">back to the report</a>']
+        if prev:
+            nav.append(f'<a href="{_e(prev)}.html">previous</a>')
+        if nxt:
+            nav.append(f'<a href="{_e(nxt)}.html">next</a>')
+        top5 = "".join(
+            f"<tr><td>{_e(self.name(c))}</td><td class='num'>{prob:.3f}</td></tr>"
+            for c, prob in zip(p.top5, p.probs5, strict=True)
+        )
+        panel = self.r.explanations[p.id]
+        loss = "" if p.loss is None else f"<tr><td>loss</td><td>{p.loss:.4f}</td></tr>"
+        body = (
+            f"<nav>{''.join(nav)}</nav><h1>{_e(Path(p.path).name)}</h1>"
+            f"<p>{_e(p.path)}</p>{self.thumb(p, d, css='big')}"
+            f'<table class="stats"><tr><td>true class</td><td>{_e(self.name(p.label))}</td></tr>'
+            f"<tr><td>predicted class</td><td class='wrong'>{_e(self.name(p.pred))}</td></tr>"
+            f"<tr><td>confidence</td><td>{p.confidence:.3f}</td></tr>{loss}</table>"
+            f"<h2>Top-5</h2><table>{top5}</table>"
+            "<h2>Explanations: predicted class vs true class</h2>"
+            f'<div class="panel"><img src="{_rel(panel, d)}" alt="explanations"></div>'
+        )
+        return _page(f"{Path(p.path).name}: convlens error analysis", body)
+
+
+def write_report(result: AnalysisResult, examined: Sequence[str]) -> Path:
+    """Write ``report/index.html`` and one page per examined image under the run folder.
+
+    Args:
+        result: the analysis result (its ``out_dir``, metrics, predictions, explanations).
+        examined: ids of the examined images, in the order of the galleries.
+
+    Returns:
+        The path of ``index.html``.
+    """
+    return _Report(result, examined).write()

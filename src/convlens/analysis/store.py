@@ -1,0 +1,196 @@
+"""The incremental result store of an analysis run: one SQLite file, written batch by batch.
+
+The file ``RUN_DIR/predictions.sqlite`` is opened in WAL mode and each batch is written in one
+transaction, so a killed run loses at most the batch in flight and the file stays readable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+__all__ = ["Prediction", "PredictionStore", "image_id"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS predictions (
+    id TEXT PRIMARY KEY,
+    path TEXT NOT NULL UNIQUE,
+    label INTEGER,
+    top5 TEXT NOT NULL,
+    probs5 TEXT NOT NULL,
+    pred INTEGER NOT NULL,
+    confidence REAL NOT NULL,
+    loss REAL,
+    correct INTEGER
+);
+CREATE TABLE IF NOT EXISTS failures (path TEXT PRIMARY KEY, reason TEXT NOT NULL);
+"""
+
+
+def image_id(path: str | Path) -> str:
+    """A short stable identifier of an image path (used for file names in the run folder)."""
+    return hashlib.sha1(str(path).encode("utf-8")).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One stored prediction.
+
+    Attributes:
+        id: :func:`image_id` of the path.
+        path: the image file, as given by the data set.
+        label: true class index, or ``None`` for unlabelled images.
+        top5: the five (or fewer) most probable classes, most probable first.
+        probs5: their probabilities.
+        loss: cross-entropy of the label (``None`` without a label).
+        correct: whether the top-1 class is the label (``None`` without a label).
+    """
+
+    id: str
+    path: str
+    label: int | None
+    top5: tuple[int, ...]
+    probs5: tuple[float, ...]
+    loss: float | None
+    correct: bool | None
+
+    @property
+    def pred(self) -> int:
+        """The top-1 class."""
+        return self.top5[0]
+
+    @property
+    def confidence(self) -> float:
+        """Probability of the top-1 class."""
+        return self.probs5[0]
+
+
+class PredictionStore:
+    """SQLite store of predictions and failures; use as a context manager.
+
+    Args:
+        path: the database file (created with its folder when missing).
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._conn = sqlite3.connect(self.path, isolation_level=None)
+        try:
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute("PRAGMA synchronous=NORMAL")
+            self._conn.executescript(_SCHEMA)
+        except BaseException:
+            self._conn.close()
+            raise
+
+    def __enter__(self) -> PredictionStore:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        self.close()
+        return False
+
+    def close(self) -> None:
+        """Close the connection (safe to call twice)."""
+        self._conn.close()
+
+    def set_meta(self, **values: object) -> None:
+        """Record run metadata (stored as JSON)."""
+        with self._transaction():
+            self._conn.executemany(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                [(k, json.dumps(v)) for k, v in values.items()],
+            )
+
+    def meta(self) -> dict[str, object]:
+        """The run metadata."""
+        return {k: json.loads(v) for k, v in self._conn.execute("SELECT key, value FROM meta")}
+
+    def finished_paths(self) -> set[str]:
+        """Paths already predicted or already recorded as failures."""
+        done = {r[0] for r in self._conn.execute("SELECT path FROM predictions")}
+        return done | {r[0] for r in self._conn.execute("SELECT path FROM failures")}
+
+    def add_batch(
+        self, predictions: Iterable[Prediction], failures: Iterable[tuple[str, str]] = ()
+    ) -> None:
+        """Write one batch of predictions and failures in a single transaction."""
+        with self._transaction():
+            self._conn.executemany(
+                "INSERT OR REPLACE INTO predictions "
+                "(id, path, label, top5, probs5, pred, confidence, loss, correct) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        p.id,
+                        p.path,
+                        p.label,
+                        json.dumps(list(p.top5)),
+                        json.dumps(list(p.probs5)),
+                        p.pred,
+                        p.confidence,
+                        p.loss,
+                        None if p.correct is None else int(p.correct),
+                    )
+                    for p in predictions
+                ],
+            )
+            self._conn.executemany(
+                "INSERT OR REPLACE INTO failures (path, reason) VALUES (?, ?)", list(failures)
+            )
+
+    def predictions(self) -> list[Prediction]:
+        """All stored predictions, sorted by path."""
+        rows = self._conn.execute(
+            "SELECT id, path, label, top5, probs5, loss, correct FROM predictions ORDER BY path"
+        )
+        return [
+            Prediction(
+                id=r[0],
+                path=r[1],
+                label=r[2],
+                top5=tuple(json.loads(r[3])),
+                probs5=tuple(json.loads(r[4])),
+                loss=r[5],
+                correct=None if r[6] is None else bool(r[6]),
+            )
+            for r in rows
+        ]
+
+    def failures(self) -> list[tuple[str, str]]:
+        """``(path, reason)`` of every image that could not be read, sorted by path."""
+        return list(self._conn.execute("SELECT path, reason FROM failures ORDER BY path"))
+
+    def _transaction(self) -> _Transaction:
+        return _Transaction(self._conn)
+
+
+class _Transaction:
+    """``BEGIN`` ... ``COMMIT`` (``ROLLBACK`` on error) on an autocommit connection."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+
+    def __enter__(self) -> None:
+        self._conn.execute("BEGIN IMMEDIATE")
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        self._conn.execute("ROLLBACK" if exc_type is not None else "COMMIT")
+        return False

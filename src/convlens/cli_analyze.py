@@ -1,0 +1,74 @@
+"""``convlens analyze``: error analysis over a labelled image set, with an HTML report.
+
+No ``from __future__ import annotations`` here: typer reads the option types of the command
+defined inside :func:`register`, which are local names there.
+"""
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+__all__ = ["register"]
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``analyze`` command to ``app``."""
+    from convlens.cli import (
+        ClassesOpt,
+        DeviceOpt,
+        MeanOpt,
+        ModelOpt,
+        ResizeOpt,
+        SizeOpt,
+        StdOpt,
+        WeightsOpt,
+    )
+
+    @app.command()
+    def analyze(
+        data: Annotated[Path, typer.Argument(help="Image folder (class subfolders) or CSV.")],
+        out_dir: Annotated[Path, typer.Option("--out", help="Run folder (reused to resume).")] = (
+            Path("convlens-analysis")
+        ),
+        methods: Annotated[
+            str, typer.Option(help="Comma-separated methods (Grad-CAM is always included).")
+        ] = "gradcam",
+        top_errors: Annotated[int, typer.Option(help="Most confident mistakes to explain.")] = 50,
+        batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 32,
+        workers: Annotated[int, typer.Option(help="Image-reading worker processes.")] = 0,
+        limit: Annotated[Optional[int], typer.Option(help="At most N images.")] = None,  # noqa: UP045
+        model: ModelOpt = "lite0",
+        weights: WeightsOpt = None,
+        classes: ClassesOpt = None,
+        size: SizeOpt = None,
+        resize: ResizeOpt = None,
+        mean: MeanOpt = None,
+        std: StdOpt = None,
+        device: DeviceOpt = "cpu",
+    ) -> None:
+        """Find where and why the model errs: metrics, calibration, explained mistakes."""
+        from convlens.analysis import analyze as run_analysis
+        from convlens.cli import _load, err, out
+
+        net = _load(model, weights, classes, size, resize, mean, std, device)
+        result = run_analysis(
+            net,
+            data,
+            out_dir,
+            methods=methods,
+            top_errors=top_errors,
+            batch_size=batch_size,
+            workers=workers,
+            limit=limit,
+            progress=True,
+        )
+        m = result.metrics
+        out.print(
+            f"{m['images']} images ({m['labelled']} labelled, {m['failures']} unreadable): "
+            f"top-1 {100 * m['top1']:.1f}%, top-5 {100 * m['top5']:.1f}%, ECE {m['ece']:.3f}",
+            highlight=False,
+        )
+        for path, reason in result.failures[:10]:
+            err.print(f"skipped {path}: {reason}", highlight=False, markup=False)
+        err.print(f"report: {result.report}", highlight=False, markup=False)

@@ -1,0 +1,332 @@
+"""Error analysis: store contents against an independent count, resume, crash safety, ECE, HTML."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import shutil
+import sqlite3
+import textwrap
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from convlens.analysis import AnalysisResult, analyze, expected_calibration_error
+from convlens.analysis.stats import calibration_bins
+from convlens.models import Preprocess, load_model
+from convlens.models.base import ConvlensModel
+
+NET = textwrap.dedent(
+    """
+    import torch
+    from torch import nn
+
+    def build():
+        torch.manual_seed(1)
+        return nn.Sequential(
+            nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(4, 6, 3, stride=2, padding=1), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 3),
+        )
+    """
+)
+CLASSES = ("cat", "dog", "coffee mug")
+
+
+class Counting(nn.Module):
+    """Wraps a network; counts forward calls and raises on call ``fail_on`` (1-based)."""
+
+    def __init__(self, net: nn.Module, fail_on: int | None = None) -> None:
+        super().__init__()
+        self.net = net
+        self.calls = 0
+        self.fail_on = fail_on
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.fail_on is not None and self.calls == self.fail_on:
+            raise RuntimeError("simulated crash")
+        return self.net(x)
+
+
+@pytest.fixture
+def setup(tmp_path: Path) -> dict[str, Path]:
+    (tmp_path / "net.py").write_text(NET)
+    (tmp_path / "labels.txt").write_text("\n".join(CLASSES) + "\n")
+    data = tmp_path / "data"
+    rng = np.random.default_rng(0)
+    for c, folder in enumerate(("cat", "dog", "coffee_mug")):
+        (data / folder).mkdir(parents=True)
+        for k in range(4 if c == 0 else 3):
+            pixels = rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)
+            pixels[..., c] = 255 - k * 40  # some class signal, so the model is not constant
+            Image.fromarray(pixels).save(data / folder / f"img{k}.png")
+    (data / "cat" / "broken.png").write_bytes(b"not really a png")
+    return {"dir": tmp_path, "data": data, "run": tmp_path / "run"}
+
+
+def make_model(d: Path) -> ConvlensModel:
+    return load_model(
+        f"{d / 'net.py'}:build",
+        classes=d / "labels.txt",
+        preprocess=Preprocess(resize=36, crop=32),
+    )
+
+
+def counting(model: ConvlensModel, fail_on: int | None = None) -> ConvlensModel:
+    return ConvlensModel(
+        net=Counting(model.net, fail_on),
+        preprocess=model.preprocess,
+        classes=model.classes,
+        name=model.name,
+    )
+
+
+def run(model: ConvlensModel, setup: dict[str, Path], **kw: object) -> AnalysisResult:
+    kw = {"batch_size": 4, "top_errors": 3, "progress": False, **kw}
+    return analyze(model, setup["data"], setup["run"], **kw)  # type: ignore[arg-type]
+
+
+def record_inference(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Batch sizes of the inference passes of :func:`analyze` (not the explanation passes)."""
+    from convlens.analysis import run as run_module
+
+    sizes: list[int] = []
+    original = run_module._predict_batch
+
+    def spy(model, x, paths, labels):  # type: ignore[no-untyped-def]
+        sizes.append(x.shape[0])
+        return original(model, x, paths, labels)
+
+    monkeypatch.setattr(run_module, "_predict_batch", spy)
+    return sizes
+
+
+def rows(db: Path, table: str = "predictions") -> int:
+    with sqlite3.connect(db) as conn:
+        return conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
+
+
+def test_store_matches_independent_count(setup) -> None:
+    model = make_model(setup["dir"])
+    result = run(model, setup)
+    # independent count, image by image, with plain loops
+    labels, preds, top5 = [], [], []
+    for c, folder in enumerate(("cat", "dog", "coffee_mug")):
+        for f in sorted((setup["data"] / folder).glob("img*.png")):
+            with torch.no_grad():
+                logits = model.net(model.load_images([f]))[0]
+            order = sorted(range(3), key=lambda j: -float(logits[j]))
+            labels.append(c)
+            preds.append(order[0])
+            top5.append(order)
+    n = len(labels)
+    assert result.metrics["images"] == n == 10
+    correct = sum(1 for t, p in zip(labels, preds, strict=True) if t == p)
+    assert result.metrics["correct"] == correct
+    assert result.metrics["top1"] == pytest.approx(correct / n)
+    assert result.metrics["top5"] == pytest.approx(1.0)  # 3 classes: always in the top 5
+    per_class = {row["class"]: row for row in result.metrics["per_class"]}
+    for c in sorted(set(labels) | set(preds)):
+        tp = sum(1 for t, p in zip(labels, preds, strict=True) if t == c and p == c)
+        npred = sum(1 for p in preds if p == c)
+        ntrue = sum(1 for t in labels if t == c)
+        prec = tp / npred if npred else 0.0
+        rec = tp / ntrue if ntrue else 0.0
+        f1 = 2 * prec * rec / (prec + rec) if prec + rec else 0.0
+        assert per_class[c]["precision"] == pytest.approx(prec)
+        assert per_class[c]["recall"] == pytest.approx(rec)
+        assert per_class[c]["f1"] == pytest.approx(f1)
+        assert per_class[c]["support"] == ntrue
+    pairs: dict[tuple[int, int], int] = {}
+    for t, p in zip(labels, preds, strict=True):
+        if t != p:
+            pairs[(t, p)] = pairs.get((t, p), 0) + 1
+    got = {(r["true"], r["pred"]): r["count"] for r in result.metrics["confused_pairs"]}
+    assert got == pairs
+    counts = [r["count"] for r in result.metrics["confused_pairs"]]
+    assert counts == sorted(counts, reverse=True)
+    # the table has one row per readable image, the unreadable file is listed
+    table = result.table()
+    assert len(table) == n and {r["label_name"] for r in table} == set(CLASSES)
+    assert [Path(p).name for p, _ in result.failures] == ["broken.png"]
+    assert rows(setup["run"] / "predictions.sqlite", "failures") == 1
+    for r in table:
+        assert r["loss"] == pytest.approx(-math.log(r["probs5"][r["top5"].index(r["label"])]))
+    # explanations of the examined mistakes exist
+    wrong = [r for r in table if r["correct"] is False]
+    assert len(result.explanations) >= min(3, len(wrong))
+    for png in result.explanations.values():
+        assert png.is_file()
+
+
+def test_rerun_skips_finished_images_and_cached_explanations(setup, monkeypatch) -> None:
+    model = make_model(setup["dir"])
+    first = run(model, setup)
+    again = counting(model)
+    second = run(again, setup)
+    assert again.net.calls == 0  # no inference, no explanation recomputed
+    (setup["run"] / "explanations" / f"{next(iter(first.explanations))}.png").unlink()
+    third = counting(model)
+    sizes = record_inference(monkeypatch)
+    run(third, setup)
+    assert sizes == [] and third.net.calls > 0  # no inference; only that panel is redone
+    assert second.metrics == first.metrics
+    assert rows(setup["run"] / "predictions.sqlite") == 10
+
+
+def test_crash_mid_run_then_resume(setup, monkeypatch) -> None:
+    model = make_model(setup["dir"])
+    crashing = counting(model, fail_on=2)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(crashing, setup)
+    db = setup["run"] / "predictions.sqlite"
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        done = conn.execute("SELECT COUNT(*) FROM predictions").fetchone()[0]
+        failed = conn.execute("SELECT COUNT(*) FROM failures").fetchone()[0]
+    assert done + failed == 4  # exactly the first batch
+    sizes = record_inference(monkeypatch)
+    result = run(model, setup)
+    assert rows(db) == 10 and rows(db, "failures") == 1
+    assert result.metrics["images"] == 10
+    assert sizes == [4, 3] and done == 3  # only the 7 images not yet stored
+    reference = run(make_model(setup["dir"]), {**setup, "run": setup["dir"] / "run2"})
+    assert result.metrics == reference.metrics
+
+
+def test_ece_hand_computed() -> None:
+    conf = [0.95, 0.96, 0.9, 0.62, 0.55, 0.3]
+    correct = [True, False, False, True, True, False]
+    # bins of width 1/15: {0.95, 0.96} share (14/15, 1]; the others are alone
+    expected = (2 * abs(0.5 - 0.955) + 0.9 + 0.38 + 0.45 + 0.3) / 6
+    assert expected_calibration_error(conf, correct) == pytest.approx(expected)
+    bins = calibration_bins(conf, correct)
+    assert len(bins) == 15 and sum(b["count"] for b in bins) == 6
+    assert bins[14]["count"] == 2 and bins[14]["accuracy"] == 0.5
+    assert expected_calibration_error([], []) == 0.0
+    assert expected_calibration_error([1.0, 0.0], [True, False]) == pytest.approx(0.0)
+
+
+class _Links(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.links: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.links += [v for k, v in attrs if k in ("href", "src") and v is not None]
+
+
+def test_report_links_are_local_and_exist(setup) -> None:
+    result = run(make_model(setup["dir"]), setup, top_errors=2)
+    run_dir = setup["run"].resolve()
+    index = run_dir / "report" / "index.html"
+    assert result.report is not None and result.report.resolve() == index
+    pages = sorted((run_dir / "report" / "images").glob("*.html"))
+    assert len(pages) == len(result.explanations) >= 1
+    for page in [index, *pages]:
+        text = page.read_text()
+        assert "http://" not in text and "https://" not in text
+        parser = _Links()
+        parser.feed(text)
+        assert parser.links
+        for link in parser.links:
+            target = link.split("#", 1)[0]
+            if not target:
+                continue
+            f = (page.parent / target).resolve()
+            assert f.is_file(), f"{page.name} links to missing {link}"
+            assert f.is_relative_to(run_dir)
+    text = index.read_text()
+    assert "broken.png" in text and 'id="images-table"' in text
+    for png in ("reliability", "confidence", "confusion"):
+        assert (run_dir / "plots" / f"{png}.png").is_file()
+
+
+def test_cli_analyze(setup) -> None:
+    import typer
+    from typer.testing import CliRunner
+
+    from convlens.cli_analyze import register
+
+    app = typer.Typer()
+
+    @app.callback()
+    def main() -> None:
+        """Test app."""
+
+    register(app)
+    d = setup["dir"]
+    args = [
+        "analyze",
+        str(setup["data"]),
+        "--model",
+        f"{d / 'net.py'}:build",
+        "--classes",
+        str(d / "labels.txt"),
+        "--size",
+        "32",
+        "--out",
+        str(setup["run"]),
+        "--top-errors",
+        "1",
+        "--batch-size",
+        "5",
+        "--limit",
+        "6",
+    ]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert "6 images" in res.output or "5 images" in res.output
+    assert (setup["run"] / "report" / "index.html").is_file()
+
+
+def test_dataframe_needs_pandas(setup) -> None:
+    result = run(make_model(setup["dir"]), setup, top_errors=0)
+    if importlib.util.find_spec("pandas") is None:
+        with pytest.raises(ImportError):
+            result.dataframe()
+    else:
+        assert len(result.dataframe()) == 10
+
+
+def test_report_in_headless_chromium(setup) -> None:
+    if shutil.which("chromium") is None or importlib.util.find_spec("playwright") is None:
+        pytest.skip("needs chromium and the playwright package")
+    from playwright.sync_api import sync_playwright
+
+    result = run(make_model(setup["dir"]), setup)
+    assert result.report is not None
+    artifacts = Path(__file__).resolve().parents[1] / "test-artifacts"
+    artifacts.mkdir(exist_ok=True)
+    errors: list[str] = []
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(
+            executable_path="/usr/bin/chromium",
+            args=["--headless", "--no-sandbox", "--disable-gpu"],
+        )
+        try:
+            page = browser.new_page()
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(result.report.as_uri())
+            page.screenshot(path=str(artifacts / "analysis-index.png"), full_page=True)
+            page.click("#images-table th[data-key=conf]")
+            values = page.eval_on_selector_all(
+                "#images-table tbody tr td:nth-child(4)", "els => els.map(e => +e.dataset.value)"
+            )
+            assert values == sorted(values)
+            page.select_option("#filter-status", "wrong")
+            shown = int(page.inner_text("#shown-count"))
+            assert shown == sum(1 for r in result.table() if r["correct"] is False)
+            page.fill("#filter-text", "zzz-no-such-class")
+            assert page.inner_text("#shown-count") == "0"
+            page.screenshot(path=str(artifacts / "analysis-filtered.png"), full_page=True)
+        finally:
+            browser.close()
+    assert errors == []
