@@ -515,9 +515,11 @@ def _register_commands() -> None:
     """Commands kept in their own modules, each adding itself to ``app``."""
     from convlens.cli_analyze import register as register_analyze
     from convlens.cli_evaluate import register as register_evaluate
+    from convlens.cli_synthesis import register as register_synthesis
 
     register_evaluate(app)
     register_analyze(app)
+    register_synthesis(app)
 
 
 _register_commands()

@@ -1,0 +1,289 @@
+"""Command-line commands for image synthesis: ``classviz``, ``featviz`` and ``dream``.
+
+Add them to a typer app with :func:`register` (``convlens.cli`` does so for the ``convlens``
+command). The commands only parse options, call :mod:`convlens.synthesis` and write PNGs; user
+errors are raised as :class:`~convlens.errors.ConvlensError` for the CLI's one-line report.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+__all__ = ["parse_channels", "register"]
+
+# Small copies of the option types of convlens.cli (imported lazily there to avoid a cycle).
+ModelOpt = Annotated[
+    str,
+    typer.Option(
+        "--model",
+        "-m",
+        help="lite0 (default), lite1, lite2, path/to/net.py:factory, pkg.module:factory, "
+        "or a TorchScript file.",
+    ),
+]
+WeightsOpt = Annotated[
+    Optional[Path], typer.Option(help="State-dict file for a factory model.")  # noqa: UP045
+]
+ClassesOpt = Annotated[
+    Optional[Path],  # noqa: UP045
+    typer.Option(help="Class names: one per line, or a TSV with index, synset, name."),
+]
+SizeOpt = Annotated[
+    Optional[int],  # noqa: UP045
+    typer.Option(help="Model input size (centre crop); also the size of synthesised images."),
+]
+MeanOpt = Annotated[
+    Optional[str],  # noqa: UP045
+    typer.Option(help="Normalisation mean, e.g. 0.485,0.456,0.406."),
+]
+StdOpt = Annotated[
+    Optional[str],  # noqa: UP045
+    typer.Option(help="Normalisation std, e.g. 0.229,0.224,0.225."),
+]
+DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, cuda:1 ... or auto.")]
+OutOpt = Annotated[Path, typer.Option("--out", help="Output folder.")]
+PresetOpt = Annotated[
+    str,
+    typer.Option(
+        help="readable (default: Fourier, decorrelated colour, transforms), olah, "
+        "simonyan (literal 2013 method), yosinski."
+    ),
+]
+StepsOpt = Annotated[
+    Optional[int],  # noqa: UP045
+    typer.Option(help="Optimisation steps (default: the preset's)."),
+]
+SeedOpt = Annotated[int, typer.Option(help="Random seed; the same seed gives the same images.")]
+LrOpt = Annotated[Optional[float], typer.Option(help="Learning rate (default: the preset's).")]  # noqa: UP045
+SamplesOpt = Annotated[
+    Optional[int],  # noqa: UP045
+    typer.Option(help="Random transform samples per image and step (default: the preset's)."),
+]
+
+
+def _model(
+    model: str,
+    weights: Path | None,
+    classes: Path | None,
+    size: int | None,
+    mean: str | None,
+    std: str | None,
+    device: str,
+):
+    from convlens.cli import _load
+
+    return _load(model, weights, classes, size, None, mean, std, device)
+
+
+def parse_channels(text: str) -> list[int]:
+    """``"0-15"``, ``"3,5,9"`` or ``"0-3,8,10-11"`` as a list of channel indices.
+
+    Raises:
+        InputError: not a list of non-negative integers and ranges.
+    """
+    from convlens.errors import InputError
+
+    out: list[int] = []
+    for part in (p.strip() for p in text.split(",")):
+        lo, sep, hi = part.partition("-")
+        try:
+            if sep:
+                a, b = int(lo), int(hi)
+                if a > b:
+                    raise ValueError
+                out.extend(range(a, b + 1))
+            else:
+                out.append(int(part))
+        except ValueError:
+            raise InputError(
+                f"--channels must be indices and ranges like 0-15 or 3,5,9; got {text!r}"
+            ) from None
+    if not out or min(out) < 0:
+        raise InputError(f"--channels must list non-negative channel indices; got {text!r}")
+    return out
+
+
+def _target(text: str) -> int | str:
+    return int(text) if text.strip().isdigit() else text
+
+
+def _overrides(**values: object) -> dict[str, object]:
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def classviz(
+    target: Annotated[
+        list[str],
+        typer.Option(
+            "--class",
+            "-c",
+            help="Class to visualise: index, name ('tabby cat') or synset; repeat for several "
+            "(optimised together in one batch).",
+        ),
+    ],
+    model: ModelOpt = "lite0",
+    preset: PresetOpt = "readable",
+    steps: StepsOpt = None,
+    seed: SeedOpt = 0,
+    lr: LrOpt = None,
+    samples: SamplesOpt = None,
+    out_dir: OutOpt = Path("convlens-classviz"),
+    weights: WeightsOpt = None,
+    classes: ClassesOpt = None,
+    size: SizeOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    device: DeviceOpt = "cpu",
+) -> None:
+    """Class model visualisation: the image that maximises a class score (Simonyan et al. 2013,
+    with the regularisers of Olah et al. 2017). Writes one PNG per class and a grid."""
+    from rich.table import Table
+
+    from convlens.cli import err, out
+    from convlens.synthesis import class_visualization
+
+    net = _model(model, weights, classes, size, mean, std, device)
+    res = class_visualization(
+        net,
+        [_target(t) for t in target],
+        preset=preset,
+        seed=seed,
+        size=size,
+        progress=True,
+        **_overrides(steps=steps, lr=lr, samples=samples),
+    )
+    written = res.save(out_dir, prefix="classviz_")
+    table = Table(show_edge=False)
+    for col in ("class", "index", "logit", "probability", "file"):
+        table.add_column(col, justify="left" if col in ("class", "file") else "right")
+    probs = res.probabilities if res.probabilities is not None else res.scores
+    for i, t in enumerate(res.targets):
+        table.add_row(
+            res.labels[i],
+            str(t),
+            f"{float(res.scores[i]):.2f}",
+            f"{float(probs[i]):.3f}",
+            written[i].name,
+        )
+    out.print(table)
+    err.print(
+        f"wrote {len(written)} images to {out_dir}/ ({res.steps_per_second:.2f} steps/s, "
+        f"preset {preset})"
+    )
+
+
+def featviz(
+    layer: Annotated[
+        str, typer.Option(help="Layer (`convlens layers`); NAME@CALL for modules called often.")
+    ],
+    channels: Annotated[str, typer.Option(help="Channels: 0-15, 3,5,9 or 0-3,8.")] = "0-15",
+    neuron: Annotated[
+        bool, typer.Option(help="Maximise the centre unit of each channel, not its mean.")
+    ] = False,
+    model: ModelOpt = "lite0",
+    preset: PresetOpt = "readable",
+    steps: StepsOpt = None,
+    seed: SeedOpt = 0,
+    lr: LrOpt = None,
+    samples: SamplesOpt = None,
+    out_dir: OutOpt = Path("convlens-featviz"),
+    weights: WeightsOpt = None,
+    classes: ClassesOpt = None,
+    size: SizeOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    device: DeviceOpt = "cpu",
+) -> None:
+    """Channel visualisation: one image per channel of a layer that maximises its mean
+    activation, all channels in one batch. Writes a grid PNG and one PNG per channel."""
+    from convlens.cli import err
+    from convlens.synthesis import channel_visualization
+
+    chans = parse_channels(channels)
+    net = _model(model, weights, classes, size, mean, std, device)
+    res = channel_visualization(
+        net,
+        layer,
+        chans,
+        neuron="center" if neuron else None,
+        preset=preset,
+        seed=seed,
+        size=size,
+        progress=True,
+        **_overrides(steps=steps, lr=lr, samples=samples),
+    )
+    stem = "".join(c if c.isalnum() else "_" for c in layer)
+    written = res.save(out_dir, prefix=f"featviz_{stem}_")
+    err.print(
+        f"wrote {written[-1]} and {len(written) - 1} channel images to {out_dir}/ "
+        f"({res.steps_per_second:.2f} steps/s)"
+    )
+
+
+def dream(
+    image: Annotated[Path, typer.Argument(help="The photo to dream on.")],
+    layer: Annotated[
+        str, typer.Option(help="Layer whose activations are amplified (`convlens layers`).")
+    ],
+    channel: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option(help="Amplify only this channel of the layer."),
+    ] = None,
+    octaves: Annotated[int, typer.Option(help="Number of scales.")] = 4,
+    octave_scale: Annotated[float, typer.Option(help="Size ratio between scales.")] = 1.4,
+    steps: Annotated[int, typer.Option(help="Gradient steps per octave.")] = 10,
+    step_size: Annotated[
+        float, typer.Option(help="Mean pixel change per step ([0, 1] pixel units).")
+    ] = 0.01,
+    jitter: Annotated[int, typer.Option(help="Largest random roll per step (pixels).")] = 32,
+    max_size: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option(help="Shrink the photo so that its longer side is at most this."),
+    ] = 512,
+    gif: Annotated[bool, typer.Option(help="Also write an animated GIF of the steps.")] = False,
+    seed: SeedOpt = 0,
+    out_dir: OutOpt = Path("convlens-dream"),
+    model: ModelOpt = "lite0",
+    weights: WeightsOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    device: DeviceOpt = "cpu",
+) -> None:
+    """DeepDream (Mordvintsev et al. 2015): amplify what a layer sees in a photo, over several
+    octaves. Writes IMAGE_dream.png (and IMAGE_dream.gif with --gif)."""
+    from convlens.cli import err
+    from convlens.images import load_image
+    from convlens.synthesis import deep_dream
+
+    photo = load_image(image)
+    net = _model(model, weights, None, None, mean, std, device)
+    stem = image.stem
+    gif_path = out_dir / f"{stem}_dream.gif" if gif else None
+    res = deep_dream(
+        net,
+        photo,
+        layer,
+        channel=channel,
+        octaves=octaves,
+        octave_scale=octave_scale,
+        steps_per_octave=steps,
+        step_size=step_size,
+        jitter=jitter,
+        max_size=max_size,
+        seed=seed,
+        gif_path=gif_path,
+        progress=True,
+    )
+    path = res.save(out_dir / f"{stem}_dream.png")
+    extra = f" and {gif_path}" if gif_path is not None else ""
+    err.print(f"wrote {path}{extra} ({len(res.octave_sizes)} octaves, {res.seconds:.1f} s)")
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``classviz``, ``featviz`` and ``dream`` commands to ``app``."""
+    app.command("classviz")(classviz)
+    app.command("featviz")(featviz)
+    app.command("dream")(dream)

@@ -1,0 +1,88 @@
+"""Image synthesis: class model visualisation, channel/neuron visualisation and DeepDream.
+
+Public API::
+
+    from convlens.synthesis import class_visualization, channel_visualization, deep_dream
+
+    res = class_visualization(model, ["tabby cat", 281])        # SynthesisResult
+    res = channel_visualization(model, "_blocks.8", range(16))  # SynthesisResult
+    dream = deep_dream(model, photo, "_blocks.8")               # DreamResult
+
+Papers: Simonyan et al. 2013 (class models), Yosinski et al. 2015 (regularised pixel
+optimisation), Mordvintsev et al. 2015 (DeepDream), Olah et al. 2017 (Fourier and decorrelated
+parameterisation, transformation robustness). See ``docs/synthesis.md``.
+"""
+
+from __future__ import annotations
+
+from convlens.synthesis.classviz import class_visualization
+from convlens.synthesis.dream import deep_dream, octave_sizes
+from convlens.synthesis.featviz import channel_visualization
+from convlens.synthesis.objectives import (
+    ChannelMean,
+    ClassScore,
+    DreamL2,
+    LayerReader,
+    Neuron,
+    Objective,
+)
+from convlens.synthesis.optimize import (
+    PRESETS,
+    SynthesisSettings,
+    gaussian_blur,
+    optimize_images,
+    resolve_settings,
+)
+from convlens.synthesis.parameterization import (
+    COLOR_CORRELATION_SVD_SQRT,
+    FourierImage,
+    ImageParam,
+    PixelImage,
+    color_matrix,
+    decorrelate_colors,
+    fourier_scale,
+    recorrelate_colors,
+)
+from convlens.synthesis.result import DreamResult, SynthesisResult, image_grid, to_pil
+from convlens.synthesis.transforms import (
+    Compose,
+    RandomTransform,
+    Transform,
+    random_roll,
+    standard_transforms,
+)
+
+__all__ = [
+    "COLOR_CORRELATION_SVD_SQRT",
+    "PRESETS",
+    "ChannelMean",
+    "ClassScore",
+    "Compose",
+    "DreamL2",
+    "DreamResult",
+    "FourierImage",
+    "ImageParam",
+    "LayerReader",
+    "Neuron",
+    "Objective",
+    "PixelImage",
+    "RandomTransform",
+    "SynthesisResult",
+    "SynthesisSettings",
+    "Transform",
+    "channel_visualization",
+    "class_visualization",
+    "color_matrix",
+    "decorrelate_colors",
+    "deep_dream",
+    "fourier_scale",
+    "gaussian_blur",
+    "image_grid",
+    "octave_sizes",
+    "optimize_images",
+    "random_roll",
+    "recorrelate_colors",
+    "resolve_settings",
+    "standard_transforms",
+    "to_pil",
+]

@@ -1,0 +1,301 @@
+"""What a synthesised image maximises, and how the network is run to compute it.
+
+An :class:`Objective` maps the output of the model (``layer=None``: the logits) or of one layer
+call to one score per image. :class:`LayerReader` runs the network with a forward hook on that
+layer and, once the call index is known, stops the forward pass right after it by raising an
+exception from the hook, so the rest of the network is never computed.
+
+Scores (per image ``b`` with target ``t_b``):
+
+- :class:`ClassScore`: ``S_c(I)``, the unnormalised class score (logit) of Simonyan et al. 2013,
+  or ``log softmax`` with ``kind="log_prob"``;
+- :class:`ChannelMean`: ``mean_{y,x} A[b, t_b, y, x]``, a channel of a layer (Olah et al. 2017);
+- :class:`Neuron`: ``A[b, t_b, y, x]``, one unit at one position (default: the centre);
+- :class:`DreamL2`: ``mean A[b]**2`` over the whole layer, or over channel ``t_b``
+  (DeepDream, Mordvintsev et al. 2015, maximises the squared L2 norm of the activations).
+
+Every objective accepts a batch made of ``K`` stacked copies of the ``N`` images (random
+transform samples) and returns ``(K * N,)`` scores; the target of sample ``j`` is ``t[j % N]``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import nn
+
+from convlens.architecture import LayerRef, parse_layer
+from convlens.errors import InputError, LayerError
+from convlens.hooks import hooks, named_module
+
+__all__ = [
+    "ChannelMean",
+    "ClassScore",
+    "DreamL2",
+    "LayerReader",
+    "Neuron",
+    "Objective",
+]
+
+
+def _sample_targets(targets: torch.Tensor, batch: int, index: torch.Tensor | None) -> torch.Tensor:
+    """The target of each of ``batch`` samples: ``targets[index]``, or ``targets[j % N]``."""
+    n = targets.numel()
+    if index is None:
+        if batch % n:
+            raise InputError(f"batch of {batch} is not a multiple of the {n} targets")
+        return targets.repeat(batch // n)
+    return targets[index.to(targets.device)]
+
+
+@dataclass
+class Objective:
+    """Base class: a per-image score to maximise.
+
+    Attributes:
+        targets: (N,) class or channel index of each image.
+        layer: the layer (and call) whose output is scored; ``None`` scores the model output.
+    """
+
+    targets: torch.Tensor
+    layer: LayerRef | None = None
+    name: str = field(default="objective", init=False)
+
+    def __call__(self, out: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+        """Scores (B,) of a batch output (B, ...).
+
+        Args:
+            out: the layer (or model) output of B samples.
+            index: (B,) which of the N images (targets) each sample belongs to; default
+                ``j % N`` (B must then be a multiple of N).
+        """
+        raise NotImplementedError
+
+    def _feature_map(self, out: torch.Tensor) -> torch.Tensor:
+        if out.dim() != 4:
+            raise LayerError(
+                f"layer {self.layer} gives a {out.dim()}-D output {tuple(out.shape)}; channel "
+                "objectives need a 4-D feature map (B, C, H, W)"
+            )
+        return out
+
+    def _checked_targets(
+        self, out: torch.Tensor, what: str, index: torch.Tensor | None
+    ) -> torch.Tensor:
+        t = _sample_targets(self.targets.to(out.device), out.shape[0], index)
+        limit = out.shape[1]
+        bad = [int(v) for v in self.targets if not 0 <= int(v) < limit]
+        if bad:
+            where = "the model" if self.layer is None else f"layer {self.layer}"
+            raise InputError(
+                f"{what} {bad[0]} is out of range: {where} has {limit} {what}s (0..{limit - 1})"
+            )
+        return t
+
+
+@dataclass
+class ClassScore(Objective):
+    """``S_c(I)``: the logit of class ``c`` (``kind="logit"``, Simonyan et al. 2013 §2), or its
+    log-probability ``S_c - log sum_k exp S_k`` (``kind="log_prob"``), which also pushes the
+    other classes down."""
+
+    kind: Literal["logit", "log_prob"] = "logit"
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("logit", "log_prob"):
+            raise InputError(f"score must be 'logit' or 'log_prob', not {self.kind!r}")
+        self.name = self.kind
+
+    def __call__(self, out: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+        if out.dim() != 2:
+            raise InputError(
+                f"the model output must be (B, classes) logits, got {tuple(out.shape)}"
+            )
+        t = self._checked_targets(out, "class", index)
+        scores = out.float() if self.kind == "logit" else torch.log_softmax(out.float(), dim=1)
+        return scores.gather(1, t[:, None])[:, 0]
+
+
+@dataclass
+class ChannelMean(Objective):
+    """``mean_{y,x} A_c(y, x)``: the spatial mean of channel ``c`` of a layer."""
+
+    def __post_init__(self) -> None:
+        self.name = "channel"
+
+    def __call__(self, out: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+        a = self._feature_map(out)
+        t = self._checked_targets(a, "channel", index)
+        return a[torch.arange(a.shape[0], device=a.device), t].float().mean(dim=(-2, -1))
+
+
+@dataclass
+class Neuron(Objective):
+    """``A_c(y, x)``: one unit of channel ``c`` at position (y, x) of the feature map (the
+    centre when ``position`` is ``None``)."""
+
+    position: tuple[int, int] | None = None
+
+    def __post_init__(self) -> None:
+        self.name = "neuron"
+
+    def __call__(self, out: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+        a = self._feature_map(out)
+        t = self._checked_targets(a, "channel", index)
+        h, w = a.shape[-2:]
+        y, x = (h // 2, w // 2) if self.position is None else self.position
+        if not (0 <= y < h and 0 <= x < w):
+            raise InputError(f"neuron position ({y}, {x}) is outside the {h}x{w} feature map")
+        return a[torch.arange(a.shape[0], device=a.device), t, y, x].float()
+
+
+@dataclass
+class DreamL2(Objective):
+    """``mean A**2``: the mean squared activation of a whole layer (``channel=False``) or of
+    channel ``c`` (DeepDream's L2 objective, Mordvintsev et al. 2015)."""
+
+    channel: bool = False
+
+    def __post_init__(self) -> None:
+        self.name = "dream_l2"
+
+    def __call__(self, out: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+        if not self.channel:
+            return out.float().pow(2).flatten(1).mean(dim=1)
+        a = self._feature_map(out)
+        t = self._checked_targets(a, "channel", index)
+        return a[torch.arange(a.shape[0], device=a.device), t].float().pow(2).mean(dim=(-2, -1))
+
+
+class _StopForward(Exception):
+    """Raised from a forward hook to end the forward pass after the layer of interest."""
+
+
+class LayerReader:
+    """Run a network and return its output or the output of one call of one layer.
+
+    Call :meth:`resolve` once (a forward pass of one image without gradients) to find the
+    absolute call index of ``layer@call``; later calls then stop the forward pass right after
+    that call (``stop_early``). The hook exists only during each call.
+
+    Args:
+        net: the network (the caller holds it in :func:`convlens.hooks.model_state`).
+        layer: ``"name"``, ``"name@call"`` or a :class:`LayerRef`; ``None`` for the output.
+        stop_early: stop the forward pass after the layer once the call index is known.
+
+    Raises:
+        LayerError: no such layer (close matches listed).
+    """
+
+    def __init__(
+        self, net: nn.Module, layer: str | LayerRef | None, *, stop_early: bool = True
+    ) -> None:
+        self.net = net
+        self.ref = None if layer is None else parse_layer(layer)
+        self.module = None if self.ref is None else named_module(net, self.ref.name)
+        self.stop_early = stop_early
+        self.call: int | None = None  # absolute call index once resolved
+
+    def resolve(self, x: torch.Tensor) -> None:
+        """Count the layer's calls on one input and fix the absolute call index.
+
+        Raises:
+            LayerError: the layer is not used, or has no such call.
+        """
+        if self.module is None or self.ref is None:
+            return
+        if self.ref.call >= 0:
+            self.call = self.ref.call  # known: no probe needed (checked on first use)
+            return
+        count = 0
+
+        def counter(module: nn.Module, args: object, out: object) -> None:
+            nonlocal count
+            count += 1
+
+        with torch.no_grad(), hooks([lambda: self.module.register_forward_hook(counter)]):  # type: ignore[union-attr]
+            self.net(x[:1])
+        if count == 0:
+            raise LayerError(f"layer {self.ref.name!r} was not used in the forward pass")
+        call = self.ref.call if self.ref.call >= 0 else count + self.ref.call
+        if not 0 <= call < count:
+            raise LayerError(
+                f"layer {self.ref.name!r} is called {count} time(s) per forward pass; "
+                f"there is no call {self.ref.call}"
+            )
+        self.call = call
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """The model output, or the chosen layer call's output (part of the autograd graph)."""
+        if self.module is None or self.ref is None:
+            out = self.net(x)
+            if not isinstance(out, torch.Tensor):
+                raise InputError(f"the model must return a tensor, not {type(out).__name__}")
+            return out
+        if self.call is None:
+            self.resolve(x)
+        captured: list[torch.Tensor] = []
+        seen = 0
+        target = self.call
+        name = self.ref.name
+
+        def hook(module: nn.Module, args: object, out: object) -> object:
+            nonlocal seen
+            idx = seen
+            seen += 1
+            if idx != target:
+                return None
+            if not isinstance(out, torch.Tensor):
+                raise LayerError(
+                    f"layer {name!r} returns {type(out).__name__}, not a tensor; choose a layer "
+                    "whose output is a feature map"
+                )
+            captured.append(out)
+            if self.stop_early:
+                raise _StopForward
+            return out.clone()  # later in-place ops must not change the captured output
+
+        register = [lambda: self.module.register_forward_hook(hook)]  # type: ignore[union-attr]
+        with hooks(register), contextlib.suppress(_StopForward):
+            self.net(x)
+        if not captured:
+            if seen == 0:
+                raise LayerError(f"layer {name!r} was not used in the forward pass")
+            raise LayerError(
+                f"layer {name!r} is called {seen} time(s) per forward pass; there is no call "
+                f"{self.ref.call}"
+            )
+        return captured[-1]
+
+
+def class_targets(
+    classes: Sequence[int | str], names: object | None, num_classes: int | None = None
+) -> list[int]:
+    """Resolve class indices or names with the model's class list (``names.index``).
+
+    Raises:
+        TargetError: unknown name (close matches listed) or index out of range.
+    """
+    from convlens.errors import TargetError
+
+    out: list[int] = []
+    for c in classes:
+        if names is not None and hasattr(names, "index"):
+            out.append(int(names.index(c)))  # type: ignore[union-attr]
+            continue
+        text = str(c).strip()
+        if isinstance(c, bool) or not text.lstrip("-").isdigit():
+            raise TargetError(
+                f"class {c!r} is a name, but the model has no class list; give an index"
+            )
+        idx = int(text)
+        if num_classes is not None and not 0 <= idx < num_classes:
+            raise TargetError(
+                f"class index {idx} is out of range: the model has {num_classes} classes"
+            )
+        out.append(idx)
+    return out
