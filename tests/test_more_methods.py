@@ -273,3 +273,17 @@ def test_tta_maps_back_to_the_original_frame(gap_net: nn.Module) -> None:
     torch.testing.assert_close(both.maps, (plain.maps + flipped.maps.flip(-1)) / 2)
     scaled = TTA(Saliency(), flips=False, scales=(1.0, 2.0))(gap_net, x)
     assert scaled.maps.shape == (2, 1, 12, 12)
+
+
+def test_scorecam_dead_channels_share_one_pass(gap_net: nn.Module) -> None:
+    with torch.no_grad():
+        gap_net.bn.bias[:3] = -100.0  # channels 0-2 dead after the ReLU: constant zero maps
+    x = images(2)
+    exp = ScoreCAM(batch_size=4)(gap_net, x)
+    expected = score_cam_brute(gap_net, x, exp.targets[:, 0])
+    assert exp.raw_maps is not None
+    torch.testing.assert_close(exp.raw_maps[:, 0], expected.float(), atol=1e-6, rtol=1e-5)
+    a = gap_net.features(x).flatten(2)
+    live = int(((a.amax(2) - a.amin(2)) > 0).sum())
+    assert live <= 2 * 3
+    assert exp.meta["forward_passes"] == 2 + live + 2  # clean, live channels, zero image

@@ -39,8 +39,9 @@ class ScoreCAM(Method):
     input: ``x * H_c``. Its weight is the target's score on the masked input,
     ``alpha_c = s_t(x * H_c)`` (softmax probability, or logit); ``M_t = ReLU(sum_c alpha_c A_c)``.
     ``channel_softmax=True`` turns the weights into a softmax over channels (pytorch-grad-cam's
-    variant). All masked inputs of all images go through the model in batches under
-    ``memory_mb``, inside ``torch.no_grad``, with no per-sample host synchronisation.
+    variant). Constant channels (dead units) all give the zero image as masked input, so they
+    share one forward pass per image. All masked inputs of all images go through the model in
+    batches under ``memory_mb``, inside ``torch.no_grad``, with no per-sample host synchronisation.
 
     Args:
         score: ``"prob"`` (the paper) or ``"logit"``.
@@ -91,11 +92,25 @@ class ScoreCAM(Method):
         n = chosen.shape[1]
         chunk = self.batch_size or max(1, int(self.memory_mb * 2**20 // _per_sample_bytes(x)))
         weights = torch.zeros(b, targets.shape[1], c, device=a.device, dtype=torch.float32)
+        # A constant channel (a dead ReLU unit: more than half of EfficientNet-Lite0's head
+        # channels on a typical photo) rescales to an all-zero mask, so its masked input is the
+        # zero image: one forward pass per image serves all of them, with identical results.
+        flat_a = a.flatten(2)
+        constant = (flat_a.amax(2) - flat_a.amin(2) == 0).gather(1, chosen)  # (B, N)
+        img_all = torch.arange(b, device=a.device)[:, None].expand(b, n)
+        live = ~constant.flatten()
+        pairs_img, pairs_ch = img_all.flatten()[live], chosen.flatten()[live]
         with torch.no_grad():
-            total = b * n
+            if constant.any():
+                out = ctx.net(torch.zeros_like(x)).float()
+                s0 = torch.softmax(out, dim=1) if self.score == "prob" else out
+                s0 = s0.gather(1, targets)  # (B, K)
+                ci, cn = constant.nonzero(as_tuple=True)
+                weights[ci, :, chosen[ci, cn]] = s0[ci]
+            total = int(pairs_img.numel())
             for start in range(0, total, chunk):
                 idx = torch.arange(start, min(start + chunk, total), device=a.device)
-                img, ch = idx // n, chosen.flatten()[idx]
+                img, ch = pairs_img[idx], pairs_ch[idx]
                 m = a[img, ch].unsqueeze(1)  # (n, 1, h, w)
                 m = F.interpolate(
                     m, size=x.shape[-2:], mode="bilinear", align_corners=self.align_corners

@@ -27,7 +27,8 @@ class SmoothGrad(Method):
         inner: the method to smooth.
         samples: number of noisy copies ``n``.
         noise: noise level as a fraction of each image's value range (the paper uses 0.1-0.2).
-        batch_size: noisy copies per image evaluated in one batch.
+        batch_size: noisy images per forward pass, all input images together (at least one
+            noisy copy of each image per pass).
         seed: seed of the noise (results are deterministic for a seed).
         aggregate: ``"mean"`` (SmoothGrad) or ``"var"`` (VarGrad: the variance of the maps over
             the noisy copies, Adebayo et al. 2018).
@@ -76,8 +77,9 @@ class SmoothGrad(Method):
         squares: torch.Tensor | None = None
         layer = None
         done = 0
+        per_pass = max(1, self.batch_size // b)
         while done < self.samples:
-            s = min(self.batch_size, self.samples - done)
+            s = min(per_pass, self.samples - done)
             eps = torch.randn((s, *x.shape), generator=gen, device=x.device, dtype=x.dtype)
             noisy = (x.unsqueeze(0) + eps * sigma.unsqueeze(0)).flatten(0, 1)
             inner_ctx = Context(
