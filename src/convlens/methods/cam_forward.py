@@ -126,7 +126,8 @@ class ScoreCAM(Method):
             mask.scatter_(2, chosen.unsqueeze(1).expand(-1, targets.shape[1], -1), True)
             weights = torch.softmax(weights.masked_fill(~mask, float("-inf")), dim=2)
         maps = torch.relu(torch.einsum("bkc,bchw->bkhw", weights.to(a.dtype), a))
-        return RawResult(maps, logits, targets, layer=str(ref), meta={"forward_passes": b + total})
+        passes = b + total + (b if bool(constant.any()) else 0)  # clean, live channels, zeros
+        return RawResult(maps, logits, targets, layer=str(ref), meta={"forward_passes": passes})
 
 
 @register("ablationcam")
