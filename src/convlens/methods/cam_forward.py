@@ -90,7 +90,12 @@ class ScoreCAM(Method):
         else:
             chosen = torch.arange(c, device=a.device).expand(b, c)
         n = chosen.shape[1]
-        chunk = self.batch_size or max(1, int(self.memory_mb * 2**20 // _per_sample_bytes(x)))
+        # On CPUs, batches beyond ~16 images get slower per image (measured: 16 masked images
+        # per pass ran ~1.8x faster than 54 on 2 cores); GPUs like them large.
+        cap = 16 if x.device.type == "cpu" else 256
+        chunk = self.batch_size or max(
+            1, min(cap, int(self.memory_mb * 2**20 // _per_sample_bytes(x)))
+        )
         weights = torch.zeros(b, targets.shape[1], c, device=a.device, dtype=torch.float32)
         # A constant channel (a dead ReLU unit: more than half of EfficientNet-Lite0's head
         # channels on a typical photo) rescales to an all-zero mask, so its masked input is the
