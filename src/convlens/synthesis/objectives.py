@@ -29,8 +29,9 @@ import torch
 from torch import nn
 
 from convlens.architecture import LayerRef, parse_layer
-from convlens.errors import InputError, LayerError
+from convlens.errors import InputError, LayerError, TargetError
 from convlens.hooks import hooks, named_module
+from convlens.models.classes import ClassList
 
 __all__ = [
     "ChannelMean",
@@ -39,6 +40,7 @@ __all__ = [
     "LayerReader",
     "Neuron",
     "Objective",
+    "class_targets",
 ]
 
 
@@ -272,30 +274,25 @@ class LayerReader:
         return captured[-1]
 
 
-def class_targets(
-    classes: Sequence[int | str], names: object | None, num_classes: int | None = None
-) -> list[int]:
-    """Resolve class indices or names with the model's class list (``names.index``).
+def class_targets(classes: Sequence[int | str], names: ClassList | None) -> list[int]:
+    """Resolve class indices, names or synsets with the model's class list.
+
+    Without a class list only indices are accepted (their range is checked by the objective,
+    which knows the number of outputs).
 
     Raises:
-        TargetError: unknown name (close matches listed) or index out of range.
+        TargetError: no classes; unknown name (close matches listed); index out of range.
     """
-    from convlens.errors import TargetError
-
+    if not classes:
+        raise TargetError("give at least one class")
+    if names is not None:
+        return [names.index(c) for c in classes]
     out: list[int] = []
     for c in classes:
-        if names is not None and hasattr(names, "index"):
-            out.append(int(names.index(c)))  # type: ignore[union-attr]
-            continue
         text = str(c).strip()
         if isinstance(c, bool) or not text.lstrip("-").isdigit():
             raise TargetError(
                 f"class {c!r} is a name, but the model has no class list; give an index"
             )
-        idx = int(text)
-        if num_classes is not None and not 0 <= idx < num_classes:
-            raise TargetError(
-                f"class index {idx} is out of range: the model has {num_classes} classes"
-            )
-        out.append(idx)
+        out.append(int(text))
     return out

@@ -18,8 +18,9 @@ import dataclasses
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
+from types import MappingProxyType
 from typing import Any, Literal
 
 import torch
@@ -174,45 +175,47 @@ _NO_TRANSFORMS: dict[str, Any] = {
     "samples": 1,
 }
 
-#: Named settings. ``readable`` is the default: tuned on EfficientNet-Lite0 so that class images
-#: are recognised by a different network (see ``benchmarks/RESULTS.md``).
-PRESETS: dict[str, SynthesisSettings] = {
-    # Olah et al. 2017 / Lucid: Fourier basis, decorrelated colour, sigmoid, transforms, Adam.
-    "readable": SynthesisSettings(),
-    # Lucid's published recipe, one transform sample per step, 512 steps.
-    "olah": SynthesisSettings(
-        steps=512, pad=12, jitter=8, scale=(0.9, 1.1), rotate=10.0, final_jitter=4, samples=1
-    ),
-    # Simonyan et al. 2013 section 2: pixels from the zero (mean) image, L2 penalty, plain
-    # gradient ascent, no transforms, no clipping of the optimised input.
-    "simonyan": SynthesisSettings(
-        param="pixel",
-        decorrelate=False,
-        squash="none",
-        init_std=0.0,
-        steps=200,
-        lr=2.0,
-        optimizer="sgd",
-        l2=1e-3,
-        **_NO_TRANSFORMS,
-    ),
-    # Yosinski et al. 2015: pixels, gradient ascent, decay + periodic blur + small-norm clipping,
-    # plus jitter.
-    "yosinski": SynthesisSettings(
-        param="pixel",
-        decorrelate=False,
-        squash="clamp",
-        init_std=0.0,
-        steps=200,
-        lr=2.0,
-        optimizer="sgd",
-        decay=1e-4,
-        blur_every=4,
-        blur_sigma=0.5,
-        norm_clip_pct=20.0,
-        **{**_NO_TRANSFORMS, "pad": 8, "jitter": 8},
-    ),
-}
+#: Named settings (read-only). ``readable`` is the default: tuned on EfficientNet-Lite0 so that
+#: class images are recognised by a different network (see ``benchmarks/RESULTS.md``).
+PRESETS: Mapping[str, SynthesisSettings] = MappingProxyType(
+    {
+        # Olah et al. 2017 / Lucid: Fourier basis, decorrelated colour, sigmoid, transforms, Adam.
+        "readable": SynthesisSettings(),
+        # Lucid's published recipe, one transform sample per step, 512 steps.
+        "olah": SynthesisSettings(
+            steps=512, pad=12, jitter=8, scale=(0.9, 1.1), rotate=10.0, final_jitter=4, samples=1
+        ),
+        # Simonyan et al. 2013 section 2: pixels from the zero (mean) image, L2 penalty, plain
+        # gradient ascent, no transforms, no clipping of the optimised input.
+        "simonyan": SynthesisSettings(
+            param="pixel",
+            decorrelate=False,
+            squash="none",
+            init_std=0.0,
+            steps=200,
+            lr=2.0,
+            optimizer="sgd",
+            l2=1e-3,
+            **_NO_TRANSFORMS,
+        ),
+        # Yosinski et al. 2015: pixels, gradient ascent, decay + periodic blur + small-norm
+        # clipping, plus jitter.
+        "yosinski": SynthesisSettings(
+            param="pixel",
+            decorrelate=False,
+            squash="clamp",
+            init_std=0.0,
+            steps=200,
+            lr=2.0,
+            optimizer="sgd",
+            decay=1e-4,
+            blur_every=4,
+            blur_sigma=0.5,
+            norm_clip_pct=20.0,
+            **{**_NO_TRANSFORMS, "pad": 8, "jitter": 8},
+        ),
+    }
+)
 
 
 def resolve_settings(

@@ -1,0 +1,1077 @@
+"""Benchmark convlens against its peers (pytorch-grad-cam, Captum), side by side in one process.
+
+For each method pair both libraries explain the same function (the default model, EfficientNet-
+Lite0), the same real images, the same target (the top-1 class) and, for the CAM family, the
+same layer (the head activation, 1280x7x7). Reported per pair: seconds per image (median of
+``--repeats`` interleaved calls after one warm-up call each), cost in units of one plain batched
+forward pass of the same batch (timed alongside), images sent through the network (counted by
+a forward hook during the warm-up call), agreement of the maps (Pearson r and max-abs-diff of
+min-max-normalised maps), and peak memory where measured (each such measurement runs in a fresh
+subprocess whose RSS high-water mark ``VmHWM`` is reset after setup and read after the call).
+
+Pairs:
+
+- ``gradcam``: convlens ``GradCAM`` vs ``pytorch_grad_cam.GradCAM``.
+- ``gradcam++``: convlens ``GradCAMPlusPlus`` vs ``pytorch_grad_cam.GradCAMPlusPlus``.
+- ``scorecam``: convlens ``ScoreCAM(score="logit", channel_softmax=True, align_corners=True)``
+  (pytorch-grad-cam's variant, same masked inputs and weights) vs ``pytorch_grad_cam.ScoreCAM``
+  at the same batch size; convlens at its default batch size is timed as an extra row.
+- ``ablationcam``: convlens ``AblationCAM()`` (closed form on GAP + linear) vs
+  ``pytorch_grad_cam.AblationCAM`` (all channels ablated).
+- ``intgrad``: convlens ``IntegratedGradients`` vs ``captum.attr.IntegratedGradients``, same
+  steps, Gauss-Legendre on both sides, same internal batch; Captum with its default internal
+  batch (all steps at once) as an extra row, and peak memory of all three.
+- ``smoothgrad``: convlens ``SmoothGrad(Saliency)`` vs Captum ``NoiseTunnel(Saliency)``, same
+  samples, same absolute noise sigma, same noisy copies per pass.
+- ``occlusion``: convlens ``Occlusion(patch=16, stride=8, fill=0, score="prob")`` vs Captum
+  ``Occlusion`` on softmax outputs (same windows), best of several ``perturbations_per_eval``.
+
+pytorch-grad-cam imports torchvision in image helpers that these methods never call; when no
+working torchvision is installed, the stub in ``benchmarks/_stubs`` is put on ``sys.path``
+(only here). Build the environment as described in ``benchmarks/PEERS.md``.
+
+Example:
+    .venv-bench/bin/python benchmarks/bench_peers.py
+    .venv-bench/bin/python benchmarks/bench_peers.py --pairs gradcam intgrad --no-write
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import importlib
+import importlib.metadata
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("TQDM_DISABLE", "1")  # pytorch-grad-cam's progress bars
+
+import numpy as np
+import torch
+from torch import nn
+
+import convlens
+from convlens.hooks import layer_capture
+from convlens.methods import AblationCAM, IntegratedGradients, ScoreCAM
+from convlens.models.base import ConvlensModel
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+STUBS = HERE / "_stubs"
+DEFAULT_OUT = HERE / "RESULTS.md"
+DATA_CANDIDATES = (
+    REPO.parent / "shared" / "data" / "imagenet-sample-dev",
+    REPO / "shared" / "data" / "imagenet-sample-dev",
+)
+PAIRS = ("gradcam", "gradcam++", "scorecam", "ablationcam", "intgrad", "smoothgrad", "occlusion")
+MB = 2**20
+META_KEYS = ("forward_passes", "perturbations_per_batch", "closed_form", "suffix_passes")
+
+# --------------------------------------------------------------------------------------------
+# Peers
+# --------------------------------------------------------------------------------------------
+
+
+def import_peers() -> dict[str, str]:
+    """Import Captum and pytorch-grad-cam (with the torchvision stub if needed); versions."""
+    stub = False
+    try:
+        import torchvision  # noqa: F401
+    except Exception:  # not installed, or a build that does not load beside this torch
+        for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+            del sys.modules[name]
+        sys.path.insert(0, str(STUBS))
+        stub = True
+    import captum  # noqa: F401
+    import pytorch_grad_cam  # noqa: F401
+
+    def ver(dist: str) -> str:
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            return "not installed"
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "convlens": convlens.__version__,
+        "captum": ver("captum"),
+        "grad-cam": ver("grad-cam"),
+        "torchvision": "stub (benchmarks/_stubs)" if stub else ver("torchvision"),
+        "numpy": np.__version__,
+        "opencv": ver("opencv-python-headless"),
+    }
+
+
+class SplitHead(nn.Module):
+    """EfficientNet-Lite's forward with the head activation as a module of its own.
+
+    The network uses one ``ReLU6`` module (``_swish``) twice: after the stem and after the head
+    convolution. pytorch-grad-cam hooks modules, so it would capture both calls; this wrapper
+    runs exactly the same computation (copied from ``efficientnet_lite_pytorch``'s
+    ``extract_features`` and ``forward``) with a separate ``swish_head`` for the second call.
+    """
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        if net._global_params.local_pooling:
+            raise ValueError("local pooling variant not supported")
+        self.net = net
+        self.swish_head = type(net._swish)()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = self.net
+        x = n._swish(n._bn0(n._conv_stem(x)))
+        for idx, block in enumerate(n._blocks):
+            rate = n._global_params.drop_connect_rate
+            if rate:
+                rate *= float(idx) / len(n._blocks)
+            x = block(x, drop_connect_rate=rate)
+        x = self.swish_head(n._bn1(n._conv_head(x)))
+        x = n._avg_pooling(x).flatten(1)
+        x = n._dropout(x)
+        return n._fc(x)
+
+
+class SoftmaxNet(nn.Module):
+    """The network followed by a softmax (Captum's occlusion then scores probabilities)."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.net(x), dim=1)
+
+
+# --------------------------------------------------------------------------------------------
+# Setup
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Setup:
+    """The model, its peer-facing wrapper and the images of the run."""
+
+    model: ConvlensModel
+    net: nn.Module
+    head: SplitHead
+    x: torch.Tensor  # (N, 3, H, W), N = the largest batch any pair uses
+    targets: torch.Tensor  # (N,) top-1 classes
+    files: list[str]
+
+    def batch(self, b: int) -> tuple[torch.Tensor, list[int]]:
+        """The first ``b`` images and their targets."""
+        return self.x[:b].clone(), [int(t) for t in self.targets[:b]]
+
+
+def default_data() -> Path:
+    for cand in DATA_CANDIDATES:
+        if (cand / "labels.csv").exists():
+            return cand
+    return DATA_CANDIDATES[0]
+
+
+def clear_grads(net: nn.Module) -> None:
+    """Drop parameter gradients left behind by a peer's ``loss.backward()``."""
+    for p in net.parameters():
+        p.grad = None
+
+
+def make_setup(args: argparse.Namespace, *, warm: bool = True) -> Setup:
+    torch.manual_seed(0)
+    model = convlens.load_model(args.model)
+    net = model.net.eval()
+    head = SplitHead(net).eval()
+    n = max(args.batch, args.slow_batch, args.occlusion_batch)
+    with (args.data / "labels.csv").open(newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))[:n]
+    files = [r["file"] for r in rows]
+    x = model.load_images([args.data / f for f in files])
+    with torch.no_grad():
+        logits = net(x)
+        check = head(x)
+    diff = float((logits - check).abs().max())
+    if diff > 1e-4:
+        raise SystemExit(f"SplitHead does not reproduce the network: max |diff| {diff:.3g}")
+    # Warm-up: lazy init, and glibc's mmap threshold grows only after a backward pass freed its
+    # large buffers (see benchmarks/README.md).
+    if warm:
+        xi = x.clone().requires_grad_(True)
+        net(xi).max(dim=1).values.sum().backward()
+        clear_grads(net)
+    return Setup(model, net, head, x, logits.argmax(dim=1), files)
+
+
+# --------------------------------------------------------------------------------------------
+# Pairs
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Side:
+    """One library's call on the pair's batch.
+
+    ``run`` returns the library's output; ``to_map`` turns it into comparable (B, H, W) maps.
+    """
+
+    label: str
+    run: Callable[[], Any]
+    to_map: Callable[[Any], np.ndarray]
+    convlens: bool
+    note: str = ""
+    timed: bool = True  # False: run once (the warm-up call) for agreement only
+    group: int | None = None  # sides with the same group run with the same settings
+
+
+@dataclass
+class Pair:
+    """Sides to compare: the first convlens and the first peer side are the headline."""
+
+    name: str
+    title: str
+    batch: int
+    sides: list[Side]
+    goal: str = ""
+    pick_best_peer: bool = False  # time every peer side once, keep the fastest for repeats
+
+
+def _cam_map_convlens(exp: convlens.Explanation) -> np.ndarray:
+    """convlens CAM at layer resolution through pytorch-grad-cam's own min-max + resize."""
+    from pytorch_grad_cam.utils.image import scale_cam_image
+
+    raw = exp.raw_maps if exp.raw_maps is not None else exp.maps
+    h, w = exp.maps.shape[-2:]
+    return scale_cam_image(raw[:, 0].numpy(), (w, h))
+
+
+def _identity_map(out: Any) -> np.ndarray:
+    return np.asarray(out, dtype=np.float32)
+
+
+def _conv_maps(exp: convlens.Explanation) -> np.ndarray:
+    return exp.maps[:, 0].numpy()
+
+
+def pair_cam(s: Setup, name: str, args: argparse.Namespace) -> Pair:
+    from pytorch_grad_cam import AblationCAM as PgcAblation
+    from pytorch_grad_cam import GradCAM as PgcGradCAM
+    from pytorch_grad_cam import GradCAMPlusPlus as PgcPlusPlus
+    from pytorch_grad_cam import ScoreCAM as PgcScoreCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    b = args.slow_batch if name in ("scorecam", "ablationcam") else args.batch
+    x, targets = s.batch(b)
+    layers = [s.head.swish_head]
+    pgc_targets = [ClassifierOutputTarget(t) for t in targets]
+    model = s.model
+
+    def peer(cls: type, batch_size: int | None = None) -> Callable[[], np.ndarray]:
+        def run() -> np.ndarray:
+            with cls(model=s.head, target_layers=layers) as cam:
+                if batch_size is not None:
+                    cam.batch_size = batch_size
+                out = cam(input_tensor=x, targets=pgc_targets)
+            clear_grads(s.net)
+            return out
+
+        return run
+
+    def mine(method: convlens.Method) -> Callable[[], convlens.Explanation]:
+        return lambda: method(model, x)
+
+    goal = ""
+    if name == "gradcam":
+        sides = [
+            Side("convlens GradCAM", mine(convlens.GradCAM()), _cam_map_convlens, True),
+            Side("pytorch-grad-cam GradCAM", peer(PgcGradCAM), _identity_map, False),
+        ]
+        title = "Grad-CAM"
+    elif name == "gradcam++":
+        sides = [
+            Side(
+                "convlens GradCAMPlusPlus",
+                mine(convlens.GradCAMPlusPlus()),
+                _cam_map_convlens,
+                True,
+            ),
+            Side("pytorch-grad-cam GradCAMPlusPlus", peer(PgcPlusPlus), _identity_map, False),
+        ]
+        title = "Grad-CAM++"
+    elif name == "scorecam":
+        sides = []
+        for bs in args.scorecam_batch:
+            same = ScoreCAM(score="logit", channel_softmax=True, align_corners=True, batch_size=bs)
+            sides += [
+                Side(
+                    f"convlens ScoreCAM (batch {bs})", mine(same), _cam_map_convlens, True, group=bs
+                ),
+                Side(
+                    f"pytorch-grad-cam ScoreCAM (batch {bs})",
+                    peer(PgcScoreCAM, bs),
+                    _identity_map,
+                    False,
+                    group=bs,
+                ),
+            ]
+        with torch.no_grad(), layer_capture(s.net, "_swish") as cap:
+            s.net(x)
+            act = cap.output(-1).flatten(2)
+        const = ((act.amax(2) - act.amin(2)) == 0).sum(1).tolist()
+        sides[0].note = (
+            f"constant (all-zero) channels at the layer: {', '.join(map(str, const))} of "
+            f"{act.shape[1]} per image; their masks are 0, so all of them score the same "
+            "all-zero input"
+        )
+        default = ScoreCAM(score="logit", channel_softmax=True, align_corners=True)
+        sides.append(
+            Side(
+                "convlens ScoreCAM (default batch from memory_mb=1024)",
+                mine(default),
+                _cam_map_convlens,
+                True,
+                "untimed (one call)",
+                timed=False,
+            )
+        )
+        title = "Score-CAM"
+        goal = ">= 2x faster at equal output"
+    elif name == "ablationcam":
+        sides = [
+            Side(
+                "convlens AblationCAM (closed form)", mine(AblationCAM()), _cam_map_convlens, True
+            ),
+            Side(
+                "pytorch-grad-cam AblationCAM (ratio 1.0, batch 32)",
+                peer(PgcAblation),
+                _identity_map,
+                False,
+            ),
+            Side(
+                "convlens AblationCAM(exact='never') (forward-pass ablation)",
+                mine(AblationCAM(exact="never")),
+                _cam_map_convlens,
+                True,
+                "untimed (one call); the suffix-only re-run falls back to whole-network "
+                "re-runs on this model",
+                timed=False,
+            ),
+        ]
+        title = "Ablation-CAM"
+        goal = ">= 20x faster"
+    else:
+        raise ValueError(name)
+    return Pair(name, title, b, sides, goal)
+
+
+def pair_intgrad(s: Setup, args: argparse.Namespace) -> Pair:
+    from captum.attr import IntegratedGradients as CaptumIG
+
+    x, targets = s.batch(args.batch)
+    steps, ib = args.ig_steps, args.ig_internal_batch
+    mine = IntegratedGradients(steps=steps, rule="gausslegendre", batch_size=ib)
+    ig = CaptumIG(s.net)
+
+    def captum(internal: int | None) -> Callable[[], torch.Tensor]:
+        def run() -> torch.Tensor:
+            return ig.attribute(
+                x,
+                target=targets,
+                n_steps=steps,
+                method="gausslegendre",
+                internal_batch_size=internal,
+            ).detach()
+
+        return run
+
+    def captum_map(out: torch.Tensor) -> np.ndarray:
+        return out.sum(dim=1).numpy()
+
+    return Pair(
+        "intgrad",
+        "Integrated gradients",
+        args.batch,
+        [
+            Side(
+                f"convlens IntegratedGradients ({steps} steps, batch {ib})",
+                lambda: mine(s.model, x),
+                _conv_maps,
+                True,
+            ),
+            Side(
+                f"captum IntegratedGradients ({steps} steps, internal_batch_size {ib})",
+                captum(ib),
+                captum_map,
+                False,
+            ),
+            Side(
+                f"captum IntegratedGradients ({steps} steps, internal_batch_size None)",
+                captum(None),
+                captum_map,
+                False,
+            ),
+        ],
+        goal="no slower than Captum at equal steps, lower peak memory",
+    )
+
+
+def pair_smoothgrad(s: Setup, args: argparse.Namespace) -> Pair:
+    from captum.attr import NoiseTunnel, Saliency
+
+    x, targets = s.batch(args.batch)
+    n, per, noise = args.sg_samples, args.sg_batch, args.sg_noise
+    span = (x.amax(dim=(1, 2, 3)) - x.amin(dim=(1, 2, 3))).tolist()
+    sigmas = [noise * v for v in span]
+    mine = convlens.SmoothGrad(samples=n, noise=noise, batch_size=per)
+    other_seed = convlens.SmoothGrad(samples=n, noise=noise, batch_size=per, seed=1)
+    nt = NoiseTunnel(Saliency(s.net))
+    same_sigma = max(sigmas) - min(sigmas) < 1e-6
+
+    def run() -> torch.Tensor:
+        # Captum takes one absolute sigma per input tensor; convlens uses noise * range per
+        # image. Equal ranges (the usual case): one call; else one call per image.
+        if same_sigma:
+            return nt.attribute(
+                x,
+                nt_type="smoothgrad",
+                nt_samples=n,
+                nt_samples_batch_size=per,
+                stdevs=sigmas[0],
+                target=targets,
+            ).detach()
+        return torch.cat(
+            [
+                nt.attribute(
+                    x[i : i + 1],
+                    nt_type="smoothgrad",
+                    nt_samples=n,
+                    nt_samples_batch_size=per,
+                    stdevs=sigmas[i],
+                    target=targets[i],
+                ).detach()
+                for i in range(len(targets))
+            ]
+        )
+
+    def captum_map(out: torch.Tensor) -> np.ndarray:
+        return out.amax(dim=1).numpy()  # convlens: mean over samples of max_c |g|
+
+    note = f"sigma {', '.join(f'{v:.3f}' for v in sorted(set(sigmas)))}"
+    b = len(targets)
+    peer_pass = per * b if same_sigma else per  # images per forward/backward pass
+    captum_side = Side(
+        f"captum NoiseTunnel(Saliency) ({n} samples, {peer_pass} images/pass)",
+        run,
+        captum_map,
+        False,
+        "" if same_sigma else "one call per image (Captum takes one sigma per input tensor)",
+    )
+    same_pass = Side(
+        f"convlens SmoothGrad ({n} samples, {per} copies x {b} images = {per * b} images/pass)",
+        lambda: mine(s.model, x),
+        _conv_maps,
+        True,
+        note,
+    )
+    sides = [same_pass, captum_side]
+    if not same_sigma:
+        # Captum runs per image, so its passes hold `per` images; give convlens the same.
+        per_img = max(1, per // b)
+        small = convlens.SmoothGrad(samples=n, noise=noise, batch_size=per_img)
+        sides = [
+            Side(
+                f"convlens SmoothGrad ({n} samples, {per_img} copies x {b} images = "
+                f"{per_img * b} images/pass)",
+                lambda: small(s.model, x),
+                _conv_maps,
+                True,
+                note,
+            ),
+            captum_side,
+            same_pass,
+        ]
+    sides.append(
+        Side(
+            f"convlens SmoothGrad ({n} samples, seed 1): noise floor of the agreement",
+            lambda: other_seed(s.model, x),
+            _conv_maps,
+            True,
+            "untimed; r vs the peer shows how well two independent noise draws agree",
+            timed=False,
+        )
+    )
+    return Pair("smoothgrad", "SmoothGrad", args.batch, sides)
+
+
+def pair_occlusion(s: Setup, args: argparse.Namespace) -> Pair:
+    from captum.attr import Occlusion as CaptumOcclusion
+
+    x, targets = s.batch(args.occlusion_batch)
+    mine = convlens.Occlusion(patch=16, stride=8, fill=0.0, score="prob")
+    small = convlens.Occlusion(
+        patch=16, stride=8, fill=0.0, score="prob", batch_size=args.occlusion_conv_batch
+    )
+    occ = CaptumOcclusion(SoftmaxNet(s.net))
+
+    def captum(ppe: int) -> Callable[[], torch.Tensor]:
+        def run() -> torch.Tensor:
+            return occ.attribute(
+                x,
+                sliding_window_shapes=(3, 16, 16),
+                strides=(3, 8, 8),
+                baselines=0.0,
+                target=targets,
+                perturbations_per_eval=ppe,
+            ).detach()
+
+        return run
+
+    def captum_map(out: torch.Tensor) -> np.ndarray:
+        return out[:, 0].numpy()
+
+    return Pair(
+        "occlusion",
+        "Occlusion",
+        args.occlusion_batch,
+        [
+            Side(
+                "convlens Occlusion (16/8, fill 0, prob; default batch from memory_mb)",
+                lambda: mine(s.model, x),
+                _conv_maps,
+                True,
+            ),
+            Side(
+                f"convlens Occlusion (batch_size={args.occlusion_conv_batch})",
+                lambda: small(s.model, x),
+                _conv_maps,
+                True,
+            ),
+            *[
+                Side(f"captum Occlusion (perturbations_per_eval {p})", captum(p), captum_map, False)
+                for p in args.occlusion_ppe
+            ],
+        ],
+        pick_best_peer=True,
+    )
+
+
+def build_pair(s: Setup, name: str, args: argparse.Namespace) -> Pair:
+    if name in ("gradcam", "gradcam++", "scorecam", "ablationcam"):
+        return pair_cam(s, name, args)
+    if name == "intgrad":
+        return pair_intgrad(s, args)
+    if name == "smoothgrad":
+        return pair_smoothgrad(s, args)
+    if name == "occlusion":
+        return pair_occlusion(s, args)
+    raise ValueError(name)
+
+
+# --------------------------------------------------------------------------------------------
+# Measuring
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Timing:
+    """Measurements of one side."""
+
+    side: Side
+    warmup: float = 0.0
+    warmup_forward: float = 0.0  # plain forward timed just before the warm-up call
+    seconds: list[float] = field(default_factory=list)
+    forwards: list[float] = field(default_factory=list)  # plain forwards timed alongside
+    images_forwarded: int = 0
+    output: Any = None
+    memory: dict[str, Any] | None = None
+
+    @property
+    def median(self) -> float:
+        """Median of the timed calls (the warm-up call for a side only used to select)."""
+        return statistics.median(self.seconds) if self.seconds else self.warmup
+
+    @property
+    def cost(self) -> float:
+        """Median in units of one plain no-grad forward of the same batch."""
+        fwd = statistics.median(self.forwards) if self.forwards else self.warmup_forward
+        return self.median / fwd
+
+
+def count_forwards(modules: Sequence[nn.Module]) -> tuple[list[int], Callable[[], None]]:
+    """Sum the batch sizes entering any of ``modules``; returns the counter and a remover."""
+    total = [0]
+
+    def pre(_m: nn.Module, inputs: tuple[Any, ...]) -> None:
+        if inputs and isinstance(inputs[0], torch.Tensor):
+            total[0] += int(inputs[0].shape[0])
+
+    handles = [m.register_forward_pre_hook(pre) for m in modules]
+
+    def remove() -> None:
+        for h in handles:
+            h.remove()
+
+    return total, remove
+
+
+def plain_forward(s: Setup, b: int) -> Callable[[], object]:
+    x = s.x[:b]
+
+    def run() -> object:
+        with torch.no_grad():
+            return s.net(x)
+
+    return run
+
+
+def timed(fn: Callable[[], object]) -> tuple[float, object]:
+    start = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - start, out
+
+
+def measure_pair(s: Setup, pair: Pair, repeats: int) -> list[Timing]:
+    """Warm up every side once (counting forwards), then ``repeats`` interleaved rounds."""
+    fwd = plain_forward(s, pair.batch)
+    fwd()
+    timings = [Timing(side) for side in pair.sides]
+    for t in timings:
+        t.warmup_forward = timed(fwd)[0]
+        total, remove = count_forwards([s.net, s.head])
+        try:
+            t.warmup, t.output = timed(t.side.run)
+        finally:
+            remove()
+        t.images_forwarded = total[0]
+        if isinstance(t.output, convlens.Explanation):
+            info = [f"{k}={t.output.meta[k]}" for k in META_KEYS if k in t.output.meta]
+            if t.output.layer:
+                info.append(f"layer={t.output.layer}")
+            t.side.note = "; ".join(filter(None, [t.side.note, *info]))
+        print(f"  warm-up {t.side.label}: {t.warmup:.2f} s", file=sys.stderr, flush=True)
+    active = [t for t in timings if t.side.timed]
+    if pair.pick_best_peer:  # the warm-up calls select the fastest peer setting
+        peers = [t for t in timings if not t.side.convlens]
+        best = min(peers, key=lambda t: t.warmup / t.warmup_forward)
+        active = [t for t in active if t.side.convlens or t is best]
+    for r in range(repeats):
+        order = active if r % 2 == 0 else active[::-1]
+        for t in order:
+            t.forwards.append(timed(fwd)[0])
+            seconds, _ = timed(t.side.run)
+            t.seconds.append(seconds)
+            print(f"  repeat {r + 1} {t.side.label}: {seconds:.2f} s", file=sys.stderr, flush=True)
+    return timings
+
+
+def agreement(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """Smallest per-image Pearson r and largest max-abs-diff of min-max-normalised maps."""
+    rs, diffs = [], []
+    for u, v in zip(a.reshape(len(a), -1), b.reshape(len(b), -1), strict=True):
+        u64, v64 = u.astype(np.float64), v.astype(np.float64)
+        rs.append(float(np.corrcoef(u64, v64)[0, 1]))
+
+        def norm(z: np.ndarray) -> np.ndarray:
+            span = z.max() - z.min()
+            return (z - z.min()) / span if span > 0 else np.zeros_like(z)
+
+        diffs.append(float(np.abs(norm(u64) - norm(v64)).max()))
+    return min(rs), max(diffs)
+
+
+# --------------------------------------------------------------------------------------------
+# Peak memory (fresh subprocess per measurement)
+# --------------------------------------------------------------------------------------------
+
+
+def _status_mb(key: str) -> float:
+    with open("/proc/self/status", encoding="ascii") as fh:
+        for line in fh:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024  # kB
+    raise KeyError(key)
+
+
+def rss_now() -> float:
+    """Current resident set size, MB."""
+    return _status_mb("VmRSS")
+
+
+def peak_rss() -> float:
+    """Peak RSS of this process's address space, MB (``VmHWM``).
+
+    ``getrusage``'s ``ru_maxrss`` is not used: a child started with vfork/posix_spawn inherits
+    the parent's high-water mark through ``exec``, so it would report the parent's peak.
+    """
+    return _status_mb("VmHWM")
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's RSS high-water mark to the current RSS (Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as fh:
+            fh.write("5")
+    except OSError:
+        return False
+    return True
+
+
+def child_memory(args: argparse.Namespace) -> int:
+    """Run one side once in this fresh process and print its memory as JSON."""
+    torch.set_num_threads(args.threads)
+    import_peers()
+    s = make_setup(args, warm=False)
+    name, index = args.child_memory.rsplit(":", 1)
+    pair = build_pair(s, name, args)
+    side = pair.sides[int(index)]
+    plain_forward(s, pair.batch)()
+    reset = reset_peak_rss()
+    before, peak_before = rss_now(), peak_rss()
+    start = time.perf_counter()
+    side.run()
+    seconds = time.perf_counter() - start
+    peak = peak_rss()
+    print(
+        json.dumps(
+            {
+                "label": side.label,
+                "rss_before_mb": before,
+                "peak_before_mb": peak_before,
+                "peak_mb": peak,
+                "extra_mb": peak - before,
+                "raised_peak": peak > peak_before,
+                "peak_reset": reset,
+                "seconds": seconds,
+            }
+        )
+    )
+    return 0
+
+
+def measure_memory(pair: Pair, index: int, argv: Sequence[str]) -> dict[str, float] | None:
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        *argv,
+        "--child-memory",
+        f"{pair.name}:{index}",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        print(f"  memory child failed: {proc.stderr[-2000:]}", file=sys.stderr)
+        return None
+    result: dict[str, float] = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(
+        f"  memory {result['label']}: peak {result['peak_mb']:.0f} MB, "
+        f"+{result['extra_mb']:.0f} MB over the RSS before the call",
+        file=sys.stderr,
+    )
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PairResult:
+    pair: Pair
+    timings: list[Timing]
+
+    def headline(self) -> tuple[Timing, Timing]:
+        mine = next(t for t in self.timings if t.side.convlens)
+        peers = [t for t in self.timings if not t.side.convlens]
+        timed_peers = [t for t in peers if t.seconds]  # the selected one when several
+        return mine, (timed_peers or peers)[0]
+
+
+def goal_verdict(res: PairResult, agree: tuple[float, float]) -> str:
+    mine, peer = res.headline()
+    speedup = peer.median / mine.median
+    name = res.pair.name
+    if name == "scorecam":
+        equal = agree[0] > 0.9999 and agree[1] < 1e-3
+        timed_sides = [t for t in res.timings if t.seconds]
+        ratios = []
+        for g in dict.fromkeys(t.side.group for t in timed_sides):
+            c = [t for t in timed_sides if t.side.group == g and t.side.convlens]
+            q = [t for t in timed_sides if t.side.group == g and not t.side.convlens]
+            if c and q:
+                ratios.append(f"{q[0].median / c[0].median:.2f}x at batch {g} (both)")
+        best = min((t for t in timed_sides if t.side.convlens), key=lambda t: t.median)
+        best_ratio = peer.median / best.median
+        ok = max(speedup, best_ratio) >= 2.0 and equal
+        return (
+            f"{'MET' if ok else 'NOT MET'} (goal >= 2x): {', '.join(ratios)}; convlens at "
+            f"batch {best.side.group} vs peer at batch {peer.side.group}: {best_ratio:.2f}x; "
+            f"output {'equal' if equal else 'NOT equal'}"
+        )
+    if name == "ablationcam":
+        return f"{'MET' if speedup >= 20 else 'NOT MET'}: {speedup:.0f}x (goal >= 20x)"
+    if name == "intgrad":
+        fast = speedup >= 1.0
+        parts = [f"speed {'MET' if fast else 'NOT MET'} ({speedup:.2f}x)"]
+        for t in res.timings[1:]:
+            if mine.memory and t.memory:
+                a, b = mine.memory["peak_mb"], t.memory["peak_mb"]
+                word = (
+                    "MET"
+                    if a < 0.98 * b
+                    else "NOT MET (equal within 2%)"
+                    if a < 1.02 * b
+                    else ("NOT MET")
+                )
+                parts.append(
+                    f"peak memory vs {t.side.label.split(', ')[-1].rstrip(')')}: "
+                    f"{word} ({a:.0f} vs {b:.0f} MB)"
+                )
+        return "; ".join(parts)
+    return ""
+
+
+def fmt_mem(t: Timing) -> str:
+    if not t.memory:
+        return "–"
+    m = t.memory
+    extra = f"+{m['extra_mb']:.0f}" if m["raised_peak"] else f"<= +{m['extra_mb']:.0f}"
+    return f"{m['peak_mb']:.0f} ({extra})"
+
+
+def render(results: list[PairResult], meta: dict[str, str]) -> str:
+    lines = [
+        "| method | convlens s/img | peer s/img | speed-up | convlens cost (fwd) | "
+        "peer cost (fwd) | images forwarded convlens / peer | Pearson r | max abs diff | "
+        "goal |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    extra: list[str] = []
+    for res in results:
+        mine, peer = res.headline()
+        b = res.pair.batch
+        agree = agreement(mine.side.to_map(mine.output), peer.side.to_map(peer.output))
+        verdict = goal_verdict(res, agree)
+        lines.append(
+            f"| {res.pair.title} (batch {b}) | {mine.median / b:.4f} | {peer.median / b:.4f} | "
+            f"{peer.median / mine.median:.2f}x | {mine.cost:.1f} | {peer.cost:.1f} | "
+            f"{mine.images_forwarded / b:.1f} / {peer.images_forwarded / b:.1f} | "
+            f"{agree[0]:.4f} | {agree[1]:.2e} | {verdict or '–'} |"
+        )
+        for t in res.timings:
+            a = agreement(t.side.to_map(t.output), peer.side.to_map(peer.output))
+            reps = f"warm-up {t.warmup:.2f}; " + ", ".join(f"{v:.2f}" for v in t.seconds)
+            extra.append(
+                f"| {res.pair.title} | {t.side.label} | {t.median / b:.4f} | "
+                f"{peer.median / t.median:.2f}x | {t.cost:.1f} | "
+                f"{t.images_forwarded / b:.1f} | {fmt_mem(t)} | {a[0]:.4f} / {a[1]:.1e} | "
+                f"{reps} | {t.side.note} |"
+            )
+    table = "\n".join(lines) + "\n"
+    detail = (
+        "\n".join(
+            [
+                "| pair | side | s/img | peer s / side s | cost (fwd) | images fwd/img | "
+                "peak RSS MB (extra) | "
+                "r / max diff vs headline peer | seconds per call | notes |",
+                "|---|---|---:|---:|---:|---:|---:|---:|---|---|",
+                *extra,
+            ]
+        )
+        + "\n"
+    )
+    head = "\n".join(f"- {k}: {v}" for k, v in meta.items())
+    return f"{head}\n\n{table}\n### All sides\n\n{detail}"
+
+
+def write_section(out: Path, heading: str, body: str) -> None:
+    """Replace this run's own section (same heading) or append it; other sections are kept."""
+    text = out.read_text(encoding="utf-8") if out.exists() else "# convlens benchmark results\n"
+    lines = text.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.strip() == heading), None)
+    section = f"{heading}\n\n{body}".rstrip("\n").splitlines()
+    if start is None:
+        new = [*lines, "", *section]
+    else:
+        end = next(
+            (j for j in range(start + 1, len(lines)) if lines[j].startswith("## ")), len(lines)
+        )
+        new = [*lines[:start], *section, "", *lines[end:]]
+    out.write_text("\n".join(new).rstrip("\n") + "\n", encoding="utf-8")
+
+
+# --------------------------------------------------------------------------------------------
+# Main
+# --------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="lite0")
+    p.add_argument("--data", type=Path, default=default_data(), help="folder with labels.csv")
+    p.add_argument("--pairs", nargs="+", choices=PAIRS, default=list(PAIRS))
+    p.add_argument("--batch", type=int, default=4, help="images for the fast pairs")
+    p.add_argument("--slow-batch", type=int, default=1, help="images for Score-/Ablation-CAM")
+    p.add_argument("--occlusion-batch", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=3, help="timed calls per side (median)")
+    p.add_argument(
+        "--slow-repeats",
+        type=int,
+        default=2,
+        help="timed calls per side for Score-CAM, Ablation-CAM and occlusion",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch.set_num_threads for every side (1: on a shared 2-core machine, 2 threads"
+        " contend with other processes and run far slower)",
+    )
+    p.add_argument(
+        "--scorecam-batch",
+        type=int,
+        nargs="+",
+        default=[16, 4],
+        help="masked images per pass, both libraries, one pair of sides per value (the first"
+        " is the headline; 16 is pytorch-grad-cam's default)",
+    )
+    p.add_argument("--ig-steps", type=int, default=32)
+    p.add_argument(
+        "--ig-internal-batch",
+        type=int,
+        default=32,
+        help="path points x images per pass, both libraries",
+    )
+    p.add_argument("--sg-samples", type=int, default=25)
+    p.add_argument("--sg-batch", type=int, default=8, help="noisy copies per image per pass")
+    p.add_argument("--sg-noise", type=float, default=0.15, help="sigma / (max - min)")
+    p.add_argument(
+        "--occlusion-ppe",
+        type=int,
+        nargs="+",
+        default=[16, 32, 64],
+        help="Captum perturbations_per_eval values to try (fastest kept)",
+    )
+    p.add_argument(
+        "--occlusion-conv-batch",
+        type=int,
+        default=16,
+        help="batch_size of an extra convlens occlusion side (the headline uses the default)",
+    )
+    p.add_argument(
+        "--memory",
+        nargs="*",
+        choices=PAIRS,
+        default=["intgrad"],
+        help="pairs whose sides' peak memory is measured in fresh subprocesses",
+    )
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    p.add_argument("--no-write", action="store_true", help="print only")
+    p.add_argument("--child-memory", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def shared_argv(args: argparse.Namespace) -> list[str]:
+    """Options a memory child needs to rebuild the same pair."""
+    return [
+        "--model",
+        args.model,
+        "--data",
+        str(args.data),
+        "--batch",
+        str(args.batch),
+        "--slow-batch",
+        str(args.slow_batch),
+        "--occlusion-batch",
+        str(args.occlusion_batch),
+        "--threads",
+        str(args.threads),
+        "--scorecam-batch",
+        *map(str, args.scorecam_batch),
+        "--ig-steps",
+        str(args.ig_steps),
+        "--ig-internal-batch",
+        str(args.ig_internal_batch),
+        "--sg-samples",
+        str(args.sg_samples),
+        "--sg-batch",
+        str(args.sg_batch),
+        "--sg-noise",
+        str(args.sg_noise),
+        "--occlusion-ppe",
+        *map(str, args.occlusion_ppe),
+        "--occlusion-conv-batch",
+        str(args.occlusion_conv_batch),
+    ]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.child_memory:
+        return child_memory(args)
+    if not (args.data / "labels.csv").exists():
+        print(f"no labels.csv in {args.data}; pass --data", file=sys.stderr)
+        return 2
+    torch.set_num_threads(args.threads)
+    versions = import_peers()
+    start = time.time()
+    load_before = os.getloadavg()
+    s = make_setup(args)
+    results: list[PairResult] = []
+    failed: list[str] = []
+    for name in args.pairs:
+        try:
+            pair = build_pair(s, name, args)
+            slow = name in ("scorecam", "ablationcam", "occlusion")
+            print(f"{pair.title} (batch {pair.batch})", file=sys.stderr, flush=True)
+            timings = measure_pair(s, pair, args.slow_repeats if slow else args.repeats)
+            if name in (args.memory or []):
+                for i, t in enumerate(timings):
+                    t.memory = measure_memory(pair, i, shared_argv(args))
+        except Exception:
+            traceback.print_exc()
+            failed.append(name)
+            continue
+        results.append(PairResult(pair, timings))
+    load_after = os.getloadavg()
+    now = dt.datetime.now(dt.timezone.utc)
+    meta = {
+        "date": now.strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"{torch.get_num_threads()} torch threads, CPU",
+        "versions": ", ".join(f"{k} {v}" for k, v in versions.items()),
+        "command": "python benchmarks/bench_peers.py "
+        + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
+        "model": f"{args.model}; images: first rows of `{args.data.name}/labels.csv` "
+        f"({', '.join(s.files)}); targets: top-1 ({', '.join(map(str, s.targets.tolist()))})",
+        "timing": f"one warm-up call per side, then median of {args.repeats} (slow pairs "
+        f"{args.slow_repeats}) interleaved calls; cost = median / median plain no-grad forward "
+        "of the same batch timed alongside",
+        "load average (1 min)": f"{load_before[0]:.2f} before, {load_after[0]:.2f} after "
+        f"({os.cpu_count()} cores shared with other processes: expect noise); "
+        f"whole run {time.time() - start:.0f} s",
+    }
+    if failed:
+        meta["failed pairs"] = ", ".join(failed) + " (see the run's stderr)"
+    body = render(results, meta)
+    print(body)
+    if not args.no_write:
+        heading = f"## Peers, {now.strftime('%Y-%m-%d')} UTC, cpu"
+        write_section(args.out, heading, body)
+        print(f"wrote section {heading!r} to {args.out}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
