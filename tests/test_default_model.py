@@ -82,7 +82,14 @@ def test_cam_and_gradcam_match_independent_implementations(lite0, dev) -> None:
 def test_every_method_on_a_real_photo(lite0, dev) -> None:
     files, _ = dev
     x = lite0.load_images(files[:1])
-    opts = {"occlusion": {"patch": 56, "stride": 56}, "smoothgrad": {"samples": 2}}
+    opts = {
+        "occlusion": {"patch": 56, "stride": 56},
+        "smoothgrad": {"samples": 2},
+        "vargrad": {"samples": 2},
+        "scorecam": {"top_channels": 32},
+        "rise": {"masks": 64},
+        "intgrad": {"steps": 4},
+    }
     results = convlens.explain(lite0, x, convlens.list_methods(), options=opts)
     for name, exp in results.items():
         assert exp.maps.shape == (1, 1, 224, 224), name
