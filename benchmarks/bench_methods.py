@@ -8,11 +8,12 @@ Two measurements, written as a markdown table to stdout and to a section of ``RE
    over ``--repeats`` calls (after one warm-up call) on a fixed batch of ``--batch`` real images,
    in seconds per batch, seconds per image, and in units of one plain batched forward pass
    (``with torch.no_grad(): model.net(x)``) of the same model on the same batch. Gradient
-   methods are also given in units of one forward+backward pass to the input.
+   methods are also given in units of one forward+backward pass to the input. Slow methods
+   (occlusion, Score-CAM, SmoothGrad on CPU) are timed once on ``--slow-batch`` images.
 
 Example:
     python benchmarks/bench_methods.py                       # CPU, all methods, batch 8
-    python benchmarks/bench_methods.py --device cuda --occlusion-batch 8
+    python benchmarks/bench_methods.py --device cuda --slow-batch 8
     python benchmarks/bench_methods.py --methods saliency gradcam --repeats 5
 """
 
@@ -246,29 +247,33 @@ def describe(meta: dict[str, object], method: convlens.Method) -> list[str]:
 def measure_method(
     name: str,
     model: ConvlensModel,
-    x: torch.Tensor,
+    x_all: torch.Tensor,
+    batch: int,
+    *,
     repeats: int,
-    slow_seconds: float = float("inf"),
+    slow_seconds: float,
+    slow_batch: int,
     forwards_per_repeat: int = 2,
 ) -> MethodResult:
     """Median wall time of ``get_method(name)(model, x)`` (default options, top-1 target).
 
-    The reference passes are timed interleaved with the method (per repeat:
-    ``forwards_per_repeat`` plain forwards, one forward+backward for gradient methods, then the
-    method), so that the cost ratio is not skewed by load that changes during the run. A method
-    whose warm-up call takes longer than ``slow_seconds`` is timed once (its reference passes
-    still ``repeats`` times): for such calls timer noise is negligible and repeats only add
-    minutes.
+    A first untimed call on one image (the probe, also a warm-up) decides how the method is
+    timed:
+
+    - probe x ``batch`` <= ``slow_seconds``: one warm-up call on ``batch`` images, then
+      ``repeats`` timed calls;
+    - otherwise (a slow method): one timed call on ``min(batch, slow_batch)`` images;
+    - probe > ``slow_seconds``: the probe itself is the measurement (one image, one call).
+
+    For calls of several seconds timer noise is negligible and repeats only add minutes. The
+    reference passes are timed ``repeats`` times in every case, interleaved with the method
+    (per repeat: ``forwards_per_repeat`` plain forwards, one forward+backward for gradient
+    methods, then the method), so that the cost ratio is not skewed by load that changes
+    during the run.
     """
     method = convlens.get_method(name)
-    device = x.device
-    forward, forward_backward = baseline_calls(model.net, x)
+    device = x_all.device
     last: list[convlens.Explanation] = []
-
-    def call() -> object:
-        exp = method(model, x)
-        last[:] = [exp]
-        return exp
 
     def timed(fn: Callable[[], object]) -> float:
         sync(device)
@@ -277,14 +282,36 @@ def measure_method(
         sync(device)
         return time.perf_counter() - start
 
+    def call_on(x: torch.Tensor) -> Callable[[], object]:
+        def call() -> object:
+            exp = method(model, x)
+            last[:] = [exp]
+            return exp
+
+        return call
+
+    notes: list[str] = []
     fwd_times: list[float] = []
     fb_times: list[float] = []
     times: list[float] = []
+    b = batch
     try:
-        # Warm-up (also fills the layer-detection cache of the CAM family).
-        warm = timed(call)
+        # Probe on one image (also fills the layer-detection cache of the CAM family).
+        probe = timed(call_on(x_all[:1]))
+        calls = repeats
+        if probe > slow_seconds:
+            b, calls = 1, 0
+            times.append(probe)
+            notes.append(f"slow: one call on 1 image ({probe:.1f} s), no separate warm-up")
+        elif probe * batch > slow_seconds:
+            b, calls = min(batch, slow_batch), 1
+            notes.append(f"slow: {b} image(s), timed once after a 1-image warm-up")
+        else:
+            timed(call_on(x_all[:b]))  # warm-up at the batch size that is timed
+        x = x_all[:b]
+        call = call_on(x)
+        forward, forward_backward = baseline_calls(model.net, x)
         forward()
-        calls = 1 if warm > slow_seconds else repeats
         for i in range(repeats):
             fwd_times.extend(timed(forward) for _ in range(forwards_per_repeat))
             if method.uses_gradients:
@@ -294,17 +321,16 @@ def measure_method(
                 times.append(timed(call))
     except Exception as exc:  # a broken method must not stop the others from being measured
         nan = float("nan")
-        return MethodResult(name, x.shape[0], nan, nan, None, error=f"{type(exc).__name__}: {exc}")
+        return MethodResult(name, b, nan, nan, None, error=f"{type(exc).__name__}: {exc}")
     result = MethodResult(
         name,
-        x.shape[0],
+        b,
         statistics.median(times),
         statistics.median(fwd_times),
         statistics.median(fb_times) if fb_times else None,
+        notes=notes,
     )
     exp = last[0]
-    if calls < repeats:
-        result.notes.append(f"timed once (warm-up {warm:.1f} s > {slow_seconds:g} s)")
     if exp.layer:
         result.notes.append(f"layer={exp.layer}")
     result.notes.extend(describe(dict(exp.meta), method))
@@ -365,8 +391,9 @@ def render(
         f"{os.cpu_count()} cores, torch {torch.__version__}, "
         f"{torch.get_num_threads()} torch threads, device {device_name(device)}",
         f"- command: `{cmd}`",
-        f"- model: {args.model}; repeats {args.repeats} (median, after one warm-up call; "
-        f"one timed call for methods slower than {args.slow_seconds:g} s); "
+        f"- model: {args.model}; batch {args.batch}; repeats {args.repeats} (median, after "
+        f"one warm-up call); slow methods (one-image probe x batch > {args.slow_seconds:g} s) "
+        f"timed once on {args.slow_batch} image(s); "
         f"whole run {total_seconds:.0f} s",
         f"- 1-minute load average: {load[0]:.2f} before the run, {load[1]:.2f} after "
         "(values near or above the number of cores mean other processes shared the CPU and "
@@ -468,18 +495,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data", type=Path, default=default_data(), help="folder with labels.csv")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--batch", type=int, default=8, help="images in the method batch (default 8)")
-    p.add_argument(
-        "--occlusion-batch",
-        type=int,
-        default=2,
-        help="images used for occlusion (slow on CPU); seconds/image stays comparable",
-    )
     p.add_argument("--repeats", type=int, default=3, help="timed calls per method (median)")
     p.add_argument(
         "--slow-seconds",
         type=float,
         default=5.0,
-        help="methods whose warm-up call takes longer are timed once (inf: always --repeats)",
+        help="a method whose one-image probe x --batch exceeds this is slow: timed once on "
+        "--slow-batch images (default 5; inf: never)",
+    )
+    p.add_argument(
+        "--slow-batch",
+        "--occlusion-batch",
+        dest="slow_batch",
+        type=int,
+        default=2,
+        help="images used for slow methods, e.g. occlusion on CPU (default 2)",
     )
     p.add_argument("--methods", nargs="+", default=None, help="default: all registered")
     p.add_argument("--eval-batch", type=int, default=50, help="batch size for accuracy")
@@ -520,7 +550,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         flush=True,
     )
 
-    n_max = max(args.batch, args.occlusion_batch if "occlusion" in methods else 0)
+    n_max = max(args.batch, args.slow_batch)
     x_all = load_batch(model, [s.path for s in samples[:n_max]]).to(device)
     warm_up(model, x_all[: args.batch])
 
@@ -549,14 +579,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     baselines(args.batch)
     results: list[MethodResult] = []
     for name in methods:
-        b = args.occlusion_batch if name == "occlusion" else args.batch
         t0 = time.perf_counter()
-        baselines(b)
-        r = measure_method(name, model, x_all[:b], args.repeats, args.slow_seconds)
-        if b != args.batch:
-            r.notes.append(f"{b} images")
+        r = measure_method(
+            name,
+            model,
+            x_all,
+            args.batch,
+            repeats=args.repeats,
+            slow_seconds=args.slow_seconds,
+            slow_batch=args.slow_batch,
+        )
+        if r.error is None:
+            baselines(r.images)
         results.append(r)
-        status = r.error or f"{r.seconds:.3f} s/batch, cost {r.cost:.2f} forward passes"
+        status = r.error or (
+            f"{r.seconds:.3f} s for {r.images} image(s), cost {r.cost:.2f} forward passes"
+        )
         print(f"{name}: {status} ({time.perf_counter() - t0:.0f} s)", flush=True)
 
     load = (load_before, load_average())
