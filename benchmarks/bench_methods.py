@@ -367,7 +367,16 @@ def load_average() -> float:
 
 
 def section_heading(date: str, device: torch.device) -> str:
-    """The ``##`` heading of one run; equal headings are replaced on rerun."""
+    """The ``##`` heading of one run; equal headings are replaced on rerun.
+
+    On CPU the torch thread count is part of the device: runs with different counts are kept
+    side by side.
+    """
+    if device.type == "cpu":
+        n = torch.get_num_threads()
+        return f"## {date} UTC, cpu ({platform.processor() or platform.machine()}), {n} torch " + (
+            "thread" if n == 1 else "threads"
+        )
     return f"## {date} UTC, {device_name(device)}"
 
 

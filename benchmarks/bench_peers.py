@@ -105,6 +105,7 @@ def import_peers() -> dict[str, str]:
 
     return {
         "python": platform.python_version(),
+        "convlens commit": convlens_commit(),
         "torch": torch.__version__,
         "convlens": convlens.__version__,
         "captum": ver("captum"),
@@ -113,6 +114,26 @@ def import_peers() -> dict[str, str]:
         "numpy": np.__version__,
         "opencv": ver("opencv-python-headless"),
     }
+
+
+def convlens_commit() -> str:
+    """HEAD of the convlens checkout (read-only git calls), marked when ``src`` has edits."""
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(REPO), "status", "--porcelain", "--", "src"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return f"{head} (+ uncommitted changes in src/)" if dirty else head
 
 
 class SplitHead(nn.Module):
@@ -338,7 +359,7 @@ def pair_cam(s: Setup, name: str, args: argparse.Namespace) -> Pair:
         default = ScoreCAM(score="logit", channel_softmax=True, align_corners=True)
         sides.append(
             Side(
-                "convlens ScoreCAM (default batch from memory_mb=1024)",
+                "convlens ScoreCAM (default batch_size)",
                 mine(default),
                 _cam_map_convlens,
                 True,
@@ -434,8 +455,6 @@ def pair_smoothgrad(s: Setup, args: argparse.Namespace) -> Pair:
     n, per, noise = args.sg_samples, args.sg_batch, args.sg_noise
     span = (x.amax(dim=(1, 2, 3)) - x.amin(dim=(1, 2, 3))).tolist()
     sigmas = [noise * v for v in span]
-    mine = convlens.SmoothGrad(samples=n, noise=noise, batch_size=per)
-    other_seed = convlens.SmoothGrad(samples=n, noise=noise, batch_size=per, seed=1)
     nt = NoiseTunnel(Saliency(s.net))
     same_sigma = max(sigmas) - min(sigmas) < 1e-6
 
@@ -471,38 +490,24 @@ def pair_smoothgrad(s: Setup, args: argparse.Namespace) -> Pair:
     note = f"sigma {', '.join(f'{v:.3f}' for v in sorted(set(sigmas)))}"
     b = len(targets)
     peer_pass = per * b if same_sigma else per  # images per forward/backward pass
-    captum_side = Side(
-        f"captum NoiseTunnel(Saliency) ({n} samples, {peer_pass} images/pass)",
-        run,
-        captum_map,
-        False,
-        "" if same_sigma else "one call per image (Captum takes one sigma per input tensor)",
-    )
-    same_pass = Side(
-        f"convlens SmoothGrad ({n} samples, {per} copies x {b} images = {per * b} images/pass)",
-        lambda: mine(s.model, x),
-        _conv_maps,
-        True,
-        note,
-    )
-    sides = [same_pass, captum_side]
-    if not same_sigma:
-        # Captum runs per image, so its passes hold `per` images; give convlens the same.
-        per_img = max(1, per // b)
-        small = convlens.SmoothGrad(samples=n, noise=noise, batch_size=per_img)
-        sides = [
-            Side(
-                f"convlens SmoothGrad ({n} samples, {per_img} copies x {b} images = "
-                f"{per_img * b} images/pass)",
-                lambda: small(s.model, x),
-                _conv_maps,
-                True,
-                note,
-            ),
-            captum_side,
-            same_pass,
-        ]
-    sides.append(
+    # convlens' batch_size counts noisy images per pass (all input images together).
+    mine = convlens.SmoothGrad(samples=n, noise=noise, batch_size=peer_pass)
+    other_seed = convlens.SmoothGrad(samples=n, noise=noise, batch_size=peer_pass, seed=1)
+    sides = [
+        Side(
+            f"convlens SmoothGrad ({n} samples, batch_size={peer_pass})",
+            lambda: mine(s.model, x),
+            _conv_maps,
+            True,
+            note,
+        ),
+        Side(
+            f"captum NoiseTunnel(Saliency) ({n} samples, nt_samples_batch_size={per})",
+            run,
+            captum_map,
+            False,
+            "" if same_sigma else "one call per image (Captum takes one sigma per input tensor)",
+        ),
         Side(
             f"convlens SmoothGrad ({n} samples, seed 1): noise floor of the agreement",
             lambda: other_seed(s.model, x),
@@ -510,8 +515,8 @@ def pair_smoothgrad(s: Setup, args: argparse.Namespace) -> Pair:
             True,
             "untimed; r vs the peer shows how well two independent noise draws agree",
             timed=False,
-        )
-    )
+        ),
+    ]
     return Pair("smoothgrad", "SmoothGrad", args.batch, sides)
 
 
@@ -594,6 +599,7 @@ class Timing:
     seconds: list[float] = field(default_factory=list)
     forwards: list[float] = field(default_factory=list)  # plain forwards timed alongside
     images_forwarded: int = 0
+    largest_pass: int = 0
     output: Any = None
     memory: dict[str, Any] | None = None
 
@@ -610,12 +616,14 @@ class Timing:
 
 
 def count_forwards(modules: Sequence[nn.Module]) -> tuple[list[int], Callable[[], None]]:
-    """Sum the batch sizes entering any of ``modules``; returns the counter and a remover."""
-    total = [0]
+    """Sum (and max) of the batch sizes entering any of ``modules``: ``[sum, max]`` and a
+    remover of the hooks."""
+    total = [0, 0]
 
     def pre(_m: nn.Module, inputs: tuple[Any, ...]) -> None:
         if inputs and isinstance(inputs[0], torch.Tensor):
             total[0] += int(inputs[0].shape[0])
+            total[1] = max(total[1], int(inputs[0].shape[0]))
 
     handles = [m.register_forward_pre_hook(pre) for m in modules]
 
@@ -654,7 +662,7 @@ def measure_pair(s: Setup, pair: Pair, repeats: int) -> list[Timing]:
             t.warmup, t.output = timed(t.side.run)
         finally:
             remove()
-        t.images_forwarded = total[0]
+        t.images_forwarded, t.largest_pass = total
         if isinstance(t.output, convlens.Explanation):
             info = [f"{k}={t.output.meta[k]}" for k in META_KEYS if k in t.output.meta]
             if t.output.layer:
@@ -875,7 +883,8 @@ def render(results: list[PairResult], meta: dict[str, str]) -> str:
             extra.append(
                 f"| {res.pair.title} | {t.side.label} | {t.median / b:.4f} | "
                 f"{peer.median / t.median:.2f}x | {t.cost:.1f} | "
-                f"{t.images_forwarded / b:.1f} | {fmt_mem(t)} | {a[0]:.4f} / {a[1]:.1e} | "
+                f"{t.images_forwarded / b:.1f} | {t.largest_pass} | "
+                f"{fmt_mem(t)} | {a[0]:.4f} / {a[1]:.1e} | "
                 f"{reps} | {t.side.note} |"
             )
     table = "\n".join(lines) + "\n"
@@ -883,9 +892,9 @@ def render(results: list[PairResult], meta: dict[str, str]) -> str:
         "\n".join(
             [
                 "| pair | side | s/img | peer s / side s | cost (fwd) | images fwd/img | "
-                "peak RSS MB (extra) | "
+                "largest pass | peak RSS MB (extra) | "
                 "r / max diff vs headline peer | seconds per call | notes |",
-                "|---|---|---:|---:|---:|---:|---:|---:|---|---|",
+                "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|",
                 *extra,
             ]
         )
