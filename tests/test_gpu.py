@@ -37,6 +37,13 @@ LIGHT = {
 RANDOM = {"smoothgrad", "vargrad", "rise"}
 
 
+def _relative_error(ref: torch.Tensor, other: torch.Tensor) -> float:
+    """max |ref - other| of each map divided by max |ref| of that map, over all maps."""
+    ref, other = ref.cpu().double(), other.cpu().double()
+    scale = ref.abs().amax(dim=(-2, -1), keepdim=True).clamp_min(1e-12)
+    return float(((ref - other).abs() / scale).max())
+
+
 def _cuda_copy(net: torch.nn.Module) -> torch.nn.Module:
     return copy.deepcopy(net).to(DEVICE)
 
@@ -57,7 +64,9 @@ def test_method_on_cuda_equals_cpu(name: str, arch: type[torch.nn.Module]) -> No
         return
     cpu = method(net, x, top_k=2)
     assert torch.equal(gpu.targets.cpu(), cpu.targets.cpu())
-    torch.testing.assert_close(gpu.maps.cpu(), cpu.maps.cpu(), rtol=1e-6, atol=1e-8)
+    # Maps are float32 (scores are softmaxed in float32), so compare at float32 precision,
+    # relative to each map's own scale.
+    assert _relative_error(cpu.maps, gpu.maps) < 1e-4
 
 
 def test_metrics_on_cuda_equal_cpu() -> None:
@@ -126,9 +135,8 @@ def test_default_model_gradcam_on_cuda_equals_cpu() -> None:
         method = get_method(name)
         a, b = method(cpu_model, x), method(gpu_model, x.to(DEVICE))
         assert torch.equal(a.targets.cpu(), b.targets.cpu())
-        ma, mb = a.maps.cpu(), b.maps.cpu()
-        scale = ma.abs().amax(dim=(-2, -1), keepdim=True).clamp_min(1e-12)
-        assert ((ma - mb).abs() / scale).max() < 1e-3, name
+        # cuDNN may run float32 convolutions in TF32 (10-bit mantissa) on Ampere and later.
+        assert _relative_error(a.maps, b.maps) < 1e-2, name
 
 
 @DEV
