@@ -13,12 +13,14 @@ from convlens.metrics import (
     boxes_to_masks,
     cascading_randomization,
     deletion_insertion,
+    deletion_insertion_many,
     evaluate_methods,
     map_similarity,
     parameter_layers,
     pointing_game,
     ranking,
 )
+from convlens.models import fold_batchnorm, inference_copy
 
 
 class RegionNet(nn.Module):
@@ -68,7 +70,8 @@ def test_ideal_map_gives_the_ideal_curve_and_reversed_the_worst() -> None:
     torch.testing.assert_close(ideal.deletion_auc[0], expected_auc)
 
 
-def test_curves_equal_a_brute_force_loop(gap_net: nn.Module) -> None:
+@pytest.mark.parametrize("fast", [True, False])
+def test_curves_equal_a_brute_force_loop(gap_net: nn.Module, fast: bool) -> None:
     x = images(2)
     maps = torch.rand(2, 12, 12, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     t = torch.tensor([1, 3])
@@ -81,6 +84,7 @@ def test_curves_equal_a_brute_force_loop(gap_net: nn.Module) -> None:
         batch_size=5,
         deletion_baseline="mean",
         insertion_baseline="zero",
+        fast=fast,
     )
     for i in range(2):
         order = torch.argsort(-maps[i].flatten(), stable=True)
@@ -162,3 +166,118 @@ def test_evaluate_table_has_methods_and_baselines(gap_net: nn.Module) -> None:
     assert "| gradcam |" in text and "pointing" in text
     centre = baseline_map("centre", 1, (12, 12))
     assert centre[0].flatten().argmax() in (5 * 12 + 5, 5 * 12 + 6, 6 * 12 + 5, 6 * 12 + 6)
+
+
+class ConvReusedNet(nn.Module):
+    """A convolution whose output feeds a BatchNorm *and* a skip connection: folding the
+    BatchNorm into it would change the skip branch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return self.fc((self.bn(y) + y).mean(dim=(2, 3)))
+
+
+def test_inference_copy_folds_batchnorm_and_keeps_the_logits(gap_net: nn.Module) -> None:
+    x = images(3)
+    gap_net.train()  # the copy is in eval mode; the user's model keeps its mode
+    before = {k: v.clone() for k, v in gap_net.state_dict().items()}
+    fast = inference_copy(gap_net, x)
+    assert gap_net.training and isinstance(gap_net.bn, nn.BatchNorm2d)
+    assert all(torch.equal(before[k], v) for k, v in gap_net.state_dict().items())
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fast.modules())
+    # Independent computation: conv2 then BatchNorm's eval formula, by hand.
+    bn = gap_net.bn
+    h = gap_net.conv2(gap_net.relu1(gap_net.conv1(x.clone())))
+    h = (h - bn.running_mean[:, None, None]) / torch.sqrt(bn.running_var[:, None, None] + bn.eps)
+    h = torch.relu(h * bn.weight[:, None, None] + bn.bias[:, None, None])
+    expected = gap_net.fc(h.mean(dim=(2, 3)))
+    with torch.no_grad():
+        got = fast(x.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(got, expected.detach(), rtol=1e-12, atol=1e-12)
+
+
+def test_inference_copy_refuses_to_fold_a_reused_convolution() -> None:
+    net = seeded(ConvReusedNet())
+    x = images(2)
+    assert fold_batchnorm(seeded(ConvReusedNet()), x) == 1  # traced as a pair...
+    fast = inference_copy(net, x)  # ...but the check on the logits rejects the fold
+    assert isinstance(fast.bn, nn.BatchNorm2d)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), net(x))
+
+
+@pytest.mark.slow
+def test_inference_copy_of_the_default_model() -> None:
+    import convlens
+
+    model = convlens.load_model("lite0")
+    x = images(2, size=224).float()
+    fast = inference_copy(model, x)
+    folded = [m for m in fast.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert not folded  # all 49 BatchNorm layers follow a convolution
+    with torch.no_grad():
+        ref = model.net(x)
+        got = fast(x.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+
+
+def test_many_maps_share_end_points_and_equal_one_by_one(gap_net: nn.Module) -> None:
+    x = images(3)
+    g = torch.Generator().manual_seed(1)
+    maps = {name: torch.rand(3, 12, 12, generator=g, dtype=torch.float64) for name in "abc"}
+    t = torch.tensor([0, 2, 4])
+    many = deletion_insertion_many(gap_net, x, maps, t, steps=5, batch_size=7)
+    for name, m in maps.items():
+        one = deletion_insertion(gap_net, x, m, t, steps=5, fast=False)
+        torch.testing.assert_close(many[name].deletion, one.deletion, rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(many[name].insertion, one.insertion, rtol=1e-6, atol=1e-9)
+    # End points do not depend on the map: the image, and the baseline.
+    with torch.no_grad():
+        p = torch.softmax(gap_net(x), 1)[torch.arange(3), t].float()
+        zero = torch.softmax(gap_net(torch.zeros_like(x)), 1)[torch.arange(3), t].float()
+    torch.testing.assert_close(many["a"].deletion[:, 0], p)
+    torch.testing.assert_close(many["b"].insertion[:, -1], p)
+    torch.testing.assert_close(many["c"].deletion[:, -1], zero)
+
+
+def test_curves_without_a_copyable_model() -> None:
+    class Uncopyable(GapNet):
+        def __deepcopy__(self, memo: dict) -> None:
+            raise TypeError("cannot copy")
+
+    net = seeded(Uncopyable())
+    x = images(2)
+    maps = torch.rand(2, 12, 12, generator=torch.Generator().manual_seed(2))
+    t = torch.tensor([1, 2])
+    net.train()
+    got = deletion_insertion(net, x, maps, t, steps=4)  # falls back to the model itself
+    assert net.training
+    ref = deletion_insertion(seeded(GapNet()), x, maps, t, steps=4, fast=False)
+    torch.testing.assert_close(got.deletion, ref.deletion)
+
+
+def test_evaluate_without_methods_leaves_a_training_model_alone(gap_net: nn.Module) -> None:
+    x = images(4)
+    gap_net.train()
+    before = {k: v.clone() for k, v in gap_net.state_dict().items()}
+    table = evaluate_methods(gap_net, x, [], steps=3)
+    assert gap_net.training
+    assert all(torch.equal(before[k], v) for k, v in gap_net.state_dict().items())
+    gap_net.eval()
+    with torch.no_grad():
+        expected_targets = gap_net(x).argmax(1)
+    ref = deletion_insertion(
+        gap_net,
+        x,
+        baseline_map("centre", 4, (12, 12)).double(),
+        expected_targets,
+        steps=3,
+        insertion_baseline="blur",
+    )
+    torch.testing.assert_close(table.per_image["(centre)"]["deletion_auc"], ref.deletion_auc)

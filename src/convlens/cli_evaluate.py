@@ -36,7 +36,9 @@ def register(app: typer.Typer) -> None:
             "convlens-eval"
         ),
         limit: Annotated[Optional[int], typer.Option(help="At most N images.")] = None,  # noqa: UP045
-        steps: Annotated[int, typer.Option(help="Deletion/insertion steps.")] = 50,
+        steps: Annotated[
+            int, typer.Option(help="Deletion/insertion steps (20: 5% of the pixels per step).")
+        ] = 20,
         batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 8,
         sanity: Annotated[bool, typer.Option(help="Also run cascading randomisation.")] = False,
         sanity_images: Annotated[int, typer.Option(help="Images used by --sanity.")] = 4,

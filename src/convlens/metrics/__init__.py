@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 from convlens.metrics.evaluate import EvaluationTable, baseline_map, evaluate_methods
-from convlens.metrics.faithfulness import Curves, average_drop, deletion_insertion, ranking
+from convlens.metrics.faithfulness import (
+    DEFAULT_STEPS,
+    Curves,
+    average_drop,
+    deletion_insertion,
+    deletion_insertion_many,
+    ranking,
+)
 from convlens.metrics.pointing import boxes_to_masks, pointing_game
 from convlens.metrics.sanity import (
     SanityResult,
@@ -13,6 +20,7 @@ from convlens.metrics.sanity import (
 )
 
 __all__ = [
+    "DEFAULT_STEPS",
     "Curves",
     "EvaluationTable",
     "SanityResult",
@@ -21,6 +29,7 @@ __all__ = [
     "boxes_to_masks",
     "cascading_randomization",
     "deletion_insertion",
+    "deletion_insertion_many",
     "evaluate_methods",
     "map_similarity",
     "parameter_layers",

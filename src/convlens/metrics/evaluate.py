@@ -9,11 +9,19 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from convlens.hooks import model_state
 from convlens.methods.base import Method
 from convlens.methods.registry import get_method
-from convlens.metrics.faithfulness import Curves, average_drop, deletion_insertion
+from convlens.metrics.faithfulness import (
+    DEFAULT_STEPS,
+    Curves,
+    _curves,
+    _drop_increase,
+    _masked,
+    _Scorer,
+)
 from convlens.metrics.pointing import pointing_game
-from convlens.models.base import ConvlensModel
+from convlens.models.base import ConvlensModel, unwrap
 
 __all__ = ["BASELINE_MAPS", "EvaluationTable", "baseline_map", "evaluate_methods"]
 
@@ -82,11 +90,13 @@ def evaluate_methods(
     *,
     targets: torch.Tensor | None = None,
     masks: torch.Tensor | None = None,
-    steps: int = 50,
+    steps: int = DEFAULT_STEPS,
     batch_size: int = 64,
     baselines: bool = True,
     table: EvaluationTable | None = None,
     seed: int = 0,
+    fast: bool = True,
+    autocast: torch.dtype | None = None,
 ) -> EvaluationTable:
     """Score each method's maps on one batch: deletion and insertion AUC, Average Drop and
     Increase in Confidence, and the pointing game when object ``masks`` are given; the random and
@@ -104,6 +114,12 @@ def evaluate_methods(
         baselines: also score the random and centre maps.
         table: a table to add to.
         seed: seed of the random baseline.
+        fast: score with a fused ``channels_last`` copy of the model (equal to float rounding;
+            see :func:`convlens.metrics.deletion_insertion_many`).
+        autocast: run the metrics' forward passes under ``torch.autocast`` with this dtype.
+
+    Returns:
+        ``table`` (a new one when not given) with rows for the methods and the baselines.
     """
     table = table if table is not None else EvaluationTable()
     maps: dict[str, torch.Tensor] = {}
@@ -112,17 +128,31 @@ def evaluate_methods(
         exp = method(model, x, targets)
         targets = exp.targets[:, 0] if targets is None else targets
         maps[method.name] = exp.maps[:, 0]
+    net, wrapper = unwrap(model)
     if targets is None:
-        from convlens.models.base import unwrap
-
-        net, _ = unwrap(model)
-        with torch.no_grad():
+        with model_state(net, eval_mode=True, grads=False), torch.no_grad():
             targets = net(x).argmax(1)
     if baselines:
         for kind in BASELINE_MAPS:
             maps[f"({kind})"] = baseline_map(kind, x.shape[0], tuple(x.shape[-2:]), seed).to(x)
-    for name, m in maps.items():
-        curves = deletion_insertion(model, x, m, targets, steps=steps, batch_size=batch_size)
+    targets = targets.to(x.device).view(-1)
+    with _Scorer(model, x, fast=fast, autocast=autocast, batch_size=batch_size) as scorer:
+        all_curves = _curves(
+            scorer,
+            x,
+            maps,
+            targets,
+            steps=steps,
+            deletion_baseline="zero",
+            insertion_baseline="blur",
+            blur_sigma=10.0,
+            score="prob",
+        )
+        y = scorer.score(x, targets)
+        masked = torch.cat([_masked(x, m, wrapper) for m in maps.values()])
+        o = scorer.score(masked, targets.repeat(len(maps))).view(len(maps), -1)
+    for j, (name, m) in enumerate(maps.items()):
+        curves = all_curves[name]
         table.add(name, "deletion_auc", curves.deletion_auc)
         table.add(name, "insertion_auc", curves.insertion_auc)
         prev = table.curves.get(name)
@@ -135,7 +165,7 @@ def evaluate_methods(
                 torch.cat([prev.insertion, curves.insertion]),
             )
         )
-        drop, inc = average_drop(model, x, m, targets)
+        drop, inc = _drop_increase(y, o[j])
         table.add(name, "average_drop", drop)
         table.add(name, "increase", inc)
         if masks is not None:

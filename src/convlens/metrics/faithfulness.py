@@ -3,6 +3,9 @@ Confidence."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -12,8 +15,22 @@ from torch import nn
 from convlens.hooks import model_state
 from convlens.methods.perturbation import blur
 from convlens.models.base import ConvlensModel, unwrap
+from convlens.models.inference import inference_copy
 
-__all__ = ["Curves", "average_drop", "deletion_insertion", "ranking"]
+__all__ = [
+    "DEFAULT_STEPS",
+    "Curves",
+    "average_drop",
+    "deletion_insertion",
+    "deletion_insertion_many",
+    "ranking",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_STEPS = 20
+"""Default deletion/insertion steps: 5% of the pixels per step (docs/metrics.md measures the
+effect on the areas against 50 and 100 steps)."""
 
 Baseline = Literal["blur", "zero", "mean"] | torch.Tensor
 
@@ -72,69 +89,262 @@ def ranking(maps: torch.Tensor) -> torch.Tensor:
     return rank.view(maps.shape)
 
 
+class _Scorer:
+    """Scores the target class on batches of inputs, with the model or its fast inference copy.
+
+    Use as a context manager: the user's model is put in eval mode (and restored) only when the
+    copy could not be made.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | ConvlensModel,
+        example: torch.Tensor,
+        *,
+        fast: bool,
+        autocast: torch.dtype | None,
+        batch_size: int,
+    ) -> None:
+        self.net, self.wrapper = unwrap(model)
+        self.copy: nn.Module | None = None
+        if fast:
+            try:
+                self.copy = inference_copy(model, example)
+            except Exception as exc:  # an uncopyable or scripted model: use it as it is
+                log.info(
+                    "no fast inference copy (%s: %s); using the model", type(exc).__name__, exc
+                )
+        self.autocast = autocast
+        self.batch_size = batch_size
+        self._stack = contextlib.ExitStack()
+
+    def __enter__(self) -> _Scorer:
+        if self.copy is None:
+            self._stack.enter_context(model_state(self.net, eval_mode=True, grads=False))
+        self._stack.enter_context(torch.no_grad())
+        return self
+
+    def __exit__(self, *exc: object) -> bool:
+        self._stack.close()
+        return False
+
+    def logits(self, batch: torch.Tensor) -> torch.Tensor:
+        """Float32 logits of one batch."""
+        net = self.net if self.copy is None else self.copy
+        if self.copy is not None:
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        if self.autocast is None:
+            return net(batch).float()
+        with torch.autocast(device_type=batch.device.type, dtype=self.autocast):
+            return net(batch).float()
+
+    def score(
+        self, batch: torch.Tensor, targets: torch.Tensor, kind: Literal["prob", "logit"] = "prob"
+    ) -> torch.Tensor:
+        """(N,) score of ``targets`` on ``batch``, ``batch_size`` images per forward pass."""
+        out = []
+        for start in range(0, batch.shape[0], self.batch_size):
+            logits = self.logits(batch[start : start + self.batch_size])
+            s = torch.softmax(logits, dim=1) if kind == "prob" else logits
+            t = targets[start : start + self.batch_size].view(-1, 1)
+            out.append(s.gather(1, t).squeeze(1))
+        return torch.cat(out)
+
+
+def _curves(
+    scorer: _Scorer,
+    x: torch.Tensor,
+    maps: Mapping[str, torch.Tensor],
+    targets: torch.Tensor,
+    *,
+    steps: int,
+    deletion_baseline: Baseline,
+    insertion_baseline: Baseline,
+    blur_sigma: float,
+    score: Literal["prob", "logit"],
+) -> dict[str, Curves]:
+    b, _, h, w = x.shape
+    hw = h * w
+    names = list(maps)
+    for name in names:
+        if maps[name].shape != (b, h, w):
+            raise ValueError(
+                f"maps must be (B, H, W) = {(b, h, w)}, {name!r} is {tuple(maps[name].shape)}"
+            )
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, not {steps}")
+    m_count = len(names)
+    rank = torch.stack([ranking(maps[n].to(x.device)) for n in names]).view(m_count, b, 1, h, w)
+    counts = torch.round(torch.linspace(0, hw, steps + 1, device=x.device)).long()
+    targets = targets.to(x.device).view(b)
+    base_del = _baseline(x, deletion_baseline, blur_sigma)
+    base_ins = _baseline(x, insertion_baseline, blur_sigma)
+    # The end points are the same for every map: nothing removed / inserted is the image itself,
+    # everything removed / nothing inserted is the baseline. One forward each, shared.
+    ends = scorer.score(torch.cat([x, base_del, base_ins]), targets.repeat(3), score).cpu()
+    s_x, s_del, s_ins = ends.view(3, b)
+    deletion = torch.empty(m_count, b, steps + 1)
+    insertion = torch.empty(m_count, b, steps + 1)
+    deletion[:, :, 0], deletion[:, :, steps] = s_x, s_del
+    insertion[:, :, 0], insertion[:, :, steps] = s_ins, s_x
+    inner = steps - 1  # perturbed images per image, map and curve
+    per_mode = m_count * b * inner
+    flat_del, flat_ins = deletion[:, :, 1:steps], insertion[:, :, 1:steps]
+    out = torch.empty(2 * per_mode)
+    for start in range(0, 2 * per_mode, scorer.batch_size):
+        idx = torch.arange(start, min(start + scorer.batch_size, 2 * per_mode), device=x.device)
+        is_del = (idx < per_mode).view(-1, 1, 1, 1)
+        rem = idx % per_mode
+        m, rem = rem // (b * inner), rem % (b * inner)
+        img, k = rem // inner, rem % inner + 1
+        chosen = rank[m, img] < counts[k].view(-1, 1, 1, 1)
+        batch = torch.where(
+            is_del,
+            torch.where(chosen, base_del[img], x[img]),
+            torch.where(chosen, x[img], base_ins[img]),
+        )
+        out[start : start + idx.numel()] = scorer.score(batch, targets[img], score).cpu()
+    flat_del.copy_(out[:per_mode].view(m_count, b, inner))
+    flat_ins.copy_(out[per_mode:].view(m_count, b, inner))
+    fractions = counts.cpu().float() / hw
+    return {n: Curves(fractions, deletion[j], insertion[j]) for j, n in enumerate(names)}
+
+
+def deletion_insertion_many(
+    model: nn.Module | ConvlensModel,
+    x: torch.Tensor,
+    maps: Mapping[str, torch.Tensor],
+    targets: torch.Tensor,
+    *,
+    steps: int = DEFAULT_STEPS,
+    deletion_baseline: Baseline = "zero",
+    insertion_baseline: Baseline = "blur",
+    blur_sigma: float = 10.0,
+    score: Literal["prob", "logit"] = "prob",
+    batch_size: int = 64,
+    fast: bool = True,
+    autocast: torch.dtype | None = None,
+) -> dict[str, Curves]:
+    """Deletion and insertion curves of several maps of the same images (see
+    :func:`deletion_insertion`), sharing what they have in common.
+
+    The first and last point of every curve do not depend on the map (the image itself, and the
+    fully removed / not yet inserted baseline), so they cost 3 forward passes per image in all;
+    each map adds ``2 (steps - 1)`` per image.
+
+    Args:
+        model: the classifier.
+        x: (B, 3, H, W) inputs.
+        maps: ``{name: (B, H, W) map}``.
+        targets: (B,) class indices.
+        steps: number of steps ``S`` (default 20: 5% of the pixels per step).
+        deletion_baseline: what removed pixels become (``"zero"``: 0 in model-input space).
+        insertion_baseline: the starting image of insertion.
+        blur_sigma: for blurred baselines, in pixels.
+        score: ``"prob"`` (softmax) or ``"logit"``.
+        batch_size: images per forward pass.
+        fast: evaluate a copy of the model with BatchNorm folded into the convolutions and
+            ``channels_last`` weights (:func:`convlens.models.inference.inference_copy`); the
+            scores equal the model's to float rounding.
+        autocast: e.g. ``torch.bfloat16``: run the forward passes under ``torch.autocast``
+            (faster on CPUs with bf16 instructions and on GPUs, not exact; see docs/metrics.md).
+
+    Returns:
+        ``{name: Curves}``.
+    """
+    with _Scorer(model, x, fast=fast, autocast=autocast, batch_size=batch_size) as scorer:
+        return _curves(
+            scorer,
+            x,
+            maps,
+            targets,
+            steps=steps,
+            deletion_baseline=deletion_baseline,
+            insertion_baseline=insertion_baseline,
+            blur_sigma=blur_sigma,
+            score=score,
+        )
+
+
 def deletion_insertion(
     model: nn.Module | ConvlensModel,
     x: torch.Tensor,
     maps: torch.Tensor,
     targets: torch.Tensor,
     *,
-    steps: int = 50,
+    steps: int = DEFAULT_STEPS,
     deletion_baseline: Baseline = "zero",
     insertion_baseline: Baseline = "blur",
     blur_sigma: float = 10.0,
     score: Literal["prob", "logit"] = "prob",
     batch_size: int = 64,
+    fast: bool = True,
+    autocast: torch.dtype | None = None,
 ) -> Curves:
     """Deletion and insertion curves (Petsiuk, Das & Saenko 2018, "RISE", §4).
 
-    Deletion replaces the pixels with the baseline in order of decreasing importance, ``HW/steps``
-    pixels per step, and records the target's score; a faithful map makes it fall fast (low
-    area). Insertion starts from the (blurred) baseline and puts the pixels back in the same
-    order; a faithful map makes it rise fast (high area). All steps of all images are evaluated
-    together, ``batch_size`` images per forward pass.
+    Deletion replaces the pixels with the baseline in order of decreasing importance, ``HW/S``
+    pixels per step, and records the target's score ``p_k`` after ``k`` steps; a faithful map
+    makes it fall fast (low area). Insertion starts from the (blurred) baseline and puts the
+    pixels back in the same order; a faithful map makes it rise fast (high area). The area is
+    the trapezoidal rule over the fraction of pixels, ``AUC = sum_k (p_k + p_{k+1}) / (2 S)``.
+    All steps of all images are evaluated together, ``batch_size`` images per forward pass.
 
     Args:
         model: the classifier.
         x: (B, 3, H, W) inputs.
         maps: (B, H, W) importance maps at input resolution (e.g. ``exp.maps[:, 0]``).
         targets: (B,) class indices.
-        steps: number of steps ``S``.
+        steps: number of steps ``S`` (default 20: 5% of the pixels per step; the paper removes
+            224 pixels per step of a 224 x 224 image, S = 224).
         deletion_baseline: what removed pixels become (``"zero"``: 0 in model-input space).
         insertion_baseline: the starting image of insertion.
         blur_sigma: for blurred baselines, in pixels.
         score: ``"prob"`` (softmax) or ``"logit"``.
         batch_size: images per forward pass.
+        fast: evaluate a fused ``channels_last`` copy of the model (equal to float rounding;
+            see :func:`deletion_insertion_many`).
+        autocast: run the forward passes under ``torch.autocast`` with this dtype (not exact).
 
     Returns:
         The curves; ``.deletion_auc`` and ``.insertion_auc`` give the areas.
+
+    Raises:
+        ValueError: ``maps`` is not (B, H, W) or ``steps`` < 1.
     """
-    net, _ = unwrap(model)
-    if maps.shape != (x.shape[0], *x.shape[-2:]):
-        raise ValueError(f"maps must be (B, H, W) = {(x.shape[0], *x.shape[-2:])}")
-    b, _, h, w = x.shape
-    hw = h * w
-    rank = ranking(maps.to(x.device)).view(b, 1, h, w)
-    counts = torch.round(torch.linspace(0, hw, steps + 1, device=x.device)).long()
-    targets = targets.to(x.device).view(b)
-    curves = {}
-    with model_state(net, eval_mode=True, grads=False), torch.no_grad():
-        for mode, base_spec in (("deletion", deletion_baseline), ("insertion", insertion_baseline)):
-            base = _baseline(x, base_spec, blur_sigma)
-            out = torch.empty(b * (steps + 1), device=x.device)
-            total = b * (steps + 1)
-            for start in range(0, total, batch_size):
-                idx = torch.arange(start, min(start + batch_size, total), device=x.device)
-                img, k = idx // (steps + 1), idx % (steps + 1)
-                chosen = rank[img] < counts[k].view(-1, 1, 1, 1)
-                if mode == "deletion":
-                    batch = torch.where(chosen, base[img], x[img])
-                else:
-                    batch = torch.where(chosen, x[img], base[img])
-                logits = net(batch).float()
-                s = torch.softmax(logits, dim=1) if score == "prob" else logits
-                out[idx] = s.gather(1, targets[img].view(-1, 1)).squeeze(1)
-            curves[mode] = out.view(b, steps + 1).cpu()
-    return Curves(counts.cpu().float() / hw, curves["deletion"], curves["insertion"])
+    return deletion_insertion_many(
+        model,
+        x,
+        {"map": maps},
+        targets,
+        steps=steps,
+        deletion_baseline=deletion_baseline,
+        insertion_baseline=insertion_baseline,
+        blur_sigma=blur_sigma,
+        score=score,
+        batch_size=batch_size,
+        fast=fast,
+        autocast=autocast,
+    )["map"]
+
+
+def _unit_masks(x: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
+    b = maps.shape[0]
+    flat = maps.reshape(b, -1).float()
+    lo, hi = flat.amin(1, keepdim=True), flat.amax(1, keepdim=True)
+    return ((flat - lo) / (hi - lo).clamp_min(1e-12)).view(b, 1, *x.shape[-2:]).to(x)
+
+
+def _masked(x: torch.Tensor, maps: torch.Tensor, wrapper: ConvlensModel | None) -> torch.Tensor:
+    unit = _unit_masks(x, maps.to(x.device))
+    if wrapper is not None:
+        return wrapper.preprocess.normalize(wrapper.preprocess.denormalize(x) * unit)
+    return x * unit
+
+
+def _drop_increase(y: torch.Tensor, o: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    drop = (y - o).clamp_min(0) / y.clamp_min(1e-12)
+    return drop.cpu(), (o > y).float().cpu()
 
 
 def average_drop(
@@ -155,16 +365,9 @@ def average_drop(
     """
     net, wrapper = unwrap(model)
     b = x.shape[0]
-    flat = maps.reshape(b, -1).float()
-    lo, hi = flat.amin(1, keepdim=True), flat.amax(1, keepdim=True)
-    unit = ((flat - lo) / (hi - lo).clamp_min(1e-12)).view(b, 1, *x.shape[-2:]).to(x)
-    if wrapper is not None:
-        masked = wrapper.preprocess.normalize(wrapper.preprocess.denormalize(x) * unit)
-    else:
-        masked = x * unit
+    masked = _masked(x, maps, wrapper)
     t = targets.to(x.device).view(b, 1)
     with model_state(net, eval_mode=True, grads=False), torch.no_grad():
         y = torch.softmax(net(x).float(), 1).gather(1, t).squeeze(1)
         o = torch.softmax(net(masked).float(), 1).gather(1, t).squeeze(1)
-    drop = (y - o).clamp_min(0) / y.clamp_min(1e-12)
-    return drop.cpu(), (o > y).float().cpu()
+    return _drop_increase(y, o)

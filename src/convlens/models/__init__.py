@@ -11,6 +11,7 @@ from convlens.errors import ModelLoadError
 from convlens.models.base import ConvlensModel, unwrap
 from convlens.models.builtin import BUILTIN_MODELS, load_builtin
 from convlens.models.classes import ClassList, imagenet_classes
+from convlens.models.inference import fold_batchnorm, inference_copy
 from convlens.models.preprocess import Preprocess
 
 __all__ = [
@@ -18,7 +19,9 @@ __all__ = [
     "ClassList",
     "ConvlensModel",
     "Preprocess",
+    "fold_batchnorm",
     "imagenet_classes",
+    "inference_copy",
     "load_model",
     "unwrap",
     "wrap_model",

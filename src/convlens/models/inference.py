@@ -1,0 +1,158 @@
+"""A fast, inference-only copy of a network, for metrics that run thousands of forward passes.
+
+Deletion/insertion curves (:mod:`convlens.metrics.faithfulness`) evaluate the model on
+``2 (S - 1)`` perturbed copies of every image for every method: only plain forward passes, no
+gradients, and the network never changes during the call. For that the copy made here
+
+- folds every eval-mode ``BatchNorm2d`` into the convolution that feeds it (Ioffe & Szegedy 2015
+  normalise with running statistics in eval mode, an affine map per channel, so
+  ``BN(W * x + b) = (s W) * x + s (b - mu) + beta`` with ``s = gamma / sqrt(var + eps)``), and
+- stores weights in ``channels_last`` memory format (NHWC), which oneDNN and cuDNN convolve
+  faster than NCHW.
+
+Both change only the order of floating-point operations: the copy's logits equal the original's
+to float rounding, and :func:`inference_copy` checks this on an example batch before returning.
+The user's network is never modified.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from convlens.hooks import hooks, model_state
+from convlens.models.base import ConvlensModel, unwrap
+
+__all__ = ["fold_batchnorm", "inference_copy"]
+
+log = logging.getLogger(__name__)
+
+
+def _conv_bn_pairs(net: nn.Module, example: torch.Tensor) -> list[tuple[str, str]]:
+    """Pairs ``(conv, bn)`` where the BatchNorm's input is the convolution's output tensor.
+
+    Found by observing one forward pass on ``example[:1]``. A pair is kept only when both
+    modules are called exactly once (a shared module cannot be folded for one of its uses).
+    """
+    names = {m: n for n, m in net.named_modules()}
+    conv_out: dict[int, tuple[str, torch.Tensor]] = {}
+    calls: dict[str, int] = {}
+    found: list[tuple[str, str]] = []
+
+    def after_conv(m: nn.Module, _args: Any, out: Any) -> None:
+        calls[names[m]] = calls.get(names[m], 0) + 1
+        if isinstance(out, torch.Tensor):
+            conv_out[id(out)] = (names[m], out)  # keep the tensor: ids are not reused meanwhile
+
+    def before_bn(m: nn.Module, args: Any) -> None:
+        calls[names[m]] = calls.get(names[m], 0) + 1
+        inp = args[0] if args else None
+        hit = conv_out.get(id(inp))
+        if hit is not None and hit[1] is inp:
+            found.append((hit[0], names[m]))
+
+    regs = []
+    for m in net.modules():
+        if type(m) is nn.BatchNorm2d and m.track_running_stats and m.running_mean is not None:
+            regs.append(lambda m=m: m.register_forward_pre_hook(before_bn))
+        elif isinstance(m, nn.Conv2d):
+            regs.append(lambda m=m: m.register_forward_hook(after_conv))
+    with hooks(regs), torch.no_grad():
+        net(example[:1])
+    return [(c, b) for c, b in found if calls[c] == 1 and calls[b] == 1]
+
+
+def fold_batchnorm(net: nn.Module, example: torch.Tensor) -> int:
+    """Fold eval-mode BatchNorm layers into the convolutions that feed them, **in place**.
+
+    For a convolution ``y = W * x + b`` followed by ``BN(y) = gamma (y - mu) / sqrt(var + eps)
+    + beta`` with running statistics (eval mode), the pair becomes one convolution with
+    ``W' = s W`` and ``b' = s (b - mu) + beta``, ``s = gamma / sqrt(var + eps)`` per output
+    channel, and the BatchNorm is replaced by ``nn.Identity``. Only valid for inference in eval
+    mode; :func:`inference_copy` applies it to a copy.
+
+    Args:
+        net: the network to change (in eval mode).
+        example: a (B, 3, H, W) input used to trace which BatchNorm follows which convolution.
+
+    Returns:
+        The number of BatchNorm layers folded.
+    """
+    pairs = _conv_bn_pairs(net, example)
+    modules = dict(net.named_modules())
+    with torch.no_grad():
+        for conv_name, bn_name in pairs:
+            conv, bn = modules[conv_name], modules[bn_name]
+            assert isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)
+            assert bn.running_mean is not None and bn.running_var is not None
+            scale = torch.rsqrt(bn.running_var + bn.eps)
+            if bn.weight is not None:
+                scale = scale * bn.weight
+            shift = -bn.running_mean * scale
+            if bn.bias is not None:
+                shift = shift + bn.bias
+            conv.weight.mul_(scale.view(-1, *([1] * (conv.weight.dim() - 1))).to(conv.weight))
+            bias = shift if conv.bias is None else conv.bias * scale + shift
+            conv.bias = nn.Parameter(bias.to(conv.weight), requires_grad=False)
+            parent_name, _, child = bn_name.rpartition(".")
+            parent = modules[parent_name] if parent_name else net
+            parent._modules[child] = nn.Identity()
+    return len(pairs)
+
+
+def _max_relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    scale = a.abs().amax().clamp_min(1.0)
+    return float((a - b).abs().amax() / scale)
+
+
+def inference_copy(
+    model: nn.Module | ConvlensModel,
+    example: torch.Tensor,
+    *,
+    fold: bool = True,
+    channels_last: bool = True,
+) -> nn.Module:
+    """A copy of the network for fast no-grad inference: BatchNorm folded, ``channels_last``.
+
+    The copy is in eval mode with parameters that do not require gradients. Its logits on
+    ``example`` are compared with the original network's (in eval mode); if they differ by more
+    than float rounding (relative to the largest logit: ``1000 eps`` of the dtype, about 1e-4 in
+    float32) - e.g. a convolution's output is also used elsewhere besides the BatchNorm - the
+    plain eval-mode copy is returned instead. Feed it inputs in ``channels_last`` format when
+    ``channels_last`` is set (any layout works, that one is fastest).
+
+    Args:
+        model: the classifier; it is not modified.
+        example: a small (B, 3, H, W) input batch on the model's device.
+        fold: fold BatchNorm into convolutions (:func:`fold_batchnorm`).
+        channels_last: convert 4-D weights to ``torch.channels_last``.
+
+    Returns:
+        The copy (an ``nn.Module`` mapping inputs to logits).
+
+    Raises:
+        Exception: whatever ``copy.deepcopy`` raises for a network that cannot be copied.
+    """
+    net, _ = unwrap(model)
+    fast = copy.deepcopy(net).eval().requires_grad_(False)
+    if not (fold or channels_last):
+        return fast
+    probe = example[:2]
+    folded = fold_batchnorm(fast, probe) if fold else 0
+    if channels_last:
+        fast = fast.to(memory_format=torch.channels_last)
+    with model_state(net, eval_mode=True, grads=False), torch.no_grad():
+        ref = net(probe).float()
+    with torch.no_grad():
+        got = fast(probe.contiguous(memory_format=torch.channels_last) if channels_last else probe)
+    tol = 1000 * torch.finfo(probe.dtype if probe.is_floating_point() else torch.float32).eps
+    err = _max_relative_error(ref, got.float())
+    if err > tol:
+        log.info("inference copy differs from the model (%.2g > %.2g); not folding", err, tol)
+        return copy.deepcopy(net).eval().requires_grad_(False)
+    log.debug("inference copy: %d BatchNorm layers folded, relative error %.2g", folded, err)
+    return fast
