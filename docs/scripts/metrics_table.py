@@ -116,15 +116,15 @@ def sanity_markdown(res: SanityResult) -> list[str]:
     return lines
 
 
-def write_block(block: str) -> None:
-    """Replace the text between the markers of docs/metrics.md (or append the markers)."""
-    text = DOC.read_text(encoding="utf-8") if DOC.exists() else "# Trusting the maps\n"
+def write_block(doc: Path, block: str) -> None:
+    """Replace the text between the markers of ``doc`` (or append the markers)."""
+    text = doc.read_text(encoding="utf-8") if doc.exists() else "# Trusting the maps\n"
     if START in text and END in text:
         before, rest = text.split(START, 1)
         _, after = rest.split(END, 1)
     else:
         before, after = text.rstrip("\n") + "\n\n", "\n"
-    DOC.write_text(before + START + "\n" + block + END + after, encoding="utf-8")
+    doc.write_text(before + START + "\n" + block + END + after, encoding="utf-8")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -144,6 +144,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sanity-methods", nargs="+", default=None, help="default: --methods")
     p.add_argument("--checkpoints", type=int, default=8, help="randomisation depths")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--doc", type=Path, default=DOC, help="markdown file to fill")
+    p.add_argument("--img", type=Path, default=IMG, help="folder for the two figures")
     p.add_argument("--no-write", action="store_true", help="print only")
     return p.parse_args(argv)
 
@@ -230,11 +232,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     text = "\n".join(block)
     print(text)
     if not args.no_write:
-        IMG.mkdir(parents=True, exist_ok=True)
-        save_figure(_curves_figure(table), IMG / "metrics_curves.png")
-        save_figure(res.figure(), IMG / "metrics_sanity.png")
-        write_block(text)
-        print(f"wrote {DOC}, {IMG / 'metrics_curves.png'}, {IMG / 'metrics_sanity.png'}")
+        args.img.mkdir(parents=True, exist_ok=True)
+        save_figure(_curves_figure(table), args.img / "metrics_curves.png")
+        save_figure(res.figure(), args.img / "metrics_sanity.png")
+        write_block(args.doc, text)
+        print(f"wrote {args.doc}, {args.img}/metrics_curves.png, {args.img}/metrics_sanity.png")
     return 0
 
 
