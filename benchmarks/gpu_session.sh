@@ -49,7 +49,12 @@ for stage in "$@"; do
     peers) run peers python3 benchmarks/bench_peers.py --device cuda --data "$DATA" --quick ;;
     features) run features python3 benchmarks/bench_features.py --device cuda --data "$DATA" ;;
     occlusion) run occlusion python3 benchmarks/bench_occlusion.py --device cuda --data "$DATA" ;;
-    metrics) run metrics python3 benchmarks/bench_metrics.py --device cuda --data "$DATA" ;;
+    metrics) run metrics python3 benchmarks/bench_metrics.py --device cuda --data "$DATA" \
+        --compare-bf16 --compare-steps 10 20 50 100 --compare-images 50 ;;
+    metrics-table)
+        run metrics-table python3 docs/scripts/metrics_table.py --device cuda --images 200 --data "$DATA"
+        mkdir -p benchmarks/out/docs && cp docs/metrics.md docs/img/metrics_*.png benchmarks/out/docs/
+        ;;
     analyze) run analyze python3 benchmarks/bench_analyze.py --device cuda --data "$DATA" ;;
     *) echo "unknown stage $stage" ;;
     esac
