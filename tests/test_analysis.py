@@ -570,3 +570,118 @@ def test_metrics_equal_a_recount_from_the_store(tmp_path) -> None:
     for c, row in ref["per_class"].items():
         assert got[c] == pytest.approx(row)
     assert [(r["true"], r["pred"], r["count"]) for r in m["confused_pairs"]] == ref["pairs"]
+
+
+def _big_result(out: Path, n: int = 50_000, classes: int = 1000) -> AnalysisResult:
+    """A synthetic run of ``n`` predictions (no model), for the report's table."""
+    from convlens.analysis import Prediction, compute_metrics
+    from convlens.analysis.store import image_id
+
+    rng = np.random.default_rng(7)
+    names = [f"class {k:04d}" for k in range(classes)]
+    predictions = []
+    for i in range(n):
+        label = None if i % 97 == 0 else int(rng.integers(classes))
+        pred = label if label is not None and rng.random() < 0.6 else int(rng.integers(classes))
+        others = [c for c in range(5) if c != pred][:4]
+        probs = sorted(rng.dirichlet(np.ones(5)).tolist(), reverse=True)
+        path = f"/data/img_{i:06d}.jpg"
+        predictions.append(
+            Prediction(
+                id=image_id(path),
+                path=path,
+                label=label,
+                top5=(pred, *others),
+                probs5=tuple(probs),
+                loss=None if label is None else 1.0,
+                correct=None if label is None else pred == label,
+            )
+        )
+    predictions.sort(key=lambda p: p.path)
+    return AnalysisResult(
+        out_dir=out,
+        metrics={**compute_metrics(predictions, names), "model": "synthetic"},
+        predictions=predictions,
+        failures=[],
+        class_names=names,
+    )
+
+
+def test_report_pages_sorts_and_filters_50000_rows(tmp_path) -> None:
+    if shutil.which("chromium") is None or importlib.util.find_spec("playwright") is None:
+        pytest.skip("needs chromium and the playwright package")
+    from playwright.sync_api import sync_playwright
+
+    from convlens.analysis.report import write_report
+
+    result = _big_result(tmp_path / "run")
+    index = write_report(result, [])
+    n = len(result.predictions)
+    assert index.stat().st_size < 60 * n  # compact JSON rows, not 50,000 table rows of HTML
+    names = result.class_names
+    confs = [round(p.confidence, 5) for p in result.predictions]
+    wrong = [p for p in result.predictions if p.correct is False]
+    query = "class 0042"
+    wrong_42 = [p for p in wrong if query in names[p.label] or query in names[p.pred]]  # type: ignore[index]
+    errors: list[str] = []
+
+    def column(page, k: int, attr: str = "value") -> list[str]:  # type: ignore[no-untyped-def]
+        return page.eval_on_selector_all(
+            f"#images-table tbody tr td:nth-child({k})", f"els => els.map(e => e.dataset.{attr})"
+        )
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(
+            executable_path="/usr/bin/chromium",
+            args=["--headless", "--no-sandbox", "--disable-gpu"],
+        )
+        try:
+            page = browser.new_page()
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(index.as_uri())
+            assert page.inner_text("#shown-count") == str(n)
+            assert page.inner_text("#page-info") == f"page 1 of {-(-n // 100)}"
+            assert len(column(page, 4)) == 100
+            # sorting covers every row: the first page starts at the global minimum ...
+            page.click("#images-table th[data-key=conf]")
+            first = [float(v) for v in column(page, 4)]
+            assert first == sorted(confs)[:100]
+            # ... and the last page ends at the global maximum
+            page.click("#page-last")
+            assert [float(v) for v in column(page, 4)] == sorted(confs)[-(n % 100 or 100) :]
+            page.click("#images-table th[data-key=conf]")  # descending
+            assert [float(v) for v in column(page, 4)] == sorted(confs, reverse=True)[:100]
+            page.click("#images-table th[data-key=true]")
+            true_sorted = sorted(
+                "" if p.label is None else names[p.label] for p in result.predictions
+            )
+            assert [v if v != "(no label)" else "" for v in column(page, 2)] == true_sorted[:100]
+            # filtering covers every row, and keeps the sort
+            page.select_option("#filter-status", "wrong")
+            assert page.inner_text("#shown-count") == str(len(wrong))
+            assert set(column(page, 5)) == {"wrong"}
+            page.fill("#filter-text", query)
+            assert page.inner_text("#shown-count") == str(len(wrong_42))
+            shown = list(zip(column(page, 2), column(page, 3), strict=True))
+            assert 0 < len(wrong_42) <= 100
+            expected = sorted(
+                ((names[p.label], names[p.pred]) for p in wrong_42),  # type: ignore[index]
+                key=lambda r: r[0],
+            )
+            assert shown == expected
+            # paging through the filtered rows
+            page.fill("#filter-text", "")
+            page.select_option("#page-size", "1000")
+            assert len(column(page, 4)) == 1000
+            one = column(page, 2)
+            page.click("#page-next")
+            assert page.inner_text("#page-info") == f"page 2 of {-(-len(wrong) // 1000)}"
+            two = column(page, 2)
+            assert len(two) == 1000 and one[-1] <= two[0]
+            page.click("#page-first")
+            assert column(page, 2) == one
+            page.screenshot(path=str(tmp_path / "big.png"))
+        finally:
+            browser.close()
+    assert errors == []
