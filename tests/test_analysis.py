@@ -100,13 +100,13 @@ def record_inference(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     from convlens.analysis import run as run_module
 
     sizes: list[int] = []
-    original = run_module._predict_batch
+    original = run_module._launch_batch
 
-    def spy(model, x, paths, labels):  # type: ignore[no-untyped-def]
+    def spy(model, x, labels):  # type: ignore[no-untyped-def]
         sizes.append(x.shape[0])
-        return original(model, x, paths, labels)
+        return original(model, x, labels)
 
-    monkeypatch.setattr(run_module, "_predict_batch", spy)
+    monkeypatch.setattr(run_module, "_launch_batch", spy)
     return sizes
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -170,30 +170,112 @@ def _progress(enabled: bool) -> contextlib.AbstractContextManager[Any]:
     )
 
 
-def _predict_batch(
-    model: ConvlensModel, x: torch.Tensor, paths: list[str], labels: list[int | None]
-) -> list[Prediction]:
-    from convlens.hooks import model_state
+@dataclass
+class _Launched:
+    """One batch's results on their way to the host (``ready`` is set once they are there)."""
 
-    with model_state(model.net, eval_mode=True, grads=False), torch.no_grad():
-        logits = model.net(x.to(model.device)).float().cpu()
+    idx: list[int]
+    failed: list[tuple[int, str]]
+    top_probs: torch.Tensor | None = None  # (B, k)
+    top_classes: torch.Tensor | None = None  # (B, k)
+    label_log_probs: torch.Tensor | None = None  # (B,), NaN without a label
+    ready: Any = None  # a CUDA event, or None when the tensors are already on the host
+
+
+def _launch_batch(
+    model: ConvlensModel, x: torch.Tensor, labels: list[int | None]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any]:
+    """Queue the forward pass of one batch and the copies of its top-k and label log-probs.
+
+    On CUDA nothing here waits for the GPU: the input copy is non-blocking (from pinned
+    memory), the small outputs are copied back without blocking and an event marks when they
+    have arrived, so the next batch can be read and launched meanwhile.
+    """
+    device = model.device
+    cuda = device.type == "cuda"
+    logits = model.net(x.to(device, non_blocking=cuda)).float()
     log_probs = torch.log_softmax(logits, dim=1)
     top = log_probs.exp().topk(min(5, logits.shape[1]), dim=1)
+    index = torch.tensor([-1 if lbl is None else lbl for lbl in labels])
+    picked = log_probs.gather(1, index.clamp(min=0).to(device, non_blocking=cuda)[:, None])[:, 0]
+    picked = torch.where(index.to(device) >= 0, picked, torch.full_like(picked, float("nan")))
+    out = [t.to("cpu", non_blocking=cuda) for t in (top.values, top.indices, picked)]
+    ready = None
+    if cuda:
+        ready = torch.cuda.Event()
+        ready.record()
+    return out[0], out[1], out[2], ready
+
+
+def _finish_batch(launched: _Launched, todo: Sequence[tuple[str, int | None]]) -> list[Prediction]:
+    """Wait for a launched batch's results and turn them into predictions."""
+    if launched.ready is not None:
+        launched.ready.synchronize()
+    if launched.top_probs is None or launched.top_classes is None:
+        return []
+    classes = launched.top_classes.tolist()
+    probs = launched.top_probs.tolist()
+    label_lp = launched.label_log_probs.tolist() if launched.label_log_probs is not None else []
     out = []
-    for b, (path, label) in enumerate(zip(paths, labels, strict=True)):
-        top5 = tuple(int(c) for c in top.indices[b])
+    for b, i in enumerate(launched.idx):
+        path, label = todo[i]
+        top5 = tuple(int(c) for c in classes[b])
         out.append(
             Prediction(
                 id=image_id(path),
                 path=path,
                 label=label,
                 top5=top5,
-                probs5=tuple(float(p) for p in top.values[b]),
-                loss=None if label is None else float(-log_probs[b, label]),
+                probs5=tuple(float(p) for p in probs[b]),
+                loss=None if label is None else -float(label_lp[b]),
                 correct=None if label is None else top5[0] == label,
             )
         )
     return out
+
+
+def _predict_loop(
+    model: ConvlensModel,
+    store: PredictionStore,
+    todo: Sequence[tuple[str, int | None]],
+    batches: Iterable[tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]],
+    advance: Any = None,
+) -> None:
+    """Predict ``batches`` of ``(indices into todo, inputs, failures)`` into the store.
+
+    One batch is kept in flight: batch ``k + 1`` is read and launched before batch ``k``'s
+    results are waited for and written (one transaction per batch). If launching a batch
+    fails, the batch before it is still written, so a crash loses only the batch in flight.
+    """
+    from convlens.hooks import model_state
+
+    def finish(launched: _Launched) -> None:
+        preds = _finish_batch(launched, todo)
+        store.add_batch(preds, [(todo[i][0], reason) for i, reason in launched.failed])
+        for i, reason in launched.failed:
+            log.warning("skipped %s: %s", todo[i][0], reason)
+        if advance is not None:
+            advance(len(launched.idx) + len(launched.failed))
+
+    pending: _Launched | None = None
+    with model_state(model.net, eval_mode=True, grads=False), torch.inference_mode():
+        for idx, x, failed in batches:
+            launched = _Launched(idx=idx, failed=failed)
+            if x is not None:
+                try:
+                    launched.top_probs, launched.top_classes, launched.label_log_probs, ready = (
+                        _launch_batch(model, x, [todo[i][1] for i in idx])
+                    )
+                except BaseException:
+                    if pending is not None:
+                        finish(pending)
+                    raise
+                launched.ready = ready
+            if pending is not None:
+                finish(pending)
+            pending = launched
+        if pending is not None:
+            finish(pending)
 
 
 def _infer(
@@ -218,20 +300,13 @@ def _infer(
         batch_size=batch_size,
         num_workers=workers,
         collate_fn=_collate,
+        pin_memory=model.device.type == "cuda",
+        prefetch_factor=4 if workers else None,
     )
     with _progress(progress) as bar:
         task = bar.add_task("predicting", total=len(todo)) if bar is not None else None
-        for idx, x, failed in loader:
-            preds = []
-            if x is not None:
-                preds = _predict_batch(
-                    model, x, [todo[i][0] for i in idx], [todo[i][1] for i in idx]
-                )
-            store.add_batch(preds, [(todo[i][0], reason) for i, reason in failed])
-            for i, reason in failed:
-                log.warning("skipped %s: %s", todo[i][0], reason)
-            if bar is not None:
-                bar.advance(task, len(idx) + len(failed))
+        advance = (lambda n: bar.advance(task, n)) if bar is not None else None
+        _predict_loop(model, store, todo, loader, advance)
 
 
 def select_examined(
