@@ -685,3 +685,21 @@ def test_report_pages_sorts_and_filters_50000_rows(tmp_path) -> None:
         finally:
             browser.close()
     assert errors == []
+
+
+@pytest.mark.parametrize("method", ["gradcam", "occlusion"])
+def test_two_targets_in_one_call_equal_two_calls(setup, method) -> None:
+    from convlens.analysis.run import _one_target
+    from convlens.api import explain
+
+    model = make_model(setup["dir"])
+    files = sorted(setup["data"].glob("*/img*.png"))[:3]
+    x = model.load_images(files)
+    pred, true = torch.tensor([0, 1, 2]), torch.tensor([2, 0, 1])
+    both = explain(model, x, [method], target=torch.stack([pred, true], dim=1))[method]
+    for k, target in enumerate((pred, true)):
+        alone = explain(model, x, [method], target=target)[method]
+        part = _one_target(both, k)
+        assert torch.equal(part.targets, alone.targets)
+        torch.testing.assert_close(part.maps, alone.maps, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(part.probs, alone.probs)

@@ -11,7 +11,7 @@ import contextlib
 import json
 import logging
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +32,7 @@ from convlens.models.preprocess import Preprocess
 
 if TYPE_CHECKING:
     from convlens.methods.base import Method
+    from convlens.result import Explanation
 
 __all__ = ["AnalysisResult", "analyze", "select_examined"]
 
@@ -353,6 +354,24 @@ def _load_readable(
     return ok, (torch.stack(xs) if xs else None), failed
 
 
+def _one_target(exp: Explanation, k: int) -> Explanation:
+    """The explanation of target ``k`` only (K = 1), for the one-target panels."""
+
+    def cut(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t[:, k : k + 1]
+
+    return replace(
+        exp,
+        maps=exp.maps[:, k : k + 1],
+        targets=exp.targets[:, k : k + 1],
+        scores=exp.scores[:, k : k + 1],
+        probs=exp.probs[:, k : k + 1],
+        raw_maps=cut(exp.raw_maps),
+        class_names=None if exp.class_names is None else [r[k : k + 1] for r in exp.class_names],
+        attributions=cut(exp.attributions),
+    )
+
+
 def _explain_errors(
     model: ConvlensModel,
     examined: Sequence[Prediction],
@@ -390,15 +409,16 @@ def _explain_errors(
             unreadable += failed
             if x is not None:
                 x = x.to(model.device)
-                pred = torch.tensor([p.pred for p in chunk], device=model.device)
-                true = torch.tensor([int(p.label or 0) for p in chunk], device=model.device)
-                by_pred = explain(model, x, list(methods.values()), target=pred)
-                by_true = explain(model, x, list(methods.values()), target=true)
+                # both targets in one call: one sweep of a perturbation method serves both
+                both = torch.tensor(
+                    [[p.pred, int(p.label or 0)] for p in chunk], device=model.device
+                )
+                results = explain(model, x, list(methods.values()), target=both)
                 for i, p in enumerate(chunk):
                     panels = {}
-                    for m in by_pred:
-                        panels[f"{m}: predicted"] = by_pred[m]
-                        panels[f"{m}: true"] = by_true[m]
+                    for m, exp in results.items():
+                        panels[f"{m}: predicted"] = _one_target(exp, 0)
+                        panels[f"{m}: true"] = _one_target(exp, 1)
                     fig = side_by_side_figure(panels, i)
                     save_figure(fig, files[p.id])
                     fig.clear()
