@@ -198,8 +198,10 @@ def _launch_batch(
     log_probs = torch.log_softmax(logits, dim=1)
     top = log_probs.exp().topk(min(5, logits.shape[1]), dim=1)
     index = torch.tensor([-1 if lbl is None else lbl for lbl in labels])
-    picked = log_probs.gather(1, index.clamp(min=0).to(device, non_blocking=cuda)[:, None])[:, 0]
-    picked = torch.where(index.to(device) >= 0, picked, torch.full_like(picked, float("nan")))
+    if cuda:  # a copy from pageable memory would wait for the GPU: pin it first
+        index = index.pin_memory().to(device, non_blocking=True)
+    picked = log_probs.gather(1, index.clamp(min=0)[:, None])[:, 0]
+    picked = torch.where(index >= 0, picked, torch.full_like(picked, float("nan")))
     out = [t.to("cpu", non_blocking=cuda) for t in (top.values, top.indices, picked)]
     ready = None
     if cuda:
