@@ -703,3 +703,20 @@ def test_two_targets_in_one_call_equal_two_calls(setup, method) -> None:
         assert torch.equal(part.targets, alone.targets)
         torch.testing.assert_close(part.maps, alone.maps, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(part.probs, alone.probs)
+
+
+def test_crash_while_reading_the_next_batch_keeps_the_previous_one(setup, monkeypatch) -> None:
+    from convlens.analysis import run as run_module
+
+    original = run_module._ImageSet.__getitem__
+
+    def flaky(self, i):  # type: ignore[no-untyped-def]
+        if i == 5:  # in the second batch of 4
+            raise RuntimeError("disk gone")
+        return original(self, i)
+
+    monkeypatch.setattr(run_module._ImageSet, "__getitem__", flaky)
+    with pytest.raises(RuntimeError, match="disk gone"):
+        run(make_model(setup["dir"]), setup)
+    db = setup["run"] / "predictions.sqlite"
+    assert rows(db) + rows(db, "failures") == 4  # the first batch, launched before the crash

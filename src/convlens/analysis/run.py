@@ -247,8 +247,8 @@ def _predict_loop(
     """Predict ``batches`` of ``(indices into todo, inputs, failures)`` into the store.
 
     One batch is kept in flight: batch ``k + 1`` is read and launched before batch ``k``'s
-    results are waited for and written (one transaction per batch). If launching a batch
-    fails, the batch before it is still written, so a crash loses only the batch in flight.
+    results are waited for and written (one transaction per batch). If reading or launching a
+    batch fails, the batch before it is still written, so a crash loses only the failing batch.
     """
     from convlens.hooks import model_state
 
@@ -262,23 +262,23 @@ def _predict_loop(
 
     pending: _Launched | None = None
     with model_state(model.net, eval_mode=True, grads=False), torch.inference_mode():
-        for idx, x, failed in batches:
-            launched = _Launched(idx=idx, failed=failed)
-            if x is not None:
-                try:
-                    launched.top_probs, launched.top_classes, launched.label_log_probs, ready = (
-                        _launch_batch(model, x, [todo[i][1] for i in idx])
+        try:
+            for idx, x, failed in batches:
+                launched = _Launched(idx=idx, failed=failed)
+                if x is not None:
+                    top_probs, top_classes, label_lp, ready = _launch_batch(
+                        model, x, [todo[i][1] for i in idx]
                     )
-                except BaseException:
-                    if pending is not None:
-                        finish(pending)
-                    raise
-                launched.ready = ready
+                    launched.top_probs, launched.top_classes = top_probs, top_classes
+                    launched.label_log_probs, launched.ready = label_lp, ready
+                if pending is not None:
+                    done, pending = pending, None
+                    finish(done)
+                pending = launched
+        finally:  # also when reading or launching the next batch failed
             if pending is not None:
-                finish(pending)
-            pending = launched
-        if pending is not None:
-            finish(pending)
+                done, pending = pending, None
+                finish(done)
 
 
 def _infer(
