@@ -292,7 +292,7 @@ def test_cli_analyze(setup) -> None:
 def test_dataframe_needs_pandas(setup) -> None:
     result = run(make_model(setup["dir"]), setup, top_errors=0)
     if importlib.util.find_spec("pandas") is None:
-        with pytest.raises(ImportError):
+        with pytest.raises(ImportError, match=r"needs pandas.*pip install pandas.*table\(\)"):
             result.dataframe()
     else:
         assert len(result.dataframe()) == 10
