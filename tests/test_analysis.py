@@ -102,9 +102,9 @@ def record_inference(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     sizes: list[int] = []
     original = run_module._launch_batch
 
-    def spy(model, x, labels):  # type: ignore[no-untyped-def]
+    def spy(model, x, labels, copy_stream=None):  # type: ignore[no-untyped-def]
         sizes.append(x.shape[0])
-        return original(model, x, labels)
+        return original(model, x, labels, copy_stream)
 
     monkeypatch.setattr(run_module, "_launch_batch", spy)
     return sizes

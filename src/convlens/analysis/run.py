@@ -184,26 +184,36 @@ class _Launched:
 
 
 def _launch_batch(
-    model: ConvlensModel, x: torch.Tensor, labels: list[int | None]
+    model: ConvlensModel, x: torch.Tensor, labels: list[int | None], copy_stream: Any = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any]:
     """Queue the forward pass of one batch and the copies of its top-k and label log-probs.
 
-    On CUDA nothing here waits for the GPU: the input copy is non-blocking (from pinned
-    memory), the small outputs are copied back without blocking and an event marks when they
-    have arrived, so the next batch can be read and launched meanwhile.
+    On CUDA nothing here waits for the GPU: the input (pinned by the loader) is copied on
+    ``copy_stream``, so the copy overlaps the previous batch's forward pass; the small outputs
+    are copied back without blocking and an event marks when they have arrived, so the next
+    batch can be read and launched meanwhile.
     """
     device = model.device
-    cuda = device.type == "cuda"
-    logits = model.net(x.to(device, non_blocking=cuda)).float()
+    index = torch.tensor([-1 if lbl is None else lbl for lbl in labels])
+    ready = None
+    if device.type == "cuda":
+        compute = torch.cuda.current_stream(device)
+        side = copy_stream if copy_stream is not None else compute
+        with torch.cuda.stream(side):
+            # pinned sources, so that the copies do not wait for the GPU
+            x = (x if x.is_pinned() else x.pin_memory()).to(device, non_blocking=True)
+            index = index.pin_memory().to(device, non_blocking=True)
+        if side is not compute:
+            compute.wait_stream(side)
+            x.record_stream(compute)
+            index.record_stream(compute)
+    logits = model.net(x).float()
     log_probs = torch.log_softmax(logits, dim=1)
     top = log_probs.exp().topk(min(5, logits.shape[1]), dim=1)
-    index = torch.tensor([-1 if lbl is None else lbl for lbl in labels])
-    if cuda:  # a copy from pageable memory would wait for the GPU: pin it first
-        index = index.pin_memory().to(device, non_blocking=True)
     picked = log_probs.gather(1, index.clamp(min=0)[:, None])[:, 0]
     picked = torch.where(index >= 0, picked, torch.full_like(picked, float("nan")))
+    cuda = device.type == "cuda"
     out = [t.to("cpu", non_blocking=cuda) for t in (top.values, top.indices, picked)]
-    ready = None
     if cuda:
         ready = torch.cuda.Event()
         ready.record()
@@ -261,13 +271,15 @@ def _predict_loop(
             advance(len(launched.idx) + len(launched.failed))
 
     pending: _Launched | None = None
+    device = model.device
+    copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
     with model_state(model.net, eval_mode=True, grads=False), torch.inference_mode():
         try:
             for idx, x, failed in batches:
                 launched = _Launched(idx=idx, failed=failed)
                 if x is not None:
                     top_probs, top_classes, label_lp, ready = _launch_batch(
-                        model, x, [todo[i][1] for i in idx]
+                        model, x, [todo[i][1] for i in idx], copy_stream
                     )
                     launched.top_probs, launched.top_classes = top_probs, top_classes
                     launched.label_log_probs, launched.ready = label_lp, ready
