@@ -83,4 +83,8 @@ def register(app: typer.Typer) -> None:
         )
         for path, reason in result.failures[:10]:
             err.print(f"skipped {path}: {reason}", highlight=False, markup=False)
+        for path, reason in result.unexplained[:10]:
+            err.print(
+                f"not explained (unreadable now) {path}: {reason}", highlight=False, markup=False
+            )
         err.print(f"report: {result.report}", highlight=False, markup=False)
