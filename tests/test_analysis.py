@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import html
 import importlib.util
+import json
 import math
+import re
 import shutil
 import sqlite3
 import textwrap
@@ -97,13 +100,13 @@ def record_inference(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     from convlens.analysis import run as run_module
 
     sizes: list[int] = []
-    original = run_module._predict_batch
+    original = run_module._launch_batch
 
-    def spy(model, x, paths, labels):  # type: ignore[no-untyped-def]
+    def spy(model, x, labels, copy_stream=None):  # type: ignore[no-untyped-def]
         sizes.append(x.shape[0])
-        return original(model, x, paths, labels)
+        return original(model, x, labels, copy_stream)
 
-    monkeypatch.setattr(run_module, "_predict_batch", spy)
+    monkeypatch.setattr(run_module, "_launch_batch", spy)
     return sizes
 
 
@@ -289,7 +292,7 @@ def test_cli_analyze(setup) -> None:
 def test_dataframe_needs_pandas(setup) -> None:
     result = run(make_model(setup["dir"]), setup, top_errors=0)
     if importlib.util.find_spec("pandas") is None:
-        with pytest.raises(ImportError):
+        with pytest.raises(ImportError, match=r"needs pandas.*pip install pandas.*table\(\)"):
             result.dataframe()
     else:
         assert len(result.dataframe()) == 10
@@ -330,3 +333,390 @@ def test_report_in_headless_chromium(setup) -> None:
         finally:
             browser.close()
     assert errors == []
+
+
+def test_method_options_reach_the_methods_and_reset_the_cache(setup, monkeypatch) -> None:
+    import convlens.api
+
+    seen: list[dict[str, object]] = []
+    original = convlens.api.explain
+
+    def spy(model, x, methods, *args, **kwargs):  # type: ignore[no-untyped-def]
+        seen.extend({"name": m.name, **m.options()} for m in methods)
+        return original(model, x, methods, *args, **kwargs)
+
+    monkeypatch.setattr(convlens.api, "explain", spy)
+    model = make_model(setup["dir"])
+    first = run(model, setup, methods={"occlusion": {"patch": 8, "stride": 4}}, top_errors=1)
+    assert first.metrics["methods"] == ["gradcam", "occlusion"]
+    assert first.metrics["method_options"] == {"occlusion": {"patch": 8, "stride": 4}}
+    occ = [s for s in seen if s["name"] == "occlusion"]
+    assert occ and all(s["patch"] == 8 and s["stride"] == 4 for s in occ)
+    # same options: cached panels reused; other options: panels recomputed
+    seen.clear()
+    run(
+        model,
+        setup,
+        methods="gradcam,occlusion",
+        method_options={"occlusion": {"patch": 8, "stride": 4}},
+        top_errors=1,
+    )
+    assert seen == []
+    run(
+        model,
+        setup,
+        methods=["occlusion"],
+        method_options={"occlusion": {"patch": 16}},
+        top_errors=1,
+    )
+    assert {s["patch"] for s in seen if s["name"] == "occlusion"} == {16}
+    index = (setup["run"] / "report" / "index.html").read_text()
+    assert "occlusion (patch=16)" in index
+
+
+@pytest.mark.parametrize(
+    ("methods", "options", "message"),
+    [
+        ({"occlusion": {"patchh": 8}}, None, r"no option 'patchh'.*patch: int.*stride: int"),
+        ({"gradcam": {"patch": 8}}, None, r"gradcam takes no options"),
+        ({"occlusion": {"patch": -1}}, None, r"patch and stride must be positive"),
+        ("gradcam,occlsion", None, r"unknown method 'occlsion'.*Did you mean: 'occlusion'"),
+        ("gradcam", {"occlusion": {"patch": 8}}, r"'occlusion', which is not among the methods"),
+    ],
+)
+def test_bad_method_options_fail_before_any_work(setup, methods, options, message) -> None:
+    from convlens.errors import InputError
+
+    with pytest.raises(InputError, match=message):
+        run(make_model(setup["dir"]), setup, methods=methods, method_options=options)
+    assert not (setup["run"] / "predictions.sqlite").exists()
+
+
+def test_parse_method_options_types_and_errors() -> None:
+    from convlens.errors import InputError
+    from convlens.methods.options import method_options, parse_method_options
+
+    got = parse_method_options(
+        [
+            "occlusion.patch=16",
+            "occlusion.stride = 8",
+            "occlusion.fill=blur",
+            "occlusion.batch_size=none",
+            "scorecam.channel_softmax=yes",
+            "tta.scales=1,0.5",
+            "rise.p=0.25",
+        ]
+    )
+    assert got == {
+        "occlusion": {"patch": 16, "stride": 8, "fill": "blur", "batch_size": None},
+        "scorecam": {"channel_softmax": True},
+        "tta": {"scales": (1.0, 0.5)},
+        "rise": {"p": 0.25},
+    }
+    assert type(got["occlusion"]["patch"]) is int
+    assert parse_method_options(["occlusion.fill=0.5"])["occlusion"]["fill"] == 0.5
+    assert set(method_options("occlusion")) >= {"patch", "stride", "fill"}
+    for bad, message in [
+        ("occlusion.patch=abc", "expected an integer"),
+        ("occlusion.fill=red", "expected 'mean' | 'blur' | 'zero' | float"),
+        ("occlusion.patch", "METHOD.OPTION=VALUE"),
+        ("patch=3", "METHOD.OPTION=VALUE"),
+        ("scorecam.channel_softmax=maybe", "expected true or false"),
+        ("occlusion.nope=1", "Its options: patch"),
+    ]:
+        with pytest.raises(InputError, match=re.escape(message)):
+            parse_method_options([bad])
+
+
+def test_cli_method_option(setup, capsys) -> None:
+    from convlens.cli import main
+
+    d = setup["dir"]
+    common = [
+        "analyze",
+        str(setup["data"]),
+        "--model",
+        f"{d / 'net.py'}:build",
+        "--classes",
+        str(d / "labels.txt"),
+        "--size",
+        "32",
+        "--out",
+        str(setup["run"]),
+        "--top-errors",
+        "1",
+        "--methods",
+        "occlusion",
+    ]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*common, "--method-option", "occlusion.patch=8", "-o", "occlusion.stride=4"])
+    assert exit_info.value.code == 0
+    metrics = json.loads((setup["run"] / "metrics.json").read_text())
+    assert metrics["method_options"] == {"occlusion": {"patch": 8, "stride": 4}}
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main([*common, "--method-option", "occlusion.strid=4"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "no option 'strid'" in err and "Did you mean: 'stride'" in err
+    assert "Traceback" not in err
+
+
+def test_image_unreadable_after_prediction_pass_is_skipped(setup, monkeypatch) -> None:
+    from convlens.analysis import run as run_module
+
+    model = make_model(setup["dir"])
+    gone: list[str] = []
+    original = run_module.select_examined
+
+    def damage_after_prediction(predictions, metrics, top_errors):  # type: ignore[no-untyped-def]
+        examined = original(predictions, metrics, top_errors)
+        # between the prediction pass and the explanation step: delete one, corrupt another
+        Path(examined[0].path).unlink()
+        Path(examined[1].path).write_bytes(b"\x89PNG truncated")
+        gone.extend([examined[0].path, examined[1].path])
+        return examined
+
+    monkeypatch.setattr(run_module, "select_examined", damage_after_prediction)
+    result = run(model, setup, top_errors=4)
+    assert [p for p, _ in result.unexplained] == gone
+    assert all(reason for _, reason in result.unexplained)
+    ids = {p.id: p.path for p in result.predictions}
+    assert len(result.explanations) >= 2
+    assert not {ids[i] for i in result.explanations} & set(gone)
+    # the predictions still count: 10 readable in the prediction pass, 1 unreadable then
+    assert result.metrics["images"] == 10 and result.metrics["failures"] == 1
+    assert result.report is not None
+    index = result.report.read_text()
+    assert 'id="unexplained"' in index
+    for path in gone:
+        assert html.escape(path) in index
+
+
+def _recount(db: Path) -> dict[str, object]:
+    """Top-1/top-5, per-class figures and ranked confused pairs straight from the SQLite rows."""
+    with sqlite3.connect(db) as conn:
+        n, right = conn.execute(
+            "SELECT COUNT(*), SUM(pred = label) FROM predictions WHERE label IS NOT NULL"
+        ).fetchone()
+        top5 = sum(
+            label in json.loads(t)
+            for t, label in conn.execute(
+                "SELECT top5, label FROM predictions WHERE label IS NOT NULL"
+            )
+        )
+        tp = dict(
+            conn.execute(
+                "SELECT label, COUNT(*) FROM predictions WHERE pred = label GROUP BY label"
+            )
+        )
+        support = dict(
+            conn.execute(
+                "SELECT label, COUNT(*) FROM predictions WHERE label IS NOT NULL GROUP BY label"
+            )
+        )
+        predicted = dict(
+            conn.execute(
+                "SELECT pred, COUNT(*) FROM predictions WHERE label IS NOT NULL GROUP BY pred"
+            )
+        )
+        pairs = conn.execute(
+            "SELECT label, pred, COUNT(*) AS n FROM predictions "
+            "WHERE label IS NOT NULL AND pred != label "
+            "GROUP BY label, pred ORDER BY n DESC, label, pred"
+        ).fetchall()
+    per_class = {}
+    for c in set(support) | set(predicted):
+        prec = tp.get(c, 0) / predicted[c] if c in predicted else 0.0
+        rec = tp.get(c, 0) / support[c] if c in support else 0.0
+        f1 = 2 * prec * rec / (prec + rec) if prec + rec else 0.0
+        per_class[c] = (prec, rec, f1, support.get(c, 0))
+    return {"top1": right / n, "top5": top5 / n, "per_class": per_class, "pairs": pairs}
+
+
+def test_metrics_equal_a_recount_from_the_store(tmp_path) -> None:
+    # 90 images of 6 labelled classes, an 8-class tiny model: many mistakes and confused pairs
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 4, 3, stride=2),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(16, 8),
+    )
+    names = [f"class {k}" for k in range(8)]
+    model = ConvlensModel(
+        net=net, preprocess=Preprocess(resize=None, crop=16), classes=names, name="tiny"
+    )
+    rng = np.random.default_rng(3)
+    lines = ["path,label"]
+    for k in range(90):
+        pixels = rng.integers(0, 255, (36, 36, 3), dtype=np.uint8)
+        pixels[:, : 4 + 4 * (k % 6)] = (37 * (k % 6)) % 255
+        Image.fromarray(pixels).save(tmp_path / f"{k}.png")
+        lines.append(f"{k}.png,{names[k % 6]}")
+    (tmp_path / "set.csv").write_text("\n".join(lines) + "\n")
+    result = analyze(
+        model, tmp_path / "set.csv", tmp_path / "run", top_errors=0, batch_size=16, progress=False
+    )
+    ref = _recount(tmp_path / "run" / "predictions.sqlite")
+    m = result.metrics
+    assert m["labelled"] == 90
+    assert m["top1"] == pytest.approx(ref["top1"])
+    assert m["top5"] == pytest.approx(ref["top5"])
+    assert 0 < m["top1"] < 1 and len(ref["pairs"]) >= 2  # the recount is not trivial
+    got = {r["class"]: (r["precision"], r["recall"], r["f1"], r["support"]) for r in m["per_class"]}
+    assert got.keys() == ref["per_class"].keys()
+    for c, row in ref["per_class"].items():
+        assert got[c] == pytest.approx(row)
+    assert [(r["true"], r["pred"], r["count"]) for r in m["confused_pairs"]] == ref["pairs"]
+
+
+def _big_result(out: Path, n: int = 50_000, classes: int = 1000) -> AnalysisResult:
+    """A synthetic run of ``n`` predictions (no model), for the report's table."""
+    from convlens.analysis import Prediction, compute_metrics
+    from convlens.analysis.store import image_id
+
+    rng = np.random.default_rng(7)
+    names = [f"class {k:04d}" for k in range(classes)]
+    predictions = []
+    for i in range(n):
+        label = None if i % 97 == 0 else int(rng.integers(classes))
+        pred = label if label is not None and rng.random() < 0.6 else int(rng.integers(classes))
+        others = [c for c in range(5) if c != pred][:4]
+        probs = sorted(rng.dirichlet(np.ones(5)).tolist(), reverse=True)
+        path = f"/data/img_{i:06d}.jpg"
+        predictions.append(
+            Prediction(
+                id=image_id(path),
+                path=path,
+                label=label,
+                top5=(pred, *others),
+                probs5=tuple(probs),
+                loss=None if label is None else 1.0,
+                correct=None if label is None else pred == label,
+            )
+        )
+    predictions.sort(key=lambda p: p.path)
+    return AnalysisResult(
+        out_dir=out,
+        metrics={**compute_metrics(predictions, names), "model": "synthetic"},
+        predictions=predictions,
+        failures=[],
+        class_names=names,
+    )
+
+
+def test_report_pages_sorts_and_filters_50000_rows(tmp_path) -> None:
+    if shutil.which("chromium") is None or importlib.util.find_spec("playwright") is None:
+        pytest.skip("needs chromium and the playwright package")
+    from playwright.sync_api import sync_playwright
+
+    from convlens.analysis.report import write_report
+
+    result = _big_result(tmp_path / "run")
+    index = write_report(result, [])
+    n = len(result.predictions)
+    assert index.stat().st_size < 60 * n  # compact JSON rows, not 50,000 table rows of HTML
+    names = result.class_names
+    confs = [round(p.confidence, 5) for p in result.predictions]
+    wrong = [p for p in result.predictions if p.correct is False]
+    query = "class 0042"
+    wrong_42 = [p for p in wrong if query in names[p.label] or query in names[p.pred]]  # type: ignore[index]
+    errors: list[str] = []
+
+    def column(page, k: int, attr: str = "value") -> list[str]:  # type: ignore[no-untyped-def]
+        return page.eval_on_selector_all(
+            f"#images-table tbody tr td:nth-child({k})", f"els => els.map(e => e.dataset.{attr})"
+        )
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(
+            executable_path="/usr/bin/chromium",
+            args=["--headless", "--no-sandbox", "--disable-gpu"],
+        )
+        try:
+            page = browser.new_page()
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(index.as_uri())
+            assert page.inner_text("#shown-count") == str(n)
+            assert page.inner_text("#page-info") == f"page 1 of {-(-n // 100)}"
+            assert len(column(page, 4)) == 100
+            # sorting covers every row: the first page starts at the global minimum ...
+            page.click("#images-table th[data-key=conf]")
+            first = [float(v) for v in column(page, 4)]
+            assert first == sorted(confs)[:100]
+            # ... and the last page ends at the global maximum
+            page.click("#page-last")
+            assert [float(v) for v in column(page, 4)] == sorted(confs)[-(n % 100 or 100) :]
+            page.click("#images-table th[data-key=conf]")  # descending
+            assert [float(v) for v in column(page, 4)] == sorted(confs, reverse=True)[:100]
+            page.click("#images-table th[data-key=true]")
+            true_sorted = sorted(
+                "" if p.label is None else names[p.label] for p in result.predictions
+            )
+            assert [v if v != "(no label)" else "" for v in column(page, 2)] == true_sorted[:100]
+            # filtering covers every row, and keeps the sort
+            page.select_option("#filter-status", "wrong")
+            assert page.inner_text("#shown-count") == str(len(wrong))
+            assert set(column(page, 5)) == {"wrong"}
+            page.fill("#filter-text", query)
+            assert page.inner_text("#shown-count") == str(len(wrong_42))
+            shown = list(zip(column(page, 2), column(page, 3), strict=True))
+            assert 0 < len(wrong_42) <= 100
+            expected = sorted(
+                ((names[p.label], names[p.pred]) for p in wrong_42),  # type: ignore[index]
+                key=lambda r: r[0],
+            )
+            assert shown == expected
+            # paging through the filtered rows
+            page.fill("#filter-text", "")
+            page.select_option("#page-size", "1000")
+            assert len(column(page, 4)) == 1000
+            one = column(page, 2)
+            page.click("#page-next")
+            assert page.inner_text("#page-info") == f"page 2 of {-(-len(wrong) // 1000)}"
+            two = column(page, 2)
+            assert len(two) == 1000 and one[-1] <= two[0]
+            page.click("#page-first")
+            assert column(page, 2) == one
+            page.screenshot(path=str(tmp_path / "big.png"))
+        finally:
+            browser.close()
+    assert errors == []
+
+
+@pytest.mark.parametrize("method", ["gradcam", "occlusion"])
+def test_two_targets_in_one_call_equal_two_calls(setup, method) -> None:
+    from convlens.analysis.run import _one_target
+    from convlens.api import explain
+
+    model = make_model(setup["dir"])
+    files = sorted(setup["data"].glob("*/img*.png"))[:3]
+    x = model.load_images(files)
+    pred, true = torch.tensor([0, 1, 2]), torch.tensor([2, 0, 1])
+    both = explain(model, x, [method], target=torch.stack([pred, true], dim=1))[method]
+    for k, target in enumerate((pred, true)):
+        alone = explain(model, x, [method], target=target)[method]
+        part = _one_target(both, k)
+        assert torch.equal(part.targets, alone.targets)
+        torch.testing.assert_close(part.maps, alone.maps, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(part.probs, alone.probs)
+
+
+def test_crash_while_reading_the_next_batch_keeps_the_previous_one(setup, monkeypatch) -> None:
+    from convlens.analysis import run as run_module
+
+    original = run_module._ImageSet.__getitem__
+
+    def flaky(self, i):  # type: ignore[no-untyped-def]
+        if i == 5:  # in the second batch of 4
+            raise RuntimeError("disk gone")
+        return original(self, i)
+
+    monkeypatch.setattr(run_module._ImageSet, "__getitem__", flaky)
+    with pytest.raises(RuntimeError, match="disk gone"):
+        run(make_model(setup["dir"]), setup)
+    db = setup["run"] / "predictions.sqlite"
+    assert rows(db) + rows(db, "failures") == 4  # the first batch, launched before the crash

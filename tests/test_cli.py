@@ -123,6 +123,21 @@ def test_methods_lists_the_registry(capsys) -> None:
         assert name in text
 
 
+def test_methods_options_lists_each_option_with_type_and_default(capsys) -> None:
+    import inspect
+
+    from convlens.methods import METHODS
+
+    assert run(["methods", "--options"]) == 0
+    text = capsys.readouterr().out
+    assert "occlusion.patch  int (default 32)" in text
+    for name, cls in METHODS.items():
+        if cls.__init__ is object.__init__:
+            continue
+        for param in list(inspect.signature(cls.__init__).parameters)[1:]:
+            assert f"{name}.{param}  " in text
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [

@@ -341,10 +341,21 @@ def layers(
 
 
 @app.command()
-def methods() -> None:
+def methods(
+    options: Annotated[
+        bool, typer.Option("--options", help="List each method's options, types and defaults.")
+    ] = False,
+) -> None:
     """List the explanation methods."""
     from convlens.methods import METHODS
+    from convlens.methods.options import method_options
 
+    if options:
+        for name in METHODS:
+            out.print(name, highlight=False, markup=False)
+            lines = [f"  {name}.{k}  {v}" for k, v in method_options(name).items()]
+            out.print("\n".join(lines or ["  (no options)"]), highlight=False, markup=False)
+        return
     table = Table(show_edge=False)
     table.add_column("name")
     table.add_column("method")

@@ -34,6 +34,15 @@ def register(app: typer.Typer) -> None:
         methods: Annotated[
             str, typer.Option(help="Comma-separated methods (Grad-CAM is always included).")
         ] = "gradcam",
+        method_option: Annotated[
+            Optional[list[str]],  # noqa: UP045
+            typer.Option(
+                "--method-option",
+                "-o",
+                help="A method's option as METHOD.OPTION=VALUE, e.g. occlusion.patch=16; "
+                "repeat for more (`convlens methods --options` lists them).",
+            ),
+        ] = None,
         top_errors: Annotated[int, typer.Option(help="Most confident mistakes to explain.")] = 50,
         batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 32,
         workers: Annotated[int, typer.Option(help="Image-reading worker processes.")] = 0,
@@ -50,13 +59,16 @@ def register(app: typer.Typer) -> None:
         """Find where and why the model errs: metrics, calibration, explained mistakes."""
         from convlens.analysis import analyze as run_analysis
         from convlens.cli import _load, err, out
+        from convlens.methods.options import parse_method_options
 
+        options = parse_method_options(method_option or [])
         net = _load(model, weights, classes, size, resize, mean, std, device)
         result = run_analysis(
             net,
             data,
             out_dir,
             methods=methods,
+            method_options=options,
             top_errors=top_errors,
             batch_size=batch_size,
             workers=workers,
@@ -71,4 +83,8 @@ def register(app: typer.Typer) -> None:
         )
         for path, reason in result.failures[:10]:
             err.print(f"skipped {path}: {reason}", highlight=False, markup=False)
+        for path, reason in result.unexplained[:10]:
+            err.print(
+                f"not explained (unreadable now) {path}: {reason}", highlight=False, markup=False
+            )
         err.print(f"report: {result.report}", highlight=False, markup=False)

@@ -7,6 +7,7 @@ and points inside the run folder. All text from the data set is escaped with :fu
 from __future__ import annotations
 
 import html
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,6 +18,8 @@ if TYPE_CHECKING:
     from convlens.analysis.store import Prediction
 
 __all__ = ["write_report"]
+
+_PAGE = 100  # default rows per page of the images table
 
 _CSS = """
 body{font:14px/1.4 system-ui,sans-serif;margin:0 auto;max-width:1200px;padding:0 1em;color:#222}
@@ -42,44 +45,119 @@ _JS = """
 (function () {
   "use strict";
   var table = document.getElementById("images-table");
-  if (!table) { return; }
+  var source = document.getElementById("images-data");
+  if (!table || !source) { return; }
+  var data = JSON.parse(source.textContent);
+  var names = data.names, rows = data.rows;  // row: [file, id, true, pred, conf, flags]
+  var STATUS = ["wrong", "right", "unlabelled"];
   var tbody = table.tBodies[0];
   var text = document.getElementById("filter-text");
   var status = document.getElementById("filter-status");
   var shown = document.getElementById("shown-count");
+  var size = document.getElementById("page-size");
+  var info = document.getElementById("page-info");
+  var collator = new Intl.Collator(undefined, {sensitivity: "base", numeric: true});
+  var rank = names.map(function (_, i) { return i; });
+  rank.sort(function (a, b) { return collator.compare(names[a], names[b]); });
+  var nameRank = new Array(names.length + 1);
+  rank.forEach(function (c, r) { nameRank[c + 1] = r + 1; });
+  nameRank[0] = 0;  // no label sorts first
+  var lower = names.map(function (n) { return n.toLowerCase(); });
+  function label(c) { return c < 0 ? "(no label)" : names[c]; }
+  function state(r) { return r[2] < 0 ? 2 : (r[2] === r[3] ? 1 : 0); }
+  var KEYS = {
+    "true": function (r) { return nameRank[r[2] + 1]; },
+    "pred": function (r) { return nameRank[r[3] + 1]; },
+    "conf": function (r) { return r[4]; },
+    "status": function (r) { return STATUS[state(r)]; }
+  };
+  var order = rows.map(function (_, i) { return i; });  // sorted order of all rows
+  var view = order;  // filtered rows, in sorted order
+  var page = 0;
+  function esc(v) {
+    return String(v).replace(/[&<>"']/g, function (ch) {
+      return {"&": "&amp;", "<": "&lt;", ">": "&gt;", "\\"": "&quot;", "'": "&#39;"}[ch];
+    });
+  }
+  function cell(r) {
+    var flags = r[5], inner = esc(r[0]);
+    if (flags & 1) {
+      inner = '<img class="thumb" loading="lazy" src="' + data.thumbs + esc(r[1]) +
+        '.jpg" alt="' + esc(r[0]) + '">';
+    }
+    if (flags & 2) { return '<a href="' + data.pages + esc(r[1]) + '.html">' + inner + "</a>"; }
+    if (flags & 1) { return '<a href="' + data.thumbs + esc(r[1]) + '.jpg">' + inner + "</a>"; }
+    return inner;
+  }
+  function render() {
+    var per = parseInt(size.value, 10);
+    var pages = Math.max(1, Math.ceil(view.length / per));
+    page = Math.min(Math.max(page, 0), pages - 1);
+    var html = [];
+    var end = Math.min(view.length, (page + 1) * per);
+    for (var k = page * per; k < end; k += 1) {
+      var r = rows[view[k]], st = STATUS[state(r)];
+      html.push('<tr data-status="' + st + '"><td>' + cell(r) + "</td>" +
+        '<td data-value="' + esc(label(r[2])) + '">' + esc(label(r[2])) + "</td>" +
+        '<td data-value="' + esc(label(r[3])) + '">' + esc(label(r[3])) + "</td>" +
+        '<td class="num" data-value="' + r[4] + '">' + r[4].toFixed(3) + "</td>" +
+        '<td data-value="' + st + '" class="' + st + '">' + st + "</td></tr>");
+    }
+    tbody.innerHTML = html.join("");
+    shown.textContent = String(view.length);
+    info.textContent = "page " + (page + 1) + " of " + pages;
+    document.getElementById("page-first").disabled = page === 0;
+    document.getElementById("page-prev").disabled = page === 0;
+    document.getElementById("page-next").disabled = page >= pages - 1;
+    document.getElementById("page-last").disabled = page >= pages - 1;
+  }
   function apply() {
     var q = text.value.trim().toLowerCase();
     var s = status.value;
-    var n = 0;
-    Array.prototype.forEach.call(tbody.rows, function (row) {
-      var classes = (row.dataset.true + "\\n" + row.dataset.pred).toLowerCase();
-      var ok = (!q || classes.indexOf(q) >= 0) && (s === "all" || row.dataset.status === s);
-      row.hidden = !ok;
-      if (ok) { n += 1; }
+    var hit = names.map(function (n, c) { return !q || lower[c].indexOf(q) >= 0; });
+    var noLabel = !q || "(no label)".indexOf(q) >= 0;
+    view = order.filter(function (i) {
+      var r = rows[i];
+      if (s !== "all" && STATUS[state(r)] !== s) { return false; }
+      return !q || (r[2] < 0 ? noLabel : hit[r[2]]) || hit[r[3]] ||
+        r[0].toLowerCase().indexOf(q) >= 0;
     });
-    shown.textContent = String(n);
+    page = 0;
+    render();
   }
   function sortBy(th) {
-    var col = th.cellIndex;
-    var numeric = th.dataset.type === "num";
+    var key = KEYS[th.dataset.key];
     var asc = th.getAttribute("aria-sort") !== "ascending";
-    var rows = Array.prototype.slice.call(tbody.rows);
-    rows.sort(function (a, b) {
-      var x = a.cells[col].dataset.value, y = b.cells[col].dataset.value;
-      var c = numeric ? parseFloat(x) - parseFloat(y) : x.localeCompare(y);
-      return asc ? c : -c;
+    var sign = asc ? 1 : -1;
+    var values = rows.map(key);
+    order = rows.map(function (_, i) { return i; });
+    order.sort(function (a, b) {
+      var x = values[a], y = values[b];
+      var c = x < y ? -1 : (x > y ? 1 : 0);
+      return c !== 0 ? sign * c : a - b;
     });
-    rows.forEach(function (r) { tbody.appendChild(r); });
     Array.prototype.forEach.call(table.tHead.rows[0].cells, function (h) {
       h.removeAttribute("aria-sort");
     });
     th.setAttribute("aria-sort", asc ? "ascending" : "descending");
+    apply();
   }
   Array.prototype.forEach.call(table.tHead.querySelectorAll("th[data-key]"), function (th) {
     th.addEventListener("click", function () { sortBy(th); });
   });
+  function go(id, to) {
+    document.getElementById(id).addEventListener("click", function () {
+      page = to(page);
+      render();
+    });
+  }
+  go("page-first", function () { return 0; });
+  go("page-prev", function (p) { return p - 1; });
+  go("page-next", function (p) { return p + 1; });
+  go("page-last", function () { return 1e9; });
   text.addEventListener("input", apply);
   status.addEventListener("change", apply);
+  size.addEventListener("change", function () { page = 0; render(); });
   apply();
 })();
 """
@@ -143,6 +221,16 @@ class _Report:
             (self.pages / f"{pid}.html").write_text(self.image_page(self.by_id[pid], prev, nxt))
         return index
 
+    def methods_text(self) -> str:
+        m = self.r.metrics
+        options = m.get("method_options", {})
+        return ", ".join(
+            name + (f" ({', '.join(f'{k}={v}' for k, v in options[name].items())})")
+            if options.get(name)
+            else name
+            for name in m.get("methods", [])
+        )
+
     def index_body(self) -> str:
         m = self.r.metrics
         d = self.dir
@@ -163,7 +251,8 @@ class _Report:
             ("expected calibration error (15 bins)", f"{m['ece']:.4f}"),
             ("mean cross-entropy", f"{m['mean_loss']:.4f}"),
             ("unreadable files (skipped)", m["failures"]),
-            ("explanation methods", ", ".join(m.get("methods", []))),
+            ("examined but unreadable when explained", len(self.r.unexplained)),
+            ("explanation methods", self.methods_text()),
         ]
         parts += [f"<tr><td>{_e(k)}</td><td>{_e(v)}</td></tr>" for k, v in rows]
         parts.append("</table>")
@@ -204,11 +293,19 @@ class _Report:
         parts.append(self.images_section())
         parts.append('<section id="failures"><h2>Unreadable files</h2>')
         if self.r.failures:
-            parts.append("<ul>")
+            parts.append("<p>Skipped: these could not be read in the prediction pass.</p><ul>")
             parts += [f"<li>{_e(p)}: {_e(reason)}</li>" for p, reason in self.r.failures]
             parts.append("</ul>")
         else:
             parts.append("<p>None.</p>")
+        if self.r.unexplained:
+            parts.append(
+                '<h3 id="unexplained">Not explained: unreadable after the prediction pass</h3>'
+                "<p>Predicted (and counted in every figure above), but the file could not be "
+                "read any more when its explanations were due:</p><ul>"
+            )
+            parts += [f"<li>{_e(p)}: {_e(reason)}</li>" for p, reason in self.r.unexplained]
+            parts.append("</ul>")
         parts.append("</section>")
         return "\n".join(parts)
 
@@ -246,32 +343,60 @@ class _Report:
         return "\n".join(out)
 
     def images_section(self) -> str:
+        """The table of every image: rows are compact JSON rendered a page at a time by _JS."""
         d = self.dir
-        out = [
+        examined = set(self.examined)
+        thumbs = self.root / "thumbs"
+        present = {f.stem for f in thumbs.glob("*.jpg")} if thumbs.is_dir() else set()
+        classes: dict[int, int] = {}
+
+        def cls(c: int | None) -> int:
+            return -1 if c is None else classes.setdefault(c, len(classes))
+
+        rows = [
+            [
+                Path(p.path).name,
+                p.id,
+                cls(p.label),
+                cls(p.pred),
+                round(p.confidence, 5),
+                (1 if p.id in present else 0) | (2 if p.id in examined else 0),
+            ]
+            for p in self.r.predictions
+        ]
+        data = {
+            "names": [self.r.class_names[c] for c in classes],
+            "rows": rows,
+            "thumbs": _rel(thumbs, d) + "/",
+            "pages": _rel(self.pages, d) + "/",
+        }
+        payload = json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+        payload = payload.replace("<", "\\u003c").replace(">", "\\u003e")
+        sizes = "".join(
+            f'<option value="{n}"{" selected" if n == _PAGE else ""}>{n}</option>'
+            for n in (25, 50, 100, 250, 1000)
+        )
+        return (
             '<section id="images"><h2>All images</h2><p>'
-            '<label>class contains <input id="filter-text" type="search"></label> '
+            '<label>class or file contains <input id="filter-text" type="search"></label> '
             '<label>show <select id="filter-status"><option value="all">all</option>'
             '<option value="right">right</option><option value="wrong">wrong</option>'
             '<option value="unlabelled">unlabelled</option></select></label> '
-            '<span id="shown-count"></span> shown; click a header to sort.</p>'
+            f'<span id="shown-count"></span> of {len(rows)} shown; click a header to sort '
+            "(sorting and filtering cover every image, not only the page shown).</p>"
+            '<p class="pager"><button id="page-first" type="button">first</button> '
+            '<button id="page-prev" type="button">previous</button> '
+            '<span id="page-info"></span> '
+            '<button id="page-next" type="button">next</button> '
+            '<button id="page-last" type="button">last</button> '
+            f'<label>rows per page <select id="page-size">{sizes}</select></label></p>'
             '<table id="images-table"><thead><tr><th>image</th>'
             '<th data-key="true">true class</th><th data-key="pred">predicted class</th>'
             '<th data-key="conf" data-type="num">confidence</th>'
-            '<th data-key="status">right/wrong</th></tr></thead><tbody>'
-        ]
-        for p in self.r.predictions:
-            status = "unlabelled" if p.correct is None else "right" if p.correct else "wrong"
-            true, pred = self.name(p.label), self.name(p.pred)
-            out.append(
-                f'<tr data-true="{_e(true)}" data-pred="{_e(pred)}" data-status="{status}">'
-                f"<td>{self.page_link(p, d, self.thumb(p, d))}</td>"
-                f'<td data-value="{_e(true)}">{_e(true)}</td>'
-                f'<td data-value="{_e(pred)}">{_e(pred)}</td>'
-                f'<td class="num" data-value="{p.confidence:.6f}">{p.confidence:.3f}</td>'
-                f'<td data-value="{status}" class="{status}">{status}</td></tr>'
-            )
-        out.append("</tbody></table></section>")
-        return "\n".join(out)
+            '<th data-key="status">right/wrong</th></tr></thead><tbody></tbody></table>'
+            f'<script type="application/json" id="images-data">{payload}</script>'
+            "</section>"
+        )
 
     def image_page(self, p: Prediction, prev: str | None, nxt: str | None) -> str:
         d = self.pages

@@ -10,10 +10,10 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -29,6 +29,10 @@ from convlens.analysis.store import Prediction, PredictionStore, image_id
 from convlens.errors import ConvlensError, InputError
 from convlens.models.base import ConvlensModel
 from convlens.models.preprocess import Preprocess
+
+if TYPE_CHECKING:
+    from convlens.methods.base import Method
+    from convlens.result import Explanation
 
 __all__ = ["AnalysisResult", "analyze", "select_examined"]
 
@@ -51,6 +55,9 @@ class AnalysisResult:
         failures: ``(path, reason)`` of the unreadable images.
         class_names: name of each class index.
         explanations: image id -> explanation panel (PNG) of the examined images.
+        unexplained: ``(path, reason)`` of examined images that could not be read any more
+            when their explanations were due (deleted or corrupted after the prediction pass);
+            their predictions still count.
         report: the report's ``index.html``.
     """
 
@@ -60,6 +67,7 @@ class AnalysisResult:
     failures: list[tuple[str, str]]
     class_names: list[str]
     explanations: dict[str, Path] = field(default_factory=dict)
+    unexplained: list[tuple[str, str]] = field(default_factory=list)
     report: Path | None = None
 
     def table(self) -> list[dict[str, Any]]:
@@ -87,9 +95,16 @@ class AnalysisResult:
         """:meth:`table` as a ``pandas.DataFrame``.
 
         Raises:
-            ImportError: pandas is not installed.
+            ImportError: pandas is not installed (pandas is optional; :meth:`table` gives the
+                same rows as dicts).
         """
-        import pandas as pd
+        try:
+            import pandas as pd
+        except ImportError as exc:
+            raise ImportError(
+                "AnalysisResult.dataframe() needs pandas, which is optional: "
+                "pip install pandas (or use AnalysisResult.table(), the same rows as dicts)"
+            ) from exc
 
         return pd.DataFrame(self.table())
 
@@ -156,30 +171,126 @@ def _progress(enabled: bool) -> contextlib.AbstractContextManager[Any]:
     )
 
 
-def _predict_batch(
-    model: ConvlensModel, x: torch.Tensor, paths: list[str], labels: list[int | None]
-) -> list[Prediction]:
-    from convlens.hooks import model_state
+@dataclass
+class _Launched:
+    """One batch's results on their way to the host (``ready`` is set once they are there)."""
 
-    with model_state(model.net, eval_mode=True, grads=False), torch.no_grad():
-        logits = model.net(x.to(model.device)).float().cpu()
+    idx: list[int]
+    failed: list[tuple[int, str]]
+    top_probs: torch.Tensor | None = None  # (B, k)
+    top_classes: torch.Tensor | None = None  # (B, k)
+    label_log_probs: torch.Tensor | None = None  # (B,), NaN without a label
+    ready: Any = None  # a CUDA event, or None when the tensors are already on the host
+
+
+def _launch_batch(
+    model: ConvlensModel, x: torch.Tensor, labels: list[int | None], copy_stream: Any = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any]:
+    """Queue the forward pass of one batch and the copies of its top-k and label log-probs.
+
+    On CUDA nothing here waits for the GPU: the input (pinned by the loader) is copied on
+    ``copy_stream``, so the copy overlaps the previous batch's forward pass; the small outputs
+    are copied back without blocking and an event marks when they have arrived, so the next
+    batch can be read and launched meanwhile.
+    """
+    device = model.device
+    index = torch.tensor([-1 if lbl is None else lbl for lbl in labels])
+    ready = None
+    if device.type == "cuda":
+        compute = torch.cuda.current_stream(device)
+        side = copy_stream if copy_stream is not None else compute
+        with torch.cuda.stream(side):
+            # pinned sources, so that the copies do not wait for the GPU
+            x = (x if x.is_pinned() else x.pin_memory()).to(device, non_blocking=True)
+            index = index.pin_memory().to(device, non_blocking=True)
+        if side is not compute:
+            compute.wait_stream(side)
+            x.record_stream(compute)
+            index.record_stream(compute)
+    logits = model.net(x).float()
     log_probs = torch.log_softmax(logits, dim=1)
     top = log_probs.exp().topk(min(5, logits.shape[1]), dim=1)
+    picked = log_probs.gather(1, index.clamp(min=0)[:, None])[:, 0]
+    picked = torch.where(index >= 0, picked, torch.full_like(picked, float("nan")))
+    cuda = device.type == "cuda"
+    out = [t.to("cpu", non_blocking=cuda) for t in (top.values, top.indices, picked)]
+    if cuda:
+        ready = torch.cuda.Event()
+        ready.record()
+    return out[0], out[1], out[2], ready
+
+
+def _finish_batch(launched: _Launched, todo: Sequence[tuple[str, int | None]]) -> list[Prediction]:
+    """Wait for a launched batch's results and turn them into predictions."""
+    if launched.ready is not None:
+        launched.ready.synchronize()
+    if launched.top_probs is None or launched.top_classes is None:
+        return []
+    classes = launched.top_classes.tolist()
+    probs = launched.top_probs.tolist()
+    label_lp = launched.label_log_probs.tolist() if launched.label_log_probs is not None else []
     out = []
-    for b, (path, label) in enumerate(zip(paths, labels, strict=True)):
-        top5 = tuple(int(c) for c in top.indices[b])
+    for b, i in enumerate(launched.idx):
+        path, label = todo[i]
+        top5 = tuple(int(c) for c in classes[b])
         out.append(
             Prediction(
                 id=image_id(path),
                 path=path,
                 label=label,
                 top5=top5,
-                probs5=tuple(float(p) for p in top.values[b]),
-                loss=None if label is None else float(-log_probs[b, label]),
+                probs5=tuple(float(p) for p in probs[b]),
+                loss=None if label is None else -float(label_lp[b]),
                 correct=None if label is None else top5[0] == label,
             )
         )
     return out
+
+
+def _predict_loop(
+    model: ConvlensModel,
+    store: PredictionStore,
+    todo: Sequence[tuple[str, int | None]],
+    batches: Iterable[tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]],
+    advance: Any = None,
+) -> None:
+    """Predict ``batches`` of ``(indices into todo, inputs, failures)`` into the store.
+
+    One batch is kept in flight: batch ``k + 1`` is read and launched before batch ``k``'s
+    results are waited for and written (one transaction per batch). If reading or launching a
+    batch fails, the batch before it is still written, so a crash loses only the failing batch.
+    """
+    from convlens.hooks import model_state
+
+    def finish(launched: _Launched) -> None:
+        preds = _finish_batch(launched, todo)
+        store.add_batch(preds, [(todo[i][0], reason) for i, reason in launched.failed])
+        for i, reason in launched.failed:
+            log.warning("skipped %s: %s", todo[i][0], reason)
+        if advance is not None:
+            advance(len(launched.idx) + len(launched.failed))
+
+    pending: _Launched | None = None
+    device = model.device
+    copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+    with model_state(model.net, eval_mode=True, grads=False), torch.inference_mode():
+        try:
+            for idx, x, failed in batches:
+                launched = _Launched(idx=idx, failed=failed)
+                if x is not None:
+                    top_probs, top_classes, label_lp, ready = _launch_batch(
+                        model, x, [todo[i][1] for i in idx], copy_stream
+                    )
+                    launched.top_probs, launched.top_classes = top_probs, top_classes
+                    launched.label_log_probs, launched.ready = label_lp, ready
+                if pending is not None:
+                    done, pending = pending, None
+                    finish(done)
+                pending = launched
+        finally:  # also when reading or launching the next batch failed
+            if pending is not None:
+                done, pending = pending, None
+                finish(done)
 
 
 def _infer(
@@ -204,20 +315,13 @@ def _infer(
         batch_size=batch_size,
         num_workers=workers,
         collate_fn=_collate,
+        pin_memory=model.device.type == "cuda",
+        prefetch_factor=4 if workers else None,
     )
     with _progress(progress) as bar:
         task = bar.add_task("predicting", total=len(todo)) if bar is not None else None
-        for idx, x, failed in loader:
-            preds = []
-            if x is not None:
-                preds = _predict_batch(
-                    model, x, [todo[i][0] for i in idx], [todo[i][1] for i in idx]
-                )
-            store.add_batch(preds, [(todo[i][0], reason) for i, reason in failed])
-            for i, reason in failed:
-                log.warning("skipped %s: %s", todo[i][0], reason)
-            if bar is not None:
-                bar.advance(task, len(idx) + len(failed))
+        advance = (lambda n: bar.advance(task, n)) if bar is not None else None
+        _predict_loop(model, store, todo, loader, advance)
 
 
 def select_examined(
@@ -239,53 +343,126 @@ def select_examined(
     return list(chosen.values())
 
 
+def _jsonable(options: Mapping[str, Any]) -> dict[str, Any]:
+    """Options as JSON values (``repr`` of anything else, e.g. a tensor or a method object)."""
+    return {
+        k: v if isinstance(v, (bool, int, float, str, type(None))) else repr(v)
+        for k, v in options.items()
+    }
+
+
+def _load_readable(
+    model: ConvlensModel, chunk: Sequence[Prediction]
+) -> tuple[list[Prediction], torch.Tensor | None, list[tuple[str, str]]]:
+    """Load each image of ``chunk``; those unreadable now are returned as ``(path, reason)``."""
+    from convlens.images import load_image
+
+    ok, xs, failed = [], [], []
+    for p in chunk:
+        try:
+            xs.append(model.preprocess(load_image(p.path)))
+        except (ConvlensError, OSError) as exc:
+            failed.append((p.path, str(exc)))
+            continue
+        ok.append(p)
+    return ok, (torch.stack(xs) if xs else None), failed
+
+
+def _one_target(exp: Explanation, k: int) -> Explanation:
+    """The explanation of target ``k`` only (K = 1), for the one-target panels."""
+
+    def cut(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t[:, k : k + 1]
+
+    return replace(
+        exp,
+        maps=exp.maps[:, k : k + 1],
+        targets=exp.targets[:, k : k + 1],
+        scores=exp.scores[:, k : k + 1],
+        probs=exp.probs[:, k : k + 1],
+        raw_maps=cut(exp.raw_maps),
+        class_names=None if exp.class_names is None else [r[k : k + 1] for r in exp.class_names],
+        attributions=cut(exp.attributions),
+    )
+
+
 def _explain_errors(
     model: ConvlensModel,
     examined: Sequence[Prediction],
-    methods: Sequence[str],
+    methods: Mapping[str, Method],
     out: Path,
     *,
+    config: str,
     batch_size: int,
     progress: bool,
-) -> dict[str, Path]:
-    """Side-by-side panels (predicted vs true class) of each examined image, cached as PNGs."""
+) -> tuple[dict[str, Path], list[tuple[str, str]]]:
+    """Side-by-side panels (predicted vs true class) of each examined image, cached as PNGs.
+
+    The cache is kept while ``config`` (the methods and their options) is unchanged; other
+    panels are removed first. An image that can no longer be read (deleted or corrupted since
+    the prediction pass) is skipped and returned as ``(path, reason)``.
+    """
     from convlens.api import explain
     from convlens.render import save_figure, side_by_side_figure
 
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = out / "config.json"
+    if not stamp.is_file() or stamp.read_text() != config:
+        for old in out.glob("*.png"):
+            old.unlink()
+        stamp.write_text(config)
     files = {p.id: out / f"{p.id}.png" for p in examined}
     todo = [p for p in examined if not files[p.id].exists()]
-    if todo:
-        with _progress(progress) as bar:
-            task = bar.add_task("explaining errors", total=len(todo)) if bar else None
-            for start in range(0, len(todo), batch_size):
-                chunk = todo[start : start + batch_size]
-                x = model.load_images([p.path for p in chunk]).to(model.device)
-                pred = torch.tensor([p.pred for p in chunk], device=model.device)
-                true = torch.tensor([int(p.label or 0) for p in chunk], device=model.device)
-                by_pred = explain(model, x, list(methods), target=pred)
-                by_true = explain(model, x, list(methods), target=true)
+    unreadable: list[tuple[str, str]] = []
+    with _progress(progress and bool(todo)) as bar:
+        task = bar.add_task("explaining errors", total=len(todo)) if bar else None
+        for start in range(0, len(todo), batch_size):
+            chunk, x, failed = _load_readable(model, todo[start : start + batch_size])
+            for path, reason in failed:
+                log.warning("cannot explain %s, unreadable now: %s", path, reason)
+            unreadable += failed
+            if x is not None:
+                x = x.to(model.device)
+                # both targets in one call: one sweep of a perturbation method serves both
+                both = torch.tensor(
+                    [[p.pred, int(p.label or 0)] for p in chunk], device=model.device
+                )
+                results = explain(model, x, list(methods.values()), target=both)
                 for i, p in enumerate(chunk):
                     panels = {}
-                    for m in by_pred:
-                        panels[f"{m}: predicted"] = by_pred[m]
-                        panels[f"{m}: true"] = by_true[m]
+                    for m, exp in results.items():
+                        panels[f"{m}: predicted"] = _one_target(exp, 0)
+                        panels[f"{m}: true"] = _one_target(exp, 1)
                     fig = side_by_side_figure(panels, i)
                     save_figure(fig, files[p.id])
                     fig.clear()
-                if bar is not None:
-                    bar.advance(task, len(chunk))
-    return files
+            if bar is not None:
+                bar.advance(task, len(chunk) + len(failed))
+    return {k: f for k, f in files.items() if f.is_file()}, unreadable
 
 
-def _method_names(methods: str | Sequence[str]) -> list[str]:
-    from convlens.methods import get_method
+MethodsArg = str | Sequence[str] | Mapping[str, Mapping[str, Any]]
+"""Methods of :func:`analyze`: comma-separated names, a list of names, or ``{name: options}``."""
 
+
+def _method_specs(
+    methods: MethodsArg, method_options: Mapping[str, Mapping[str, Any]] | None
+) -> dict[str, dict[str, Any]]:
+    """``{name: options}`` with Grad-CAM first, from any accepted form of the arguments."""
     if isinstance(methods, str):
         methods = [m.strip() for m in methods.split(",") if m.strip()]
-    names = ["gradcam", *[m for m in methods if m != "gradcam"]]
-    for name in names:
-        get_method(name)  # raises a clear error for unknown names, before any work
-    return names
+    if isinstance(methods, Mapping):
+        specs = {str(k): dict(v or {}) for k, v in methods.items()}
+    else:
+        specs = {str(m): {} for m in methods}
+    for name, options in (method_options or {}).items():
+        if name not in specs:
+            raise InputError(
+                f"options are given for {name!r}, which is not among the methods "
+                f"({', '.join(dict.fromkeys(['gradcam', *specs]))}); add it to the methods"
+            )
+        specs[name].update(options)
+    return {"gradcam": specs.pop("gradcam", {}), **specs}
 
 
 def analyze(
@@ -293,7 +470,8 @@ def analyze(
     data: str | Path,
     out_dir: str | Path,
     *,
-    methods: str | Sequence[str] = ("gradcam",),
+    methods: MethodsArg = ("gradcam",),
+    method_options: Mapping[str, Mapping[str, Any]] | None = None,
     top_errors: int = 50,
     batch_size: int = 32,
     workers: int = 0,
@@ -311,7 +489,12 @@ def analyze(
         model: the classifier (see :func:`~convlens.load_model`).
         data: class folders (named by class name or synset) or a CSV with ``path,label``.
         out_dir: the run folder (created; reused to resume).
-        methods: explanation methods (names or comma-separated); Grad-CAM is always included.
+        methods: explanation methods: names (a list, or comma-separated), or a mapping from
+            name to that method's options, e.g. ``{"occlusion": {"patch": 16, "stride": 8}}``
+            (see :func:`~convlens.methods.options.method_options`). Grad-CAM is always
+            included.
+        method_options: options of methods named in ``methods``, e.g.
+            ``{"occlusion": {"patch": 16}}`` (merged over those given in ``methods``).
         top_errors: number of most confident mistakes to explain.
         batch_size: images per forward pass and per explanation batch.
         workers: DataLoader worker processes for reading images.
@@ -322,14 +505,18 @@ def analyze(
         The :class:`AnalysisResult`.
 
     Raises:
-        InputError: no images found, bad arguments, or ``out_dir`` holds a run of a model with
+        InputError: no images found, bad arguments, an unknown method or option (the valid
+            ones are listed), or ``out_dir`` holds a run of a model with
             a different number of classes.
     """
     if batch_size < 1 or workers < 0:
         raise InputError(f"batch_size must be >= 1 and workers >= 0, got {batch_size}, {workers}")
     from convlens.data import read_labelled
+    from convlens.methods.options import build_methods
 
-    names = _method_names(methods)
+    specs = _method_specs(methods, method_options)
+    instances = build_methods(specs)  # checks names and options before any work
+    names = list(instances)
     out = Path(out_dir)
     items = [(str(p), lbl) for p, lbl in read_labelled(data, model.classes, limit=limit)]
     if not items:
@@ -360,6 +547,7 @@ def analyze(
     metrics = compute_metrics(predictions, class_names, failures=len(failures))
     metrics["model"] = model.name
     metrics["methods"] = names
+    metrics["method_options"] = {n: _jsonable(o) for n, o in specs.items() if o}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     from convlens.render import save_figure
 
@@ -371,8 +559,15 @@ def analyze(
     ):
         save_figure(fig, plots / f"{name}.png")
     examined = select_examined(predictions, metrics, top_errors)
-    files = _explain_errors(
-        model, examined, names, out / "explanations", batch_size=batch_size, progress=progress
+    config = json.dumps({n: _jsonable(o) for n, o in specs.items()}, sort_keys=True)
+    files, unexplained = _explain_errors(
+        model,
+        examined,
+        instances,
+        out / "explanations",
+        config=config,
+        batch_size=batch_size,
+        progress=progress,
     )
     result = AnalysisResult(
         out_dir=out,
@@ -381,6 +576,7 @@ def analyze(
         failures=failures,
         class_names=class_names,
         explanations=files,
+        unexplained=unexplained,
     )
     result.report = write_report(result, [p.id for p in examined])
     return result
