@@ -329,6 +329,15 @@ class _Step:
     src: fx.Node | None = None  # the region argument of a pointwise op
 
 
+def _trace_error(exc: Exception) -> bool:
+    """Whether an exception raised by :func:`torch.fx.symbolic_trace` means "cannot be traced"
+    (control flow on tensors, unsupported Python on proxies) rather than the model failing."""
+    if isinstance(exc, (fx.proxy.TraceError, TypeError, NotImplementedError, AttributeError)):
+        return True
+    text = str(exc).lower()
+    return any(word in text for word in ("proxy", "trac", "symbolic"))
+
+
 def _is_tensor(v: Any) -> bool:
     return isinstance(v, torch.Tensor)
 
@@ -360,7 +369,9 @@ class IncrementalEngine:
     ) -> None:
         try:
             gm = fx.symbolic_trace(net)
-        except Exception as exc:  # fx raises many types on untraceable code
+        except Exception as exc:
+            if not _trace_error(exc):
+                raise  # the model's own error, not a limitation of tracing
             raise NotIncrementalError(
                 f"torch.fx cannot trace the model ({type(exc).__name__}: {exc})"
             ) from exc
