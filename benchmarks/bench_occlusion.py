@@ -274,6 +274,8 @@ def convlens_side(
     kw["memory_mb"] = args.memory_mb
     if side == "approx":
         kw.update(mode="approx", tau=args.tau, coarse=args.coarse, drill=args.drill)
+    elif side.startswith("approx tau="):
+        kw.update(mode="approx", tau=args.tau_row, coarse=1, drill=1.0)
     else:
         kw["mode"] = side
     method = Occlusion(**kw)
@@ -285,7 +287,7 @@ def convlens_side(
         done = meta["macs_fraction"] * windows
         bound = 1 - meta["macs_bound_fraction"]
         macs = f"{100 * (1 - done):.0f}% skipped (bound {100 * bound:.0f}%)"
-        if side == "approx":
+        if side.startswith("approx"):
             macs += f"; {100 * windows:.0f}% of windows"
     note = f"batch {meta['perturbations_per_batch']}"
     if meta.get("full_from"):
@@ -333,7 +335,10 @@ def bench_model(
     if args.warmup:  # lazy init, cuDNN algorithm choice: one window row of one image
         for side in ("naive", "exact"):
             Occlusion(patch=PATCH, stride=SIZE // 2, fill=0.0, mode=side)(net, x[:1])  # type: ignore[arg-type]
-    rows = [convlens_side(name, s, net, x, args) for s in ("naive", "exact", "approx")]
+    sides = ["naive", "exact", "approx"]
+    if args.tau_row:
+        sides.append(f"approx tau={args.tau_row:g}")
+    rows = [convlens_side(name, s, net, x, args) for s in sides]
     if have_captum:
         for ppe in args.ppe:
             rows.append(captum_side(name, net, x, targets, ppe))
@@ -465,9 +470,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--data", type=Path, default=None, help="folder with labels.csv")
     p.add_argument("--ppe", type=int, nargs="+", default=None, help="Captum values tried")
     p.add_argument("--memory-mb", type=float, default=None, help="convlens batch memory cap")
-    p.add_argument("--tau", type=float, default=0.5)
-    p.add_argument("--coarse", type=int, default=2)
-    p.add_argument("--drill", type=float, default=0.25)
+    p.add_argument("--tau", type=float, default=1.0, help="approx row: projective-field cap")
+    p.add_argument("--coarse", type=int, default=2, help="approx row: coarse step (windows)")
+    p.add_argument("--drill", type=float, default=0.5, help="approx row: fraction drilled")
+    p.add_argument(
+        "--tau-row", type=float, default=0.7, help="extra row: tau alone (0: no such row)"
+    )
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--tf32", action="store_true", help="allow TF32 convolutions on cuda")
     p.add_argument("--quick", action="store_true", help="2 images, one Captum setting")
@@ -526,9 +534,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
         "setting": f"{len(x)} image(s) ({source}); patch {PATCH}, stride {STRIDE} on "
         f"{SIZE}x{SIZE} (729 windows/image), fill 0, target top-1 softmax probability; "
-        f"convlens memory cap {args.memory_mb:.0f} MB; approx tau {args.tau}, coarse "
-        f"{args.coarse}, drill {args.drill}; one call per side"
-        + (" after a small warm-up" if args.warmup else ""),
+        f"convlens memory cap {args.memory_mb:.0f} MB; approx: tau {args.tau}, coarse "
+        f"{args.coarse}, drill {args.drill}; approx tau=: that tau, no drill-down; "
+        "one call per side" + (" after a small warm-up" if args.warmup else ""),
         "load average (1 min)": f"{load_before[0]:.2f} before, {load_after[0]:.2f} after "
         f"({os.cpu_count()} cores); whole run {time.time() - start:.0f} s",
         "columns": "MACs = conv + linear multiply-accumulates per occluded copy skipped vs a "

@@ -90,8 +90,9 @@ class Occlusion(Method):
     - ``"approx"``: Krypton's approximations on top of ``"exact"``: each layer's box is capped
       at ``tau`` of the map's side (projective-field threshold), and adaptive drill-down: only
       every ``coarse``-th window along each axis is evaluated first; the drops of the other
-      windows are interpolated bilinearly, and the fraction ``drill`` of windows with the
-      largest interpolated drops is then evaluated. Falls back to ``"naive"`` like ``"auto"``.
+      windows are interpolated bilinearly, and the fraction ``drill`` of them with the least
+      reliable interpolation (the largest local range of the coarse drops) is then evaluated.
+      Falls back to ``"naive"`` like ``"auto"``.
 
     All perturbations of all images are evaluated in batches whose activation memory stays
     under ``memory_mb``. ``meta`` records the path taken (``occlusion_path``), the
@@ -136,9 +137,9 @@ class Occlusion(Method):
         memory_mb: float = 1024.0,
         blur_sigma: float = 10.0,
         mode: Literal["auto", "exact", "naive", "approx"] = "auto",
-        tau: float = 0.5,
+        tau: float = 1.0,
         coarse: int = 2,
-        drill: float = 0.25,
+        drill: float = 0.5,
     ) -> None:
         if patch < 1 or stride < 1:
             raise ValueError("patch and stride must be positive")
@@ -265,7 +266,8 @@ class Occlusion(Method):
         dev: torch.device,
     ) -> tuple[torch.Tensor, int]:
         """Adaptive drill-down: drops of a coarse grid of windows, bilinear interpolation to
-        every window, then exact drops of the ``drill`` fraction with the largest estimates."""
+        every window, then exact drops of the ``drill`` fraction of the others where the coarse
+        drops vary most (3 x 3 range on the coarse grid, interpolated)."""
         cy = sorted({*range(0, py, self.coarse), py - 1})
         cx = sorted({*range(0, px, self.coarse), px - 1})
         wy, wx = _interp_matrix(cy, py, dev), _interp_matrix(cx, px, dev)  # (py, cy), (px, cx)
@@ -280,7 +282,11 @@ class Occlusion(Method):
         n_fine = round(self.drill * (py * px - len(cy) * len(cx)))
         evaluated = len(coarse_pairs)
         if n_fine > 0:
-            priority = drops.abs().amax(dim=2).masked_fill(done, -1.0)
+            # where interpolation is least reliable: the local range of the coarse drops
+            c = coarse.permute(0, 3, 1, 2)  # (B, K, cy, cx)
+            spread = F.max_pool2d(c, 3, 1, 1) + F.max_pool2d(-c, 3, 1, 1)
+            spread = torch.einsum("yc,bkcd,xd->byxk", wy, spread, wx).reshape(b, py * px, -1)
+            priority = spread.amax(dim=2).masked_fill(done, -1.0)
             pick = priority.topk(n_fine, dim=1).indices  # (B, n)
             pairs = (torch.arange(b, device=dev)[:, None] * py * px + pick).flatten()
             drops.view(-1, drops.shape[-1])[pairs] = evaluate(pairs)
