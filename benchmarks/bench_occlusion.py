@@ -342,6 +342,8 @@ def bench_model(
     if have_captum:
         for ppe in args.ppe:
             rows.append(captum_side(name, net, x, targets, ppe))
+    for r in rows:  # progress, and partial results if the run is cut short
+        print(f"{name} | {r.side} | {r.seconds:.3f} s/img | {r.macs} | {r.note}", file=sys.stderr)
     print(f"{name}: done", file=sys.stderr, flush=True)
     return rows
 
@@ -428,6 +430,9 @@ def write_section(out: Path, heading: str, body: str) -> None:
 
 
 def commit() -> str:
+    """HEAD of this checkout (``CONVLENS_BENCH_COMMIT`` overrides it for copies without git)."""
+    if os.environ.get("CONVLENS_BENCH_COMMIT"):
+        return os.environ["CONVLENS_BENCH_COMMIT"]
     try:
         head = subprocess.run(
             ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
