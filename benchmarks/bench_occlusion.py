@@ -332,12 +332,12 @@ def bench_model(
     x = x.to(args.device)
     with torch.no_grad():
         targets = net(x).argmax(dim=1)
-    if args.warmup:  # lazy init, cuDNN algorithm choice: one window row of one image
-        for side in ("naive", "exact"):
-            Occlusion(patch=PATCH, stride=SIZE // 2, fill=0.0, mode=side)(net, x[:1])  # type: ignore[arg-type]
     sides = ["naive", "exact", "approx"]
     if args.tau_row:
         sides.append(f"approx tau={args.tau_row:g}")
+    if args.warmup:  # lazy kernel loading, cuDNN heuristics for every crop shape: one image
+        for side in sides:
+            convlens_side(name, side, net, x[:1], args)
     rows = [convlens_side(name, s, net, x, args) for s in sides]
     if have_captum:
         for ppe in args.ppe:
@@ -484,7 +484,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--tf32", action="store_true", help="allow TF32 convolutions on cuda")
     p.add_argument("--quick", action="store_true", help="2 images, one Captum setting")
-    p.add_argument("--no-warmup", dest="warmup", action="store_false")
+    p.add_argument(
+        "--warmup",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="one untimed call per convlens side on one image first (default: on cuda)",
+    )
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args(argv)
@@ -495,6 +500,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.ppe = (
             ([256] if cuda else [64]) if args.quick else ([64, 256, 729] if cuda else [32, 64])
         )
+    if args.warmup is None:
+        args.warmup = cuda
     if args.memory_mb is None:
         args.memory_mb = 8192.0 if cuda else 1024.0
     if args.data is None:
@@ -541,7 +548,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{SIZE}x{SIZE} (729 windows/image), fill 0, target top-1 softmax probability; "
         f"convlens memory cap {args.memory_mb:.0f} MB; approx: tau {args.tau}, coarse "
         f"{args.coarse}, drill {args.drill}; approx tau=: that tau, no drill-down; "
-        "one call per side" + (" after a small warm-up" if args.warmup else ""),
+        "one timed call per side"
+        + (" after an untimed call on one image" if args.warmup else " (no warm-up)"),
         "load average (1 min)": f"{load_before[0]:.2f} before, {load_after[0]:.2f} after "
         f"({os.cpu_count()} cores); whole run {time.time() - start:.0f} s",
         "columns": "MACs = conv + linear multiply-accumulates per occluded copy skipped vs a "

@@ -382,6 +382,7 @@ class IncrementalEngine:
         self.nodes: list[fx.Node] = list(gm.graph.nodes)
         self.clean: dict[fx.Node, Any] = {}
         self._cl: dict[Any, torch.Tensor] = {}
+        self._same: dict[tuple[fx.Node, fx.Node], bool] = {}
         self._run_clean()
         out = self.clean[self.nodes[-1]]
         if not _is_tensor(out) or out.dim() != 2:
@@ -817,6 +818,19 @@ class IncrementalEngine:
                 return step.node.name
         return None
 
+    def _same_box(self, a: _Step, b: _Step) -> bool:
+        """Whether two steps have the same boxes at every position (cached: one sync)."""
+        key = (a.node, b.node)
+        if key not in self._same:
+            assert a.ry is not None and a.rx is not None and b.ry is not None and b.rx is not None
+            self._same[key] = (
+                a.ry.size == b.ry.size
+                and a.rx.size == b.rx.size
+                and torch.equal(a.ry.lo, b.ry.lo)
+                and torch.equal(a.rx.lo, b.rx.lo)
+            )
+        return self._same[key]
+
     @torch.no_grad()
     def run(
         self, fill: torch.Tensor, img: torch.Tensor, iy: torch.Tensor, ix: torch.Tensor
@@ -895,13 +909,7 @@ class IncrementalEngine:
                 ww = (target.rx.size - 1) * sw + (kw - 1) * dw + 1
             sy, sx = origin(src)
             assert src.ry is not None and src.rx is not None
-            if (
-                window is None
-                and src.ry.size == hh
-                and src.rx.size == ww
-                and torch.equal(src.ry.lo, target.ry.lo)
-                and torch.equal(src.rx.lo, target.rx.lo)
-            ):
+            if window is None and self._same_box(src, target):
                 return env[node]
             base = gather(self._clean_cl(node, pads, value), r0, c0, hh, ww)
             out = overlay(base, r0, c0, env[node], sy + pads[0], sx + pads[2])
