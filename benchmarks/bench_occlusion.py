@@ -341,7 +341,12 @@ def bench_model(
     rows = [convlens_side(name, s, net, x, args) for s in sides]
     if have_captum:
         for ppe in args.ppe:
-            rows.append(captum_side(name, net, x, targets, ppe))
+            try:
+                rows.append(captum_side(name, net, x, targets, ppe))
+            except torch.OutOfMemoryError:
+                print(f"{name}: captum ppe={ppe} ran out of memory", file=sys.stderr)
+                if args.device.type == "cuda":
+                    torch.cuda.empty_cache()
     for r in rows:  # progress, and partial results if the run is cut short
         print(f"{name} | {r.side} | {r.seconds:.3f} s/img | {r.macs} | {r.note}", file=sys.stderr)
     print(f"{name}: done", file=sys.stderr, flush=True)
@@ -498,7 +503,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.images = 2 if args.quick else (8 if cuda else 1)
     if args.ppe is None:
         args.ppe = (
-            ([256] if cuda else [64]) if args.quick else ([64, 256, 729] if cuda else [32, 64])
+            ([256] if cuda else [64]) if args.quick else ([64, 128, 256] if cuda else [32, 64])
         )
     if args.warmup is None:
         args.warmup = cuda
