@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import logging
 import math
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from convlens.errors import UnsupportedModelError
 from convlens.hooks import hooks
 from convlens.methods.base import Context, Method, RawResult
+from convlens.methods.incremental import IncrementalEngine, NotIncrementalError
 from convlens.methods.registry import register
 
 __all__ = ["Occlusion", "blur", "window_starts"]
+
+log = logging.getLogger(__name__)
 
 
 def window_starts(size: int, patch: int, stride: int) -> list[int]:
@@ -61,14 +67,38 @@ def _activation_bytes_per_sample(net: nn.Module, x: torch.Tensor) -> tuple[torch
 @register("occlusion")
 class Occlusion(Method):
     """Occlusion sensitivity (Zeiler & Fergus 2014, "Visualizing and Understanding
-    Convolutional Networks", §4.2).
+    Convolutional Networks", §4.2), with incremental inference (Krypton: Nakandala, Kumar &
+    Papakonstantinou, SIGMOD 2019).
 
     A ``patch x patch`` square slides over the image with step ``stride``; at each position the
     square is replaced by ``fill`` and the model re-run. The map at a pixel is the drop of the
     target's score, ``s_t(x) - s_t(x with window occluded)``, averaged over all windows that
     cover the pixel. The score is the softmax probability (``score="prob"``) or the logit.
+
+    How the occluded copies are evaluated (``mode``):
+
+    - ``"exact"``: incremental inference (:mod:`convlens.methods.incremental`). The model is
+      traced with torch.fx; one clean pass keeps every layer's output, and each occluded copy
+      recomputes only the box of each layer that the patch can change (convolutions, pooling,
+      batch norm, activations, residual sums, concatenation, products), then the rest of the
+      network from the first layer where the box covers the whole map or that has no rule.
+      Equal to ``"naive"`` up to floating-point rounding. Raises
+      :class:`~convlens.errors.UnsupportedModelError` when the model cannot be traced.
+    - ``"naive"``: every occluded copy goes through the whole network.
+    - ``"auto"`` (default): ``"exact"`` when the model can be traced, else ``"naive"`` (the
+      reason is logged and recorded in ``meta["fallback_reason"]``).
+    - ``"approx"``: Krypton's approximations on top of ``"exact"``: each layer's box is capped
+      at ``tau`` of the map's side (projective-field threshold), and adaptive drill-down: only
+      every ``coarse``-th window along each axis is evaluated first; the drops of the other
+      windows are interpolated bilinearly, and the fraction ``drill`` of them with the least
+      reliable interpolation (the largest local range of the coarse drops) is then evaluated.
+      Falls back to ``"naive"`` like ``"auto"``.
+
     All perturbations of all images are evaluated in batches whose activation memory stays
-    under ``memory_mb``.
+    under ``memory_mb``. ``meta`` records the path taken (``occlusion_path``), the
+    multiply-accumulates of convolutions and linear layers per occluded copy relative to a full
+    pass (``macs_fraction``, and ``macs_bound_fraction`` for the exact changed regions) and
+    where full computation starts (``full_from``).
 
     Args:
         patch: side of the occluding square, in input pixels.
@@ -81,6 +111,16 @@ class Occlusion(Method):
         memory_mb: cap on the activation memory of one forward pass when ``batch_size`` is
             not given.
         blur_sigma: standard deviation of the blur fill, in pixels.
+        mode: ``"auto"``, ``"exact"``, ``"naive"`` or ``"approx"`` (see above).
+        tau: ``"approx"`` only: cap of each layer's changed box, as a fraction of the map side
+            (1 disables it).
+        coarse: ``"approx"`` only: step, in windows, of the first (coarse) pass (1 disables
+            drill-down).
+        drill: ``"approx"`` only: fraction of the remaining windows evaluated after the
+            coarse pass.
+
+    Raises:
+        ValueError: an option is out of range.
     """
 
     title = "Occlusion"
@@ -96,6 +136,10 @@ class Occlusion(Method):
         batch_size: int | None = None,
         memory_mb: float = 1024.0,
         blur_sigma: float = 10.0,
+        mode: Literal["auto", "exact", "naive", "approx"] = "auto",
+        tau: float = 1.0,
+        coarse: int = 2,
+        drill: float = 0.5,
     ) -> None:
         if patch < 1 or stride < 1:
             raise ValueError("patch and stride must be positive")
@@ -103,16 +147,25 @@ class Occlusion(Method):
             raise ValueError(f"score must be 'prob' or 'logit', not {score!r}")
         if not isinstance(fill, (int, float)) and fill not in ("mean", "blur", "zero"):
             raise ValueError(f"fill must be 'mean', 'blur', 'zero' or a number, not {fill!r}")
+        if mode not in ("auto", "exact", "naive", "approx"):
+            raise ValueError(f"mode must be 'auto', 'exact', 'naive' or 'approx', not {mode!r}")
+        if not 0 < tau <= 1 or coarse < 1 or not 0 <= drill <= 1:
+            raise ValueError("need 0 < tau <= 1, coarse >= 1 and 0 <= drill <= 1")
         self.patch, self.stride, self.fill, self.score = patch, stride, fill, score
         self.batch_size, self.memory_mb, self.blur_sigma = batch_size, memory_mb, blur_sigma
+        self.mode, self.tau, self.coarse, self.drill = mode, tau, coarse, drill
 
     def options(self) -> dict[str, Any]:
-        return {
+        opts: dict[str, Any] = {
             "patch": self.patch,
             "stride": self.stride,
             "fill": self.fill,
             "score": self.score,
+            "mode": self.mode,
         }
+        if self.mode == "approx":
+            opts.update(tau=self.tau, coarse=self.coarse, drill=self.drill)
+        return opts
 
     def _fill(self, x: torch.Tensor) -> torch.Tensor:
         if self.fill == "mean":
@@ -125,16 +178,49 @@ class Occlusion(Method):
     def _scores(self, logits: torch.Tensor) -> torch.Tensor:
         return torch.softmax(logits.float(), dim=1) if self.score == "prob" else logits.float()
 
+    def _engine(
+        self, ctx: Context, ys: list[int], xs: list[int], meta: dict[str, Any]
+    ) -> IncrementalEngine | None:
+        if self.mode == "naive":
+            meta["occlusion_path"] = "naive"
+            return None
+        tau = self.tau if self.mode == "approx" and self.tau < 1 else None
+        try:
+            engine = IncrementalEngine(ctx.net, ctx.x, self.patch, ys, xs, tau=tau)
+        except NotIncrementalError as exc:
+            if self.mode == "exact":
+                raise UnsupportedModelError(
+                    f"exact incremental occlusion is not possible: {exc}; use mode='naive' "
+                    "or mode='auto'"
+                ) from exc
+            log.info("occlusion falls back to full forward passes: %s", exc)
+            meta["occlusion_path"] = "naive"
+            meta["fallback_reason"] = str(exc)
+            return None
+        meta["occlusion_path"] = "approx" if self.mode == "approx" else "exact"
+        macs = engine.macs
+        meta["macs_fraction"] = macs["executed"] / max(macs["full"], 1.0)
+        meta["macs_bound_fraction"] = macs["bound"] / max(macs["full"], 1.0)
+        meta["full_from"] = engine.full_from()
+        return engine
+
     def compute(self, ctx: Context) -> RawResult:
         x = ctx.x
         b, _, h, w = x.shape
+        meta: dict[str, Any] = {}
+        ys_list = window_starts(h, self.patch, self.stride)
+        xs_list = window_starts(w, self.patch, self.stride)
         with torch.no_grad():
-            logits, per_sample = _activation_bytes_per_sample(ctx.net, x)
+            engine = self._engine(ctx, ys_list, xs_list, meta)
+            if engine is None:
+                logits, per_sample = _activation_bytes_per_sample(ctx.net, x)
+            else:
+                logits, per_sample = engine.logits, engine.bytes_per_pair()
             targets = ctx.targets(logits)
             base = self._scores(logits).gather(1, targets)  # (B, K)
             fill = self._fill(x)
-            ys = torch.tensor(window_starts(h, self.patch, self.stride), device=x.device)
-            xs = torch.tensor(window_starts(w, self.patch, self.stride), device=x.device)
+            ys = torch.tensor(ys_list, device=x.device)
+            xs = torch.tensor(xs_list, device=x.device)
             rows = torch.arange(h, device=x.device)
             cols = torch.arange(w, device=x.device)
             in_y = (rows >= ys[:, None]) & (rows < ys[:, None] + self.patch)  # (Py, H)
@@ -142,21 +228,83 @@ class Occlusion(Method):
             py, px = len(ys), len(xs)
             n_pos = py * px
             chunk = self.batch_size or max(1, int(self.memory_mb * 2**20 // per_sample))
-            drops = torch.empty(b * n_pos, targets.shape[1], device=x.device)
-            for start in range(0, b * n_pos, chunk):
-                idx = torch.arange(start, min(start + chunk, b * n_pos), device=x.device)
-                img, pos = idx // n_pos, idx % n_pos
-                mask = in_y[pos // px][:, :, None] & in_x[pos % px][:, None, :]  # (n, H, W)
-                batch = torch.where(mask[:, None], fill[img], x[img])
-                s = self._scores(ctx.net(batch)).gather(1, targets[img])
-                drops[idx] = base[img] - s
+
+            def evaluate(pairs: torch.Tensor) -> torch.Tensor:
+                """Score drops (n, K) of (image * n_pos + position) pairs."""
+                out = torch.empty(len(pairs), targets.shape[1], device=x.device)
+                for start in range(0, len(pairs), chunk):
+                    idx = pairs[start : start + chunk]
+                    img, pos = idx // n_pos, idx % n_pos
+                    if engine is None:
+                        mask = in_y[pos // px][:, :, None] & in_x[pos % px][:, None, :]
+                        batch = torch.where(mask[:, None], fill[img], x[img])
+                        s = self._scores(ctx.net(batch))
+                    else:
+                        s = self._scores(engine.run(fill, img, pos // px, pos % px))
+                    out[start : start + len(idx)] = base[img] - s.gather(1, targets[img])
+                return out
+
+            all_pairs = torch.arange(b * n_pos, device=x.device)
+            if self.mode == "approx" and engine is not None and (self.coarse > 1 or self.drill < 1):
+                drops, evaluated = self._drill_down(evaluate, b, py, px, x.device)
+            else:
+                drops, evaluated = evaluate(all_pairs), b * n_pos
             drops = drops.view(b, py, px, -1)
             fy, fx = in_y.float(), in_x.float()
             total = torch.einsum("byxk,yh,xw->bkhw", drops, fy, fx)
             count = torch.outer(fy.sum(0), fx.sum(0))
             maps = total / count.clamp_min(1.0)
-        meta = {"forward_passes": b * n_pos + b, "perturbations_per_batch": chunk}
+        meta.update(forward_passes=evaluated + b, perturbations_per_batch=chunk)
         return RawResult(maps, logits, targets, meta=meta)
+
+    def _drill_down(
+        self,
+        evaluate: Callable[[torch.Tensor], torch.Tensor],
+        b: int,
+        py: int,
+        px: int,
+        dev: torch.device,
+    ) -> tuple[torch.Tensor, int]:
+        """Adaptive drill-down: drops of a coarse grid of windows, bilinear interpolation to
+        every window, then exact drops of the ``drill`` fraction of the others where the coarse
+        drops vary most (3 x 3 range on the coarse grid, interpolated)."""
+        cy = sorted({*range(0, py, self.coarse), py - 1})
+        cx = sorted({*range(0, px, self.coarse), px - 1})
+        wy, wx = _interp_matrix(cy, py, dev), _interp_matrix(cx, px, dev)  # (py, cy), (px, cx)
+        cyt, cxt = torch.tensor(cy, device=dev), torch.tensor(cx, device=dev)
+        img = torch.arange(b, device=dev)[:, None, None]
+        coarse_pairs = (img * py * px + cyt[None, :, None] * px + cxt[None, None, :]).flatten()
+        coarse = evaluate(coarse_pairs).view(b, len(cy), len(cx), -1)
+        drops = torch.einsum("yc,bcdk,xd->byxk", wy, coarse, wx).reshape(b, py * px, -1)
+        done = torch.zeros(b, py * px, dtype=torch.bool, device=dev)
+        done.view(-1)[coarse_pairs] = True
+        drops.view(-1, drops.shape[-1])[coarse_pairs] = coarse.reshape(-1, coarse.shape[-1])
+        n_fine = round(self.drill * (py * px - len(cy) * len(cx)))
+        evaluated = len(coarse_pairs)
+        if n_fine > 0:
+            # where interpolation is least reliable: the local range of the coarse drops
+            c = coarse.permute(0, 3, 1, 2)  # (B, K, cy, cx)
+            spread = F.max_pool2d(c, 3, 1, 1) + F.max_pool2d(-c, 3, 1, 1)
+            spread = torch.einsum("yc,bkcd,xd->byxk", wy, spread, wx).reshape(b, py * px, -1)
+            priority = spread.amax(dim=2).masked_fill(done, -1.0)
+            pick = priority.topk(n_fine, dim=1).indices  # (B, n)
+            pairs = (torch.arange(b, device=dev)[:, None] * py * px + pick).flatten()
+            drops.view(-1, drops.shape[-1])[pairs] = evaluate(pairs)
+            evaluated += len(pairs)
+        return drops, evaluated
+
+
+def _interp_matrix(knots: list[int], n: int, device: torch.device) -> torch.Tensor:
+    """(n, len(knots)) weights of 1-D linear interpolation from values at ``knots``."""
+    out = torch.zeros(n, len(knots), device=device)
+    for i in range(n):
+        j = max(k for k in range(len(knots)) if knots[k] <= i)
+        if knots[j] == i or j == len(knots) - 1:
+            out[i, j] = 1.0
+        else:
+            t = (i - knots[j]) / (knots[j + 1] - knots[j])
+            out[i, j], out[i, j + 1] = 1.0 - t, t
+    return out
 
 
 @register("rise")
