@@ -126,7 +126,8 @@ class IntegratedGradients(Method):
     quadrature rule over ``steps`` points (Gauss-Legendre by default, which converges much faster
     than Riemann sums). Completeness: ``sum_i IG_i = S_t(x) - S_t(x')``; the difference (the
     *convergence delta*) is reported per image and target in ``meta["delta"]``; it needs only
-    the scores at the two endpoints (two no-grad forward passes). The path points go through
+    the scores at the two endpoints (no-grad forward passes of the images and of the baseline,
+    one image for the shared zero baseline). The path points go through
     the model in chunks of ``batch_size`` images, so memory does not grow with ``steps``: per
     chunk, one backward pass per target column of the weighted score
     ``sum_{m, b} w_m S_t(x'_b + a_m (x_b - x'_b))`` gives every image's weighted gradient at
@@ -181,9 +182,11 @@ class IntegratedGradients(Method):
         base = self._baseline(x)
         alphas, weights = _path_rule(self.rule, self.steps)
         alphas, weights = alphas.to(x), weights.to(x)
+        shared = isinstance(self.baseline, str) and self.baseline == "zero"
         with torch.no_grad():  # the endpoints: targets, and S(x) - S(x') for the delta
             logits = ctx.net(x)
-            base_logits = ctx.net(base)
+            # One all-zero baseline serves every image (eval mode: images are independent).
+            base_logits = ctx.net(base[:1]).expand(b, -1) if shared else ctx.net(base)
         targets = ctx.targets(logits)
         k = targets.shape[1]
         # sum_m w_m dS_t(x' + a_m (x - x'))/dx, accumulated in place in the input's dtype.
@@ -222,6 +225,6 @@ class IntegratedGradients(Method):
             meta={
                 "delta": delta.cpu(),
                 "display_percentile": 99.0,
-                "forward_passes": 2 * b + self.steps * b,
+                "forward_passes": b + (1 if shared else b) + self.steps * b,
             },
         )
