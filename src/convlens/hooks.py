@@ -465,16 +465,14 @@ class _FrozenBatchNorm(torch.autograd.Function):
         weight: torch.Tensor | None,
         bias: torch.Tensor | None,
         eps: float,
+        scale: torch.Tensor,
     ) -> torch.Tensor:
-        scale = torch.rsqrt(var + eps)
-        if weight is not None:
-            scale = scale * weight
-        ctx.scale = scale.to(x.dtype).view(1, -1, *([1] * (x.dim() - 2)))
+        ctx.scale = scale
         return torch.nn.functional.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
-        return grad * ctx.scale, None, None, None, None, None
+        return grad * ctx.scale, None, None, None, None, None, None
 
 
 def _frozen(*tensors: Any) -> bool:
@@ -512,6 +510,8 @@ class InputGradientMode(BackpropRuleMode):
 
     def __init__(self) -> None:
         super().__init__("gradient")
+        # Batch-norm scales, computed once per layer while the mode lives (one explanation).
+        self._scales: dict[tuple[Any, ...], tuple[torch.Tensor, ...]] = {}
 
     def __torch_function__(
         self,
@@ -547,8 +547,7 @@ class InputGradientMode(BackpropRuleMode):
             return None  # e.g. padding="same": leave it to autograd
         return _FrozenConv2d.apply(x, weight, bias, *pairs, groups)
 
-    @staticmethod
-    def _batch_norm(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:
+    def _batch_norm(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:
         names = ("input", "running_mean", "running_var", "weight", "bias", "training")
         defaults = (None, None, None, None, None, False)
         pairs_in = enumerate(zip(names, defaults, strict=True))
@@ -558,7 +557,17 @@ class InputGradientMode(BackpropRuleMode):
         eps = _arg(args, kwargs, 7, "eps", 1e-5)
         if training or mean is None or var is None or not _frozen(weight, bias, mean, var):
             return None
-        return _FrozenBatchNorm.apply(x, mean, var, weight, bias, float(eps))
+        w_version = None if weight is None else weight._version
+        key = (id(var), var._version, id(weight), w_version, float(eps), x.dtype, x.dim())
+        hit = self._scales.get(key)
+        if hit is None or hit[0] is not var or hit[1] is not weight:
+            scale = torch.rsqrt(var + eps)
+            if weight is not None:
+                scale = scale * weight
+            scale = scale.to(x.dtype).view(1, -1, *([1] * (x.dim() - 2)))
+            hit = (var, weight, scale)  # the tensors keep their ids valid
+            self._scales[key] = hit
+        return _FrozenBatchNorm.apply(x, mean, var, weight, bias, float(eps), hit[2])
 
 
 @contextlib.contextmanager

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from convlens.hooks import backprop_rule, input_gradient_mode
+from convlens.hooks import InputGradientMode, backprop_rule, input_gradient_mode
 from convlens.methods.base import Context, Method, RawResult
 from convlens.methods.registry import register
 
@@ -193,6 +193,7 @@ class IntegratedGradients(Method):
         total = torch.zeros(b, k, *x.shape[1:], dtype=x.dtype, device=x.device)
         diff = x - base
         per = max(1, self.batch_size // b)  # path points per pass, all images together
+        mode = InputGradientMode()
         for start in range(0, self.steps, per):
             a = alphas[start : start + per]
             n = len(a)
@@ -202,7 +203,7 @@ class IntegratedGradients(Method):
             # backward pass, and summing over images and points gives every image's gradient
             # in one call (the images of a batch are independent in eval mode).
             wts = weights[start : start + n].repeat_interleave(b)
-            with torch.enable_grad(), input_gradient_mode():
+            with torch.enable_grad(), mode:
                 out = ctx.net(pts)
                 scores = [
                     (out.gather(1, targets[:, j].repeat(n)[:, None]).squeeze(1) * wts).sum()
