@@ -89,9 +89,9 @@ def import_peers() -> dict[str, str]:
     stub = False
     try:
         import torchvision  # noqa: F401
-    except Exception:  # not installed, or a build that does not load beside this torch
-        for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
-            del sys.modules[name]
+    except ModuleNotFoundError as err:  # missing: the stub; a broken install: fail loudly
+        if err.name != "torchvision":
+            raise
         sys.path.insert(0, str(STUBS))
         stub = True
     import captum  # noqa: F401
@@ -213,14 +213,14 @@ def clear_grads(net: nn.Module) -> None:
 
 def make_setup(args: argparse.Namespace, *, warm: bool = True) -> Setup:
     torch.manual_seed(0)
-    model = convlens.load_model(args.model)
+    model = convlens.load_model(args.model).to(args.device)
     net = model.net.eval()
     head = SplitHead(net).eval()
     n = max(args.batch, args.slow_batch, args.occlusion_batch)
     with (args.data / "labels.csv").open(newline="", encoding="utf-8") as fh:
         rows = list(csv.DictReader(fh))[:n]
     files = [r["file"] for r in rows]
-    x = model.load_images([args.data / f for f in files])
+    x = model.load_images([args.data / f for f in files]).to(args.device)
     with torch.no_grad():
         logits = net(x)
         check = head(x)
@@ -275,15 +275,17 @@ def _cam_map_convlens(exp: convlens.Explanation) -> np.ndarray:
 
     raw = exp.raw_maps if exp.raw_maps is not None else exp.maps
     h, w = exp.maps.shape[-2:]
-    return scale_cam_image(raw[:, 0].numpy(), (w, h))
+    return scale_cam_image(raw[:, 0].cpu().numpy(), (w, h))
 
 
 def _identity_map(out: Any) -> np.ndarray:
+    if isinstance(out, torch.Tensor):
+        out = out.detach().cpu()
     return np.asarray(out, dtype=np.float32)
 
 
 def _conv_maps(exp: convlens.Explanation) -> np.ndarray:
-    return exp.maps[:, 0].numpy()
+    return exp.maps[:, 0].cpu().numpy()
 
 
 def pair_cam(s: Setup, name: str, args: argparse.Namespace) -> Pair:
@@ -402,7 +404,7 @@ def pair_intgrad(s: Setup, args: argparse.Namespace) -> Pair:
 
     x, targets = s.batch(args.batch)
     steps, ib = args.ig_steps, args.ig_internal_batch
-    mine = IntegratedGradients(steps=steps, rule="gausslegendre", batch_size=ib)
+    every = steps * len(targets)  # all path points of all images in one pass
     ig = CaptumIG(s.net)
 
     def captum(internal: int | None) -> Callable[[], torch.Tensor]:
@@ -418,32 +420,51 @@ def pair_intgrad(s: Setup, args: argparse.Namespace) -> Pair:
         return run
 
     def captum_map(out: torch.Tensor) -> np.ndarray:
-        return out.sum(dim=1).numpy()
+        return out.sum(dim=1).cpu().numpy()
 
+    def mine(batch_size: int) -> Callable[[], convlens.Explanation]:
+        method = IntegratedGradients(steps=steps, rule="gausslegendre", batch_size=batch_size)
+        return lambda: method(s.model, x)
+
+    sides = [
+        Side(
+            f"convlens IntegratedGradients ({steps} steps, batch_size {ib})",
+            mine(ib),
+            _conv_maps,
+            True,
+            group=ib,
+        ),
+        Side(
+            f"captum IntegratedGradients ({steps} steps, internal_batch_size {ib})",
+            captum(ib),
+            captum_map,
+            False,
+            group=ib,
+        ),
+    ]
+    if ib < every:
+        sides += [
+            Side(
+                f"convlens IntegratedGradients ({steps} steps, batch_size {every}: all at once)",
+                mine(every),
+                _conv_maps,
+                True,
+                group=every,
+            ),
+            Side(
+                f"captum IntegratedGradients ({steps} steps, internal_batch_size None: its "
+                f"default, all {every} at once)",
+                captum(None),
+                captum_map,
+                False,
+                group=every,
+            ),
+        ]
     return Pair(
         "intgrad",
         "Integrated gradients",
         args.batch,
-        [
-            Side(
-                f"convlens IntegratedGradients ({steps} steps, batch {ib})",
-                lambda: mine(s.model, x),
-                _conv_maps,
-                True,
-            ),
-            Side(
-                f"captum IntegratedGradients ({steps} steps, internal_batch_size {ib})",
-                captum(ib),
-                captum_map,
-                False,
-            ),
-            Side(
-                f"captum IntegratedGradients ({steps} steps, internal_batch_size None)",
-                captum(None),
-                captum_map,
-                False,
-            ),
-        ],
+        sides,
         goal="no slower than Captum at equal steps, lower peak memory",
     )
 
@@ -485,7 +506,7 @@ def pair_smoothgrad(s: Setup, args: argparse.Namespace) -> Pair:
         )
 
     def captum_map(out: torch.Tensor) -> np.ndarray:
-        return out.amax(dim=1).numpy()  # convlens: mean over samples of max_c |g|
+        return out.amax(dim=1).cpu().numpy()  # convlens: mean over samples of max_c |g|
 
     note = f"sigma {', '.join(f'{v:.3f}' for v in sorted(set(sigmas)))}"
     b = len(targets)
@@ -544,7 +565,7 @@ def pair_occlusion(s: Setup, args: argparse.Namespace) -> Pair:
         return run
 
     def captum_map(out: torch.Tensor) -> np.ndarray:
-        return out[:, 0].numpy()
+        return out[:, 0].cpu().numpy()
 
     return Pair(
         "occlusion",
@@ -644,10 +665,38 @@ def plain_forward(s: Setup, b: int) -> Callable[[], object]:
     return run
 
 
+def sync() -> None:
+    """Wait for queued GPU work (no-op on CPU), so that a timer measures whole calls."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def timed(fn: Callable[[], object]) -> tuple[float, object]:
+    sync()
     start = time.perf_counter()
     out = fn()
+    sync()
     return time.perf_counter() - start, out
+
+
+def cuda_memory(fn: Callable[[], object]) -> dict[str, Any]:
+    """Peak CUDA memory of one call: ``torch.cuda.max_memory_allocated`` after a reset.
+
+    Counts tensors (model, inputs and whatever the call allocates, cuDNN workspaces included),
+    not the caching allocator's reserve. ``extra_mb``: the peak minus what was allocated before.
+    """
+    sync()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn()
+    sync()
+    peak = torch.cuda.max_memory_allocated()
+    return {
+        "peak_mb": peak / MB,
+        "extra_mb": (peak - before) / MB,
+        "raised_peak": True,
+        "kind": "cuda",
+    }
 
 
 def measure_pair(s: Setup, pair: Pair, repeats: int) -> list[Timing]:
@@ -830,22 +879,20 @@ def goal_verdict(res: PairResult, agree: tuple[float, float]) -> str:
     if name == "ablationcam":
         return f"{'MET' if speedup >= 20 else 'NOT MET'}: {speedup:.0f}x (goal >= 20x)"
     if name == "intgrad":
-        fast = speedup >= 1.0
-        parts = [f"speed {'MET' if fast else 'NOT MET'} ({speedup:.2f}x)"]
-        for t in res.timings[1:]:
-            if mine.memory and t.memory:
-                a, b = mine.memory["peak_mb"], t.memory["peak_mb"]
-                word = (
-                    "MET"
-                    if a < 0.98 * b
-                    else "NOT MET (equal within 2%)"
-                    if a < 1.02 * b
-                    else ("NOT MET")
-                )
-                parts.append(
-                    f"peak memory vs {t.side.label.split(', ')[-1].rstrip(')')}: "
-                    f"{word} ({a:.0f} vs {b:.0f} MB)"
-                )
+        # Per group (the same points per pass on both sides): speed and peak memory.
+        parts = []
+        for g in dict.fromkeys(t.side.group for t in res.timings):
+            c = [t for t in res.timings if t.side.group == g and t.side.convlens]
+            q = [t for t in res.timings if t.side.group == g and not t.side.convlens]
+            if not (c and q):
+                continue
+            ratio = q[0].median / c[0].median
+            part = f"batch {g}: speed {'MET' if ratio >= 1.0 else 'NOT MET'} ({ratio:.2f}x)"
+            if c[0].memory and q[0].memory:
+                a, b = c[0].memory["peak_mb"], q[0].memory["peak_mb"]
+                word = "MET" if a < 0.98 * b else "NOT MET"
+                part += f", peak memory {word} ({a:.0f} vs {b:.0f} MB)"
+            parts.append(part)
         return "; ".join(parts)
     return ""
 
@@ -858,7 +905,9 @@ def fmt_mem(t: Timing) -> str:
     return f"{m['peak_mb']:.0f} ({extra})"
 
 
-def render(results: list[PairResult], meta: dict[str, str]) -> str:
+def render(
+    results: list[PairResult], meta: dict[str, str], memory_label: str = "peak RSS MB"
+) -> str:
     lines = [
         "| method | convlens s/img | peer s/img | speed-up | convlens cost (fwd) | "
         "peer cost (fwd) | images forwarded convlens / peer | Pearson r | max abs diff | "
@@ -892,7 +941,7 @@ def render(results: list[PairResult], meta: dict[str, str]) -> str:
         "\n".join(
             [
                 "| pair | side | s/img | peer s / side s | cost (fwd) | images fwd/img | "
-                "largest pass | peak RSS MB (extra) | "
+                f"largest pass | {memory_label} (extra) | "
                 "r / max diff vs headline peer | seconds per call | notes |",
                 "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|",
                 *extra,
@@ -928,6 +977,17 @@ def write_section(out: Path, heading: str, body: str) -> None:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="lite0")
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="cpu or cuda: model and images go there; timings synchronise the GPU; on cuda the "
+        "peak memory of every side is torch.cuda.max_memory_allocated over one extra call",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="2 timed calls per side (slow pairs 1) instead of --repeats / --slow-repeats",
+    )
     p.add_argument("--data", type=Path, default=default_data(), help="folder with labels.csv")
     p.add_argument("--pairs", nargs="+", choices=PAIRS, default=list(PAIRS))
     p.add_argument("--batch", type=int, default=4, help="images for the fast pairs")
@@ -982,8 +1042,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--memory",
         nargs="*",
         choices=PAIRS,
-        default=["intgrad"],
-        help="pairs whose sides' peak memory is measured in fresh subprocesses",
+        default=None,
+        help="pairs whose sides' peak memory is measured: on cpu the RSS high-water mark of a "
+        "fresh subprocess per side (default: intgrad), on cuda max_memory_allocated over one "
+        "extra call (default: every pair)",
     )
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--no-write", action="store_true", help="print only")
@@ -1027,6 +1089,14 @@ def shared_argv(args: argparse.Namespace) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    cuda = torch.device(args.device).type == "cuda"
+    if cuda and not torch.cuda.is_available():
+        print("--device cuda, but torch sees no GPU", file=sys.stderr)
+        return 2
+    if args.memory is None:
+        args.memory = list(PAIRS) if cuda else ["intgrad"]
+    if args.quick:
+        args.repeats, args.slow_repeats = min(args.repeats, 2), 1
     if args.child_memory:
         return child_memory(args)
     if not (args.data / "labels.csv").exists():
@@ -1045,9 +1115,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             slow = name in ("scorecam", "ablationcam", "occlusion")
             print(f"{pair.title} (batch {pair.batch})", file=sys.stderr, flush=True)
             timings = measure_pair(s, pair, args.slow_repeats if slow else args.repeats)
-            if name in (args.memory or []):
+            if name in args.memory:
                 for i, t in enumerate(timings):
-                    t.memory = measure_memory(pair, i, shared_argv(args))
+                    if cuda:
+                        t.memory = cuda_memory(t.side.run)
+                        print(
+                            f"  memory {t.side.label}: peak {t.memory['peak_mb']:.0f} MB "
+                            f"(+{t.memory['extra_mb']:.0f} MB)",
+                            file=sys.stderr,
+                        )
+                    else:
+                        t.memory = measure_memory(pair, i, shared_argv(args))
         except Exception:
             traceback.print_exc()
             failed.append(name)
@@ -1055,10 +1133,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         results.append(PairResult(pair, timings))
     load_after = os.getloadavg()
     now = dt.datetime.now(dt.timezone.utc)
+    device = "CPU"
+    if cuda:
+        device = f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda})"
     meta = {
         "date": now.strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-        f"{torch.get_num_threads()} torch threads, CPU",
+        f"{torch.get_num_threads()} torch threads, {device}",
         "versions": ", ".join(f"{k} {v}" for k, v in versions.items()),
         "command": "python benchmarks/bench_peers.py "
         + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
@@ -1073,10 +1154,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     if failed:
         meta["failed pairs"] = ", ".join(failed) + " (see the run's stderr)"
-    body = render(results, meta)
+    if cuda:
+        meta["peak memory"] = (
+            "torch.cuda.max_memory_allocated over one extra call per side after the timed "
+            "calls (reset before it; model and images included, the caching allocator's "
+            "reserve not)"
+        )
+    body = render(results, meta, memory_label="peak CUDA MB" if cuda else "peak RSS MB")
     print(body)
     if not args.no_write:
-        heading = f"## Peers, {now.strftime('%Y-%m-%d')} UTC, cpu"
+        heading = f"## Peers, {now.strftime('%Y-%m-%d')} UTC, {'cuda' if cuda else 'cpu'}"
         write_section(args.out, heading, body)
         print(f"wrote section {heading!r} to {args.out}", file=sys.stderr)
     return 1 if failed else 0

@@ -3,6 +3,8 @@ Eigen-CAM, Score-CAM, Ablation-CAM, integrated gradients, RISE, VarGrad, TTA."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 import torch
@@ -10,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import images, seeded
+from convlens.hooks import input_gradient_mode, model_state
 from convlens.methods import (
     RISE,
     TTA,
@@ -220,6 +223,94 @@ def test_integrated_gradients_converges_and_reports_delta(gap_net: nn.Module) ->
     mid = IntegratedGradients(steps=8, rule="middle", batch_size=3)(gap_net, x, target=t)
     assert mid.attributions is not None
     torch.testing.assert_close(mid.attributions[:, 0], (total * x).float())
+
+
+class LeanNet(nn.Module):
+    """Every case the input-gradient mode rewrites, and some it must leave to autograd."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(6)
+        self.act1 = nn.ReLU6(inplace=True)
+        self.dw = nn.Conv2d(6, 6, 3, stride=2, padding=(1, 2), dilation=(1, 2), groups=6)
+        self.bn2 = nn.BatchNorm2d(6, affine=False)
+        self.same = nn.Conv2d(6, 5, 3, padding="same", bias=False)  # left to autograd
+        self.fc = nn.Linear(5, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act1(self.bn1(self.conv1(x)))
+        x = F.hardtanh(self.bn2(self.dw(x)), 0.0, 2.0)
+        x = torch.relu(self.same(x).clamp(min=0) - 0.1)
+        return self.fc(F.silu(x).mean(dim=(2, 3)))
+
+
+def _saved_bytes(fn: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """``fn()`` and the bytes of the tensors its autograd graph saved (parameters excluded)."""
+    sizes: list[int] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if not isinstance(t, nn.Parameter):
+            sizes.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(sizes)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_input_gradient_mode_gives_autograd_gradients_with_a_smaller_graph(
+    channels_last: bool,
+) -> None:
+    net = seeded(LeanNet())
+    x = images(2, size=10)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w = torch.randn(2, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    with model_state(net):
+        xa = x.clone().requires_grad_(True)
+        out, plain = _saved_bytes(lambda: net(xa))
+        (expected,) = torch.autograd.grad((out * w).sum(), xa)
+        xb = x.clone().requires_grad_(True)
+        with input_gradient_mode() as mode:
+            out_lean, lean = _saved_bytes(lambda: net(xb))
+            (got,) = torch.autograd.grad((out_lean * w).sum(), xb)
+    torch.testing.assert_close(out_lean, out, rtol=0, atol=1e-12)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+    assert mode.count == 4  # relu6, hardtanh(0, 2), clamp(min=0), relu: one-byte masks
+    assert lean < plain / 2
+
+
+def test_input_gradient_mode_leaves_trainable_parameters_to_autograd() -> None:
+    net = seeded(LeanNet())
+    x = images(2, size=10).requires_grad_(True)
+    (expected,) = torch.autograd.grad(net(x).sum(), net.conv1.weight)
+    with input_gradient_mode():
+        (got,) = torch.autograd.grad(net(x).sum(), net.conv1.weight)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+
+
+def test_integrated_gradients_matches_brute_force_for_several_targets() -> None:
+    net = seeded(LeanNet(), seed=4)
+    x = images(3, size=10, seed=5)
+    base = torch.full_like(x, 0.25)
+    exp = IntegratedGradients(steps=5, baseline=base, batch_size=4)(net, x, top_k=2)
+    assert exp.attributions is not None  # float32 (results are); computed in float64
+    nodes, weights = np.polynomial.legendre.leggauss(5)
+    for i in range(3):
+        for j in range(2):
+            t = int(exp.targets[i, j])
+            total = torch.zeros_like(x[i])
+            for a, wt in zip((nodes + 1) / 2, weights / 2, strict=True):
+                pt = (base[i] + float(a) * (x[i] - base[i]))[None].requires_grad_(True)
+                (g,) = torch.autograd.grad(net(pt)[0, t], pt)
+                total += float(wt) * g[0]
+            torch.testing.assert_close(exp.attributions[i, j], (total * (x[i] - base[i])).float())
+            with torch.no_grad():
+                gap = net(x[i : i + 1])[0, t] - net(base[i : i + 1])[0, t]
+            delta = float(exp.attributions[i, j].sum() - gap)
+            assert float(exp.meta["delta"][i, j]) == pytest.approx(delta, abs=1e-5)
 
 
 def test_integrated_gradients_baselines(gap_net: nn.Module) -> None:

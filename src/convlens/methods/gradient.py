@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from convlens.hooks import backprop_rule
+from convlens.hooks import InputGradientMode, backprop_rule, input_gradient_mode
 from convlens.methods.base import Context, Method, RawResult
 from convlens.methods.registry import register
 
@@ -23,7 +23,9 @@ def input_gradients(
     """dS_t/dx for every target: ``(grads (B, K, 3, H, W), logits (B, N), targets (B, K))``.
 
     One forward pass, then one backward pass per target column (K of them). Only the input
-    requires gradients; parameters stay frozen, so no parameter gradient is computed.
+    requires gradients; parameters stay frozen, so no parameter gradient is computed, and
+    without a rule the graph keeps only what input gradients need
+    (:class:`convlens.hooks.InputGradientMode`).
 
     Args:
         ctx: the call's context.
@@ -38,7 +40,8 @@ def input_gradients(
     x = ctx.x.detach().clone().requires_grad_(True)
     with torch.enable_grad():
         if rule is None:
-            logits = ctx.net(x)
+            with input_gradient_mode():  # the true gradient, with a leaner graph
+                logits = ctx.net(x)
         else:
             with backprop_rule(rule) as mode:
                 logits = ctx.net(x)
@@ -122,16 +125,24 @@ class IntegratedGradients(Method):
     ``IG_i(x) = (x_i - x'_i) int_0^1 dS_t(x' + a (x - x')) / dx_i da``, computed with a
     quadrature rule over ``steps`` points (Gauss-Legendre by default, which converges much faster
     than Riemann sums). Completeness: ``sum_i IG_i = S_t(x) - S_t(x')``; the difference (the
-    *convergence delta*) is reported per image and target in ``meta["delta"]``. The path points
-    go through the model in chunks of ``batch_size`` images, so memory does not grow with
-    ``steps``. ``maps`` is ``sum_c IG_c`` (signed); ``attributions`` keeps every channel.
+    *convergence delta*) is reported per image and target in ``meta["delta"]``; it needs only
+    the scores at the two endpoints (no-grad forward passes of the images and of the baseline,
+    one image for the shared zero baseline). The path points go through
+    the model in chunks of ``batch_size`` images, so memory does not grow with ``steps``: per
+    chunk, one backward pass per target column of the weighted score
+    ``sum_{m, b} w_m S_t(x'_b + a_m (x_b - x'_b))`` gives every image's weighted gradient at
+    once, summed in place into one (B, K, 3, H, W) buffer of the input's dtype, and the graph
+    is built by :class:`convlens.hooks.InputGradientMode`, which keeps only what input
+    gradients need (on a conv-BN-ReLU network about half the peak memory of plain autograd at
+    the same chunk). ``maps`` is ``sum_c IG_c`` (signed); ``attributions`` keeps every channel.
 
     Args:
         steps: number of points on the path.
         rule: ``"gausslegendre"``, ``"left"``, ``"right"``, ``"middle"`` or ``"trapezoid"``.
         baseline: ``"zero"`` (0 in model-input space), ``"blur"`` (a Gaussian-blurred copy,
             ``blur_sigma``), or a tensor broadcastable to the input.
-        batch_size: path points evaluated per forward/backward pass.
+        batch_size: path points x images evaluated per forward/backward pass (at least one
+            point of every image).
         blur_sigma: standard deviation of the blurred baseline, in pixels.
     """
 
@@ -171,26 +182,39 @@ class IntegratedGradients(Method):
         base = self._baseline(x)
         alphas, weights = _path_rule(self.rule, self.steps)
         alphas, weights = alphas.to(x), weights.to(x)
-        with torch.no_grad():
+        shared = isinstance(self.baseline, str) and self.baseline == "zero"
+        with torch.no_grad():  # the endpoints: targets, and S(x) - S(x') for the delta
             logits = ctx.net(x)
-            base_logits = ctx.net(base)
+            # One all-zero baseline serves every image (eval mode: images are independent).
+            base_logits = ctx.net(base[:1]).expand(b, -1) if shared else ctx.net(base)
         targets = ctx.targets(logits)
         k = targets.shape[1]
+        # sum_m w_m dS_t(x' + a_m (x - x'))/dx, accumulated in place in the input's dtype.
         total = torch.zeros(b, k, *x.shape[1:], dtype=x.dtype, device=x.device)
         diff = x - base
         per = max(1, self.batch_size // b)  # path points per pass, all images together
+        mode = InputGradientMode()
         for start in range(0, self.steps, per):
             a = alphas[start : start + per]
-            wts = weights[start : start + per]
-            pts = (base.unsqueeze(0) + a.view(-1, 1, 1, 1, 1) * diff.unsqueeze(0)).flatten(0, 1)
-            pts = pts.detach().requires_grad_(True)
-            with torch.enable_grad():
+            n = len(a)
+            pts = torch.addcmul(base.unsqueeze(0), a.view(-1, 1, 1, 1, 1), diff.unsqueeze(0))
+            pts = pts.flatten(0, 1).requires_grad_(True)
+            # One weighted score per target column: the weights fold the quadrature into the
+            # backward pass, and summing over images and points gives every image's gradient
+            # in one call (the images of a batch are independent in eval mode).
+            wts = weights[start : start + n].repeat_interleave(b)
+            with torch.enable_grad(), mode:
                 out = ctx.net(pts)
+                scores = [
+                    (out.gather(1, targets[:, j].repeat(n)[:, None]).squeeze(1) * wts).sum()
+                    for j in range(k)
+                ]
+                del out
                 for j in range(k):
-                    t = targets[:, j].repeat(len(a))
-                    score = (out.gather(1, t[:, None]).view(len(a), b) * wts[:, None]).sum()
-                    (g,) = torch.autograd.grad(score, pts, retain_graph=j < k - 1)
-                    total[:, j] += g.view(len(a), b, *x.shape[1:]).sum(dim=0)
+                    (g,) = torch.autograd.grad(scores[j], pts, retain_graph=j < k - 1)
+                    total[:, j] += g.view(n, b, *x.shape[1:]).sum(dim=0)
+                    del g
+            del pts, scores  # the graph goes with the last score
         attr = total * diff.unsqueeze(1)
         gap = (logits.gather(1, targets) - base_logits.gather(1, targets)).float()
         delta = attr.flatten(2).sum(dim=2).float() - gap
@@ -202,6 +226,6 @@ class IntegratedGradients(Method):
             meta={
                 "delta": delta.cpu(),
                 "display_percentile": 99.0,
-                "forward_passes": 2 * b + self.steps * b,
+                "forward_passes": b + (1 if shared else b) + self.steps * b,
             },
         )
