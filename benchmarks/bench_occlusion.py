@@ -564,7 +564,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     body = render(rows, meta)
     print(body)
     if not args.no_write:
-        heading = f"## {now.strftime('%Y-%m-%d')} UTC, {args.device.type}, {len(x)} image(s)"
+        heading = (
+            f"## {now.strftime('%Y-%m-%d')} UTC, {args.device.type}, {len(x)} image(s), "
+            + " ".join(args.models)
+        )
         write_section(args.out, heading, body)
         print(f"wrote section {heading!r} to {args.out}", file=sys.stderr)
     return 0
