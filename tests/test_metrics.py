@@ -281,3 +281,23 @@ def test_evaluate_without_methods_leaves_a_training_model_alone(gap_net: nn.Modu
         insertion_baseline="blur",
     )
     torch.testing.assert_close(table.per_image["(centre)"]["deletion_auc"], ref.deletion_auc)
+
+
+def test_bad_maps_and_steps_are_clear_errors(gap_net: nn.Module) -> None:
+    x = images(2)
+    t = torch.tensor([0, 1])
+    with pytest.raises(ValueError, match="maps must be"):
+        deletion_insertion(gap_net, x, torch.rand(2, 11, 12), t)
+    with pytest.raises(ValueError, match="steps"):
+        deletion_insertion(gap_net, x, torch.rand(2, 12, 12), t, steps=0)
+
+
+def test_bf16_autocast_is_applied_and_close() -> None:
+    net = seeded(GapNet(), dtype=torch.float32)
+    x = images(2).float()
+    maps = torch.rand(2, 12, 12, generator=torch.Generator().manual_seed(3))
+    t = torch.tensor([0, 1])
+    exact = deletion_insertion(net, x, maps, t, steps=4)
+    bf16 = deletion_insertion(net, x, maps, t, steps=4, autocast=torch.bfloat16)
+    assert not torch.equal(exact.deletion, bf16.deletion)  # rounded to bf16 somewhere
+    torch.testing.assert_close(bf16.deletion, exact.deletion, atol=0.05, rtol=0)
