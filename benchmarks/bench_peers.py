@@ -77,7 +77,13 @@ DATA_CANDIDATES = (
 )
 PAIRS = ("gradcam", "gradcam++", "scorecam", "ablationcam", "intgrad", "smoothgrad", "occlusion")
 MB = 2**20
-META_KEYS = ("forward_passes", "perturbations_per_batch", "closed_form", "suffix_passes")
+META_KEYS = (
+    "forward_passes",
+    "points_per_pass",
+    "perturbations_per_batch",
+    "closed_form",
+    "suffix_passes",
+)
 
 # --------------------------------------------------------------------------------------------
 # Peers
@@ -426,6 +432,7 @@ def pair_intgrad(s: Setup, args: argparse.Namespace) -> Pair:
         method = IntegratedGradients(steps=steps, rule="gausslegendre", batch_size=batch_size)
         return lambda: method(s.model, x)
 
+    default = IntegratedGradients(steps=steps).points_per_pass(x)
     sides = [
         Side(
             f"convlens IntegratedGradients ({steps} steps, batch_size {ib})",
@@ -460,6 +467,11 @@ def pair_intgrad(s: Setup, args: argparse.Namespace) -> Pair:
                 group=every,
             ),
         ]
+    for side in sides:
+        if side.convlens and side.group == default:
+            side.note = f"convlens' default on {x.device.type} ({default} points per pass)"
+        elif not side.convlens and "None" in side.label:
+            side.note = "Captum's default"
     return Pair(
         "intgrad",
         "Integrated gradients",
