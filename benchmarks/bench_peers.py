@@ -125,6 +125,14 @@ def import_peers() -> dict[str, str]:
 def convlens_commit() -> str:
     """HEAD of the convlens checkout (read-only git calls), marked when ``src`` has edits."""
     try:
+        top = subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "--show-toplevel"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        if Path(top).resolve() != REPO:  # a copy inside another repository
+            return "unknown (not run from a convlens checkout)"
         head = subprocess.run(
             ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
             capture_output=True,
