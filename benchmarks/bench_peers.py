@@ -77,7 +77,13 @@ DATA_CANDIDATES = (
 )
 PAIRS = ("gradcam", "gradcam++", "scorecam", "ablationcam", "intgrad", "smoothgrad", "occlusion")
 MB = 2**20
-META_KEYS = ("forward_passes", "perturbations_per_batch", "closed_form", "suffix_passes")
+META_KEYS = (
+    "forward_passes",
+    "points_per_pass",
+    "perturbations_per_batch",
+    "closed_form",
+    "suffix_passes",
+)
 
 # --------------------------------------------------------------------------------------------
 # Peers
@@ -119,6 +125,14 @@ def import_peers() -> dict[str, str]:
 def convlens_commit() -> str:
     """HEAD of the convlens checkout (read-only git calls), marked when ``src`` has edits."""
     try:
+        top = subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "--show-toplevel"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        if Path(top).resolve() != REPO:  # a copy inside another repository
+            return "unknown (not run from a convlens checkout)"
         head = subprocess.run(
             ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
             capture_output=True,
@@ -426,6 +440,7 @@ def pair_intgrad(s: Setup, args: argparse.Namespace) -> Pair:
         method = IntegratedGradients(steps=steps, rule="gausslegendre", batch_size=batch_size)
         return lambda: method(s.model, x)
 
+    default = IntegratedGradients(steps=steps).points_per_pass(x)
     sides = [
         Side(
             f"convlens IntegratedGradients ({steps} steps, batch_size {ib})",
@@ -460,6 +475,11 @@ def pair_intgrad(s: Setup, args: argparse.Namespace) -> Pair:
                 group=every,
             ),
         ]
+    for side in sides:
+        if side.convlens and side.group == default:
+            side.note = f"convlens' default on {x.device.type} ({default} points per pass)"
+        elif not side.convlens and "None" in side.label:
+            side.note = "Captum's default"
     return Pair(
         "intgrad",
         "Integrated gradients",

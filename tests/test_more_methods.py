@@ -313,6 +313,20 @@ def test_integrated_gradients_matches_brute_force_for_several_targets() -> None:
             assert float(exp.meta["delta"][i, j]) == pytest.approx(delta, abs=1e-5)
 
 
+def test_integrated_gradients_points_per_pass() -> None:
+    cpu = torch.empty(4, 3, 224, 224)
+    gpu_like = torch.empty(4, 3, 224, 224, device="meta")  # any device but the CPU
+    assert IntegratedGradients(steps=32).points_per_pass(cpu) == 32
+    assert IntegratedGradients(steps=32, batch_size=10).points_per_pass(cpu) == 8
+    assert IntegratedGradients(steps=32, batch_size=2).points_per_pass(cpu) == 4  # >= 1 each
+    assert IntegratedGradients(steps=4, batch_size=64).points_per_pass(cpu) == 16  # <= all
+    # Off the CPU: as many as the memory cap allows (224 px: 32 x 588 kB per image estimated).
+    assert IntegratedGradients(steps=32).points_per_pass(gpu_like) == 128
+    assert IntegratedGradients(steps=32, memory_mb=200).points_per_pass(gpu_like) == 8
+    with pytest.raises(ValueError):
+        IntegratedGradients(batch_size=0)
+
+
 def test_integrated_gradients_baselines(gap_net: nn.Module) -> None:
     x = images(1)
     same = IntegratedGradients(steps=4, baseline=x.clone())(gap_net, x)

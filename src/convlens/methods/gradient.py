@@ -142,7 +142,12 @@ class IntegratedGradients(Method):
         baseline: ``"zero"`` (0 in model-input space), ``"blur"`` (a Gaussian-blurred copy,
             ``blur_sigma``), or a tensor broadcastable to the input.
         batch_size: path points x images evaluated per forward/backward pass (at least one
-            point of every image).
+            point of every image). Default: 32 on CPU, where small passes stay in cache; on
+            other devices, which are busier the larger the pass, as many as fit in
+            ``memory_mb`` (all of them when they fit).
+        memory_mb: cap on one pass's estimated graph memory when ``batch_size`` is ``None``
+            off the CPU (estimate: 32x the input's bytes per image, above what the lean graph
+            of a conv-BN-ReLU network needs).
         blur_sigma: standard deviation of the blurred baseline, in pixels.
     """
 
@@ -154,14 +159,29 @@ class IntegratedGradients(Method):
         steps: int = 32,
         rule: str = "gausslegendre",
         baseline: str | torch.Tensor = "zero",
-        batch_size: int = 32,
+        batch_size: int | None = None,
         blur_sigma: float = 10.0,
+        memory_mb: float = 4096.0,
     ) -> None:
         _path_rule(rule, steps)  # validates
         if isinstance(baseline, str) and baseline not in ("zero", "blur"):
             raise ValueError(f"baseline must be 'zero', 'blur' or a tensor, not {baseline!r}")
         self.steps, self.rule, self.baseline = steps, rule, baseline
-        self.batch_size, self.blur_sigma = batch_size, blur_sigma
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1 (or None), not {batch_size}")
+        self.batch_size, self.blur_sigma, self.memory_mb = batch_size, blur_sigma, memory_mb
+
+    def points_per_pass(self, x: torch.Tensor) -> int:
+        """Path points x images per forward/backward pass for the batch ``x`` (a multiple of
+        its size B, between B and ``steps * B``)."""
+        b = x.shape[0]
+        n = self.batch_size
+        if n is None:
+            if x.device.type == "cpu":
+                n = 32
+            else:
+                n = int(self.memory_mb * 2**20 // (x[0].numel() * x.element_size() * 32))
+        return min(self.steps, max(1, n // b)) * b
 
     def options(self) -> dict[str, Any]:
         base = self.baseline if isinstance(self.baseline, str) else "tensor"
@@ -192,7 +212,7 @@ class IntegratedGradients(Method):
         # sum_m w_m dS_t(x' + a_m (x - x'))/dx, accumulated in place in the input's dtype.
         total = torch.zeros(b, k, *x.shape[1:], dtype=x.dtype, device=x.device)
         diff = x - base
-        per = max(1, self.batch_size // b)  # path points per pass, all images together
+        per = self.points_per_pass(x) // b  # path points per pass, all images together
         mode = InputGradientMode()
         for start in range(0, self.steps, per):
             a = alphas[start : start + per]
@@ -227,5 +247,6 @@ class IntegratedGradients(Method):
                 "delta": delta.cpu(),
                 "display_percentile": 99.0,
                 "forward_passes": b + (1 if shared else b) + self.steps * b,
+                "points_per_pass": per * b,
             },
         )
