@@ -40,6 +40,13 @@ run() {  # name, then the command; logs to $OUT/<name>.log, never stops the sess
     local rc=$?
     echo "=== $name: rc=$rc in $((SECONDS - t0)) s"
     tail -n 25 "$LOGS/$name.log"
+    pack
+}
+
+pack() {  # at most a few files come back from a lent machine: one archive, renewed per stage
+    cp benchmarks/RESULTS*.md "$LOGS/" 2>/dev/null
+    mkdir -p "$LOGS/out" && cp -r benchmarks/out/. "$LOGS/out" 2>/dev/null
+    tar -czf "$OUT/gpu-session.tar.gz.part" -C "$LOGS" . && mv "$OUT/gpu-session.tar.gz.part" "$OUT/gpu-session.tar.gz"
 }
 
 for stage in "$@"; do
@@ -59,8 +66,5 @@ for stage in "$@"; do
     *) echo "unknown stage $stage" ;;
     esac
 done
-# At most a few files come back from a lent machine: one archive with the logs and results.
-cp benchmarks/RESULTS*.md "$LOGS/" 2>/dev/null
-cp -r benchmarks/out/. "$LOGS/out" 2>/dev/null
-tar -czf "$OUT/gpu-session.tar.gz" -C "$LOGS" .
+pack
 exit 0
