@@ -61,8 +61,10 @@ for stage in "$@"; do
     metrics-table)
         run metrics-table python3 docs/scripts/metrics_table.py --device cuda --images 200 --data "$DATA"
         mkdir -p benchmarks/out/docs && cp docs/metrics.md docs/img/metrics_*.png benchmarks/out/docs/
+        pack
         ;;
     analyze) run analyze python3 benchmarks/bench_analyze.py --device cuda --data "$DATA" ;;
+    analyze-quick) run analyze python3 benchmarks/bench_analyze.py --device cuda --data "$DATA" --quick ;;
     *) echo "unknown stage $stage" ;;
     esac
 done
