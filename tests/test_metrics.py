@@ -19,6 +19,7 @@ from convlens.metrics import (
     parameter_layers,
     pointing_game,
     ranking,
+    relative_range,
 )
 from convlens.models import fold_batchnorm, inference_copy
 
@@ -148,6 +149,8 @@ def test_cascading_randomization_leaves_the_model_untouched() -> None:
     for method in ("gradcam", "saliency"):
         for metric in ("spearman_abs", "ssim", "hog"):
             assert res.scores[method][metric].shape == (3, 2)
+    assert res.ranges["saliency"].shape == (3, 2)
+    assert ((res.ranges["saliency"] > 0) & (res.ranges["saliency"] <= 2)).all()
     # Everything randomised: Grad-CAM's maps no longer resemble the original ones.
     assert res.mean("gradcam", "spearman_abs")[-1] < 0.9
     fig = res.figure()
@@ -301,3 +304,12 @@ def test_bf16_autocast_is_applied_and_close() -> None:
     bf16 = deletion_insertion(net, x, maps, t, steps=4, autocast=torch.bfloat16)
     assert not torch.equal(exact.deletion, bf16.deletion)  # rounded to bf16 somewhere
     torch.testing.assert_close(bf16.deletion, exact.deletion, atol=0.05, rtol=0)
+
+
+def test_relative_range() -> None:
+    maps = torch.zeros(3, 2, 2)
+    maps[0] = torch.tensor([[5.0, 5.01], [5.0, 5.0]])  # a ripple on a constant
+    maps[1] = torch.tensor([[-1.0, 0.0], [0.5, 0.0]])
+    assert relative_range(maps).tolist() == pytest.approx(
+        [0.01 / 5.01, 1.5, 0.0], rel=1e-4
+    )  # float32 input

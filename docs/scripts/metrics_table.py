@@ -26,6 +26,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import convlens
@@ -113,6 +114,8 @@ def sanity_markdown(res: SanityResult) -> list[str]:
         for metric in ("spearman_abs", "ssim", "hog"):
             vals = " | ".join(f"{v:.2f}" for v in res.mean(method, metric))
             lines.append(f"| `{method}` | {metric.replace('_', ' ')} | {vals} |")
+        ranges = " | ".join(f"{v:.3f}" for v in np.mean(res.ranges[method], axis=1))
+        lines.append(f"| `{method}` | *range of the map* | {ranges} |")
     return lines
 
 
@@ -220,7 +223,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "",
         f"Cascading randomisation on {x.shape[0]} of these images: mean similarity between the "
         "maps of the intact model and of the model randomised from the top down to the named "
-        "layer (1 = unchanged: the map ignores those weights; Spearman on absolute values).",
+        "layer (1 = unchanged: the map ignores those weights; Spearman on absolute values). "
+        "*range of the map*: mean `(max - min) / max |map|` of the randomised maps; near 0 "
+        "they are nearly constant and the similarities above them compare a ripple.",
         "",
         *sanity_markdown(res),
         "",

@@ -17,6 +17,7 @@ from convlens.metrics.sanity import (
     cascading_randomization,
     map_similarity,
     parameter_layers,
+    relative_range,
 )
 
 __all__ = [
@@ -35,4 +36,5 @@ __all__ = [
     "parameter_layers",
     "pointing_game",
     "ranking",
+    "relative_range",
 ]

@@ -20,7 +20,13 @@ from convlens.models.base import ConvlensModel, unwrap
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["SanityResult", "cascading_randomization", "map_similarity", "parameter_layers"]
+__all__ = [
+    "SanityResult",
+    "cascading_randomization",
+    "map_similarity",
+    "parameter_layers",
+    "relative_range",
+]
 
 METRICS = ("spearman_abs", "ssim", "hog")
 
@@ -60,6 +66,17 @@ def map_similarity(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
     return out
 
 
+def relative_range(maps: torch.Tensor) -> torch.Tensor:
+    """(B,) ``(max - min) / max |m|`` of each (B, H, W) map; 0 for an all-zero map.
+
+    Near 0 the map is (almost) constant: similarity scores between such a map and another one
+    rank or compare a ripple (e.g. a padding pattern) and say little about the model.
+    """
+    flat = maps.detach().reshape(maps.shape[0], -1).double()
+    spread = flat.amax(1) - flat.amin(1)
+    return (spread / flat.abs().amax(1).clamp_min(1e-300)).float().cpu()
+
+
 def parameter_layers(net: nn.Module, x: torch.Tensor) -> list[str]:
     """Modules that own parameters, in the order a forward pass first reaches them."""
     names = {m: n for n, m in net.named_modules()}
@@ -83,10 +100,14 @@ class SanityResult:
     Attributes:
         steps: names of the last layer randomised at each step (cumulative, top first).
         scores: ``{method: {metric: (steps, B) array}}``.
+        ranges: ``{method: (steps, B) array}``: :func:`relative_range` of the randomised maps;
+            where it is near 0 the maps are nearly constant and their similarity is not
+            meaningful.
     """
 
     steps: list[str]
     scores: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    ranges: dict[str, np.ndarray] = field(default_factory=dict)
 
     def mean(self, method: str, metric: str) -> np.ndarray:
         """(steps,) mean similarity over images."""
@@ -170,6 +191,7 @@ def cascading_randomization(
     result = SanityResult(steps=[])
     for m in method_objs:
         result.scores[m.name] = {k: np.zeros((len(stops), x.shape[0])) for k in METRICS}
+        result.ranges[m.name] = np.zeros((len(stops), x.shape[0]))
     gen = torch.Generator().manual_seed(seed)
     done = 0
     for s, stop in enumerate(stops):
@@ -179,6 +201,7 @@ def cascading_randomization(
         result.steps.append(layers[stop - 1] or "<root>")
         for m in method_objs:
             maps = m(probe, x, targets).maps[:, 0]
+            result.ranges[m.name][s] = relative_range(maps).numpy()
             for i in range(x.shape[0]):
                 sim = map_similarity(originals[m.name][i], maps[i])
                 for k in METRICS:

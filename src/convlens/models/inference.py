@@ -136,7 +136,9 @@ def inference_copy(
         The copy (an ``nn.Module`` mapping inputs to logits).
 
     Raises:
-        Exception: whatever ``copy.deepcopy`` raises for a network that cannot be copied.
+        Exception: whatever ``copy.deepcopy`` or registering a forward hook raises for a network
+            that cannot be copied or hooked (e.g. TorchScript); the metrics then fall back to
+            running the model itself.
     """
     net, _ = unwrap(model)
     fast = copy.deepcopy(net).eval().requires_grad_(False)
