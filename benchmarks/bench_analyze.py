@@ -55,6 +55,7 @@ from PIL import Image, ImageEnhance, ImageOps
 import convlens
 from convlens.analysis import analyze
 from convlens.analysis import run as run_module
+from convlens.analysis.allocator import keep_freed_memory
 from convlens.analysis.store import PredictionStore
 from convlens.images import load_image
 from convlens.methods.options import build_methods
@@ -402,6 +403,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workdir", type=Path, default=None, help="keep the set and runs here")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--no-write", action="store_true")
+    p.add_argument(
+        "--no-keep-freed-memory",
+        action="store_true",
+        help="leave glibc's mmap threshold alone (convlens analyze raises it)",
+    )
     args = p.parse_args(argv)
     cuda = args.device.startswith("cuda")
     cores = os.cpu_count() or 1
@@ -428,6 +434,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
+    args.malloc = False if args.no_keep_freed_memory else keep_freed_memory()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("--device cuda but no CUDA device", file=sys.stderr)
@@ -579,6 +586,8 @@ def render(
     heading = f"## {now:%Y-%m-%d} UTC, analyze, {device_name(device)}" + (
         f", {threads} torch thread{'s' if threads != 1 else ''}" if device.type == "cpu" else ""
     )
+    if not args.malloc:
+        heading += ", default glibc malloc thresholds"
     refs = [r for *_, r in passes] + [predecoded[1]]
     cmd = shlex.join([Path(sys.executable).name, *sys.argv])
     lines = [
@@ -592,6 +601,10 @@ def render(
         f"- model {args.model}, batch {args.batch}; {n} labelled images made from the "
         f"{Path(args.data).name} images by deterministic augmentations "
         f"({', '.join(AUGMENTATIONS)}) in {make_seconds:.1f} s; whole run {total:.0f} s",
+        "- allocator: glibc mmap/trim thresholds raised to 1 GiB "
+        "(`convlens.analysis.allocator.keep_freed_memory`, as `convlens analyze` does)"
+        if args.malloc
+        else "- allocator: default glibc malloc thresholds (`--no-keep-freed-memory` or no glibc)",
         f"- 1-minute load average: {load[0]:.2f} before, {load[1]:.2f} after (near or above the "
         "core count: other processes shared the CPU and timings are noisy)",
         "",

@@ -720,3 +720,15 @@ def test_crash_while_reading_the_next_batch_keeps_the_previous_one(setup, monkey
         run(make_model(setup["dir"]), setup)
     db = setup["run"] / "predictions.sqlite"
     assert rows(db) + rows(db, "failures") == 4  # the first batch, launched before the crash
+
+
+def test_keep_freed_memory_sets_the_glibc_thresholds() -> None:
+    import platform
+
+    from convlens.analysis.allocator import keep_freed_memory
+
+    for bad in (0, 2**31):
+        with pytest.raises(ValueError, match="nbytes"):
+            keep_freed_memory(bad)
+    glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    assert keep_freed_memory() is glibc  # mallopt accepted both values where glibc is used
