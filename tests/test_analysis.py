@@ -732,3 +732,16 @@ def test_keep_freed_memory_sets_the_glibc_thresholds() -> None:
             keep_freed_memory(bad)
     glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
     assert keep_freed_memory() is glibc  # mallopt accepted both values where glibc is used
+
+
+def test_preprocess_numpy_path_equals_the_torch_path() -> None:
+    rng = np.random.default_rng(5)
+    image = Image.fromarray(rng.integers(0, 255, (75, 101, 3), dtype=np.uint8))
+    for pre in (
+        Preprocess(resize=36, crop=32),
+        Preprocess(resize=None, crop=40, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),
+    ):
+        fast = pre(image)
+        reference = pre.normalize(pre.to_unit(image))
+        assert fast.dtype == torch.float32 and fast.is_contiguous()
+        assert torch.equal(fast, reference)  # bit for bit
