@@ -325,6 +325,28 @@ def explain_cost(
 # --------------------------------------------------------------------------------------------
 
 
+def git_commit() -> str:
+    """Short commit of the checkout (with ``+`` when it has uncommitted changes)."""
+    import subprocess
+
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+" if dirty else "")
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return f"cuda ({torch.cuda.get_device_name(device)})"
@@ -596,7 +618,8 @@ def render(
         f"- date: {now:%Y-%m-%d %H:%M} UTC",
         f"- machine: processor `{platform.processor() or platform.machine()}`, "
         f"{os.cpu_count()} cores, python {platform.python_version()}, torch {torch.__version__}, "
-        f"{threads} torch threads, device {device_name(device)}, convlens {convlens.__version__}",
+        f"{threads} torch threads, device {device_name(device)}, convlens {convlens.__version__} "
+        f"(commit {git_commit()})",
         f"- command: `{cmd}`",
         f"- model {args.model}, batch {args.batch}; {n} labelled images made from the "
         f"{Path(args.data).name} images by deterministic augmentations "
