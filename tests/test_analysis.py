@@ -720,3 +720,28 @@ def test_crash_while_reading_the_next_batch_keeps_the_previous_one(setup, monkey
         run(make_model(setup["dir"]), setup)
     db = setup["run"] / "predictions.sqlite"
     assert rows(db) + rows(db, "failures") == 4  # the first batch, launched before the crash
+
+
+def test_keep_freed_memory_sets_the_glibc_thresholds() -> None:
+    import platform
+
+    from convlens.analysis.allocator import keep_freed_memory
+
+    for bad in (0, 2**31):
+        with pytest.raises(ValueError, match="nbytes"):
+            keep_freed_memory(bad)
+    glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    assert keep_freed_memory() is glibc  # mallopt accepted both values where glibc is used
+
+
+def test_preprocess_numpy_path_equals_the_torch_path() -> None:
+    rng = np.random.default_rng(5)
+    image = Image.fromarray(rng.integers(0, 255, (75, 101, 3), dtype=np.uint8))
+    for pre in (
+        Preprocess(resize=36, crop=32),
+        Preprocess(resize=None, crop=40, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),
+    ):
+        fast = pre(image)
+        reference = pre.normalize(pre.to_unit(image))
+        assert fast.dtype == torch.float32 and fast.is_contiguous()
+        assert torch.equal(fast, reference)  # bit for bit

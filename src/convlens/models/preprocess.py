@@ -60,5 +60,14 @@ class Preprocess:
         return (x * std + mean).clamp(0.0, 1.0)
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        """Preprocess one PIL image into a normalised (3, crop, crop) tensor."""
-        return self.normalize(self.to_unit(image))
+        """Preprocess one PIL image into a normalised (3, crop, crop) tensor.
+
+        The same float32 arithmetic as ``normalize(to_unit(image))``, done in NumPy: small
+        torch operations on one image pay for intra-op thread synchronisation (several times
+        the work itself on a busy machine), and this runs once per image in data loaders.
+        """
+        arr = np.asarray(self.geometry(image.convert("RGB")), dtype=np.float32) / 255.0
+        arr = (arr - np.asarray(self.mean, dtype=np.float32)) / np.asarray(
+            self.std, dtype=np.float32
+        )
+        return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
