@@ -372,6 +372,33 @@ class Custom(nn.Module):
         return self.fc(y.amax(dim=(2, 3)))
 
 
+class Switchable(nn.Module):
+    """``forward(x, features=False)``: traced with the default, as convlens calls ``net(x)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(
+        self, x: torch.Tensor, features: bool = False, scale: float | None = None
+    ) -> torch.Tensor:
+        y = self.conv(x).relu()
+        if features:
+            return y
+        return self.fc(y.mean(dim=(2, 3)))
+
+
+def test_forward_with_default_arguments_runs_incrementally() -> None:
+    net = seeded(Switchable(), seed=16)
+    x = images(2)
+    exp = Occlusion(patch=4, stride=3, fill="zero")(net, x)
+    assert exp.meta["occlusion_path"] == "exact"
+    assert exp.meta["full_from"] == "mean"
+    expected = brute_force(net, x, exp.targets[:, 0], 4, 3, torch.zeros_like(x))
+    torch.testing.assert_close(exp.maps[:, 0], expected.float())
+
+
 def test_untraceable_model_falls_back_to_naive(caplog: pytest.LogCaptureFixture) -> None:
     net = seeded(Branchy(), seed=9)
     x = images(2)

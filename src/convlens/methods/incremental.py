@@ -23,6 +23,8 @@ With ``tau`` (Krypton's projective-field threshold, approximate) a box is capped
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import logging
 import math
 import operator
@@ -329,6 +331,18 @@ class _Step:
     src: fx.Node | None = None  # the region argument of a pointwise op
 
 
+def _defaults(net: nn.Module) -> dict[str, Any] | None:
+    """Arguments of ``forward`` after the input that have defaults: traced with those values
+    (convlens calls ``net(x)``)."""
+    try:
+        params = list(inspect.signature(net.forward).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return None
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    out = {p.name: p.default for p in params if p.kind in kinds and p.default is not p.empty}
+    return out or None
+
+
 def _trace_error(exc: Exception) -> bool:
     """Whether an exception raised by :func:`torch.fx.symbolic_trace` means "cannot be traced"
     (control flow on tensors, unsupported Python on proxies) rather than the model failing."""
@@ -367,8 +381,10 @@ class IncrementalEngine:
         xs: Sequence[int],
         tau: float | None = None,
     ) -> None:
+        if isinstance(net, torch.jit.ScriptModule):
+            raise NotIncrementalError("TorchScript models cannot be traced by torch.fx")
         try:
-            gm = fx.symbolic_trace(net)
+            gm = fx.symbolic_trace(net, concrete_args=_defaults(net))
         except Exception as exc:
             if not _trace_error(exc):
                 raise  # the model's own error, not a limitation of tracing
@@ -376,8 +392,9 @@ class IncrementalEngine:
                 f"torch.fx cannot trace the model ({type(exc).__name__}: {exc})"
             ) from exc
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-        if len(placeholders) != 1:
-            raise NotIncrementalError(f"the model takes {len(placeholders)} inputs, not one")
+        if not placeholders or any(not p.args for p in placeholders[1:]):
+            raise NotIncrementalError("the model's forward needs more than one input")
+        self.input = placeholders[0]
         self.gm, self.x, self.tau = gm, x, tau
         self.nodes: list[fx.Node] = list(gm.graph.nodes)
         self.clean: dict[fx.Node, Any] = {}
@@ -393,6 +410,7 @@ class IncrementalEngine:
             raise NotIncrementalError("the traced graph does not reproduce the model's output")
         self.logits = ref
         self.steps = self._plan(patch, ys, xs)
+        self._fold_batch_norms()
         tau, self.tau = self.tau, None
         try:
             bound = self._plan(patch, ys, xs, switch=False)
@@ -429,9 +447,12 @@ class IncrementalEngine:
         self.dependent: set[fx.Node] = set()
         with torch.no_grad():
             for node in self.nodes:
-                if node.op == "placeholder":
+                if node is self.input:
                     env[node] = self.x
                     self.dependent.add(node)
+                    continue
+                if node.op == "placeholder":  # an argument specialised to its default
+                    env[node] = node.args[0]
                     continue
                 if node.op == "output":
                     env[node] = fx.node.map_arg(node.args[0], lambda a: env[a])
@@ -472,6 +493,36 @@ class IncrementalEngine:
             steps[node] = step
         return steps
 
+    def _fold_batch_norms(self) -> None:
+        """Fold an eval-mode ``BatchNorm2d`` into the convolution before it when the batch
+        norm is that convolution's only user: ``w' = w g / sqrt(v + eps)``,
+        ``b' = (b - m) g / sqrt(v + eps) + beta``; the batch norm's step then passes the
+        boxes on. Equal up to rounding; one pass over the boxes fewer."""
+        for node, step in self.steps.items():
+            win = step.window
+            if step.kind != "window" or win is None or win.kind != "conv" or len(node.users) != 1:
+                continue
+            user = next(iter(node.users))
+            after = self.steps.get(user)
+            if after is None or after.kind != "point" or user.op != "call_module":
+                continue
+            bn = self._module(user)
+            if type(bn) is not nn.BatchNorm2d or bn.running_var is None or bn.training:
+                continue
+            assert win.weight is not None and bn.running_mean is not None
+            scale = torch.rsqrt(bn.running_var + bn.eps)
+            if bn.weight is not None:
+                scale = scale * bn.weight
+            bias = -bn.running_mean * scale
+            if win.bias is not None:
+                bias = bias + win.bias * scale
+            if bn.bias is not None:
+                bias = bias + bn.bias
+            step.window = dataclasses.replace(
+                win, weight=win.weight * scale.view(-1, 1, 1, 1), bias=bias
+            )
+            self.steps[user] = _Step(user, "pad", after.ry, after.rx, pad=(0, 0))
+
     def _region(self, node: Any, steps: dict[fx.Node, _Step]) -> bool:
         return isinstance(node, fx.Node) and steps[node].kind not in ("const", "full", "shape")
 
@@ -486,7 +537,7 @@ class IncrementalEngine:
         w: int,
         dev: torch.device,
     ) -> _Step:
-        if node.op == "placeholder":
+        if node is self.input:
             ty = torch.tensor(list(ys), device=dev)
             tx = torch.tensor(list(xs), device=dev)
             ph, pw = min(patch, h), min(patch, w)
@@ -854,7 +905,7 @@ class IncrementalEngine:
         ar = torch.arange(n, device=img.device)
         fill_cl = (
             fill.permute(0, 2, 3, 1).contiguous()
-            if self.steps[self.nodes[0]].kind == "input"
+            if self.steps[self.input].kind == "input"
             else None
         )
 
