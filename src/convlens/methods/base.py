@@ -13,7 +13,7 @@ from torch import nn
 
 from convlens.architecture import LayerRef, default_layer, parse_layer
 from convlens.errors import InputError
-from convlens.hooks import model_state
+from convlens.hooks import full_float32, model_state
 from convlens.models.base import ConvlensModel, unwrap
 from convlens.models.classes import ClassList
 from convlens.result import Explanation
@@ -109,7 +109,7 @@ class Method:
         classes = wrapper.classes if wrapper is not None else None
         ctx = Context(net=net, x=x, target=target, top_k=top_k, classes=classes, layer=layer)
         start = time.perf_counter()
-        with model_state(net, eval_mode=True, grads=self.uses_gradients):
+        with model_state(net, eval_mode=True, grads=self.uses_gradients), full_float32():
             raw = self.compute(ctx)
         seconds = time.perf_counter() - start
         return self._result(raw, x, wrapper, seconds)
