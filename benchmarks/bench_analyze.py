@@ -53,9 +53,9 @@ import torch
 from PIL import Image, ImageEnhance, ImageOps
 
 import convlens
+from convlens.allocator import keep_freed_memory
 from convlens.analysis import analyze
 from convlens.analysis import run as run_module
-from convlens.analysis.allocator import keep_freed_memory
 from convlens.analysis.store import PredictionStore
 from convlens.images import load_image
 from convlens.methods.options import build_methods
@@ -666,7 +666,7 @@ def render(
         f"{Path(args.data).name} images by deterministic augmentations "
         f"({', '.join(AUGMENTATIONS)}) in {make_seconds:.1f} s; whole run {total:.0f} s",
         "- allocator: glibc mmap/trim thresholds raised to 1 GiB "
-        "(`convlens.analysis.allocator.keep_freed_memory`, as `convlens analyze` does)"
+        "(`convlens.allocator.keep_freed_memory`, as `convlens analyze` does)"
         if args.malloc
         else "- allocator: default glibc malloc thresholds (`--no-keep-freed-memory` or no glibc)",
         f"- 1-minute load average: {load[0]:.2f} before, {load[1]:.2f} after (near or above the "

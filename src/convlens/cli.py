@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from convlens.allocator import keep_freed_memory
 from convlens.errors import ConvlensError, InputError
 
 app = typer.Typer(
@@ -542,6 +543,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     debug = "--debug" in args
     args = [a for a in args if a != "--debug"]
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING)
+    # The command owns its process: keep freed activation memory for reuse (CPU forward passes
+    # ~2-3x faster, see convlens.allocator).
+    keep_freed_memory()
     try:
         app(args=args, prog_name="convlens")
     except ConvlensError as exc:

@@ -58,12 +58,10 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Find where and why the model errs: metrics, calibration, explained mistakes."""
         from convlens.analysis import analyze as run_analysis
-        from convlens.analysis.allocator import keep_freed_memory
         from convlens.cli import _load, err, out
         from convlens.methods.options import parse_method_options
 
         options = parse_method_options(method_option or [])
-        keep_freed_memory()  # CPU inference ~2-3x faster; this command owns its process
         net = _load(model, weights, classes, size, resize, mean, std, device)
         result = run_analysis(
             net,

@@ -12,7 +12,8 @@ price is that up to ``nbytes`` of freed memory is kept by the process instead of
 returned to the system.
 
 This changes the whole process's allocator, so the library never calls it on its own: the
-``convlens analyze`` command does (it owns its process), and Python users may call it once.
+``convlens`` command line does (every command owns its process), and Python users may call it
+once.
 """
 
 from __future__ import annotations
