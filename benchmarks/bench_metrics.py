@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 import convlens
+from convlens.allocator import keep_freed_memory
 from convlens.metrics import DEFAULT_STEPS, Curves, deletion_insertion_many
 from convlens.models import fold_batchnorm, inference_copy
 
@@ -241,6 +242,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compare-images", type=int, default=4, help="images for --compare-steps")
     p.add_argument("--no-throughput", action="store_true", help="skip the forward throughput table")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument(
+        "--no-keep-freed-memory",
+        action="store_true",
+        help="keep glibc's default mmap threshold (the CLI raises it; see convlens.allocator)",
+    )
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--no-write", action="store_true")
     return p.parse_args(argv)
@@ -259,6 +265,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    malloc = False if args.no_keep_freed_memory else keep_freed_memory()
     device = torch.device(args.device)
     gpu = device.type == "cuda"
     batch_size = args.batch_size or (256 if gpu else 64)
@@ -368,6 +375,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"methods {', '.join(args.methods)}; {args.steps} steps; deletion to 0 (model-input "
         f"space), insertion from blur (sigma 10); {batch_size} images per forward pass, "
         f"{chunk} images per metrics call; whole run {total:.0f} s",
+        "- allocator: "
+        + (
+            "glibc mmap/trim thresholds raised (`convlens.allocator.keep_freed_memory`, as "
+            "the `convlens` commands do)"
+            if malloc
+            else "default"
+        ),
         f"- 1-minute load average: {load_before:.2f} before, {load_after:.2f} after "
         "(near or above the core count: other processes shared the CPU)",
         "",
