@@ -638,6 +638,7 @@ class Timing:
     warmup: float = 0.0
     warmup_forward: float = 0.0  # plain forward timed just before the warm-up call
     seconds: list[float] = field(default_factory=list)
+    cpu_seconds: list[float] = field(default_factory=list)  # process CPU time of each call
     forwards: list[float] = field(default_factory=list)  # plain forwards timed alongside
     images_forwarded: int = 0
     largest_pass: int = 0
@@ -747,7 +748,9 @@ def measure_pair(s: Setup, pair: Pair, repeats: int) -> list[Timing]:
         order = active if r % 2 == 0 else active[::-1]
         for t in order:
             t.forwards.append(timed(fwd)[0])
+            cpu = time.process_time()
             seconds, _ = timed(t.side.run)
+            t.cpu_seconds.append(time.process_time() - cpu)
             t.seconds.append(seconds)
             print(f"  repeat {r + 1} {t.side.label}: {seconds:.2f} s", file=sys.stderr, flush=True)
     return timings
@@ -908,6 +911,9 @@ def goal_verdict(res: PairResult, agree: tuple[float, float]) -> str:
                 continue
             ratio = q[0].median / c[0].median
             part = f"batch {g}: speed {'MET' if ratio >= 1.0 else 'NOT MET'} ({ratio:.2f}x)"
+            if c[0].cpu_seconds and q[0].cpu_seconds:
+                cpu = statistics.median(q[0].cpu_seconds) / statistics.median(c[0].cpu_seconds)
+                part += f" (process CPU time {cpu:.2f}x)"
             if c[0].memory and q[0].memory:
                 a, b = c[0].memory["peak_mb"], q[0].memory["peak_mb"]
                 word = "MET" if a < 0.98 * b else "NOT MET"
@@ -949,6 +955,8 @@ def render(
         for t in res.timings:
             a = agreement(t.side.to_map(t.output), peer.side.to_map(peer.output))
             reps = f"warm-up {t.warmup:.2f}; " + ", ".join(f"{v:.2f}" for v in t.seconds)
+            if t.cpu_seconds:
+                reps += "; CPU " + ", ".join(f"{v:.2f}" for v in t.cpu_seconds)
             extra.append(
                 f"| {res.pair.title} | {t.side.label} | {t.median / b:.4f} | "
                 f"{peer.median / t.median:.2f}x | {t.cost:.1f} | "
@@ -962,7 +970,7 @@ def render(
             [
                 "| pair | side | s/img | peer s / side s | cost (fwd) | images fwd/img | "
                 f"largest pass | {memory_label} (extra) | "
-                "r / max diff vs headline peer | seconds per call | notes |",
+                "r / max diff vs headline peer | seconds per call (wall; process CPU) | notes |",
                 "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|",
                 *extra,
             ]

@@ -524,7 +524,10 @@ class InputGradientMode(BackpropRuleMode):
     The gradients are those of plain autograd (the same operations in the other order, so equal
     up to rounding); every other operation is left to autograd. On a conv-BN-ReLU network the
     graph kept for the backward pass shrinks to about a twelfth (one byte per activation value
-    instead of three saved float tensors), so more images fit in one pass. Gradients with
+    instead of three saved float tensors), so more images fit in one pass (EfficientNet-Lite0,
+    32 images of 224 px, input gradients: peak CUDA memory 585 vs 2668 MB, peak CPU RSS 1.5 vs
+    3.1 GB). The price is a few Python-level autograd Functions per layer: negligible on a CPU,
+    noticeable on a GPU when passes are small. Gradients with
     respect to the parameters, or second derivatives, must not be taken inside the mode.
     """
 
