@@ -9,6 +9,12 @@ import pytest
 import torch
 from torch import nn
 
+# One torch thread for the whole suite. The tests run thousands of tiny operations; with two
+# OpenMP threads on a 2-core machine that other processes also use, each parallel region waits
+# for a descheduled spinning thread: measured 418 s for the suite (one receptive-field test 88 s
+# alone) against 67 s with one thread under the same load; on a quiet machine 54 s vs 67 s.
+torch.set_num_threads(1)
+
 # ../shared/data beside the repository; CONVLENS_SHARED_DATA points elsewhere (e.g. on a GPU box).
 SHARED = Path(
     os.environ.get("CONVLENS_SHARED_DATA")
