@@ -15,11 +15,29 @@ from typing import Annotated, Optional
 
 import torch
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from convlens.allocator import keep_freed_memory
+from convlens.cli_options import (
+    BatchSizeOpt,
+    ClassesOpt,
+    DeviceOpt,
+    ImagesArg,
+    MeanOpt,
+    MethodsOpt,
+    ModelOpt,
+    OutDirOpt,
+    ResizeOpt,
+    SizeOpt,
+    StdOpt,
+    WeightsOpt,
+    WorkersOpt,
+    err,
+    load_net,
+    out,
+    parse_methods,
+    progress_bar,
+)
 from convlens.errors import ConvlensError, InputError
 
 app = typer.Typer(
@@ -29,108 +47,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-out = Console()
-err = Console(stderr=True)
 log = logging.getLogger("convlens")
-
-ModelOpt = Annotated[
-    str,
-    typer.Option(
-        "--model",
-        "-m",
-        help="lite0 (default), lite1, lite2, path/to/net.py:factory, pkg.module:factory, "
-        "or a TorchScript file.",
-    ),
-]
-WeightsOpt = Annotated[
-    Optional[Path], typer.Option(help="State-dict file for a factory model.")  # noqa: UP045
-]
-ClassesOpt = Annotated[
-    Optional[Path],  # noqa: UP045
-    typer.Option(help="Class names: one per line, or a TSV with index, synset, name."),
-]
-SizeOpt = Annotated[Optional[int], typer.Option(help="Input size (centre crop).")]  # noqa: UP045
-ResizeOpt = Annotated[
-    Optional[int],  # noqa: UP045
-    typer.Option(help="Shorter side before cropping (default size/0.875)."),
-]
-MeanOpt = Annotated[
-    Optional[str],  # noqa: UP045
-    typer.Option(help="Normalisation mean, e.g. 0.485,0.456,0.406."),
-]
-StdOpt = Annotated[
-    Optional[str],  # noqa: UP045
-    typer.Option(help="Normalisation std, e.g. 0.229,0.224,0.225."),
-]
-DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, cuda:1 ... or auto.")]
-
-
-def _triple(text: str | None, what: str) -> tuple[float, float, float] | None:
-    if text is None:
-        return None
-    try:
-        values = tuple(float(v) for v in text.split(","))
-    except ValueError:
-        raise InputError(f"--{what} must be three numbers like 0.5,0.5,0.5, got {text!r}") from None
-    if len(values) == 1:
-        values = values * 3
-    if len(values) != 3:
-        raise InputError(f"--{what} must have 1 or 3 values, got {text!r}")
-    return values  # type: ignore[return-value]
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda was asked for but no CUDA device is available")
-    return dev
-
-
-def _load(
-    model: str,
-    weights: Path | None,
-    classes: Path | None,
-    size: int | None,
-    resize: int | None,
-    mean: str | None,
-    std: str | None,
-    device: str,
-):
-    from convlens.models import BUILTIN_MODELS, Preprocess, load_model
-
-    pre = None
-    m, s = _triple(mean, "mean"), _triple(std, "std")
-    if any(v is not None for v in (size, resize, m, s)):
-        base = (
-            Preprocess(mean=(0.5,) * 3, std=(0.5,) * 3)
-            if model in BUILTIN_MODELS
-            else Preprocess(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
-        )
-        crop = size or base.crop
-        pre = Preprocess(
-            resize=resize or (round(crop / 0.875) if size else base.resize),
-            crop=crop,
-            mean=m or base.mean,
-            std=s or base.std,
-        )
-    with err.status(f"loading model {model} ..."):
-        return load_model(
-            model, weights=weights, classes=classes, preprocess=pre, device=_device(device)
-        )
-
-
-def _progress() -> Progress:
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=err,
-        transient=False,
-    )
 
 
 def _batches(paths: Sequence[Path], size: int) -> list[list[Path]]:
@@ -139,7 +56,7 @@ def _batches(paths: Sequence[Path], size: int) -> list[list[Path]]:
 
 @app.command()
 def predict(
-    images: Annotated[list[Path], typer.Argument(help="Image files or folders.")],
+    images: ImagesArg,
     model: ModelOpt = "lite0",
     weights: WeightsOpt = None,
     classes: ClassesOpt = None,
@@ -148,14 +65,14 @@ def predict(
     mean: MeanOpt = None,
     std: StdOpt = None,
     top: Annotated[int, typer.Option(help="Number of classes to show.")] = 5,
-    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 16,
+    batch_size: BatchSizeOpt = 16,
     device: DeviceOpt = "cpu",
 ) -> None:
     """Show the top classes the model predicts for each image."""
     from convlens.images import list_images
 
     files = list_images(images)
-    net = _load(model, weights, classes, size, resize, mean, std, device)
+    net = load_net(model, weights, classes, size, resize, mean, std, device)
     for chunk in _batches(files, batch_size):
         x = net.load_images(chunk).to(net.device)
         idx, probs = net.predict(x, k=top)
@@ -169,18 +86,6 @@ def predict(
                 c = int(idx[i, r])
                 table.add_row(str(r + 1), net.classes[c], str(c), f"{float(probs[i, r]):.3f}")
             out.print(table)
-
-
-def _parse_methods(text: str) -> list[str]:
-    from convlens.methods import METHODS
-    from convlens.methods.registry import get_method
-
-    names = [m.strip() for m in text.split(",") if m.strip()]
-    if not names:
-        raise InputError(f"--methods needs at least one of: {', '.join(METHODS)}")
-    for n in names:
-        get_method(n)  # raises with close matches
-    return names
 
 
 def _parse_target(text: str | None) -> int | str | None:
@@ -217,7 +122,7 @@ def run_explain(
         if "gradcam" in methods
         else next((m for m in methods if m in ("cam", "gradcam++")), None)
     )
-    with _progress() as bar:
+    with progress_bar() as bar:
         task = bar.add_task("explaining", total=len(files) * len(methods))
         for chunk in _batches(files, batch_size):
             x = model_obj.load_images(chunk).to(model_obj.device)
@@ -246,10 +151,8 @@ def run_explain(
 
 @app.command("explain")
 def explain_cmd(
-    images: Annotated[list[Path], typer.Argument(help="Image files or folders.")],
-    methods: Annotated[
-        str, typer.Option(help="Comma-separated method names (see `convlens methods`).")
-    ] = "saliency,occlusion,cam,gradcam",
+    images: ImagesArg,
+    methods: MethodsOpt = "saliency,occlusion,cam,gradcam",
     target: Annotated[
         Optional[str],  # noqa: UP045
         typer.Option(help="Class to explain: index, name ('tabby cat') or synset; default top-1."),
@@ -265,7 +168,7 @@ def explain_cmd(
             "modules called several times."
         ),
     ] = None,
-    out_dir: Annotated[Path, typer.Option("--out", help="Output folder.")] = Path("convlens-out"),
+    out_dir: OutDirOpt = Path("convlens-out"),
     model: ModelOpt = "lite0",
     weights: WeightsOpt = None,
     classes: ClassesOpt = None,
@@ -273,7 +176,7 @@ def explain_cmd(
     resize: ResizeOpt = None,
     mean: MeanOpt = None,
     std: StdOpt = None,
-    batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 8,
+    batch_size: BatchSizeOpt = 8,
     patch: Annotated[int, typer.Option(help="Occlusion patch size (pixels).")] = 32,
     stride: Annotated[int, typer.Option(help="Occlusion stride (pixels).")] = 16,
     fill: Annotated[str, typer.Option(help="Occlusion fill: mean, blur, zero or a number.")] = (
@@ -286,9 +189,9 @@ def explain_cmd(
     """Explain predictions: one side-by-side panel per image plus one overlay per method."""
     from convlens.images import list_images
 
-    names = _parse_methods(methods)
+    names = parse_methods(methods)
     files = list_images(images)
-    net = _load(model, weights, classes, size, resize, mean, std, device)
+    net = load_net(model, weights, classes, size, resize, mean, std, device)
     fill_value: str | float = fill
     with contextlib.suppress(ValueError):
         fill_value = float(fill)
@@ -328,7 +231,7 @@ def layers(
     """List the model's layers with the output shape of each for a real input."""
     from convlens.layers import format_layer_table, layer_table
 
-    net = _load(model, weights, None, size, None, None, None, device)
+    net = load_net(model, weights=weights, size=size, device=device)
     crop = net.preprocess.crop
     rows = layer_table(net.net, torch.zeros(1, 3, crop, crop, device=net.device))
     out.print(format_layer_table(rows), markup=False, highlight=False, soft_wrap=True)
@@ -372,10 +275,8 @@ DEMO_IMAGES = {"cat": "chelsea", "coffee": "coffee", "rocket": "rocket", "astron
 
 @app.command()
 def demo(
-    out_dir: Annotated[Path, typer.Option("--out", help="Output folder.")] = Path("convlens-demo"),
-    methods: Annotated[str, typer.Option(help="Comma-separated method names.")] = (
-        "saliency,occlusion,cam,gradcam"
-    ),
+    out_dir: OutDirOpt = Path("convlens-demo"),
+    methods: MethodsOpt = "saliency,occlusion,cam,gradcam",
     top_k: Annotated[int, typer.Option("--top-k", help="Classes in the multi-class view.")] = 3,
     device: DeviceOpt = "cpu",
 ) -> None:
@@ -384,7 +285,7 @@ def demo(
     import skimage.data
     from PIL import Image
 
-    names = _parse_methods(methods)
+    names = parse_methods(methods)
     img_dir = out_dir / "images"
     img_dir.mkdir(parents=True, exist_ok=True)
     files = []
@@ -392,7 +293,7 @@ def demo(
         path = img_dir / f"{stem}.png"
         Image.fromarray(np.asarray(getattr(skimage.data, fn)())).save(path)
         files.append(path)
-    net = _load("lite0", None, None, None, None, None, None, device)
+    net = load_net("lite0", device=device)
     written = run_explain(net, files, out_dir, methods=names, batch_size=4)
     if "gradcam" in names or "cam" in names:
         written += run_explain(
@@ -435,11 +336,9 @@ def features_cmd(
             "projection) or 'field' (the whole receptive field)."
         ),
     ] = "effective",
-    out_dir: Annotated[Path, typer.Option("--out", help="Output folder.")] = Path(
-        "convlens-features"
-    ),
-    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
-    workers: Annotated[int, typer.Option(help="Processes reading images (0: none).")] = 0,
+    out_dir: OutDirOpt = Path("convlens-features"),
+    batch_size: BatchSizeOpt = 32,
+    workers: WorkersOpt = 0,
     limit: Annotated[
         Optional[int],  # noqa: UP045
         typer.Option(help="Scan at most this many images (the first in sorted order)."),
@@ -474,10 +373,10 @@ def features_cmd(
         files = files[:limit]
     if not files:
         raise InputError(f"no images found in {', '.join(str(d) for d in data)}")
-    net = _load(model, weights, classes, size, resize, mean, std, device)
+    net = load_net(model, weights, classes, size, resize, mean, std, device)
     for name in layer:
         named_module(net.net, parse_layer(name).name)  # a bad name fails before the scan
-    bar = _progress()
+    bar = progress_bar()
     tasks: dict[str, int] = {}
 
     def report(what: str) -> Callable[[int, int], None]:

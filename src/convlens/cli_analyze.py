@@ -1,90 +1,92 @@
-"""``convlens analyze``: error analysis over a labelled image set, with an HTML report.
-
-No ``from __future__ import annotations`` here: typer reads the option types of the command
-defined inside :func:`register`, which are local names there.
-"""
+"""``convlens analyze``: error analysis over a labelled image set, with an HTML report."""
 
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
+from convlens.cli_options import (
+    BatchSizeOpt,
+    ClassesOpt,
+    DeviceOpt,
+    LabelledDataArg,
+    LimitOpt,
+    MeanOpt,
+    ModelOpt,
+    ResizeOpt,
+    SizeOpt,
+    StdOpt,
+    WeightsOpt,
+    WorkersOpt,
+    err,
+    load_net,
+    out,
+)
+
 __all__ = ["register"]
+
+
+def analyze(
+    data: LabelledDataArg,
+    out_dir: Annotated[Path, typer.Option("--out", help="Run folder (reused to resume).")] = (
+        Path("convlens-analysis")
+    ),
+    methods: Annotated[
+        str, typer.Option(help="Comma-separated methods (Grad-CAM is always included).")
+    ] = "gradcam",
+    method_option: Annotated[
+        Optional[list[str]],  # noqa: UP045
+        typer.Option(
+            "--method-option",
+            "-o",
+            help="A method's option as METHOD.OPTION=VALUE, e.g. occlusion.patch=16; "
+            "repeat for more (`convlens methods --options` lists them).",
+        ),
+    ] = None,
+    top_errors: Annotated[int, typer.Option(help="Most confident mistakes to explain.")] = 50,
+    batch_size: BatchSizeOpt = 32,
+    workers: WorkersOpt = 0,
+    limit: LimitOpt = None,
+    model: ModelOpt = "lite0",
+    weights: WeightsOpt = None,
+    classes: ClassesOpt = None,
+    size: SizeOpt = None,
+    resize: ResizeOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    device: DeviceOpt = "cpu",
+) -> None:
+    """Find where and why the model errs: metrics, calibration, explained mistakes."""
+    from convlens.analysis import analyze as run_analysis
+    from convlens.methods.options import parse_method_options
+
+    options = parse_method_options(method_option or [])
+    net = load_net(model, weights, classes, size, resize, mean, std, device)
+    result = run_analysis(
+        net,
+        data,
+        out_dir,
+        methods=methods,
+        method_options=options,
+        top_errors=top_errors,
+        batch_size=batch_size,
+        workers=workers,
+        limit=limit,
+        progress=True,
+    )
+    m = result.metrics
+    out.print(
+        f"{m['images']} images ({m['labelled']} labelled, {m['failures']} unreadable): "
+        f"top-1 {100 * m['top1']:.1f}%, top-5 {100 * m['top5']:.1f}%, ECE {m['ece']:.3f}",
+        highlight=False,
+    )
+    for path, reason in result.failures[:10]:
+        err.print(f"skipped {path}: {reason}", highlight=False, markup=False)
+    for path, reason in result.unexplained[:10]:
+        err.print(f"not explained (unreadable now) {path}: {reason}", highlight=False, markup=False)
+    err.print(f"report: {result.report}", highlight=False, markup=False)
 
 
 def register(app: typer.Typer) -> None:
     """Add the ``analyze`` command to ``app``."""
-    from convlens.cli import (
-        ClassesOpt,
-        DeviceOpt,
-        MeanOpt,
-        ModelOpt,
-        ResizeOpt,
-        SizeOpt,
-        StdOpt,
-        WeightsOpt,
-    )
-
-    @app.command()
-    def analyze(
-        data: Annotated[Path, typer.Argument(help="Image folder (class subfolders) or CSV.")],
-        out_dir: Annotated[Path, typer.Option("--out", help="Run folder (reused to resume).")] = (
-            Path("convlens-analysis")
-        ),
-        methods: Annotated[
-            str, typer.Option(help="Comma-separated methods (Grad-CAM is always included).")
-        ] = "gradcam",
-        method_option: Annotated[
-            Optional[list[str]],  # noqa: UP045
-            typer.Option(
-                "--method-option",
-                "-o",
-                help="A method's option as METHOD.OPTION=VALUE, e.g. occlusion.patch=16; "
-                "repeat for more (`convlens methods --options` lists them).",
-            ),
-        ] = None,
-        top_errors: Annotated[int, typer.Option(help="Most confident mistakes to explain.")] = 50,
-        batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 32,
-        workers: Annotated[int, typer.Option(help="Image-reading worker processes.")] = 0,
-        limit: Annotated[Optional[int], typer.Option(help="At most N images.")] = None,  # noqa: UP045
-        model: ModelOpt = "lite0",
-        weights: WeightsOpt = None,
-        classes: ClassesOpt = None,
-        size: SizeOpt = None,
-        resize: ResizeOpt = None,
-        mean: MeanOpt = None,
-        std: StdOpt = None,
-        device: DeviceOpt = "cpu",
-    ) -> None:
-        """Find where and why the model errs: metrics, calibration, explained mistakes."""
-        from convlens.analysis import analyze as run_analysis
-        from convlens.cli import _load, err, out
-        from convlens.methods.options import parse_method_options
-
-        options = parse_method_options(method_option or [])
-        net = _load(model, weights, classes, size, resize, mean, std, device)
-        result = run_analysis(
-            net,
-            data,
-            out_dir,
-            methods=methods,
-            method_options=options,
-            top_errors=top_errors,
-            batch_size=batch_size,
-            workers=workers,
-            limit=limit,
-            progress=True,
-        )
-        m = result.metrics
-        out.print(
-            f"{m['images']} images ({m['labelled']} labelled, {m['failures']} unreadable): "
-            f"top-1 {100 * m['top1']:.1f}%, top-5 {100 * m['top5']:.1f}%, ECE {m['ece']:.3f}",
-            highlight=False,
-        )
-        for path, reason in result.failures[:10]:
-            err.print(f"skipped {path}: {reason}", highlight=False, markup=False)
-        for path, reason in result.unexplained[:10]:
-            err.print(
-                f"not explained (unreadable now) {path}: {reason}", highlight=False, markup=False
-            )
-        err.print(f"report: {result.report}", highlight=False, markup=False)
+    app.command()(analyze)

@@ -1,129 +1,129 @@
-"""``convlens evaluate``: faithfulness metrics and sanity checks over an image set.
-
-No ``from __future__ import annotations`` here: typer reads the option types of the command
-defined inside :func:`register`, which are local names there.
-"""
+"""``convlens evaluate``: faithfulness metrics and sanity checks over an image set."""
 
 import csv
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
+
+from convlens.cli_options import (
+    BatchSizeOpt,
+    ClassesOpt,
+    DeviceOpt,
+    LabelledDataArg,
+    LimitOpt,
+    MeanOpt,
+    MethodsOpt,
+    ModelOpt,
+    OutDirOpt,
+    ResizeOpt,
+    SizeOpt,
+    StdOpt,
+    WeightsOpt,
+    err,
+    load_net,
+    parse_methods,
+    progress_bar,
+)
+from convlens.errors import InputError
 
 __all__ = ["register"]
 
 
-def register(app: typer.Typer) -> None:
-    """Add the ``evaluate`` command to ``app``."""
-    from convlens.cli import (
-        ClassesOpt,
-        DeviceOpt,
-        MeanOpt,
-        ModelOpt,
-        ResizeOpt,
-        SizeOpt,
-        StdOpt,
-        WeightsOpt,
+def evaluate(
+    data: LabelledDataArg,
+    methods: MethodsOpt = "gradcam,saliency,occlusion",
+    out_dir: OutDirOpt = Path("convlens-eval"),
+    limit: LimitOpt = None,
+    steps: Annotated[
+        int, typer.Option(help="Deletion/insertion steps (20: 5% of the pixels per step).")
+    ] = 20,
+    batch_size: BatchSizeOpt = 8,
+    sanity: Annotated[bool, typer.Option(help="Also run cascading randomisation.")] = False,
+    sanity_images: Annotated[int, typer.Option(help="Images used by --sanity.")] = 4,
+    use_labels: Annotated[
+        bool, typer.Option(help="Explain the true label (else the top-1 class).")
+    ] = False,
+    model: ModelOpt = "lite0",
+    weights: WeightsOpt = None,
+    classes: ClassesOpt = None,
+    size: SizeOpt = None,
+    resize: ResizeOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    device: DeviceOpt = "cpu",
+) -> None:
+    """Score methods with deletion/insertion, Average Drop and sanity checks."""
+    import torch
+
+    from convlens.data import read_labelled
+    from convlens.metrics import EvaluationTable, cascading_randomization, evaluate_methods
+    from convlens.render import save_figure
+
+    names = parse_methods(methods)
+    net = load_net(model, weights, classes, size, resize, mean, std, device)
+    items = read_labelled(data, net.classes, limit=limit)
+    if not items:
+        raise InputError(f"no images found in {data}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table = EvaluationTable()
+    files: list[Path] = []
+    with progress_bar() as bar:
+        task = bar.add_task("evaluating", total=len(items))
+        for start in range(0, len(items), batch_size):
+            chunk = items[start : start + batch_size]
+            x = net.load_images([p for p, _ in chunk]).to(net.device)
+            targets = None
+            if use_labels and all(lbl is not None for _, lbl in chunk):
+                targets = torch.tensor([lbl for _, lbl in chunk], device=net.device)
+            evaluate_methods(net, x, names, targets=targets, steps=steps, table=table)
+            files += [p for p, _ in chunk]
+            bar.advance(task, len(chunk))
+    md = [
+        f"# convlens evaluate: {data}",
+        "",
+        f"{len(files)} images, model {net.name}, {steps} deletion/insertion steps.",
+        "",
+        table.markdown(),
+        "",
+    ]
+    with (out_dir / "metrics.csv").open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        cols = sorted({c for row in table.per_image.values() for c in row})
+        writer.writerow(["image", "method", *cols])
+        for method, row in table.per_image.items():
+            for i, path in enumerate(files):
+                writer.writerow([path, method, *(f"{float(row[c][i]):.5f}" for c in cols)])
+    save_figure(_curves_figure(table), out_dir / "curves.png")
+    if sanity:
+        k = min(sanity_images, len(items))
+        x = net.load_images([p for p, _ in items[:k]]).to(net.device)
+        with err.status("sanity checks (cascading randomisation) ..."):
+            res = cascading_randomization(net, x, names)
+        save_figure(res.figure(), out_dir / "sanity.png")
+        md += [
+            "## Sanity checks (Adebayo et al. 2018)",
+            "",
+            f"Cascading randomisation on {k} images; mean similarity to the original "
+            "maps after randomising down to each layer (1 = unchanged: the method ignores "
+            "the weights).",
+            "",
+            "| method | metric | " + " | ".join(res.steps) + " |",
+            "|---|---|" + "---:|" * len(res.steps),
+        ]
+        for method in res.scores:
+            for metric in ("spearman_abs", "ssim", "hog"):
+                vals = " | ".join(f"{v:.2f}" for v in res.mean(method, metric))
+                md.append(f"| {method} | {metric} | {vals} |")
+    (out_dir / "metrics.md").write_text("\n".join(md) + "\n")
+    err.print(
+        f"wrote {out_dir}/metrics.md, metrics.csv, curves.png" + (", sanity.png" if sanity else "")
     )
 
-    @app.command()
-    def evaluate(
-        data: Annotated[Path, typer.Argument(help="Image folder (class subfolders) or CSV.")],
-        methods: Annotated[str, typer.Option(help="Comma-separated methods.")] = (
-            "gradcam,saliency,occlusion"
-        ),
-        out_dir: Annotated[Path, typer.Option("--out", help="Output folder.")] = Path(
-            "convlens-eval"
-        ),
-        limit: Annotated[Optional[int], typer.Option(help="At most N images.")] = None,  # noqa: UP045
-        steps: Annotated[
-            int, typer.Option(help="Deletion/insertion steps (20: 5% of the pixels per step).")
-        ] = 20,
-        batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 8,
-        sanity: Annotated[bool, typer.Option(help="Also run cascading randomisation.")] = False,
-        sanity_images: Annotated[int, typer.Option(help="Images used by --sanity.")] = 4,
-        use_labels: Annotated[
-            bool, typer.Option(help="Explain the true label (else the top-1 class).")
-        ] = False,
-        model: ModelOpt = "lite0",
-        weights: WeightsOpt = None,
-        classes: ClassesOpt = None,
-        size: SizeOpt = None,
-        resize: ResizeOpt = None,
-        mean: MeanOpt = None,
-        std: StdOpt = None,
-        device: DeviceOpt = "cpu",
-    ) -> None:
-        """Score methods with deletion/insertion, Average Drop and sanity checks."""
-        import torch
 
-        from convlens.cli import _load, _parse_methods, _progress, err
-        from convlens.data import read_labelled
-        from convlens.metrics import EvaluationTable, cascading_randomization, evaluate_methods
-        from convlens.render import save_figure
-
-        names = _parse_methods(methods)
-        net = _load(model, weights, classes, size, resize, mean, std, device)
-        items = read_labelled(data, net.classes, limit=limit)
-        if not items:
-            from convlens.errors import InputError
-
-            raise InputError(f"no images found in {data}")
-        out_dir.mkdir(parents=True, exist_ok=True)
-        table = EvaluationTable()
-        files: list[Path] = []
-        with _progress() as bar:
-            task = bar.add_task("evaluating", total=len(items))
-            for start in range(0, len(items), batch_size):
-                chunk = items[start : start + batch_size]
-                x = net.load_images([p for p, _ in chunk]).to(net.device)
-                targets = None
-                if use_labels and all(lbl is not None for _, lbl in chunk):
-                    targets = torch.tensor([lbl for _, lbl in chunk], device=net.device)
-                evaluate_methods(net, x, names, targets=targets, steps=steps, table=table)
-                files += [p for p, _ in chunk]
-                bar.advance(task, len(chunk))
-        md = [
-            f"# convlens evaluate: {data}",
-            "",
-            f"{len(files)} images, model {net.name}, {steps} deletion/insertion steps.",
-            "",
-            table.markdown(),
-            "",
-        ]
-        with (out_dir / "metrics.csv").open("w", newline="") as fh:
-            writer = csv.writer(fh)
-            cols = sorted({c for row in table.per_image.values() for c in row})
-            writer.writerow(["image", "method", *cols])
-            for method, row in table.per_image.items():
-                for i, path in enumerate(files):
-                    writer.writerow([path, method, *(f"{float(row[c][i]):.5f}" for c in cols)])
-        save_figure(_curves_figure(table), out_dir / "curves.png")
-        if sanity:
-            k = min(sanity_images, len(items))
-            x = net.load_images([p for p, _ in items[:k]]).to(net.device)
-            with err.status("sanity checks (cascading randomisation) ..."):
-                res = cascading_randomization(net, x, names)
-            save_figure(res.figure(), out_dir / "sanity.png")
-            md += [
-                "## Sanity checks (Adebayo et al. 2018)",
-                "",
-                f"Cascading randomisation on {k} images; mean similarity to the original "
-                "maps after randomising down to each layer (1 = unchanged: the method ignores "
-                "the weights).",
-                "",
-                "| method | metric | " + " | ".join(res.steps) + " |",
-                "|---|---|" + "---:|" * len(res.steps),
-            ]
-            for method in res.scores:
-                for metric in ("spearman_abs", "ssim", "hog"):
-                    vals = " | ".join(f"{v:.2f}" for v in res.mean(method, metric))
-                    md.append(f"| {method} | {metric} | {vals} |")
-        (out_dir / "metrics.md").write_text("\n".join(md) + "\n")
-        err.print(
-            f"wrote {out_dir}/metrics.md, metrics.csv, curves.png"
-            + (", sanity.png" if sanity else "")
-        )
+def register(app: typer.Typer) -> None:
+    """Add the ``evaluate`` command to ``app``."""
+    app.command()(evaluate)
 
 
 def _curves_figure(table):

@@ -12,39 +12,25 @@ from typing import Annotated, Optional
 
 import typer
 
+from convlens.cli_options import (
+    ClassesOpt,
+    DeviceOpt,
+    MeanOpt,
+    ModelOpt,
+    OutDirOpt,
+    StdOpt,
+    WeightsOpt,
+    err,
+    load_net,
+    out,
+)
+
 __all__ = ["parse_channels", "register"]
 
-# Small copies of the option types of convlens.cli (imported lazily there to avoid a cycle).
-ModelOpt = Annotated[
-    str,
-    typer.Option(
-        "--model",
-        "-m",
-        help="lite0 (default), lite1, lite2, path/to/net.py:factory, pkg.module:factory, "
-        "or a TorchScript file.",
-    ),
-]
-WeightsOpt = Annotated[
-    Optional[Path], typer.Option(help="State-dict file for a factory model.")  # noqa: UP045
-]
-ClassesOpt = Annotated[
-    Optional[Path],  # noqa: UP045
-    typer.Option(help="Class names: one per line, or a TSV with index, synset, name."),
-]
-SizeOpt = Annotated[
+SynthesisSizeOpt = Annotated[
     Optional[int],  # noqa: UP045
     typer.Option(help="Model input size (centre crop); also the size of synthesised images."),
 ]
-MeanOpt = Annotated[
-    Optional[str],  # noqa: UP045
-    typer.Option(help="Normalisation mean, e.g. 0.485,0.456,0.406."),
-]
-StdOpt = Annotated[
-    Optional[str],  # noqa: UP045
-    typer.Option(help="Normalisation std, e.g. 0.229,0.224,0.225."),
-]
-DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, cuda:1 ... or auto.")]
-OutOpt = Annotated[Path, typer.Option("--out", help="Output folder.")]
 PresetOpt = Annotated[
     str,
     typer.Option(
@@ -62,20 +48,6 @@ SamplesOpt = Annotated[
     Optional[int],  # noqa: UP045
     typer.Option(help="Random transform samples per image and step (default: the preset's)."),
 ]
-
-
-def _model(
-    model: str,
-    weights: Path | None,
-    classes: Path | None,
-    size: int | None,
-    mean: str | None,
-    std: str | None,
-    device: str,
-):
-    from convlens.cli import _load
-
-    return _load(model, weights, classes, size, None, mean, std, device)
 
 
 def parse_channels(text: str) -> list[int]:
@@ -130,10 +102,10 @@ def classviz(
     seed: SeedOpt = 0,
     lr: LrOpt = None,
     samples: SamplesOpt = None,
-    out_dir: OutOpt = Path("convlens-classviz"),
+    out_dir: OutDirOpt = Path("convlens-classviz"),
     weights: WeightsOpt = None,
     classes: ClassesOpt = None,
-    size: SizeOpt = None,
+    size: SynthesisSizeOpt = None,
     mean: MeanOpt = None,
     std: StdOpt = None,
     device: DeviceOpt = "cpu",
@@ -142,10 +114,9 @@ def classviz(
     with the regularisers of Olah et al. 2017). Writes one PNG per class and a grid."""
     from rich.table import Table
 
-    from convlens.cli import err, out
     from convlens.synthesis import class_visualization
 
-    net = _model(model, weights, classes, size, mean, std, device)
+    net = load_net(model, weights, classes, size, None, mean, std, device)
     res = class_visualization(
         net,
         [_target(t) for t in target],
@@ -189,21 +160,20 @@ def featviz(
     seed: SeedOpt = 0,
     lr: LrOpt = None,
     samples: SamplesOpt = None,
-    out_dir: OutOpt = Path("convlens-featviz"),
+    out_dir: OutDirOpt = Path("convlens-featviz"),
     weights: WeightsOpt = None,
     classes: ClassesOpt = None,
-    size: SizeOpt = None,
+    size: SynthesisSizeOpt = None,
     mean: MeanOpt = None,
     std: StdOpt = None,
     device: DeviceOpt = "cpu",
 ) -> None:
     """Channel visualisation: one image per channel of a layer that maximises its mean
     activation, all channels in one batch. Writes a grid PNG and one PNG per channel."""
-    from convlens.cli import err
     from convlens.synthesis import channel_visualization
 
     chans = parse_channels(channels)
-    net = _model(model, weights, classes, size, mean, std, device)
+    net = load_net(model, weights, classes, size, None, mean, std, device)
     res = channel_visualization(
         net,
         layer,
@@ -245,7 +215,7 @@ def dream(
     ] = 512,
     gif: Annotated[bool, typer.Option(help="Also write an animated GIF of the steps.")] = False,
     seed: SeedOpt = 0,
-    out_dir: OutOpt = Path("convlens-dream"),
+    out_dir: OutDirOpt = Path("convlens-dream"),
     model: ModelOpt = "lite0",
     weights: WeightsOpt = None,
     mean: MeanOpt = None,
@@ -254,12 +224,11 @@ def dream(
 ) -> None:
     """DeepDream (Mordvintsev et al. 2015): amplify what a layer sees in a photo, over several
     octaves. Writes IMAGE_dream.png (and IMAGE_dream.gif with --gif)."""
-    from convlens.cli import err
     from convlens.images import load_image
     from convlens.synthesis import deep_dream
 
     photo = load_image(image)
-    net = _model(model, weights, None, None, mean, std, device)
+    net = load_net(model, weights, mean=mean, std=std, device=device)
     stem = image.stem
     gif_path = out_dir / f"{stem}_dream.gif" if gif else None
     res = deep_dream(

@@ -1,0 +1,229 @@
+"""What the ``convlens`` commands share: option types, option parsing, model loading, output.
+
+Each option that several commands take is declared here once, with its help text, as an
+``Annotated`` type; a command lists it in its signature with its own default, e.g.
+``device: DeviceOpt = "cpu"``. The command modules (:mod:`convlens.cli`,
+:mod:`convlens.cli_analyze`, :mod:`convlens.cli_evaluate`, :mod:`convlens.cli_synthesis`) import
+from here and not from each other. Typer reads the option types from the commands' annotations at
+run time, so a command module must import every type it names in a signature (not only under
+``TYPE_CHECKING``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from convlens.errors import InputError
+
+if TYPE_CHECKING:
+    import torch
+
+    from convlens.models import ConvlensModel
+
+__all__ = [
+    "BatchSizeOpt",
+    "ClassesOpt",
+    "DeviceOpt",
+    "ImagesArg",
+    "LabelledDataArg",
+    "LimitOpt",
+    "MeanOpt",
+    "MethodsOpt",
+    "ModelOpt",
+    "OutDirOpt",
+    "ResizeOpt",
+    "SizeOpt",
+    "StdOpt",
+    "WeightsOpt",
+    "WorkersOpt",
+    "err",
+    "load_net",
+    "out",
+    "parse_device",
+    "parse_methods",
+    "parse_triple",
+    "progress_bar",
+]
+
+out = Console()
+"""Results (tables, summaries) go to stdout."""
+err = Console(stderr=True)
+"""Progress, status and error messages go to stderr."""
+
+# ---------------------------------------------------------------------------------- the model
+
+ModelOpt = Annotated[
+    str,
+    typer.Option(
+        "--model",
+        "-m",
+        help="lite0 (default), lite1, lite2, path/to/net.py:factory, pkg.module:factory, "
+        "or a TorchScript file.",
+    ),
+]
+WeightsOpt = Annotated[
+    Optional[Path], typer.Option(help="State-dict file for a factory model.")  # noqa: UP045
+]
+ClassesOpt = Annotated[
+    Optional[Path],  # noqa: UP045
+    typer.Option(help="Class names: one per line, or a TSV with index, synset, name."),
+]
+SizeOpt = Annotated[Optional[int], typer.Option(help="Input size (centre crop).")]  # noqa: UP045
+ResizeOpt = Annotated[
+    Optional[int],  # noqa: UP045
+    typer.Option(help="Shorter side before cropping (default size/0.875)."),
+]
+MeanOpt = Annotated[
+    Optional[str],  # noqa: UP045
+    typer.Option(help="Normalisation mean, e.g. 0.485,0.456,0.406."),
+]
+StdOpt = Annotated[
+    Optional[str],  # noqa: UP045
+    typer.Option(help="Normalisation std, e.g. 0.229,0.224,0.225."),
+]
+DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, cuda:1 ... or auto.")]
+
+# ------------------------------------------------------------------------- inputs and outputs
+
+ImagesArg = Annotated[list[Path], typer.Argument(help="Image files or folders.")]
+LabelledDataArg = Annotated[Path, typer.Argument(help="Image folder (class subfolders) or CSV.")]
+LimitOpt = Annotated[Optional[int], typer.Option(help="At most N images.")]  # noqa: UP045
+OutDirOpt = Annotated[Path, typer.Option("--out", help="Output folder.")]
+MethodsOpt = Annotated[
+    str, typer.Option(help="Comma-separated method names (see `convlens methods`).")
+]
+BatchSizeOpt = Annotated[int, typer.Option(help="Images per batch.")]
+WorkersOpt = Annotated[int, typer.Option(help="Processes reading images (0: none).")]
+
+
+# ------------------------------------------------------------------------------------ parsing
+
+
+def parse_triple(text: str | None, what: str) -> tuple[float, float, float] | None:
+    """``"0.5"`` or ``"0.485,0.456,0.406"`` as three numbers; ``None`` stays ``None``.
+
+    Raises:
+        InputError: not one or three numbers (the message names the option ``--what``).
+    """
+    if text is None:
+        return None
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise InputError(f"--{what} must be three numbers like 0.5,0.5,0.5, got {text!r}") from None
+    if len(values) == 1:
+        values = values * 3
+    if len(values) != 3:
+        raise InputError(f"--{what} must have 1 or 3 values, got {text!r}")
+    return values  # type: ignore[return-value]
+
+
+def parse_device(name: str) -> torch.device:
+    """The ``--device`` value as a device; ``auto`` picks CUDA when there is one.
+
+    Raises:
+        InputError: CUDA was asked for but is not available.
+    """
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda was asked for but no CUDA device is available")
+    return dev
+
+
+def parse_methods(text: str) -> list[str]:
+    """The ``--methods`` value as a list of registered method names.
+
+    Raises:
+        InputError: the list is empty.
+        ConvlensError: a name is not registered (the message lists close matches).
+    """
+    from convlens.methods import METHODS
+    from convlens.methods.registry import get_method
+
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    if not names:
+        raise InputError(f"--methods needs at least one of: {', '.join(METHODS)}")
+    for n in names:
+        get_method(n)  # raises with close matches
+    return names
+
+
+# -------------------------------------------------------------------------------- the helpers
+
+
+def load_net(
+    model: str,
+    weights: Path | None = None,
+    classes: Path | None = None,
+    size: int | None = None,
+    resize: int | None = None,
+    mean: str | None = None,
+    std: str | None = None,
+    device: str = "cpu",
+) -> ConvlensModel:
+    """Load the model the model options describe, showing a status line on stderr meanwhile.
+
+    Without ``size``, ``resize``, ``mean`` and ``std`` the model keeps its own preprocessing;
+    with any of them, the others default to the built-in models' (mean and std 0.5) or
+    ImageNet's, with a crop of ``size`` and a resize of ``size / 0.875``.
+
+    Args:
+        model: the ``--model`` specification (see :data:`ModelOpt`).
+        weights: state-dict file for a factory model.
+        classes: class-name file.
+        size: input size (centre crop).
+        resize: shorter side before cropping.
+        mean: normalisation mean as text (see :func:`parse_triple`).
+        std: normalisation std as text.
+        device: the ``--device`` value (see :func:`parse_device`).
+
+    Returns:
+        The loaded model.
+
+    Raises:
+        InputError: a malformed mean, std or device.
+        ConvlensError: the model, weights or classes cannot be loaded.
+    """
+    from convlens.models import BUILTIN_MODELS, Preprocess, load_model
+
+    pre = None
+    m, s = parse_triple(mean, "mean"), parse_triple(std, "std")
+    if any(v is not None for v in (size, resize, m, s)):
+        base = (
+            Preprocess(mean=(0.5,) * 3, std=(0.5,) * 3)
+            if model in BUILTIN_MODELS
+            else Preprocess(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+        )
+        crop = size or base.crop
+        pre = Preprocess(
+            resize=resize or (round(crop / 0.875) if size else base.resize),
+            crop=crop,
+            mean=m or base.mean,
+            std=s or base.std,
+        )
+    with err.status(f"loading model {model} ..."):
+        return load_model(
+            model, weights=weights, classes=classes, preprocess=pre, device=parse_device(device)
+        )
+
+
+def progress_bar() -> Progress:
+    """A progress display on stderr with counts, elapsed and remaining time."""
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=err,
+        transient=False,
+    )
