@@ -177,28 +177,56 @@ def test_in_place_changes_by_the_model_itself_are_reported() -> None:
         get_method("gradcam")(net, images(1))
 
 
-def test_methods_run_convolutions_in_full_float32_and_restore_the_flags() -> None:
+def _precision() -> tuple[str, ...]:
+    b = torch.backends
+    return (b.cudnn.conv.fp32_precision, b.cudnn.rnn.fp32_precision, b.cuda.matmul.fp32_precision)
+
+
+def test_methods_run_convolutions_in_full_float32_and_restore_the_settings() -> None:
     """cuDNN's TF32 is switched off for the call (it moved saliency maps by 28% on an H100)
-    and the process-wide flags are restored afterwards, also after an error."""
-    seen: list[tuple[bool, bool]] = []
+    and the process-wide settings are restored afterwards, also after an error."""
+    seen: list[tuple[str, ...]] = []
 
     class Spy(nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            seen.append((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32))
+            seen.append(_precision())
             return x
 
     net = seeded(GapNet())
     net.spy = Spy()
     net.features = lambda x: GapNet.features(net, net.spy(x))  # type: ignore[method-assign]
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
-    try:
+    before = _precision()
+    assert before[0] == "tf32"  # PyTorch's default for cuDNN convolutions
+    make("saliency")(net, images())
+    assert seen and all(p == ("ieee", "ieee", "ieee") for p in seen)
+    assert _precision() == before
+    net.spy.forward = lambda x: (_ for _ in ()).throw(Boom("x"))  # type: ignore[method-assign]
+    with pytest.raises(Boom):
         make("saliency")(net, images())
-        assert seen and all(flags == (False, False) for flags in seen)
-        assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
-        net.spy.forward = lambda x: (_ for _ in ()).throw(Boom("x"))  # type: ignore[method-assign]
-        with pytest.raises(Boom):
-            make("saliency")(net, images())
-        assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+    assert _precision() == before
+
+
+def test_full_float32_with_the_global_precision_setting_and_overlapping_calls() -> None:
+    """A user who set ``torch.backends.fp32_precision`` (after which PyTorch refuses to read the
+    legacy flags) can still run methods; overlapping calls restore the settings once, at the
+    end of the last."""
+    from convlens.hooks import full_float32
+
+    b = torch.backends
+    saved = b.fp32_precision, _precision()
+    try:
+        b.fp32_precision = "tf32"
+        before = _precision()
+        make("gradcam")(seeded(GapNet()), images())
+        assert _precision() == before
+        a, c = full_float32(), full_float32()
+        a.__enter__()
+        c.__enter__()
+        a.__exit__(None, None, None)
+        assert _precision() == ("ieee", "ieee", "ieee")  # c still runs
+        c.__exit__(None, None, None)
+        assert _precision() == before
     finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+        b.fp32_precision = saved[0]
+        b.cudnn.conv.fp32_precision, b.cudnn.rnn.fp32_precision = saved[1][:2]
+        b.cuda.matmul.fp32_precision = saved[1][2]

@@ -9,6 +9,7 @@ several times in one forward work.
 from __future__ import annotations
 
 import contextlib
+import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -131,6 +132,49 @@ def model_state(
         _restore(snap)
 
 
+_FLOAT32_LOCK = threading.Lock()
+_float32_depth = 0
+_float32_saved: tuple[Any, ...] = ()
+
+
+def _precision_settings() -> list[tuple[Any, str]]:
+    """The per-operator ``fp32_precision`` settings (PyTorch >= 2.9), or [] on older versions."""
+    b = torch.backends
+    owners = [
+        getattr(getattr(b.cudnn, "conv", None), "fp32_precision", None),
+        getattr(getattr(b.cudnn, "rnn", None), "fp32_precision", None),
+        getattr(b.cuda.matmul, "fp32_precision", None),
+    ]
+    if any(o is None for o in owners):
+        return []
+    return [
+        (b.cudnn.conv, "fp32_precision"),
+        (b.cudnn.rnn, "fp32_precision"),
+        (b.cuda.matmul, "fp32_precision"),
+    ]
+
+
+def _enter_full_float32() -> tuple[Any, ...]:
+    settings = _precision_settings()
+    if settings:  # the current API; reading the legacy flags can raise once it is in use
+        saved = tuple(getattr(owner, attr) for owner, attr in settings)
+        for owner, attr in settings:
+            setattr(owner, attr, "ieee")
+        return ("new", settings, saved)
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    saved_flags = (cudnn.allow_tf32, matmul.allow_tf32)
+    cudnn.allow_tf32 = matmul.allow_tf32 = False
+    return ("legacy", saved_flags)
+
+
+def _exit_full_float32(saved: tuple[Any, ...]) -> None:
+    if saved[0] == "new":
+        for (owner, attr), value in zip(saved[1], saved[2], strict=True):
+            setattr(owner, attr, value)
+    else:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved[1]
+
+
 @contextlib.contextmanager
 def full_float32() -> Iterator[None]:
     """Run float32 convolutions and matrix products in full float32 for one call.
@@ -138,16 +182,25 @@ def full_float32() -> Iterator[None]:
     cuDNN runs float32 convolutions in TF32 (a 10-bit mantissa) by default on Ampere and later
     GPUs. That is harmless for a prediction, but not for an explanation: on an H100 it moved the
     input-gradient (saliency) maps of EfficientNet-Lite0 by up to 28% of their maximum against
-    the CPU (Grad-CAM by 0.1%; ``tests/test_gpu.py``). The flags are process-wide; they are
-    restored on exit, also on error. No effect on CPUs.
+    the CPU (Grad-CAM by 0.1%; ``tests/test_gpu.py``). The settings are process-wide: the
+    per-operator ``fp32_precision`` of cuDNN convolutions and RNNs and of CUDA matrix products
+    are set to ``"ieee"`` (the legacy ``allow_tf32`` flags on PyTorch < 2.9) and restored on
+    exit, also on error. Calls that overlap (threads) share one change: the first to enter saves
+    the settings and the last to leave restores them. No effect on CPUs.
     """
-    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
-    saved = cudnn.allow_tf32, matmul.allow_tf32
-    cudnn.allow_tf32 = matmul.allow_tf32 = False
+    global _float32_depth, _float32_saved
+    with _FLOAT32_LOCK:
+        if _float32_depth == 0:
+            _float32_saved = _enter_full_float32()
+        _float32_depth += 1
     try:
         yield
     finally:
-        cudnn.allow_tf32, matmul.allow_tf32 = saved
+        with _FLOAT32_LOCK:
+            _float32_depth -= 1
+            if _float32_depth == 0:
+                _exit_full_float32(_float32_saved)
+                _float32_saved = ()
 
 
 def check_autograd_available(net: nn.Module) -> None:
