@@ -745,3 +745,40 @@ def test_preprocess_numpy_path_equals_the_torch_path() -> None:
         reference = pre.normalize(pre.to_unit(image))
         assert fast.dtype == torch.float32 and fast.is_contiguous()
         assert torch.equal(fast, reference)  # bit for bit
+
+
+def test_report_table_survives_a_nan_confidence(tmp_path) -> None:
+    """A model that outputs NaN gives a NaN confidence: the table's JSON must stay parseable."""
+    if shutil.which("chromium") is None or importlib.util.find_spec("playwright") is None:
+        pytest.skip("needs chromium and the playwright package")
+    import dataclasses
+
+    from playwright.sync_api import sync_playwright
+
+    from convlens.analysis.report import write_report
+
+    result = _big_result(tmp_path / "run", n=30, classes=5)
+    bad = result.predictions[3]
+    result.predictions[3] = dataclasses.replace(bad, probs5=(float("nan"),) * 5)
+    index = write_report(result, [])
+    errors: list[str] = []
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(
+            executable_path="/usr/bin/chromium",
+            args=["--headless", "--no-sandbox", "--disable-gpu"],
+        )
+        try:
+            page = browser.new_page()
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(index.as_uri())
+            assert page.inner_text("#shown-count") == "30"
+            cells = page.eval_on_selector_all(
+                "#images-table tbody tr td:nth-child(4)", "els => els.map(e => e.textContent)"
+            )
+            assert "nan" in cells
+            page.click("#images-table th[data-key=conf]")  # sorting with a null confidence
+            assert page.inner_text("#shown-count") == "30"
+        finally:
+            browser.close()
+    assert not errors, errors

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import html
 import json
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -68,7 +69,7 @@ _JS = """
   var KEYS = {
     "true": function (r) { return nameRank[r[2] + 1]; },
     "pred": function (r) { return nameRank[r[3] + 1]; },
-    "conf": function (r) { return r[4]; },
+    "conf": function (r) { return r[4] === null ? -1 : r[4]; },
     "status": function (r) { return STATUS[state(r)]; }
   };
   var order = rows.map(function (_, i) { return i; });  // sorted order of all rows
@@ -100,7 +101,8 @@ _JS = """
       html.push('<tr data-status="' + st + '"><td>' + cell(r) + "</td>" +
         '<td data-value="' + esc(label(r[2])) + '">' + esc(label(r[2])) + "</td>" +
         '<td data-value="' + esc(label(r[3])) + '">' + esc(label(r[3])) + "</td>" +
-        '<td class="num" data-value="' + r[4] + '">' + r[4].toFixed(3) + "</td>" +
+        '<td class="num" data-value="' + r[4] + '">' +
+          (r[4] === null ? "nan" : r[4].toFixed(3)) + "</td>" +
         '<td data-value="' + st + '" class="' + st + '">' + st + "</td></tr>");
     }
     tbody.innerHTML = html.join("");
@@ -359,7 +361,7 @@ class _Report:
                 p.id,
                 cls(p.label),
                 cls(p.pred),
-                round(p.confidence, 5),
+                round(p.confidence, 5) if math.isfinite(p.confidence) else None,  # JSON: null
                 (1 if p.id in present else 0) | (2 if p.id in examined else 0),
             ]
             for p in self.r.predictions
