@@ -22,9 +22,6 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime as dt
-import os
-import platform
-import shlex
 import statistics
 import sys
 import time
@@ -38,11 +35,20 @@ import convlens
 from convlens.hooks import model_state
 from convlens.models.base import ConvlensModel
 
-REPO = Path(__file__).resolve().parents[1]
-DATA_CANDIDATES = (
-    REPO.parent / "shared" / "data" / "imagenet-sample-dev",
-    REPO / "shared" / "data" / "imagenet-sample-dev",
+from _common import (
+    command_line,
+    date_line,
+    default_data,
+    device_name,
+    load_average,
+    load_line,
+    machine_line,
+    section_heading,
+    sync,
+    timed,
+    write_section,
 )
+
 DEFAULT_OUT = Path(__file__).resolve().parent / "RESULTS.md"
 NOISY_SPREAD = 1.5  # max/min of a method's (or its paired forward's) repeats flagged as noisy
 RESULTS_TITLE = "# convlens benchmark results"
@@ -55,12 +61,6 @@ RESULTS_INTRO = (
 # --------------------------------------------------------------------------------------------
 # Timing
 # --------------------------------------------------------------------------------------------
-
-
-def sync(device: torch.device) -> None:
-    """Wait for queued GPU work so that wall-clock timings are real."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def time_call(fn: Callable[[], object], device: torch.device, repeats: int) -> list[float]:
@@ -275,13 +275,6 @@ def measure_method(
     device = x_all.device
     last: list[convlens.Explanation] = []
 
-    def timed(fn: Callable[[], object]) -> float:
-        sync(device)
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        return time.perf_counter() - start
-
     def call_on(x: torch.Tensor) -> Callable[[], object]:
         def call() -> object:
             exp = method(model, x)
@@ -297,7 +290,7 @@ def measure_method(
     b = batch
     try:
         # Probe on one image (also fills the layer-detection cache of the CAM family).
-        probe = timed(call_on(x_all[:1]))
+        probe = timed(call_on(x_all[:1]), device)
         calls = repeats
         if probe > slow_seconds:
             b, calls = 1, 0
@@ -307,18 +300,18 @@ def measure_method(
             b, calls = min(batch, slow_batch), 1
             notes.append(f"slow: {b} image(s), timed once after a 1-image warm-up")
         else:
-            timed(call_on(x_all[:b]))  # warm-up at the batch size that is timed
+            timed(call_on(x_all[:b]), device)  # warm-up at the batch size that is timed
         x = x_all[:b]
         call = call_on(x)
         forward, forward_backward = baseline_calls(model.net, x)
         forward()
         for i in range(repeats):
-            fwd_times.extend(timed(forward) for _ in range(forwards_per_repeat))
+            fwd_times.extend(timed(forward, device) for _ in range(forwards_per_repeat))
             if method.uses_gradients:
                 with model_state(model.net, eval_mode=True, grads=True):
-                    fb_times.append(timed(forward_backward))
+                    fb_times.append(timed(forward_backward, device))
             if i < calls:
-                times.append(timed(call))
+                times.append(timed(call, device))
     except Exception as exc:  # a broken method must not stop the others from being measured
         nan = float("nan")
         return MethodResult(name, b, nan, nan, None, error=f"{type(exc).__name__}: {exc}")
@@ -351,35 +344,6 @@ def measure_method(
 # --------------------------------------------------------------------------------------------
 
 
-def device_name(device: torch.device) -> str:
-    """Human-readable accelerator name, or the CPU's."""
-    if device.type == "cuda":
-        return f"cuda ({torch.cuda.get_device_name(device)})"
-    return f"cpu ({platform.processor() or platform.machine() or 'unknown'})"
-
-
-def load_average() -> float:
-    """The 1-minute load average (NaN where the OS has none)."""
-    try:
-        return os.getloadavg()[0]
-    except (AttributeError, OSError):
-        return float("nan")
-
-
-def section_heading(date: str, device: torch.device) -> str:
-    """The ``##`` heading of one run; equal headings are replaced on rerun.
-
-    On CPU the torch thread count is part of the device: runs with different counts are kept
-    side by side.
-    """
-    if device.type == "cpu":
-        n = torch.get_num_threads()
-        return f"## {date} UTC, cpu ({platform.processor() or platform.machine()}), {n} torch " + (
-            "thread" if n == 1 else "threads"
-        )
-    return f"## {date} UTC, {device_name(device)}"
-
-
 def render(
     args: argparse.Namespace,
     device: torch.device,
@@ -391,22 +355,22 @@ def render(
     load: tuple[float, float],
 ) -> str:
     """The markdown section for this run."""
-    cmd = shlex.join([Path(sys.executable).name, *sys.argv])
     lines = [
         section_heading(date, device),
         "",
-        f"- date: {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M')} UTC",
-        f"- machine: processor `{platform.processor() or platform.machine()}`, "
-        f"{os.cpu_count()} cores, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} torch threads, device {device_name(device)}",
-        f"- command: `{cmd}`",
+        date_line(dt.datetime.now(dt.timezone.utc)),
+        machine_line(device),
+        f"- command: `{command_line()}`",
         f"- model: {args.model}; batch {args.batch}; repeats {args.repeats} (median, after "
         f"one warm-up call); slow methods (one-image probe x batch > {args.slow_seconds:g} s) "
         f"timed once on {args.slow_batch} image(s); "
         f"whole run {total_seconds:.0f} s",
-        f"- 1-minute load average: {load[0]:.2f} before the run, {load[1]:.2f} after "
-        "(values near or above the number of cores mean other processes shared the CPU and "
-        "timings are noisy)",
+        load_line(
+            load,
+            "values near or above the number of cores mean other processes shared the CPU and "
+            "timings are noisy",
+            before="before the run",
+        ),
         "",
     ]
     if accuracy is not None:
@@ -455,46 +419,9 @@ def render(
     return "\n".join(lines) + "\n"
 
 
-def write_section(out: Path, heading: str, section: str) -> None:
-    """Replace the section with ``heading`` in ``out`` (or append it), keeping the others."""
-    text = out.read_text(encoding="utf-8") if out.exists() else ""
-    head: list[str] = []
-    sections: list[list[str]] = []
-    for line in text.splitlines():
-        if line.startswith("## "):
-            sections.append([line])
-        elif sections:
-            sections[-1].append(line)
-        else:
-            head.append(line)
-    if not any(line.strip() for line in head):
-        head = [RESULTS_TITLE, "", *RESULTS_INTRO.splitlines()]
-    blocks = ["\n".join(head).strip() + "\n"]
-    replaced = False
-    for sec in sections:
-        if sec[0].strip() == heading:
-            if not replaced:
-                blocks.append(section)
-                replaced = True
-            continue
-        blocks.append("\n".join(sec).strip() + "\n")
-    if not replaced:
-        blocks.append(section)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(blocks), encoding="utf-8")
-
-
 # --------------------------------------------------------------------------------------------
 # Main
 # --------------------------------------------------------------------------------------------
-
-
-def default_data() -> Path:
-    """The dev sample next to the repository (``../shared/data/imagenet-sample-dev``)."""
-    for cand in DATA_CANDIDATES:
-        if (cand / "labels.csv").exists():
-            return cand
-    return DATA_CANDIDATES[0]
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -612,7 +539,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print(section)
     if not args.no_write:
-        write_section(args.out, section_heading(date, device), section)
+        write_section(
+            args.out,
+            section_heading(date, device),
+            section,
+            title=RESULTS_TITLE,
+            intro=RESULTS_INTRO,
+        )
         print(f"written to {args.out}")
     return 1 if any(r.error for r in results) else 0
 

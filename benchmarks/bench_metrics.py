@@ -24,9 +24,6 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime as dt
-import os
-import platform
-import shlex
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -39,33 +36,26 @@ from convlens.allocator import keep_freed_memory
 from convlens.metrics import DEFAULT_STEPS, Curves, deletion_insertion_many
 from convlens.models import fold_batchnorm, inference_copy
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_methods import (
+from _common import (
+    command_line,
     default_data,
     device_name,
     load_average,
-    load_batch,
-    read_labels,
-    sync,
-    warm_up,
+    load_line,
+    machine_line,
+    section_heading,
+    timed,
+    write_section,
 )
+from bench_methods import load_batch, read_labels, warm_up
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "RESULTS_METRICS.md"
 DEFAULT_METHODS = ("gradcam", "gradcam++", "saliency", "gradxinput", "guided")
-TITLE = (
-    "# convlens metric benchmarks\n\n"
+RESULTS_TITLE = "# convlens metric benchmarks"
+RESULTS_INTRO = (
     "Produced by `benchmarks/bench_metrics.py` (see `benchmarks/README.md`). Each run appends a "
     "section.\n"
 )
-
-
-def timed(fn: Callable[[], object], device: torch.device) -> float:
-    """Wall seconds of one call, GPU work included."""
-    sync(device)
-    start = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - start
 
 
 def throughput(
@@ -361,16 +351,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     load_after = load_average()
     total = time.perf_counter() - run_start
     when = dt.datetime.now(dt.timezone.utc)
-    cmd = shlex.join([Path(sys.executable).name, *sys.argv])
     maps_total = sum(map_seconds.values())
+    heading = section_heading(f"{when:%Y-%m-%d %H:%M}", device, plural_one=True)
     lines = [
-        f"## {when:%Y-%m-%d %H:%M} UTC, {device_name(device)}"
-        + (f", {torch.get_num_threads()} torch threads" if not gpu else ""),
+        heading,
         "",
-        f"- machine: processor `{platform.processor() or platform.machine()}`, "
-        f"{os.cpu_count()} cores, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} torch threads, device {device_name(device)}",
-        f"- command: `{cmd}`",
+        machine_line(device),
+        f"- command: `{command_line()}`",
         f"- model {args.model}; {n} images of `{args.data.name}`; "
         f"methods {', '.join(args.methods)}; {args.steps} steps; deletion to 0 (model-input "
         f"space), insertion from blur (sigma 10); {batch_size} images per forward pass, "
@@ -382,8 +369,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             if malloc
             else "default"
         ),
-        f"- 1-minute load average: {load_before:.2f} before, {load_after:.2f} after "
-        "(near or above the core count: other processes shared the CPU)",
+        load_line(
+            (load_before, load_after),
+            "near or above the core count: other processes shared the CPU",
+        ),
         "",
         "| what | seconds | per image | forward passes |",
         "|---|---:|---:|---:|",
@@ -417,8 +406,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print(section)
     if not args.no_write:
-        text = args.out.read_text(encoding="utf-8") if args.out.exists() else TITLE
-        args.out.write_text(text.rstrip("\n") + "\n\n" + section, encoding="utf-8")
+        # The heading has the minute: a run appends its section (a rerun within the same
+        # minute and on the same device replaces it).
+        write_section(args.out, heading, section, title=RESULTS_TITLE, intro=RESULTS_INTRO)
         print(f"appended to {args.out}")
     return 0
 
