@@ -58,18 +58,7 @@ from convlens.analysis.store import PredictionStore
 from convlens.images import load_image
 from convlens.methods.options import build_methods
 
-from _common import (
-    command_line,
-    date_line,
-    default_data,
-    git_commit,
-    load_average,
-    load_line,
-    machine_line,
-    section_heading,
-    sync,
-    write_section,
-)
+import _common as common
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "RESULTS_ANALYZE.md"
 RESULTS_TITLE = "# convlens analyze benchmark results"
@@ -236,12 +225,12 @@ def raw_forward(model: convlens.ConvlensModel, x: torch.Tensor, batch: int, repe
     with torch.inference_mode():
         model.net.eval()
         model.net(x[:batch])
-        sync(device)
+        common.sync(device)
         for _ in range(repeats):
             start = time.perf_counter()
             for i in range(0, len(x), batch):
                 model.net(x[i : i + batch])
-            sync(device)
+            common.sync(device)
             times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -256,10 +245,10 @@ class PassTimer:
 
     def __enter__(self) -> PassTimer:
         def timed(*args: Any, **kwargs: Any) -> None:
-            sync(self.device)
+            common.sync(self.device)
             start = time.perf_counter()
             self._original(*args, **kwargs)
-            sync(self.device)
+            common.sync(self.device)
             self.seconds = time.perf_counter() - start
 
         run_module._infer = timed  # type: ignore[assignment]
@@ -285,10 +274,10 @@ def predecoded_pass(
         for i in range(0, len(items), batch)
     ]
     with PredictionStore(db) as store:
-        sync(model.device)
+        common.sync(model.device)
         start = time.perf_counter()
         run_module._predict_loop(model, store, items, batches)
-        sync(model.device)
+        common.sync(model.device)
         return time.perf_counter() - start
 
 
@@ -311,10 +300,10 @@ def explain_cost(
     spent = [0.0]
 
     def timed(*a: Any, **kw: Any) -> Any:
-        sync(model.device)
+        common.sync(model.device)
         start = time.perf_counter()
         out = original(*a, **kw)
-        sync(model.device)
+        common.sync(model.device)
         spent[0] += time.perf_counter() - start
         return out
 
@@ -324,7 +313,7 @@ def explain_cost(
         for m in methods:
             instances = build_methods({m: {}})
             spent[0] = 0.0
-            sync(model.device)
+            common.sync(model.device)
             start = time.perf_counter()
             run_module._explain_errors(
                 model,
@@ -335,7 +324,7 @@ def explain_cost(
                 batch_size=batch,
                 progress=False,
             )
-            sync(model.device)
+            common.sync(model.device)
             n = max(1, len(examined))
             out.append((m, len(examined), (time.perf_counter() - start) / n, spent[0] / n))
     finally:
@@ -380,7 +369,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     cuda = args.device.startswith("cuda")
     cores = os.cpu_count() or 1
-    args.data = args.data or default_data()
+    args.data = args.data or common.default_data()
     args.images = args.images or (400 if args.quick else 1000)
     args.batch = args.batch or (128 if cuda else 32)
     if args.workers is None:
@@ -408,7 +397,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("--device cuda but no CUDA device", file=sys.stderr)
         return 2
-    load_before = load_average()
+    load_before = common.load_average()
     t_start = time.perf_counter()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench_analyze_"))
     try:
@@ -488,7 +477,7 @@ def run(
     costs = explain_cost(
         model, first, args.methods, args.explain_images, min(args.batch, 16), work / "explain"
     )
-    load_after = load_average()
+    load_after = common.load_average()
     section = render(
         args,
         device,
@@ -505,7 +494,7 @@ def run(
     )
     print(section)
     if not args.no_write:
-        write_section(
+        common.write_section(
             args.out, section.splitlines()[0], section, title=RESULTS_TITLE, intro=RESULTS_INTRO
         )
         print(f"wrote {args.out}", file=sys.stderr)
@@ -572,20 +561,20 @@ def render(
 ) -> str:
     n = args.images
     now = dt.datetime.now(dt.timezone.utc)
-    heading = section_heading(f"{now:%Y-%m-%d}", device, label="analyze")
+    heading = common.section_heading(f"{now:%Y-%m-%d}", device, label="analyze")
     if not args.malloc:
         heading += ", default glibc malloc thresholds"
     refs = [r for *_, r in passes] + [predecoded[1]]
     lines = [
         heading,
         "",
-        date_line(now),
-        machine_line(
+        common.date_line(now),
+        common.machine_line(
             device,
             python=True,
-            extra=f", convlens {convlens.__version__} (commit {git_commit()})",
+            extra=f", convlens {convlens.__version__} (commit {common.git_commit()})",
         ),
-        f"- command: `{command_line()}`",
+        f"- command: `{common.command_line()}`",
         f"- model {args.model}, batch {args.batch}; {n} labelled images made from the "
         f"{Path(args.data).name} images by deterministic augmentations "
         f"({', '.join(AUGMENTATIONS)}) in {make_seconds:.1f} s; whole run {total:.0f} s",
@@ -593,7 +582,7 @@ def render(
         "(`convlens.allocator.keep_freed_memory`, as `convlens analyze` does)"
         if args.malloc
         else "- allocator: default glibc malloc thresholds (`--no-keep-freed-memory` or no glibc)",
-        load_line(load),
+        common.load_line(load),
         "",
         "### Prediction pass",
         "",

@@ -31,18 +31,7 @@ from convlens.features import render_features, scan_features
 from convlens.hooks import model_state
 from convlens.images import list_images
 
-from _common import (
-    REPO,
-    command_line,
-    date_line,
-    default_data,
-    load_average,
-    load_line,
-    machine_line,
-    section_heading,
-    sync,
-    write_section,
-)
+import _common as common
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "RESULTS.md"
 RESULTS_TITLE = "# convlens benchmark results"
@@ -54,7 +43,7 @@ DOCS_LIMIT = 300_000  # bytes per documentation image
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", default="lite0")
-    p.add_argument("--data", type=Path, default=default_data())
+    p.add_argument("--data", type=Path, default=common.default_data())
     p.add_argument("--layers", nargs="+", default=[name for name, _ in LAYERS])
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch-size", type=int, default=32)
@@ -87,10 +76,10 @@ def forward_rate(model: convlens.ConvlensModel, batch: int, device: torch.device
     x = torch.randn(batch, 3, crop, crop, device=device)
     with model_state(model.net, eval_mode=True, grads=False), torch.no_grad():
         model.net(x)
-        sync(device)
+        common.sync(device)
         start = time.perf_counter()
         model.net(x)
-        sync(device)
+        common.sync(device)
     return batch / (time.perf_counter() - start)
 
 
@@ -121,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not files:
         print(f"no images in {args.data}", file=sys.stderr)
         return 2
-    load_before = load_average()
+    load_before = common.load_average()
     model = convlens.load_model(args.model, device=device)
     reference = forward_rate(model, args.batch_size, device)
 
@@ -136,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         workers=args.workers,
         progress=False,
     )
-    sync(device)
+    common.sync(device)
     scan_seconds = time.perf_counter() - start
     rate = scan.scanned / scan_seconds
     print(
@@ -150,11 +139,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         folder = args.grids / rule
         start = time.perf_counter()
         written = render_features(scan, model, folder, rule=rule, batch_size=args.batch_size)
-        sync(device)
+        common.sync(device)
         seconds = time.perf_counter() - start
         renders.append((rule, seconds, written))
         print(f"render ({rule}): {seconds:.1f} s -> {folder / 'index.html'}")
-    load_after = load_average()
+    load_after = common.load_average()
 
     docs: list[str] = []
     if args.docs and renders:
@@ -164,13 +153,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             role = roles.get(layer)
             if role is None:
                 continue
-            dst = REPO / "docs" / "img" / f"features_{role}.png"
+            dst = common.REPO / "docs" / "img" / f"features_{role}.png"
             nbytes, size = save_small(png, dst)
-            docs.append(f"`{dst.relative_to(REPO)}` ({size[0]}x{size[1]}, {nbytes // 1000} kB)")
+            rel = dst.relative_to(common.REPO)
+            docs.append(f"`{rel}` ({size[0]}x{size[1]}, {nbytes // 1000} kB)")
             print(f"docs: {dst} {size[0]}x{size[1]} {nbytes // 1000} kB")
 
     date = dt.datetime.now(dt.timezone.utc)
-    heading = section_heading(f"{date:%Y-%m-%d}", device, label="feature browser", threads=False)
+    heading = common.section_heading(
+        f"{date:%Y-%m-%d}", device, label="feature browser", threads=False
+    )
     per_layer = ", ".join(
         f"`{name}` {info.shape[0]}x{info.shape[1]}x{info.shape[2]}"
         + (f" (ranked before its clip at {info.clip:g})" if info.clip is not None else "")
@@ -181,13 +173,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "",
         "Produced by `benchmarks/bench_features.py`.",
         "",
-        date_line(date),
-        machine_line(device),
-        f"- command: `{command_line()}`",
+        common.date_line(date),
+        common.machine_line(device),
+        f"- command: `{common.command_line()}`",
         f"- model {args.model}; {scan.scanned} images in `{Path(args.data).name}`; layers "
         f"{per_layer}; top {args.top}, {args.num_channels} channels per layer (auto); batch "
         f"{args.batch_size}, {args.workers} loader workers",
-        load_line((load_before, load_after)),
+        common.load_line((load_before, load_after)),
         "",
         "| step | seconds | images/s | notes |",
         "|---|---:|---:|---|",
@@ -206,7 +198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print(section)
     if not args.no_write:
-        write_section(args.out, heading, section, title=RESULTS_TITLE)
+        common.write_section(args.out, heading, section, title=RESULTS_TITLE)
     return 0
 
 

@@ -35,19 +35,7 @@ import convlens
 from convlens.hooks import model_state
 from convlens.models.base import ConvlensModel
 
-from _common import (
-    command_line,
-    date_line,
-    default_data,
-    device_name,
-    load_average,
-    load_line,
-    machine_line,
-    section_heading,
-    sync,
-    timed,
-    write_section,
-)
+import _common as common
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "RESULTS.md"
 NOISY_SPREAD = 1.5  # max/min of a method's (or its paired forward's) repeats flagged as noisy
@@ -66,13 +54,13 @@ RESULTS_INTRO = (
 def time_call(fn: Callable[[], object], device: torch.device, repeats: int) -> list[float]:
     """Wall seconds of ``repeats`` calls of ``fn``, after one untimed warm-up call."""
     fn()
-    sync(device)
+    common.sync(device)
     times: list[float] = []
     for _ in range(repeats):
-        sync(device)
+        common.sync(device)
         start = time.perf_counter()
         fn()
-        sync(device)
+        common.sync(device)
         times.append(time.perf_counter() - start)
     return times
 
@@ -121,7 +109,7 @@ def warm_up(model: ConvlensModel, x: torch.Tensor) -> None:
     forward()
     with model_state(model.net, eval_mode=True, grads=True):
         forward_backward()
-    sync(x.device)
+    common.sync(x.device)
 
 
 def time_baselines(model: ConvlensModel, x: torch.Tensor, repeats: int) -> Baselines:
@@ -197,10 +185,10 @@ def measure_accuracy(
         chunk = samples[start : start + batch]
         t0 = time.perf_counter()
         x = load_batch(model, [s.path for s in chunk]).to(device)
-        sync(device)
+        common.sync(device)
         t1 = time.perf_counter()
         top, _ = model.predict(x, k=5)
-        sync(device)
+        common.sync(device)
         t2 = time.perf_counter()
         load_s += t1 - t0
         model_s += t2 - t1
@@ -290,7 +278,7 @@ def measure_method(
     b = batch
     try:
         # Probe on one image (also fills the layer-detection cache of the CAM family).
-        probe = timed(call_on(x_all[:1]), device)
+        probe = common.timed(call_on(x_all[:1]), device)
         calls = repeats
         if probe > slow_seconds:
             b, calls = 1, 0
@@ -300,18 +288,18 @@ def measure_method(
             b, calls = min(batch, slow_batch), 1
             notes.append(f"slow: {b} image(s), timed once after a 1-image warm-up")
         else:
-            timed(call_on(x_all[:b]), device)  # warm-up at the batch size that is timed
+            common.timed(call_on(x_all[:b]), device)  # warm-up at the batch size that is timed
         x = x_all[:b]
         call = call_on(x)
         forward, forward_backward = baseline_calls(model.net, x)
         forward()
         for i in range(repeats):
-            fwd_times.extend(timed(forward, device) for _ in range(forwards_per_repeat))
+            fwd_times.extend(common.timed(forward, device) for _ in range(forwards_per_repeat))
             if method.uses_gradients:
                 with model_state(model.net, eval_mode=True, grads=True):
-                    fb_times.append(timed(forward_backward, device))
+                    fb_times.append(common.timed(forward_backward, device))
             if i < calls:
-                times.append(timed(call, device))
+                times.append(common.timed(call, device))
     except Exception as exc:  # a broken method must not stop the others from being measured
         nan = float("nan")
         return MethodResult(name, b, nan, nan, None, error=f"{type(exc).__name__}: {exc}")
@@ -356,16 +344,16 @@ def render(
 ) -> str:
     """The markdown section for this run."""
     lines = [
-        section_heading(date, device),
+        common.section_heading(date, device),
         "",
-        date_line(dt.datetime.now(dt.timezone.utc)),
-        machine_line(device),
-        f"- command: `{command_line()}`",
+        common.date_line(dt.datetime.now(dt.timezone.utc)),
+        common.machine_line(device),
+        f"- command: `{common.command_line()}`",
         f"- model: {args.model}; batch {args.batch}; repeats {args.repeats} (median, after "
         f"one warm-up call); slow methods (one-image probe x batch > {args.slow_seconds:g} s) "
         f"timed once on {args.slow_batch} image(s); "
         f"whole run {total_seconds:.0f} s",
-        load_line(
+        common.load_line(
             load,
             "values near or above the number of cores mean other processes shared the CPU and "
             "timings are noisy",
@@ -428,7 +416,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--model", default="lite0", help="model to load (default: lite0)")
-    p.add_argument("--data", type=Path, default=default_data(), help="folder with labels.csv")
+    p.add_argument(
+        "--data", type=Path, default=common.default_data(), help="folder with labels.csv"
+    )
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--batch", type=int, default=8, help="images in the method batch (default 8)")
     p.add_argument("--repeats", type=int, default=3, help="timed calls per method (median)")
@@ -460,7 +450,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark; returns the process exit code."""
     args = parse_args(argv)
     run_start = time.perf_counter()
-    load_before = load_average()
+    load_before = common.load_average()
     if args.device == "cuda" and not torch.cuda.is_available():
         print("--device cuda requested but CUDA is not available", file=sys.stderr)
         return 2
@@ -482,7 +472,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     model = convlens.load_model(args.model, device=device)
     samples = read_labels(args.data)
     print(
-        f"{device_name(device)}; torch {torch.__version__}, {torch.get_num_threads()} threads",
+        f"{common.device_name(device)}; torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads",
         flush=True,
     )
 
@@ -533,15 +524,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         print(f"{name}: {status} ({time.perf_counter() - t0:.0f} s)", flush=True)
 
-    load = (load_before, load_average())
+    load = (load_before, common.load_average())
     elapsed = time.perf_counter() - run_start
     section = render(args, device, accuracy, base_by_batch, results, date, elapsed, load)
     print()
     print(section)
     if not args.no_write:
-        write_section(
+        common.write_section(
             args.out,
-            section_heading(date, device),
+            common.section_heading(date, device),
             section,
             title=RESULTS_TITLE,
             intro=RESULTS_INTRO,

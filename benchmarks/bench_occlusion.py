@@ -53,15 +53,7 @@ from convlens import Occlusion
 from convlens.images import load_image
 from convlens.models.preprocess import Preprocess
 
-from _common import (
-    command_line,
-    dist_version,
-    find_data,
-    git_commit,
-    load_average,
-    processor,
-    write_section,
-)
+import _common as common
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "RESULTS_OCCLUSION.md"
 RESULTS_TITLE = "# Occlusion benchmark results (issue 7)"
@@ -420,8 +412,8 @@ def versions(have_captum: bool) -> str:
     parts = [
         f"python {platform.python_version()}",
         f"torch {torch.__version__}",
-        f"convlens {convlens.__version__} (commit {git_commit()})",
-        f"captum {dist_version('captum') if have_captum else 'absent (row skipped)'}",
+        f"convlens {convlens.__version__} (commit {common.git_commit()})",
+        f"captum {common.dist_version('captum') if have_captum else 'absent (row skipped)'}",
     ]
     return ", ".join(parts)
 
@@ -464,7 +456,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.memory_mb is None:
         args.memory_mb = 8192.0 if cuda else 1024.0
     if args.data is None:
-        args.data = find_data()
+        args.data = common.find_data()
     args.device = torch.device(args.device)
     return args
 
@@ -483,25 +475,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         have_captum = True
     except ImportError:
         have_captum = False
-    load_before = load_average()
+    load_before = common.load_average()
     start = time.time()
     x, source = load_images(args.images, args.data)
     rows: list[Row] = []
     for name in args.models:
         rows += bench_model(name, x, args, have_captum)
-    load_after = load_average()
+    load_after = common.load_average()
     now = dt.datetime.now(dt.timezone.utc)
     if args.device.type == "cuda":
         machine = f"{torch.cuda.get_device_name(args.device)}, {os.cpu_count()} CPU cores"
         machine += f", TF32 {'on' if args.tf32 else 'off'}"
     else:
-        machine = f"{processor()}, {os.cpu_count()} cores, "
+        machine = f"{common.processor()}, {os.cpu_count()} cores, "
         machine += f"{torch.get_num_threads()} torch threads"
     meta = {
         "date": now.strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine,
         "versions": versions(have_captum),
-        "command": command_line(argv, script="benchmarks/bench_occlusion.py"),
+        "command": common.command_line(argv, script="benchmarks/bench_occlusion.py"),
         "setting": f"{len(x)} image(s) ({source}); patch {PATCH}, stride {STRIDE} on "
         f"{SIZE}x{SIZE} (729 windows/image), fill 0, target top-1 softmax probability; "
         f"convlens memory cap {args.memory_mb:.0f} MB; approx: tau {args.tau}, coarse "
@@ -521,7 +513,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"## {now.strftime('%Y-%m-%d')} UTC, {args.device.type}, {len(x)} image(s), "
             + " ".join(args.models)
         )
-        write_section(
+        common.write_section(
             args.out,
             heading,
             f"{heading}\n\n{body}",

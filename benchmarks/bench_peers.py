@@ -64,15 +64,7 @@ from convlens.hooks import layer_capture
 from convlens.methods import AblationCAM, IntegratedGradients, ScoreCAM
 from convlens.models.base import ConvlensModel
 
-from _common import (
-    command_line,
-    default_data,
-    dist_version,
-    git_commit,
-    load_average,
-    processor,
-    write_section,
-)
+import _common as common
 
 HERE = Path(__file__).resolve().parent
 STUBS = HERE / "_stubs"
@@ -108,14 +100,14 @@ def import_peers() -> dict[str, str]:
 
     return {
         "python": platform.python_version(),
-        "convlens commit": git_commit(),
+        "convlens commit": common.git_commit(),
         "torch": torch.__version__,
         "convlens": convlens.__version__,
-        "captum": dist_version("captum"),
-        "grad-cam": dist_version("grad-cam"),
-        "torchvision": "stub (benchmarks/_stubs)" if stub else dist_version("torchvision"),
+        "captum": common.dist_version("captum"),
+        "grad-cam": common.dist_version("grad-cam"),
+        "torchvision": "stub (benchmarks/_stubs)" if stub else common.dist_version("torchvision"),
         "numpy": np.__version__,
-        "opencv": dist_version("opencv-python-headless"),
+        "opencv": common.dist_version("opencv-python-headless"),
     }
 
 
@@ -962,7 +954,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="2 timed calls per side (slow pairs 1) instead of --repeats / --slow-repeats",
     )
-    p.add_argument("--data", type=Path, default=default_data(), help="folder with labels.csv")
+    p.add_argument(
+        "--data", type=Path, default=common.default_data(), help="folder with labels.csv"
+    )
     p.add_argument("--pairs", nargs="+", choices=PAIRS, default=list(PAIRS))
     p.add_argument("--batch", type=int, default=4, help="images for the fast pairs")
     p.add_argument("--slow-batch", type=int, default=1, help="images for Score-/Ablation-CAM")
@@ -1079,7 +1073,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     versions = import_peers()
     start = time.time()
-    load_before = load_average()
+    load_before = common.load_average()
     s = make_setup(args)
     results: list[PairResult] = []
     failed: list[str] = []
@@ -1105,17 +1099,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             failed.append(name)
             continue
         results.append(PairResult(pair, timings))
-    load_after = load_average()
+    load_after = common.load_average()
     now = dt.datetime.now(dt.timezone.utc)
     device = "CPU"
     if cuda:
         device = f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda})"
     meta = {
         "date": now.strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": f"{processor()}, {os.cpu_count()} cores, "
+        "machine": f"{common.processor()}, {os.cpu_count()} cores, "
         f"{torch.get_num_threads()} torch threads, {device}",
         "versions": ", ".join(f"{k} {v}" for k, v in versions.items()),
-        "command": command_line(argv, script="benchmarks/bench_peers.py"),
+        "command": common.command_line(argv, script="benchmarks/bench_peers.py"),
         "model": f"{args.model}; images: first rows of `{args.data.name}/labels.csv` "
         f"({', '.join(s.files)}); targets: top-1 ({', '.join(map(str, s.targets.tolist()))})",
         "timing": f"one warm-up call per side, then median of {args.repeats} (slow pairs "
@@ -1137,7 +1131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(body)
     if not args.no_write:
         heading = f"## Peers, {now.strftime('%Y-%m-%d')} UTC, {'cuda' if cuda else 'cpu'}"
-        write_section(args.out, heading, f"{heading}\n\n{body}", title=RESULTS_TITLE)
+        common.write_section(args.out, heading, f"{heading}\n\n{body}", title=RESULTS_TITLE)
         print(f"wrote section {heading!r} to {args.out}", file=sys.stderr)
     return 1 if failed else 0
 

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 import convlens
 from convlens.synthesis import PRESETS, class_visualization
 
-from _common import command_line, date_line, load_average, machine_line, write_section
+import _common as common
 
 ROOT = Path(__file__).resolve().parent
 TITLE = "Class model visualisation (bench_synthesis.py)"
@@ -114,13 +114,13 @@ def main(argv: list[str] | None = None) -> int:
         ("batch_size", args.batch_size),
     )
     overrides = {k: v for k, v in pairs if v is not None}
-    load_before = load_average()
+    load_before = common.load_average()
     start = time.perf_counter()
     res = class_visualization(
         model, classes, preset=args.preset, seed=args.seed, progress=True, **overrides
     )
     total = time.perf_counter() - start
-    load_after = load_average()
+    load_after = common.load_average()
 
     size = judge.preprocess.crop
     with torch.no_grad():
@@ -149,9 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     settings = ", ".join(f"{k}={v}" for k, v in s.items())
     judge_name = args.transfer_model
     lines = [
-        date_line(now),
-        machine_line(args.device, processor_name=platform.machine()),
-        f"- command: `{command_line(argv, script='benchmarks/bench_synthesis.py')}`",
+        common.date_line(now),
+        common.machine_line(args.device, processor_name=platform.machine()),
+        f"- command: `{common.command_line(argv, script='benchmarks/bench_synthesis.py')}`",
         f"- generating model: {args.model}; judge: {judge_name} (the 224 image resized "
         f"bilinearly to {size}, mean/std 0.5)",
         f"- classes: {len(classes)}, drawn with `random.Random({args.class_seed})"
@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         nbytes = save_small_png(res.grid(ncols=5, cell=160), args.grid)
         print(f"wrote {args.grid} ({nbytes / 1000:.0f} kB)")
     if not args.no_write:
-        write_section(args.out, heading, f"{heading}\n\n{body}", title=RESULTS_TITLE)
+        common.write_section(args.out, heading, f"{heading}\n\n{body}", title=RESULTS_TITLE)
         print(f"wrote section to {args.out}")
     return 0
 
