@@ -35,8 +35,6 @@ import csv
 import datetime as dt
 import json
 import os
-import platform
-import shlex
 import shutil
 import sqlite3
 import statistics
@@ -60,11 +58,8 @@ from convlens.analysis.store import PredictionStore
 from convlens.images import load_image
 from convlens.methods.options import build_methods
 
-REPO = Path(__file__).resolve().parents[1]
-DATA_CANDIDATES = (
-    REPO.parent / "shared" / "data" / "imagenet-sample-dev",
-    REPO / "shared" / "data" / "imagenet-sample-dev",
-)
+import _common as common
+
 DEFAULT_OUT = Path(__file__).resolve().parent / "RESULTS_ANALYZE.md"
 RESULTS_TITLE = "# convlens analyze benchmark results"
 RESULTS_INTRO = (
@@ -216,11 +211,6 @@ def compare(metrics: dict[str, Any], ref: dict[str, Any]) -> list[str]:
 # --------------------------------------------------------------------------------------------
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def decode_all(model: convlens.ConvlensModel, paths: Sequence[Path]) -> tuple[torch.Tensor, float]:
     """Every image decoded and preprocessed in this process: (N, 3, H, W) and seconds."""
     start = time.perf_counter()
@@ -235,12 +225,12 @@ def raw_forward(model: convlens.ConvlensModel, x: torch.Tensor, batch: int, repe
     with torch.inference_mode():
         model.net.eval()
         model.net(x[:batch])
-        sync(device)
+        common.sync(device)
         for _ in range(repeats):
             start = time.perf_counter()
             for i in range(0, len(x), batch):
                 model.net(x[i : i + batch])
-            sync(device)
+            common.sync(device)
             times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -255,10 +245,10 @@ class PassTimer:
 
     def __enter__(self) -> PassTimer:
         def timed(*args: Any, **kwargs: Any) -> None:
-            sync(self.device)
+            common.sync(self.device)
             start = time.perf_counter()
             self._original(*args, **kwargs)
-            sync(self.device)
+            common.sync(self.device)
             self.seconds = time.perf_counter() - start
 
         run_module._infer = timed  # type: ignore[assignment]
@@ -284,10 +274,10 @@ def predecoded_pass(
         for i in range(0, len(items), batch)
     ]
     with PredictionStore(db) as store:
-        sync(model.device)
+        common.sync(model.device)
         start = time.perf_counter()
         run_module._predict_loop(model, store, items, batches)
-        sync(model.device)
+        common.sync(model.device)
         return time.perf_counter() - start
 
 
@@ -310,10 +300,10 @@ def explain_cost(
     spent = [0.0]
 
     def timed(*a: Any, **kw: Any) -> Any:
-        sync(model.device)
+        common.sync(model.device)
         start = time.perf_counter()
         out = original(*a, **kw)
-        sync(model.device)
+        common.sync(model.device)
         spent[0] += time.perf_counter() - start
         return out
 
@@ -323,7 +313,7 @@ def explain_cost(
         for m in methods:
             instances = build_methods({m: {}})
             spent[0] = 0.0
-            sync(model.device)
+            common.sync(model.device)
             start = time.perf_counter()
             run_module._explain_errors(
                 model,
@@ -334,7 +324,7 @@ def explain_cost(
                 batch_size=batch,
                 progress=False,
             )
-            sync(model.device)
+            common.sync(model.device)
             n = max(1, len(examined))
             out.append((m, len(examined), (time.perf_counter() - start) / n, spent[0] / n))
     finally:
@@ -343,84 +333,8 @@ def explain_cost(
 
 
 # --------------------------------------------------------------------------------------------
-# Output
-# --------------------------------------------------------------------------------------------
-
-
-def git_commit() -> str:
-    """Short commit of the checkout (with ``+`` when it has uncommitted changes)."""
-    import subprocess
-
-    try:
-        head = subprocess.run(
-            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head + ("+" if dirty else "")
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"cuda ({torch.cuda.get_device_name(device)})"
-    return f"cpu ({platform.processor() or platform.machine() or 'unknown'})"
-
-
-def load_average() -> float:
-    try:
-        return os.getloadavg()[0]
-    except (AttributeError, OSError):
-        return float("nan")
-
-
-def write_section(out: Path, heading: str, section: str) -> None:
-    """Replace the section with ``heading`` in ``out`` (or append it), keeping the others."""
-    text = out.read_text(encoding="utf-8") if out.exists() else ""
-    head: list[str] = []
-    sections: list[list[str]] = []
-    for line in text.splitlines():
-        if line.startswith("## "):
-            sections.append([line])
-        elif sections:
-            sections[-1].append(line)
-        else:
-            head.append(line)
-    if not any(line.strip() for line in head):
-        head = [RESULTS_TITLE, "", *RESULTS_INTRO.splitlines()]
-    blocks = ["\n".join(head).strip() + "\n"]
-    replaced = False
-    for sec in sections:
-        if sec[0].strip() == heading:
-            if not replaced:
-                blocks.append(section)
-                replaced = True
-            continue
-        blocks.append("\n".join(sec).strip() + "\n")
-    if not replaced:
-        blocks.append(section)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(blocks), encoding="utf-8")
-
-
-# --------------------------------------------------------------------------------------------
 # Main
 # --------------------------------------------------------------------------------------------
-
-
-def default_data() -> Path:
-    for cand in DATA_CANDIDATES:
-        if (cand / "labels.csv").exists():
-            return cand
-    return DATA_CANDIDATES[0]
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -455,7 +369,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     cuda = args.device.startswith("cuda")
     cores = os.cpu_count() or 1
-    args.data = args.data or default_data()
+    args.data = args.data or common.default_data()
     args.images = args.images or (400 if args.quick else 1000)
     args.batch = args.batch or (128 if cuda else 32)
     if args.workers is None:
@@ -483,7 +397,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("--device cuda but no CUDA device", file=sys.stderr)
         return 2
-    load_before = load_average()
+    load_before = common.load_average()
     t_start = time.perf_counter()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench_analyze_"))
     try:
@@ -563,7 +477,7 @@ def run(
     costs = explain_cost(
         model, first, args.methods, args.explain_images, min(args.batch, 16), work / "explain"
     )
-    load_after = load_average()
+    load_after = common.load_average()
     section = render(
         args,
         device,
@@ -580,7 +494,9 @@ def run(
     )
     print(section)
     if not args.no_write:
-        write_section(args.out, section.splitlines()[0], section)
+        common.write_section(
+            args.out, section.splitlines()[0], section, title=RESULTS_TITLE, intro=RESULTS_INTRO
+        )
         print(f"wrote {args.out}", file=sys.stderr)
     return 1 if any(bad for _, _, bad in checks) or not same else 0
 
@@ -645,23 +561,20 @@ def render(
 ) -> str:
     n = args.images
     now = dt.datetime.now(dt.timezone.utc)
-    threads = torch.get_num_threads()
-    heading = f"## {now:%Y-%m-%d} UTC, analyze, {device_name(device)}" + (
-        f", {threads} torch thread{'s' if threads != 1 else ''}" if device.type == "cpu" else ""
-    )
+    heading = common.section_heading(f"{now:%Y-%m-%d}", device, label="analyze")
     if not args.malloc:
         heading += ", default glibc malloc thresholds"
     refs = [r for *_, r in passes] + [predecoded[1]]
-    cmd = shlex.join([Path(sys.executable).name, *sys.argv])
     lines = [
         heading,
         "",
-        f"- date: {now:%Y-%m-%d %H:%M} UTC",
-        f"- machine: processor `{platform.processor() or platform.machine()}`, "
-        f"{os.cpu_count()} cores, python {platform.python_version()}, torch {torch.__version__}, "
-        f"{threads} torch threads, device {device_name(device)}, convlens {convlens.__version__} "
-        f"(commit {git_commit()})",
-        f"- command: `{cmd}`",
+        common.date_line(now),
+        common.machine_line(
+            device,
+            python=True,
+            extra=f", convlens {convlens.__version__} (commit {common.git_commit()})",
+        ),
+        f"- command: `{common.command_line()}`",
         f"- model {args.model}, batch {args.batch}; {n} labelled images made from the "
         f"{Path(args.data).name} images by deterministic augmentations "
         f"({', '.join(AUGMENTATIONS)}) in {make_seconds:.1f} s; whole run {total:.0f} s",
@@ -669,8 +582,7 @@ def render(
         "(`convlens.allocator.keep_freed_memory`, as `convlens analyze` does)"
         if args.malloc
         else "- allocator: default glibc malloc thresholds (`--no-keep-freed-memory` or no glibc)",
-        f"- 1-minute load average: {load[0]:.2f} before, {load[1]:.2f} after (near or above the "
-        "core count: other processes shared the CPU and timings are noisy)",
+        common.load_line(load),
         "",
         "### Prediction pass",
         "",

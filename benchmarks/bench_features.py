@@ -18,9 +18,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import io
-import os
-import platform
-import shlex
 import sys
 import time
 from collections.abc import Sequence
@@ -34,11 +31,8 @@ from convlens.features import render_features, scan_features
 from convlens.hooks import model_state
 from convlens.images import list_images
 
-REPO = Path(__file__).resolve().parents[1]
-DATA_CANDIDATES = (
-    REPO.parent / "shared" / "data" / "imagenet-sample-dev",
-    REPO / "shared" / "data" / "imagenet-sample-dev",
-)
+import _common as common
+
 DEFAULT_OUT = Path(__file__).resolve().parent / "RESULTS.md"
 RESULTS_TITLE = "# convlens benchmark results"
 # (layer, role): early, middle and the last call of the head activation (7x7x1280).
@@ -48,9 +42,8 @@ DOCS_LIMIT = 300_000  # bytes per documentation image
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    default_data = next((d for d in DATA_CANDIDATES if d.is_dir()), DATA_CANDIDATES[0])
     p.add_argument("--model", default="lite0")
-    p.add_argument("--data", type=Path, default=default_data)
+    p.add_argument("--data", type=Path, default=common.default_data())
     p.add_argument("--layers", nargs="+", default=[name for name, _ in LAYERS])
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch-size", type=int, default=32)
@@ -77,34 +70,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"cuda ({torch.cuda.get_device_name(device)})"
-    return f"cpu ({platform.processor() or platform.machine() or 'unknown'})"
-
-
-def load_average() -> float:
-    try:
-        return os.getloadavg()[0]
-    except (AttributeError, OSError):
-        return float("nan")
-
-
 def forward_rate(model: convlens.ConvlensModel, batch: int, device: torch.device) -> float:
     """Images/second of a plain batched forward pass on random inputs (reference)."""
     crop = model.preprocess.crop
     x = torch.randn(batch, 3, crop, crop, device=device)
     with model_state(model.net, eval_mode=True, grads=False), torch.no_grad():
         model.net(x)
-        sync(device)
+        common.sync(device)
         start = time.perf_counter()
         model.net(x)
-        sync(device)
+        common.sync(device)
     return batch / (time.perf_counter() - start)
 
 
@@ -126,25 +101,6 @@ def save_small(src: Path, dst: Path, limit: int = DOCS_LIMIT) -> tuple[int, tupl
     return buf.tell(), small.size
 
 
-def write_section(out: Path, heading: str, section: str) -> None:
-    """Replace the section with ``heading`` in ``out`` (or append it), keeping all others.
-
-    The file is read right before writing, so sections other scripts added meanwhile stay.
-    """
-    text = out.read_text(encoding="utf-8") if out.exists() else f"{RESULTS_TITLE}\n"
-    lines = text.splitlines()
-    start = next((i for i, line in enumerate(lines) if line == heading), None)
-    if start is None:
-        new = text.rstrip("\n") + "\n\n" + section
-    else:
-        end = next(
-            (i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines)
-        )
-        rest = "\n".join(lines[end:])
-        new = "\n".join(lines[:start]) + "\n" + section + ("\n" + rest if rest else "")
-    out.write_text(new.rstrip("\n") + "\n", encoding="utf-8")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads:
@@ -154,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not files:
         print(f"no images in {args.data}", file=sys.stderr)
         return 2
-    load_before = load_average()
+    load_before = common.load_average()
     model = convlens.load_model(args.model, device=device)
     reference = forward_rate(model, args.batch_size, device)
 
@@ -169,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         workers=args.workers,
         progress=False,
     )
-    sync(device)
+    common.sync(device)
     scan_seconds = time.perf_counter() - start
     rate = scan.scanned / scan_seconds
     print(
@@ -183,11 +139,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         folder = args.grids / rule
         start = time.perf_counter()
         written = render_features(scan, model, folder, rule=rule, batch_size=args.batch_size)
-        sync(device)
+        common.sync(device)
         seconds = time.perf_counter() - start
         renders.append((rule, seconds, written))
         print(f"render ({rule}): {seconds:.1f} s -> {folder / 'index.html'}")
-    load_after = load_average()
+    load_after = common.load_average()
 
     docs: list[str] = []
     if args.docs and renders:
@@ -197,13 +153,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             role = roles.get(layer)
             if role is None:
                 continue
-            dst = REPO / "docs" / "img" / f"features_{role}.png"
+            dst = common.REPO / "docs" / "img" / f"features_{role}.png"
             nbytes, size = save_small(png, dst)
-            docs.append(f"`{dst.relative_to(REPO)}` ({size[0]}x{size[1]}, {nbytes // 1000} kB)")
+            rel = dst.relative_to(common.REPO)
+            docs.append(f"`{rel}` ({size[0]}x{size[1]}, {nbytes // 1000} kB)")
             print(f"docs: {dst} {size[0]}x{size[1]} {nbytes // 1000} kB")
 
     date = dt.datetime.now(dt.timezone.utc)
-    heading = f"## {date:%Y-%m-%d} UTC, feature browser, {device_name(device)}"
+    heading = common.section_heading(
+        f"{date:%Y-%m-%d}", device, label="feature browser", threads=False
+    )
     per_layer = ", ".join(
         f"`{name}` {info.shape[0]}x{info.shape[1]}x{info.shape[2]}"
         + (f" (ranked before its clip at {info.clip:g})" if info.clip is not None else "")
@@ -214,16 +173,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "",
         "Produced by `benchmarks/bench_features.py`.",
         "",
-        f"- date: {date:%Y-%m-%d %H:%M} UTC",
-        f"- machine: processor `{platform.processor() or platform.machine()}`, "
-        f"{os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} torch "
-        f"threads, device {device_name(device)}",
-        f"- command: `{shlex.join([Path(sys.executable).name, *sys.argv])}`",
+        common.date_line(date),
+        common.machine_line(device),
+        f"- command: `{common.command_line()}`",
         f"- model {args.model}; {scan.scanned} images in `{Path(args.data).name}`; layers "
         f"{per_layer}; top {args.top}, {args.num_channels} channels per layer (auto); batch "
         f"{args.batch_size}, {args.workers} loader workers",
-        f"- 1-minute load average: {load_before:.2f} before, {load_after:.2f} after (near or "
-        "above the core count: other processes shared the CPU and timings are noisy)",
+        common.load_line((load_before, load_after)),
         "",
         "| step | seconds | images/s | notes |",
         "|---|---:|---:|---|",
@@ -242,7 +198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print(section)
     if not args.no_write:
-        write_section(args.out, heading, section)
+        common.write_section(args.out, heading, section, title=RESULTS_TITLE)
     return 0
 
 

@@ -22,9 +22,6 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime as dt
-import os
-import platform
-import shlex
 import statistics
 import sys
 import time
@@ -38,11 +35,8 @@ import convlens
 from convlens.hooks import model_state
 from convlens.models.base import ConvlensModel
 
-REPO = Path(__file__).resolve().parents[1]
-DATA_CANDIDATES = (
-    REPO.parent / "shared" / "data" / "imagenet-sample-dev",
-    REPO / "shared" / "data" / "imagenet-sample-dev",
-)
+import _common as common
+
 DEFAULT_OUT = Path(__file__).resolve().parent / "RESULTS.md"
 NOISY_SPREAD = 1.5  # max/min of a method's (or its paired forward's) repeats flagged as noisy
 RESULTS_TITLE = "# convlens benchmark results"
@@ -57,22 +51,16 @@ RESULTS_INTRO = (
 # --------------------------------------------------------------------------------------------
 
 
-def sync(device: torch.device) -> None:
-    """Wait for queued GPU work so that wall-clock timings are real."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_call(fn: Callable[[], object], device: torch.device, repeats: int) -> list[float]:
     """Wall seconds of ``repeats`` calls of ``fn``, after one untimed warm-up call."""
     fn()
-    sync(device)
+    common.sync(device)
     times: list[float] = []
     for _ in range(repeats):
-        sync(device)
+        common.sync(device)
         start = time.perf_counter()
         fn()
-        sync(device)
+        common.sync(device)
         times.append(time.perf_counter() - start)
     return times
 
@@ -121,7 +109,7 @@ def warm_up(model: ConvlensModel, x: torch.Tensor) -> None:
     forward()
     with model_state(model.net, eval_mode=True, grads=True):
         forward_backward()
-    sync(x.device)
+    common.sync(x.device)
 
 
 def time_baselines(model: ConvlensModel, x: torch.Tensor, repeats: int) -> Baselines:
@@ -197,10 +185,10 @@ def measure_accuracy(
         chunk = samples[start : start + batch]
         t0 = time.perf_counter()
         x = load_batch(model, [s.path for s in chunk]).to(device)
-        sync(device)
+        common.sync(device)
         t1 = time.perf_counter()
         top, _ = model.predict(x, k=5)
-        sync(device)
+        common.sync(device)
         t2 = time.perf_counter()
         load_s += t1 - t0
         model_s += t2 - t1
@@ -275,13 +263,6 @@ def measure_method(
     device = x_all.device
     last: list[convlens.Explanation] = []
 
-    def timed(fn: Callable[[], object]) -> float:
-        sync(device)
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        return time.perf_counter() - start
-
     def call_on(x: torch.Tensor) -> Callable[[], object]:
         def call() -> object:
             exp = method(model, x)
@@ -297,7 +278,7 @@ def measure_method(
     b = batch
     try:
         # Probe on one image (also fills the layer-detection cache of the CAM family).
-        probe = timed(call_on(x_all[:1]))
+        probe = common.timed(call_on(x_all[:1]), device)
         calls = repeats
         if probe > slow_seconds:
             b, calls = 1, 0
@@ -307,18 +288,18 @@ def measure_method(
             b, calls = min(batch, slow_batch), 1
             notes.append(f"slow: {b} image(s), timed once after a 1-image warm-up")
         else:
-            timed(call_on(x_all[:b]))  # warm-up at the batch size that is timed
+            common.timed(call_on(x_all[:b]), device)  # warm-up at the batch size that is timed
         x = x_all[:b]
         call = call_on(x)
         forward, forward_backward = baseline_calls(model.net, x)
         forward()
         for i in range(repeats):
-            fwd_times.extend(timed(forward) for _ in range(forwards_per_repeat))
+            fwd_times.extend(common.timed(forward, device) for _ in range(forwards_per_repeat))
             if method.uses_gradients:
                 with model_state(model.net, eval_mode=True, grads=True):
-                    fb_times.append(timed(forward_backward))
+                    fb_times.append(common.timed(forward_backward, device))
             if i < calls:
-                times.append(timed(call))
+                times.append(common.timed(call, device))
     except Exception as exc:  # a broken method must not stop the others from being measured
         nan = float("nan")
         return MethodResult(name, b, nan, nan, None, error=f"{type(exc).__name__}: {exc}")
@@ -351,35 +332,6 @@ def measure_method(
 # --------------------------------------------------------------------------------------------
 
 
-def device_name(device: torch.device) -> str:
-    """Human-readable accelerator name, or the CPU's."""
-    if device.type == "cuda":
-        return f"cuda ({torch.cuda.get_device_name(device)})"
-    return f"cpu ({platform.processor() or platform.machine() or 'unknown'})"
-
-
-def load_average() -> float:
-    """The 1-minute load average (NaN where the OS has none)."""
-    try:
-        return os.getloadavg()[0]
-    except (AttributeError, OSError):
-        return float("nan")
-
-
-def section_heading(date: str, device: torch.device) -> str:
-    """The ``##`` heading of one run; equal headings are replaced on rerun.
-
-    On CPU the torch thread count is part of the device: runs with different counts are kept
-    side by side.
-    """
-    if device.type == "cpu":
-        n = torch.get_num_threads()
-        return f"## {date} UTC, cpu ({platform.processor() or platform.machine()}), {n} torch " + (
-            "thread" if n == 1 else "threads"
-        )
-    return f"## {date} UTC, {device_name(device)}"
-
-
 def render(
     args: argparse.Namespace,
     device: torch.device,
@@ -391,22 +343,22 @@ def render(
     load: tuple[float, float],
 ) -> str:
     """The markdown section for this run."""
-    cmd = shlex.join([Path(sys.executable).name, *sys.argv])
     lines = [
-        section_heading(date, device),
+        common.section_heading(date, device),
         "",
-        f"- date: {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M')} UTC",
-        f"- machine: processor `{platform.processor() or platform.machine()}`, "
-        f"{os.cpu_count()} cores, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} torch threads, device {device_name(device)}",
-        f"- command: `{cmd}`",
+        common.date_line(dt.datetime.now(dt.timezone.utc)),
+        common.machine_line(device),
+        f"- command: `{common.command_line()}`",
         f"- model: {args.model}; batch {args.batch}; repeats {args.repeats} (median, after "
         f"one warm-up call); slow methods (one-image probe x batch > {args.slow_seconds:g} s) "
         f"timed once on {args.slow_batch} image(s); "
         f"whole run {total_seconds:.0f} s",
-        f"- 1-minute load average: {load[0]:.2f} before the run, {load[1]:.2f} after "
-        "(values near or above the number of cores mean other processes shared the CPU and "
-        "timings are noisy)",
+        common.load_line(
+            load,
+            "values near or above the number of cores mean other processes shared the CPU and "
+            "timings are noisy",
+            before="before the run",
+        ),
         "",
     ]
     if accuracy is not None:
@@ -455,53 +407,18 @@ def render(
     return "\n".join(lines) + "\n"
 
 
-def write_section(out: Path, heading: str, section: str) -> None:
-    """Replace the section with ``heading`` in ``out`` (or append it), keeping the others."""
-    text = out.read_text(encoding="utf-8") if out.exists() else ""
-    head: list[str] = []
-    sections: list[list[str]] = []
-    for line in text.splitlines():
-        if line.startswith("## "):
-            sections.append([line])
-        elif sections:
-            sections[-1].append(line)
-        else:
-            head.append(line)
-    if not any(line.strip() for line in head):
-        head = [RESULTS_TITLE, "", *RESULTS_INTRO.splitlines()]
-    blocks = ["\n".join(head).strip() + "\n"]
-    replaced = False
-    for sec in sections:
-        if sec[0].strip() == heading:
-            if not replaced:
-                blocks.append(section)
-                replaced = True
-            continue
-        blocks.append("\n".join(sec).strip() + "\n")
-    if not replaced:
-        blocks.append(section)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(blocks), encoding="utf-8")
-
-
 # --------------------------------------------------------------------------------------------
 # Main
 # --------------------------------------------------------------------------------------------
-
-
-def default_data() -> Path:
-    """The dev sample next to the repository (``../shared/data/imagenet-sample-dev``)."""
-    for cand in DATA_CANDIDATES:
-        if (cand / "labels.csv").exists():
-            return cand
-    return DATA_CANDIDATES[0]
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--model", default="lite0", help="model to load (default: lite0)")
-    p.add_argument("--data", type=Path, default=default_data(), help="folder with labels.csv")
+    p.add_argument(
+        "--data", type=Path, default=common.default_data(), help="folder with labels.csv"
+    )
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--batch", type=int, default=8, help="images in the method batch (default 8)")
     p.add_argument("--repeats", type=int, default=3, help="timed calls per method (median)")
@@ -533,7 +450,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark; returns the process exit code."""
     args = parse_args(argv)
     run_start = time.perf_counter()
-    load_before = load_average()
+    load_before = common.load_average()
     if args.device == "cuda" and not torch.cuda.is_available():
         print("--device cuda requested but CUDA is not available", file=sys.stderr)
         return 2
@@ -555,7 +472,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     model = convlens.load_model(args.model, device=device)
     samples = read_labels(args.data)
     print(
-        f"{device_name(device)}; torch {torch.__version__}, {torch.get_num_threads()} threads",
+        f"{common.device_name(device)}; torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads",
         flush=True,
     )
 
@@ -606,13 +524,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         print(f"{name}: {status} ({time.perf_counter() - t0:.0f} s)", flush=True)
 
-    load = (load_before, load_average())
+    load = (load_before, common.load_average())
     elapsed = time.perf_counter() - run_start
     section = render(args, device, accuracy, base_by_batch, results, date, elapsed, load)
     print()
     print(section)
     if not args.no_write:
-        write_section(args.out, section_heading(date, device), section)
+        common.write_section(
+            args.out,
+            common.section_heading(date, device),
+            section,
+            title=RESULTS_TITLE,
+            intro=RESULTS_INTRO,
+        )
         print(f"written to {args.out}")
     return 1 if any(r.error for r in results) else 0
 

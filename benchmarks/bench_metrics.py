@@ -24,9 +24,6 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime as dt
-import os
-import platform
-import shlex
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -39,33 +36,16 @@ from convlens.allocator import keep_freed_memory
 from convlens.metrics import DEFAULT_STEPS, Curves, deletion_insertion_many
 from convlens.models import fold_batchnorm, inference_copy
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_methods import (
-    default_data,
-    device_name,
-    load_average,
-    load_batch,
-    read_labels,
-    sync,
-    warm_up,
-)
+import _common as common
+from bench_methods import load_batch, read_labels, warm_up
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "RESULTS_METRICS.md"
 DEFAULT_METHODS = ("gradcam", "gradcam++", "saliency", "gradxinput", "guided")
-TITLE = (
-    "# convlens metric benchmarks\n\n"
+RESULTS_TITLE = "# convlens metric benchmarks"
+RESULTS_INTRO = (
     "Produced by `benchmarks/bench_metrics.py` (see `benchmarks/README.md`). Each run appends a "
     "section.\n"
 )
-
-
-def timed(fn: Callable[[], object], device: torch.device) -> float:
-    """Wall seconds of one call, GPU work included."""
-    sync(device)
-    start = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - start
 
 
 def throughput(
@@ -108,7 +88,7 @@ def throughput(
     out = []
     for name, fn in variants:
         fn()
-        best = min(timed(fn, device) for _ in range(repeats))
+        best = min(common.timed(fn, device) for _ in range(repeats))
         out.append((name, batch / best))
         print(f"  {name}: {batch / best:.1f} images/s", flush=True)
     return out
@@ -126,7 +106,7 @@ def compute_maps(
         for m in methods:
             method = convlens.get_method(m)
             out: list[convlens.Explanation] = []
-            seconds[m] += timed(
+            seconds[m] += common.timed(
                 lambda method=method, xb=xb, out=out: out.append(method(model, xb)), x.device
             )
             maps[m].append(out[0].maps[:, 0].detach())
@@ -164,7 +144,7 @@ def run_curves(
                 )
             )
 
-    seconds = timed(go, x.device)
+    seconds = common.timed(go, x.device)
     merged = {
         m: Curves(
             parts[0][m].fractions,
@@ -215,7 +195,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--model", default="lite0")
-    p.add_argument("--data", type=Path, default=default_data(), help="folder with labels.csv")
+    p.add_argument(
+        "--data", type=Path, default=common.default_data(), help="folder with labels.csv"
+    )
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--images", type=int, default=200, help="images (first rows of labels.csv)")
     p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS))
@@ -255,7 +237,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark; returns the exit code."""
     args = parse_args(argv)
-    load_before = load_average()
+    load_before = common.load_average()
     run_start = time.perf_counter()
     if args.device == "cuda" and not torch.cuda.is_available():
         print("--device cuda requested but CUDA is not available", file=sys.stderr)
@@ -281,7 +263,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ).to(device)
     load_s = time.perf_counter() - t0
     print(
-        f"{device_name(device)}, torch {torch.__version__}, "
+        f"{common.device_name(device)}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads; {n} images",
         flush=True,
     )
@@ -358,19 +340,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             *auc_table(by_steps, ref),
         ]
 
-    load_after = load_average()
+    load_after = common.load_average()
     total = time.perf_counter() - run_start
     when = dt.datetime.now(dt.timezone.utc)
-    cmd = shlex.join([Path(sys.executable).name, *sys.argv])
     maps_total = sum(map_seconds.values())
+    heading = common.section_heading(f"{when:%Y-%m-%d %H:%M}", device, plural_one=True)
     lines = [
-        f"## {when:%Y-%m-%d %H:%M} UTC, {device_name(device)}"
-        + (f", {torch.get_num_threads()} torch threads" if not gpu else ""),
+        heading,
         "",
-        f"- machine: processor `{platform.processor() or platform.machine()}`, "
-        f"{os.cpu_count()} cores, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} torch threads, device {device_name(device)}",
-        f"- command: `{cmd}`",
+        common.machine_line(device),
+        f"- command: `{common.command_line()}`",
         f"- model {args.model}; {n} images of `{args.data.name}`; "
         f"methods {', '.join(args.methods)}; {args.steps} steps; deletion to 0 (model-input "
         f"space), insertion from blur (sigma 10); {batch_size} images per forward pass, "
@@ -382,8 +361,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             if malloc
             else "default"
         ),
-        f"- 1-minute load average: {load_before:.2f} before, {load_after:.2f} after "
-        "(near or above the core count: other processes shared the CPU)",
+        common.load_line(
+            (load_before, load_after),
+            "near or above the core count: other processes shared the CPU",
+        ),
         "",
         "| what | seconds | per image | forward passes |",
         "|---|---:|---:|---:|",
@@ -417,8 +398,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print(section)
     if not args.no_write:
-        text = args.out.read_text(encoding="utf-8") if args.out.exists() else TITLE
-        args.out.write_text(text.rstrip("\n") + "\n\n" + section, encoding="utf-8")
+        # The heading has the minute: a run appends its section (a rerun within the same
+        # minute and on the same device replaces it).
+        common.write_section(args.out, heading, section, title=RESULTS_TITLE, intro=RESULTS_INTRO)
         print(f"appended to {args.out}")
     return 0
 

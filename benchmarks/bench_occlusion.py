@@ -35,11 +35,8 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime as dt
-import importlib.metadata
 import os
 import platform
-import shlex
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -56,14 +53,11 @@ from convlens import Occlusion
 from convlens.images import load_image
 from convlens.models.preprocess import Preprocess
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-DEFAULT_OUT = HERE / "RESULTS_OCCLUSION.md"
-DATA_CANDIDATES = (
-    REPO.parent / "shared" / "data" / "imagenet-sample-dev",
-    REPO / "shared" / "data" / "imagenet-sample-dev",
-    REPO / "build" / "devdata",
-)
+import _common as common
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "RESULTS_OCCLUSION.md"
+RESULTS_TITLE = "# Occlusion benchmark results (issue 7)"
+RESULTS_INTRO = "Written by `bench_occlusion.py`.\n"
 PATCH, STRIDE, SIZE = 16, 8, 224
 MODELS = ("lite0", "resnet18", "vgg16")
 MB = 2**20
@@ -414,60 +408,12 @@ def _goal(label: str, ratio: float, need: float, extra: str = "", ok: bool = Tru
     return f"- {label}: {ratio:.2f}x{', ' + extra if extra else ''}: **{met}**"
 
 
-def write_section(out: Path, heading: str, body: str) -> None:
-    """Replace this run's own section (same heading) or append it; other sections are kept."""
-    text = (
-        out.read_text(encoding="utf-8")
-        if out.exists()
-        else "# Occlusion benchmark results (issue 7)\n\nWritten by `bench_occlusion.py`.\n"
-    )
-    lines = text.splitlines()
-    start = next((i for i, line in enumerate(lines) if line.strip() == heading), None)
-    section = f"{heading}\n\n{body}".rstrip("\n").splitlines()
-    if start is None:
-        new = [*lines, "", *section]
-    else:
-        end = next(
-            (j for j in range(start + 1, len(lines)) if lines[j].startswith("## ")), len(lines)
-        )
-        new = [*lines[:start], *section, "", *lines[end:]]
-    out.write_text("\n".join(new).rstrip("\n") + "\n", encoding="utf-8")
-
-
-def commit() -> str:
-    """HEAD of this checkout (``CONVLENS_BENCH_COMMIT`` overrides it for copies without git)."""
-    if os.environ.get("CONVLENS_BENCH_COMMIT"):
-        return os.environ["CONVLENS_BENCH_COMMIT"]
-    try:
-        head = subprocess.run(
-            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(REPO), "status", "--porcelain", "--", "src"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return f"{head} (+ uncommitted changes in src/)" if dirty else head
-
-
 def versions(have_captum: bool) -> str:
-    def ver(dist: str) -> str:
-        try:
-            return importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            return "not installed"
-
     parts = [
         f"python {platform.python_version()}",
         f"torch {torch.__version__}",
-        f"convlens {convlens.__version__} (commit {commit()})",
-        f"captum {ver('captum') if have_captum else 'absent (row skipped)'}",
+        f"convlens {convlens.__version__} (commit {common.git_commit()})",
+        f"captum {common.dist_version('captum') if have_captum else 'absent (row skipped)'}",
     ]
     return ", ".join(parts)
 
@@ -510,7 +456,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.memory_mb is None:
         args.memory_mb = 8192.0 if cuda else 1024.0
     if args.data is None:
-        args.data = next((d for d in DATA_CANDIDATES if (d / "labels.csv").exists()), None)
+        args.data = common.find_data()
     args.device = torch.device(args.device)
     return args
 
@@ -529,33 +475,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         have_captum = True
     except ImportError:
         have_captum = False
-    load_before = os.getloadavg()
+    load_before = common.load_average()
     start = time.time()
     x, source = load_images(args.images, args.data)
     rows: list[Row] = []
     for name in args.models:
         rows += bench_model(name, x, args, have_captum)
-    load_after = os.getloadavg()
+    load_after = common.load_average()
     now = dt.datetime.now(dt.timezone.utc)
     if args.device.type == "cuda":
         machine = f"{torch.cuda.get_device_name(args.device)}, {os.cpu_count()} CPU cores"
         machine += f", TF32 {'on' if args.tf32 else 'off'}"
     else:
-        machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        machine = f"{common.processor()}, {os.cpu_count()} cores, "
         machine += f"{torch.get_num_threads()} torch threads"
     meta = {
         "date": now.strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine,
         "versions": versions(have_captum),
-        "command": "python benchmarks/bench_occlusion.py "
-        + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
+        "command": common.command_line(argv, script="benchmarks/bench_occlusion.py"),
         "setting": f"{len(x)} image(s) ({source}); patch {PATCH}, stride {STRIDE} on "
         f"{SIZE}x{SIZE} (729 windows/image), fill 0, target top-1 softmax probability; "
         f"convlens memory cap {args.memory_mb:.0f} MB; approx: tau {args.tau}, coarse "
         f"{args.coarse}, drill {args.drill}; approx tau=: that tau, no drill-down; "
         "one timed call per side"
         + (" after an untimed call on one image" if args.warmup else " (no warm-up)"),
-        "load average (1 min)": f"{load_before[0]:.2f} before, {load_after[0]:.2f} after "
+        "load average (1 min)": f"{load_before:.2f} before, {load_after:.2f} after "
         f"({os.cpu_count()} cores); whole run {time.time() - start:.0f} s",
         "columns": "MACs = conv + linear multiply-accumulates per occluded copy skipped vs a "
         "full pass (bound: only the exact changed regions recomputed); max abs diff and SSIM "
@@ -568,7 +513,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"## {now.strftime('%Y-%m-%d')} UTC, {args.device.type}, {len(x)} image(s), "
             + " ".join(args.models)
         )
-        write_section(args.out, heading, body)
+        common.write_section(
+            args.out,
+            heading,
+            f"{heading}\n\n{body}",
+            title=RESULTS_TITLE,
+            intro=RESULTS_INTRO,
+        )
         print(f"wrote section {heading!r} to {args.out}", file=sys.stderr)
     return 0
 

@@ -40,12 +40,9 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime as dt
-import importlib
-import importlib.metadata
 import json
 import os
 import platform
-import shlex
 import statistics
 import subprocess
 import sys
@@ -67,14 +64,12 @@ from convlens.hooks import layer_capture
 from convlens.methods import AblationCAM, IntegratedGradients, ScoreCAM
 from convlens.models.base import ConvlensModel
 
+import _common as common
+
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
 STUBS = HERE / "_stubs"
 DEFAULT_OUT = HERE / "RESULTS.md"
-DATA_CANDIDATES = (
-    REPO.parent / "shared" / "data" / "imagenet-sample-dev",
-    REPO / "shared" / "data" / "imagenet-sample-dev",
-)
+RESULTS_TITLE = "# convlens benchmark results"
 PAIRS = ("gradcam", "gradcam++", "scorecam", "ablationcam", "intgrad", "smoothgrad", "occlusion")
 MB = 2**20
 META_KEYS = (
@@ -103,51 +98,17 @@ def import_peers() -> dict[str, str]:
     import captum  # noqa: F401
     import pytorch_grad_cam  # noqa: F401
 
-    def ver(dist: str) -> str:
-        try:
-            return importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            return "not installed"
-
     return {
         "python": platform.python_version(),
-        "convlens commit": convlens_commit(),
+        "convlens commit": common.git_commit(),
         "torch": torch.__version__,
         "convlens": convlens.__version__,
-        "captum": ver("captum"),
-        "grad-cam": ver("grad-cam"),
-        "torchvision": "stub (benchmarks/_stubs)" if stub else ver("torchvision"),
+        "captum": common.dist_version("captum"),
+        "grad-cam": common.dist_version("grad-cam"),
+        "torchvision": "stub (benchmarks/_stubs)" if stub else common.dist_version("torchvision"),
         "numpy": np.__version__,
-        "opencv": ver("opencv-python-headless"),
+        "opencv": common.dist_version("opencv-python-headless"),
     }
-
-
-def convlens_commit() -> str:
-    """HEAD of the convlens checkout (read-only git calls), marked when ``src`` has edits."""
-    try:
-        top = subprocess.run(
-            ["git", "-C", str(REPO), "rev-parse", "--show-toplevel"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        if Path(top).resolve() != REPO:  # a copy inside another repository
-            return "unknown (not run from a convlens checkout)"
-        head = subprocess.run(
-            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(REPO), "status", "--porcelain", "--", "src"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return f"{head} (+ uncommitted changes in src/)" if dirty else head
 
 
 class SplitHead(nn.Module):
@@ -210,13 +171,6 @@ class Setup:
     def batch(self, b: int) -> tuple[torch.Tensor, list[int]]:
         """The first ``b`` images and their targets."""
         return self.x[:b].clone(), [int(t) for t in self.targets[:b]]
-
-
-def default_data() -> Path:
-    for cand in DATA_CANDIDATES:
-        if (cand / "labels.csv").exists():
-            return cand
-    return DATA_CANDIDATES[0]
 
 
 def clear_grads(net: nn.Module) -> None:
@@ -981,22 +935,6 @@ def render(
     return f"{head}\n\n{table}\n### All sides\n\n{detail}"
 
 
-def write_section(out: Path, heading: str, body: str) -> None:
-    """Replace this run's own section (same heading) or append it; other sections are kept."""
-    text = out.read_text(encoding="utf-8") if out.exists() else "# convlens benchmark results\n"
-    lines = text.splitlines()
-    start = next((i for i, line in enumerate(lines) if line.strip() == heading), None)
-    section = f"{heading}\n\n{body}".rstrip("\n").splitlines()
-    if start is None:
-        new = [*lines, "", *section]
-    else:
-        end = next(
-            (j for j in range(start + 1, len(lines)) if lines[j].startswith("## ")), len(lines)
-        )
-        new = [*lines[:start], *section, "", *lines[end:]]
-    out.write_text("\n".join(new).rstrip("\n") + "\n", encoding="utf-8")
-
-
 # --------------------------------------------------------------------------------------------
 # Main
 # --------------------------------------------------------------------------------------------
@@ -1016,7 +954,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="2 timed calls per side (slow pairs 1) instead of --repeats / --slow-repeats",
     )
-    p.add_argument("--data", type=Path, default=default_data(), help="folder with labels.csv")
+    p.add_argument(
+        "--data", type=Path, default=common.default_data(), help="folder with labels.csv"
+    )
     p.add_argument("--pairs", nargs="+", choices=PAIRS, default=list(PAIRS))
     p.add_argument("--batch", type=int, default=4, help="images for the fast pairs")
     p.add_argument("--slow-batch", type=int, default=1, help="images for Score-/Ablation-CAM")
@@ -1133,7 +1073,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     versions = import_peers()
     start = time.time()
-    load_before = os.getloadavg()
+    load_before = common.load_average()
     s = make_setup(args)
     results: list[PairResult] = []
     failed: list[str] = []
@@ -1159,24 +1099,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             failed.append(name)
             continue
         results.append(PairResult(pair, timings))
-    load_after = os.getloadavg()
+    load_after = common.load_average()
     now = dt.datetime.now(dt.timezone.utc)
     device = "CPU"
     if cuda:
         device = f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda})"
     meta = {
         "date": now.strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        "machine": f"{common.processor()}, {os.cpu_count()} cores, "
         f"{torch.get_num_threads()} torch threads, {device}",
         "versions": ", ".join(f"{k} {v}" for k, v in versions.items()),
-        "command": "python benchmarks/bench_peers.py "
-        + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
+        "command": common.command_line(argv, script="benchmarks/bench_peers.py"),
         "model": f"{args.model}; images: first rows of `{args.data.name}/labels.csv` "
         f"({', '.join(s.files)}); targets: top-1 ({', '.join(map(str, s.targets.tolist()))})",
         "timing": f"one warm-up call per side, then median of {args.repeats} (slow pairs "
         f"{args.slow_repeats}) interleaved calls; cost = median / median plain no-grad forward "
         "of the same batch timed alongside",
-        "load average (1 min)": f"{load_before[0]:.2f} before, {load_after[0]:.2f} after "
+        "load average (1 min)": f"{load_before:.2f} before, {load_after:.2f} after "
         f"({os.cpu_count()} cores shared with other processes: expect noise); "
         f"whole run {time.time() - start:.0f} s",
     }
@@ -1192,7 +1131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(body)
     if not args.no_write:
         heading = f"## Peers, {now.strftime('%Y-%m-%d')} UTC, {'cuda' if cuda else 'cpu'}"
-        write_section(args.out, heading, body)
+        common.write_section(args.out, heading, f"{heading}\n\n{body}", title=RESULTS_TITLE)
         print(f"wrote section {heading!r} to {args.out}", file=sys.stderr)
     return 1 if failed else 0
 

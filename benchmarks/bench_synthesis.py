@@ -26,7 +26,6 @@ import io
 import os
 import platform
 import random
-import re
 import sys
 import time
 from datetime import datetime, timezone
@@ -38,8 +37,11 @@ import torch.nn.functional as F
 import convlens
 from convlens.synthesis import PRESETS, class_visualization
 
+import _common as common
+
 ROOT = Path(__file__).resolve().parent
 TITLE = "Class model visualisation (bench_synthesis.py)"
+RESULTS_TITLE = "# convlens benchmark results"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -73,13 +75,6 @@ def pick_classes(n: int, seed: int) -> list[int]:
     return sorted(random.Random(seed).sample(range(1000), n))
 
 
-def load_avg() -> float:
-    try:
-        return os.getloadavg()[0]
-    except OSError:
-        return float("nan")
-
-
 def save_small_png(image, path: Path, max_bytes: int = 250_000) -> int:
     """Save ``image`` as PNG under ``max_bytes``: quantise to 256 colours, then shrink."""
     from PIL import Image
@@ -94,21 +89,6 @@ def save_small_png(image, path: Path, max_bytes: int = 250_000) -> int:
             path.write_bytes(buf.getvalue())
             return buf.tell()
         img = img.resize((int(img.width * 0.85), int(img.height * 0.85)), Image.Resampling.LANCZOS)
-
-
-def write_section(path: Path, heading: str, body: str) -> None:
-    """Append ``heading`` + ``body``, replacing an existing section with the same heading only.
-
-    The file is re-read right before writing, since others edit it too.
-    """
-    text = path.read_text() if path.exists() else "# convlens benchmark results\n"
-    section = f"{heading}\n\n{body.strip()}\n"
-    pattern = re.compile(rf"^{re.escape(heading)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section + "\n", text, count=1)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text.rstrip("\n") + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,13 +114,13 @@ def main(argv: list[str] | None = None) -> int:
         ("batch_size", args.batch_size),
     )
     overrides = {k: v for k, v in pairs if v is not None}
-    load_before = load_avg()
+    load_before = common.load_average()
     start = time.perf_counter()
     res = class_visualization(
         model, classes, preset=args.preset, seed=args.seed, progress=True, **overrides
     )
     total = time.perf_counter() - start
-    load_after = load_avg()
+    load_after = common.load_average()
 
     size = judge.preprocess.crop
     with torch.no_grad():
@@ -167,13 +147,11 @@ def main(argv: list[str] | None = None) -> int:
     now = datetime.now(timezone.utc)
     heading = f"## {TITLE}: {now:%Y-%m-%d} UTC, {args.device} ({platform.machine()})"
     settings = ", ".join(f"{k}={v}" for k, v in s.items())
-    command = " ".join(sys.argv[1:] if argv is None else argv)
     judge_name = args.transfer_model
     lines = [
-        f"- date: {now:%Y-%m-%d %H:%M} UTC",
-        f"- machine: processor `{platform.machine()}`, {os.cpu_count()} cores, "
-        f"torch {torch.__version__}, {torch.get_num_threads()} torch threads, device {args.device}",
-        f"- command: `{f'python benchmarks/{Path(__file__).name} {command}'.strip()}`",
+        common.date_line(now),
+        common.machine_line(args.device, processor_name=platform.machine()),
+        f"- command: `{common.command_line(argv, script='benchmarks/bench_synthesis.py')}`",
         f"- generating model: {args.model}; judge: {judge_name} (the 224 image resized "
         f"bilinearly to {size}, mean/std 0.5)",
         f"- classes: {len(classes)}, drawn with `random.Random({args.class_seed})"
@@ -202,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         nbytes = save_small_png(res.grid(ncols=5, cell=160), args.grid)
         print(f"wrote {args.grid} ({nbytes / 1000:.0f} kB)")
     if not args.no_write:
-        write_section(args.out, heading, body)
+        common.write_section(args.out, heading, f"{heading}\n\n{body}", title=RESULTS_TITLE)
         print(f"wrote section to {args.out}")
     return 0
 

@@ -18,9 +18,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import math
-import os
 import platform
-import shlex
 import sys
 import time
 from collections.abc import Sequence
@@ -40,6 +38,10 @@ from convlens.metrics import (
 )
 
 REPO = Path(__file__).resolve().parents[2]
+# The helpers the benchmark scripts share (benchmarks/ is not a package).
+sys.path.insert(0, str(REPO / "benchmarks"))
+import _common as common  # noqa: E402
+
 DOC = REPO / "docs" / "metrics.md"
 IMG = REPO / "docs" / "img"
 START, END = "<!-- metrics-table:start -->", "<!-- metrics-table:end -->"
@@ -53,18 +55,6 @@ METRICS = {
     "average_drop": ("Average Drop % ↓", True, 100.0),
     "increase": ("Increase in Conf. % ↑", False, 100.0),
 }
-
-
-def default_data() -> Path:
-    """The dev set beside the repository or inside it (``shared/`` on a lent machine)."""
-    for cand in (
-        REPO.parent / "shared" / "data" / "imagenet-sample-dev",
-        REPO / "shared" / "data" / "imagenet-sample-dev",
-        REPO / ".gpu-data" / "imagenet-sample-dev",
-    ):
-        if (cand / "labels.csv").exists():
-            return cand
-    return REPO.parent / "shared" / "data" / "imagenet-sample-dev"
 
 
 def spread(items: Sequence[Path], n: int) -> list[Path]:
@@ -133,7 +123,9 @@ def write_block(doc: Path, block: str) -> None:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    p.add_argument("--data", type=Path, default=default_data(), help="folder with labels.csv")
+    p.add_argument(
+        "--data", type=Path, default=common.default_data(), help="folder with labels.csv"
+    )
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--images", type=int, default=None, help="default 32 on CPU, 200 on CUDA")
     p.add_argument(
@@ -156,7 +148,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     """Compute the tables, write docs/metrics.md's results block and the figures."""
     args = parse_args(argv)
-    load_before = os.getloadavg()[0]
+    load_before = common.load_average()
     start = time.perf_counter()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -204,9 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if gpu
         else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
     )
-    cmd = shlex.join(
-        ["python", "docs/scripts/metrics_table.py", *(argv if argv is not None else sys.argv[1:])]
-    )
+    cmd = common.command_line(argv, script="docs/scripts/metrics_table.py")
     block = [
         f"*Generated {when:%Y-%m-%d %H:%M} UTC by `{cmd}` on {dev_name}, "
         f"torch {torch.__version__}: {len(paths)} of the {len(items)} dev images (evenly spaced "
@@ -214,7 +204,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"explaining its top-1 class; {args.steps} deletion/insertion steps (deletion to 0 in "
         f"model-input space, i.e. grey; insertion from a blur with sigma 10 px). Evaluation "
         f"{eval_s:.0f} s, sanity checks {sanity_s:.0f} s; 1-minute load average "
-        f"{load_before:.2f} before, {os.getloadavg()[0]:.2f} after.*",
+        f"{load_before:.2f} before, {common.load_average():.2f} after.*",
         "",
         "Faithfulness (mean ± standard error over images; the last four columns: share of images "
         "on which the method's map beats the baseline map on the same image):",
