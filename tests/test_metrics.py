@@ -215,6 +215,24 @@ def test_inference_copy_refuses_to_fold_a_reused_convolution() -> None:
         torch.testing.assert_close(fast(x), net(x))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_inference_copy_refuses_a_wrong_fold_in_16_bit(dtype: torch.dtype) -> None:
+    """1000 eps of bfloat16 is 8: the check runs in float32 instead."""
+    net = seeded(ConvReusedNet(), dtype=dtype)
+    x = images(2).to(dtype)
+    fast = inference_copy(net, x)
+    assert isinstance(fast.bn, nn.BatchNorm2d)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), net(x), rtol=0, atol=0)
+    good = seeded(GapNet(), dtype=dtype)  # a right fold still happens
+    fast = inference_copy(good, x)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fast.modules())
+    with torch.no_grad():
+        ref = good(x).float()
+        got = fast(x.contiguous(memory_format=torch.channels_last)).float()
+    assert (got - ref).abs().max() <= 0.02 * ref.abs().max()
+
+
 @pytest.mark.slow
 def test_inference_copy_of_the_default_model() -> None:
     import convlens

@@ -282,6 +282,95 @@ def test_input_gradient_mode_gives_autograd_gradients_with_a_smaller_graph(
     assert lean < plain / 2
 
 
+# Every ReLU-like op the mode replaces, with autograd's own convention at the bounds: relu,
+# relu6, hardtanh pass nothing at a bound, clamp/clip/clamp_min pass both bounds.
+BOUND_OPS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "F.relu": F.relu,
+    "F.relu_inplace": lambda z: F.relu(z * 1.0, inplace=True),
+    "torch.relu_": lambda z: torch.relu_(z * 1.0),
+    "Tensor.relu": lambda z: z.relu(),
+    "F.relu6": F.relu6,
+    "nn.ReLU6_inplace": lambda z: nn.ReLU6(inplace=True)(z * 1.0),
+    "F.hardtanh(0,2)": lambda z: F.hardtanh(z, 0.0, 2.0),
+    "F.hardtanh_inplace(0,2)": lambda z: F.hardtanh(z * 1.0, 0.0, 2.0, inplace=True),
+    "clamp(0,2)": lambda z: z.clamp(0, 2),
+    "torch.clamp(0,6)": lambda z: torch.clamp(z, 0, 6),
+    "clamp_(0,2)": lambda z: (z * 1.0).clamp_(0, 2),
+    "clip(0,2)": lambda z: z.clip(0, 2),
+    "clamp(min=0)": lambda z: z.clamp(min=0),
+    "clamp_(min=0)": lambda z: (z * 1.0).clamp_(min=0),
+    "clamp_min(0)": lambda z: z.clamp_min(0),
+    "torch.clamp_min_": lambda z: torch.clamp_min_(z * 1.0, 0),
+}
+
+
+@pytest.mark.parametrize("op", sorted(BOUND_OPS))
+def test_input_gradient_mode_matches_autograd_on_the_bounds(op: str) -> None:
+    fn = BOUND_OPS[op]
+    z = torch.tensor([-1.0, -0.0, 0.0, 0.5, 2.0, 3.0, 6.0, 7.0, float("nan")], dtype=torch.float64)
+    w = torch.arange(1.0, 10.0, dtype=torch.float64)  # a distinct weight per entry
+    za = z.clone().requires_grad_(True)
+    (expected,) = torch.autograd.grad(fn(za), za, w)
+    zb = z.clone().requires_grad_(True)
+    with input_gradient_mode() as mode:
+        out = fn(zb)
+    (got,) = torch.autograd.grad(out, zb, w)
+    assert mode.count == 1
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+class ClampFirst(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.conv(x.clamp(0, 1))).mean(dim=(2, 3)))
+
+
+def test_saliency_keeps_the_gradient_of_black_and_white_pixels() -> None:
+    net = seeded(ClampFirst())
+    x = (images(2, size=6) > 0).double()  # every pixel exactly 0 or 1
+    exp = Saliency()(net, x, target=0)
+    xx = x.clone().requires_grad_(True)
+    (expected,) = torch.autograd.grad(net(xx)[:, 0].sum(), xx)
+    assert expected.abs().amin() > 0
+    assert exp.attributions is not None
+    torch.testing.assert_close(exp.attributions[:, 0], expected.float())
+
+
+def test_input_gradient_mode_under_autocast_convolves_back_in_one_dtype() -> None:
+    """Under autocast the forward convolves a 16-bit copy of the float32 weight; the backward
+    kernel must get the weight in the gradient's dtype (cuDNN refuses a mix; the CPU accepts
+    it, so the arguments are checked)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen: list[tuple[torch.dtype, ...]] = []
+
+    class Spy(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            if func is torch.ops.aten.convolution_backward.default:
+                seen.append((args[0].dtype, args[1].dtype, args[2].dtype))
+            return func(*args, **(kwargs or {}))
+
+    net = seeded(LeanNet(), dtype=torch.float32)
+    x = images(2, size=10).float()
+    with model_state(net):
+        xa = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            (expected,) = torch.autograd.grad(net(xa).float().sum(), xa)
+        xb = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16), input_gradient_mode():
+            out = net(xb)
+        with Spy():
+            (got,) = torch.autograd.grad(out.float().sum(), xb)
+    assert len(seen) == 3  # conv1 and the depthwise conv (lean), the "same" one (autograd)
+    assert all(d == (torch.bfloat16,) * 3 for d in seen), seen
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, rtol=0.05, atol=0.05 * float(expected.abs().max()))
+
+
 def test_input_gradient_mode_leaves_trainable_parameters_to_autograd() -> None:
     net = seeded(LeanNet())
     x = images(2, size=10).requires_grad_(True)

@@ -82,6 +82,34 @@ def test_relu6_clipped_range() -> None:
     torch.testing.assert_close(g, hand(x, 1, "gradient", 6.0))
 
 
+@pytest.mark.parametrize(("method", "rule"), [(GuidedBackprop, "guided"), (Deconvnet, "deconvnet")])
+def test_an_outer_rule_applies_to_saliency(method, rule: str) -> None:
+    """Saliency builds a lean graph (InputGradientMode); inside ``backprop_rule`` the outer
+    rule still applies to every ReLU."""
+    from convlens.methods import Saliency
+
+    net = seeded(
+        nn.Sequential(
+            nn.Conv2d(3, 4, 3, padding=1),
+            nn.BatchNorm2d(4),
+            nn.ReLU(),
+            nn.Conv2d(4, 4, 3, stride=2),
+            nn.ReLU6(),
+            nn.Flatten(),
+            nn.Linear(4 * 5 * 5, 3),
+        )
+    )
+    x = images(2, size=11)
+    expected = method()(net, x, target=1).attributions
+    plain = Saliency()(net, x, target=1).attributions
+    with backprop_rule(rule) as mode:
+        got = Saliency()(net, x, target=1).attributions
+    assert expected is not None and got is not None and plain is not None
+    assert mode.count == 2
+    assert (expected - plain).abs().max() > 1e-3
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
 class Functional(nn.Module):
     def __init__(self, kind: str) -> None:
         super().__init__()

@@ -308,7 +308,11 @@ def layer_capture(net: nn.Module, name: str, *, grad: bool = False) -> Iterator[
 RULES = ("gradient", "deconvnet", "guided", "pass")
 """Backward rules for ReLU-like units ``y = clamp(x, 0, upper)`` with incoming signal ``R``:
 
-- ``gradient``: ``R * [0 < x < upper]`` (the true gradient);
+- ``gradient``: ``R`` times the unit's own derivative (the true gradient), with autograd's
+  convention where ``x`` sits exactly on a bound: ``relu``, ``relu6`` and ``hardtanh`` pass
+  nothing there (``R * [0 < x < upper]``), ``clamp``/``clip``/``clamp_min`` pass both bounds
+  (``R * [0 <= x <= upper]``), so that ``x.clamp(0, 1)`` on a black or white pixel keeps its
+  gradient;
 - ``deconvnet``: ``ReLU(R)`` (Zeiler & Fergus: the reconstruction is rectified; the forward
   mask is ignored);
 - ``guided``: ``ReLU(R) * [0 < x < upper]`` (Springenberg et al.: both);
@@ -316,28 +320,47 @@ RULES = ("gradient", "deconvnet", "guided", "pass")
 """
 
 
+def _gradient_mask(x: torch.Tensor, upper: float, kind: str) -> torch.Tensor:
+    """Where autograd's own backward of the unit passes the gradient (its formulas in
+    ``derivatives.yaml``, NaN included): ``relu`` ``!(y <= 0)``, ``hardtanh``
+    ``!(x <= 0 || x >= upper)``, ``clamp`` ``0 <= x <= upper``."""
+    if kind == "clamp":
+        mask = x >= 0
+        return mask if upper == float("inf") else mask.logical_and_(x <= upper)
+    off = x <= 0
+    if kind == "hardtanh":
+        off.logical_or_(x >= upper)
+    return off.logical_not_()
+
+
 class _ReluRule(torch.autograd.Function):
-    """``clamp(x, 0, upper)`` forward; the chosen rule backward."""
+    """``clamp(x, 0, upper)`` forward; the chosen rule backward. ``kind`` (``"relu"``,
+    ``"hardtanh"``, ``"clamp"``) selects autograd's convention at the bounds for the
+    ``gradient`` rule (see :data:`RULES`)."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, upper: float, rule: str) -> torch.Tensor:  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        ctx: Any, x: torch.Tensor, upper: float, rule: str, kind: str = "relu"
+    ) -> torch.Tensor:
         out = x.clamp(min=0.0) if upper == float("inf") else x.clamp(0.0, upper)
         ctx.rule = rule
-        if rule in ("gradient", "guided"):
+        if rule == "gradient":
+            ctx.save_for_backward(_gradient_mask(x, upper, kind))
+        elif rule == "guided":
             mask = x > 0 if upper == float("inf") else (x > 0) & (x < upper)
             ctx.save_for_backward(mask)
         return out
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
         if ctx.rule == "pass":
-            return grad, None, None
+            return grad, None, None, None
         if ctx.rule == "deconvnet":
-            return grad.clamp(min=0.0), None, None
+            return grad.clamp(min=0.0), None, None, None
         (mask,) = ctx.saved_tensors
         if ctx.rule == "guided":
             grad = grad.clamp(min=0.0)
-        return torch.where(mask, grad, 0.0), None, None
+        return torch.where(mask, grad, 0.0), None, None, None
 
 
 _F = torch.nn.functional
@@ -370,21 +393,23 @@ def _arg(args: tuple[Any, ...], kwargs: dict[str, Any], i: int, key: str, defaul
 
 def _relu_like(
     func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> tuple[torch.Tensor, float, bool] | None:
-    """``(input, upper bound, in place)`` when ``func(*args)`` is a ReLU-like unit."""
+) -> tuple[torch.Tensor, float, bool, str] | None:
+    """``(input, upper bound, in place, kind)`` when ``func(*args)`` is a ReLU-like unit;
+    ``kind`` names the op family whose autograd convention at the bounds applies
+    (:func:`_gradient_mask`)."""
     if not args or not isinstance(args[0], torch.Tensor):
         return None
     x = args[0]
     if func in _RELU:
-        return x, float("inf"), bool(_arg(args, kwargs, 1, "inplace", False))
+        return x, float("inf"), bool(_arg(args, kwargs, 1, "inplace", False)), "relu"
     if func in _RELU_INPLACE:
-        return x, float("inf"), True
-    if func is _F.relu6:
-        return x, 6.0, bool(_arg(args, kwargs, 1, "inplace", False))
+        return x, float("inf"), True, "relu"
+    if func is _F.relu6:  # hardtanh(x, 0, 6) in autograd
+        return x, 6.0, bool(_arg(args, kwargs, 1, "inplace", False)), "hardtanh"
     if func is _F.hardtanh:
         lo, hi = _arg(args, kwargs, 1, "min_val", -1.0), _arg(args, kwargs, 2, "max_val", 1.0)
         if lo == 0 and hi > 0:
-            return x, float(hi), bool(_arg(args, kwargs, 3, "inplace", False))
+            return x, float(hi), bool(_arg(args, kwargs, 3, "inplace", False)), "hardtanh"
         return None
     if func in _CLAMP or func in _CLAMP_INPLACE:
         lo, hi = _arg(args, kwargs, 1, "min", None), _arg(args, kwargs, 2, "max", None)
@@ -393,12 +418,13 @@ def _relu_like(
             and lo == 0
             and (hi is None or (isinstance(hi, (int, float)) and hi > 0))
         ):
-            return x, float("inf") if hi is None else float(hi), func in _CLAMP_INPLACE
+            upper = float("inf") if hi is None else float(hi)
+            return x, upper, func in _CLAMP_INPLACE, "clamp"
         return None
     if func in _CLAMP_MIN or func in _CLAMP_MIN_INPLACE:
         lo = _arg(args, kwargs, 1, "min", None)
         if isinstance(lo, (int, float)) and lo == 0:
-            return x, float("inf"), func in _CLAMP_MIN_INPLACE
+            return x, float("inf"), func in _CLAMP_MIN_INPLACE, "clamp"
     return None
 
 
@@ -456,9 +482,9 @@ class BackpropRuleMode(torch.overrides.TorchFunctionMode):
             if name is not None:
                 self.unsupported.add(name)
             return func(*args, **kwargs)
-        x, upper, inplace = spec
+        x, upper, inplace, kind = spec
         self.count += 1
-        out = _ReluRule.apply(x, upper, self.rule)
+        out = _ReluRule.apply(x, upper, self.rule, kind)
         if inplace:
             with torch.no_grad() if not x.requires_grad else contextlib.nullcontext():
                 x.copy_(out)
@@ -506,10 +532,14 @@ class _FrozenConv2d(torch.autograd.Function):
         # the shape and layout without a copy of the activation (a stride-0 view would be made
         # contiguous, a copy per call).
         x = torch.empty(shape, dtype=grad.dtype, device=grad.device, memory_format=fmt)
+        # Under autocast the forward convolved a 16-bit copy of the float32 weight, so the
+        # incoming gradient is 16-bit; give the kernel one dtype for all three (the CPU
+        # tolerates a mix, cuDNN is not known to; untested on a GPU). Autograd casts the result
+        # to the input's dtype.
         g = torch.ops.aten.convolution_backward(
             grad,
             x,
-            weight,
+            weight.to(grad.dtype),
             None,
             stride,
             padding,
@@ -561,6 +591,13 @@ def _int_pair(v: Any) -> tuple[int, int] | None:
     return None
 
 
+def _rule_mode_outside() -> bool:
+    """A :class:`BackpropRuleMode` is active below the mode now running (inside a mode's
+    ``__torch_function__`` that mode is off the stack, so the stack holds the outer ones)."""
+    stack = torch.overrides._get_current_function_mode_stack()
+    return any(isinstance(m, BackpropRuleMode) for m in stack)
+
+
 class InputGradientMode(BackpropRuleMode):
     """Leaner autograd graphs for gradients with respect to the input only.
 
@@ -582,6 +619,10 @@ class InputGradientMode(BackpropRuleMode):
     3.1 GB). The price is a few Python-level autograd Functions per layer: negligible on a CPU,
     noticeable on a GPU when passes are small. Gradients with
     respect to the parameters, or second derivatives, must not be taken inside the mode.
+
+    Inside an outer :func:`backprop_rule` block (or another rule mode), ReLU-like units are left
+    to that mode, so its rule applies (``with backprop_rule("guided")`` around a saliency call
+    gives guided backpropagation); convolutions and batch norms are still made lean.
     """
 
     def __init__(self) -> None:
@@ -607,6 +648,10 @@ class InputGradientMode(BackpropRuleMode):
                 out = self._batch_norm(args, kwargs)
                 if out is not None:
                     return out
+        if _relu_like(func, args, kwargs) is not None and _rule_mode_outside():
+            # The outer rule mode runs next in the stack and applies its own rule (e.g.
+            # guided); handling the unit here first would hide it from that mode.
+            return func(*args, **kwargs)
         return super().__torch_function__(func, types, args, kwargs)
 
     @staticmethod
