@@ -782,3 +782,17 @@ def test_report_table_survives_a_nan_confidence(tmp_path) -> None:
         finally:
             browser.close()
     assert not errors, errors
+
+
+def test_cache_stamp_tells_large_tensor_options_apart() -> None:
+    """Explanations are cached per method options; ``repr`` abbreviates large tensors, so two
+    different baselines must still give different stamps."""
+    from convlens.analysis.run import _jsonable
+
+    a = torch.zeros(1, 3, 64, 64)
+    b = a.clone()
+    b[0, 1, 30, 30] = 1.0
+    assert _jsonable({"baseline": a}) != _jsonable({"baseline": b})
+    assert _jsonable({"baseline": a}) == _jsonable({"baseline": a.clone()})
+    assert _jsonable({"x": torch.tensor(2.0), "m": True, "s": "a"})["s"] == "a"
+    json.dumps(_jsonable({"x": torch.tensor(2.0), "flags": torch.ones(3, dtype=torch.bool)}))

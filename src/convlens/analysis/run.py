@@ -8,6 +8,7 @@ recorded as unreadable) are skipped, and explanation panels already under
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 from collections.abc import Iterable, Mapping, Sequence
@@ -344,11 +345,22 @@ def select_examined(
 
 
 def _jsonable(options: Mapping[str, Any]) -> dict[str, Any]:
-    """Options as JSON values (``repr`` of anything else, e.g. a tensor or a method object)."""
-    return {
-        k: v if isinstance(v, (bool, int, float, str, type(None))) else repr(v)
-        for k, v in options.items()
-    }
+    """Options as JSON values: tensors by shape, dtype and a hash of their contents (``repr``
+    abbreviates large tensors, so two different baselines could look equal), anything else
+    (e.g. a method object) by ``repr``."""
+
+    def value(v: Any) -> Any:
+        if isinstance(v, (bool, int, float, str, type(None))):
+            return v
+        if isinstance(v, torch.Tensor):
+            data = v.detach().cpu().contiguous()
+            digest = hashlib.sha256(
+                data.reshape(-1).view(torch.uint8).numpy().tobytes()
+            ).hexdigest()
+            return f"tensor{tuple(data.shape)} {data.dtype} sha256:{digest[:16]}"
+        return repr(v)
+
+    return {k: value(v) for k, v in options.items()}
 
 
 def _load_readable(
