@@ -431,6 +431,165 @@ def test_patch_covering_the_image_falls_back() -> None:
     assert "whole image" in exp.meta["fallback_reason"]
 
 
+class InplaceReuse(nn.Module):
+    """An in-place operation on a value that another operation reads too: the incremental
+    pass (out of place on boxes) would give other values than the model."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv1(x)
+        if self.kind == "module":  # y is read again after ReLU(inplace=True) changed it
+            z = self.relu(y) + y
+        elif self.kind == "method":  # the result of relu_ is not assigned; y read again
+            y.relu_()
+            z = y
+        elif self.kind == "function":  # as above, read by a convolution
+            torch.relu_(y)
+            z = self.conv2(y)
+        else:  # read by a convolution before the change
+            z = self.conv2(y)
+            y.mul_(2)
+            z = z + y
+        return self.fc(z.amax(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("kind", ["module", "method", "function", "before"])
+def test_inplace_change_of_a_value_read_again_falls_back(kind: str) -> None:
+    net = seeded(InplaceReuse(kind), seed=17)
+    x = images(2)
+    exp = Occlusion(patch=4, stride=3, fill="zero", score="logit")(net, x)
+    assert exp.meta["occlusion_path"] == "naive"
+    assert "in-place" in exp.meta["fallback_reason"]
+    expected = brute_force(net, x, exp.targets[:, 0], 4, 3, torch.zeros_like(x), logit=True)
+    torch.testing.assert_close(exp.maps[:, 0], expected.float())
+    with pytest.raises(UnsupportedModelError, match="in-place"):
+        Occlusion(patch=4, stride=3, mode="exact")(net, x)
+
+
+class InplaceSoleUser(nn.Module):
+    """In-place operations on values nothing else reads (as in VGG, ResNet): incremental."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.conv3 = nn.Conv2d(4, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv2(self.relu(self.conv1(x))).mul_(0.5)
+        y = F.relu(self.conv3(y), inplace=True)
+        y += 0.5
+        return self.fc(y.relu_().mean(dim=(2, 3)))
+
+
+def test_inplace_change_of_a_sole_user_value_stays_incremental() -> None:
+    net = seeded(InplaceSoleUser(), seed=18)
+    x = images(2)
+    exp = Occlusion(patch=4, stride=3, fill="zero")(net, x)
+    assert exp.meta["occlusion_path"] == "exact"
+    assert exp.meta["full_from"] == "mean"
+    expected = brute_force(net, x, exp.targets[:, 0], 4, 3, torch.zeros_like(x))
+    torch.testing.assert_close(exp.maps[:, 0], expected.float())
+
+
+class TwoConvs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.act = nn.ReLU()
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.conv2(self.act(self.conv1(x))).amax(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("where", ["conv1", "act", "pre_conv2"])
+def test_hooked_module_is_computed_in_full(where: str) -> None:
+    """A hook that changes a module's output: the module is called for real from there on."""
+    net = seeded(TwoConvs(), seed=19)
+    if where == "pre_conv2":
+        handle = net.conv2.register_forward_pre_hook(lambda m, a: (a[0] * 2 - 1,))
+    else:
+        handle = getattr(net, where).register_forward_hook(lambda m, a, o: o * 2 + 1)
+    try:
+        x = images(2)
+        exp = Occlusion(patch=4, stride=3, fill="zero", score="logit")(net, x)
+        expected = brute_force(net, x, exp.targets[:, 0], 4, 3, torch.zeros_like(x), logit=True)
+    finally:
+        handle.remove()
+    assert exp.meta["occlusion_path"] == "exact"
+    name = "conv2" if where == "pre_conv2" else where
+    assert exp.meta["full_from"] == name
+    assert exp.meta["hooked_modules"] == [name]
+    torch.testing.assert_close(exp.maps[:, 0], expected.float())
+
+
+@pytest.mark.parametrize("where", ["model", "global"])
+def test_hooks_tracing_would_miss_fall_back(where: str) -> None:
+    net = seeded(TwoConvs(), seed=20)
+    hook = lambda m, a, o: o * 2 + 1 if isinstance(m, nn.Conv2d) else None  # noqa: E731
+    if where == "model":
+        handle = net.register_forward_hook(lambda m, a, o: o * 2 + 1)
+    else:
+        handle = nn.modules.module.register_module_forward_hook(hook)
+    try:
+        x = images(2)
+        exp = Occlusion(patch=4, stride=3, fill="zero", score="logit")(net, x)
+        expected = brute_force(net, x, exp.targets[:, 0], 4, 3, torch.zeros_like(x), logit=True)
+    finally:
+        handle.remove()
+    assert exp.meta["occlusion_path"] == "naive"
+    assert "hooks" in exp.meta["fallback_reason"]
+    torch.testing.assert_close(exp.maps[:, 0], expected.float())
+
+
+class ScalesInput(nn.Module):
+    """Doubles its input, in place or not, then reads the input again (``reuse``) or not."""
+
+    def __init__(self, inplace: bool, reuse: bool) -> None:
+        super().__init__()
+        self.inplace, self.reuse = inplace, reuse
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.inplace and self.reuse:
+            x.mul_(2)
+        elif self.inplace:
+            x = x.mul_(2)
+        else:
+            x = x * 2
+        return self.fc(self.conv(x).mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("mode", ["auto", "naive"])
+@pytest.mark.parametrize("reuse", [True, False])
+def test_model_changing_its_input_leaves_the_callers_tensor(mode: str, reuse: bool) -> None:
+    net = seeded(ScalesInput(inplace=True, reuse=reuse), seed=21)
+    twin = seeded(ScalesInput(inplace=False, reuse=reuse), seed=21)  # same weights
+    x = images(2)
+    before = x.clone()
+    exp = Occlusion(patch=4, stride=3, fill="mean", score="logit", mode=mode)(net, x)  # type: ignore[arg-type]
+    assert torch.equal(x, before)
+    path = "exact" if mode == "auto" and not reuse else "naive"
+    assert exp.meta["occlusion_path"] == path
+    if mode == "auto" and reuse:
+        assert "changes the model's input" in exp.meta["fallback_reason"]
+    fill = x.mean(dim=(2, 3), keepdim=True).expand_as(x)
+    expected = brute_force(twin, x, exp.targets[:, 0], 4, 3, fill, logit=True)
+    torch.testing.assert_close(exp.maps[:, 0], expected.float())
+
+
 # --------------------------------------------------------------------------------------------
 # Approximate mode
 # --------------------------------------------------------------------------------------------

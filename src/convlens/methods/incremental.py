@@ -356,6 +356,41 @@ def _is_tensor(v: Any) -> bool:
     return isinstance(v, torch.Tensor)
 
 
+def _version(t: torch.Tensor) -> int | None:
+    """The in-place version counter of a tensor (``None`` for an inference tensor)."""
+    try:
+        return int(t._version)
+    except RuntimeError:
+        return None
+
+
+def _storage(t: torch.Tensor) -> int | None:
+    try:
+        return int(t.untyped_storage().data_ptr()) or None
+    except (RuntimeError, NotImplementedError):
+        return None
+
+
+def _hooked(m: nn.Module) -> bool:
+    """Whether a module has forward (pre-)hooks: its call is more than its ``forward``."""
+    return bool(m._forward_hooks or m._forward_pre_hooks)
+
+
+def _hook_problem(net: nn.Module) -> str | None:
+    """Why hooks prevent tracing the model faithfully: global module hooks (they run around
+    every module call, not around the operations the boxes recompute), or hooks on the model
+    itself or on a module that torch.fx traces through (they would run on proxies)."""
+    from torch.nn.modules import module as nn_module
+
+    if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
+        return "global module forward hooks are registered"
+    tracer = fx.Tracer()
+    for name, m in net.named_modules():
+        if _hooked(m) and (m is net or not tracer.is_leaf_module(m, name)):
+            return f"{'the model' if m is net else repr(name)} has forward hooks"
+    return None
+
+
 class IncrementalEngine:
     """Materialised clean activations of a traced model and incremental re-evaluation of
     occluded copies.
@@ -369,7 +404,10 @@ class IncrementalEngine:
 
     Raises:
         NotIncrementalError: the model cannot be traced, has several inputs, does not return a
-            tensor, or the traced graph does not reproduce the model's output.
+            tensor, has hooks that tracing would skip or run on proxies (global hooks, hooks on
+            the model or on a module traced through; a hooked leaf module is computed in full
+            instead), changes a value in place that is read again (or the model's input), or
+            the traced graph does not reproduce the model's output.
     """
 
     def __init__(
@@ -383,6 +421,9 @@ class IncrementalEngine:
     ) -> None:
         if isinstance(net, torch.jit.ScriptModule):
             raise NotIncrementalError("TorchScript models cannot be traced by torch.fx")
+        hook_problem = _hook_problem(net)
+        if hook_problem is not None:
+            raise NotIncrementalError(hook_problem)
         try:
             gm = fx.symbolic_trace(net, concrete_args=_defaults(net))
         except Exception as exc:
@@ -395,22 +436,27 @@ class IncrementalEngine:
         if not placeholders or any(not p.args for p in placeholders[1:]):
             raise NotIncrementalError("the model's forward needs more than one input")
         self.input = placeholders[0]
-        self.gm, self.x, self.tau = gm, x, tau
+        with torch.inference_mode(False):  # version counters, to see in-place operations
+            clean_x = x.detach().clone()  # the model may change its input in place
+        self.gm, self.x, self.tau = gm, clean_x, tau
         self.nodes: list[fx.Node] = list(gm.graph.nodes)
         self.clean: dict[fx.Node, Any] = {}
         self._cl: dict[Any, torch.Tensor] = {}
         self._same: dict[tuple[fx.Node, fx.Node], bool] = {}
+        self.hooked: list[str] = []
+        """Modules with forward hooks, computed in full from their node on."""
         self._run_clean()
         out = self.clean[self.nodes[-1]]
         if not _is_tensor(out) or out.dim() != 2:
             raise NotIncrementalError("the model does not return a (B, classes) tensor")
+        self.steps = self._plan(patch, ys, xs)
+        self._fold_batch_norms()
+        self._check_mutations()
         with torch.no_grad():
-            ref = net(x)
+            ref = net(x.clone())
         if not torch.allclose(out, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()) + 1e-6):
             raise NotIncrementalError("the traced graph does not reproduce the model's output")
         self.logits = ref
-        self.steps = self._plan(patch, ys, xs)
-        self._fold_batch_norms()
         tau, self.tau = self.tau, None
         try:
             bound = self._plan(patch, ys, xs, switch=False)
@@ -443,9 +489,15 @@ class IncrementalEngine:
         raise AssertionError(node.op)
 
     def _run_clean(self) -> None:
+        """One pass through the graph on the clean batch, keeping a copy of every node's output,
+        and noting in-place changes: ``_mutations`` holds (node, input it changed, whether the
+        change was only virtual: ``x += y`` runs as ``x + y`` here), ``_alias`` the inputs whose
+        memory a node's output shares (views, in-place modules)."""
         env = self.clean
         self.dependent: set[fx.Node] = set()
-        with torch.no_grad():
+        self._mutations: list[tuple[fx.Node, fx.Node, bool]] = []
+        self._alias: dict[fx.Node, list[fx.Node]] = {}
+        with torch.no_grad(), torch.inference_mode(False):
             for node in self.nodes:
                 if node is self.input:
                     env[node] = self.x
@@ -459,10 +511,66 @@ class IncrementalEngine:
                     continue
                 args = fx.node.map_arg(node.args, lambda a: env[a])
                 kwargs = fx.node.map_arg(node.kwargs, lambda a: env[a])
+                ins = [a for a in node.all_input_nodes if _is_tensor(env[a])]
+                before = [_version(env[a]) for a in ins]
                 out = self._execute(node, args, kwargs)  # type: ignore[arg-type]
+                for a, v in zip(ins, before, strict=True):
+                    if v is not None and _version(env[a]) != v:
+                        self._mutations.append((node, a, False))
+                first = node.args[0] if node.args else None
+                if (
+                    node.op == "call_function"
+                    and node.target in _INPLACE_FUNCTIONS
+                    and first in ins
+                ):
+                    self._mutations.append((node, first, True))
+                if _is_tensor(out):
+                    ptr = _storage(out)
+                    shared = [a for a in ins if ptr is not None and _storage(env[a]) == ptr]
+                    if shared:
+                        self._alias[node] = shared
                 env[node] = out.clone() if _is_tensor(out) else out
                 if any(a in self.dependent for a in node.all_input_nodes):
                     self.dependent.add(node)
+
+    def _check_mutations(self) -> None:
+        """Refuse in-place changes that the incremental pass would not reproduce.
+
+        The clean pass runs in-place operations for real on its copies, the incremental pass
+        out of place on the boxes. Both agree only when nothing else reads the changed value:
+        the changed node (and every node whose memory it shares) has no other user, and the
+        operation reads only the node's box (an element-wise step) or a fully computed value.
+        ``x += y`` (run as ``x + y`` in both passes) only needs the first condition.
+
+        Raises:
+            NotIncrementalError: naming the operation, what it changes and who reads it.
+        """
+        self._mutators = {m for m, _, virtual in self._mutations if not virtual}
+        for node, changed, virtual in self._mutations:
+            readers = [u for u in changed.users if u is not node]
+            bases, seen = list(self._alias.get(changed, ())), set()
+            while bases and not readers:  # the memory of the views' bases changes as well
+                base = bases.pop()
+                if base not in seen:
+                    seen.add(base)
+                    readers = list(base.users) if len(base.users) > 1 else []
+                    bases.extend(self._alias.get(base, ()))
+            problem = None
+            if readers:
+                problem = f"which {', '.join(u.name for u in readers)} reads as well"
+            elif not virtual:
+                step, src = self.steps[node], self.steps[changed]
+                if not (
+                    (step.kind == "point" and step.src is changed)
+                    or (step.kind == "full" and src.kind == "full")
+                    or (step.kind == "const" and src.kind == "const")
+                ):
+                    problem = "and needs more of it than the changed box"
+            if problem is not None:
+                what = "the model's input" if changed is self.input else changed.name
+                raise NotIncrementalError(
+                    f"the in-place operation {node.name} changes {what}, {problem}"
+                )
 
     def _clean_cl(
         self, node: fx.Node, pads: tuple[int, int, int, int] = (0, 0, 0, 0), value: float = 0.0
@@ -550,6 +658,10 @@ class IncrementalEngine:
             return _Step(node, "output")
         if node not in self.dependent:
             return _Step(node, "const")
+        if node.op == "call_module" and _hooked(self._module(node)):
+            if str(node.target) not in self.hooked:
+                self.hooked.append(str(node.target))
+            return _Step(node, "full")  # the hooks run only when the module is called
         region_args = [a for a in node.all_input_nodes if self._region(a, steps)]
         if not region_args:
             return _Step(node, "full")
@@ -1001,8 +1113,10 @@ class IncrementalEngine:
             elif kind == "point":
                 region = step.src
 
-                def value(a: fx.Node, region: fx.Node | None = region) -> Any:
-                    return env[a] if a is region else self.clean[a]
+                def value(a: fx.Node, region: fx.Node | None = region, node: fx.Node = node) -> Any:
+                    if a is not region:
+                        return self.clean[a]
+                    return env[a].clone() if node in self._mutators else env[a]
 
                 args = fx.node.map_arg(node.args, value)
                 kwargs = fx.node.map_arg(node.kwargs, value)

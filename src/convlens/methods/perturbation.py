@@ -98,7 +98,8 @@ class Occlusion(Method):
     under ``memory_mb``. ``meta`` records the path taken (``occlusion_path``), the
     multiply-accumulates of convolutions and linear layers per occluded copy relative to a full
     pass (``macs_fraction``, and ``macs_bound_fraction`` for the exact changed regions) and
-    where full computation starts (``full_from``).
+    where full computation starts (``full_from``; ``hooked_modules`` lists modules computed in
+    full because they have forward hooks). The caller's ``x`` is never changed.
 
     Args:
         patch: side of the occluding square, in input pixels.
@@ -202,6 +203,8 @@ class Occlusion(Method):
         meta["macs_fraction"] = macs["executed"] / max(macs["full"], 1.0)
         meta["macs_bound_fraction"] = macs["bound"] / max(macs["full"], 1.0)
         meta["full_from"] = engine.full_from()
+        if engine.hooked:
+            meta["hooked_modules"] = engine.hooked  # computed in full, so their hooks run
         return engine
 
     def compute(self, ctx: Context) -> RawResult:
@@ -213,7 +216,9 @@ class Occlusion(Method):
         with torch.no_grad():
             engine = self._engine(ctx, ys_list, xs_list, meta)
             if engine is None:
-                logits, per_sample = _activation_bytes_per_sample(ctx.net, x)
+                # a copy: the caller's tensor stays as it is even if the model changes its
+                # input in place (the occluded copies are new tensors anyway)
+                logits, per_sample = _activation_bytes_per_sample(ctx.net, x.clone())
             else:
                 logits, per_sample = engine.logits, engine.bytes_per_pair()
             targets = ctx.targets(logits)
