@@ -50,6 +50,7 @@ from torch import nn
 
 import convlens
 from convlens import Occlusion
+from convlens.allocator import keep_freed_memory
 from convlens.images import load_image
 from convlens.models.preprocess import Preprocess
 
@@ -433,6 +434,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--tau-row", type=float, default=0.7, help="extra row: tau alone (0: no such row)"
     )
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument(
+        "--no-keep-freed-memory",
+        action="store_true",
+        help="keep glibc's default mmap threshold (by default it is raised for every side, as "
+        "the convlens CLI does; see convlens.allocator)",
+    )
     p.add_argument("--tf32", action="store_true", help="allow TF32 convolutions on cuda")
     p.add_argument("--quick", action="store_true", help="2 images, one Captum setting")
     p.add_argument(
@@ -465,6 +472,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    malloc = False if args.no_keep_freed_memory else keep_freed_memory()
     if args.device.type == "cuda":
         torch.backends.cudnn.allow_tf32 = args.tf32
         torch.backends.cuda.matmul.allow_tf32 = args.tf32
@@ -489,6 +497,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         machine = f"{common.processor()}, {os.cpu_count()} cores, "
         machine += f"{torch.get_num_threads()} torch threads"
+        machine += ", glibc mmap threshold raised for all sides" if malloc else ", default malloc"
     meta = {
         "date": now.strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine,
