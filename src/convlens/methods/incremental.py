@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from convlens.models.inference import batchnorm_affine
+
 __all__ = ["Box", "IncrementalEngine", "NotIncrementalError", "window_box"]
 
 log = logging.getLogger(__name__)
@@ -617,15 +619,10 @@ class IncrementalEngine:
             bn = self._module(user)
             if type(bn) is not nn.BatchNorm2d or bn.running_var is None or bn.training:
                 continue
-            assert win.weight is not None and bn.running_mean is not None
-            scale = torch.rsqrt(bn.running_var + bn.eps)
-            if bn.weight is not None:
-                scale = scale * bn.weight
-            bias = -bn.running_mean * scale
+            assert win.weight is not None
+            scale, bias = batchnorm_affine(bn)
             if win.bias is not None:
                 bias = bias + win.bias * scale
-            if bn.bias is not None:
-                bias = bias + bn.bias
             step.window = dataclasses.replace(
                 win, weight=win.weight * scale.view(-1, 1, 1, 1), bias=bias
             )

@@ -27,7 +27,7 @@ from torch import nn
 from convlens.hooks import hooks, model_state
 from convlens.models.base import ConvlensModel, unwrap
 
-__all__ = ["fold_batchnorm", "inference_copy"]
+__all__ = ["batchnorm_affine", "fold_batchnorm", "inference_copy"]
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +87,30 @@ def fold_batchnorm(net: nn.Module, example: torch.Tensor) -> int:
     return len(pairs)
 
 
+def batchnorm_affine(
+    bn: nn.BatchNorm2d, dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """An eval-mode BatchNorm as a per-channel affine map ``y = scale x + shift``:
+    ``scale = gamma / sqrt(var + eps)``, ``shift = beta - mean scale`` (Ioffe & Szegedy 2015).
+
+    Args:
+        bn: a BatchNorm with running statistics.
+        dtype: compute in this dtype (default: the statistics' own).
+
+    Returns:
+        ``(scale, shift)``, each of shape (C,).
+    """
+    assert bn.running_mean is not None and bn.running_var is not None
+    dtype = dtype or bn.running_var.dtype
+    scale = torch.rsqrt(bn.running_var.to(dtype) + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight.to(dtype)
+    shift = -bn.running_mean.to(dtype) * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias.to(dtype)
+    return scale, shift
+
+
 def _fold_pairs(net: nn.Module, pairs: list[tuple[str, str]]) -> None:
     """Fold each ``(conv, bn)`` pair of :func:`_conv_bn_pairs`, in place. The arithmetic runs
     in at least float32 and is rounded once, to the convolution's dtype."""
@@ -97,12 +121,7 @@ def _fold_pairs(net: nn.Module, pairs: list[tuple[str, str]]) -> None:
             assert isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)
             assert bn.running_mean is not None and bn.running_var is not None
             dtype = torch.promote_types(conv.weight.dtype, torch.float32)
-            scale = torch.rsqrt(bn.running_var.to(dtype) + bn.eps)
-            if bn.weight is not None:
-                scale = scale * bn.weight.to(dtype)
-            shift = -bn.running_mean.to(dtype) * scale
-            if bn.bias is not None:
-                shift = shift + bn.bias.to(dtype)
+            scale, shift = batchnorm_affine(bn, dtype)
             shape = (-1, *([1] * (conv.weight.dim() - 1)))
             conv.weight.copy_(conv.weight.to(dtype) * scale.view(shape))
             bias = shift if conv.bias is None else conv.bias.to(dtype) * scale + shift
