@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import html
 import importlib.util
 import json
@@ -10,8 +11,10 @@ import re
 import shutil
 import sqlite3
 import textwrap
+from collections.abc import Iterator
 from html.parser import HTMLParser
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -298,16 +301,14 @@ def test_dataframe_needs_pandas(setup) -> None:
         assert len(result.dataframe()) == 10
 
 
-def test_report_in_headless_chromium(setup) -> None:
+@contextlib.contextmanager
+def chromium_page(errors: list[str]) -> Iterator[Any]:
+    """A page of headless Chromium (Debian ``chromium`` driven by Playwright) that appends
+    console errors and uncaught page errors to ``errors``; skips without them."""
     if shutil.which("chromium") is None or importlib.util.find_spec("playwright") is None:
         pytest.skip("needs chromium and the playwright package")
     from playwright.sync_api import sync_playwright
 
-    result = run(make_model(setup["dir"]), setup)
-    assert result.report is not None
-    artifacts = Path(__file__).resolve().parents[1] / "test-artifacts"
-    artifacts.mkdir(exist_ok=True)
-    errors: list[str] = []
     with sync_playwright() as pw:
         browser = pw.chromium.launch(
             executable_path="/usr/bin/chromium",
@@ -317,21 +318,32 @@ def test_report_in_headless_chromium(setup) -> None:
             page = browser.new_page()
             page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
             page.on("pageerror", lambda e: errors.append(str(e)))
-            page.goto(result.report.as_uri())
-            page.screenshot(path=str(artifacts / "analysis-index.png"), full_page=True)
-            page.click("#images-table th[data-key=conf]")
-            values = page.eval_on_selector_all(
-                "#images-table tbody tr td:nth-child(4)", "els => els.map(e => +e.dataset.value)"
-            )
-            assert values == sorted(values)
-            page.select_option("#filter-status", "wrong")
-            shown = int(page.inner_text("#shown-count"))
-            assert shown == sum(1 for r in result.table() if r["correct"] is False)
-            page.fill("#filter-text", "zzz-no-such-class")
-            assert page.inner_text("#shown-count") == "0"
-            page.screenshot(path=str(artifacts / "analysis-filtered.png"), full_page=True)
+            yield page
         finally:
             browser.close()
+
+
+def test_report_in_headless_chromium(setup) -> None:
+
+    result = run(make_model(setup["dir"]), setup)
+    assert result.report is not None
+    artifacts = Path(__file__).resolve().parents[1] / "test-artifacts"
+    artifacts.mkdir(exist_ok=True)
+    errors: list[str] = []
+    with chromium_page(errors) as page:
+        page.goto(result.report.as_uri())
+        page.screenshot(path=str(artifacts / "analysis-index.png"), full_page=True)
+        page.click("#images-table th[data-key=conf]")
+        values = page.eval_on_selector_all(
+            "#images-table tbody tr td:nth-child(4)", "els => els.map(e => +e.dataset.value)"
+        )
+        assert values == sorted(values)
+        page.select_option("#filter-status", "wrong")
+        shown = int(page.inner_text("#shown-count"))
+        assert shown == sum(1 for r in result.table() if r["correct"] is False)
+        page.fill("#filter-text", "zzz-no-such-class")
+        assert page.inner_text("#shown-count") == "0"
+        page.screenshot(path=str(artifacts / "analysis-filtered.png"), full_page=True)
     assert errors == []
 
 
@@ -608,9 +620,6 @@ def _big_result(out: Path, n: int = 50_000, classes: int = 1000) -> AnalysisResu
 
 
 def test_report_pages_sorts_and_filters_50000_rows(tmp_path) -> None:
-    if shutil.which("chromium") is None or importlib.util.find_spec("playwright") is None:
-        pytest.skip("needs chromium and the playwright package")
-    from playwright.sync_api import sync_playwright
 
     from convlens.analysis.report import write_report
 
@@ -630,60 +639,48 @@ def test_report_pages_sorts_and_filters_50000_rows(tmp_path) -> None:
             f"#images-table tbody tr td:nth-child({k})", f"els => els.map(e => e.dataset.{attr})"
         )
 
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(
-            executable_path="/usr/bin/chromium",
-            args=["--headless", "--no-sandbox", "--disable-gpu"],
+    with chromium_page(errors) as page:
+        page.goto(index.as_uri())
+        assert page.inner_text("#shown-count") == str(n)
+        assert page.inner_text("#page-info") == f"page 1 of {-(-n // 100)}"
+        assert len(column(page, 4)) == 100
+        # sorting covers every row: the first page starts at the global minimum ...
+        page.click("#images-table th[data-key=conf]")
+        first = [float(v) for v in column(page, 4)]
+        assert first == sorted(confs)[:100]
+        # ... and the last page ends at the global maximum
+        page.click("#page-last")
+        assert [float(v) for v in column(page, 4)] == sorted(confs)[-(n % 100 or 100) :]
+        page.click("#images-table th[data-key=conf]")  # descending
+        assert [float(v) for v in column(page, 4)] == sorted(confs, reverse=True)[:100]
+        page.click("#images-table th[data-key=true]")
+        true_sorted = sorted("" if p.label is None else names[p.label] for p in result.predictions)
+        assert [v if v != "(no label)" else "" for v in column(page, 2)] == true_sorted[:100]
+        # filtering covers every row, and keeps the sort
+        page.select_option("#filter-status", "wrong")
+        assert page.inner_text("#shown-count") == str(len(wrong))
+        assert set(column(page, 5)) == {"wrong"}
+        page.fill("#filter-text", query)
+        assert page.inner_text("#shown-count") == str(len(wrong_42))
+        shown = list(zip(column(page, 2), column(page, 3), strict=True))
+        assert 0 < len(wrong_42) <= 100
+        expected = sorted(
+            ((names[p.label], names[p.pred]) for p in wrong_42),  # type: ignore[index]
+            key=lambda r: r[0],
         )
-        try:
-            page = browser.new_page()
-            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.goto(index.as_uri())
-            assert page.inner_text("#shown-count") == str(n)
-            assert page.inner_text("#page-info") == f"page 1 of {-(-n // 100)}"
-            assert len(column(page, 4)) == 100
-            # sorting covers every row: the first page starts at the global minimum ...
-            page.click("#images-table th[data-key=conf]")
-            first = [float(v) for v in column(page, 4)]
-            assert first == sorted(confs)[:100]
-            # ... and the last page ends at the global maximum
-            page.click("#page-last")
-            assert [float(v) for v in column(page, 4)] == sorted(confs)[-(n % 100 or 100) :]
-            page.click("#images-table th[data-key=conf]")  # descending
-            assert [float(v) for v in column(page, 4)] == sorted(confs, reverse=True)[:100]
-            page.click("#images-table th[data-key=true]")
-            true_sorted = sorted(
-                "" if p.label is None else names[p.label] for p in result.predictions
-            )
-            assert [v if v != "(no label)" else "" for v in column(page, 2)] == true_sorted[:100]
-            # filtering covers every row, and keeps the sort
-            page.select_option("#filter-status", "wrong")
-            assert page.inner_text("#shown-count") == str(len(wrong))
-            assert set(column(page, 5)) == {"wrong"}
-            page.fill("#filter-text", query)
-            assert page.inner_text("#shown-count") == str(len(wrong_42))
-            shown = list(zip(column(page, 2), column(page, 3), strict=True))
-            assert 0 < len(wrong_42) <= 100
-            expected = sorted(
-                ((names[p.label], names[p.pred]) for p in wrong_42),  # type: ignore[index]
-                key=lambda r: r[0],
-            )
-            assert shown == expected
-            # paging through the filtered rows
-            page.fill("#filter-text", "")
-            page.select_option("#page-size", "1000")
-            assert len(column(page, 4)) == 1000
-            one = column(page, 2)
-            page.click("#page-next")
-            assert page.inner_text("#page-info") == f"page 2 of {-(-len(wrong) // 1000)}"
-            two = column(page, 2)
-            assert len(two) == 1000 and one[-1] <= two[0]
-            page.click("#page-first")
-            assert column(page, 2) == one
-            page.screenshot(path=str(tmp_path / "big.png"))
-        finally:
-            browser.close()
+        assert shown == expected
+        # paging through the filtered rows
+        page.fill("#filter-text", "")
+        page.select_option("#page-size", "1000")
+        assert len(column(page, 4)) == 1000
+        one = column(page, 2)
+        page.click("#page-next")
+        assert page.inner_text("#page-info") == f"page 2 of {-(-len(wrong) // 1000)}"
+        two = column(page, 2)
+        assert len(two) == 1000 and one[-1] <= two[0]
+        page.click("#page-first")
+        assert column(page, 2) == one
+        page.screenshot(path=str(tmp_path / "big.png"))
     assert errors == []
 
 
@@ -749,11 +746,7 @@ def test_preprocess_numpy_path_equals_the_torch_path() -> None:
 
 def test_report_table_survives_a_nan_confidence(tmp_path) -> None:
     """A model that outputs NaN gives a NaN confidence: the table's JSON must stay parseable."""
-    if shutil.which("chromium") is None or importlib.util.find_spec("playwright") is None:
-        pytest.skip("needs chromium and the playwright package")
     import dataclasses
-
-    from playwright.sync_api import sync_playwright
 
     from convlens.analysis.report import write_report
 
@@ -762,25 +755,15 @@ def test_report_table_survives_a_nan_confidence(tmp_path) -> None:
     result.predictions[3] = dataclasses.replace(bad, probs5=(float("nan"),) * 5)
     index = write_report(result, [])
     errors: list[str] = []
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(
-            executable_path="/usr/bin/chromium",
-            args=["--headless", "--no-sandbox", "--disable-gpu"],
+    with chromium_page(errors) as page:
+        page.goto(index.as_uri())
+        assert page.inner_text("#shown-count") == "30"
+        cells = page.eval_on_selector_all(
+            "#images-table tbody tr td:nth-child(4)", "els => els.map(e => e.textContent)"
         )
-        try:
-            page = browser.new_page()
-            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.goto(index.as_uri())
-            assert page.inner_text("#shown-count") == "30"
-            cells = page.eval_on_selector_all(
-                "#images-table tbody tr td:nth-child(4)", "els => els.map(e => e.textContent)"
-            )
-            assert "nan" in cells
-            page.click("#images-table th[data-key=conf]")  # sorting with a null confidence
-            assert page.inner_text("#shown-count") == "30"
-        finally:
-            browser.close()
+        assert "nan" in cells
+        page.click("#images-table th[data-key=conf]")  # sorting with a null confidence
+        assert page.inner_text("#shown-count") == "30"
     assert not errors, errors
 
 
