@@ -324,7 +324,6 @@ def chromium_page(errors: list[str]) -> Iterator[Any]:
 
 
 def test_report_in_headless_chromium(setup) -> None:
-
     result = run(make_model(setup["dir"]), setup)
     assert result.report is not None
     artifacts = Path(__file__).resolve().parents[1] / "test-artifacts"
@@ -620,7 +619,6 @@ def _big_result(out: Path, n: int = 50_000, classes: int = 1000) -> AnalysisResu
 
 
 def test_report_pages_sorts_and_filters_50000_rows(tmp_path) -> None:
-
     from convlens.analysis.report import write_report
 
     result = _big_result(tmp_path / "run")
