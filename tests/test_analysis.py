@@ -777,3 +777,45 @@ def test_cache_stamp_tells_large_tensor_options_apart() -> None:
     assert _jsonable({"baseline": a}) == _jsonable({"baseline": a.clone()})
     assert _jsonable({"x": torch.tensor(2.0), "m": True, "s": "a"})["s"] == "a"
     json.dumps(_jsonable({"x": torch.tensor(2.0), "flags": torch.ones(3, dtype=torch.bool)}))
+
+
+class LazyGridNet(nn.Module):
+    """Caches a coordinate grid on its first forward (as some models do), then adds it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 3)
+        self.grid: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.grid is None or self.grid.shape[-2:] != x.shape[-2:]:
+            self.grid = torch.linspace(0, 1, x.shape[-1]).expand(1, 1, *x.shape[-2:]).clone()
+        h = torch.relu(self.conv(x) * (1 + self.grid))
+        return self.fc(h.mean(dim=(2, 3)))
+
+
+def test_lazy_model_state_from_the_prediction_pass_allows_gradients(tmp_path) -> None:
+    """State created during the prediction pass must not be an inference tensor, or the
+    gradient explanations of the mistakes fail."""
+    torch.manual_seed(0)
+    net = LazyGridNet().eval()
+    folder = tmp_path / "data"
+    for c in ("a", "b", "c"):
+        (folder / c).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(
+                np.random.default_rng(i + ord(c)).integers(0, 255, (40, 40, 3), dtype=np.uint8)
+            ).save(folder / c / f"{i}.png")
+    from convlens.models.classes import ClassList
+
+    model = ConvlensModel(
+        net=net,
+        preprocess=Preprocess(resize=36, crop=32),
+        classes=ClassList(["a", "b", "c"]),
+        name="lazy",
+    )
+    res = analyze(model, folder, tmp_path / "run", methods="saliency", progress=False)
+    assert net.grid is not None and not net.grid.is_inference()
+    assert len(res.predictions) == 9
+    assert list((tmp_path / "run" / "explanations").glob("*.png"))  # saliency panels were made

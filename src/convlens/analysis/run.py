@@ -274,7 +274,10 @@ def _predict_loop(
     pending: _Launched | None = None
     device = model.device
     copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-    with model_state(model.net, eval_mode=True, grads=False), torch.inference_mode():
+    # no_grad rather than inference_mode: state a model creates lazily in its first forward
+    # (cached grids, lazy modules) would otherwise become inference tensors, and the gradient
+    # explanations that follow could not save them for backward.
+    with model_state(model.net, eval_mode=True, grads=False), torch.no_grad():
         try:
             for idx, x, failed in batches:
                 launched = _Launched(idx=idx, failed=failed)
