@@ -254,6 +254,14 @@ def test_report_links_are_local_and_exist(setup) -> None:
         assert (run_dir / "plots" / f"{png}.png").is_file()
 
 
+def _analyze_args(setup: dict[str, Path]) -> list[str]:
+    """``convlens analyze`` arguments for the tiny model of ``setup``."""
+    d = setup["dir"]
+    model = ["--model", f"{d / 'net.py'}:build", "--classes", str(d / "labels.txt")]
+    out = ["--size", "32", "--out", str(setup["run"]), "--top-errors", "1"]
+    return ["analyze", str(setup["data"]), *model, *out]
+
+
 def test_cli_analyze(setup) -> None:
     import typer
     from typer.testing import CliRunner
@@ -267,25 +275,7 @@ def test_cli_analyze(setup) -> None:
         """Test app."""
 
     register(app)
-    d = setup["dir"]
-    args = [
-        "analyze",
-        str(setup["data"]),
-        "--model",
-        f"{d / 'net.py'}:build",
-        "--classes",
-        str(d / "labels.txt"),
-        "--size",
-        "32",
-        "--out",
-        str(setup["run"]),
-        "--top-errors",
-        "1",
-        "--batch-size",
-        "5",
-        "--limit",
-        "6",
-    ]
+    args = [*_analyze_args(setup), "--batch-size", "5", "--limit", "6"]
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     assert "6 images" in res.output or "5 images" in res.output
@@ -442,23 +432,7 @@ def test_parse_method_options_types_and_errors() -> None:
 def test_cli_method_option(setup, capsys) -> None:
     from convlens.cli import main
 
-    d = setup["dir"]
-    common = [
-        "analyze",
-        str(setup["data"]),
-        "--model",
-        f"{d / 'net.py'}:build",
-        "--classes",
-        str(d / "labels.txt"),
-        "--size",
-        "32",
-        "--out",
-        str(setup["run"]),
-        "--top-errors",
-        "1",
-        "--methods",
-        "occlusion",
-    ]
+    common = [*_analyze_args(setup), "--methods", "occlusion"]
     with pytest.raises(SystemExit) as exit_info:
         main([*common, "--method-option", "occlusion.patch=8", "-o", "occlusion.stride=4"])
     assert exit_info.value.code == 0
