@@ -10,7 +10,10 @@ Writes one markdown section to stdout and appends it to ``benchmarks/RESULTS_MET
    ``convlens.metrics.deletion_insertion_many`` (shared end points, fused copy), timed, with the
    number of forward passes. With ``--extrapolate N`` the per-image time is also scaled to N.
 3. ``--compare-bf16``: the same curves under bf16 autocast, and how far the areas move.
-4. ``--compare-steps 10 20 50 100``: the areas of the same maps with several step counts on
+4. ``--compare-compile``: the same curves once more with ``compile=False`` (eager), for the
+   gain of ``compile="auto"`` (``torch.compile`` of the fused copy once the passes reach a
+   minute, compilation time included) measured in the same run.
+5. ``--compare-steps 10 20 50 100``: the areas of the same maps with several step counts on
    ``--compare-images`` images (the default of 20 steps against finer ones).
 
 Example:
@@ -35,6 +38,7 @@ import convlens
 from convlens.allocator import keep_freed_memory
 from convlens.metrics import DEFAULT_STEPS, Curves, deletion_insertion_many
 from convlens.models import fold_batchnorm, inference_copy
+from convlens.models.compiled import FixedBatchForward, compiler_available
 
 import _common as common
 from bench_methods import load_batch, read_labels, warm_up
@@ -78,6 +82,18 @@ def throughput(
 
         return call
 
+    def compiled(net: torch.nn.Module, inp: torch.Tensor) -> Callable[[], object]:
+        fwd = FixedBatchForward(net, inp.shape[0], device)
+
+        def call() -> object:
+            with torch.no_grad():
+                return fwd(inp)
+
+        t0 = time.perf_counter()
+        call()
+        print(f"  (compiled in {time.perf_counter() - t0:.1f} s: {fwd.compiled})", flush=True)
+        return call
+
     variants = [
         ("model as is (no_grad)", plain(model.net, xb)),
         ("model, inference_mode", plain(model.net, xb, torch.inference_mode)),
@@ -85,6 +101,8 @@ def throughput(
         ("folded + channels_last (used)", plain(fused, xcl)),
         ("folded + channels_last + bf16 autocast", bf16(fused, xcl)),
     ]
+    if device.type == "cpu" and compiler_available():
+        variants.append(("folded + channels_last, torch.compile (freezing)", compiled(fused, xcl)))
     out = []
     for name, fn in variants:
         fn()
@@ -125,6 +143,7 @@ def run_curves(
     batch_size: int,
     chunk: int,
     autocast: torch.dtype | None = None,
+    compile: bool | str = "auto",
 ) -> tuple[dict[str, Curves], float]:
     """All curves, ``chunk`` images per call; wall seconds."""
     parts: list[dict[str, Curves]] = []
@@ -141,6 +160,7 @@ def run_curves(
                     steps=steps,
                     batch_size=batch_size,
                     autocast=autocast,
+                    compile=compile,  # type: ignore[arg-type]
                 )
             )
 
@@ -219,6 +239,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--compare-bf16", action="store_true", help="also run the curves under bf16 autocast"
     )
     p.add_argument(
+        "--compile",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="compile of the metrics (library default: auto)",
+    )
+    p.add_argument(
+        "--compare-compile",
+        action="store_true",
+        help="also run the curves eagerly (compile=False) in the same run",
+    )
+    p.add_argument(
         "--compare-steps", type=int, nargs="*", default=[], help="step counts to compare"
     )
     p.add_argument("--compare-images", type=int, default=4, help="images for --compare-steps")
@@ -286,8 +317,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         batch_size=batch_size,
         chunk=1,
     )
+    compile_arg = {"auto": "auto", "on": True, "off": False}[args.compile]
     curves, curve_s = run_curves(
-        model, x, maps, targets, steps=args.steps, batch_size=batch_size, chunk=chunk
+        model,
+        x,
+        maps,
+        targets,
+        steps=args.steps,
+        batch_size=batch_size,
+        chunk=chunk,
+        compile=compile_arg,
     )
     m_count = len(args.methods)
     forwards = n * (3 + 2 * (args.steps - 1) * m_count)
@@ -295,6 +334,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"curves: {curve_s:.1f} s for {n} images x {m_count} methods, {forwards} forward passes",
         flush=True,
     )
+
+    compile_rows: list[str] = []
+    if args.compare_compile:
+        eager, eager_s = run_curves(
+            model,
+            x,
+            maps,
+            targets,
+            steps=args.steps,
+            batch_size=batch_size,
+            chunk=chunk,
+            compile=False,
+        )
+        print(f"curves, eager (compile=False): {eager_s:.1f} s", flush=True)
+        diff = max(float((curves[m].deletion - eager[m].deletion).abs().max()) for m in maps)
+        diff = max(
+            diff,
+            *(float((curves[m].insertion - eager[m].insertion).abs().max()) for m in maps),
+        )
+        compile_rows = [
+            f"Same curves with `compile=False` (eager): {eager_s:.1f} s; `compile={args.compile}`"
+            f" (the headline row, compilation included) is {eager_s / curve_s:.2f}x faster; "
+            f"largest difference of a curve point {diff:.1e}.",
+        ]
 
     bf16_rows: list[str] = []
     if args.compare_bf16:
@@ -353,7 +416,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"- model {args.model}; {n} images of `{args.data.name}`; "
         f"methods {', '.join(args.methods)}; {args.steps} steps; deletion to 0 (model-input "
         f"space), insertion from blur (sigma 10); {batch_size} images per forward pass, "
-        f"{chunk} images per metrics call; whole run {total:.0f} s",
+        f"{chunk} images per metrics call; compile={args.compile}; whole run {total:.0f} s",
         "- allocator: "
         + (
             "glibc mmap/trim thresholds raised (`convlens.allocator.keep_freed_memory`, as "
@@ -390,6 +453,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "|---|---:|---:|",
         ]
         lines += [f"| {name} | {r:.1f} | {r / rates[0][1]:.2f}x |" for name, r in rates]
+    if compile_rows:
+        lines += ["", "### torch.compile", "", *compile_rows]
     if bf16_rows:
         lines += ["", "### bf16 autocast", "", *bf16_rows]
     if steps_rows:

@@ -245,3 +245,35 @@ def test_evaluate_writes_table_curves_and_sanity(setup) -> None:
     assert (out / "curves.png").exists() and (out / "sanity.png").exists()
     rows = (out / "metrics.csv").read_text().splitlines()
     assert len(rows) == 1 + 3 * 4  # header + 3 images x (2 methods + 2 baselines)
+
+
+@pytest.mark.parametrize(
+    ("flag", "expected"), [([], "auto"), (["--compile"], True), (["--no-compile"], False)]
+)
+def test_evaluate_compile_flag(setup, monkeypatch: pytest.MonkeyPatch, flag, expected) -> None:
+    import convlens.metrics as metrics
+
+    d = setup["dir"]
+    (d / "set.csv").write_text("path,label\na.png,dog\n")
+    seen: list[object] = []
+    original = metrics.evaluate_methods
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("compile"))
+        return original(*args, **{**kwargs, "compile": False})
+
+    monkeypatch.setattr(metrics, "evaluate_methods", spy)
+    args = [
+        "evaluate",
+        str(d / "set.csv"),
+        *model_args(d),
+        "--out",
+        str(d / "ev"),
+        "--methods",
+        "gradcam",
+        "--steps",
+        "2",
+        *flag,
+    ]
+    assert run(args) == 0
+    assert seen == [expected]

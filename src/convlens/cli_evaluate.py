@@ -40,6 +40,15 @@ def evaluate(
     ] = 20,
     batch_size: BatchSizeOpt = 8,
     sanity: Annotated[bool, typer.Option(help="Also run cascading randomisation.")] = False,
+    compile_model: Annotated[
+        bool | None,
+        typer.Option(
+            "--compile/--no-compile",
+            help="Run the metrics' forward passes compiled by torch.compile (1.25x faster on "
+            "a CPU after 7-30 s of compilation). Default: automatic, on a CPU once the passes "
+            "add up to a minute.",
+        ),
+    ] = None,
     sanity_images: Annotated[int, typer.Option(help="Images used by --sanity.")] = 4,
     use_labels: Annotated[
         bool, typer.Option(help="Explain the true label (else the top-1 class).")
@@ -76,7 +85,15 @@ def evaluate(
             targets = None
             if use_labels and all(lbl is not None for _, lbl in chunk):
                 targets = torch.tensor([lbl for _, lbl in chunk], device=net.device)
-            evaluate_methods(net, x, names, targets=targets, steps=steps, table=table)
+            evaluate_methods(
+                net,
+                x,
+                names,
+                targets=targets,
+                steps=steps,
+                table=table,
+                compile="auto" if compile_model is None else compile_model,
+            )
             files += [p for p, _ in chunk]
             bar.advance(task, len(chunk))
     md = [

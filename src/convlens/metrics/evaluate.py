@@ -14,6 +14,7 @@ from convlens.methods.base import Method
 from convlens.methods.registry import get_method
 from convlens.metrics.faithfulness import (
     DEFAULT_STEPS,
+    Compile,
     Curves,
     _curves,
     _drop_increase,
@@ -97,6 +98,7 @@ def evaluate_methods(
     seed: int = 0,
     fast: bool = True,
     autocast: torch.dtype | None = None,
+    compile: Compile = "auto",
 ) -> EvaluationTable:
     """Score each method's maps on one batch: deletion and insertion AUC, Average Drop and
     Increase in Confidence, and the pointing game when object ``masks`` are given; the random and
@@ -117,6 +119,9 @@ def evaluate_methods(
         fast: score with a fused ``channels_last`` copy of the model (equal to float rounding;
             see :func:`convlens.metrics.deletion_insertion_many`).
         autocast: run the metrics' forward passes under ``torch.autocast`` with this dtype.
+        compile: compile the fast copy with ``torch.compile`` (``True``, ``False`` or
+            ``"auto"``: on a CPU once the metrics' passes reach a minute; see
+            :func:`convlens.metrics.deletion_insertion_many`).
 
     Returns:
         ``table`` (a new one when not given) with rows for the methods and the baselines.
@@ -136,7 +141,9 @@ def evaluate_methods(
         for kind in BASELINE_MAPS:
             maps[f"({kind})"] = baseline_map(kind, x.shape[0], tuple(x.shape[-2:]), seed).to(x)
     targets = targets.to(x.device).view(-1)
-    with _Scorer(model, x, fast=fast, autocast=autocast, batch_size=batch_size) as scorer:
+    with _Scorer(
+        model, x, fast=fast, autocast=autocast, batch_size=batch_size, compile=compile
+    ) as scorer:
         all_curves = _curves(
             scorer,
             x,

@@ -1,0 +1,205 @@
+"""Compiled forward passes for jobs that run a network thousands of times without gradients.
+
+Deletion/insertion curves (:mod:`convlens.metrics.faithfulness`) score ``2 (S - 1)`` perturbed
+copies of every image for every map: 38,600 forward passes for 200 images, 5 methods and 20
+steps. Eager PyTorch runs each layer of the network as its own kernel (convolution, then the
+activation, then the padding of the next layer, each a pass over memory); ``torch.compile``
+(TorchInductor) with *freezing* fuses the element-wise work into the convolutions and packs the
+weights once. On the 2-core CPU of the development machine this makes EfficientNet-Lite0 1.25x
+faster per image (135 vs 108 images/s at batch 16-64, ``benchmarks/RESULTS_METRICS.md``) and
+costs 7-30 s of compilation, so it only pays for long jobs.
+
+:class:`FixedBatchForward` compiles for one batch size and pads smaller batches (a new batch
+size would otherwise trigger a new compilation), checks its first output against eager
+execution, and falls back to eager execution (with a log message) whenever compilation fails
+(no C++ compiler, an operation Inductor cannot handle) or disagrees.
+:func:`compiled_forward` keeps one compiled forward per network, so that a loop of metric calls
+(``convlens evaluate`` scores a few images at a time) compiles once; the cache entry is rebuilt
+when the network's parameters or buffers change.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import warnings
+import weakref
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "AUTO_COMPILE_SECONDS",
+    "FixedBatchForward",
+    "compiled_forward",
+    "compiler_available",
+    "eager_seconds",
+    "record_eager_seconds",
+    "should_compile",
+]
+
+log = logging.getLogger(__name__)
+
+AUTO_COMPILE_SECONDS = 60.0
+"""``compile="auto"`` compiles once a network's eager forward passes in this process, spent and
+expected, reach this many seconds (compilation itself takes 7-30 s on a CPU)."""
+
+_CACHE: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[Any, ...], FixedBatchForward]] = (
+    weakref.WeakKeyDictionary()
+)
+_EAGER_SECONDS: weakref.WeakKeyDictionary[nn.Module, float] = weakref.WeakKeyDictionary()
+
+
+def compiler_available() -> bool:
+    """Whether TorchInductor can build CPU kernels here: a C++ compiler on ``PATH`` (``$CXX``,
+    ``g++``, ``c++`` or ``clang++``)."""
+    names = [os.environ.get("CXX"), "g++", "c++", "clang++"]
+    return any(shutil.which(n) for n in names if n)
+
+
+def eager_seconds(net: nn.Module) -> float:
+    """Seconds this process has spent in eager forward passes of ``net``'s metric copies."""
+    return _EAGER_SECONDS.get(net, 0.0)
+
+
+def record_eager_seconds(net: nn.Module, seconds: float) -> None:
+    """Add ``seconds`` of eager forward passes to ``net``'s account (see :func:`should_compile`)."""
+    _EAGER_SECONDS[net] = _EAGER_SECONDS.get(net, 0.0) + seconds
+
+
+def should_compile(net: nn.Module, device: torch.device, expected_seconds: float) -> bool:
+    """The ``compile="auto"`` rule: on a CPU with a C++ compiler, once the eager time spent on
+    ``net`` plus the eager time this call is expected to take reaches
+    :data:`AUTO_COMPILE_SECONDS`. GPUs are left to explicit ``compile=True``."""
+    if device.type != "cpu":
+        return False
+    if eager_seconds(net) + expected_seconds < AUTO_COMPILE_SECONDS:
+        return False
+    return compiler_available()
+
+
+def _fingerprint(net: nn.Module) -> tuple[Any, ...]:
+    """Changes when a parameter or buffer of ``net`` is replaced or changed (in place too:
+    version counters and per-tensor sums; ``.data`` writes bypass the counters)."""
+    tensors = [*net.parameters(), *net.buffers()]
+    with torch.no_grad():
+        sums = torch.stack([t.detach().double().sum() for t in tensors]).tolist() if tensors else []
+    return tuple((t.data_ptr(), t._version, tuple(t.shape)) for t in tensors), tuple(sums)
+
+
+@contextlib.contextmanager
+def _quiet_torch() -> Iterator[None]:
+    """Silence warnings issued inside torch itself (deprecation notices of the modules that
+    ``torch.compile`` imports): they are not about the caller's code."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", module="torch")
+        yield
+
+
+def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    scale = b.abs().amax().clamp_min(1.0)
+    return float((a.float() - b.float()).abs().amax() / scale)
+
+
+class FixedBatchForward:
+    """``net`` compiled by ``torch.compile`` for batches of exactly ``batch_size`` images.
+
+    Smaller batches are padded with zeros (and the padding's outputs dropped), so that the last
+    batch of a job does not trigger a second compilation; larger batches are the caller's to
+    split. The first call compiles, runs and compares the output with eager execution
+    (relative error at most ``1000 eps`` of float32, or ``1e-2`` with TF32 on CUDA); if
+    compilation fails or the outputs disagree, this and every later call run ``net`` eagerly.
+
+    Args:
+        net: a network in eval mode with frozen parameters (e.g. an
+            :func:`~convlens.models.inference.inference_copy`); called under ``no_grad``.
+        batch_size: the compiled batch size.
+        device: where ``net`` runs; on a CPU, Inductor's *freezing* (weights packed once,
+            constants folded) is enabled.
+    """
+
+    def __init__(self, net: nn.Module, batch_size: int, device: torch.device) -> None:
+        self.net = net
+        self.batch_size = batch_size
+        self.device = device
+        self.compiled: bool | None = None
+        """``None`` before the first call, then whether the compiled code is used."""
+        options = {"freezing": True} if device.type == "cpu" else None
+        with _quiet_torch():
+            self._fn: Callable[[torch.Tensor], torch.Tensor] = torch.compile(
+                net, dynamic=False, options=options
+            )
+
+    def _pad(self, batch: torch.Tensor) -> torch.Tensor:
+        k = batch.shape[0]
+        if k == self.batch_size:
+            return batch
+        pad = batch.new_zeros((self.batch_size - k, *batch.shape[1:]))
+        out = torch.cat([batch, pad])
+        if batch.is_contiguous(memory_format=torch.channels_last):
+            out = out.contiguous(memory_format=torch.channels_last)
+        return out
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        k = batch.shape[0]
+        if self.compiled is False or k > self.batch_size:
+            return self.net(batch)
+        if self.compiled is None:
+            return self._first(batch)
+        return self._fn(self._pad(batch))[:k]
+
+    def _first(self, batch: torch.Tensor) -> torch.Tensor:
+        k = batch.shape[0]
+        ref = self.net(batch)
+        try:
+            with _quiet_torch():
+                got = self._fn(self._pad(batch))[:k]
+        except Exception as exc:  # no C++ compiler, an unsupported operation, ...
+            log.warning(
+                "torch.compile failed (%s: %s); running the network eagerly",
+                type(exc).__name__,
+                str(exc).splitlines()[0] if str(exc) else "",
+            )
+            self.compiled = False
+            return ref
+        tol = 1000 * torch.finfo(torch.float32).eps
+        if batch.is_cuda and torch.backends.cudnn.allow_tf32:
+            tol = 1e-2
+        err = _relative_error(got, ref)
+        if not err <= tol:
+            log.warning(
+                "compiled network differs from eager (relative error %.2g > %.2g); running it "
+                "eagerly",
+                err,
+                tol,
+            )
+            self.compiled = False
+            return ref
+        log.info("network compiled (batch %d, relative error %.2g)", self.batch_size, err)
+        self.compiled = True
+        return got
+
+
+def compiled_forward(
+    owner: nn.Module,
+    make_copy: Callable[[], nn.Module],
+    *,
+    batch_size: int,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> FixedBatchForward:
+    """The cached :class:`FixedBatchForward` of ``owner`` (the user's network), built from
+    ``make_copy()`` when there is none for this batch size, device and dtype, or when ``owner``'s
+    parameters or buffers changed since it was built. One entry per network; it goes away with
+    the network."""
+    key = (batch_size, str(device), dtype, _fingerprint(owner))
+    hit = _CACHE.get(owner)
+    if hit is not None and hit[0] == key:  # also a failed one: it runs eagerly, no retry
+        return hit[1]
+    fwd = FixedBatchForward(make_copy(), batch_size, device)
+    _CACHE[owner] = (key, fwd)
+    return fwd

@@ -1,0 +1,216 @@
+"""Compiled forward passes of the metrics (convlens.models.compiled): equal to eager, padded
+batches, one compilation per network, rebuilt on changed weights, eager fallback."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+from convlens.metrics import deletion_insertion_many
+from convlens.models import compiled as comp
+from convlens.models.inference import inference_copy
+
+needs_compiler = pytest.mark.skipif(
+    not comp.compiler_available(), reason="torch.compile needs a C++ compiler on PATH"
+)
+
+
+class SmallNet(nn.Module):
+    """conv-BN-ReLU6, a TF-style asymmetric pad, a depthwise conv, GAP and a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, stride=2, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.dw = nn.Conv2d(8, 8, 3, groups=8)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.nn.functional.pad(x, (0, 1, 0, 1))
+        x = torch.clamp(self.bn(self.conv(x)), 0, 6)
+        x = torch.relu(self.dw(x))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+def _net() -> nn.Module:
+    torch.manual_seed(0)
+    net = SmallNet()
+    with torch.no_grad():
+        net.bn.running_mean.uniform_(-0.5, 0.5)
+        net.bn.running_var.uniform_(0.5, 2.0)
+    return net.eval()
+
+
+def _data(b: int = 3) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(b, 3, 24, 24, generator=g)
+    maps = {"a": torch.rand(b, 24, 24, generator=g), "b": torch.rand(b, 24, 24, generator=g)}
+    return x, maps, torch.randint(0, 5, (b,), generator=g)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_cache() -> None:
+    comp._CACHE.clear()
+    comp._EAGER_SECONDS.clear()
+
+
+class _CountingCompile:
+    """Stands in for torch.compile: counts calls and returns ``make(net)``."""
+
+    def __init__(self, make=lambda net: net) -> None:
+        self.calls = 0
+        self.make = make
+
+    def __call__(self, net: nn.Module, **_kw: object):
+        self.calls += 1
+        return self.make(net)
+
+
+def _curves_equal(a: dict, b: dict, atol: float = 1e-6) -> None:
+    for k in a:
+        assert torch.allclose(a[k].deletion, b[k].deletion, atol=atol), k
+        assert torch.allclose(a[k].insertion, b[k].insertion, atol=atol), k
+
+
+@needs_compiler
+def test_compiled_curves_equal_eager() -> None:
+    net = _net()
+    x, maps, t = _data()
+    # 3 * 3 end points + 2 maps * 3 images * 2 curves * 4 inner steps = 57 passes: batches of
+    # 8 with a padded last batch
+    eager = deletion_insertion_many(net, x, maps, t, steps=5, batch_size=8, compile=False)
+    fast = deletion_insertion_many(net, x, maps, t, steps=5, batch_size=8, compile=True)
+    _curves_equal(eager, fast)
+    (entry,) = comp._CACHE.values()
+    assert entry[1].compiled is True
+
+
+def test_fixed_batch_pads_and_drops() -> None:
+    net = _net()
+    seen: list[int] = []
+
+    def make(m: nn.Module):
+        def fn(b: torch.Tensor) -> torch.Tensor:
+            seen.append(b.shape[0])
+            return m(b)
+
+        return fn
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch, "compile", _CountingCompile(make))
+        fwd = comp.FixedBatchForward(net, 8, torch.device("cpu"))
+    x = torch.randn(5, 3, 24, 24).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        out = fwd(x)
+        assert fwd.compiled is True
+        assert torch.allclose(out, net(x), atol=1e-6)
+        assert out.shape == (5, 5)
+        assert fwd(x[:2]).shape == (2, 5)
+    assert seen == [8, 8]  # always the compiled batch size
+
+
+def test_failed_compilation_runs_eagerly(caplog: pytest.LogCaptureFixture) -> None:
+    net = _net()
+    x, maps, t = _data()
+
+    def make(_m: nn.Module):
+        def fn(_b: torch.Tensor) -> torch.Tensor:
+            raise RuntimeError("no C++ compiler")
+
+        return fn
+
+    eager = deletion_insertion_many(net, x, maps, t, steps=4, batch_size=8, compile=False)
+    with pytest.MonkeyPatch.context() as mp, caplog.at_level(logging.WARNING):
+        mp.setattr(torch, "compile", _CountingCompile(make))
+        got = deletion_insertion_many(net, x, maps, t, steps=4, batch_size=8, compile=True)
+    _curves_equal(eager, got, atol=0)
+    assert "torch.compile failed" in caplog.text
+    (entry,) = comp._CACHE.values()
+    assert entry[1].compiled is False
+
+
+def test_disagreeing_compilation_runs_eagerly(caplog: pytest.LogCaptureFixture) -> None:
+    net = _net()
+    x, maps, t = _data()
+
+    def make(m: nn.Module):
+        return lambda b: m(b) + 1.0  # a wrong "compiled" network
+
+    eager = deletion_insertion_many(net, x, maps, t, steps=4, batch_size=8, compile=False)
+    with pytest.MonkeyPatch.context() as mp, caplog.at_level(logging.WARNING):
+        mp.setattr(torch, "compile", _CountingCompile(make))
+        got = deletion_insertion_many(net, x, maps, t, steps=4, batch_size=8, compile=True)
+    _curves_equal(eager, got, atol=0)
+    assert "differs from eager" in caplog.text
+
+
+def test_one_compilation_per_network_rebuilt_on_new_weights() -> None:
+    net = _net()
+    x, maps, t = _data()
+    counter = _CountingCompile()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch, "compile", counter)
+        deletion_insertion_many(net, x, maps, t, steps=4, batch_size=8, compile=True)
+        first = deletion_insertion_many(net, x, maps, t, steps=4, batch_size=8, compile=True)
+        assert counter.calls == 1
+        deletion_insertion_many(net, x, maps, t, steps=4, batch_size=4, compile=True)
+        assert counter.calls == 2  # another batch size: another compiled copy
+        with torch.no_grad():
+            net.fc.weight.data.mul_(-1.0)  # .data: no version bump, caught by the sums
+        flipped = deletion_insertion_many(net, x, maps, t, steps=4, batch_size=4, compile=True)
+        assert counter.calls == 3
+    eager = deletion_insertion_many(net, x, maps, t, steps=4, batch_size=4, compile=False)
+    _curves_equal(eager, flipped)
+    assert not torch.allclose(first["a"].deletion, flipped["a"].deletion)
+
+
+def test_auto_compiles_once_eager_time_adds_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    net = _net()
+    x, maps, t = _data()
+    counter = _CountingCompile()
+    monkeypatch.setattr(torch, "compile", counter)
+    monkeypatch.setattr(comp, "compiler_available", lambda: True)
+    monkeypatch.setattr(comp, "AUTO_COMPILE_SECONDS", 1e9)
+    deletion_insertion_many(net, x, maps, t, steps=4, batch_size=8)  # "auto": too short
+    assert counter.calls == 0
+    assert comp.eager_seconds(net) > 0
+    monkeypatch.setattr(comp, "AUTO_COMPILE_SECONDS", comp.eager_seconds(net))
+    got = deletion_insertion_many(net, x, maps, t, steps=4, batch_size=8)
+    assert counter.calls == 1
+    eager = deletion_insertion_many(net, x, maps, t, steps=4, batch_size=8, compile=False)
+    _curves_equal(eager, got)
+
+
+def test_should_compile_rule(monkeypatch: pytest.MonkeyPatch) -> None:
+    net = _net()
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(comp, "compiler_available", lambda: True)
+    assert not comp.should_compile(net, cpu, comp.AUTO_COMPILE_SECONDS / 2)
+    assert comp.should_compile(net, cpu, comp.AUTO_COMPILE_SECONDS)
+    comp.record_eager_seconds(net, comp.AUTO_COMPILE_SECONDS / 2)
+    assert comp.should_compile(net, cpu, comp.AUTO_COMPILE_SECONDS / 2)
+    assert not comp.should_compile(net, torch.device("cuda"), 1e9)  # GPUs: explicit only
+    monkeypatch.setattr(comp, "compiler_available", lambda: False)
+    assert not comp.should_compile(net, cpu, 1e9)
+
+
+def test_bad_compile_argument() -> None:
+    net = _net()
+    x, maps, t = _data()
+    with pytest.raises(ValueError, match="compile must be"):
+        deletion_insertion_many(net, x, maps, t, compile="yes")  # type: ignore[arg-type]
+
+
+@needs_compiler
+def test_inference_copy_compiles_with_freezing_equal() -> None:
+    net = _net()
+    x = torch.randn(4, 3, 24, 24).contiguous(memory_format=torch.channels_last)
+    fwd = comp.FixedBatchForward(inference_copy(net, x), 4, torch.device("cpu"))
+    with torch.no_grad():
+        got = fwd(x)
+        ref = net(x)
+    assert fwd.compiled is True
+    assert torch.allclose(got, ref, atol=1e-5)
