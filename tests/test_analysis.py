@@ -793,3 +793,243 @@ def test_lazy_model_state_from_the_prediction_pass_allows_gradients(tmp_path) ->
     assert net.grid is not None and not net.grid.is_inference()
     assert len(res.predictions) == 9
     assert list((tmp_path / "run" / "explanations").glob("*.png"))  # saliency panels were made
+
+
+# --- faithfulness of the explained mistakes' maps ------------------------------------------
+
+
+def sharp_model(d: Path) -> ConvlensModel:
+    """The tiny model with 20x larger logits: its probabilities move as pixels are deleted, so
+    the deletion/insertion areas differ between images and maps."""
+    model = make_model(d)
+    with torch.no_grad():
+        model.net[-1].weight.mul_(20)
+    return model
+
+
+def count_scoring(monkeypatch: pytest.MonkeyPatch, fail_on: int | None = None) -> list[int]:
+    """Batch sizes of the calls of ``deletion_insertion_many`` made by :func:`analyze`; the call
+    ``fail_on`` (1-based) raises."""
+    import convlens.metrics
+
+    sizes: list[int] = []
+    original = convlens.metrics.deletion_insertion_many
+
+    def spy(model, x, maps, *args, **kwargs):  # type: ignore[no-untyped-def]
+        sizes.append(x.shape[0])
+        if fail_on is not None and len(sizes) == fail_on:
+            raise RuntimeError("simulated crash while scoring")
+        return original(model, x, maps, *args, **kwargs)
+
+    monkeypatch.setattr(convlens.metrics, "deletion_insertion_many", spy)
+    return sizes
+
+
+def stored_scores(run_dir: Path) -> dict[str, Any]:
+    return json.loads((run_dir / "explanations" / "faithfulness.json").read_text())["images"]
+
+
+def test_faithfulness_scores_equal_an_independent_call(setup) -> None:
+    from convlens.analysis.faithfulness import random_maps
+    from convlens.api import explain
+    from convlens.metrics import deletion_insertion_many
+
+    model = sharp_model(setup["dir"])
+    result = run(model, setup, methods="gradcam,saliency")
+    assert len(result.explanations) >= 4  # more than one chunk of 4 (3 errors + pair examples)
+    assert result.faithfulness.keys() == result.explanations.keys()
+    assert stored_scores(setup["run"]) == result.faithfulness
+    by_id = {p.id: p for p in result.predictions}
+    aucs = set()
+    for pid, scores in result.faithfulness.items():
+        p = by_id[pid]
+        x = model.load_images([p.path])
+        target = torch.tensor([p.pred])  # the predicted class, not the true one
+        maps = {
+            m: e.maps[:, 0] for m, e in explain(model, x, ["gradcam", "saliency"], target).items()
+        }
+        maps["(random)"] = random_maps([pid], (32, 32))
+        curves = deletion_insertion_many(model, x, maps, targets=target)
+        assert scores.keys() == maps.keys()
+        for m, c in curves.items():
+            # one image alone here, a chunk of up to 4 in analyze: equal to float rounding
+            assert scores[m]["deletion_auc"] == pytest.approx(float(c.deletion_auc[0]), abs=1e-4)
+            assert scores[m]["insertion_auc"] == pytest.approx(float(c.insertion_auc[0]), abs=1e-4)
+            aucs.add(round(scores[m]["deletion_auc"], 3))
+    assert len(aucs) > 3  # the check can tell images and maps apart
+    # the summary in metrics.json, recounted from the per-image scores
+    summary = json.loads((setup["run"] / "metrics.json").read_text())["faithfulness"]
+    assert summary == result.metrics["faithfulness"]
+    rows = list(result.faithfulness.values())
+    assert summary["images"] == len(rows)
+    assert list(summary["methods"]) == ["gradcam", "saliency", "(random)"]
+    for m, got in summary["methods"].items():
+        assert got["images"] == len(rows)
+        assert got["deletion_auc"] == pytest.approx(np.mean([r[m]["deletion_auc"] for r in rows]))
+        assert got["insertion_auc"] == pytest.approx(np.mean([r[m]["insertion_auc"] for r in rows]))
+        if m == "(random)":
+            assert got["beats_random_deletion"] is None and got["beats_random_insertion"] is None
+            continue
+        beats_del = [r[m]["deletion_auc"] < r["(random)"]["deletion_auc"] for r in rows]
+        beats_ins = [r[m]["insertion_auc"] > r["(random)"]["insertion_auc"] for r in rows]
+        assert got["beats_random_deletion"] == pytest.approx(np.mean(beats_del))
+        assert got["beats_random_insertion"] == pytest.approx(np.mean(beats_ins))
+
+
+def test_faithfulness_is_cached_resumed_and_reset(setup, monkeypatch) -> None:
+    model = sharp_model(setup["dir"])
+    run_dir = setup["run"]
+    cache = run_dir / "explanations" / "faithfulness.json"
+    # a run interrupted while scoring its second chunk keeps the first chunk's scores
+    sizes = count_scoring(monkeypatch, fail_on=2)
+    with pytest.raises(RuntimeError, match="simulated crash while scoring"):
+        run(model, setup)
+    first_chunk = stored_scores(run_dir)
+    assert len(first_chunk) == sizes[0] == 4
+    sizes = count_scoring(monkeypatch)
+    result = run(model, setup)
+    n = len(result.explanations)
+    assert sum(sizes) == n - 4  # only the images not scored yet
+    assert all(stored_scores(run_dir)[k] == v for k, v in first_chunk.items())
+    assert result.faithfulness.keys() == result.explanations.keys()
+    # a rerun computes nothing
+    sizes = count_scoring(monkeypatch)
+    again = run(model, setup)
+    assert sizes == [] and again.faithfulness == result.faithfulness
+    assert again.metrics == result.metrics
+    # a run folder from before the scores: panels there, no faithfulness.json -> scored,
+    # the panels are not redrawn
+    stamps = {p: p.stat().st_mtime_ns for p in result.explanations.values()}
+    cache.unlink()
+    sizes = count_scoring(monkeypatch)
+    redone = run(model, setup)
+    assert sum(sizes) == n
+    assert {p: p.stat().st_mtime_ns for p in redone.explanations.values()} == stamps
+    for pid, scores in redone.faithfulness.items():
+        for m, s in scores.items():
+            assert s == pytest.approx(result.faithfulness[pid][m], abs=1e-4)
+    # other methods: the scores are reset with the panels
+    sizes = count_scoring(monkeypatch)
+    other = run(model, setup, methods="gradcam,saliency")
+    assert sum(sizes) == n
+    assert {m for s in stored_scores(run_dir).values() for m in s} == {
+        "gradcam",
+        "saliency",
+        "(random)",
+    }
+    assert list(other.metrics["faithfulness"]["methods"]) == ["gradcam", "saliency", "(random)"]
+
+
+def test_no_faithfulness_computes_nothing(setup, monkeypatch) -> None:
+    sizes = count_scoring(monkeypatch)
+    result = run(sharp_model(setup["dir"]), setup, faithfulness=False)
+    assert sizes == [] and result.explanations
+    assert result.faithfulness == {} and "faithfulness" not in result.metrics
+    assert "faithfulness" not in json.loads((setup["run"] / "metrics.json").read_text())
+    assert not (setup["run"] / "explanations" / "faithfulness.json").exists()
+    assert result.report is not None
+    for page in [result.report, *(setup["run"] / "report" / "images").glob("*.html")]:
+        text = page.read_text()
+        assert 'id="faithfulness"' not in text and "deletion AUC" not in text
+
+
+class _Tables(HTMLParser):
+    """The text of every table cell, as ``tables[k][row][cell]``, and the text of the headings."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tables: list[list[list[str]]] = []
+        self.headings: list[str] = []
+        self._cell: list[str] | None = None
+        self._heading: list[str] | None = None
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "table":
+            self.tables.append([])
+        elif tag == "tr":
+            self.tables[-1].append([])
+        elif tag in ("td", "th"):
+            self._cell = []
+        elif tag in ("h1", "h2", "h3"):
+            self._heading = []
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in ("td", "th") and self._cell is not None:
+            self.tables[-1][-1].append("".join(self._cell).strip())
+            self._cell = None
+        elif tag in ("h1", "h2", "h3") and self._heading is not None:
+            self.headings.append("".join(self._heading).strip())
+            self._heading = None
+
+    def handle_data(self, data: str) -> None:
+        for part in (self._cell, self._heading):
+            if part is not None:
+                part.append(data)
+
+
+def parse_tables(text: str) -> _Tables:
+    parser = _Tables()
+    parser.feed(text)
+    return parser
+
+
+def test_report_shows_the_faithfulness_numbers(setup) -> None:
+    result = run(sharp_model(setup["dir"]), setup, methods="gradcam,saliency")
+    assert result.report is not None
+    index = result.report.read_text()
+    section = index[index.index('<section id="faithfulness">') :]
+    section = section[: section.index("</section>")]
+    parsed = parse_tables(section)
+    n = len(result.faithfulness)
+    assert parsed.headings == [
+        f"How faithful are the maps? (deletion/insertion on the {n} explained mistakes, "
+        "predicted class)"
+    ]
+    [table] = parsed.tables
+    assert table[0][:3] == ["method", "mean deletion AUC ↓", "mean insertion AUC ↑"]
+    summary = result.metrics["faithfulness"]["methods"]
+    shown = {row[0]: row[1:] for row in table[1:]}
+    assert list(shown) == ["gradcam", "saliency", "(random map)"]
+    for name, cells in shown.items():
+        row = summary["(random)" if name == "(random map)" else name]
+        assert float(cells[0]) == pytest.approx(row["deletion_auc"], abs=5e-4)
+        assert float(cells[1]) == pytest.approx(row["insertion_auc"], abs=5e-4)
+        for cell, share in zip(
+            cells[2:4], (row["beats_random_deletion"], row["beats_random_insertion"]), strict=True
+        ):
+            if share is None:
+                assert cell == "n/a"
+            else:
+                assert float(cell.rstrip("%")) == pytest.approx(100 * share, abs=0.05)
+        assert int(cells[4]) == n
+    assert 'href="#faithfulness"' in index
+    # each examined image's page has its own numbers
+    for pid, scores in result.faithfulness.items():
+        page = (setup["run"] / "report" / "images" / f"{pid}.html").read_text()
+        parsed = parse_tables(page[page.index('<h2 id="faithfulness"') :])
+        pred = result.class_names[next(p.pred for p in result.predictions if p.id == pid)]
+        assert parsed.headings == [f"Faithfulness of the maps for the predicted class ({pred})"]
+        tables = parsed.tables
+        got = {row[0]: row[1:] for row in tables[0][1:]}
+        assert list(got) == ["gradcam", "saliency", "(random map)"]
+        for name, (d, i) in got.items():
+            s = scores["(random)" if name == "(random map)" else name]
+            assert float(d) == pytest.approx(s["deletion_auc"], abs=5e-4)
+            assert float(i) == pytest.approx(s["insertion_auc"], abs=5e-4)
+
+
+def test_cli_faithfulness_flag(setup) -> None:
+    from convlens.cli import main
+
+    metrics = setup["run"] / "metrics.json"
+    cache = setup["run"] / "explanations" / "faithfulness.json"
+    with pytest.raises(SystemExit) as exit_info:
+        main([*_analyze_args(setup), "--no-faithfulness"])
+    assert exit_info.value.code == 0
+    assert "faithfulness" not in json.loads(metrics.read_text()) and not cache.exists()
+    with pytest.raises(SystemExit) as exit_info:
+        main([*_analyze_args(setup), "--faithfulness"])
+    assert exit_info.value.code == 0
+    summary = json.loads(metrics.read_text())["faithfulness"]
+    assert summary["images"] >= 1 and set(summary["methods"]) == {"gradcam", "(random)"}
+    assert cache.is_file()

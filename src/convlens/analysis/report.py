@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from convlens.analysis.faithfulness import RANDOM_MAP
+
 if TYPE_CHECKING:
     from convlens.analysis.run import AnalysisResult
     from convlens.analysis.store import Prediction
@@ -187,6 +189,32 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
 
+_FAITH_HOW = (
+    "Deletion removes the pixels a map ranks highest first and records the predicted class's "
+    "probability; insertion adds them back, in the same order, to a blurred image. The area "
+    "under the curve is low for deletion and high for insertion when the map shows what the "
+    "model uses (Petsiuk et al. 2018, RISE, §4). The (random map) row scores a map of random "
+    "noise the same way, for reference."
+)
+_FAITH_CAVEAT = (
+    "Around 50% is chance. Deleting scattered pixels destroys the score quickly, so deletion "
+    "favours fine-grained maps and even the random map often beats coarse ones (CAM methods, "
+    "occlusion); insertion favours compact regions: read the two together."
+)
+
+
+def _num(x: object) -> str:
+    return f"{x:.3f}" if isinstance(x, (int, float)) else "n/a"
+
+
+def _share(x: object) -> str:
+    return _pct(x) if isinstance(x, (int, float)) else "n/a"
+
+
+def _method_label(name: str) -> str:
+    return "(random map)" if name == RANDOM_MAP else name
+
+
 class _Report:
     def __init__(self, result: AnalysisResult, examined: Sequence[str]) -> None:
         self.r = result
@@ -195,6 +223,9 @@ class _Report:
         self.pages = self.dir / "images"
         self.examined = [i for i in examined if (result.explanations.get(i) or Path()).is_file()]
         self.by_id = {p.id: p for p in result.predictions}
+        summary = result.metrics.get("faithfulness") or {}
+        self.faith: dict[str, dict[str, float | int | None]] = summary.get("methods", {})
+        self.faith_images = int(summary.get("images", 0))
 
     def name(self, c: int | None) -> str:
         return "(no label)" if c is None else self.r.class_names[c]
@@ -238,7 +269,9 @@ class _Report:
         d = self.dir
         parts = [
             '<nav><a href="#summary">Summary</a><a href="#plots">Plots</a>'
-            '<a href="#mistakes">Worst mistakes</a><a href="#pairs">Most confused</a>'
+            '<a href="#mistakes">Worst mistakes</a>'
+            + ('<a href="#faithfulness">Faithfulness</a>' if self.faith else "")
+            + '<a href="#pairs">Most confused</a>'
             '<a href="#classes">Per class</a><a href="#images">All images</a>'
             '<a href="#failures">Unreadable files</a></nav>',
             f"<h1>Error analysis: {_e(m.get('model', 'model'))}</h1>",
@@ -290,6 +323,8 @@ class _Report:
                 + f"({p.confidence:.2f})</div></div>"
             )
         parts.append("</div></section>")
+        if self.faith:
+            parts.append(self.faithfulness_section())
         parts.append(self.pairs_section())
         parts.append(self.classes_section())
         parts.append(self.images_section())
@@ -310,6 +345,49 @@ class _Report:
             parts.append("</ul>")
         parts.append("</section>")
         return "\n".join(parts)
+
+    def faithfulness_section(self) -> str:
+        """Mean deletion / insertion AUC per method and how often each beats a random map."""
+        n = self.faith_images
+        out = [
+            '<section id="faithfulness"><h2>How faithful are the maps? '
+            f"(deletion/insertion on the {n} explained mistake{'s' if n != 1 else ''}, "
+            "predicted class)</h2>",
+            f"<p>{_e(_FAITH_HOW)} The “beats random” columns give the share of images where the "
+            f"method does better than the random map of the same image. {_e(_FAITH_CAVEAT)}</p>",
+            "<table><tr><th>method</th><th>mean deletion AUC ↓</th>"
+            "<th>mean insertion AUC ↑</th><th>beats random on deletion</th>"
+            "<th>beats random on insertion</th><th>images</th></tr>",
+        ]
+        for name, row in self.faith.items():
+            out.append(
+                f"<tr><td>{_e(_method_label(name))}</td>"
+                f"<td class='num'>{_num(row['deletion_auc'])}</td>"
+                f"<td class='num'>{_num(row['insertion_auc'])}</td>"
+                f"<td class='num'>{_share(row['beats_random_deletion'])}</td>"
+                f"<td class='num'>{_share(row['beats_random_insertion'])}</td>"
+                f"<td class='num'>{_e(row['images'])}</td></tr>"
+            )
+        out.append("</table></section>")
+        return "\n".join(out)
+
+    def image_faithfulness(self, p: Prediction) -> str:
+        """This image's deletion / insertion AUC per method (empty without scores)."""
+        scores = self.r.faithfulness.get(p.id)
+        if not scores:
+            return ""
+        rows = "".join(
+            f"<tr><td>{_e(_method_label(name))}</td>"
+            f"<td class='num'>{_num(s.get('deletion_auc'))}</td>"
+            f"<td class='num'>{_num(s.get('insertion_auc'))}</td></tr>"
+            for name, s in scores.items()
+        )
+        return (
+            '<h2 id="faithfulness">Faithfulness of the maps for the predicted class '
+            f"({_e(self.name(p.pred))})</h2>"
+            f"<p>{_e(_FAITH_HOW)}</p><table><tr><th>method</th><th>deletion AUC ↓</th>"
+            f"<th>insertion AUC ↑</th></tr>{rows}</table>"
+        )
 
     def pairs_section(self) -> str:
         d = self.dir
@@ -422,6 +500,7 @@ class _Report:
             f"<h2>Top-5</h2><table>{top5}</table>"
             "<h2>Explanations: predicted class vs true class</h2>"
             f'<div class="panel"><img src="{_rel(panel, d)}" alt="explanations"></div>'
+            f"{self.image_faithfulness(p)}"
         )
         return _page(f"{Path(p.path).name}: convlens error analysis", body)
 
