@@ -84,7 +84,7 @@ def test_compiled_curves_equal_eager() -> None:
     eager = deletion_insertion_many(net, x, maps, t, steps=5, batch_size=8, compile=False)
     fast = deletion_insertion_many(net, x, maps, t, steps=5, batch_size=8, compile=True)
     _curves_equal(eager, fast)
-    (entry,) = comp._CACHE.values()
+    ((entry,),) = (d.values() for d in comp._CACHE.values())
     assert entry[1].compiled is True
 
 
@@ -128,7 +128,7 @@ def test_failed_compilation_runs_eagerly(caplog: pytest.LogCaptureFixture) -> No
         got = deletion_insertion_many(net, x, maps, t, steps=4, batch_size=8, compile=True)
     _curves_equal(eager, got, atol=0)
     assert "torch.compile failed" in caplog.text
-    (entry,) = comp._CACHE.values()
+    ((entry,),) = (d.values() for d in comp._CACHE.values())
     assert entry[1].compiled is False
 
 

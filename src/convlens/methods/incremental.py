@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from convlens.methods.incremental_suffix import Suffix, build_suffix
 from convlens.models.inference import batchnorm_affine
 
 __all__ = ["Box", "IncrementalEngine", "NotIncrementalError", "window_box"]
@@ -468,6 +469,12 @@ class IncrementalEngine:
         """Multiply-accumulates of the convolution and linear layers per (image, window) pair:
         ``executed``, ``full`` (one forward pass) and ``bound`` (only the exact changed
         regions of each convolution recomputed)."""
+        self.suffix: Suffix | None = None
+        """The fully computed end of the network as one fused ``channels_last`` module
+        (:mod:`convlens.methods.incremental_suffix`), when it could be built."""
+        if not self.hooked:
+            full = {n for n, st in self.steps.items() if st.kind == "full"}
+            self.suffix = build_suffix(self.gm, self.nodes, full, self.clean)
 
     # -- clean pass ---------------------------------------------------------------------------
 
@@ -971,6 +978,16 @@ class IncrementalEngine:
             total += per
         return max(1, total)
 
+    def compile_suffix(self, owner: nn.Module, batch_size: int) -> bool:
+        """Run the fully computed end of the network compiled by ``torch.compile`` for
+        ``batch_size`` pairs per pass (see :meth:`Suffix.compile`); ``False`` when there is no
+        fused suffix."""
+        if self.suffix is None:
+            return False
+        if not self.suffix.compiled:
+            self.suffix.compile(owner, batch_size, self.x.device)
+        return True
+
     def full_from(self) -> str | None:
         """The first node computed in full (where the incremental part ends)."""
         for step in self.steps.values():
@@ -1095,9 +1112,14 @@ class IncrementalEngine:
             return t
 
         steps = self.steps
+        suffix = self.suffix
         for i, node in enumerate(self.nodes):
             step = steps[node]
             kind = step.kind
+            if suffix is not None and kind == "full":
+                continue  # the suffix computes it; its inputs stay in env until the output
+            if kind == "output" and suffix is not None:
+                return suffix(*(materialise(a) for a in suffix.inputs))
             if kind == "input":
                 sy, sx = origin(step)
                 assert fill_cl is not None and step.ry is not None and step.rx is not None

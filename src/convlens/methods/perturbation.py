@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -16,6 +17,7 @@ from convlens.hooks import hooks
 from convlens.methods.base import Context, Method, RawResult
 from convlens.methods.incremental import IncrementalEngine, NotIncrementalError
 from convlens.methods.registry import register
+from convlens.models.compiled import record_eager_seconds, should_compile
 
 __all__ = ["Occlusion", "blur", "window_starts"]
 
@@ -119,6 +121,13 @@ class Occlusion(Method):
             drill-down).
         drill: ``"approx"`` only: fraction of the remaining windows evaluated after the
             coarse pass.
+        compile: ``"exact"``/``"approx"``: run the fully computed end of the network (fused,
+            :mod:`convlens.methods.incremental_suffix`) compiled by ``torch.compile`` for the
+            batch size used (equal to float rounding, checked on its first batch; 7-30 s of
+            compilation, kept for later calls on the same model): ``True``, ``False``, or
+            ``"auto"``: on a CPU with a C++ compiler, once this model's eager passes in the
+            process, spent and expected for the call, reach a minute
+            (:func:`convlens.models.compiled.should_compile`).
 
     Raises:
         ValueError: an option is out of range.
@@ -141,6 +150,7 @@ class Occlusion(Method):
         tau: float = 1.0,
         coarse: int = 2,
         drill: float = 0.5,
+        compile: bool | Literal["auto"] = "auto",
     ) -> None:
         if patch < 1 or stride < 1:
             raise ValueError("patch and stride must be positive")
@@ -152,6 +162,9 @@ class Occlusion(Method):
             raise ValueError(f"mode must be 'auto', 'exact', 'naive' or 'approx', not {mode!r}")
         if not 0 < tau <= 1 or coarse < 1 or not 0 <= drill <= 1:
             raise ValueError("need 0 < tau <= 1, coarse >= 1 and 0 <= drill <= 1")
+        if compile not in (True, False, "auto"):
+            raise ValueError(f"compile must be True, False or 'auto', not {compile!r}")
+        self.compile = compile
         self.patch, self.stride, self.fill, self.score = patch, stride, fill, score
         self.batch_size, self.memory_mb, self.blur_sigma = batch_size, memory_mb, blur_sigma
         self.mode, self.tau, self.coarse, self.drill = mode, tau, coarse, drill
@@ -233,6 +246,8 @@ class Occlusion(Method):
             py, px = len(ys), len(xs)
             n_pos = py * px
             chunk = self.batch_size or max(1, int(self.memory_mb * 2**20 // per_sample))
+            if engine is not None and self.compile is True:
+                engine.compile_suffix(ctx.net, chunk)
 
             def evaluate(pairs: torch.Tensor) -> torch.Tensor:
                 """Score drops (n, K) of (image * n_pos + position) pairs."""
@@ -245,7 +260,16 @@ class Occlusion(Method):
                         batch = torch.where(mask[:, None], fill[img], x[img])
                         s = self._scores(ctx.net(batch))
                     else:
+                        t0 = time.perf_counter()
                         s = self._scores(engine.run(fill, img, pos // px, pos % px))
+                        self._account(
+                            ctx,
+                            engine,
+                            chunk,
+                            time.perf_counter() - t0,
+                            len(idx),
+                            len(pairs) - start - len(idx),
+                        )
                     out[start : start + len(idx)] = base[img] - s.gather(1, targets[img])
                 return out
 
@@ -261,6 +285,26 @@ class Occlusion(Method):
             maps = total / count.clamp_min(1.0)
         meta.update(forward_passes=evaluated + b, perturbations_per_batch=chunk)
         return RawResult(maps, logits, targets, meta=meta)
+
+    def _account(
+        self,
+        ctx: Context,
+        engine: IncrementalEngine,
+        chunk: int,
+        seconds: float,
+        done: int,
+        left: int,
+    ) -> None:
+        """Count eager CPU time of the model and, with ``compile="auto"``, compile the
+        engine's suffix once the time spent and expected reaches the threshold."""
+        suffix = engine.suffix
+        if suffix is None or suffix.compiled or ctx.x.device.type != "cpu":
+            return
+        record_eager_seconds(ctx.net, seconds)
+        if self.compile == "auto" and should_compile(
+            ctx.net, ctx.x.device, seconds / max(done, 1) * left
+        ):
+            engine.compile_suffix(ctx.net, chunk)
 
     def _drill_down(
         self,

@@ -48,9 +48,10 @@ AUTO_COMPILE_SECONDS = 60.0
 """``compile="auto"`` compiles once a network's eager forward passes in this process, spent and
 expected, reach this many seconds (compilation itself takes 7-30 s on a CPU)."""
 
-_CACHE: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[Any, ...], FixedBatchForward]] = (
-    weakref.WeakKeyDictionary()
-)
+_CACHE: weakref.WeakKeyDictionary[
+    nn.Module, dict[str, tuple[tuple[Any, ...], FixedBatchForward]]
+] = weakref.WeakKeyDictionary()
+_PER_OWNER = 4  # compiled forms kept per network (metrics copy, occlusion suffixes, ...)
 _EAGER_SECONDS: weakref.WeakKeyDictionary[nn.Module, float] = weakref.WeakKeyDictionary()
 
 
@@ -120,12 +121,17 @@ class FixedBatchForward:
         batch_size: the compiled batch size.
         device: where ``net`` runs; on a CPU, Inductor's *freezing* (weights packed once,
             constants folded) is enabled.
+        pad: pad smaller batches; with ``False`` they run eagerly instead (for networks with
+            arguments that depend on the batch size, such as a ``view(n, -1)`` size).
     """
 
-    def __init__(self, net: nn.Module, batch_size: int, device: torch.device) -> None:
+    def __init__(
+        self, net: nn.Module, batch_size: int, device: torch.device, *, pad: bool = True
+    ) -> None:
         self.net = net
         self.batch_size = batch_size
         self.device = device
+        self.pad = pad
         self.compiled: bool | None = None
         """``None`` before the first call, then whether the compiled code is used."""
         options = {"freezing": True} if device.type == "cpu" else None
@@ -134,30 +140,26 @@ class FixedBatchForward:
                 net, dynamic=False, options=options
             )
 
-    def _pad(self, batch: torch.Tensor) -> torch.Tensor:
-        k = batch.shape[0]
+    def _pad(self, args: tuple[Any, ...], k: int) -> tuple[Any, ...]:
         if k == self.batch_size:
-            return batch
-        pad = batch.new_zeros((self.batch_size - k, *batch.shape[1:]))
-        out = torch.cat([batch, pad])
-        if batch.is_contiguous(memory_format=torch.channels_last):
-            out = out.contiguous(memory_format=torch.channels_last)
-        return out
+            return args
+        return tuple(_pad(a, k, self.batch_size) for a in args)
 
-    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
-        k = batch.shape[0]
-        if self.compiled is False or k > self.batch_size:
-            return self.net(batch)
+    def __call__(self, *args: Any) -> torch.Tensor:
+        """The network's output on ``args`` (the first one a tensor with the batch size ``k``
+        along dim 0; every tensor argument with ``k`` rows is padded together)."""
+        k = args[0].shape[0]
+        if self.compiled is False or k > self.batch_size or (k < self.batch_size and not self.pad):
+            return self.net(*args)
         if self.compiled is None:
-            return self._first(batch)
-        return self._fn(self._pad(batch))[:k]
+            return self._first(args, k)
+        return self._fn(*self._pad(args, k))[:k]
 
-    def _first(self, batch: torch.Tensor) -> torch.Tensor:
-        k = batch.shape[0]
-        ref = self.net(batch)
+    def _first(self, args: tuple[Any, ...], k: int) -> torch.Tensor:
+        ref = self.net(*args)
         try:
             with _quiet_torch():
-                got = self._fn(self._pad(batch))[:k]
+                got = self._fn(*self._pad(args, k))[:k]
         except Exception as exc:  # no C++ compiler, an unsupported operation, ...
             log.warning(
                 "torch.compile failed (%s: %s); running the network eagerly",
@@ -167,7 +169,7 @@ class FixedBatchForward:
             self.compiled = False
             return ref
         tol = 1000 * torch.finfo(torch.float32).eps
-        if batch.is_cuda and torch.backends.cudnn.allow_tf32:
+        if ref.is_cuda and torch.backends.cudnn.allow_tf32:
             tol = 1e-2
         err = _relative_error(got, ref)
         if not err <= tol:
@@ -184,6 +186,16 @@ class FixedBatchForward:
         return got
 
 
+def _pad(a: Any, k: int, size: int) -> Any:
+    """``a`` padded with zero rows to ``size`` along dim 0 if it is a tensor with ``k`` rows."""
+    if not isinstance(a, torch.Tensor) or a.dim() == 0 or a.shape[0] != k:
+        return a
+    out = torch.cat([a, a.new_zeros((size - k, *a.shape[1:]))])
+    if a.dim() == 4 and a.is_contiguous(memory_format=torch.channels_last):
+        out = out.contiguous(memory_format=torch.channels_last)
+    return out
+
+
 def compiled_forward(
     owner: nn.Module,
     make_copy: Callable[[], nn.Module],
@@ -191,15 +203,22 @@ def compiled_forward(
     batch_size: int,
     device: torch.device,
     dtype: torch.dtype,
+    tag: str = "",
+    pad: bool = True,
 ) -> FixedBatchForward:
-    """The cached :class:`FixedBatchForward` of ``owner`` (the user's network), built from
-    ``make_copy()`` when there is none for this batch size, device and dtype, or when ``owner``'s
-    parameters or buffers changed since it was built. One entry per network; it goes away with
-    the network."""
-    key = (batch_size, str(device), dtype, _fingerprint(owner))
-    hit = _CACHE.get(owner)
+    """The cached :class:`FixedBatchForward` of ``owner`` (the user's network) for ``tag`` (what
+    is compiled: ``""`` for the whole network, a suffix's code for part of it), built from
+    ``make_copy()`` when there is none for this batch size, device and dtype, or when
+    ``owner``'s parameters or buffers changed since it was built. A few entries per network;
+    they go away with the network."""
+    key = (batch_size, str(device), dtype, pad, _fingerprint(owner))
+    entries = _CACHE.setdefault(owner, {})
+    hit = entries.get(tag)
     if hit is not None and hit[0] == key:  # also a failed one: it runs eagerly, no retry
         return hit[1]
-    fwd = FixedBatchForward(make_copy(), batch_size, device)
-    _CACHE[owner] = (key, fwd)
+    fwd = FixedBatchForward(make_copy(), batch_size, device, pad=pad)
+    entries.pop(tag, None)
+    while len(entries) >= _PER_OWNER:
+        entries.pop(next(iter(entries)))
+    entries[tag] = (key, fwd)
     return fwd
