@@ -267,6 +267,7 @@ def convlens_side(
 ) -> Row:
     kw: dict[str, Any] = {"patch": PATCH, "stride": STRIDE, "fill": 0.0, "score": "prob"}
     kw["memory_mb"] = args.memory_mb
+    kw["compile"] = {"auto": "auto", "on": True, "off": False}[args.compile]
     if side == "approx":
         kw.update(mode="approx", tau=args.tau, coarse=args.coarse, drill=args.drill)
     elif side.startswith("approx tau="):
@@ -441,6 +442,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "the convlens CLI does; see convlens.allocator)",
     )
     p.add_argument("--tf32", action="store_true", help="allow TF32 convolutions on cuda")
+    p.add_argument(
+        "--compile",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="Occlusion(compile=...) of the exact and approx sides (torch.compile of the fused "
+        "suffix); with --warmup the one-off compilation happens in the warm-up",
+    )
     p.add_argument("--quick", action="store_true", help="2 images, one Captum setting")
     p.add_argument(
         "--warmup",
@@ -507,6 +515,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{SIZE}x{SIZE} (729 windows/image), fill 0, target top-1 softmax probability; "
         f"convlens memory cap {args.memory_mb:.0f} MB; approx: tau {args.tau}, coarse "
         f"{args.coarse}, drill {args.drill}; approx tau=: that tau, no drill-down; "
+        f"compile={args.compile}; "
         "one timed call per side"
         + (" after an untimed call on one image" if args.warmup else " (no warm-up)"),
         "load average (1 min)": f"{load_before:.2f} before, {load_after:.2f} after "

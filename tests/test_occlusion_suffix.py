@@ -181,3 +181,24 @@ def test_really_compiled_suffix_equals_naive(fresh_cache) -> None:
     torch.testing.assert_close(exact.maps, naive.maps, atol=1e-5, rtol=1e-4)
     ((entry,),) = (d.values() for d in comp._CACHE.values())
     assert entry[1].compiled is True
+
+
+def test_naive_path_runs_a_fused_copy_unless_hooked() -> None:
+    from convlens.methods.perturbation import _naive_forward
+
+    net = _with_stats(seeded(TinyResNet(), seed=2))
+    x = images(2, size=16, seed=4)
+    fast = _naive_forward(net, x)
+    assert fast is not net
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), net(x), atol=1e-10, rtol=1e-8)
+    plain = Occlusion(patch=9, stride=4, mode="naive")(net, x)
+    seen: list[int] = []
+    handle = net.layer1.register_forward_hook(lambda _m, a, _o: seen.append(a[0].shape[0]))
+    try:
+        assert _naive_forward(net, x) is net  # the hook must see the occluded copies
+        hooked = Occlusion(patch=9, stride=4, mode="naive")(net, x)
+    finally:
+        handle.remove()
+    assert sum(seen) > x.shape[0]
+    torch.testing.assert_close(plain.maps, hooked.maps, atol=1e-10, rtol=1e-8)

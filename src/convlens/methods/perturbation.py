@@ -18,6 +18,7 @@ from convlens.methods.base import Context, Method, RawResult
 from convlens.methods.incremental import IncrementalEngine, NotIncrementalError
 from convlens.methods.registry import register
 from convlens.models.compiled import record_eager_seconds, should_compile
+from convlens.models.inference import inference_copy
 
 __all__ = ["Occlusion", "blur", "window_starts"]
 
@@ -67,6 +68,28 @@ def _activation_bytes_per_sample(net: nn.Module, x: torch.Tensor) -> tuple[torch
 
 
 @register("occlusion")
+def _naive_forward(net: nn.Module, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """What full forward passes of occluded copies run: a fused copy of the network
+    (:func:`~convlens.models.inference.inference_copy`: eval-mode BatchNorm folded into the
+    convolutions, ``channels_last``; equal to float rounding, checked on ``x``), or the network
+    itself when a module or a global hook must see the passes or the copy cannot be made."""
+    from torch.nn.modules import module as nn_module
+
+    hooked = any(m._forward_hooks or m._forward_pre_hooks for m in net.modules())
+    if hooked or nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
+        return net
+    try:
+        fast = inference_copy(net, x.clone())
+    except Exception as exc:  # an uncopyable or scripted model: run it as it is
+        log.info("occlusion runs the model as it is (%s: %s)", type(exc).__name__, exc)
+        return net
+
+    def forward(batch: torch.Tensor) -> torch.Tensor:
+        return fast(batch.contiguous(memory_format=torch.channels_last))
+
+    return forward
+
+
 class Occlusion(Method):
     """Occlusion sensitivity (Zeiler & Fergus 2014, "Visualizing and Understanding
     Convolutional Networks", §4.2), with incremental inference (Krypton: Nakandala, Kumar &
@@ -86,7 +109,9 @@ class Occlusion(Method):
       network from the first layer where the box covers the whole map or that has no rule.
       Equal to ``"naive"`` up to floating-point rounding. Raises
       :class:`~convlens.errors.UnsupportedModelError` when the model cannot be traced.
-    - ``"naive"``: every occluded copy goes through the whole network.
+    - ``"naive"``: every occluded copy goes through the whole network (a copy with BatchNorm
+      folded and ``channels_last`` weights, equal to float rounding, unless the model has
+      forward hooks).
     - ``"auto"`` (default): ``"exact"`` when the model can be traced, else ``"naive"`` (the
       reason is logged and recorded in ``meta["fallback_reason"]``).
     - ``"approx"``: Krypton's approximations on top of ``"exact"``: each layer's box is capped
@@ -232,6 +257,7 @@ class Occlusion(Method):
                 # a copy: the caller's tensor stays as it is even if the model changes its
                 # input in place (the occluded copies are new tensors anyway)
                 logits, per_sample = _activation_bytes_per_sample(ctx.net, x.clone())
+                forward = _naive_forward(ctx.net, x)
             else:
                 logits, per_sample = engine.logits, engine.bytes_per_pair()
             targets = ctx.targets(logits)
@@ -258,7 +284,7 @@ class Occlusion(Method):
                     if engine is None:
                         mask = in_y[pos // px][:, :, None] & in_x[pos % px][:, None, :]
                         batch = torch.where(mask[:, None], fill[img], x[img])
-                        s = self._scores(ctx.net(batch))
+                        s = self._scores(forward(batch))
                     else:
                         t0 = time.perf_counter()
                         s = self._scores(engine.run(fill, img, pos // px, pos % px))
