@@ -67,7 +67,6 @@ def _activation_bytes_per_sample(net: nn.Module, x: torch.Tensor) -> tuple[torch
     return logits, max(1, total[0] // x.shape[0])
 
 
-@register("occlusion")
 def _naive_forward(net: nn.Module, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
     """What full forward passes of occluded copies run: a fused copy of the network
     (:func:`~convlens.models.inference.inference_copy`: eval-mode BatchNorm folded into the
@@ -90,6 +89,7 @@ def _naive_forward(net: nn.Module, x: torch.Tensor) -> Callable[[torch.Tensor], 
     return forward
 
 
+@register("occlusion")
 class Occlusion(Method):
     """Occlusion sensitivity (Zeiler & Fergus 2014, "Visualizing and Understanding
     Convolutional Networks", §4.2), with incremental inference (Krypton: Nakandala, Kumar &
