@@ -173,6 +173,7 @@ def test_auto_compiles_once_eager_time_adds_up(monkeypatch: pytest.MonkeyPatch) 
     counter = _CountingCompile()
     monkeypatch.setattr(torch, "compile", counter)
     monkeypatch.setattr(comp, "compiler_available", lambda: True)
+    monkeypatch.setenv("CONVLENS_AUTO_COMPILE", "1")
     monkeypatch.setattr(comp, "AUTO_COMPILE_SECONDS", 1e9)
     deletion_insertion_many(net, x, maps, t, steps=4, batch_size=8)  # "auto": too short
     assert counter.calls == 0
@@ -188,12 +189,16 @@ def test_should_compile_rule(monkeypatch: pytest.MonkeyPatch) -> None:
     net = _net()
     cpu = torch.device("cpu")
     monkeypatch.setattr(comp, "compiler_available", lambda: True)
+    monkeypatch.setenv("CONVLENS_AUTO_COMPILE", "1")
     assert not comp.should_compile(net, cpu, comp.AUTO_COMPILE_SECONDS / 2)
     assert comp.should_compile(net, cpu, comp.AUTO_COMPILE_SECONDS)
     comp.record_eager_seconds(net, comp.AUTO_COMPILE_SECONDS / 2)
     assert comp.should_compile(net, cpu, comp.AUTO_COMPILE_SECONDS / 2)
     assert not comp.should_compile(net, torch.device("cuda"), 1e9)  # GPUs: explicit only
     monkeypatch.setattr(comp, "compiler_available", lambda: False)
+    assert not comp.should_compile(net, cpu, 1e9)
+    monkeypatch.setattr(comp, "compiler_available", lambda: True)
+    monkeypatch.setenv("CONVLENS_AUTO_COMPILE", "0")
     assert not comp.should_compile(net, cpu, 1e9)
 
 

@@ -162,6 +162,7 @@ def test_auto_compiles_the_suffix_once_time_adds_up(
     counting = _Counting()
     monkeypatch.setattr(torch, "compile", counting)
     monkeypatch.setattr(comp, "compiler_available", lambda: True)
+    monkeypatch.setenv("CONVLENS_AUTO_COMPILE", "1")
     monkeypatch.setattr(comp, "AUTO_COMPILE_SECONDS", 1e9)
     Occlusion(patch=9, stride=4, mode="exact", batch_size=4)(net, x)
     assert counting.calls == 0 and comp.eager_seconds(net) > 0

@@ -75,8 +75,9 @@ def record_eager_seconds(net: nn.Module, seconds: float) -> None:
 def should_compile(net: nn.Module, device: torch.device, expected_seconds: float) -> bool:
     """The ``compile="auto"`` rule: on a CPU with a C++ compiler, once the eager time spent on
     ``net`` plus the eager time this call is expected to take reaches
-    :data:`AUTO_COMPILE_SECONDS`. GPUs are left to explicit ``compile=True``."""
-    if device.type != "cpu":
+    :data:`AUTO_COMPILE_SECONDS`. GPUs are left to explicit ``compile=True``; the environment
+    variable ``CONVLENS_AUTO_COMPILE=0`` turns the rule off (``compile=True`` still works)."""
+    if device.type != "cpu" or os.environ.get("CONVLENS_AUTO_COMPILE", "1") == "0":
         return False
     if eager_seconds(net) + expected_seconds < AUTO_COMPILE_SECONDS:
         return False
