@@ -89,6 +89,33 @@ def test_metrics_on_cuda_equal_cpu() -> None:
         torch.testing.assert_close(torch.as_tensor(b).cpu(), torch.as_tensor(a))
 
 
+def test_compiled_metrics_and_occlusion_suffix_on_cuda() -> None:
+    """torch.compile on the device (explicit compile=True; "auto" leaves GPUs alone): the
+    compiled copy and the compiled occlusion suffix give the CPU's answers (or fall back to
+    eager execution when compilation fails, which still must give them)."""
+    from convlens import Occlusion
+    from convlens.metrics import deletion_insertion
+    from convlens.models import compiled as comp
+
+    net = seeded(GapNet(), dtype=torch.float32)
+    x = images(b=2, size=16).float()
+    maps = torch.rand(2, 16, 16, generator=torch.Generator().manual_seed(0))
+    targets = torch.tensor([0, 3])
+    cpu = deletion_insertion(net, x, maps, targets, steps=8, compile=False)
+    dev_net = _cuda_copy(net)
+    gpu = deletion_insertion(
+        dev_net, x.to(DEVICE), maps.to(DEVICE), targets.to(DEVICE), steps=8, compile=True
+    )
+    torch.testing.assert_close(gpu.deletion.cpu(), cpu.deletion, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(gpu.insertion.cpu(), cpu.insertion, rtol=1e-4, atol=1e-5)
+    occ = {"patch": 4, "stride": 2, "mode": "exact", "batch_size": 16}
+    ref = Occlusion(**occ, compile=False)(net, x)
+    got = Occlusion(**occ, compile=True)(dev_net, x.to(DEVICE))
+    assert _relative_error(ref.maps, got.maps) < 1e-3
+    entries = [e for d in comp._CACHE.values() for e in d.values()]
+    assert entries  # something was compiled (or tried)
+
+
 def test_sanity_check_on_cuda() -> None:
     from convlens.metrics.sanity import cascading_randomization
 
