@@ -10,6 +10,8 @@
 #   cp -r ../shared/data/imagenet-sample-dev .gpu-data/     # the dev images, if present
 # (.whl/ and .gpu-data/ are git-ignored; carry both.) Then on the GPU machine:
 #   bash benchmarks/gpu_session.sh tests methods peers ...
+# Stages: tests methods peers features occlusion occlusion-compiled metrics metrics-compiled
+# metrics-table analyze analyze-quick (the *-compiled ones measure torch.compile on the device).
 # Results go to $OUT (or benchmarks/out/gpu) and the RESULTS*.md files in benchmarks/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -58,6 +60,10 @@ for stage in "$@"; do
     occlusion) run occlusion python3 benchmarks/bench_occlusion.py --device cuda --data "$DATA" ;;
     metrics) run metrics python3 benchmarks/bench_metrics.py --device cuda --data "$DATA" \
         --compare-bf16 --compare-steps 10 20 50 100 --compare-images 50 ;;
+    occlusion-compiled) run occlusion python3 benchmarks/bench_occlusion.py --device cuda --data "$DATA" \
+        --compile on --warmup ;;
+    metrics-compiled) run metrics python3 benchmarks/bench_metrics.py --device cuda --data "$DATA" \
+        --compile on --compare-compile --no-throughput ;;
     metrics-table)
         run metrics-table python3 docs/scripts/metrics_table.py --device cuda --images 200 --data "$DATA"
         mkdir -p benchmarks/out/docs && cp docs/metrics.md docs/img/metrics_*.png benchmarks/out/docs/
