@@ -660,7 +660,7 @@ def render(
         "class's map and a random map, deletion + insertion, 20 steps; the maps recomputed).",
         "",
         "| method | images | seconds per image | of which computing the maps (both targets) "
-        "| of which reading + panel PNG | faithfulness scoring per image |",
+        "| of which reading + panel PNG | scoring per image (maps of both targets recomputed) |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     lines += [

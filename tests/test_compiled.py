@@ -55,6 +55,7 @@ def _data(b: int = 3) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tens
 def _fresh_cache() -> None:
     comp._CACHE.clear()
     comp._EAGER_SECONDS.clear()
+    comp._BUILDS.clear()
 
 
 class _CountingCompile:
@@ -219,3 +220,82 @@ def test_inference_copy_compiles_with_freezing_equal() -> None:
         ref = net(x)
     assert fwd.compiled is True
     assert torch.allclose(got, ref, atol=1e-5)
+
+
+def test_changed_structure_or_settings_rebuild_the_compiled_copy() -> None:
+    net = _net()
+    x, maps, t = _data()
+    counter = _CountingCompile()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch, "compile", counter)
+        deletion_insertion_many(net, x, maps, t, steps=4, batch_size=8, compile=True)
+        net.bn.eps = 10.0  # a setting, no tensor changes
+        a = deletion_insertion_many(net, x, maps, t, steps=4, batch_size=8, compile=True)
+        assert counter.calls == 2
+        eager_a = deletion_insertion_many(net, x, maps, t, steps=4, batch_size=8, compile=False)
+        _curves_equal(eager_a, a)
+        net.fc = nn.Linear(8, 5)  # a replaced module
+        b = deletion_insertion_many(net, x, maps, t, steps=4, batch_size=8, compile=True)
+        assert counter.calls == 3
+    eager = deletion_insertion_many(net, x, maps, t, steps=4, batch_size=8, compile=False)
+    _curves_equal(eager, b)
+
+
+def test_a_model_changing_between_every_call_stops_being_compiled(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    net = _net()
+    x, maps, t = _data()
+    counter = _CountingCompile()
+    with pytest.MonkeyPatch.context() as mp, caplog.at_level(logging.INFO):
+        mp.setattr(torch, "compile", counter)
+        for i in range(comp._MAX_BUILDS + 2):
+            with torch.no_grad():
+                net.fc.bias.add_(0.01 * (i + 1))
+            got = deletion_insertion_many(net, x, maps, t, steps=4, batch_size=8, compile=True)
+        eager = deletion_insertion_many(net, x, maps, t, steps=4, batch_size=8, compile=False)
+    assert counter.calls == comp._MAX_BUILDS + 2  # built, but the last ones never run compiled
+    (entry,) = comp._CACHE[net].values()
+    assert entry[1].compiled is False
+    assert "keeps changing" in caplog.text
+    _curves_equal(eager, got)
+
+
+def test_inference_tensors_and_nan_weights_in_the_fingerprint() -> None:
+    with torch.inference_mode():
+        net = _net()
+    x, maps, t = _data()
+    counter = _CountingCompile()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch, "compile", counter)
+        deletion_insertion_many(net, x, maps, t, steps=4, batch_size=8, compile=True)
+        deletion_insertion_many(net, x, maps, t, steps=4, batch_size=8, compile=True)
+    assert counter.calls == 1
+    nan_net = _net()
+    with torch.no_grad():
+        nan_net.fc.bias[0] = float("nan")
+    assert comp._fingerprint(nan_net) == comp._fingerprint(nan_net)
+
+
+def test_a_new_input_shape_is_checked_again(caplog: pytest.LogCaptureFixture) -> None:
+    net = _net()
+    shapes: list[tuple[int, ...]] = []
+
+    def make(m: nn.Module):
+        def fn(b: torch.Tensor) -> torch.Tensor:
+            shapes.append(tuple(b.shape))
+            out = m(b)
+            return out + 1.0 if b.shape[-1] == 20 else out  # wrong at the second size only
+
+        return fn
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch, "compile", _CountingCompile(make))
+        fwd = comp.FixedBatchForward(net, 4, torch.device("cpu"))
+    with torch.no_grad(), caplog.at_level(logging.WARNING):
+        a = torch.randn(4, 3, 24, 24)
+        torch.testing.assert_close(fwd(a), net(a))
+        assert fwd.compiled is True
+        b = torch.randn(4, 3, 20, 20)
+        torch.testing.assert_close(fwd(b), net(b))  # the wrong compiled output is not used
+    assert fwd.compiled is False and "differs from eager" in caplog.text

@@ -113,7 +113,7 @@ def test_compiled_metrics_and_occlusion_suffix_on_cuda() -> None:
     got = Occlusion(**occ, compile=True)(dev_net, x.to(DEVICE))
     assert _relative_error(ref.maps, got.maps) < 1e-3
     entries = [e for d in comp._CACHE.values() for e in d.values()]
-    assert entries  # something was compiled (or tried)
+    assert entries and all(e[1].compiled is True for e in entries), "ran eagerly: see the log"
 
 
 def test_sanity_check_on_cuda() -> None:

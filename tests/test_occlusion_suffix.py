@@ -91,7 +91,11 @@ def test_suffix_built_folded_and_equal_to_naive(name: str) -> None:
     assert engine.suffix is not None
     if name != "vgg":  # the VGG has no BatchNorm
         assert engine.suffix.folded >= 1
-        assert not any(isinstance(m, nn.BatchNorm2d) for m in engine.suffix.module.modules())
+        module = engine.suffix.module
+        called = [
+            module.get_submodule(str(n.target)) for n in module.graph.nodes if n.op == "call_module"
+        ]
+        assert not any(isinstance(m, nn.BatchNorm2d) for m in called)
     exact = Occlusion(patch=9, stride=4, mode="exact", compile=False)(net, x)
     naive = Occlusion(patch=9, stride=4, mode="naive")(net, x)
     torch.testing.assert_close(exact.maps, naive.maps, atol=1e-6, rtol=1e-5)
@@ -136,6 +140,7 @@ class _Counting:
 def fresh_cache() -> None:
     comp._CACHE.clear()
     comp._EAGER_SECONDS.clear()
+    comp._BUILDS.clear()
 
 
 def test_compiled_suffix_runs_full_batches_only(
@@ -203,3 +208,14 @@ def test_naive_path_runs_a_fused_copy_unless_hooked() -> None:
         handle.remove()
     assert sum(seen) > x.shape[0]
     torch.testing.assert_close(plain.maps, hooked.maps, atol=1e-10, rtol=1e-8)
+
+
+def test_suffix_shares_the_models_tensors_and_leaves_them_as_they_are() -> None:
+    net = _with_stats(seeded(TinyVGG(), seed=2))
+    x = images(2, size=16, seed=4)
+    layouts = {k: (v.stride(), v.data_ptr()) for k, v in net.state_dict().items()}
+    engine = _engine(net, x)
+    assert engine.suffix is not None
+    fc = net.classifier[1].weight
+    assert any(p is fc for p in engine.suffix.module.parameters())  # the head is not copied
+    assert layouts == {k: (v.stride(), v.data_ptr()) for k, v in net.state_dict().items()}

@@ -3,10 +3,10 @@
 :class:`~convlens.methods.incremental.IncrementalEngine` recomputes only the changed boxes of the
 early feature maps; from the layer where a window's changes cover the whole map (or at global
 pooling, flatten, the linear head) on, every occluded copy runs in full. On EfficientNet-Lite0 at
-16 px windows with stride 8 that *suffix* (from the 14 x 14 stage on) is about three quarters of
-the time, so it is worth running it the way the metrics run whole networks
+16 px windows with stride 8 that *suffix* (from the 14 x 14 stage on) is about 60% of the
+time, so it is worth running it the way the metrics run whole networks
 (:func:`convlens.models.inference.inference_copy`): the suffix's nodes are copied into their own
-:class:`torch.fx.GraphModule` over a copy of their modules, with every eval-mode ``BatchNorm2d``
+:class:`torch.fx.GraphModule` that shares the model's modules, with every eval-mode ``BatchNorm2d``
 folded into the convolution before it (``W' = s W``, ``b' = s (b - mu) + beta``,
 ``s = gamma / sqrt(var + eps)``) and 4-D weights and inputs in ``channels_last``. Only the order
 of floating-point operations changes; the suffix is checked against the clean pass's own values
@@ -60,8 +60,9 @@ class Suffix:
 
     @property
     def compiled(self) -> bool:
-        """Whether :meth:`compile` was called (and compilation has not failed)."""
-        return self.fn is not self.module and getattr(self.fn, "compiled", None) is not False
+        """Whether :meth:`compile` was called (even if compilation then failed: the suffix then
+        runs eagerly and is not compiled again)."""
+        return self.fn is not self.module
 
     def compile(self, owner: nn.Module, batch_size: int, device: torch.device) -> None:
         """Run the suffix compiled by ``torch.compile`` for passes of ``batch_size`` pairs
@@ -184,9 +185,38 @@ def _fold_in_graph(gm: fx.GraphModule) -> int:
         folded += 1
     if folded:
         gm.graph.lint()
-        gm.delete_all_unused_submodules()
         gm.recompile()
     return folded
+
+
+def _channels_last(gm: fx.GraphModule, shared: set[int]) -> None:
+    """Give ``gm`` ``channels_last`` copies of the 4-D weights it uses: each called leaf
+    module with a 4-D parameter is replaced by a converted copy, each 4-D attribute by a
+    converted copy. Only attributes of containers that ``gm`` owns are replaced (ids in
+    ``shared`` are the model's modules, never changed)."""
+    cl = torch.channels_last
+
+    def own_parent(target: str) -> nn.Module | None:
+        prefix = target.rpartition(".")[0]
+        parent = gm.get_submodule(prefix) if prefix else gm
+        return None if id(parent) in shared else parent
+
+    for n in gm.graph.nodes:
+        target = str(n.target)
+        if n.op == "call_module":
+            m = gm.get_submodule(target)
+            four_d = any(p.dim() == 4 for p in m.parameters(recurse=False))
+            parent = own_parent(target)
+            if four_d and parent is not None and not list(m.children()):
+                setattr(parent, target.rpartition(".")[2], copy.deepcopy(m).to(memory_format=cl))
+        elif n.op == "get_attr":
+            t = _attr(gm, target)
+            parent = own_parent(target)
+            four_d = isinstance(t, torch.Tensor) and t.dim() == 4
+            if four_d and parent is not None and not t.is_contiguous(memory_format=cl):
+                name = target.rpartition(".")[2]
+                delattr(parent, name)
+                parent.register_buffer(name, t.detach().contiguous(memory_format=cl))
 
 
 def _hooked(m: nn.Module) -> bool:
@@ -237,12 +267,14 @@ def build_suffix(
             env[n] = graph.node_copy(n, arg)
     graph.output(env[result])
     try:
-        root = copy.deepcopy(gm)
-        suffix = fx.GraphModule(root, graph)
+        # The suffix shares the model's modules and tensors (no copy of, e.g., a large linear
+        # head); folding adds new tensors, and _channels_last copies the 4-D weights it
+        # converts, so nothing of the model is changed.
+        suffix = fx.GraphModule(gm, graph)
         if any(_hooked(m) for m in suffix.modules()):
             return None
         folded = _fold_in_graph(suffix)
-        suffix = suffix.to(memory_format=torch.channels_last)
+        _channels_last(suffix, {id(m) for m in gm.modules()})
         with torch.no_grad():
             got = suffix(*(_cl(clean[a]) for a in inputs))
     except Exception as exc:  # anything unexpected: the engine's own loop still works

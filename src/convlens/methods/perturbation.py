@@ -70,7 +70,8 @@ def _activation_bytes_per_sample(net: nn.Module, x: torch.Tensor) -> tuple[torch
 def _naive_forward(net: nn.Module, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
     """What full forward passes of occluded copies run: a fused copy of the network
     (:func:`~convlens.models.inference.inference_copy`: eval-mode BatchNorm folded into the
-    convolutions, ``channels_last``; equal to float rounding, checked on ``x``), or the network
+    convolutions, ``channels_last``; equal to float rounding, checked on the first two images
+    of ``x``), or the network
     itself when a module or a global hook must see the passes or the copy cannot be made."""
     from torch.nn.modules import module as nn_module
 
@@ -273,7 +274,7 @@ class Occlusion(Method):
             n_pos = py * px
             chunk = self.batch_size or max(1, int(self.memory_mb * 2**20 // per_sample))
             if engine is not None and self.compile is True:
-                engine.compile_suffix(ctx.net, chunk)
+                engine.compile_suffix(ctx.net, min(chunk, b * n_pos))
 
             def evaluate(pairs: torch.Tensor) -> torch.Tensor:
                 """Score drops (n, K) of (image * n_pos + position) pairs."""
@@ -330,7 +331,7 @@ class Occlusion(Method):
         if self.compile == "auto" and should_compile(
             ctx.net, ctx.x.device, seconds / max(done, 1) * left
         ):
-            engine.compile_suffix(ctx.net, chunk)
+            engine.compile_suffix(ctx.net, min(chunk, done + left))
 
     def _drill_down(
         self,

@@ -52,6 +52,8 @@ _CACHE: weakref.WeakKeyDictionary[
     nn.Module, dict[str, tuple[tuple[Any, ...], FixedBatchForward]]
 ] = weakref.WeakKeyDictionary()
 _PER_OWNER = 4  # compiled forms kept per network (metrics copy, occlusion suffixes, ...)
+_BUILDS: weakref.WeakKeyDictionary[nn.Module, dict[str, int]] = weakref.WeakKeyDictionary()
+_MAX_BUILDS = 3  # compilations per network and tag before it stays eager
 _EAGER_SECONDS: weakref.WeakKeyDictionary[nn.Module, float] = weakref.WeakKeyDictionary()
 
 
@@ -76,8 +78,11 @@ def should_compile(net: nn.Module, device: torch.device, expected_seconds: float
     """The ``compile="auto"`` rule: on a CPU with a C++ compiler, once the eager time spent on
     ``net`` plus the eager time this call is expected to take reaches
     :data:`AUTO_COMPILE_SECONDS`. GPUs are left to explicit ``compile=True``; the environment
-    variable ``CONVLENS_AUTO_COMPILE=0`` turns the rule off (``compile=True`` still works)."""
-    if device.type != "cpu" or os.environ.get("CONVLENS_AUTO_COMPILE", "1") == "0":
+    variable ``CONVLENS_AUTO_COMPILE=0`` (or ``false``, ``no``, ``off``) turns the rule off
+    (``compile=True`` still works)."""
+    setting = os.environ.get("CONVLENS_AUTO_COMPILE", "1").strip().lower()
+    off = setting in ("0", "false", "no", "off")
+    if device.type != "cpu" or off:
         return False
     if eager_seconds(net) + expected_seconds < AUTO_COMPILE_SECONDS:
         return False
@@ -85,12 +90,24 @@ def should_compile(net: nn.Module, device: torch.device, expected_seconds: float
 
 
 def _fingerprint(net: nn.Module) -> tuple[Any, ...]:
-    """Changes when a parameter or buffer of ``net`` is replaced or changed (in place too:
-    version counters and per-tensor sums; ``.data`` writes bypass the counters)."""
+    """Changes when ``net``'s structure or any parameter or buffer changes: every module's
+    identity, type and settings (``extra_repr``: stride, eps, inplace, ...), every tensor's
+    storage, version counter (``None`` for inference tensors, which have none) and shape, and
+    NaN-safe per-tensor sums (``.data`` writes bypass the version counters)."""
+    modules = tuple(
+        (name, id(m), type(m).__qualname__, m.extra_repr()) for name, m in net.named_modules()
+    )
     tensors = [*net.parameters(), *net.buffers()]
     with torch.no_grad():
-        sums = torch.stack([t.detach().double().sum() for t in tensors]).tolist() if tensors else []
-    return tuple((t.data_ptr(), t._version, tuple(t.shape)) for t in tensors), tuple(sums)
+        sums = (
+            torch.stack([torch.nan_to_num(t.detach().double()).sum() for t in tensors]).tolist()
+            if tensors
+            else []
+        )
+    state = tuple(
+        (t.data_ptr(), None if t.is_inference() else t._version, tuple(t.shape)) for t in tensors
+    )
+    return modules, state, tuple(sums)
 
 
 @contextlib.contextmanager
@@ -112,9 +129,11 @@ class FixedBatchForward:
 
     Smaller batches are padded with zeros (and the padding's outputs dropped), so that the last
     batch of a job does not trigger a second compilation; larger batches are the caller's to
-    split. The first call compiles, runs and compares the output with eager execution
-    (relative error at most ``1000 eps`` of float32, or ``1e-2`` with TF32 on CUDA); if
-    compilation fails or the outputs disagree, this and every later call run ``net`` eagerly.
+    split. The first call with each kind of input (shapes, dtypes, device; every call under
+    autocast) compiles, runs and compares the output with eager execution (relative error at
+    most ``1000 eps`` of float32; of bfloat16 for 16-bit outputs or under autocast; ``1e-2``
+    with TF32 on CUDA); if compilation fails or the outputs disagree, this and every later call
+    run ``net`` eagerly.
 
     Args:
         net: a network in eval mode with frozen parameters (e.g. an
@@ -135,6 +154,7 @@ class FixedBatchForward:
         self.pad = pad
         self.compiled: bool | None = None
         """``None`` before the first call, then whether the compiled code is used."""
+        self._checked: set[Any] = set()  # input signatures compared with eager execution
         options = {"freezing": True} if device.type == "cpu" else None
         with _quiet_torch():
             self._fn: Callable[[torch.Tensor], torch.Tensor] = torch.compile(
@@ -152,25 +172,45 @@ class FixedBatchForward:
         k = args[0].shape[0]
         if self.compiled is False or k > self.batch_size or (k < self.batch_size and not self.pad):
             return self.net(*args)
-        if self.compiled is None:
-            return self._first(args, k)
-        return self._fn(*self._pad(args, k))[:k]
+        padded = self._pad(args, k)
+        signature = tuple(
+            (tuple(a.shape), a.dtype, a.device) if isinstance(a, torch.Tensor) else a
+            for a in padded
+        )
+        if signature not in self._checked or torch.is_autocast_enabled(args[0].device.type):
+            return self._checked_call(args, padded, k, signature)
+        try:
+            return self._fn(*padded)[:k]
+        except Exception as exc:  # a recompilation that failed
+            self._give_up(exc)
+            return self.net(*args)
 
-    def _first(self, args: tuple[Any, ...], k: int) -> torch.Tensor:
+    def _give_up(self, exc: Exception) -> None:
+        log.warning(
+            "torch.compile failed (%s: %s); running the network eagerly",
+            type(exc).__name__,
+            str(exc).splitlines()[0] if str(exc) else "",
+        )
+        self.compiled = False
+
+    def _checked_call(
+        self, args: tuple[Any, ...], padded: tuple[Any, ...], k: int, signature: Any
+    ) -> torch.Tensor:
+        """Compiled and eager output on a new kind of input (shapes, dtypes, device; under
+        autocast always): the compiled one if they agree, else eager from now on."""
         ref = self.net(*args)
         try:
             with _quiet_torch():
-                got = self._fn(*self._pad(args, k))[:k]
+                got = self._fn(*padded)[:k]
         except Exception as exc:  # no C++ compiler, an unsupported operation, ...
-            log.warning(
-                "torch.compile failed (%s: %s); running the network eagerly",
-                type(exc).__name__,
-                str(exc).splitlines()[0] if str(exc) else "",
-            )
-            self.compiled = False
+            self._give_up(exc)
             return ref
         tol = 1000 * torch.finfo(torch.float32).eps
-        if ref.is_cuda and torch.backends.cudnn.allow_tf32:
+        if ref.dtype in (torch.float16, torch.bfloat16) or torch.is_autocast_enabled(
+            ref.device.type
+        ):
+            tol = 1000 * torch.finfo(torch.bfloat16).eps
+        elif ref.is_cuda and torch.backends.cudnn.allow_tf32:
             tol = 1e-2
         err = _relative_error(got, ref)
         if not err <= tol:
@@ -182,8 +222,10 @@ class FixedBatchForward:
             )
             self.compiled = False
             return ref
-        log.info("network compiled (batch %d, relative error %.2g)", self.batch_size, err)
+        if self.compiled is None:
+            log.info("network compiled (batch %d, relative error %.2g)", self.batch_size, err)
         self.compiled = True
+        self._checked.add(signature)
         return got
 
 
@@ -218,6 +260,14 @@ def compiled_forward(
     if hit is not None and hit[0] == key:  # also a failed one: it runs eagerly, no retry
         return hit[1]
     fwd = FixedBatchForward(make_copy(), batch_size, device, pad=pad)
+    builds = _BUILDS.setdefault(owner, {})
+    builds[tag] = builds.get(tag, 0) + 1
+    if builds[tag] > _MAX_BUILDS:
+        # the model changes between every call (a buffer its forward updates, a training
+        # loop): compiling again each time would cost more than it saves
+        if builds[tag] == _MAX_BUILDS + 1:
+            log.info("the model keeps changing between calls; not compiling it again")
+        fwd.compiled = False
     entries.pop(tag, None)
     while len(entries) >= _PER_OWNER:
         entries.pop(next(iter(entries)))
