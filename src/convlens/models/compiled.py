@@ -5,17 +5,21 @@ copies of every image for every map: 38,600 forward passes for 200 images, 5 met
 steps. Eager PyTorch runs each layer of the network as its own kernel (convolution, then the
 activation, then the padding of the next layer, each a pass over memory); ``torch.compile``
 (TorchInductor) with *freezing* fuses the element-wise work into the convolutions and packs the
-weights once. On the 2-core CPU of the development machine this makes EfficientNet-Lite0 1.25x
-faster per image (135 vs 108 images/s at batch 16-64, ``benchmarks/RESULTS_METRICS.md``) and
-costs 7-30 s of compilation, so it only pays for long jobs.
+weights once. On the 2-core CPU of the development machine this makes EfficientNet-Lite0 1.35x
+faster per image than the fused eager copy (138 vs 102 images/s at batch 64, 2 threads,
+``benchmarks/RESULTS_METRICS.md``) and costs 7-30 s of compilation, so it only pays for long
+jobs.
 
 :class:`FixedBatchForward` compiles for one batch size and pads smaller batches (a new batch
-size would otherwise trigger a new compilation), checks its first output against eager
-execution, and falls back to eager execution (with a log message) whenever compilation fails
-(no C++ compiler, an operation Inductor cannot handle) or disagrees.
-:func:`compiled_forward` keeps one compiled forward per network, so that a loop of metric calls
-(``convlens evaluate`` scores a few images at a time) compiles once; the cache entry is rebuilt
-when the network's parameters or buffers change.
+size would otherwise trigger a new compilation), checks the output for every new kind of input
+against eager execution, and falls back to eager execution (with a log message) whenever
+compilation fails (no C++ compiler, an operation Inductor cannot handle) or disagrees.
+:func:`compiled_forward` keeps a few compiled forwards per network (the metrics' copy, occlusion
+suffixes), so that a loop of metric calls (``convlens evaluate`` scores a few images at a time)
+compiles once; an entry is rebuilt when the network's structure, settings, parameters or
+buffers change, and a network that changes between every call stops being compiled after three
+builds. The time rule of ``compile="auto"`` (:func:`should_compile`) counts a network's eager
+time over the whole process.
 """
 
 from __future__ import annotations
