@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime as dt
+import functools
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -318,16 +319,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         chunk=1,
     )
     compile_arg = {"auto": "auto", "on": True, "off": False}[args.compile]
-    curves, curve_s = run_curves(
-        model,
-        x,
-        maps,
-        targets,
-        steps=args.steps,
-        batch_size=batch_size,
-        chunk=chunk,
-        compile=compile_arg,
+    all_curves = functools.partial(
+        run_curves, model, x, maps, targets, steps=args.steps, batch_size=batch_size, chunk=chunk
     )
+    curves, curve_s = all_curves(compile=compile_arg)
     m_count = len(args.methods)
     forwards = n * (3 + 2 * (args.steps - 1) * m_count)
     print(
@@ -337,21 +332,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     compile_rows: list[str] = []
     if args.compare_compile:
-        eager, eager_s = run_curves(
-            model,
-            x,
-            maps,
-            targets,
-            steps=args.steps,
-            batch_size=batch_size,
-            chunk=chunk,
-            compile=False,
-        )
+        eager, eager_s = all_curves(compile=False)
         print(f"curves, eager (compile=False): {eager_s:.1f} s", flush=True)
-        diff = max(float((curves[m].deletion - eager[m].deletion).abs().max()) for m in maps)
         diff = max(
-            diff,
-            *(float((curves[m].insertion - eager[m].insertion).abs().max()) for m in maps),
+            float((getattr(curves[m], k) - getattr(eager[m], k)).abs().max())
+            for m in maps
+            for k in ("deletion", "insertion")
         )
         compile_rows = [
             f"Same curves with `compile=False` (eager): {eager_s:.1f} s; `compile={args.compile}`"
@@ -361,16 +347,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     bf16_rows: list[str] = []
     if args.compare_bf16:
-        bf, bf_s = run_curves(
-            model,
-            x,
-            maps,
-            targets,
-            steps=args.steps,
-            batch_size=batch_size,
-            chunk=chunk,
-            autocast=torch.bfloat16,
-        )
+        bf, bf_s = all_curves(autocast=torch.bfloat16)
         print(f"curves under bf16 autocast: {bf_s:.1f} s", flush=True)
         bf16_rows = [
             f"Same curves under bf16 autocast: {bf_s:.1f} s ({curve_s / bf_s:.2f}x faster).",
