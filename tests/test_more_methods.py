@@ -409,9 +409,13 @@ def test_integrated_gradients_points_per_pass() -> None:
     assert IntegratedGradients(steps=32, batch_size=10).points_per_pass(cpu) == 8
     assert IntegratedGradients(steps=32, batch_size=2).points_per_pass(cpu) == 4  # >= 1 each
     assert IntegratedGradients(steps=4, batch_size=64).points_per_pass(cpu) == 16  # <= all
-    # Off the CPU: as many as the memory cap allows (224 px: 32 x 588 kB per image estimated).
-    assert IntegratedGradients(steps=32).points_per_pass(gpu_like) == 128
-    assert IntegratedGradients(steps=32, memory_mb=200).points_per_pass(gpu_like) == 8
+    # Off the CPU: as many as the memory cap allows (224 px, 588 kB per image: 128 x that per
+    # path point estimated for the plain graph, the default, 32 x for the lean one).
+    assert IntegratedGradients(steps=32).points_per_pass(gpu_like) == 52
+    assert IntegratedGradients(steps=32, graph="lean").points_per_pass(gpu_like) == 128
+    assert IntegratedGradients(steps=32, graph="lean", memory_mb=200).points_per_pass(gpu_like) == 8
+    with pytest.raises(ValueError, match="graph"):
+        IntegratedGradients(graph="auto")
     with pytest.raises(ValueError):
         IntegratedGradients(batch_size=0)
 

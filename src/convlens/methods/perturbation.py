@@ -18,7 +18,7 @@ from convlens.methods.base import Context, Method, RawResult
 from convlens.methods.incremental import IncrementalEngine, NotIncrementalError
 from convlens.methods.registry import register
 from convlens.models.compiled import record_eager_seconds, should_compile
-from convlens.models.inference import inference_copy
+from convlens.models.inference import has_forward_hooks, inference_copy
 
 __all__ = ["Occlusion", "blur", "window_starts"]
 
@@ -73,10 +73,7 @@ def _naive_forward(net: nn.Module, x: torch.Tensor) -> Callable[[torch.Tensor], 
     convolutions, ``channels_last``; equal to float rounding, checked on the first two images
     of ``x``), or the network
     itself when a module or a global hook must see the passes or the copy cannot be made."""
-    from torch.nn.modules import module as nn_module
-
-    hooked = any(m._forward_hooks or m._forward_pre_hooks for m in net.modules())
-    if hooked or nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
+    if has_forward_hooks(net):
         return net
     try:
         fast = inference_copy(net, x.clone())

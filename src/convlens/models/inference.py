@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import weakref
 from typing import Any
 
 import torch
@@ -27,7 +28,13 @@ from torch import nn
 from convlens.hooks import hooks, model_state
 from convlens.models.base import ConvlensModel, unwrap
 
-__all__ = ["batchnorm_affine", "fold_batchnorm", "inference_copy"]
+__all__ = [
+    "batchnorm_affine",
+    "cached_inference_copy",
+    "fold_batchnorm",
+    "has_forward_hooks",
+    "inference_copy",
+]
 
 log = logging.getLogger(__name__)
 
@@ -205,4 +212,60 @@ def inference_copy(
         log.info("inference copy differs from the model (%.2g > %.2g); not folding", err, tol)
         return copy.deepcopy(net).eval().requires_grad_(False)
     log.debug("inference copy: %d BatchNorm layers folded, relative error %.2g", folded, err)
+    return fast
+
+
+_COPIES: weakref.WeakKeyDictionary[nn.Module, dict[Any, tuple[Any, nn.Module | None]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def has_forward_hooks(net: nn.Module) -> bool:
+    """Whether a forward (pre-)hook on one of ``net``'s modules, or a global one, would see the
+    passes: then a copy of the network must not stand in for it."""
+    from torch.nn.modules import module as nn_module
+
+    hooked = any(m._forward_hooks or m._forward_pre_hooks for m in net.modules())
+    return bool(hooked or nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks)
+
+
+def cached_inference_copy(
+    net: nn.Module, example: torch.Tensor, *, channels_last: bool = True
+) -> nn.Module | None:
+    """:func:`inference_copy` of ``net``, kept between calls while ``net`` is unchanged.
+
+    Methods that run many passes per call (integrated gradients) use the copy instead of the
+    network; making it (a deep copy, the fold and its check) costs a few passes, so it is
+    made once per network, device, dtype and layout and rebuilt when the network's structure,
+    settings, parameters or buffers change (the fingerprint of
+    :mod:`convlens.models.compiled`). The copy goes away with the network.
+
+    Args:
+        net: the network (in eval mode, as inside a method call).
+        example: a (B, 3, H, W) input on the network's device, for the fold's check.
+        channels_last: convert the copy's 4-D weights to ``torch.channels_last``.
+
+    Returns:
+        The copy, or ``None`` when the network itself must run: a forward hook would miss the
+        copy's passes (:func:`has_forward_hooks`), a torch function mode is active (e.g. an
+        outer :func:`convlens.hooks.backprop_rule` block, whose rule is meant for the
+        network's own layers), or the network cannot be copied (e.g. TorchScript).
+    """
+    from convlens.models.compiled import _fingerprint
+
+    if has_forward_hooks(net) or torch.overrides._get_current_function_mode_stack():
+        return None
+    slot = (example.device, example.dtype, channels_last)
+    key = _fingerprint(net)
+    entries = _COPIES.setdefault(net, {})
+    hit = entries.get(slot)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    fast: nn.Module | None
+    try:
+        fast = inference_copy(net, example[:2].detach().clone(), channels_last=channels_last)
+    except Exception as exc:  # an uncopyable or scripted model: run it as it is
+        log.info("no inference copy of the model (%s: %s)", type(exc).__name__, exc)
+        fast = None
+    entries[slot] = (_fingerprint(net), fast)
     return fast

@@ -1,0 +1,124 @@
+"""The BatchNorm-folded copy that input-gradient methods run through, and its cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import images, seeded
+from convlens.hooks import backprop_rule, input_gradient_mode
+from convlens.methods import IntegratedGradients, Saliency
+from convlens.models.inference import cached_inference_copy, has_forward_hooks
+
+
+def _net() -> nn.Module:
+    return seeded(
+        nn.Sequential(
+            nn.Conv2d(3, 6, 3, padding=1, bias=False),
+            nn.BatchNorm2d(6),
+            nn.ReLU6(),
+            nn.Conv2d(6, 6, 3, stride=2, groups=6),
+            nn.BatchNorm2d(6),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(6, 4),
+        ),
+        seed=3,
+    )
+
+
+def _batchnorms(net: nn.Module) -> int:
+    return sum(isinstance(m, nn.BatchNorm2d) for m in net.modules())
+
+
+def test_the_copy_is_folded_kept_and_rebuilt_when_the_network_changes() -> None:
+    net = _net()
+    x = images(2, size=9)
+    fast = cached_inference_copy(net, x)
+    assert fast is not None and fast is not net
+    assert _batchnorms(net) == 2 and _batchnorms(fast) == 0  # folded into the convolutions
+    assert not any(p.requires_grad for p in fast.parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), net(x))
+    assert cached_inference_copy(net, x) is fast  # unchanged network: the same copy
+    with torch.no_grad():
+        net[1].running_mean.add_(0.5)  # a buffer changes
+    again = cached_inference_copy(net, x)
+    assert again is not None and again is not fast
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), net(x))
+        net[0].weight.data[0, 0, 0, 0] += 1.0  # a .data write: no version bump
+    third = cached_inference_copy(net, x)
+    assert third is not again
+    # another layout or dtype is another copy
+    assert cached_inference_copy(net, x, channels_last=False) is not third
+    assert cached_inference_copy(net, x) is third
+
+
+@pytest.mark.filterwarnings(r"ignore:.*torch\.jit.*:DeprecationWarning")
+def test_no_copy_when_hooks_or_modes_must_see_the_network() -> None:
+    net = _net()
+    x = images(1, size=9)
+    handle = net[2].register_forward_hook(lambda *_: None)
+    try:
+        assert has_forward_hooks(net)
+        assert cached_inference_copy(net, x) is None
+    finally:
+        handle.remove()
+    assert not has_forward_hooks(net)
+    with backprop_rule("guided"):
+        assert cached_inference_copy(net, x) is None
+    with input_gradient_mode():
+        assert cached_inference_copy(net, x) is None
+    assert cached_inference_copy(net, x) is not None
+    scripted = torch.jit.script(_net())
+    assert cached_inference_copy(scripted, x) is None  # cannot be deep-copied
+
+
+@pytest.mark.parametrize("graph", ["plain", "lean"])
+@pytest.mark.parametrize("channels_last", [None, True, False])
+def test_integrated_gradients_through_the_copy_equals_the_network(
+    graph: str, channels_last: bool | None
+) -> None:
+    net = _net()
+    x = images(3, size=9, seed=1)
+    ref = IntegratedGradients(steps=6, fuse=False, graph="lean", batch_size=6)(net, x, top_k=2)
+    assert ref.meta["fused"] is False and ref.meta["graph"] == "lean"
+    got = IntegratedGradients(steps=6, graph=graph, channels_last=channels_last, batch_size=6)(
+        net, x, top_k=2
+    )
+    assert got.meta["fused"] is True and got.meta["graph"] == graph
+    assert torch.equal(got.targets, ref.targets)
+    assert got.attributions is not None and ref.attributions is not None
+    torch.testing.assert_close(got.attributions, ref.attributions)
+    torch.testing.assert_close(got.meta["delta"], ref.meta["delta"])
+
+
+def test_integrated_gradients_runs_the_network_when_a_hook_watches() -> None:
+    net = _net()
+    x = images(2, size=9)
+    seen: list[int] = []
+    handle = net[2].register_forward_hook(lambda _m, _i, out: seen.append(out.shape[0]))
+    try:
+        exp = IntegratedGradients(steps=4, batch_size=8)(net, x)
+    finally:
+        handle.remove()
+    assert exp.meta["fused"] is False
+    assert 8 in seen  # the path points went through the hooked module
+
+
+def test_saliency_through_the_copy_equals_autograd_on_the_network() -> None:
+    net = _net()
+    x = images(3, size=9, seed=2)
+    exp = Saliency()(net, x, top_k=2)
+    assert exp.attributions is not None
+    xi = x.clone().requires_grad_(True)
+    logits = net(xi)
+    torch.testing.assert_close(exp.scores, logits.gather(1, exp.targets).detach().float())
+    for j in range(2):
+        (g,) = torch.autograd.grad(
+            logits.gather(1, exp.targets[:, j : j + 1]).sum(), xi, retain_graph=True
+        )
+        torch.testing.assert_close(exp.attributions[:, j], g.float())
