@@ -60,7 +60,7 @@ import torch
 from torch import nn
 
 import convlens
-from convlens.hooks import layer_capture
+from convlens.hooks import full_float32, layer_capture
 from convlens.methods import AblationCAM, IntegratedGradients, ScoreCAM
 from convlens.models.base import ConvlensModel
 
@@ -223,6 +223,9 @@ class Side:
     note: str = ""
     timed: bool = True  # False: run once (the warm-up call) for agreement only
     group: int | None = None  # sides with the same group run with the same settings
+    # peers: run under convlens.hooks.full_float32 (as convlens' methods do) unless
+    # --peer-precision default; False: never (a side that shows the peer's default precision)
+    full_float32: bool = True
 
 
 @dataclass
@@ -390,9 +393,45 @@ def pair_intgrad(s: Setup, args: argparse.Namespace) -> Pair:
     def captum_map(out: torch.Tensor) -> np.ndarray:
         return out.sum(dim=1).cpu().numpy()
 
-    def mine(batch_size: int) -> Callable[[], convlens.Explanation]:
-        method = IntegratedGradients(steps=steps, rule="gausslegendre", batch_size=batch_size)
+    def mine(batch_size: int, **kw: Any) -> Callable[[], convlens.Explanation]:
+        method = IntegratedGradients(steps=steps, rule="gausslegendre", batch_size=batch_size, **kw)
         return lambda: method(s.model, x)
+
+    def variants(group: int) -> list[Side]:
+        """Other graph settings at the same points per pass (after the headline sides)."""
+        if not args.ig_variants:
+            return []
+        out = [
+            Side(
+                f"convlens IntegratedGradients ({steps} steps, batch_size {group}, {label})",
+                mine(group, **kw),
+                _conv_maps,
+                True,
+                group=group,
+            )
+            for label, kw in (
+                ("graph='lean'", {"graph": "lean"}),
+                ("channels_last=True", {"channels_last": True}),
+                ("channels_last=False", {"channels_last": False}),
+                (
+                    "fuse=False, graph='lean': before the folded copy",
+                    {"fuse": False, "graph": "lean"},
+                ),
+            )
+        ]
+        if x.device.type == "cuda":
+            out.append(
+                Side(
+                    f"captum IntegratedGradients ({steps} steps, internal_batch_size "
+                    f"{group if group < every else None}), TF32 convolutions (torch's default)",
+                    captum(group if group < every else None),
+                    captum_map,
+                    False,
+                    group=group,
+                    full_float32=False,
+                )
+            )
+        return out
 
     default = IntegratedGradients(steps=steps).points_per_pass(x)
     sides = [
@@ -410,6 +449,7 @@ def pair_intgrad(s: Setup, args: argparse.Namespace) -> Pair:
             False,
             group=ib,
         ),
+        *variants(ib),
     ]
     if ib < every:
         sides += [
@@ -428,9 +468,14 @@ def pair_intgrad(s: Setup, args: argparse.Namespace) -> Pair:
                 False,
                 group=every,
             ),
+            *variants(every),
         ]
+    headline: dict[int | None, Side] = {}
     for side in sides:
-        if side.convlens and side.group == default:
+        if side.convlens:
+            headline.setdefault(side.group, side)  # the first convlens side of each group
+    for side in sides:
+        if side.convlens and side.group == default and headline.get(side.group) is side:
             side.note = f"convlens' default on {x.device.type} ({default} points per pass)"
         elif not side.convlens and "None" in side.label:
             side.note = "Captum's default"
@@ -569,14 +614,33 @@ def pair_occlusion(s: Setup, args: argparse.Namespace) -> Pair:
 
 def build_pair(s: Setup, name: str, args: argparse.Namespace) -> Pair:
     if name in ("gradcam", "gradcam++", "scorecam", "ablationcam"):
-        return pair_cam(s, name, args)
-    if name == "intgrad":
-        return pair_intgrad(s, args)
-    if name == "smoothgrad":
-        return pair_smoothgrad(s, args)
-    if name == "occlusion":
-        return pair_occlusion(s, args)
-    raise ValueError(name)
+        pair = pair_cam(s, name, args)
+    elif name == "intgrad":
+        pair = pair_intgrad(s, args)
+    elif name == "smoothgrad":
+        pair = pair_smoothgrad(s, args)
+    elif name == "occlusion":
+        pair = pair_occlusion(s, args)
+    else:
+        raise ValueError(name)
+    if s.x.device.type == "cuda":
+        for side in pair.sides:
+            if not side.convlens and side.full_float32 and args.peer_precision == "same":
+                side.run = _in_full_float32(side.run)
+                side.note = "; ".join(filter(None, [side.note, "full float32 (as convlens)"]))
+    return pair
+
+
+def _in_full_float32(run: Callable[[], Any]) -> Callable[[], Any]:
+    """``run`` inside :func:`convlens.hooks.full_float32`: cuDNN convolves float32 in TF32 by
+    default, convlens' methods never do; the same precision on both sides compares equal
+    work (and equal maps)."""
+
+    def wrapped() -> Any:
+        with full_float32():
+            return run()
+
+    return wrapped
 
 
 # --------------------------------------------------------------------------------------------
@@ -990,6 +1054,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=32,
         help="path points x images per pass, both libraries",
     )
+    p.add_argument(
+        "--ig-variants",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="extra convlens IG sides per batch (graph='lean', channels_last both ways, the "
+        "unfused network) and, on cuda, Captum with TF32 convolutions",
+    )
+    p.add_argument(
+        "--peer-precision",
+        choices=("same", "default"),
+        default="same",
+        help="on cuda: run the peers' float32 convolutions in full float32 like convlens "
+        "(same), or in torch's default (TF32 on Ampere and later)",
+    )
     p.add_argument("--sg-samples", type=int, default=25)
     p.add_argument("--sg-batch", type=int, default=8, help="noisy copies per image per pass")
     p.add_argument("--sg-noise", type=float, default=0.15, help="sigma / (max - min)")
@@ -1042,6 +1120,9 @@ def shared_argv(args: argparse.Namespace) -> list[str]:
         str(args.ig_steps),
         "--ig-internal-batch",
         str(args.ig_internal_batch),
+        "--ig-variants" if args.ig_variants else "--no-ig-variants",
+        "--peer-precision",
+        args.peer_precision,
         "--sg-samples",
         str(args.sg_samples),
         "--sg-batch",
@@ -1122,6 +1203,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if failed:
         meta["failed pairs"] = ", ".join(failed) + " (see the run's stderr)"
     if cuda:
+        meta["precision"] = (
+            "convlens' methods convolve float32 in full float32 (never TF32); peers "
+            + (
+                "too (run inside convlens.hooks.full_float32), unless a side says TF32"
+                if args.peer_precision == "same"
+                else "in torch's default (TF32 convolutions on Ampere and later)"
+            )
+        )
         meta["peak memory"] = (
             "torch.cuda.max_memory_allocated over one extra call per side after the timed "
             "calls (reset before it; model and images included, the caching allocator's "

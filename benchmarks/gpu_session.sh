@@ -10,8 +10,11 @@
 #   cp -r ../shared/data/imagenet-sample-dev .gpu-data/     # the dev images, if present
 # (.whl/ and .gpu-data/ are git-ignored; carry both.) Then on the GPU machine:
 #   bash benchmarks/gpu_session.sh tests methods peers ...
-# Stages: tests methods peers features occlusion occlusion-compiled metrics metrics-compiled
-# metrics-table analyze analyze-quick (the *-compiled ones measure torch.compile on the device).
+# Stages: tests methods peers intgrad features occlusion occlusion-compiled occlusion-lite0 metrics
+# metrics-compiled metrics-table analyze analyze-quick (the *-compiled ones measure torch.compile
+# on the device; intgrad: the IG and SmoothGrad pairs with every IG setting, into
+# benchmarks/out/peers_ig.md). A stage written NAME:SECONDS is stopped after SECONDS, so that a
+# slow stage cannot eat the later ones' share of a short lease.
 # Results go to $OUT (or benchmarks/out/gpu) and the RESULTS*.md files in benchmarks/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -33,12 +36,17 @@ CONVLENS_SHARED_DATA=$(dirname "$DATA")
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$LOGS/gpu.txt"
 python3 -c "import torch, convlens; print('torch', torch.__version__, 'convlens', convlens.__file__)"
 
+LIMIT=0  # seconds for the current stage (0: none)
 run() {  # name, then the command; logs to $OUT/<name>.log, never stops the session
     local name=$1
     shift
     local t0=$SECONDS
     echo "=== $name: $*"
-    "$@" >"$LOGS/$name.log" 2>&1
+    if [ "$LIMIT" -gt 0 ]; then
+        timeout -k 10 "$LIMIT" "$@" >"$LOGS/$name.log" 2>&1
+    else
+        "$@" >"$LOGS/$name.log" 2>&1
+    fi
     local rc=$?
     echo "=== $name: rc=$rc in $((SECONDS - t0)) s"
     tail -n 25 "$LOGS/$name.log"
@@ -51,13 +59,20 @@ pack() {  # at most a few files come back from a lent machine: one archive, rene
     tar -czf "$OUT/gpu-session.tar.gz.part" -C "$LOGS" . && mv "$OUT/gpu-session.tar.gz.part" "$OUT/gpu-session.tar.gz"
 }
 
-for stage in "$@"; do
+for spec in "$@"; do
+    stage=${spec%%:*}
+    LIMIT=0
+    [ "$stage" != "$spec" ] && LIMIT=${spec#*:}
     case $stage in
     tests) run tests python3 -m pytest tests/test_gpu.py -q -p no:cacheprovider ;;
     methods) run methods python3 benchmarks/bench_methods.py --device cuda --data "$DATA" ;;
     peers) run peers python3 benchmarks/bench_peers.py --device cuda --data "$DATA" --quick ;;
+    intgrad) run intgrad python3 benchmarks/bench_peers.py --device cuda --data "$DATA" \
+        --pairs intgrad smoothgrad --ig-variants --out benchmarks/out/peers_ig.md ;;
     features) run features python3 benchmarks/bench_features.py --device cuda --data "$DATA" ;;
     occlusion) run occlusion python3 benchmarks/bench_occlusion.py --device cuda --data "$DATA" ;;
+    occlusion-lite0) run occlusion python3 benchmarks/bench_occlusion.py --device cuda --data "$DATA" \
+        --compile on --warmup --models lite0 --images 4 ;;
     metrics) run metrics python3 benchmarks/bench_metrics.py --device cuda --data "$DATA" \
         --compare-bf16 --compare-steps 10 20 50 100 --compare-images 50 ;;
     occlusion-compiled) run occlusion python3 benchmarks/bench_occlusion.py --device cuda --data "$DATA" \

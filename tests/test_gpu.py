@@ -69,6 +69,28 @@ def test_method_on_cuda_equals_cpu(name: str, arch: type[torch.nn.Module]) -> No
     assert _relative_error(cpu.maps, gpu.maps) < 1e-4
 
 
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"fuse": False, "graph": "lean"},
+        {"graph": "lean"},
+        {"channels_last": True},
+        {"graph": "lean", "channels_last": True},
+    ],
+)
+def test_integrated_gradients_settings_on_cuda_equal_cpu(kw: dict[str, object]) -> None:
+    """Every graph, layout and fold setting of IG (the default runs in the test above)."""
+    from convlens.methods import IntegratedGradients
+
+    net = seeded(GapNet())
+    x = images(b=3, size=16)
+    ref = IntegratedGradients(steps=6)(net, x, top_k=2)
+    got = IntegratedGradients(steps=6, **kw)(_cuda_copy(net), x.to(DEVICE), top_k=2)  # type: ignore[arg-type]
+    assert got.meta["fused"] is kw.get("fuse", True)
+    assert torch.equal(got.targets.cpu(), ref.targets)
+    assert _relative_error(ref.maps, got.maps) < 1e-4
+
+
 def test_metrics_on_cuda_equal_cpu() -> None:
     from convlens.metrics.faithfulness import average_drop, deletion_insertion
 
