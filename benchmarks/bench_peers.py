@@ -78,6 +78,8 @@ META_KEYS = (
     "perturbations_per_batch",
     "closed_form",
     "suffix_passes",
+    "graph",
+    "fused",
 )
 
 # --------------------------------------------------------------------------------------------

@@ -190,7 +190,12 @@ def test_default_model_gradcam_on_cuda_equals_cpu() -> None:
             method = get_method(name)
             a, b = method(cpu_model, x), method(gpu_model, x.to(DEVICE))
             assert torch.equal(a.targets.cpu(), b.targets.cpu())
-            assert _relative_error(a.maps, b.maps) < 1e-2, name
+            # float32 rounding alone moves single pixels of a gradient map by a few percent
+            # (a ReLU6 gate flips): on the CPU, float32 against float64 saliency differs by
+            # up to 3.7% of the maximum, 6e-4 on average; TF32 moved it by 28%.
+            ref, got = a.maps.double(), b.maps.cpu().double()
+            mean = float((ref - got).abs().mean() / ref.abs().mean())
+            assert mean < 2e-3 and _relative_error(a.maps, b.maps) < 5e-2, (name, mean)
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
 

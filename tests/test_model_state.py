@@ -230,3 +230,24 @@ def test_full_float32_with_the_global_precision_setting_and_overlapping_calls() 
         b.fp32_precision = saved[0]
         b.cudnn.conv.fp32_precision, b.cudnn.rnn.fp32_precision = saved[1][:2]
         b.cuda.matmul.fp32_precision = saved[1][2]
+
+
+def test_tf32_convolutions_reads_the_setting_without_raising() -> None:
+    """The tolerance checks ask whether convolutions may run in TF32; reading the legacy flag
+    raises once the new per-operator API is in use (as inside full_float32) - this must not."""
+    from convlens.hooks import full_float32, tf32_convolutions
+
+    b = torch.backends
+    saved = b.fp32_precision, _precision()
+    try:
+        assert tf32_convolutions() is True  # PyTorch's default for cuDNN convolutions
+        with full_float32():
+            assert tf32_convolutions() is False
+        b.fp32_precision = "tf32"
+        assert tf32_convolutions() is True
+        b.cudnn.conv.fp32_precision = "ieee"
+        assert tf32_convolutions() is False
+    finally:
+        b.fp32_precision = saved[0]
+        b.cudnn.conv.fp32_precision, b.cudnn.rnn.fp32_precision = saved[1][:2]
+        b.cuda.matmul.fp32_precision = saved[1][2]

@@ -154,6 +154,23 @@ def _precision_settings() -> list[tuple[Any, str]]:
     ]
 
 
+def tf32_convolutions() -> bool:
+    """Whether cuDNN may run float32 convolutions in TF32 now (outside :func:`full_float32`:
+    PyTorch's default on Ampere and later GPUs). Reads the per-operator ``fp32_precision``
+    (PyTorch >= 2.9; ``"none"`` defers to the parent setting), since reading the legacy
+    ``allow_tf32`` flag raises once the new API is in use; ``True`` when undecidable (the
+    caller then allows for TF32 rounding)."""
+    b = torch.backends
+    for owner in (getattr(b.cudnn, "conv", None), b.cudnn, b):
+        value = getattr(owner, "fp32_precision", None)
+        if value in ("ieee", "tf32"):
+            return value == "tf32"
+    try:
+        return bool(torch.backends.cudnn.allow_tf32)
+    except RuntimeError:  # mixed legacy and new settings
+        return True
+
+
 def _enter_full_float32() -> tuple[Any, ...]:
     settings = _precision_settings()
     if settings:  # the current API; reading the legacy flags can raise once it is in use

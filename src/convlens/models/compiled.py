@@ -36,6 +36,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from convlens.hooks import tf32_convolutions
+
 __all__ = [
     "AUTO_COMPILE_SECONDS",
     "FixedBatchForward",
@@ -228,7 +230,7 @@ class FixedBatchForward:
             ref.device.type
         ):
             tol = 1000 * torch.finfo(torch.bfloat16).eps
-        elif ref.is_cuda and torch.backends.cudnn.allow_tf32:
+        elif ref.is_cuda and tf32_convolutions():
             tol = 1e-2
         err = _relative_error(got, ref)
         if not err <= tol:

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from convlens.hooks import hooks, model_state
+from convlens.hooks import hooks, model_state, tf32_convolutions
 from convlens.models.base import ConvlensModel, unwrap
 
 __all__ = [
@@ -205,7 +205,7 @@ def inference_copy(
         with model_state(net, eval_mode=True, grads=False), torch.no_grad():
             ref = net(probe).float()
     tol = 1000 * torch.finfo(dtype).eps
-    if probe.is_cuda and dtype == torch.float32 and torch.backends.cudnn.allow_tf32:
+    if probe.is_cuda and dtype == torch.float32 and tf32_convolutions():
         tol = 1e-2  # TF32 convolutions (10-bit mantissa) round both models at about 1e-3
     err = _max_relative_error(ref.float(), got.float())
     if err > tol:
