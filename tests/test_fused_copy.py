@@ -122,3 +122,20 @@ def test_saliency_through_the_copy_equals_autograd_on_the_network() -> None:
             logits.gather(1, exp.targets[:, j : j + 1]).sum(), xi, retain_graph=True
         )
         torch.testing.assert_close(exp.attributions[:, j], g.float())
+
+
+@pytest.mark.parametrize("baseline", ["zero", "blur"])
+def test_integrated_gradients_with_the_endpoints_in_the_first_pass(baseline: str) -> None:
+    """Off the CPU the images and the baseline ride along in the first path pass; the result
+    is that of separate no-grad passes."""
+    net = _net()
+    x = images(3, size=9, seed=4)
+    ref = IntegratedGradients(steps=5, baseline=baseline, blur_sigma=1.0, batch_size=6)
+    got = IntegratedGradients(steps=5, baseline=baseline, blur_sigma=1.0, batch_size=6)
+    got.merge_endpoints = True
+    a, b = ref(net, x, top_k=2), got(net, x, top_k=2)
+    assert torch.equal(a.targets, b.targets)
+    assert a.attributions is not None and b.attributions is not None
+    torch.testing.assert_close(b.attributions, a.attributions)
+    torch.testing.assert_close(b.meta["delta"], a.meta["delta"])
+    torch.testing.assert_close(b.scores, a.scores)

@@ -199,6 +199,9 @@ class IntegratedGradients(Method):
 
     title = "Integrated gradients"
     paper = "Sundararajan et al. 2017"
+    #: Evaluate the endpoints (images and baseline) in the first path pass instead of a
+    #: no-grad pass of their own; ``None``: off the CPU only.
+    merge_endpoints: bool | None = None
 
     def __init__(
         self,
@@ -256,14 +259,9 @@ class IntegratedGradients(Method):
         alphas, weights = _path_rule(self.rule, self.steps)
         alphas, weights = alphas.to(x), weights.to(x)
         shared = isinstance(self.baseline, str) and self.baseline == "zero"
-        with torch.no_grad():  # the endpoints: targets, and S(x) - S(x') for the delta
-            logits = ctx.net(x)
-            # One all-zero baseline serves every image (eval mode: images are independent).
-            base_logits = ctx.net(base[:1]).expand(b, -1) if shared else ctx.net(base)
-        targets = ctx.targets(logits)
-        k = targets.shape[1]
-        # sum_m w_m dS_t(x' + a_m (x - x'))/dx, accumulated in place in the input's dtype.
-        total = torch.zeros(b, k, *x.shape[1:], dtype=x.dtype, device=x.device)
+        # The endpoints, for the targets and S(x) - S(x') of the delta. One all-zero baseline
+        # serves every image (eval mode: images are independent).
+        ends = torch.cat([x, base[:1] if shared else base])
         diff = x - base
         per = self.points_per_pass(x) // b  # path points per pass, all images together
         graph = self.graph
@@ -273,11 +271,23 @@ class IntegratedGradients(Method):
         fused = net is not None
         if net is None:
             net, layout = ctx.net, False
+        # Off the CPU the endpoints ride along in the first path pass (their rows get no
+        # weight): a pass of a few images costs kernel launches, not arithmetic. On a CPU the
+        # arithmetic counts, and a no-grad pass is a third of a forward + backward one.
+        merged = x.device.type != "cpu" if self.merge_endpoints is None else self.merge_endpoints
+        if not merged:
+            with torch.no_grad():
+                end_logits = net(
+                    ends.contiguous(memory_format=torch.channels_last) if layout else ends
+                )
+        targets = total = None
         for start in range(0, self.steps, per):
             a = alphas[start : start + per]
             n = len(a)
             pts = torch.addcmul(base.unsqueeze(0), a.view(-1, 1, 1, 1, 1), diff.unsqueeze(0))
             pts = pts.flatten(0, 1)
+            if merged and start == 0:
+                pts = torch.cat([pts, ends])
             if layout:
                 pts = pts.contiguous(memory_format=torch.channels_last)
             pts.requires_grad_(True)
@@ -287,6 +297,15 @@ class IntegratedGradients(Method):
             wts = weights[start : start + n].repeat_interleave(b)
             with torch.enable_grad(), mode:
                 out = net(pts)
+                if merged and start == 0:
+                    end_logits = out[n * b :].detach()
+                    out = out[: n * b]
+                if targets is None:
+                    targets = ctx.targets(end_logits[:b])
+                    # sum_m w_m dS_t(x' + a_m (x - x'))/dx, summed in place in x's dtype
+                    total = x.new_zeros(b, targets.shape[1], *x.shape[1:])
+                assert total is not None
+                k = targets.shape[1]
                 scores = [
                     (out.gather(1, targets[:, j].repeat(n)[:, None]).squeeze(1) * wts).sum()
                     for j in range(k)
@@ -294,9 +313,12 @@ class IntegratedGradients(Method):
                 del out
                 for j in range(k):
                     (g,) = torch.autograd.grad(scores[j], pts, retain_graph=j < k - 1)
-                    total[:, j] += g.view(n, b, *x.shape[1:]).sum(dim=0)
+                    total[:, j] += g[: n * b].view(n, b, *x.shape[1:]).sum(dim=0)
                     del g
             del pts, scores  # the graph goes with the last score
+        assert targets is not None and total is not None
+        logits = end_logits[:b]
+        base_logits = end_logits[b:].expand(b, -1) if shared else end_logits[b:]
         attr = total * diff.unsqueeze(1)
         gap = (logits.gather(1, targets) - base_logits.gather(1, targets)).float()
         delta = attr.flatten(2).sum(dim=2).float() - gap

@@ -99,31 +99,39 @@ def _fingerprint(net: nn.Module) -> tuple[Any, ...]:
     """Changes when ``net``'s structure or any parameter or buffer changes: every module's
     identity, type and settings (``extra_repr``: stride, eps, inplace, ...), every tensor's
     storage, version counter (``None`` for inference tensors, which have none) and shape, and
-    NaN-safe sums of all values (``.data`` writes bypass the version counters).
+    a summary of every tensor's values (``.data`` writes bypass the version counters).
 
-    The sums are taken over the tensors concatenated per device and dtype (a handful of kernels
-    and one host synchronisation, not three per tensor: this runs before every cached call,
-    also on a GPU): their plain sum and a position-weighted sum, which also changes when two
-    values trade places."""
+    The summary is each floating tensor's L2 norm and that of the tensor plus one (which
+    depends on the signed sum, so a weight multiplied by -1 shows), NaN-safe, taken with
+    ``torch._foreach_*`` (a few fused kernels per device and dtype, one host synchronisation:
+    this runs before every cached call, also on a GPU; a few milliseconds on one CPU thread for
+    EfficientNet-Lite0's 4.7M values, instead of one kernel per tensor). Other tensors
+    (integer buffers such as BatchNorm's counters) count by their values, or by their sum and a
+    position-weighted sum when there are many."""
     modules = tuple(
         (name, id(m), type(m).__qualname__, m.extra_repr()) for name, m in net.named_modules()
     )
     tensors = [*net.parameters(), *net.buffers()]
     groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
     for t in tensors:
-        groups.setdefault((t.device, t.dtype), []).append(t.detach().reshape(-1))
-    sums: list[float] = []
+        groups.setdefault((t.device, t.dtype), []).append(t.detach())
+    parts: list[torch.Tensor] = []
     with torch.no_grad():
-        parts = []
-        for group in groups.values():
-            flat = torch.cat(group)
-            if flat.is_complex():
-                flat = torch.view_as_real(flat).reshape(-1)
-            flat = torch.nan_to_num(flat.double())
-            ramp = torch.arange(1, flat.numel() + 1, device=flat.device, dtype=torch.float64)
-            parts.append(torch.stack([flat.sum(), (flat * ramp.remainder(997.0)).sum()]))
-        if parts:
-            sums = torch.cat([p.cpu() for p in parts]).tolist()
+        for (_, dtype), group in groups.items():
+            if dtype.is_floating_point or dtype.is_complex:
+                real = [torch.view_as_real(t) if t.is_complex() else t for t in group]
+                parts.append(torch.stack(torch._foreach_norm(real, 2)).double())
+                # |t + 1|^2 - |t|^2 = 2 sum(t) + n: signed, so a weight times -1 shows
+                shifted = torch._foreach_add(real, 1.0)
+                parts.append(torch.stack(torch._foreach_norm(shifted, 2)).double())
+                del shifted
+            else:
+                flat = torch.cat([t.reshape(-1) for t in group]).double()
+                if flat.numel() > 4096:
+                    ramp = torch.arange(flat.numel(), device=flat.device, dtype=torch.float64)
+                    flat = torch.stack([flat.sum(), (flat * ramp.remainder(997.0)).sum()])
+                parts.append(flat)
+        sums = torch.nan_to_num(torch.cat([p.cpu() for p in parts])).tolist() if parts else []
     state = tuple(
         (t.data_ptr(), None if t.is_inference() else t._version, tuple(t.shape)) for t in tensors
     )
