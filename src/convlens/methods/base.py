@@ -162,8 +162,9 @@ class Method:
         if wrapper is not None:
             cl = wrapper.classes
             if len(cl) == logits.shape[1]:
-                class_names = [[cl[int(t)] for t in row] for row in targets]
-                top_names = [[cl[int(t)] for t in row] for row in top.indices]
+                # one copy to the host each (not one synchronisation per element on a GPU)
+                class_names = [[cl[t] for t in row] for row in targets.tolist()]
+                top_names = [[cl[t] for t in row] for row in top.indices.tolist()]
             images = wrapper.display(x).float()
         meta = {"seconds": seconds, **self.options(), **raw.meta}
         return Explanation(

@@ -274,7 +274,11 @@ class IntegratedGradients(Method):
         # Off the CPU the endpoints ride along in the first path pass (their rows get no
         # weight): a pass of a few images costs kernel launches, not arithmetic. On a CPU the
         # arithmetic counts, and a no-grad pass is a third of a forward + backward one.
-        merged = x.device.type != "cpu" if self.merge_endpoints is None else self.merge_endpoints
+        # A target tensor's range check synchronises with the device: done between the forward
+        # and backward halves of the first pass, it would stall the queue, so then not merged.
+        merged = self.merge_endpoints
+        if merged is None:
+            merged = x.device.type != "cpu" and not isinstance(ctx.target, torch.Tensor)
         if not merged:
             with torch.no_grad():
                 end_logits = net(
