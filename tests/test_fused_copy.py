@@ -52,9 +52,11 @@ def test_the_copy_is_folded_kept_and_rebuilt_when_the_network_changes() -> None:
         net[0].weight.data[0, 0, 0, 0] += 1.0  # a .data write: no version bump
     third = cached_inference_copy(net, x)
     assert third is not again
-    # another layout or dtype is another copy
-    assert cached_inference_copy(net, x, channels_last=False) is not third
-    assert cached_inference_copy(net, x) is third
+    # another layout or dtype is another copy, and replaces the kept one (one per network)
+    other = cached_inference_copy(net, x, channels_last=False)
+    assert other is not None and other is not third
+    assert cached_inference_copy(net, x, channels_last=False) is other
+    assert cached_inference_copy(net, x) is not third
 
 
 @pytest.mark.filterwarnings(r"ignore:.*torch\.jit.*:DeprecationWarning")

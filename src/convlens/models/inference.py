@@ -236,9 +236,10 @@ def cached_inference_copy(
 
     Methods that run many passes per call (integrated gradients) use the copy instead of the
     network; making it (a deep copy, the fold and its check) costs a few passes, so it is
-    made once per network, device, dtype and layout and rebuilt when the network's structure,
-    settings, parameters or buffers change (the fingerprint of
-    :mod:`convlens.models.compiled`). The copy goes away with the network.
+    kept, one per network (for the latest device, dtype and layout asked for: it holds a
+    second set of the network's weights), and rebuilt when the network's structure, settings,
+    parameters or buffers change (the fingerprint of :mod:`convlens.models.compiled`). The
+    copy goes away with the network.
 
     Args:
         net: the network (in eval mode, as inside a method call).
@@ -267,5 +268,6 @@ def cached_inference_copy(
     except Exception as exc:  # an uncopyable or scripted model: run it as it is
         log.info("no inference copy of the model (%s: %s)", type(exc).__name__, exc)
         fast = None
+    entries.clear()  # one copy per network: a copy holds a second set of its weights
     entries[slot] = (_fingerprint(net), fast)
     return fast
