@@ -9,7 +9,11 @@ from torch import nn
 from conftest import images, seeded
 from convlens.hooks import backprop_rule, input_gradient_mode
 from convlens.methods import IntegratedGradients, Saliency
-from convlens.models.inference import cached_inference_copy, has_forward_hooks
+from convlens.models.inference import (
+    cached_inference_copy,
+    clear_inference_copies,
+    has_forward_hooks,
+)
 
 
 def _net() -> nn.Module:
@@ -141,3 +145,64 @@ def test_integrated_gradients_with_the_endpoints_in_the_first_pass(baseline: str
     torch.testing.assert_close(b.attributions, a.attributions)
     torch.testing.assert_close(b.meta["delta"], a.meta["delta"])
     torch.testing.assert_close(b.scores, a.scores)
+
+
+def test_saliency_switches_to_the_lean_graph_for_large_batches(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import convlens.methods.gradient as gradient
+
+    net = _net()
+    x = images(2, size=9, seed=6)
+    plain = Saliency()(net, x)
+    monkeypatch.setattr(gradient, "PLAIN_GRAPH_BYTES", 0)  # every batch is "large"
+    entered: list[int] = []
+    real = gradient.InputGradientMode.__enter__
+
+    def spy(self: object) -> object:
+        entered.append(1)
+        return real(self)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(gradient.InputGradientMode, "__enter__", spy)
+    lean = Saliency()(net, x)
+    assert entered
+    assert lean.attributions is not None and plain.attributions is not None
+    torch.testing.assert_close(lean.attributions, plain.attributions)
+
+
+def test_no_copy_for_backward_hooks_training_mode_or_a_network_that_keeps_changing() -> None:
+    net = _net()
+    x = images(1, size=9)
+    seen: list[object] = []
+    handle = net[0].register_full_backward_hook(lambda m, gi, go: seen.append(m))
+    try:
+        assert cached_inference_copy(net, x) is None
+        Saliency()(net, x)
+        assert seen and all(m is net[0] for m in seen)  # the network's own module
+    finally:
+        handle.remove()
+    net.train()
+    assert cached_inference_copy(net, x) is None
+    net.eval()
+    for i in range(4):
+        with torch.no_grad():
+            net[0].weight.add_(0.01)  # changes before every call
+        fast = cached_inference_copy(net, x)
+        assert (fast is None) == (i == 3)
+    clear_inference_copies()
+    assert cached_inference_copy(net, x) is not None  # forgotten, so tried again
+
+
+def test_the_fingerprint_sees_plain_attributes_and_a_replaced_forward() -> None:
+    from convlens.models.compiled import _fingerprint
+
+    net = _net()
+    before = _fingerprint(net)
+    net[2].temperature = 2.0  # type: ignore[assignment]
+    after = _fingerprint(net)
+    assert after != before
+    net[2].temperature = 3.0  # type: ignore[assignment]
+    assert _fingerprint(net) != after
+    again = _fingerprint(net)
+    net[2].forward = lambda x: x  # type: ignore[method-assign]
+    assert _fingerprint(net) != again

@@ -15,6 +15,10 @@ from convlens.models.inference import cached_inference_copy
 
 __all__ = ["GradientXInput", "IntegratedGradients", "Saliency", "input_gradients"]
 
+#: Input gradients through the folded copy use plain autograd while its estimated graph
+#: (128x the input's bytes) stays below this; the lean graph above it.
+PLAIN_GRAPH_BYTES = 4 * 2**30
+
 #: Pixel-gradient maps have a few extreme values; views clip them at this percentile.
 DISPLAY = {"display_percentile": 99.0}
 
@@ -29,8 +33,10 @@ def input_gradients(
     rule the pass runs through the network's BatchNorm-folded copy
     (:func:`convlens.models.inference.cached_inference_copy`: the same function up to float
     rounding, a third fewer layers and saved activations; the network itself when a forward
-    hook must see the pass), with plain autograd; the logits (and the targets resolved against
-    them) are then the copy's, equal to the network's up to float rounding.
+    or backward hook must see the pass), with plain autograd up to an estimated 4 GiB of graph
+    (128x the input's bytes per image: about 54 images of 224 px) and the lean graph of
+    :class:`convlens.hooks.InputGradientMode` above that; the logits (and the targets resolved
+    against them) are then the copy's, equal to the network's up to float rounding.
 
     Args:
         ctx: the call's context.
@@ -74,8 +80,10 @@ def _copy_gradients(
     if ctx.x.device.type == "cpu":
         x = x.contiguous(memory_format=torch.channels_last)
     x.requires_grad_(True)
+    big = x.numel() * x.element_size() * 128 > PLAIN_GRAPH_BYTES
     with torch.enable_grad():
-        out = fast(x)
+        with InputGradientMode() if big else contextlib.nullcontext():
+            out = fast(x)
         logits = out.detach()
         targets = ctx.targets(logits)
         k = targets.shape[1]
@@ -185,10 +193,13 @@ class IntegratedGradients(Method):
         batch_size: path points x images evaluated per forward/backward pass (at least one
             point of every image). Default: 32 on CPU, where small passes stay in cache; on
             other devices, which are busier the larger the pass, as many as fit in
-            ``memory_mb`` (all of them when they fit).
+            ``memory_mb`` (all of them when they fit). Off the CPU the first pass also carries
+            the endpoints (the B images and the baseline: B + 1 rows, 2 B for per-image
+            baselines), unless the target is given as a tensor.
         memory_mb: cap on one pass's estimated graph memory when ``batch_size`` is ``None``
-            off the CPU (estimate per path point: 128x the input's bytes with the plain graph,
-            32x with the lean one; above what a conv-BN-ReLU network needs).
+            off the CPU (estimate per path point: 128x the input's bytes with the plain graph
+            through the folded copy, 192x through the network itself, 32x with the lean
+            graph; above what a conv-BN-ReLU network needs).
         blur_sigma: standard deviation of the blurred baseline, in pixels.
         graph: ``"plain"`` or ``"lean"``: how the autograd graph of a pass is built (see
             above); the gradients are equal up to float rounding.
@@ -226,16 +237,17 @@ class IntegratedGradients(Method):
         self.batch_size, self.blur_sigma, self.memory_mb = batch_size, blur_sigma, memory_mb
         self.graph, self.fuse, self.channels_last = graph, fuse, channels_last
 
-    def points_per_pass(self, x: torch.Tensor) -> int:
+    def points_per_pass(self, x: torch.Tensor, *, fused: bool = True) -> int:
         """Path points x images per forward/backward pass for the batch ``x`` (a multiple of
-        its size B, between B and ``steps * B``)."""
+        its size B, between B and ``steps * B``); ``fused``: through the folded copy (a
+        smaller plain graph than the network's own)."""
         b = x.shape[0]
         n = self.batch_size
         if n is None:
             if x.device.type == "cpu":
                 n = 32
             else:
-                factor = 32 if self.graph == "lean" else 128
+                factor = 32 if self.graph == "lean" else 128 if fused else 192
                 n = int(self.memory_mb * 2**20 // (x[0].numel() * x.element_size() * factor))
         return min(self.steps, max(1, n // b)) * b
 
@@ -263,7 +275,6 @@ class IntegratedGradients(Method):
         # serves every image (eval mode: images are independent).
         ends = torch.cat([x, base[:1] if shared else base])
         diff = x - base
-        per = self.points_per_pass(x) // b  # path points per pass, all images together
         graph = self.graph
         mode = InputGradientMode() if graph == "lean" else contextlib.nullcontext()
         layout = x.device.type == "cpu" if self.channels_last is None else self.channels_last
@@ -271,6 +282,7 @@ class IntegratedGradients(Method):
         fused = net is not None
         if net is None:
             net, layout = ctx.net, False
+        per = self.points_per_pass(x, fused=fused) // b  # path points per pass, all images
         # Off the CPU the endpoints ride along in the first path pass (their rows get no
         # weight): a pass of a few images costs kernel launches, not arithmetic. On a CPU the
         # arithmetic counts, and a no-grad pass is a third of a forward + backward one.
@@ -279,14 +291,17 @@ class IntegratedGradients(Method):
         merged = self.merge_endpoints
         if merged is None:
             merged = x.device.type != "cpu" and not isinstance(ctx.target, torch.Tensor)
+        # (the first pass then carries b + 1 rows, or 2 b with per-image baselines, on top of
+        # batch_size: a few launch-bound rows more beat a pass of their own)
+        starts = list(range(0, self.steps, per))
         if not merged:
             with torch.no_grad():
                 end_logits = net(
                     ends.contiguous(memory_format=torch.channels_last) if layout else ends
                 )
         targets = total = None
-        for start in range(0, self.steps, per):
-            a = alphas[start : start + per]
+        for i, start in enumerate(starts):
+            a = alphas[start : starts[i + 1] if i + 1 < len(starts) else self.steps]
             n = len(a)
             pts = torch.addcmul(base.unsqueeze(0), a.view(-1, 1, 1, 1, 1), diff.unsqueeze(0))
             pts = pts.flatten(0, 1)

@@ -11,7 +11,12 @@ from convlens.errors import ModelLoadError
 from convlens.models.base import ConvlensModel, unwrap
 from convlens.models.builtin import BUILTIN_MODELS, load_builtin
 from convlens.models.classes import ClassList, imagenet_classes
-from convlens.models.inference import fold_batchnorm, inference_copy
+from convlens.models.inference import (
+    cached_inference_copy,
+    clear_inference_copies,
+    fold_batchnorm,
+    inference_copy,
+)
 from convlens.models.preprocess import Preprocess
 
 __all__ = [
@@ -19,6 +24,8 @@ __all__ = [
     "ClassList",
     "ConvlensModel",
     "Preprocess",
+    "cached_inference_copy",
+    "clear_inference_copies",
     "fold_batchnorm",
     "imagenet_classes",
     "inference_copy",

@@ -101,15 +101,20 @@ def _fingerprint(net: nn.Module) -> tuple[Any, ...]:
     storage, version counter (``None`` for inference tensors, which have none) and shape, and
     a summary of every tensor's values (``.data`` writes bypass the version counters).
 
-    The summary is each floating tensor's L2 norm and that of the tensor plus one (which
-    depends on the signed sum, so a weight multiplied by -1 shows), NaN-safe, taken with
-    ``torch._foreach_*`` (a few fused kernels per device and dtype, one host synchronisation:
-    this runs before every cached call, also on a GPU; a few milliseconds on one CPU thread for
-    EfficientNet-Lite0's 4.7M values, instead of one kernel per tensor). Other tensors
-    (integer buffers such as BatchNorm's counters) count by their values, or by their sum and a
-    position-weighted sum when there are many."""
+    The summary is each floating tensor's L2 norm and maximum (signed: a weight multiplied by
+    -1 shows), NaN-safe, taken with ``torch._foreach_norm`` / ``_foreach_max`` (a few fused
+    kernels per device and dtype, no copy of the weights, one host synchronisation: this runs
+    before every cached call, also on a GPU; a few milliseconds on one CPU thread for
+    EfficientNet-Lite0's 4.7M values). Other tensors (integer buffers such as BatchNorm's
+    counters) count by their values, or by their sum and a position-weighted sum when there
+    are many. Each module's plain attributes (numbers, strings, tensors that are neither
+    parameters nor buffers) and a ``forward`` replaced on the instance count too. Not seen:
+    values permuted within a tensor through ``.data`` (same norm and maximum, no version
+    bump), and changes hidden in other Python objects; rebuild by changing the network in a
+    way that shows, or pass ``fuse=False`` / ``compile=False``."""
     modules = tuple(
-        (name, id(m), type(m).__qualname__, m.extra_repr()) for name, m in net.named_modules()
+        (name, id(m), type(m).__qualname__, m.extra_repr(), *_attributes(m))
+        for name, m in net.named_modules()
     )
     tensors = [*net.parameters(), *net.buffers()]
     groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
@@ -121,10 +126,8 @@ def _fingerprint(net: nn.Module) -> tuple[Any, ...]:
             if dtype.is_floating_point or dtype.is_complex:
                 real = [torch.view_as_real(t) if t.is_complex() else t for t in group]
                 parts.append(torch.stack(torch._foreach_norm(real, 2)).double())
-                # |t + 1|^2 - |t|^2 = 2 sum(t) + n: signed, so a weight times -1 shows
-                shifted = torch._foreach_add(real, 1.0)
-                parts.append(torch.stack(torch._foreach_norm(shifted, 2)).double())
-                del shifted
+                # signed (a weight times -1 shows), without allocating a copy of the weights
+                parts.append(torch.stack(_foreach_max(real)).double())
             else:
                 flat = torch.cat([t.reshape(-1) for t in group]).double()
                 if flat.numel() > 4096:
@@ -136,6 +139,36 @@ def _fingerprint(net: nn.Module) -> tuple[Any, ...]:
         (t.data_ptr(), None if t.is_inference() else t._version, tuple(t.shape)) for t in tensors
     )
     return modules, state, tuple(sums)
+
+
+def _foreach_max(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Per-tensor maxima (``torch._foreach_max`` where this PyTorch has it)."""
+    fn = getattr(torch, "_foreach_max", None)
+    if fn is not None and all(t.numel() for t in tensors):
+        return list(fn(tensors))
+    return [t.amax() if t.numel() else t.new_zeros(()) for t in tensors]
+
+
+_PLAIN = (bool, int, float, str, type(None))
+
+
+def _attributes(m: nn.Module) -> tuple[Any, ...]:
+    """What a module holds besides parameters, buffers and submodules that its forward may
+    read: plain values, tensors (by storage and version) and a ``forward`` set on the
+    instance (by identity)."""
+    out: list[Any] = []
+    for k, v in m.__dict__.items():
+        if k.startswith("_") or k == "training":
+            continue
+        if isinstance(v, _PLAIN) or (
+            isinstance(v, tuple) and all(isinstance(e, _PLAIN) for e in v)
+        ):
+            out.append((k, v))
+        elif isinstance(v, torch.Tensor):
+            out.append((k, v.data_ptr(), None if v.is_inference() else v._version))
+        elif k == "forward" or callable(v):
+            out.append((k, id(v)))
+    return tuple(out)
 
 
 @contextlib.contextmanager

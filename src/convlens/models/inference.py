@@ -31,8 +31,10 @@ from convlens.models.base import ConvlensModel, unwrap
 __all__ = [
     "batchnorm_affine",
     "cached_inference_copy",
+    "clear_inference_copies",
     "fold_batchnorm",
     "has_forward_hooks",
+    "has_hooks",
     "inference_copy",
 ]
 
@@ -176,10 +178,18 @@ def inference_copy(
             that cannot be copied or hooked (e.g. TorchScript); the metrics then fall back to
             running the model itself.
     """
+    return _make_copy(model, example, fold=fold, channels_last=channels_last)[0]
+
+
+def _make_copy(
+    model: nn.Module | ConvlensModel, example: torch.Tensor, *, fold: bool, channels_last: bool
+) -> tuple[nn.Module, int | None]:
+    """:func:`inference_copy` and the number of BatchNorm layers folded into it (``None``:
+    the fold was rejected and the copy is the plain network)."""
     net, _ = unwrap(model)
     fast = copy.deepcopy(net).eval().requires_grad_(False)
     if not (fold or channels_last):
-        return fast
+        return fast, 0
     probe = example[:2]
     pairs = _conv_bn_pairs(fast, probe) if fold else []
     _fold_pairs(fast, pairs)
@@ -210,14 +220,16 @@ def inference_copy(
     err = _max_relative_error(ref.float(), got.float())
     if err > tol:
         log.info("inference copy differs from the model (%.2g > %.2g); not folding", err, tol)
-        return copy.deepcopy(net).eval().requires_grad_(False)
+        return copy.deepcopy(net).eval().requires_grad_(False), None
     log.debug("inference copy: %d BatchNorm layers folded, relative error %.2g", folded, err)
-    return fast
+    return fast, folded
 
 
-_COPIES: weakref.WeakKeyDictionary[nn.Module, dict[Any, tuple[Any, nn.Module | None]]] = (
+_COPIES: weakref.WeakKeyDictionary[nn.Module, tuple[Any, Any, nn.Module | None]] = (
     weakref.WeakKeyDictionary()
 )
+_REBUILDS: weakref.WeakKeyDictionary[nn.Module, int] = weakref.WeakKeyDictionary()
+_MAX_REBUILDS = 3  # copies made for a network in a row, none reused, before it runs as it is
 
 
 def has_forward_hooks(net: nn.Module) -> bool:
@@ -229,17 +241,37 @@ def has_forward_hooks(net: nn.Module) -> bool:
     return bool(hooked or nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks)
 
 
+def has_hooks(net: nn.Module) -> bool:
+    """:func:`has_forward_hooks`, or a backward (pre-)hook on a module or a global backward
+    hook: gradients through a copy would reach the copy's modules, not the network's."""
+    from torch.nn.modules import module as nn_module
+
+    if has_forward_hooks(net):
+        return True
+    hooked = any(m._backward_hooks or m._backward_pre_hooks for m in net.modules())
+    return bool(hooked or nn_module._global_backward_hooks or nn_module._global_backward_pre_hooks)
+
+
+def clear_inference_copies() -> None:
+    """Drop every network's kept copy (:func:`cached_inference_copy`), e.g. to free the memory
+    of its second set of weights."""
+    _COPIES.clear()
+    _REBUILDS.clear()
+
+
 def cached_inference_copy(
     net: nn.Module, example: torch.Tensor, *, channels_last: bool = True
 ) -> nn.Module | None:
     """:func:`inference_copy` of ``net``, kept between calls while ``net`` is unchanged.
 
-    Methods that run many passes per call (integrated gradients) use the copy instead of the
-    network; making it (a deep copy, the fold and its check) costs a few passes, so it is
-    kept, one per network (for the latest device, dtype and layout asked for: it holds a
-    second set of the network's weights), and rebuilt when the network's structure, settings,
-    parameters or buffers change (the fingerprint of :mod:`convlens.models.compiled`). The
-    copy goes away with the network.
+    Input-gradient methods (saliency, integrated gradients, SmoothGrad around them) run the
+    copy instead of the network; making it (a deep copy, the fold and its check) costs a few
+    passes, so it is kept, one per network (for the latest device, dtype and layout asked for:
+    it holds a second set of the network's weights; :func:`clear_inference_copies` frees it),
+    and rebuilt when the network's structure, settings, parameters or buffers change (the
+    fingerprint of :mod:`convlens.models.compiled`). The copy goes away with the network. A
+    network that changes between every call (a forward that updates a buffer, a training loop
+    explaining as it goes) runs as it is after three copies in a row were never reused.
 
     Args:
         net: the network (in eval mode, as inside a method call).
@@ -247,27 +279,43 @@ def cached_inference_copy(
         channels_last: convert the copy's 4-D weights to ``torch.channels_last``.
 
     Returns:
-        The copy, or ``None`` when the network itself must run: a forward hook would miss the
-        copy's passes (:func:`has_forward_hooks`), a torch function mode is active (e.g. an
-        outer :func:`convlens.hooks.backprop_rule` block, whose rule is meant for the
-        network's own layers), or the network cannot be copied (e.g. TorchScript).
+        The copy, or ``None`` when the network itself must run: a hook would miss the copy's
+        passes (:func:`has_hooks`), a torch function mode is active (e.g. an outer
+        :func:`convlens.hooks.backprop_rule` block, whose rule is meant for the network's own
+        layers), a module is in training mode, the fold changed the network's outputs (a
+        convolution's output also used elsewhere), the network cannot be copied (e.g.
+        TorchScript), or it keeps changing between calls.
     """
     from convlens.models.compiled import _fingerprint
 
-    if has_forward_hooks(net) or torch.overrides._get_current_function_mode_stack():
+    if has_hooks(net) or torch.overrides._get_current_function_mode_stack():
+        return None
+    if any(m.training for m in net.modules()):
         return None
     slot = (example.device, example.dtype, channels_last)
     key = _fingerprint(net)
-    entries = _COPIES.setdefault(net, {})
-    hit = entries.get(slot)
-    if hit is not None and hit[0] == key:
-        return hit[1]
+    hit = _COPIES.get(net)
+    if hit is not None and hit[0] == slot and hit[1] == key:
+        _REBUILDS[net] = 0
+        return hit[2]
+    rebuilds = _REBUILDS.get(net, 0)
+    if rebuilds >= _MAX_REBUILDS:
+        if rebuilds == _MAX_REBUILDS:
+            log.info("the model changes between calls; running it as it is")
+            _REBUILDS[net] = rebuilds + 1
+        _COPIES.pop(net, None)
+        return None
     fast: nn.Module | None
     try:
-        fast = inference_copy(net, example[:2].detach().clone(), channels_last=channels_last)
+        fast, folded = _make_copy(
+            net, example[:2].detach().clone(), fold=True, channels_last=channels_last
+        )
     except Exception as exc:  # an uncopyable or scripted model: run it as it is
         log.info("no inference copy of the model (%s: %s)", type(exc).__name__, exc)
-        fast = None
-    entries.clear()  # one copy per network: a copy holds a second set of its weights
-    entries[slot] = (_fingerprint(net), fast)
+        fast, folded = None, None
+    if folded is None:
+        fast = None  # the plain network, copied: nothing gained
+    # one copy per network (it holds a second set of the weights)
+    _COPIES[net] = (slot, _fingerprint(net), fast)
+    _REBUILDS[net] = rebuilds + 1
     return fast
