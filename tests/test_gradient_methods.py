@@ -102,3 +102,22 @@ def test_smoothgrad_wraps_gradcam(gap_net: torch.nn.Module) -> None:
 def test_smoothgrad_rejects_zero_samples() -> None:
     with pytest.raises(ValueError):
         SmoothGrad(samples=0)
+
+
+@pytest.mark.parametrize("name", ["saliency", "gradcam", "occlusion", "intgrad"])
+def test_inputs_the_model_cannot_take_give_a_clear_error(name: str) -> None:
+    """A network with a fixed-size head (or kernels larger than the input) fed the wrong image
+    size fails inside torch; the method says so in one line instead."""
+    from convlens import get_method
+    from convlens.errors import InputError
+
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.Flatten(),
+        torch.nn.Linear(4 * 8 * 8, 3),
+    ).eval()
+    kw = {"patch": 2, "stride": 2} if name == "occlusion" else {}
+    get_method(name, **kw)(net, torch.rand(1, 3, 8, 8))  # the size it takes
+    with pytest.raises(InputError, match=r"cannot run on inputs of shape \(1, 3, 9, 9\)"):
+        get_method(name, **kw)(net, torch.rand(1, 3, 9, 9))

@@ -45,6 +45,18 @@ class Context:
         return parse_layer(self.layer)
 
 
+#: Fragments of PyTorch's messages when a network gets inputs of a size or channel count
+#: it cannot take (re-raised as :class:`~convlens.errors.InputError`).
+_SHAPE_ERRORS = (
+    "Kernel size can't be greater than actual input size",
+    "Calculated padded input size",
+    "mat1 and mat2 shapes cannot be multiplied",
+    "Given groups=",
+    "Output size is too small",
+    "size mismatch",
+)
+
+
 @dataclass
 class RawResult:
     """What :meth:`Method.compute` returns."""
@@ -110,7 +122,17 @@ class Method:
         ctx = Context(net=net, x=x, target=target, top_k=top_k, classes=classes, layer=layer)
         start = time.perf_counter()
         with model_state(net, eval_mode=True, grads=self.uses_gradients), full_float32():
-            raw = self.compute(ctx)
+            try:
+                raw = self.compute(ctx)
+            except RuntimeError as exc:
+                if not any(p in str(exc) for p in _SHAPE_ERRORS):
+                    raise
+                first = str(exc).strip().splitlines()[0]
+                raise InputError(
+                    f"the model cannot run on inputs of shape {tuple(x.shape)} ({first}); "
+                    "give images of the size the model expects (ConvlensModel.load_images "
+                    "resizes them)"
+                ) from exc
         seconds = time.perf_counter() - start
         return self._result(raw, x, wrapper, seconds)
 
