@@ -148,10 +148,13 @@ def test_methods_options_lists_each_option_with_type_and_default(capsys) -> None
         (["{d}/a.png", "--target", "dgo"], "dog"),
         (["{d}/a.png", "--target", "7"], "out of range"),
         (["{d}/a.png", "--methods", "gradcma"], "gradcam"),
+        ([""], "empty image path"),  # an unset shell variable: not the current folder
+        (["{d}/empty"], "no images found in"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(setup, capsys, extra, message) -> None:
     d = setup["dir"]
+    (d / "empty").mkdir(exist_ok=True)
     args = [
         "explain",
         *[e.format(d=d) for e in extra],

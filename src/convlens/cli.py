@@ -38,7 +38,7 @@ from convlens.cli_options import (
     parse_methods,
     progress_bar,
 )
-from convlens.errors import ConvlensError, InputError
+from convlens.errors import ConvlensError, ImageError, InputError
 
 app = typer.Typer(
     name="convlens",
@@ -48,6 +48,19 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 log = logging.getLogger("convlens")
+
+
+def _some_images(paths: Sequence[str]) -> list[Path]:
+    """The image files under ``paths``; an error when there are none."""
+    from convlens.images import IMAGE_EXTENSIONS, list_images
+
+    files = list_images(paths)
+    if not files:
+        kinds = ", ".join(sorted(IMAGE_EXTENSIONS))
+        raise ImageError(
+            f"no images found in {', '.join(str(p) for p in paths)} (looked for {kinds})"
+        )
+    return files
 
 
 def _batches(paths: Sequence[Path], size: int) -> list[list[Path]]:
@@ -69,9 +82,7 @@ def predict(
     device: DeviceOpt = "cpu",
 ) -> None:
     """Show the top classes the model predicts for each image."""
-    from convlens.images import list_images
-
-    files = list_images(images)
+    files = _some_images(images)
     net = load_net(model, weights, classes, size, resize, mean, std, device)
     for chunk in _batches(files, batch_size):
         x = net.load_images(chunk).to(net.device)
@@ -187,10 +198,8 @@ def explain_cmd(
     device: DeviceOpt = "cpu",
 ) -> None:
     """Explain predictions: one side-by-side panel per image plus one overlay per method."""
-    from convlens.images import list_images
-
     names = parse_methods(methods)
-    files = list_images(images)
+    files = _some_images(images)
     net = load_net(model, weights, classes, size, resize, mean, std, device)
     fill_value: str | float = fill
     with contextlib.suppress(ValueError):

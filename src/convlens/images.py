@@ -163,12 +163,14 @@ def list_images(paths: Iterable[str | Path] | str | Path, recursive: bool = True
         The image files, sorted; empty when the folders hold no images.
 
     Raises:
-        ImageError: a path does not exist.
+        ImageError: a path does not exist or is empty.
     """
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     found: dict[Path, Path] = {}
     for raw in paths:
+        if not str(raw).strip():  # Path("") is the current folder
+            raise ImageError("an empty image path was given (an unset shell variable?)")
         p = Path(raw)
         if p.is_dir():
             candidates: Iterable[Path] = _walk_images(p, recursive=recursive)
