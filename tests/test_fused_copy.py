@@ -206,3 +206,14 @@ def test_the_fingerprint_sees_plain_attributes_and_a_replaced_forward() -> None:
     again = _fingerprint(net)
     net[2].forward = lambda x: x  # type: ignore[method-assign]
     assert _fingerprint(net) != again
+
+
+def test_a_failed_copy_is_not_kept() -> None:
+    """Inputs the network cannot take fail the copy's check pass too; the next call, with
+    good inputs, gets the copy."""
+    from convlens.errors import InputError
+
+    net = _net()
+    with pytest.raises(InputError):
+        Saliency()(net, images(1, size=9)[:, :2])  # two channels
+    assert cached_inference_copy(net, images(1, size=9)) is not None

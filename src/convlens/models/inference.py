@@ -271,7 +271,8 @@ def cached_inference_copy(
     and rebuilt when the network's structure, settings, parameters or buffers change (the
     fingerprint of :mod:`convlens.models.compiled`). The copy goes away with the network. A
     network that changes between every call (a forward that updates a buffer, a training loop
-    explaining as it goes) runs as it is after three copies in a row were never reused.
+    explaining as it goes) runs as it is after three copies in a row were never reused (or
+    three attempts failed).
 
     Args:
         net: the network (in eval mode, as inside a method call).
@@ -305,17 +306,18 @@ def cached_inference_copy(
             _REBUILDS[net] = rebuilds + 1
         _COPIES.pop(net, None)
         return None
+    _REBUILDS[net] = rebuilds + 1
     fast: nn.Module | None
     try:
         fast, folded = _make_copy(
             net, example[:2].detach().clone(), fold=True, channels_last=channels_last
         )
-    except Exception as exc:  # an uncopyable or scripted model: run it as it is
+    except Exception as exc:  # an uncopyable or scripted model, or inputs it cannot take
         log.info("no inference copy of the model (%s: %s)", type(exc).__name__, exc)
-        fast, folded = None, None
+        _COPIES.pop(net, None)  # not kept: the next call (other inputs) tries again
+        return None
     if folded is None:
         fast = None  # the plain network, copied: nothing gained
     # one copy per network (it holds a second set of the weights)
     _COPIES[net] = (slot, _fingerprint(net), fast)
-    _REBUILDS[net] = rebuilds + 1
     return fast
