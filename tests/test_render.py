@@ -13,6 +13,7 @@ from matplotlib._pylab_helpers import Gcf
 from matplotlib.figure import Figure
 from PIL import Image
 
+from convlens.errors import InputError
 from convlens.render import (
     class_colors,
     colorize,
@@ -370,3 +371,73 @@ def test_explanation_overlay_save_plot(tmp_path):
     assert isinstance(fig, Figure)
     assert len([ax for ax in fig.axes if ax.images]) == 4
     _saved_size(fig, tmp_path / "plot.png")
+
+
+# --- signed maps ---------------------------------------------------------------------------
+
+
+def _signed_exp() -> Explanation:
+    """One image, one target: +1 blob top left, -0.5 blob bottom right, zero elsewhere."""
+    from dataclasses import replace
+
+    exp = make_exp(1, 1).select(0)
+    m = blob(8, 8, 3.0) - 0.5 * blob(24, 24, 3.0)
+    m = torch.where(m.abs() < 1e-3, torch.zeros_like(m), m)
+    return replace(exp, maps=m.view(1, 1, H, W), meta={"display": "signed"})
+
+
+def test_signed_keeps_sign_and_zero_and_scales_by_the_largest_magnitude():
+    exp = _signed_exp()
+    assert exp.is_signed and not make_exp(1, 1).is_signed
+    s = exp.signed()
+    assert s.shape == exp.maps.shape
+    torch.testing.assert_close(s, exp.maps / exp.maps.abs().max())
+    clipped = exp.signed(percentile=90)
+    assert clipped.max() == 1.0 and clipped.min() == -1.0  # both blobs clip at p90 of |m|
+    assert (clipped[exp.maps == 0] == 0).all()
+
+
+def test_overlay_signed_colours_for_red_against_blue_zero_transparent():
+    from convlens.render.overlay import overlay_signed
+
+    exp = _signed_exp()
+    image = exp.images[0]
+    pic = np.asarray(overlay_signed(exp.signed()[0, 0], image, alpha=0.5)).astype(int)
+    backdrop = np.asarray(to_pil(_backdrop(image))).astype(int)
+    zero = (exp.maps[0, 0] == 0).numpy()
+    assert np.abs(pic[zero] - backdrop[zero]).max() <= 1  # zero: the muted image only
+    r, b = pic[8, 8], pic[24, 24]
+    assert r[0] > r[1] + 50 and r[0] > r[2] + 50  # strongly for: red (RdBu_r's dark end)
+    assert b[2] > b[0] + 40  # against: blue
+    same = np.asarray(overlay_signed(exp.signed()[0, 0], image, alpha=0.0)).astype(int)
+    assert np.abs(same - backdrop).max() <= 1
+    alone = np.asarray(overlay_signed(exp.signed()[0, 0], None))
+    assert alone.shape == (H, W, 3)
+    with pytest.raises(InputError):
+        overlay_signed(exp.signed()[0], image)
+
+
+def test_signed_explanations_draw_signed_overlays_and_a_for_against_bar():
+    exp = _signed_exp()
+    pic = np.asarray(exp.overlay(0, 0)).astype(int)
+    assert pic[8, 8, 0] > pic[8, 8, 2] + 50  # red (RdBu_r), and opaque at the peak
+    assert pic[8, 8, 0] > pic[8, 8, 1] + 50
+    fig = explanation_figure(exp)
+    labels = {t.get_text() for ax in fig.axes for t in ax.get_yticklabels() + ax.get_xticklabels()}
+    assert {"against", "for"} <= labels
+    side = side_by_side_figure({"intgrad": exp, "gradcam": make_exp(1, 1).select(0)})
+    assert "red: for, blue: against" in {ax.get_xlabel() for ax in side.axes}
+
+
+def test_gradient_x_input_and_integrated_gradients_are_signed_vargrad_is_not():
+    from torch import nn
+
+    from convlens.methods import GradientXInput, IntegratedGradients
+    from convlens.methods.wrappers import SmoothGrad, VarGrad
+
+    net = nn.Sequential(nn.Conv2d(3, 2, 3), nn.Flatten(), nn.Linear(2 * 6 * 6, 3)).eval()
+    x = torch.rand(1, 3, 8, 8)
+    assert GradientXInput()(net, x).is_signed
+    assert IntegratedGradients(steps=2)(net, x).is_signed
+    assert SmoothGrad(GradientXInput(), samples=2)(net, x).is_signed
+    assert not VarGrad(GradientXInput(), samples=2)(net, x).is_signed

@@ -90,6 +90,33 @@ class Explanation:
         out = torch.where(hi > lo, (flat - lo) / span, torch.zeros_like(flat))
         return out.view(self.maps.shape)
 
+    @property
+    def is_signed(self) -> bool:
+        """Whether the maps are signed attributions (evidence for and against the target:
+        gradient x input, integrated gradients), drawn with :meth:`signed`."""
+        return self.meta.get("display") == "signed"
+
+    def signed(self, percentile: float | None = None) -> torch.Tensor:
+        """Maps divided per image and target by their largest magnitude, in [-1, 1] (zero
+        stays zero; all-zero maps stay 0).
+
+        Args:
+            percentile: divide by this percentile of ``|map|`` instead and clip, so a few
+                extreme pixels do not wash out the rest; default
+                ``meta["display_percentile"]`` when the method sets it, else the maximum.
+        """
+        if percentile is None:
+            percentile = self.meta.get("display_percentile")
+        flat = self.maps.flatten(2).float()
+        size = flat.abs()
+        if percentile is not None and percentile < 100:
+            scale = torch.quantile(size, percentile / 100.0, dim=2, keepdim=True)
+            scale = torch.maximum(scale, size.amax(dim=2, keepdim=True) * 1e-6)
+        else:
+            scale = size.amax(dim=2, keepdim=True)
+        out = torch.where(scale > 0, flat / scale.clamp_min(1e-30), torch.zeros_like(flat))
+        return out.clamp(-1.0, 1.0).view(self.maps.shape)
+
     def target_name(self, i: int, k: int = 0) -> str:
         """Name of target ``k`` of image ``i`` (its index when no class list is known)."""
         if self.class_names is not None:
@@ -147,14 +174,25 @@ class Explanation:
 
         A heatmap blended over the image (alone when the image is unknown); for methods whose
         natural display is an image in pixel space (deconvnet, guided backprop,
-        ``meta["display"] == "rgb"``), the signed RGB attribution centred on grey.
+        ``meta["display"] == "rgb"``), the signed RGB attribution centred on grey; for signed
+        maps (:attr:`is_signed`), red for and blue against the target over the image, zero
+        transparent (:func:`~convlens.render.overlay.overlay_signed`; ``cmap`` is then used
+        only if it is not ``"jet"``, the sequential default).
         """
-        from convlens.render.overlay import overlay_map, rgb_attribution
+        from convlens.render.overlay import (
+            SIGNED_CMAP,
+            overlay_map,
+            overlay_signed,
+            rgb_attribution,
+        )
 
         if self.meta.get("display") == "rgb" and self.attributions is not None:
             return rgb_attribution(self.attributions[i, k])
 
         image = None if self.images is None else self.images[i]
+        if self.is_signed:
+            signed_cmap = SIGNED_CMAP if cmap == "jet" else cmap
+            return overlay_signed(self.signed()[i, k], image, cmap=signed_cmap, alpha=alpha)
         return overlay_map(self.normalized()[i, k], image, cmap=cmap, alpha=alpha)
 
     def save(self, path: str | Path, *, cmap: str = "jet", alpha: float = 0.5) -> list[Path]:

@@ -128,7 +128,8 @@ class GradientXInput(Method):
     def compute(self, ctx: Context) -> RawResult:
         grads, logits, targets = input_gradients(ctx)
         attr = grads * ctx.x.unsqueeze(1)
-        return RawResult(attr.sum(dim=2), logits, targets, meta=dict(DISPLAY), attributions=attr)
+        meta = {**DISPLAY, "display": "signed"}
+        return RawResult(attr.sum(dim=2), logits, targets, meta=meta, attributions=attr)
 
 
 def _path_rule(rule: str, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -349,6 +350,7 @@ class IntegratedGradients(Method):
             meta={
                 "delta": delta.cpu(),
                 "display_percentile": 99.0,
+                "display": "signed",
                 "forward_passes": b + (1 if shared else b) + self.steps * b,
                 "points_per_pass": per * b,
                 "graph": graph,

@@ -104,7 +104,10 @@ class SmoothGrad(Method):
             if self.aggregate == "mean"
             else (squares / self.samples - mean.pow(2)).clamp_min(0)
         )
-        return RawResult(out, logits, targets, layer=layer, meta=raw.meta)
+        meta = dict(raw.meta)
+        if self.aggregate != "mean" and meta.get("display") == "signed":
+            del meta["display"]  # a variance is not signed
+        return RawResult(out, logits, targets, layer=layer, meta=meta)
 
 
 @register("vargrad")

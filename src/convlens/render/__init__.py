@@ -8,6 +8,7 @@ from convlens.render.overlay import (
     dominant_class,
     multiclass_composite,
     overlay_map,
+    overlay_signed,
     rgb_attribution,
     to_pil,
 )
@@ -27,6 +28,7 @@ __all__ = [
     "multiclass_composite",
     "multiclass_figure",
     "overlay_map",
+    "overlay_signed",
     "rgb_attribution",
     "save_figure",
     "short_name",

@@ -24,6 +24,7 @@ __all__ = [
     "dominant_class",
     "multiclass_composite",
     "overlay_map",
+    "overlay_signed",
     "to_pil",
 ]
 
@@ -161,6 +162,55 @@ def overlay_map(
     heat = torch.from_numpy(colorize(heat_map, cmap)).permute(2, 0, 1).float() / 255.0
     blended = (1.0 - alpha) * img + alpha * heat
     return Image.fromarray(_to_uint8(blended))
+
+
+SIGNED_CMAP = "RdBu_r"
+"""Colour map of signed maps: red where the attribution speaks for the target, blue against."""
+
+
+def overlay_signed(
+    map_pm1: torch.Tensor,
+    image: torch.Tensor | None,
+    *,
+    cmap: str = SIGNED_CMAP,
+    alpha: float = 0.5,
+) -> Image.Image:
+    """Blend a signed map over a muted copy of the image, zero transparent:
+    ``(1 - w) backdrop + w heat`` with the weight ``w = min(1, 2 alpha) sqrt(|v|)`` per pixel
+    (the square root lifts the many small values of pixel attributions into view; the backdrop
+    is the image desaturated and darkened, as in :func:`multiclass_composite`, so that red and
+    blue stand out).
+
+    Signed attributions (gradient x input, integrated gradients) are evidence for (``v > 0``)
+    and against (``v < 0``) the target; a diverging colour map centred on zero keeps the two
+    apart, and the image stays visible where the map is near zero (a sequential map of the
+    min-max rescaled values would paint the zeros mid-scale, e.g. green in ``jet``).
+
+    Args:
+        map_pm1: (H, W) map with values in [-1, 1] (e.g. ``exp.signed()[i, k]``); values
+            outside are clamped, NaN counts as 0. Resized bilinearly to the image.
+        image: (3, H, W) image in [0, 1], or ``None`` to return the coloured map alone.
+        cmap: a diverging matplotlib colour map (its middle is zero).
+        alpha: opacity, in [0, 1]; the largest magnitudes are opaque from 0.5 on.
+
+    Returns:
+        RGB ``PIL.Image.Image`` of the image's size (the map's when there is no image).
+
+    Raises:
+        InputError: (a ``ValueError``) if ``alpha`` is outside [0, 1], a shape is wrong or the
+            colour map is unknown.
+    """
+    alpha = _check_alpha(alpha)
+    if not isinstance(map_pm1, torch.Tensor) or map_pm1.dim() != 2:
+        raise InputError("map_pm1 must be a (H, W) tensor, e.g. exp.signed()[i, k].")
+    values = torch.nan_to_num(map_pm1.detach().float().cpu(), nan=0.0).clamp(-1.0, 1.0)
+    if image is None:
+        return Image.fromarray(colorize((values + 1) / 2, cmap))
+    img = _as_image(image)
+    half = _resize((values + 1) / 2, (int(img.shape[1]), int(img.shape[2])))  # 0 -> 0.5
+    heat = torch.from_numpy(colorize(half, cmap)).permute(2, 0, 1).float() / 255.0
+    weight = min(1.0, 2.0 * alpha) * (2 * half - 1).abs().sqrt()
+    return Image.fromarray(_to_uint8((1.0 - weight) * _backdrop(img) + weight * heat))
 
 
 def class_colors(k: int) -> list[tuple[int, int, int]]:

@@ -21,10 +21,12 @@ from matplotlib.patches import Patch
 
 from convlens.errors import InputError
 from convlens.render.overlay import (
+    SIGNED_CMAP,
     class_colors,
     dominant_class,
     multiclass_composite,
     overlay_map,
+    overlay_signed,
     to_pil,
 )
 
@@ -98,15 +100,28 @@ def _prob(t: torch.Tensor) -> float:
 
 
 def _colorbar(
-    fig: Figure, cmap: str, *, axes: list[Axes] | None = None, cax: Axes | None = None
+    fig: Figure,
+    cmap: str,
+    *,
+    axes: list[Axes] | None = None,
+    cax: Axes | None = None,
+    signed: bool = False,
 ) -> None:
-    """One 'low -> high' colour bar: beside ``axes``, or horizontal in ``cax``."""
-    mappable = ScalarMappable(norm=Normalize(0.0, 1.0), cmap=cmap)
+    """One 'low -> high' colour bar (``signed``: 'against -> 0 -> for' in the signed colour
+    map): beside ``axes``, or horizontal in ``cax``."""
+    if signed:
+        cmap = SIGNED_CMAP if cmap == "jet" else cmap
+        mappable = ScalarMappable(norm=Normalize(-1.0, 1.0), cmap=cmap)
+    else:
+        mappable = ScalarMappable(norm=Normalize(0.0, 1.0), cmap=cmap)
     if cax is not None:
         bar = fig.colorbar(mappable, cax=cax, orientation="horizontal")
     else:
         bar = fig.colorbar(mappable, ax=axes, shrink=0.75, aspect=25, pad=0.02)
-    bar.set_ticks([0.0, 1.0], labels=["low", "high"])
+    if signed:
+        bar.set_ticks([-1.0, 0.0, 1.0], labels=["against", "0", "for"])
+    else:
+        bar.set_ticks([0.0, 1.0], labels=["low", "high"])
     bar.ax.tick_params(labelsize=8)
     bar.outline.set_visible(False)
 
@@ -148,7 +163,7 @@ def explanation_figure(
         ax.imshow(np.asarray(exp.overlay(i, k, cmap=cmap, alpha=alpha)))
         name = short_name(exp.target_name(i, k))
         ax.set_title(f"{name} (p={_prob(exp.probs[i, k]):.2f})", fontsize=_TITLE_SIZE)
-    _colorbar(fig, cmap, axes=overlay_axes)
+    _colorbar(fig, cmap, axes=overlay_axes, signed=exp.is_signed)
     suptitle = exp.method if exp.layer is None else f"{exp.method} · layer {exp.layer}"
     fig.suptitle(suptitle, fontsize=_TITLE_SIZE + 1, fontweight="bold")
     return fig
@@ -229,13 +244,18 @@ def side_by_side_figure(
         axes[0].imshow(np.asarray(to_pil(image)))
         axes[0].set_title("input", fontsize=_TITLE_SIZE, pad=16)
     method_axes = axes[first_method:-1]
+    signed = [exp.is_signed for _, exp in items]
     for ax, (label, exp) in zip(method_axes, items, strict=True):
         if exp.images is None and image is not None:
-            ax.imshow(
-                np.asarray(overlay_map(exp.normalized()[i, 0], image, cmap=cmap, alpha=alpha))
-            )
+            if exp.is_signed:
+                pic = overlay_signed(exp.signed()[i, 0], image, alpha=alpha)
+            else:
+                pic = overlay_map(exp.normalized()[i, 0], image, cmap=cmap, alpha=alpha)
+            ax.imshow(np.asarray(pic))
         else:
             ax.imshow(np.asarray(exp.overlay(i, 0, cmap=cmap, alpha=alpha)))
+        if exp.is_signed and not all(signed):  # the colour bar below is not for this one
+            ax.set_xlabel("red: for, blue: against", fontsize=_SUBTITLE_SIZE, color="0.35")
         ax.set_title(label, fontsize=_TITLE_SIZE + 1, fontweight="bold", pad=16)
         ax.annotate(
             short_name(exp.target_name(i, 0)),
@@ -248,7 +268,7 @@ def side_by_side_figure(
             fontsize=_SUBTITLE_SIZE,
             color="0.35",
         )
-    _colorbar(fig, cmap, cax=fig.add_subplot(grid[1, first_method : ncols - 1]))
+    _colorbar(fig, cmap, cax=fig.add_subplot(grid[1, first_method : ncols - 1]), signed=all(signed))
     highlight = {int(e.targets[i, 0]) for _, e in items}
     _top5_axes(axes[-1], first, i, highlight)
     return fig
