@@ -441,3 +441,21 @@ def test_gradient_x_input_and_integrated_gradients_are_signed_vargrad_is_not():
     assert IntegratedGradients(steps=2)(net, x).is_signed
     assert SmoothGrad(GradientXInput(), samples=2)(net, x).is_signed
     assert not VarGrad(GradientXInput(), samples=2)(net, x).is_signed
+
+
+def test_multiclass_view_of_signed_maps_uses_the_evidence_for_each_class():
+    from dataclasses import replace
+
+    exp = make_exp(1, 2).select(0)
+    m = torch.zeros(1, 2, H, W)
+    m[0, 0] = blob(8, 8, 3.0) - blob(24, 24, 3.0)  # class 0: for top left, against bottom right
+    m[0, 1] = blob(24, 24, 3.0)
+    signed = replace(exp, maps=m, meta={"display": "signed"})
+    fig = multiclass_figure(signed, alpha=1.0)
+    shown = np.asarray(fig.axes[1].images[0].get_array()).astype(int)
+    backdrop = np.asarray(to_pil(_backdrop(exp.images[0]))).astype(int)
+    # zero evidence stays the backdrop (min-max would have put it at 0.5, over the threshold)
+    assert np.abs(shown[0, 16] - backdrop[0, 16]).max() <= 1
+    assert np.abs(shown[8, 8] - backdrop[8, 8]).max() > 30  # class 0's colour
+    owner = dominant_class(signed.signed()[0].clamp_min(0), 0.2)
+    assert owner[8, 8] == 0 and owner[24, 24] == 1 and owner[0, 16] == -1

@@ -307,7 +307,9 @@ def multiclass_figure(
     if image is not None:
         axes[0].imshow(np.asarray(to_pil(image)))
         axes[0].set_title("input", fontsize=_TITLE_SIZE)
-    maps = exp.normalized()[i]
+    # signed maps: the evidence for each class (a min-max rescale would put their zeros
+    # mid-scale, above the threshold everywhere)
+    maps = exp.signed()[i].clamp_min(0.0) if exp.is_signed else exp.normalized()[i]
     composite = multiclass_composite(maps, image, colors, alpha=alpha, threshold=threshold)
     axes[-1].imshow(np.asarray(composite))
     # Outline each class's region: where its map is the highest and above the threshold.
