@@ -280,3 +280,21 @@ def test_evaluate_compile_flag(setup, monkeypatch: pytest.MonkeyPatch, flag, exp
     ]
     assert run(args) == 0
     assert seen == [expected]
+
+
+@pytest.mark.parametrize("command", ["analyze", "evaluate", "features", "predict"])
+def test_an_empty_path_is_an_error_not_the_current_folder(setup, capsys, command) -> None:
+    d = setup["dir"]
+    out = ["--out", str(d / "o")] if command != "predict" else []
+    if command == "features":
+        out += ["--layer", "0"]
+    assert run([command, "", *model_args(d), *out]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("error:") and "empty" in last
+
+
+def test_a_home_relative_path_is_expanded(setup, capsys, monkeypatch) -> None:
+    d = setup["dir"]
+    monkeypatch.setenv("HOME", str(d))
+    assert run(["predict", "~/a.png", *model_args(d), "--top", "2"]) == 0
+    assert "a.png" in capsys.readouterr().out

@@ -217,3 +217,34 @@ def test_a_failed_copy_is_not_kept() -> None:
     with pytest.raises(InputError):
         Saliency()(net, images(1, size=9)[:, :2])  # two channels
     assert cached_inference_copy(net, images(1, size=9)) is not None
+
+
+def test_what_the_model_cannot_take_and_what_a_method_gets_wrong_are_told_apart() -> None:
+    from convlens.errors import InputError
+    from convlens.methods import GradientXInput
+    from convlens.methods.wrappers import TTA
+
+    fixed = nn.Sequential(nn.Conv2d(3, 2, 3, padding=1), nn.Flatten(), nn.Linear(2 * 16 * 16, 3))
+    x = torch.rand(1, 3, 16, 16)
+    with pytest.raises(InputError, match=r"TTA scale 0\.75 makes 12x12 inputs"):
+        TTA(GradientXInput(), scales=(1.0, 0.75))(fixed, x)
+    tta = TTA(GradientXInput(), scales=(1.0,))(fixed, x)
+    assert tta.is_signed and tta.meta["display_percentile"] == 99.0  # the inner display
+    with pytest.raises(InputError, match="baseline's shape"):
+        IntegratedGradients(steps=2, baseline=torch.zeros(2, 3, 5, 5))(fixed, x)
+    broken = nn.Sequential(
+        nn.Conv2d(3, 2, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(5, 3)
+    )
+    with pytest.raises(InputError, match="the model fails on inputs of shape"):
+        Saliency()(broken, x)  # fails on any input: still one clear line
+
+
+def test_signed_display_of_a_sparse_map_keeps_its_scale() -> None:
+    from dataclasses import replace
+
+    exp = Saliency()(_net(), images(1, size=9))
+    maps = torch.zeros(1, 1, 40, 40)
+    maps[0, 0, 0, 0], maps[0, 0, 0, 1] = 1.0, 0.01  # 99.9% zeros: the 99th percentile is 0
+    signed = replace(exp, maps=maps, meta={"display": "signed", "display_percentile": 99.0})
+    s = signed.signed()
+    assert float(s[0, 0, 0, 0]) == 1.0 and float(s[0, 0, 0, 1]) == pytest.approx(0.01)

@@ -318,7 +318,7 @@ def demo(
 @app.command("features")
 def features_cmd(
     data: Annotated[
-        list[Path], typer.Argument(help="Image folders (searched recursively) or files.")
+        list[str], typer.Argument(help="Image folders (searched recursively) or files.")
     ],
     layer: Annotated[
         list[str],

@@ -91,7 +91,7 @@ DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, cuda:1 ... or auto.")]
 # ------------------------------------------------------------------------- inputs and outputs
 
 ImagesArg = Annotated[list[str], typer.Argument(help="Image files or folders.")]
-LabelledDataArg = Annotated[Path, typer.Argument(help="Image folder (class subfolders) or CSV.")]
+LabelledDataArg = Annotated[str, typer.Argument(help="Image folder (class subfolders) or CSV.")]
 LimitOpt = Annotated[Optional[int], typer.Option(help="At most N images.")]  # noqa: UP045
 OutDirOpt = Annotated[Path, typer.Option("--out", help="Output folder.")]
 MethodsOpt = Annotated[

@@ -28,7 +28,9 @@ def read_labelled(
     Raises:
         InputError: the CSV lacks a path column, or a label or folder name is not a class.
     """
-    data = Path(data)
+    if not str(data).strip():  # Path("") is the current folder
+        raise InputError("an empty data path was given (an unset shell variable?)")
+    data = Path(data).expanduser()
     items: list[tuple[Path, int | None]]
     if data.is_file() and data.suffix.lower() == ".csv":
         with data.open(newline="", encoding="utf-8") as fh:

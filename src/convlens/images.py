@@ -171,7 +171,7 @@ def list_images(paths: Iterable[str | Path] | str | Path, recursive: bool = True
     for raw in paths:
         if not str(raw).strip():  # Path("") is the current folder
             raise ImageError("an empty image path was given (an unset shell variable?)")
-        p = Path(raw)
+        p = Path(raw).expanduser()
         if p.is_dir():
             candidates: Iterable[Path] = _walk_images(p, recursive=recursive)
         elif p.exists():

@@ -78,17 +78,7 @@ class Explanation:
         """
         if percentile is None:
             percentile = self.meta.get("display_percentile")
-        flat = self.maps.flatten(2).float()
-        if percentile is not None and percentile < 100:
-            q = torch.tensor([1 - percentile / 100.0, percentile / 100.0], device=flat.device)
-            lo, hi = torch.quantile(flat, q, dim=2, keepdim=True)
-            flat = torch.maximum(torch.minimum(flat, hi), lo)
-        else:
-            lo = flat.min(dim=2, keepdim=True).values
-            hi = flat.max(dim=2, keepdim=True).values
-        span = (hi - lo).clamp_min(torch.finfo(flat.dtype).tiny)
-        out = torch.where(hi > lo, (flat - lo) / span, torch.zeros_like(flat))
-        return out.view(self.maps.shape)
+        return _normalized(self.maps, percentile)
 
     @property
     def is_signed(self) -> bool:
@@ -107,15 +97,7 @@ class Explanation:
         """
         if percentile is None:
             percentile = self.meta.get("display_percentile")
-        flat = self.maps.flatten(2).float()
-        size = flat.abs()
-        if percentile is not None and percentile < 100:
-            scale = torch.quantile(size, percentile / 100.0, dim=2, keepdim=True)
-            scale = torch.maximum(scale, size.amax(dim=2, keepdim=True) * 1e-6)
-        else:
-            scale = size.amax(dim=2, keepdim=True)
-        out = torch.where(scale > 0, flat / scale.clamp_min(1e-30), torch.zeros_like(flat))
-        return out.clamp(-1.0, 1.0).view(self.maps.shape)
+        return _signed(self.maps, percentile)
 
     def target_name(self, i: int, k: int = 0) -> str:
         """Name of target ``k`` of image ``i`` (its index when no class list is known)."""
@@ -190,10 +172,14 @@ class Explanation:
             return rgb_attribution(self.attributions[i, k])
 
         image = None if self.images is None else self.images[i]
+        one = self.maps[i : i + 1, k : k + 1]  # this map only (save() draws each in turn)
+        percentile = self.meta.get("display_percentile")
         if self.is_signed:
             signed_cmap = SIGNED_CMAP if cmap == "jet" else cmap
-            return overlay_signed(self.signed()[i, k], image, cmap=signed_cmap, alpha=alpha)
-        return overlay_map(self.normalized()[i, k], image, cmap=cmap, alpha=alpha)
+            return overlay_signed(
+                _signed(one, percentile)[0, 0], image, cmap=signed_cmap, alpha=alpha
+            )
+        return overlay_map(_normalized(one, percentile)[0, 0], image, cmap=cmap, alpha=alpha)
 
     def save(self, path: str | Path, *, cmap: str = "jet", alpha: float = 0.5) -> list[Path]:
         """Save one overlay PNG per image and target.
@@ -226,3 +212,31 @@ class Explanation:
         from convlens.render.panels import explanation_figure
 
         return explanation_figure(self, i, cmap=cmap, alpha=alpha)
+
+
+def _normalized(maps: torch.Tensor, percentile: float | None) -> torch.Tensor:
+    """:meth:`Explanation.normalized` of (B, K, H, W) ``maps``."""
+    flat = maps.flatten(2).float()
+    if percentile is not None and percentile < 100:
+        q = torch.tensor([1 - percentile / 100.0, percentile / 100.0], device=flat.device)
+        lo, hi = torch.quantile(flat, q, dim=2, keepdim=True)
+        flat = torch.maximum(torch.minimum(flat, hi), lo)
+    else:
+        lo = flat.min(dim=2, keepdim=True).values
+        hi = flat.max(dim=2, keepdim=True).values
+    span = (hi - lo).clamp_min(torch.finfo(flat.dtype).tiny)
+    out = torch.where(hi > lo, (flat - lo) / span, torch.zeros_like(flat))
+    return out.view(maps.shape)
+
+
+def _signed(maps: torch.Tensor, percentile: float | None) -> torch.Tensor:
+    """:meth:`Explanation.signed` of (B, K, H, W) ``maps``."""
+    flat = maps.flatten(2).float()
+    size = flat.abs()
+    top = size.amax(dim=2, keepdim=True)
+    scale = top
+    if percentile is not None and percentile < 100:
+        q = torch.quantile(size, percentile / 100.0, dim=2, keepdim=True)
+        scale = torch.where(q > 0, q, top)  # sparse maps: their percentile may be 0
+    out = torch.where(scale > 0, flat / scale.clamp_min(1e-30), torch.zeros_like(flat))
+    return out.clamp(-1.0, 1.0).view(maps.shape)

@@ -45,6 +45,9 @@ STORE_NAME = "predictions.sqlite"
 THUMB_SIDE = 96
 _PAIR_EXAMPLES = 2
 _PAIRS = 5
+PANEL_RENDERING = 2
+"""Version of how explanation panels are drawn (2: signed maps red/blue); part of the panel
+cache's key, so a resumed run redraws panels made the older way."""
 
 
 @dataclass
@@ -652,7 +655,10 @@ def analyze(
     ):
         save_figure(fig, plots / f"{name}.png")
     examined = select_examined(predictions, metrics, top_errors)
-    config = json.dumps({n: _jsonable(o) for n, o in specs.items()}, sort_keys=True)
+    config = json.dumps(
+        {"methods": {n: _jsonable(o) for n, o in specs.items()}, "render": PANEL_RENDERING},
+        sort_keys=True,
+    )
     explained = _explain_errors(
         model,
         examined,

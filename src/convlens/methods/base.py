@@ -46,15 +46,29 @@ class Context:
 
 
 #: Fragments of PyTorch's messages when a network gets inputs of a size or channel count
-#: it cannot take (re-raised as :class:`~convlens.errors.InputError`).
+#: it cannot take; re-raised as :class:`~convlens.errors.InputError` when the plain network
+#: fails on the batch too (so errors of a method's own steps are never relabelled).
 _SHAPE_ERRORS = (
     "Kernel size can't be greater than actual input size",
     "Calculated padded input size",
     "mat1 and mat2 shapes cannot be multiplied",
     "Given groups=",
     "Output size is too small",
-    "size mismatch",
+    "size mismatch, got input",
+    "is invalid for input of size",
+    "The size of tensor a",
+    "Sizes of tensors must match",
 )
+
+
+def _model_runs_on(net: nn.Module, x: torch.Tensor) -> bool:
+    """Whether one plain no-grad forward pass of the network on ``x[:1]`` succeeds."""
+    try:
+        with torch.no_grad():
+            net(x[:1])
+    except Exception:
+        return False
+    return True
 
 
 @dataclass
@@ -125,13 +139,13 @@ class Method:
             try:
                 raw = self.compute(ctx)
             except RuntimeError as exc:
-                if not any(p in str(exc) for p in _SHAPE_ERRORS):
+                if not any(p in str(exc) for p in _SHAPE_ERRORS) or _model_runs_on(net, x):
                     raise
                 first = str(exc).strip().splitlines()[0]
                 raise InputError(
-                    f"the model cannot run on inputs of shape {tuple(x.shape)} ({first}); "
-                    "give images of the size the model expects (ConvlensModel.load_images "
-                    "resizes them)"
+                    f"the model fails on inputs of shape {tuple(x.shape)}: {first} (if the "
+                    "image size or channel count is wrong, ConvlensModel.load_images "
+                    "resizes images for the model)"
                 ) from exc
         seconds = time.perf_counter() - start
         return self._result(raw, x, wrapper, seconds)

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from convlens.errors import InputError
 from convlens.hooks import InputGradientMode, backprop_rule, input_gradient_mode
 from convlens.methods.base import Context, Method, RawResult
 from convlens.methods.registry import register
@@ -258,7 +259,13 @@ class IntegratedGradients(Method):
 
     def _baseline(self, x: torch.Tensor) -> torch.Tensor:
         if isinstance(self.baseline, torch.Tensor):
-            return self.baseline.to(x).expand_as(x)
+            try:
+                return self.baseline.to(x).expand_as(x)
+            except RuntimeError:
+                raise InputError(
+                    f"the baseline's shape {tuple(self.baseline.shape)} does not broadcast to "
+                    f"the input's {tuple(x.shape)}"
+                ) from None
         if self.baseline == "blur":
             from convlens.methods.perturbation import blur
 

@@ -7,7 +7,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from convlens.methods.base import Context, Method, RawResult
+from convlens.errors import InputError
+from convlens.methods.base import _SHAPE_ERRORS, Context, Method, RawResult
 from convlens.methods.gradient import Saliency
 from convlens.methods.registry import register
 
@@ -181,9 +182,18 @@ class TTA(Method):
             )
             for flip in (False, True) if self.flips else (False,):
                 xt = xs.flip(-1) if flip else xs
-                raw = self.inner.compute(
-                    Context(ctx.net, xt, targets, None, ctx.classes, ctx.layer)
-                )
+                try:
+                    raw = self.inner.compute(
+                        Context(ctx.net, xt, targets, None, ctx.classes, ctx.layer)
+                    )
+                except RuntimeError as exc:
+                    if size == (h, w) or not any(p in str(exc) for p in _SHAPE_ERRORS):
+                        raise
+                    first = str(exc).strip().splitlines()[0]
+                    raise InputError(
+                        f"TTA scale {scale} makes {size[0]}x{size[1]} inputs, on which the "
+                        f"model fails: {first}; choose scales the model can take"
+                    ) from exc
                 m = raw.maps.float()
                 if flip:
                     m = m.flip(-1)
@@ -192,4 +202,6 @@ class TTA(Method):
                 total += m
                 count += 1
                 layer = raw.layer
-        return RawResult(total / count, logits, targets, layer=layer)
+        # the inner method's display settings (signed, percentile) hold for the average too
+        meta = dict(raw.meta) if count else {}
+        return RawResult(total / count, logits, targets, layer=layer, meta=meta)

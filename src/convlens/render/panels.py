@@ -248,14 +248,16 @@ def side_by_side_figure(
     for ax, (label, exp) in zip(method_axes, items, strict=True):
         if exp.images is None and image is not None:
             if exp.is_signed:
-                pic = overlay_signed(exp.signed()[i, 0], image, alpha=alpha)
+                signed_cmap = SIGNED_CMAP if cmap == "jet" else cmap
+                pic = overlay_signed(exp.signed()[i, 0], image, cmap=signed_cmap, alpha=alpha)
             else:
                 pic = overlay_map(exp.normalized()[i, 0], image, cmap=cmap, alpha=alpha)
             ax.imshow(np.asarray(pic))
         else:
             ax.imshow(np.asarray(exp.overlay(i, 0, cmap=cmap, alpha=alpha)))
         if exp.is_signed and not all(signed):  # the colour bar below is not for this one
-            ax.set_xlabel("red: for, blue: against", fontsize=_SUBTITLE_SIZE, color="0.35")
+            key = "red: for, blue: against" if cmap == "jet" else "signed: top of the scale for"
+            ax.set_xlabel(key, fontsize=_SUBTITLE_SIZE, color="0.35")
         ax.set_title(label, fontsize=_TITLE_SIZE + 1, fontweight="bold", pad=16)
         ax.annotate(
             short_name(exp.target_name(i, 0)),
