@@ -193,12 +193,7 @@ def overlay_signed(
         cmap: a diverging matplotlib colour map (its middle is zero).
         alpha: opacity, in [0, 1]; the largest magnitudes are opaque from 0.5 on.
 
-    Returns:
-        RGB ``PIL.Image.Image`` of the image's size (the map's when there is no image).
-
-    Raises:
-        InputError: (a ``ValueError``) if ``alpha`` is outside [0, 1], a shape is wrong or the
-            colour map is unknown.
+    Returns and raises as :func:`overlay_map`.
     """
     alpha = _check_alpha(alpha)
     if not isinstance(map_pm1, torch.Tensor) or map_pm1.dim() != 2:
