@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Any
 
 import numpy as np
@@ -134,7 +135,14 @@ class GradientXInput(Method):
 
 
 def _path_rule(rule: str, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Points ``alpha`` in [0, 1] and weights of a quadrature of int_0^1 f(alpha) d alpha."""
+    """Points ``alpha`` in [0, 1] and weights of a quadrature of int_0^1 f(alpha) d alpha
+    (fresh float64 tensors; the nodes are computed once per rule and step count)."""
+    a, w = _path_rule_cached(rule, steps)
+    return a.clone(), w.clone()
+
+
+@functools.lru_cache(maxsize=32)
+def _path_rule_cached(rule: str, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
     if rule == "gausslegendre":
         nodes, weights = np.polynomial.legendre.leggauss(steps)
         return (torch.from_numpy((nodes + 1) / 2), torch.from_numpy(weights / 2))

@@ -246,10 +246,17 @@ def has_hooks(net: nn.Module) -> bool:
     hook: gradients through a copy would reach the copy's modules, not the network's."""
     from torch.nn.modules import module as nn_module
 
-    if has_forward_hooks(net):
+    if (
+        nn_module._global_forward_hooks
+        or nn_module._global_forward_pre_hooks
+        or nn_module._global_backward_hooks
+        or nn_module._global_backward_pre_hooks
+    ):
         return True
-    hooked = any(m._backward_hooks or m._backward_pre_hooks for m in net.modules())
-    return bool(hooked or nn_module._global_backward_hooks or nn_module._global_backward_pre_hooks)
+    return any(
+        m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+        for m in net.modules()
+    )
 
 
 def clear_inference_copies() -> None:
