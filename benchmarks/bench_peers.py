@@ -380,8 +380,20 @@ def pair_intgrad(s: Setup, args: argparse.Namespace) -> Pair:
     every = steps * len(targets)  # all path points of all images in one pass
     ig = CaptumIG(s.net)
 
-    def captum(internal: int | None) -> Callable[[], torch.Tensor]:
+    def captum(internal: int | None, *, equal_work: bool = False) -> Callable[[], torch.Tensor]:
         def run() -> torch.Tensor:
+            if equal_work:  # what convlens does inside its call: the targets and the delta
+                with torch.no_grad():
+                    top = s.net(x).argmax(dim=1)
+                out, _delta = ig.attribute(
+                    x,
+                    target=top,
+                    n_steps=steps,
+                    method="gausslegendre",
+                    internal_batch_size=internal,
+                    return_convergence_delta=True,
+                )
+                return out.detach()
             return ig.attribute(
                 x,
                 target=targets,
@@ -421,6 +433,17 @@ def pair_intgrad(s: Setup, args: argparse.Namespace) -> Pair:
                 ),
             )
         ]
+        internal = group if group < every else None
+        out.append(
+            Side(
+                f"captum IntegratedGradients ({steps} steps, internal_batch_size {internal}), "
+                "top-1 targets and convergence delta inside the call (as convlens)",
+                captum(internal, equal_work=True),
+                captum_map,
+                False,
+                group=group,
+            )
+        )
         if x.device.type == "cuda":
             out.append(
                 Side(

@@ -160,10 +160,10 @@ def _attributes(m: nn.Module) -> tuple[Any, ...]:
     for k, v in m.__dict__.items():
         if k.startswith("_") or k == "training":
             continue
-        if isinstance(v, _PLAIN) or (
-            isinstance(v, tuple) and all(isinstance(e, _PLAIN) for e in v)
-        ):
+        if isinstance(v, _PLAIN):
             out.append((k, v))
+        elif isinstance(v, (tuple, list)) and all(isinstance(e, _PLAIN) for e in v):
+            out.append((k, tuple(v)))  # e.g. a stride kept as a list
         elif isinstance(v, torch.Tensor):
             out.append((k, v.data_ptr(), None if v.is_inference() else v._version))
         elif k == "forward" or callable(v):
