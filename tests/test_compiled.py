@@ -113,66 +113,66 @@ def test_fixed_batch_pads_and_drops() -> None:
     assert seen == [8, 8]  # always the compiled batch size
 
 
-def test_failed_compilation_runs_eagerly(caplog: pytest.LogCaptureFixture) -> None:
+def _no_compiler(_m: nn.Module):
+    def fn(_b: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("no C++ compiler")
+
+    return fn
+
+
+def _wrong(m: nn.Module):
+    return lambda b: m(b) + 1.0  # a wrong "compiled" network
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [(_no_compiler, "torch.compile failed"), (_wrong, "differs from eager")],
+)
+def test_failed_or_disagreeing_compilation_runs_eagerly(
+    caplog: pytest.LogCaptureFixture, make, message: str
+) -> None:
     net = _net()
     x, maps, t = _data()
-
-    def make(_m: nn.Module):
-        def fn(_b: torch.Tensor) -> torch.Tensor:
-            raise RuntimeError("no C++ compiler")
-
-        return fn
-
     eager = deletion_insertion_many(net, x, maps, t, steps=4, batch_size=8, compile=False)
     with pytest.MonkeyPatch.context() as mp, caplog.at_level(logging.WARNING):
         mp.setattr(torch, "compile", _CountingCompile(make))
         got = deletion_insertion_many(net, x, maps, t, steps=4, batch_size=8, compile=True)
     _curves_equal(eager, got, atol=0)
-    assert "torch.compile failed" in caplog.text
-    ((entry,),) = (d.values() for d in comp._CACHE.values())
+    assert message in caplog.text
+    (entry,) = comp._CACHE[net].values()
     assert entry[1].compiled is False
 
 
-def test_disagreeing_compilation_runs_eagerly(caplog: pytest.LogCaptureFixture) -> None:
+@pytest.fixture
+def counter(monkeypatch: pytest.MonkeyPatch) -> _CountingCompile:
+    """``torch.compile`` replaced for the test by a counting stand-in."""
+    counting = _CountingCompile()
+    monkeypatch.setattr(torch, "compile", counting)
+    return counting
+
+
+def test_one_compilation_per_network_rebuilt_on_new_weights(counter: _CountingCompile) -> None:
     net = _net()
     x, maps, t = _data()
-
-    def make(m: nn.Module):
-        return lambda b: m(b) + 1.0  # a wrong "compiled" network
-
-    eager = deletion_insertion_many(net, x, maps, t, steps=4, batch_size=8, compile=False)
-    with pytest.MonkeyPatch.context() as mp, caplog.at_level(logging.WARNING):
-        mp.setattr(torch, "compile", _CountingCompile(make))
-        got = deletion_insertion_many(net, x, maps, t, steps=4, batch_size=8, compile=True)
-    _curves_equal(eager, got, atol=0)
-    assert "differs from eager" in caplog.text
-
-
-def test_one_compilation_per_network_rebuilt_on_new_weights() -> None:
-    net = _net()
-    x, maps, t = _data()
-    counter = _CountingCompile()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(torch, "compile", counter)
-        deletion_insertion_many(net, x, maps, t, steps=4, batch_size=8, compile=True)
-        first = deletion_insertion_many(net, x, maps, t, steps=4, batch_size=8, compile=True)
-        assert counter.calls == 1
-        deletion_insertion_many(net, x, maps, t, steps=4, batch_size=4, compile=True)
-        assert counter.calls == 2  # another batch size: another compiled copy
-        with torch.no_grad():
-            net.fc.weight.data.mul_(-1.0)  # .data: no version bump, caught by the sums
-        flipped = deletion_insertion_many(net, x, maps, t, steps=4, batch_size=4, compile=True)
-        assert counter.calls == 3
+    deletion_insertion_many(net, x, maps, t, steps=4, batch_size=8, compile=True)
+    first = deletion_insertion_many(net, x, maps, t, steps=4, batch_size=8, compile=True)
+    assert counter.calls == 1
+    deletion_insertion_many(net, x, maps, t, steps=4, batch_size=4, compile=True)
+    assert counter.calls == 2  # another batch size: another compiled copy
+    with torch.no_grad():
+        net.fc.weight.data.mul_(-1.0)  # .data: no version bump, caught by the values
+    flipped = deletion_insertion_many(net, x, maps, t, steps=4, batch_size=4, compile=True)
+    assert counter.calls == 3
     eager = deletion_insertion_many(net, x, maps, t, steps=4, batch_size=4, compile=False)
     _curves_equal(eager, flipped)
     assert not torch.allclose(first["a"].deletion, flipped["a"].deletion)
 
 
-def test_auto_compiles_once_eager_time_adds_up(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_auto_compiles_once_eager_time_adds_up(
+    monkeypatch: pytest.MonkeyPatch, counter: _CountingCompile
+) -> None:
     net = _net()
     x, maps, t = _data()
-    counter = _CountingCompile()
-    monkeypatch.setattr(torch, "compile", counter)
     monkeypatch.setattr(comp, "compiler_available", lambda: True)
     monkeypatch.setenv("CONVLENS_AUTO_COMPILE", "1")
     monkeypatch.setattr(comp, "AUTO_COMPILE_SECONDS", 1e9)
@@ -222,33 +222,28 @@ def test_inference_copy_compiles_with_freezing_equal() -> None:
     assert torch.allclose(got, ref, atol=1e-5)
 
 
-def test_changed_structure_or_settings_rebuild_the_compiled_copy() -> None:
+def test_changed_structure_or_settings_rebuild_the_compiled_copy(counter: _CountingCompile) -> None:
     net = _net()
     x, maps, t = _data()
-    counter = _CountingCompile()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(torch, "compile", counter)
-        deletion_insertion_many(net, x, maps, t, steps=4, batch_size=8, compile=True)
-        net.bn.eps = 10.0  # a setting, no tensor changes
-        a = deletion_insertion_many(net, x, maps, t, steps=4, batch_size=8, compile=True)
-        assert counter.calls == 2
-        eager_a = deletion_insertion_many(net, x, maps, t, steps=4, batch_size=8, compile=False)
-        _curves_equal(eager_a, a)
-        net.fc = nn.Linear(8, 5)  # a replaced module
-        b = deletion_insertion_many(net, x, maps, t, steps=4, batch_size=8, compile=True)
-        assert counter.calls == 3
+    deletion_insertion_many(net, x, maps, t, steps=4, batch_size=8, compile=True)
+    net.bn.eps = 10.0  # a setting, no tensor changes
+    a = deletion_insertion_many(net, x, maps, t, steps=4, batch_size=8, compile=True)
+    assert counter.calls == 2
+    eager_a = deletion_insertion_many(net, x, maps, t, steps=4, batch_size=8, compile=False)
+    _curves_equal(eager_a, a)
+    net.fc = nn.Linear(8, 5)  # a replaced module
+    b = deletion_insertion_many(net, x, maps, t, steps=4, batch_size=8, compile=True)
+    assert counter.calls == 3
     eager = deletion_insertion_many(net, x, maps, t, steps=4, batch_size=8, compile=False)
     _curves_equal(eager, b)
 
 
 def test_a_model_changing_between_every_call_stops_being_compiled(
-    caplog: pytest.LogCaptureFixture,
+    caplog: pytest.LogCaptureFixture, counter: _CountingCompile
 ) -> None:
     net = _net()
     x, maps, t = _data()
-    counter = _CountingCompile()
-    with pytest.MonkeyPatch.context() as mp, caplog.at_level(logging.INFO):
-        mp.setattr(torch, "compile", counter)
+    with caplog.at_level(logging.INFO):
         for i in range(comp._MAX_BUILDS + 2):
             with torch.no_grad():
                 net.fc.bias.add_(0.01 * (i + 1))
@@ -261,15 +256,12 @@ def test_a_model_changing_between_every_call_stops_being_compiled(
     _curves_equal(eager, got)
 
 
-def test_inference_tensors_and_nan_weights_in_the_fingerprint() -> None:
+def test_inference_tensors_and_nan_weights_in_the_fingerprint(counter: _CountingCompile) -> None:
     with torch.inference_mode():
         net = _net()
     x, maps, t = _data()
-    counter = _CountingCompile()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(torch, "compile", counter)
-        deletion_insertion_many(net, x, maps, t, steps=4, batch_size=8, compile=True)
-        deletion_insertion_many(net, x, maps, t, steps=4, batch_size=8, compile=True)
+    deletion_insertion_many(net, x, maps, t, steps=4, batch_size=8, compile=True)
+    deletion_insertion_many(net, x, maps, t, steps=4, batch_size=8, compile=True)
     assert counter.calls == 1
     nan_net = _net()
     with torch.no_grad():

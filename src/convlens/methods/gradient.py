@@ -186,7 +186,8 @@ class IntegratedGradients(Method):
     The path points run through a copy of the network with eval-mode BatchNorm folded into the
     convolutions (:func:`convlens.models.inference.cached_inference_copy`, made once per network
     and kept while it is unchanged; the same function up to float rounding, checked on two
-    images; the network itself when a forward hook must see the passes): a third fewer layers
+    images; the network itself when hooks must see the passes, and in the other cases listed
+    there): a third fewer layers
     to run forwards and backwards, and a third fewer activations kept for the backward pass.
     The autograd graph is built by plain autograd (``graph="plain"``) or by
     :class:`convlens.hooks.InputGradientMode` (``graph="lean"``: one byte kept per activation
@@ -309,15 +310,14 @@ class IntegratedGradients(Method):
             merged = x.device.type != "cpu" and not isinstance(ctx.target, torch.Tensor)
         # (the first pass then carries b + 1 rows, or 2 b with per-image baselines, on top of
         # batch_size: a few launch-bound rows more beat a pass of their own)
-        starts = list(range(0, self.steps, per))
         if not merged:
             with torch.no_grad():
                 end_logits = net(
                     ends.contiguous(memory_format=torch.channels_last) if layout else ends
                 )
         targets = total = None
-        for i, start in enumerate(starts):
-            a = alphas[start : starts[i + 1] if i + 1 < len(starts) else self.steps]
+        for start in range(0, self.steps, per):
+            a = alphas[start : start + per]
             n = len(a)
             pts = torch.addcmul(base.unsqueeze(0), a.view(-1, 1, 1, 1, 1), diff.unsqueeze(0))
             pts = pts.flatten(0, 1)
