@@ -694,7 +694,8 @@ class InputGradientMode(BackpropRuleMode):
     - inference-mode ``batch_norm`` saves one scale per channel (``dL/dx = s dL/dy``);
     - ReLU-like units (``relu``, ``relu6``, ``hardtanh(x, 0, m)``, ``clamp(min=0)``) save a
       one-byte mask instead of their float input (:class:`BackpropRuleMode` with the
-      ``"gradient"`` rule, the true gradient).
+      ``"gradient"`` rule, the true gradient, with the running torch's convention on the bounds;
+      a unit whose gradient there is no mask is left to autograd).
 
     The gradients are those of plain autograd (the same operations in the other order, so equal
     up to rounding); every other operation is left to autograd. On a conv-BN-ReLU network the
