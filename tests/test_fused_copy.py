@@ -14,6 +14,7 @@ from convlens.models.inference import (
     clear_inference_copies,
     has_forward_hooks,
 )
+from convlens.models.user import torchscript_deprecation_silenced
 
 
 def _net() -> nn.Module:
@@ -63,7 +64,6 @@ def test_the_copy_is_folded_kept_and_rebuilt_when_the_network_changes() -> None:
     assert cached_inference_copy(net, x) is not third
 
 
-@pytest.mark.filterwarnings(r"ignore:.*torch\.jit.*:DeprecationWarning")
 def test_no_copy_when_hooks_or_modes_must_see_the_network() -> None:
     net = _net()
     x = images(1, size=9)
@@ -79,7 +79,8 @@ def test_no_copy_when_hooks_or_modes_must_see_the_network() -> None:
     with input_gradient_mode():
         assert cached_inference_copy(net, x) is None
     assert cached_inference_copy(net, x) is not None
-    scripted = torch.jit.script(_net())
+    with torchscript_deprecation_silenced():
+        scripted = torch.jit.script(_net())
     assert cached_inference_copy(scripted, x) is None  # cannot be deep-copied
 
 

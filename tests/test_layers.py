@@ -8,6 +8,7 @@ from torch import nn
 
 from convlens.errors import LayerError
 from convlens.layers import LayerInfo, format_layer_table, layer_table, resolve_layer
+from convlens.models.user import torchscript_deprecation_silenced
 
 
 class SharedReLU(nn.Module):
@@ -173,9 +174,9 @@ def test_user_hooks_are_left_alone() -> None:
         handle.remove()
 
 
-@pytest.mark.filterwarnings(r"ignore:.*torch\.jit.*:DeprecationWarning")
 def test_torchscript() -> None:
-    scripted = torch.jit.script(nn.Sequential(nn.Conv2d(3, 2, 1), nn.ReLU()))
+    with torchscript_deprecation_silenced():
+        scripted = torch.jit.script(nn.Sequential(nn.Conv2d(3, 2, 1), nn.ReLU()))
     with pytest.raises(LayerError, match="TorchScript models cannot be hooked"):
         layer_table(scripted, _x())
     net = nn.Sequential(scripted, nn.Flatten())

@@ -282,8 +282,9 @@ def test_input_gradient_mode_gives_autograd_gradients_with_a_smaller_graph(
     assert lean < plain / 2
 
 
-# Every ReLU-like op the mode replaces, with autograd's own convention at the bounds: relu,
-# relu6, hardtanh pass nothing at a bound, clamp/clip/clamp_min pass both bounds.
+# Every ReLU-like op the mode replaces. Autograd's convention at the bounds is the running
+# torch's: relu, relu6, hardtanh pass nothing at a bound; clamp/clip/clamp_min pass both bounds
+# on torch 2.13 and neither on torch 2.14.
 BOUND_OPS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "F.relu": F.relu,
     "F.relu_inplace": lambda z: F.relu(z * 1.0, inplace=True),
@@ -319,6 +320,61 @@ def test_input_gradient_mode_matches_autograd_on_the_bounds(op: str) -> None:
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
+class _FakeClamp(torch.autograd.Function):
+    """``clamp(t, 0, upper)`` with a chosen backward on the bounds and at NaN, standing in for
+    a torch whose autograd has another convention than the one installed."""
+
+    @staticmethod
+    def forward(ctx, t, upper, on_lower, on_upper, at_nan):  # type: ignore[no-untyped-def]
+        ctx.save_for_backward(t)
+        ctx.conv = (upper, on_lower, on_upper, at_nan)
+        return t.clamp(0.0, upper)
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[no-untyped-def]
+        (t,) = ctx.saved_tensors
+        upper, on_lower, on_upper, at_nan = ctx.conv
+        factor = ((t > 0) & (t < upper)).to(g.dtype)
+        factor = factor + on_lower * (t == 0) + on_upper * (t == upper) + at_nan * t.isnan()
+        return g * factor, None, None, None, None
+
+
+@pytest.mark.parametrize(
+    "on_lower, on_upper, at_nan",
+    [(1.0, 1.0, 0.0), (0.0, 0.0, 0.0), (1.0, 0.0, 1.0), (0.0, 1.0, 1.0), (0.5, 0.5, 0.0)],
+)
+def test_input_gradient_mode_follows_the_bound_convention_torch_has(
+    monkeypatch: pytest.MonkeyPatch, on_lower: float, on_upper: float, at_nan: float
+) -> None:
+    """The lean graph's convention on the bounds is measured from torch's autograd, not assumed:
+    whatever torch does there (here a stand-in), the lean graph does; where torch's gradient is
+    no pass-or-block mask (half the gradient on a bound), the unit is left to autograd."""
+    from convlens import hooks
+
+    def fake(kind: str, upper: float) -> Callable[[torch.Tensor], torch.Tensor]:
+        assert kind == "clamp"
+        return lambda t: _FakeClamp.apply(t, upper, on_lower, on_upper, at_nan)
+
+    monkeypatch.setattr(hooks, "_reference_unit", fake)
+    hooks._measured_convention.cache_clear()
+    try:
+        z = torch.tensor([-1.0, 0.0, 0.5, 2.0, 3.0, float("nan")], dtype=torch.float64)
+        w = torch.arange(1.0, 7.0, dtype=torch.float64)
+        zb = z.clone().requires_grad_(True)
+        with input_gradient_mode() as mode:
+            out = zb.clamp(0, 2)
+        (got,) = torch.autograd.grad(out, zb, w)
+    finally:
+        hooks._measured_convention.cache_clear()  # no stand-in convention for later tests
+    assert mode.count == 1
+    if on_lower == 0.5:  # not a mask: torch's own clamp ran, with torch's own gradient
+        za = z.clone().requires_grad_(True)
+        (expected,) = torch.autograd.grad(za.clamp(0, 2), za, w)
+    else:
+        expected = w * torch.tensor([0.0, on_lower, 1.0, on_upper, 0.0, at_nan], dtype=w.dtype)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
 class ClampFirst(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -329,13 +385,16 @@ class ClampFirst(nn.Module):
         return self.fc(torch.relu(self.conv(x.clamp(0, 1))).mean(dim=(2, 3)))
 
 
-def test_saliency_keeps_the_gradient_of_black_and_white_pixels() -> None:
+def test_saliency_of_black_and_white_pixels_is_autograd_s() -> None:
+    """Pixels exactly on the bounds of ``x.clamp(0, 1)`` get the gradient the running torch's
+    autograd gives them (torch 2.13 passes it, 2.14 does not), pixels between get theirs."""
     net = seeded(ClampFirst())
-    x = (images(2, size=6) > 0).double()  # every pixel exactly 0 or 1
+    x = (images(2, size=6) > 0).double()  # every pixel exactly 0 or 1 ...
+    x[:, :, ::2, ::2] = 0.5  # ... but a quarter, between the bounds
     exp = Saliency()(net, x, target=0)
     xx = x.clone().requires_grad_(True)
     (expected,) = torch.autograd.grad(net(xx)[:, 0].sum(), xx)
-    assert expected.abs().amin() > 0
+    assert expected[:, :, ::2, ::2].abs().amin() > 0
     assert exp.attributions is not None
     torch.testing.assert_close(exp.attributions[:, 0], expected.float())
 

@@ -9,6 +9,7 @@ several times in one forward work.
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -325,46 +326,108 @@ def layer_capture(net: nn.Module, name: str, *, grad: bool = False) -> Iterator[
 RULES = ("gradient", "deconvnet", "guided", "pass")
 """Backward rules for ReLU-like units ``y = clamp(x, 0, upper)`` with incoming signal ``R``:
 
-- ``gradient``: ``R`` times the unit's own derivative (the true gradient), with autograd's
-  convention where ``x`` sits exactly on a bound: ``relu``, ``relu6`` and ``hardtanh`` pass
-  nothing there (``R * [0 < x < upper]``), ``clamp``/``clip``/``clamp_min`` pass both bounds
-  (``R * [0 <= x <= upper]``), so that ``x.clamp(0, 1)`` on a black or white pixel keeps its
-  gradient;
+- ``gradient``: ``R`` times the unit's own derivative (the true gradient), with the convention of
+  the running torch's autograd where ``x`` sits exactly on a bound or is NaN (measured from torch
+  itself, :func:`_autograd_convention`: torch 2.13 passes ``clamp``'s bounds, 2.14 does not);
 - ``deconvnet``: ``ReLU(R)`` (Zeiler & Fergus: the reconstruction is rectified; the forward
   mask is ignored);
 - ``guided``: ``ReLU(R) * [0 < x < upper]`` (Springenberg et al.: both);
 - ``pass``: ``R`` (straight through; used for receptive fields).
 """
 
+_INF = float("inf")
 
-def _gradient_mask(x: torch.Tensor, upper: float, kind: str) -> torch.Tensor:
-    """Where autograd's own backward of the unit passes the gradient (its formulas in
-    ``derivatives.yaml``, NaN included): ``relu`` ``!(y <= 0)``, ``hardtanh``
-    ``!(x <= 0 || x >= upper)``, ``clamp`` ``0 <= x <= upper``."""
-    if kind == "clamp":
-        mask = x >= 0
-        return mask if upper == float("inf") else mask.logical_and_(x <= upper)
-    off = x <= 0
+
+@dataclass(frozen=True)
+class _Convention:
+    """Where autograd passes the gradient of a unit ``clamp(x, 0, upper)`` besides ``0 < x <
+    upper`` (it never passes below or above): at ``x == 0``, at ``x == upper``, at NaN."""
+
+    lower: bool
+    upper: bool
+    nan: bool
+
+    def mask(self, x: torch.Tensor, upper: float) -> torch.Tensor:
+        """Where the gradient passes, one byte per value of ``x``."""
+        mask = x >= 0 if self.lower else x > 0
+        if upper != _INF:
+            mask.logical_and_(x <= upper if self.upper else x < upper)
+        return mask.logical_or_(x.isnan()) if self.nan else mask
+
+
+def _reference_unit(kind: str, upper: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The torch operation of family ``kind`` (see :func:`_relu_like`), out of place."""
+    if kind == "relu":
+        return torch.relu
+    if kind == "relu6":
+        return _F.relu6
     if kind == "hardtanh":
-        off.logical_or_(x >= upper)
-    return off.logical_not_()
+        return lambda t: _F.hardtanh(t, 0.0, upper)
+    if kind == "clamp":
+        return lambda t: torch.clamp(t, 0.0, None if upper == _INF else upper)
+    if kind == "clamp_min":
+        return lambda t: torch.clamp_min(t, 0.0)
+    raise ValueError(f"unknown unit kind {kind!r}")
+
+
+@functools.cache
+def _measured_convention(
+    torch_version: str, kind: str, upper: float, dtype: torch.dtype
+) -> _Convention | None:
+    """Torch's own autograd convention for the unit, measured by one backward pass through it on
+    points below, between, on and above the bounds, at infinities and at NaN (on the CPU: the
+    backward formulas are device-independent). ``None`` when torch's gradient there is not a
+    pass-or-block mask of that shape (e.g. half the gradient on a bound); the unit is then left
+    to autograd. ``torch_version`` only keys the cache: the result is a function of the torch
+    installed."""
+    finite = upper != _INF
+    blocked = [-_INF, -1.0] + ([upper + 1.0, _INF] if finite else [])
+    passed = [upper / 2] if finite else [1.0, _INF]
+    on_bounds = [-0.0, 0.0] + ([upper] if finite else [])
+    points = blocked + passed + on_bounds + [float("nan")]
+    # No torch-function mode (another rule) may touch the probe, whatever context calls it.
+    with torch._C.DisableTorchFunction(), torch.inference_mode(False), torch.enable_grad():
+        t = torch.tensor(points, dtype=dtype, requires_grad=True)
+        try:
+            (grad,) = torch.autograd.grad(_reference_unit(kind, upper)(t).sum(), t)
+        except RuntimeError:  # no CPU backward for this dtype: leave the unit to autograd
+            return None
+    g = grad.double().tolist()
+    n_b, n_p = len(blocked), len(passed)
+    bounds, nan = g[n_b + n_p : -1], g[-1]
+    if (
+        any(v not in (0.0, 1.0) for v in g)
+        or any(g[:n_b])
+        or not all(g[n_b : n_b + n_p])
+        or bounds[0] != bounds[1]  # -0.0 and 0.0
+    ):
+        return None
+    return _Convention(lower=bool(bounds[1]), upper=finite and bool(bounds[-1]), nan=bool(nan))
+
+
+def _autograd_convention(kind: str, upper: float, dtype: torch.dtype) -> _Convention | None:
+    """:func:`_measured_convention` for the torch running now (computed once per unit, bound and
+    dtype)."""
+    probe_dtype = dtype if dtype.is_floating_point else torch.float32
+    return _measured_convention(torch.__version__, kind, float(upper), probe_dtype)
 
 
 class _ReluRule(torch.autograd.Function):
-    """``clamp(x, 0, upper)`` forward; the chosen rule backward. ``kind`` (``"relu"``,
-    ``"hardtanh"``, ``"clamp"``) selects autograd's convention at the bounds for the
-    ``gradient`` rule (see :data:`RULES`)."""
+    """``clamp(x, 0, upper)`` forward; the chosen rule backward. For the ``gradient`` rule
+    ``convention`` says where autograd passes the gradient on the bounds (see :data:`RULES`)."""
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, x: torch.Tensor, upper: float, rule: str, kind: str = "relu"
+        ctx: Any, x: torch.Tensor, upper: float, rule: str, convention: _Convention | None = None
     ) -> torch.Tensor:
-        out = x.clamp(min=0.0) if upper == float("inf") else x.clamp(0.0, upper)
+        out = x.clamp(min=0.0) if upper == _INF else x.clamp(0.0, upper)
         ctx.rule = rule
         if rule == "gradient":
-            ctx.save_for_backward(_gradient_mask(x, upper, kind))
+            if convention is None:
+                raise ValueError("the gradient rule needs autograd's convention at the bounds")
+            ctx.save_for_backward(convention.mask(x, upper))
         elif rule == "guided":
-            mask = x > 0 if upper == float("inf") else (x > 0) & (x < upper)
+            mask = x > 0 if upper == _INF else (x > 0) & (x < upper)
             ctx.save_for_backward(mask)
         return out
 
@@ -412,8 +475,8 @@ def _relu_like(
     func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> tuple[torch.Tensor, float, bool, str] | None:
     """``(input, upper bound, in place, kind)`` when ``func(*args)`` is a ReLU-like unit;
-    ``kind`` names the op family whose autograd convention at the bounds applies
-    (:func:`_gradient_mask`)."""
+    ``kind`` (``relu``, ``relu6``, ``hardtanh``, ``clamp``, ``clamp_min``) names the torch
+    operation whose autograd convention at the bounds applies (:func:`_reference_unit`)."""
     if not args or not isinstance(args[0], torch.Tensor):
         return None
     x = args[0]
@@ -421,8 +484,8 @@ def _relu_like(
         return x, float("inf"), bool(_arg(args, kwargs, 1, "inplace", False)), "relu"
     if func in _RELU_INPLACE:
         return x, float("inf"), True, "relu"
-    if func is _F.relu6:  # hardtanh(x, 0, 6) in autograd
-        return x, 6.0, bool(_arg(args, kwargs, 1, "inplace", False)), "hardtanh"
+    if func is _F.relu6:
+        return x, 6.0, bool(_arg(args, kwargs, 1, "inplace", False)), "relu6"
     if func is _F.hardtanh:
         lo, hi = _arg(args, kwargs, 1, "min_val", -1.0), _arg(args, kwargs, 2, "max_val", 1.0)
         if lo == 0 and hi > 0:
@@ -441,7 +504,7 @@ def _relu_like(
     if func in _CLAMP_MIN or func in _CLAMP_MIN_INPLACE:
         lo = _arg(args, kwargs, 1, "min", None)
         if isinstance(lo, (int, float)) and lo == 0:
-            return x, float("inf"), func in _CLAMP_MIN_INPLACE, "clamp"
+            return x, float("inf"), func in _CLAMP_MIN_INPLACE, "clamp_min"
     return None
 
 
@@ -501,7 +564,12 @@ class BackpropRuleMode(torch.overrides.TorchFunctionMode):
             return func(*args, **kwargs)
         x, upper, inplace, kind = spec
         self.count += 1
-        out = _ReluRule.apply(x, upper, self.rule, kind)
+        convention = None
+        if self.rule == "gradient":
+            convention = _autograd_convention(kind, upper, x.dtype)
+            if convention is None:  # not a mask: torch's own operation is the gradient rule
+                return func(*args, **kwargs)
+        out = _ReluRule.apply(x, upper, self.rule, convention)
         if inplace:
             with torch.no_grad() if not x.requires_grad else contextlib.nullcontext():
                 x.copy_(out)
@@ -626,7 +694,8 @@ class InputGradientMode(BackpropRuleMode):
     - inference-mode ``batch_norm`` saves one scale per channel (``dL/dx = s dL/dy``);
     - ReLU-like units (``relu``, ``relu6``, ``hardtanh(x, 0, m)``, ``clamp(min=0)``) save a
       one-byte mask instead of their float input (:class:`BackpropRuleMode` with the
-      ``"gradient"`` rule, the true gradient).
+      ``"gradient"`` rule, the true gradient, with the running torch's convention on the bounds;
+      a unit whose gradient there is no mask is left to autograd).
 
     The gradients are those of plain autograd (the same operations in the other order, so equal
     up to rounding); every other operation is left to autograd. On a conv-BN-ReLU network the

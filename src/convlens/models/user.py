@@ -32,10 +32,29 @@ from torch import nn
 from convlens.errors import ModelLoadError, close_matches
 from convlens.models.builtin import BUILTIN_MODELS
 
-__all__ = ["TORCHSCRIPT_SUFFIXES", "load_user_network"]
+__all__ = ["TORCHSCRIPT_SUFFIXES", "load_user_network", "torchscript_deprecation_silenced"]
 
 TORCHSCRIPT_SUFFIXES: frozenset[str] = frozenset({".pt", ".pth", ".ts", ".torchscript"})
 """Extensions of files taken as TorchScript models when no ``:factory`` is given."""
+
+_TORCHSCRIPT_DEPRECATED = r"`torch\.jit\.\w+` is deprecated"
+"""torch's own warning on each TorchScript call (``torch.jit.load``, ``save``, ``script``,
+``trace``): a ``DeprecationWarning`` since torch 2.10, a ``FutureWarning`` since 2.14."""
+
+
+@contextmanager
+def torchscript_deprecation_silenced() -> Iterator[None]:
+    """Silence, inside the block only, torch's deprecation warning on TorchScript calls.
+
+    TorchScript files are a supported model format; torch >= 2.10 warns on every
+    ``torch.jit`` call. Only that message, as a ``DeprecationWarning`` or ``FutureWarning``, is
+    silenced; every other warning (e.g. TorchScript "may break" on Python 3.14) still shows.
+    """
+    with warnings.catch_warnings():
+        for category in (DeprecationWarning, FutureWarning):
+            warnings.filterwarnings("ignore", message=_TORCHSCRIPT_DEPRECATED, category=category)
+        yield
+
 
 _WRAPPER_KEYS = ("state_dict", "model", "model_state_dict")
 _PREFIXES = ("module.", "_orig_mod.")  # DataParallel / DistributedDataParallel, torch.compile
@@ -215,9 +234,7 @@ def _load_torchscript(path: Path) -> nn.Module:
     if not path.is_file():
         raise ModelLoadError(f"model file '{path}' not found")
     try:
-        with warnings.catch_warnings():
-            # torch >= 2.10 deprecates TorchScript; loading an existing file is still supported.
-            warnings.filterwarnings("ignore", message=r".*torch\.jit", category=DeprecationWarning)
+        with torchscript_deprecation_silenced():  # loading a TorchScript file is supported
             return torch.jit.load(str(path), map_location="cpu")
     except Exception as exc:
         jit_error = exc
