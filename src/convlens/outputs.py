@@ -4,7 +4,8 @@
 ``FOLDER/.lock`` (``fcntl.flock``; ``msvcrt.locking`` on Windows). The lock is not waited for: a
 second writer gets a :class:`~convlens.errors.RunFolderError` naming the process that holds it.
 The operating system releases it when the holder exits, however it ends, so a killed run can be
-resumed at once; the ``.lock`` file itself stays (an unlocked one is harmless).
+resumed at once; the ``.lock`` file is removed when the lock is let go (one left by a killed
+process is harmless and reused).
 
 :func:`output_stems` names the outputs of input files: an input's stem when no other input has
 the same stem (compared case-insensitively, as on macOS and Windows file systems), else the stem
@@ -89,22 +90,43 @@ def lock_folder(folder: str | Path, command: str, *, option: str = "--out") -> I
     lock = folder / LOCK_NAME
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = _acquire(lock)
     except OSError as exc:
         raise write_error(lock, exc) from exc
+    if fd is None:
+        raise RunFolderError(
+            f"{folder} is being written by another convlens {command} ({_holder(lock)}); "
+            f"wait for it to finish or choose another {option}"
+        )
     try:
-        if not _try_lock(fd):
-            raise RunFolderError(
-                f"{folder} is being written by another convlens {command} ({_holder(lock)}); "
-                f"wait for it to finish or choose another {option}"
-            )
         with contextlib.suppress(OSError):  # who holds it, for the message above
             os.ftruncate(fd, 0)
             os.write(fd, str(os.getpid()).encode())
         remove_stale_temporaries(folder)
         yield folder
     finally:
+        with contextlib.suppress(OSError):  # removed while still held (see _acquire)
+            lock.unlink()
         os.close(fd)  # releases the lock
+
+
+def _acquire(lock: Path) -> int | None:
+    """A descriptor of ``lock`` holding its lock, or ``None`` when another process holds it.
+
+    The holder removes the file before it lets go of the lock, so a lock taken on a file that
+    is no longer at ``lock`` (or another file is there now) is let go and taken again.
+    """
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        if not _try_lock(fd):
+            os.close(fd)
+            return None
+        try:
+            if os.path.samestat(os.fstat(fd), os.stat(lock)):
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
 
 
 def _digest(path: Path) -> str:
@@ -141,6 +163,7 @@ def output_stems(paths: Sequence[str | Path]) -> list[str]:
 
 
 def _read_manifest(path: Path) -> dict[str, str]:
+    """``{output name: absolute input path}`` of an output folder (empty when unreadable)."""
     try:
         stored = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -150,7 +173,7 @@ def _read_manifest(path: Path) -> dict[str, str]:
         return {}
     if not isinstance(stored, dict):
         return {}
-    return {str(k).casefold(): str(v) for k, v in stored.items()}
+    return {str(k): str(v) for k, v in stored.items()}
 
 
 def claim_output_stems(
@@ -158,11 +181,12 @@ def claim_output_stems(
 ) -> list[str]:
     """:func:`output_stems` for outputs written to ``folder``, never reusing another input's.
 
-    A name is free for an input when the folder's manifest (``.convlens-outputs.json``) records
-    it for that same input, or records nothing for it and the file ``marker(name)`` (the one
-    output every input gets, e.g. ``NAME_panel.png``) does not exist. An input whose name is
-    not free gets ``STEM-HASH`` (as in :func:`output_stems`, longer if needed). The names are
-    recorded in the manifest before returning. Call it while holding the folder's lock.
+    An input the folder's manifest (``.convlens-outputs.json``) already records keeps the name
+    it had. Otherwise a name is free for an input when the manifest records nothing for it and
+    the file ``marker(name)`` (the one output every input gets, e.g. ``NAME_panel.png``) does
+    not exist. An input whose name is not free gets ``STEM-HASH`` (as in :func:`output_stems`,
+    longer if needed). Names are compared case-insensitively. The names are recorded in the
+    manifest before returning. Call it while holding the folder's lock.
 
     Args:
         folder: the output folder.
@@ -180,21 +204,23 @@ def claim_output_stems(
     folder = Path(folder)
     manifest_path = folder / MANIFEST_NAME
     manifest = _read_manifest(manifest_path)
-    assigned: dict[str, str] = {}
+    owner = {name.casefold(): source for name, source in manifest.items()}
+    known = {source: name for name, source in manifest.items()}
+    assigned: dict[str, str] = {}  # casefolded name -> source, this call
 
     def free(name: str, source: str) -> bool:
         key = name.casefold()
         if key in assigned:
             return assigned[key] == source
-        if key in manifest:
-            return manifest[key] == source
+        if key in owner:
+            return owner[key] == source
         return not (folder / marker(name)).exists()
 
     stems = []
     for path, preferred in zip(paths, output_stems(paths), strict=True):
         source = os.path.abspath(path)
-        name, n = preferred, 4
-        digest = _digest(Path(path))
+        name = known.get(source, preferred)
+        digest, n = _digest(Path(path)), 4
         while not free(name, source):
             name = f"{Path(path).stem}-{digest[:n]}"
             n += 1
@@ -202,7 +228,9 @@ def claim_output_stems(
                 digest += hashlib.sha1(digest.encode()).hexdigest()
         assigned[name.casefold()] = source
         stems.append(name)
-    if any(manifest.get(k) != v for k, v in assigned.items()):
-        manifest.update(assigned)
+        if manifest.get(name) != source:
+            manifest[name] = source
+            owner[name.casefold()] = source
+    if manifest != _read_manifest(manifest_path):
         atomic_write_text(manifest_path, json.dumps(manifest, indent=1))
     return stems
