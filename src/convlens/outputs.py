@@ -58,11 +58,13 @@ def _try_lock(fd: int) -> bool:
 
 
 def _holder(lock: Path) -> str:
+    """``analyze (pid 123)``: what the lock file says of its holder."""
     try:
-        pid = lock.read_text(encoding="utf-8", errors="replace").strip()
+        pid, _, command = lock.read_text(encoding="utf-8", errors="replace").partition(" ")
     except OSError:
-        pid = ""
-    return f"pid {pid}" if pid.isdigit() else "pid unknown"
+        pid, command = "", ""
+    command = command.strip() if command.strip().isidentifier() else "command"
+    return f"{command} (pid {pid})" if pid.isdigit() else f"{command} (pid unknown)"
 
 
 @contextlib.contextmanager
@@ -74,7 +76,8 @@ def lock_folder(folder: str | Path, command: str, *, option: str = "--out") -> I
 
     Args:
         folder: the output folder.
-        command: the convlens command writing it (for the message), e.g. ``"analyze"``.
+        command: the convlens command writing it, e.g. ``"analyze"`` (recorded in the lock
+            file with the process id, for the message another writer gets).
         option: the option that chooses the folder (for the message).
 
     Yields:
@@ -95,13 +98,13 @@ def lock_folder(folder: str | Path, command: str, *, option: str = "--out") -> I
         raise write_error(lock, exc) from exc
     if fd is None:
         raise RunFolderError(
-            f"{folder} is being written by another convlens {command} ({_holder(lock)}); "
+            f"{folder} is being written by another convlens {_holder(lock)}; "
             f"wait for it to finish or choose another {option}"
         )
     try:
         with contextlib.suppress(OSError):  # who holds it, for the message above
             os.ftruncate(fd, 0)
-            os.write(fd, str(os.getpid()).encode())
+            os.write(fd, f"{os.getpid()} {command}".encode())
         remove_stale_temporaries(folder)
         yield folder
     finally:
