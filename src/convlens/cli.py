@@ -302,13 +302,15 @@ def demo(
     import skimage.data
     from PIL import Image
 
+    from convlens.atomic import save_image
+
     names = parse_methods(methods)
     img_dir = out_dir / "images"
     img_dir.mkdir(parents=True, exist_ok=True)
     files = []
     for stem, fn in DEMO_IMAGES.items():
         path = img_dir / f"{stem}.png"
-        Image.fromarray(np.asarray(getattr(skimage.data, fn)())).save(path)
+        save_image(Image.fromarray(np.asarray(getattr(skimage.data, fn)())), path)
         files.append(path)
     net = load_net("lite0", device=device)
     written = run_explain(net, files, out_dir, methods=names, batch_size=4)
