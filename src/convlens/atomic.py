@@ -71,7 +71,9 @@ def write_error(path: str | Path, exc: OSError) -> OutputError:
 
 
 def _temporary(path: Path) -> Path:
-    return path.with_name(f".{path.stem}.tmp-{os.getpid()}-{secrets.token_hex(4)}{path.suffix}")
+    # the stem is shortened so that the name stays within the file system's limit
+    stem = path.stem[:100]
+    return path.with_name(f".{stem}.tmp-{os.getpid()}-{secrets.token_hex(4)}{path.suffix}")
 
 
 def _fsync(fd: int) -> None:
@@ -81,7 +83,8 @@ def _fsync(fd: int) -> None:
 
 
 def _sync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+    # POSIX flushes through any descriptor; Windows needs one open for writing
+    fd = os.open(path, os.O_RDONLY if os.name == "posix" else os.O_RDWR)
     try:
         _fsync(fd)
     finally:

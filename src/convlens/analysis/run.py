@@ -480,7 +480,11 @@ class _Explained:
 def _panels_stamp(out: Path, config: str) -> None:
     """Keep the cached panels and scores of ``out`` only if they were made under ``config``."""
     stamp = out / "config.json"
-    if not stamp.is_file() or stamp.read_text() != config:
+    try:
+        same = stamp.read_text(encoding="utf-8") == config
+    except (OSError, ValueError):  # missing or unreadable: start over
+        same = False
+    if not same:
         for old in out.glob("*.png"):
             old.unlink()
         (out / FAITHFULNESS_FILE).unlink(missing_ok=True)
