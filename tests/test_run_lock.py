@@ -225,4 +225,32 @@ def test_explain_into_a_folder_being_written_fails_cleanly(tmp_path) -> None:
     busy = "being written by another convlens analyze"
     with lock_folder(out, "analyze"), pytest.raises(RunFolderError, match=busy):
         run_explain(model, [tmp_path / "a.png"], out, methods=["saliency"])
-    assert sorted(os.listdir(out)) == []
+    assert not out.exists()  # nothing was written
+
+
+@pytest.mark.parametrize("command", ["evaluate", "classviz", "featviz"])
+def test_commands_writing_a_folder_being_written_fail_cleanly(tmp_path, capsys, command) -> None:
+    from convlens.cli import main
+
+    out = tmp_path / "out"
+    args = {
+        "evaluate": ["evaluate", str(tmp_path)],
+        "classviz": ["classviz", "--class", "0"],
+        "featviz": ["featviz", "--layer", "x"],
+    }[command]
+    with lock_folder(out, "analyze"), pytest.raises(SystemExit) as info:
+        main([*args, "--model", "nope.py:build", "--out", str(out)])
+    assert info.value.code == 2
+    line = error_line(capsys.readouterr().err)
+    assert f"{out} is being written by another convlens analyze (pid {os.getpid()})" in line
+    assert not out.exists()  # made for the lock only, and gone with it
+
+
+def test_a_bad_input_leaves_no_empty_output_folder(tmp_path, capsys) -> None:
+    from convlens.cli import main
+
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as info:
+        main(["evaluate", str(tmp_path / "missing"), "--model", "nope.py:b", "--out", str(out)])
+    assert info.value.code == 2 and not out.exists()
+    capsys.readouterr()

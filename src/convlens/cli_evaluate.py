@@ -26,6 +26,7 @@ from convlens.cli_options import (
     progress_bar,
 )
 from convlens.errors import InputError
+from convlens.outputs import holding_out_dir
 
 __all__ = ["register"]
 
@@ -144,7 +145,7 @@ def evaluate(
 
 def register(app: typer.Typer) -> None:
     """Add the ``evaluate`` command to ``app``."""
-    app.command()(evaluate)
+    app.command("evaluate")(holding_out_dir("evaluate")(evaluate))
 
 
 def _curves_figure(table):

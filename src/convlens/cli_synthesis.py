@@ -24,6 +24,7 @@ from convlens.cli_options import (
     load_net,
     out,
 )
+from convlens.outputs import holding_out_dir
 
 __all__ = ["parse_channels", "register"]
 
@@ -255,6 +256,6 @@ def dream(
 
 def register(app: typer.Typer) -> None:
     """Add the ``classviz``, ``featviz`` and ``dream`` commands to ``app``."""
-    app.command("classviz")(classviz)
-    app.command("featviz")(featviz)
+    app.command("classviz")(holding_out_dir("classviz")(classviz))
+    app.command("featviz")(holding_out_dir("featviz")(featviz))
     app.command("dream")(dream)

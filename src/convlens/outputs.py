@@ -20,6 +20,7 @@ overwritten, except by the outputs of the same input.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -27,13 +28,23 @@ import os
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import ParamSpec, TypeVar
 
 from convlens.atomic import remove_stale_temporaries
 from convlens.errors import RunFolderError
 
-__all__ = ["LOCK_NAME", "MANIFEST_NAME", "claim_output_stems", "lock_folder", "output_stems"]
+__all__ = [
+    "LOCK_NAME",
+    "MANIFEST_NAME",
+    "claim_output_stems",
+    "holding_out_dir",
+    "lock_folder",
+    "output_stems",
+]
 
 log = logging.getLogger(__name__)
+P = ParamSpec("P")
+R = TypeVar("R")
 
 LOCK_NAME = ".lock"
 MANIFEST_NAME = ".convlens-outputs.json"
@@ -81,7 +92,7 @@ def lock_folder(folder: str | Path, command: str, *, option: str = "--out") -> I
         option: the option that chooses the folder (for the message).
 
     Yields:
-        The folder.
+        The folder (removed again at the end if this call created it and it is still empty).
 
     Raises:
         RunFolderError: another process holds the lock.
@@ -91,6 +102,7 @@ def lock_folder(folder: str | Path, command: str, *, option: str = "--out") -> I
 
     folder = Path(folder)
     lock = folder / LOCK_NAME
+    created = not folder.exists()
     try:
         folder.mkdir(parents=True, exist_ok=True)
         fd = _acquire(lock)
@@ -111,6 +123,30 @@ def lock_folder(folder: str | Path, command: str, *, option: str = "--out") -> I
         with contextlib.suppress(OSError):  # removed while still held (see _acquire)
             lock.unlink()
         os.close(fd)  # releases the lock
+        if created:  # nothing was written (e.g. bad input): leave no empty folder behind
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+
+
+def holding_out_dir(command: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """Decorate a CLI command so that it runs holding the lock of its ``out_dir`` argument.
+
+    Args:
+        command: the command's name (for the message another writer gets).
+    """
+
+    def decorate(fn: Callable[P, R]) -> Callable[P, R]:
+        @functools.wraps(fn)  # keeps the signature the CLI reads its options from
+        def run(*args: P.args, **kwargs: P.kwargs) -> R:
+            out_dir = kwargs.get("out_dir")
+            if out_dir is None:
+                return fn(*args, **kwargs)
+            with lock_folder(Path(str(out_dir)), command):
+                return fn(*args, **kwargs)
+
+        return run
+
+    return decorate
 
 
 def _acquire(lock: Path) -> int | None:
