@@ -1270,3 +1270,22 @@ def test_non_finite_outputs_are_failures_not_a_crash(setup) -> None:
     index = (setup["run"] / "report" / "index.html").read_text()
     assert html.escape(NOT_FINITE) in index
     assert_report_links_complete(setup["run"])
+
+
+@pytest.mark.parametrize(
+    ("sqlite_message", "kind", "advice"),
+    [
+        ("database or disk is full", "OutputError", "free some space and run again to resume"),
+        ("disk I/O error", "OutputError", "check the disk and run again to resume"),
+        ("database is locked", "RunFolderError", "wait for it to finish or choose another --out"),
+        ("attempt to write a readonly database", "OutputError", "permissions"),
+        ("file is not a database", "RunFolderError", "move it away to start over"),
+    ],
+)
+def test_store_errors_name_the_file_and_what_to_do(tmp_path, sqlite_message, kind, advice) -> None:
+    from convlens.analysis.store import store_error
+
+    path = tmp_path / "run" / "predictions.sqlite"
+    error = store_error(path, sqlite3.OperationalError(sqlite_message))
+    assert type(error).__name__ == kind
+    assert str(path) in str(error) and sqlite_message in str(error) and advice in str(error)

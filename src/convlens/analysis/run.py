@@ -67,7 +67,8 @@ class AnalysisResult:
         out_dir: the run folder.
         metrics: aggregate metrics (see :func:`~convlens.analysis.stats.compute_metrics`).
         predictions: every stored prediction.
-        failures: ``(path, reason)`` of the unreadable images.
+        failures: ``(path, reason)`` of the images skipped in the prediction pass: unreadable
+            ones, and those whose model output was not finite (reason :data:`NOT_FINITE`).
         class_names: name of each class index.
         explanations: image id -> explanation panel (PNG) of the examined images.
         faithfulness: image id -> method -> ``{"deletion_auc": ..., "insertion_auc": ...}``
