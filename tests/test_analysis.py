@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import html
 import importlib.util
 import json
 import math
+import os
 import re
 import shutil
 import sqlite3
@@ -1033,3 +1035,257 @@ def test_cli_faithfulness_flag(setup) -> None:
     summary = json.loads(metrics.read_text())["faithfulness"]
     assert summary["images"] >= 1 and set(summary["methods"]) == {"gradcam", "(random)"}
     assert cache.is_file()
+
+
+# --- nothing lost: killed writes, full disks, a corrupt store, non-finite model outputs ---
+
+
+def leftovers(run_dir: Path) -> list[Path]:
+    """Empty files and temporary files of unfinished writes in a run folder."""
+    return [
+        f
+        for f in run_dir.rglob("*")
+        if f.is_file() and (f.stat().st_size == 0 or ".tmp-" in f.name)
+    ]
+
+
+def assert_report_links_complete(run_dir: Path) -> None:
+    """Every local link and image of the report points at a whole, readable file."""
+    from convlens.atomic import is_complete
+
+    for page in [run_dir / "report" / "index.html", *(run_dir / "report" / "images").glob("*")]:
+        parser = _Links()
+        parser.feed(page.read_text())
+        for link in parser.links:
+            target = link.split("#", 1)[0]
+            if not target:
+                continue
+            f = (page.parent / target).resolve()
+            assert is_complete(f), f"{page.name} links to incomplete {link}"
+            if f.suffix in (".png", ".jpg"):
+                with Image.open(f) as im:
+                    im.load()
+
+
+KILL_DURING_WRITE = textwrap.dedent(
+    """
+    import os, sys
+    from pathlib import Path
+
+    from matplotlib.figure import Figure
+    from PIL import Image
+
+    from convlens.analysis import analyze
+    from convlens.models import Preprocess, load_model
+
+    folder, kind, nth = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+    calls = [0]
+
+    def dying(real):
+        def write(self, fp, *args, **kwargs):
+            calls[0] += 1
+            if calls[0] == nth:  # killed half way through writing this file
+                with open(fp, "wb") as fh:
+                    fh.write(b"\\x89PNG\\r\\n\\x1a\\n half")
+                    fh.flush()
+                os._exit(9)
+            return real(self, fp, *args, **kwargs)
+        return write
+
+    if kind == "thumbnail":
+        Image.Image.save = dying(Image.Image.save)
+    else:
+        Figure.savefig = dying(Figure.savefig)
+    model = load_model(
+        f"{folder / 'net.py'}:build",
+        classes=folder / "labels.txt",
+        preprocess=Preprocess(resize=36, crop=32),
+    )
+    analyze(model, folder / "data", folder / "run", batch_size=4, top_errors=3, progress=False)
+    """
+)
+
+
+def test_killed_during_artifact_writes_then_resume(setup) -> None:
+    """A run killed while writing a thumbnail, then one killed while writing a plot or panel;
+    the resumed run leaves no empty or partial file and its report links only whole files."""
+    import subprocess
+    import sys
+
+    from convlens.atomic import is_complete
+
+    script = setup["dir"] / "kill.py"
+    script.write_text(KILL_DURING_WRITE)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for kind, nth in (("thumbnail", 6), ("figure", 4)):
+        args = [sys.executable, str(script), str(setup["dir"]), kind, str(nth)]
+        res = subprocess.run(args, env=env, capture_output=True, text=True, check=False)
+        assert res.returncode == 9, res.stderr
+    run_dir = setup["run"]
+    assert leftovers(run_dir)  # the killed writes' temporary files
+    assert not (run_dir / "report").exists()
+    # files an older version wrote in place and was killed at: empty, or cut short
+    thumbs = sorted((run_dir / "thumbs").glob("*.jpg"))
+    thumbs[0].write_bytes(b"")
+    thumbs[1].write_bytes(thumbs[1].read_bytes()[:50])
+    result = run(make_model(setup["dir"]), setup)
+    assert leftovers(run_dir) == []
+    assert all(is_complete(t) for t in (run_dir / "thumbs").glob("*.jpg"))
+    assert len(list((run_dir / "thumbs").glob("*.jpg"))) == 10
+    assert all(is_complete(p) for p in result.explanations.values())
+    assert_report_links_complete(run_dir)
+    reference = run(make_model(setup["dir"]), {**setup, "run": setup["dir"] / "run2"})
+    assert result.metrics == reference.metrics
+    assert result.explanations.keys() == reference.explanations.keys()
+
+
+def small_pages(monkeypatch: pytest.MonkeyPatch, spare: int) -> None:
+    """Simulate a disk with room for ``spare`` more database pages of 512 bytes."""
+    from convlens.analysis import store as store_module
+
+    connect = sqlite3.connect
+    init = store_module.PredictionStore.__init__
+
+    def small(*args, **kwargs):  # type: ignore[no-untyped-def]
+        conn = connect(*args, **kwargs)
+        conn.execute("PRAGMA page_size=512")  # before the tables exist: more, smaller pages
+        return conn
+
+    def limited(self, path):  # type: ignore[no-untyped-def]
+        init(self, path)
+        pages = self._conn.execute("PRAGMA page_count").fetchone()[0]
+        self._conn.execute(f"PRAGMA max_page_count={pages + spare}")
+
+    monkeypatch.setattr(store_module.sqlite3, "connect", small)
+    monkeypatch.setattr(store_module.PredictionStore, "__init__", limited)
+
+
+def test_full_disk_in_the_store_is_clean_and_resumable(setup, monkeypatch, capsys) -> None:
+    from convlens.cli import main
+    from convlens.errors import OutputError
+
+    small_pages(monkeypatch, spare=3)
+    with pytest.raises(OutputError) as info:
+        run(make_model(setup["dir"]), setup)
+    db = setup["run"] / "predictions.sqlite"
+    message = str(info.value)
+    assert message.startswith(f"cannot write {db}: database or disk is full")
+    assert "free some space and run again to resume" in message
+    assert not (setup["run"] / "metrics.json").exists()
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    done, failed = rows(db), rows(db, "failures")
+    assert (done + failed) % 4 == 0 and 0 < done + failed < 11  # whole batches only
+    # the command line says so on one line
+    with pytest.raises(SystemExit) as exit_info:
+        main(_analyze_args(setup))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]  # beside the progress bar
+    assert len(lines) == 1 and "database or disk is full" in lines[0]
+    assert "Traceback" not in err
+    # space freed: the rerun resumes and gives what an uninterrupted run gives
+    monkeypatch.undo()
+    sizes = record_inference(monkeypatch)
+    result = run(make_model(setup["dir"]), setup)
+    assert sum(sizes) == 11 - done - failed
+    reference = run(make_model(setup["dir"]), {**setup, "run": setup["dir"] / "run2"})
+    assert result.metrics == reference.metrics
+    assert rows(db) == 10 and leftovers(setup["run"]) == []
+
+
+@pytest.mark.parametrize("victim", ["metrics.json", "explanations/", "report/index.html"])
+def test_full_disk_for_an_artifact_is_clean_and_resumable(setup, monkeypatch, victim) -> None:
+    from convlens import atomic
+    from convlens.errors import OutputError
+
+    real = atomic._sync_file
+
+    def full(tmp: Path) -> None:  # the disk fills up as this file is written
+        dest = tmp.parent / tmp.name[1:].split(".tmp-")[0]
+        if (victim.endswith("/") and tmp.parent.name == victim[:-1]) or dest.name in victim:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(tmp)
+
+    monkeypatch.setattr(atomic, "_sync_file", full)
+    with pytest.raises(OutputError, match=r"No space left on device; free some space") as info:
+        run(make_model(setup["dir"]), setup)
+    assert str(setup["run"]) in str(info.value)
+    assert leftovers(setup["run"]) == []  # no empty metrics.json, no half file
+    if victim == "metrics.json":
+        assert not (setup["run"] / "metrics.json").exists()
+    monkeypatch.undo()
+    sizes = record_inference(monkeypatch)
+    result = run(make_model(setup["dir"]), setup)
+    assert sizes == []  # every prediction was kept
+    reference = run(make_model(setup["dir"]), {**setup, "run": setup["dir"] / "run2"})
+    assert result.metrics == reference.metrics
+    assert_report_links_complete(setup["run"])
+
+
+def test_a_corrupt_store_is_a_clean_error(setup) -> None:
+    from convlens.errors import ConvlensError
+
+    setup["run"].mkdir()
+    (setup["run"] / "predictions.sqlite").write_bytes(b"this is not a database at all" * 100)
+    with pytest.raises(ConvlensError, match=r"is not a readable convlens store.*--out"):
+        run(make_model(setup["dir"]), setup)
+
+
+class NonFinite(nn.Module):
+    """The tiny net, with NaN outputs for greenish images and an infinite one for bluish."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.net(x)
+        colour = x.mean((2, 3)).argmax(1)
+        logits = torch.where((colour == 1)[:, None], torch.nan, logits)
+        inf = torch.zeros_like(logits)
+        inf[:, 0] = torch.inf
+        return torch.where((colour == 2)[:, None], inf, logits)
+
+
+def test_non_finite_outputs_are_failures_not_a_crash(setup) -> None:
+    from convlens.analysis.run import NOT_FINITE
+
+    model = make_model(setup["dir"])
+    with torch.no_grad():
+        x = model.load_images(sorted(setup["data"].glob("*/img*.png")))
+        colour = x.mean((2, 3)).argmax(1)
+    assert (colour == 1).any() and (colour == 2).any() and (colour == 0).any()
+    broken = ConvlensModel(
+        net=NonFinite(model.net),
+        preprocess=model.preprocess,
+        classes=model.classes,
+        name=model.name,
+    )
+    result = run(broken, setup)
+    reasons = dict(result.failures)
+    assert sum(r == NOT_FINITE for r in reasons.values()) == int((colour != 0).sum())
+    assert result.metrics["images"] == int((colour == 0).sum())
+    assert result.metrics["failures"] == len(result.failures) == 1 + int((colour != 0).sum())
+    index = (setup["run"] / "report" / "index.html").read_text()
+    assert html.escape(NOT_FINITE) in index
+    assert_report_links_complete(setup["run"])
+
+
+@pytest.mark.parametrize(
+    ("sqlite_message", "kind", "advice"),
+    [
+        ("database or disk is full", "OutputError", "free some space and run again to resume"),
+        ("disk I/O error", "OutputError", "check the disk and run again to resume"),
+        ("database is locked", "RunFolderError", "wait for it to finish or choose another --out"),
+        ("attempt to write a readonly database", "OutputError", "permissions"),
+        ("file is not a database", "RunFolderError", "move it away to start over"),
+    ],
+)
+def test_store_errors_name_the_file_and_what_to_do(tmp_path, sqlite_message, kind, advice) -> None:
+    from convlens.analysis.store import store_error
+
+    path = tmp_path / "run" / "predictions.sqlite"
+    error = store_error(path, sqlite3.OperationalError(sqlite_message))
+    assert type(error).__name__ == kind
+    assert str(path) in str(error) and sqlite_message in str(error) and advice in str(error)

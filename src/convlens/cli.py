@@ -119,21 +119,29 @@ def run_explain(
     cmap: str = "jet",
     alpha: float = 0.5,
 ) -> list[Path]:
-    """Explain image files and write panels; returns the written PNG paths."""
+    """Explain image files and write panels; returns the written PNG paths.
+
+    Outputs are named after the inputs by :func:`~convlens.outputs.claim_output_stems`
+    (``STEM_panel.png``; ``STEM-HASH_panel.png`` for an input whose stem another input of this
+    or an earlier run into ``out_dir`` has), written atomically, under the lock of ``out_dir``.
+    """
     from convlens.api import explain
+    from convlens.atomic import save_image
     from convlens.hooks import named_module
+    from convlens.outputs import claim_output_stems, lock_folder
     from convlens.render import multiclass_figure, save_figure, side_by_side_figure
 
     if layer is not None:
         named_module(model_obj.net, layer.rpartition("@")[0] or layer)
-    out_dir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     multi = (
         "gradcam"
         if "gradcam" in methods
         else next((m for m in methods if m in ("cam", "gradcam++")), None)
     )
-    with progress_bar() as bar:
+    with lock_folder(out_dir, "explain"), progress_bar() as bar:
+        names = claim_output_stems(out_dir, files, lambda stem: f"{stem}_panel.png")
+        stems = dict(zip(files, names, strict=True))
         task = bar.add_task("explaining", total=len(files) * len(methods))
         for chunk in _batches(files, batch_size):
             x = model_obj.load_images(chunk).to(model_obj.device)
@@ -145,14 +153,14 @@ def run_explain(
                 )
                 bar.advance(task, len(chunk))
             for i, path in enumerate(chunk):
-                stem = path.stem
+                stem = stems[path]
                 fig = side_by_side_figure(results, i, cmap=cmap, alpha=alpha)
                 written.append(save_figure(fig, out_dir / f"{stem}_panel.png"))
                 for name, exp in results.items():
                     for k in range(exp.num_targets):
                         suffix = "" if exp.num_targets == 1 else f"_{k + 1}"
                         png = out_dir / f"{stem}_{name}{suffix}.png"
-                        exp.overlay(i, k, cmap=cmap, alpha=alpha).save(png)
+                        save_image(exp.overlay(i, k, cmap=cmap, alpha=alpha), png)
                         written.append(png)
                 if multi is not None and results[multi].num_targets > 1:
                     fig = multiclass_figure(results[multi], i)
@@ -294,13 +302,15 @@ def demo(
     import skimage.data
     from PIL import Image
 
+    from convlens.atomic import save_image
+
     names = parse_methods(methods)
     img_dir = out_dir / "images"
     img_dir.mkdir(parents=True, exist_ok=True)
     files = []
     for stem, fn in DEMO_IMAGES.items():
         path = img_dir / f"{stem}.png"
-        Image.fromarray(np.asarray(getattr(skimage.data, fn)())).save(path)
+        save_image(Image.fromarray(np.asarray(getattr(skimage.data, fn)())), path)
         files.append(path)
     net = load_net("lite0", device=device)
     written = run_explain(net, files, out_dir, methods=names, batch_size=4)

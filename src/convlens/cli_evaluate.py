@@ -26,6 +26,7 @@ from convlens.cli_options import (
     progress_bar,
 )
 from convlens.errors import InputError
+from convlens.outputs import holding_out_dir
 
 __all__ = ["register"]
 
@@ -65,6 +66,7 @@ def evaluate(
     """Score methods with deletion/insertion, Average Drop and sanity checks."""
     import torch
 
+    from convlens.atomic import atomic_path, atomic_write_text
     from convlens.data import read_labelled
     from convlens.metrics import EvaluationTable, cascading_randomization, evaluate_methods
     from convlens.render import save_figure
@@ -104,7 +106,10 @@ def evaluate(
         table.markdown(),
         "",
     ]
-    with (out_dir / "metrics.csv").open("w", newline="") as fh:
+    with (
+        atomic_path(out_dir / "metrics.csv") as tmp,
+        tmp.open("x", newline="", encoding="utf-8") as fh,
+    ):
         writer = csv.writer(fh)
         cols = sorted({c for row in table.per_image.values() for c in row})
         writer.writerow(["image", "method", *cols])
@@ -132,7 +137,7 @@ def evaluate(
             for metric in ("spearman_abs", "ssim", "hog"):
                 vals = " | ".join(f"{v:.2f}" for v in res.mean(method, metric))
                 md.append(f"| {method} | {metric} | {vals} |")
-    (out_dir / "metrics.md").write_text("\n".join(md) + "\n")
+    atomic_write_text(out_dir / "metrics.md", "\n".join(md) + "\n")
     err.print(
         f"wrote {out_dir}/metrics.md, metrics.csv, curves.png" + (", sanity.png" if sanity else "")
     )
@@ -140,7 +145,7 @@ def evaluate(
 
 def register(app: typer.Typer) -> None:
     """Add the ``evaluate`` command to ``app``."""
-    app.command()(evaluate)
+    app.command("evaluate")(holding_out_dir("evaluate")(evaluate))
 
 
 def _curves_figure(table):

@@ -24,6 +24,7 @@ from convlens.cli_options import (
     load_net,
     out,
 )
+from convlens.outputs import holding_out_dir
 
 __all__ = ["parse_channels", "register"]
 
@@ -225,34 +226,36 @@ def dream(
     """DeepDream (Mordvintsev et al. 2015): amplify what a layer sees in a photo, over several
     octaves. Writes IMAGE_dream.png (and IMAGE_dream.gif with --gif)."""
     from convlens.images import load_image
+    from convlens.outputs import claim_output_stems, lock_folder
     from convlens.synthesis import deep_dream
 
     photo = load_image(image)
     net = load_net(model, weights, mean=mean, std=std, device=device)
-    stem = image.stem
-    gif_path = out_dir / f"{stem}_dream.gif" if gif else None
-    res = deep_dream(
-        net,
-        photo,
-        layer,
-        channel=channel,
-        octaves=octaves,
-        octave_scale=octave_scale,
-        steps_per_octave=steps,
-        step_size=step_size,
-        jitter=jitter,
-        max_size=max_size,
-        seed=seed,
-        gif_path=gif_path,
-        progress=True,
-    )
-    path = res.save(out_dir / f"{stem}_dream.png")
+    with lock_folder(out_dir, "dream"):  # IMAGE-HASH_dream.png if IMAGE_dream.png is taken
+        stem = claim_output_stems(out_dir, [image], lambda s: f"{s}_dream.png")[0]
+        gif_path = out_dir / f"{stem}_dream.gif" if gif else None
+        res = deep_dream(
+            net,
+            photo,
+            layer,
+            channel=channel,
+            octaves=octaves,
+            octave_scale=octave_scale,
+            steps_per_octave=steps,
+            step_size=step_size,
+            jitter=jitter,
+            max_size=max_size,
+            seed=seed,
+            gif_path=gif_path,
+            progress=True,
+        )
+        path = res.save(out_dir / f"{stem}_dream.png")
     extra = f" and {gif_path}" if gif_path is not None else ""
     err.print(f"wrote {path}{extra} ({len(res.octave_sizes)} octaves, {res.seconds:.1f} s)")
 
 
 def register(app: typer.Typer) -> None:
     """Add the ``classviz``, ``featviz`` and ``dream`` commands to ``app``."""
-    app.command("classviz")(classviz)
-    app.command("featviz")(featviz)
+    app.command("classviz")(holding_out_dir("classviz")(classviz))
+    app.command("featviz")(holding_out_dir("featviz")(featviz))
     app.command("dream")(dream)

@@ -16,6 +16,8 @@ __all__ = [
     "InputError",
     "LayerError",
     "ModelLoadError",
+    "OutputError",
+    "RunFolderError",
     "TargetError",
     "UnsupportedModelError",
     "close_matches",
@@ -52,6 +54,14 @@ class InferenceModeError(ConvlensError, RuntimeError):
 
 class ModelLoadError(ConvlensError, ValueError):
     """A model specification cannot be loaded."""
+
+
+class OutputError(ConvlensError, OSError):
+    """An output file cannot be written (full disk, permissions); the message names the file."""
+
+
+class RunFolderError(ConvlensError, RuntimeError):
+    """An output folder is being written by another convlens process, or holds another run."""
 
 
 def close_matches(word: str, choices: Iterable[str], n: int = 3) -> str:

@@ -192,7 +192,13 @@ class Explanation:
 
         Returns:
             The paths written.
+
+        Raises:
+            OutputError: a file cannot be written (each is written atomically: whole or not
+                at all).
         """
+        from convlens.atomic import save_image
+
         path = Path(path)
         written: list[Path] = []
         single = self.batch_size * self.num_targets == 1
@@ -203,7 +209,7 @@ class Explanation:
                 out = path
                 if not (single and path.suffix.lower() == ".png"):
                     out = path / f"{i:03d}_{self.method}_{k}.png"
-                self.overlay(i, k, cmap=cmap, alpha=alpha).save(out)
+                save_image(self.overlay(i, k, cmap=cmap, alpha=alpha), out)
                 written.append(out)
         return written
 

@@ -20,13 +20,13 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from convlens.atomic import atomic_write_text
 from convlens.metrics.faithfulness import DEFAULT_STEPS
 
 __all__ = [
@@ -146,10 +146,14 @@ class ScoreCache:
         self.scores.update(scores)
 
     def save(self) -> None:
-        """Write the file atomically (a crash mid-write leaves the previous version)."""
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps({"settings": SETTINGS, "images": self.scores}, indent=1))
-        os.replace(tmp, self.path)
+        """Write the file atomically (a crash mid-write leaves the previous version).
+
+        Raises:
+            OutputError: the file cannot be written (full disk, permissions).
+        """
+        atomic_write_text(
+            self.path, json.dumps({"settings": SETTINGS, "images": self.scores}, indent=1)
+        )
 
 
 def _mean(values: Sequence[float]) -> float:

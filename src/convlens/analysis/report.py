@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from convlens.analysis.faithfulness import RANDOM_MAP
+from convlens.atomic import atomic_write_text, is_complete
 
 if TYPE_CHECKING:
     from convlens.analysis.run import AnalysisResult
@@ -221,7 +222,7 @@ class _Report:
         self.root = result.out_dir
         self.dir = self.root / "report"
         self.pages = self.dir / "images"
-        self.examined = [i for i in examined if (result.explanations.get(i) or Path()).is_file()]
+        self.examined = [i for i in examined if is_complete(result.explanations.get(i) or Path())]
         self.by_id = {p.id: p for p in result.predictions}
         summary = result.metrics.get("faithfulness") or {}
         self.faith: dict[str, dict[str, float | int | None]] = summary.get("methods", {})
@@ -232,7 +233,7 @@ class _Report:
 
     def thumb(self, p: Prediction, start: Path, css: str = "thumb") -> str:
         f = self.root / "thumbs" / f"{p.id}.jpg"
-        if not f.is_file():
+        if not is_complete(f):
             return _e(Path(p.path).name)
         return f'<img class="{css}" src="{_rel(f, start)}" alt="{_e(Path(p.path).name)}">'
 
@@ -240,18 +241,20 @@ class _Report:
         if p.id in self.examined:
             return f'<a href="{_rel(self.pages / f"{p.id}.html", start)}">{inner}</a>'
         f = self.root / "thumbs" / f"{p.id}.jpg"
-        if f.is_file():
+        if is_complete(f):
             return f'<a href="{_rel(f, start)}">{inner}</a>'
         return inner
 
     def write(self) -> Path:
         self.pages.mkdir(parents=True, exist_ok=True)
         index = self.dir / "index.html"
-        index.write_text(_page("convlens error analysis", self.index_body(), script=_JS))
+        atomic_write_text(index, _page("convlens error analysis", self.index_body(), script=_JS))
         for n, pid in enumerate(self.examined):
             prev = self.examined[n - 1] if n > 0 else None
             nxt = self.examined[n + 1] if n + 1 < len(self.examined) else None
-            (self.pages / f"{pid}.html").write_text(self.image_page(self.by_id[pid], prev, nxt))
+            atomic_write_text(
+                self.pages / f"{pid}.html", self.image_page(self.by_id[pid], prev, nxt)
+            )
         return index
 
     def methods_text(self) -> str:
@@ -273,7 +276,7 @@ class _Report:
             + ('<a href="#faithfulness">Faithfulness</a>' if self.faith else "")
             + '<a href="#pairs">Most confused</a>'
             '<a href="#classes">Per class</a><a href="#images">All images</a>'
-            '<a href="#failures">Unreadable files</a></nav>',
+            '<a href="#failures">Skipped files</a></nav>',
             f"<h1>Error analysis: {_e(m.get('model', 'model'))}</h1>",
             '<section id="summary"><h2>Summary</h2><table class="stats">',
         ]
@@ -285,7 +288,7 @@ class _Report:
             ("top-5 accuracy", _pct(m["top5"])),
             ("expected calibration error (15 bins)", f"{m['ece']:.4f}"),
             ("mean cross-entropy", f"{m['mean_loss']:.4f}"),
-            ("unreadable files (skipped)", m["failures"]),
+            ("skipped files (unreadable, or non-finite model output)", m["failures"]),
             ("examined but unreadable when explained", len(self.r.unexplained)),
             ("explanation methods", self.methods_text()),
         ]
@@ -305,7 +308,7 @@ class _Report:
             ("confusion", "confusion matrix"),
         ):
             f = plots / f"{name}.png"
-            if f.is_file():
+            if is_complete(f):
                 parts.append(f'<a href="{_rel(f, d)}"><img src="{_rel(f, d)}" alt="{alt}"></a>')
         parts.append("</section>")
         parts.append('<section id="mistakes"><h2>Worst mistakes</h2>')
@@ -328,9 +331,12 @@ class _Report:
         parts.append(self.pairs_section())
         parts.append(self.classes_section())
         parts.append(self.images_section())
-        parts.append('<section id="failures"><h2>Unreadable files</h2>')
+        parts.append('<section id="failures"><h2>Skipped files</h2>')
         if self.r.failures:
-            parts.append("<p>Skipped: these could not be read in the prediction pass.</p><ul>")
+            parts.append(
+                "<p>Skipped in the prediction pass: the file could not be read, or the model's "
+                "output for it was not finite (NaN/Inf).</p><ul>"
+            )
             parts += [f"<li>{_e(p)}: {_e(reason)}</li>" for p, reason in self.r.failures]
             parts.append("</ul>")
         else:

@@ -2,7 +2,9 @@
 
 :func:`analyze` is resumable: images already in ``RUN_DIR/predictions.sqlite`` (predicted or
 recorded as unreadable) are skipped, and explanation panels and faithfulness scores already under
-``RUN_DIR/explanations/`` are not recomputed.
+``RUN_DIR/explanations/`` are not recomputed. The run holds the lock of ``RUN_DIR``
+(:func:`~convlens.outputs.lock_folder`), so a second run into the same folder fails at once
+instead of mixing with it, and every file is written atomically (:mod:`convlens.atomic`).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -29,11 +32,15 @@ from convlens.analysis.stats import (
     reliability_figure,
 )
 from convlens.analysis.store import Prediction, PredictionStore, image_id
-from convlens.errors import ConvlensError, InputError
+from convlens.atomic import atomic_write_text, is_complete, save_image
+from convlens.errors import ConvlensError, InputError, RunFolderError
 from convlens.models.base import ConvlensModel
 from convlens.models.preprocess import Preprocess
+from convlens.outputs import lock_folder
 
 if TYPE_CHECKING:
+    from PIL import Image
+
     from convlens.methods.base import Method
     from convlens.result import Explanation
 
@@ -45,6 +52,8 @@ STORE_NAME = "predictions.sqlite"
 THUMB_SIDE = 96
 _PAIR_EXAMPLES = 2
 _PAIRS = 5
+NOT_FINITE = "model output is not finite (NaN/Inf)"
+"""The failure reason recorded for an image whose model output has a NaN or an infinity."""
 PANEL_RENDERING = 2
 """Version of how explanation panels are drawn (2: signed maps red/blue); part of the panel
 cache's key, so a resumed run redraws panels made the older way."""
@@ -58,7 +67,8 @@ class AnalysisResult:
         out_dir: the run folder.
         metrics: aggregate metrics (see :func:`~convlens.analysis.stats.compute_metrics`).
         predictions: every stored prediction.
-        failures: ``(path, reason)`` of the unreadable images.
+        failures: ``(path, reason)`` of the images skipped in the prediction pass: unreadable
+            ones, and those whose model output was not finite (reason :data:`NOT_FINITE`).
         class_names: name of each class index.
         explanations: image id -> explanation panel (PNG) of the examined images.
         faithfulness: image id -> method -> ``{"deletion_auc": ..., "insertion_auc": ...}``
@@ -142,12 +152,44 @@ class _ImageSet(Dataset):
             x = self.preprocess(image)
         except (ConvlensError, OSError) as exc:
             return i, None, str(exc)
-        thumb = self.thumbs / f"{image_id(path)}.jpg"
-        if not thumb.exists():
-            small = image.copy()
-            small.thumbnail((THUMB_SIDE, THUMB_SIDE))
-            small.save(thumb, quality=85)
+        _write_thumbnail(image, self.thumbs / f"{image_id(path)}.jpg")
         return i, x, ""
+
+
+def _write_thumbnail(image: Image.Image, thumb: Path) -> None:
+    """Write the report's thumbnail of ``image`` unless a complete one is there already.
+
+    A thumbnail is only decoration: when it cannot be written (full disk), a warning is logged
+    and the report shows the file name instead.
+    """
+    if is_complete(thumb):
+        return
+    small = image.copy()
+    small.thumbnail((THUMB_SIDE, THUMB_SIDE))
+    if small.mode not in ("RGB", "L"):
+        small = small.convert("RGB")
+    try:
+        save_image(small, thumb, quality=85)
+    except OSError as exc:
+        log.warning("no thumbnail for the report: %s", exc)
+
+
+def _repair_thumbnails(predictions: Sequence[Prediction], thumbs: Path) -> None:
+    """Write the missing or incomplete thumbnails of stored predictions (left by a run that was
+    killed or ran out of space, or by an older version that wrote files in place)."""
+    from convlens.images import load_image
+
+    for p in predictions:
+        thumb = thumbs / f"{p.id}.jpg"
+        if is_complete(thumb):
+            continue
+        thumb.unlink(missing_ok=True)
+        try:
+            image = load_image(p.path)
+        except (ConvlensError, OSError) as exc:
+            log.info("no thumbnail for %s: %s", p.path, exc)
+            continue
+        _write_thumbnail(image, thumb)
 
 
 def _collate(
@@ -191,18 +233,23 @@ class _Launched:
     top_probs: torch.Tensor | None = None  # (B, k)
     top_classes: torch.Tensor | None = None  # (B, k)
     label_log_probs: torch.Tensor | None = None  # (B,), NaN without a label
+    finite: torch.Tensor | None = None  # (B,) bool: every output of the image is finite
     ready: Any = None  # a CUDA event, or None when the tensors are already on the host
 
 
 def _launch_batch(
     model: ConvlensModel, x: torch.Tensor, labels: list[int | None], copy_stream: Any = None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, Any]:
     """Queue the forward pass of one batch and the copies of its top-k and label log-probs.
 
     On CUDA nothing here waits for the GPU: the input (pinned by the loader) is copied on
     ``copy_stream``, so the copy overlaps the previous batch's forward pass; the small outputs
     are copied back without blocking and an event marks when they have arrived, so the next
     batch can be read and launched meanwhile.
+
+    Returns:
+        Top-k probabilities and classes, the label's log-probability, whether each image's
+        outputs are all finite, and the CUDA event (or ``None``).
     """
     device = model.device
     index = torch.tensor([-1 if lbl is None else lbl for lbl in labels])
@@ -219,30 +266,39 @@ def _launch_batch(
             x.record_stream(compute)
             index.record_stream(compute)
     logits = model.net(x).float()
+    finite = torch.isfinite(logits).all(dim=1)
     log_probs = torch.log_softmax(logits, dim=1)
     top = log_probs.exp().topk(min(5, logits.shape[1]), dim=1)
     picked = log_probs.gather(1, index.clamp(min=0)[:, None])[:, 0]
     picked = torch.where(index >= 0, picked, torch.full_like(picked, float("nan")))
     cuda = device.type == "cuda"
-    out = [t.to("cpu", non_blocking=cuda) for t in (top.values, top.indices, picked)]
+    out = [t.to("cpu", non_blocking=cuda) for t in (top.values, top.indices, picked, finite)]
     if cuda:
         ready = torch.cuda.Event()
         ready.record()
-    return out[0], out[1], out[2], ready
+    return out[0], out[1], out[2], out[3], ready
 
 
-def _finish_batch(launched: _Launched, todo: Sequence[tuple[str, int | None]]) -> list[Prediction]:
-    """Wait for a launched batch's results and turn them into predictions."""
+def _finish_batch(
+    launched: _Launched, todo: Sequence[tuple[str, int | None]]
+) -> tuple[list[Prediction], list[tuple[int, str]]]:
+    """Wait for a launched batch's results and turn them into predictions, and failures
+    ``(index into todo, reason)`` for the images whose model output is not finite."""
     if launched.ready is not None:
         launched.ready.synchronize()
     if launched.top_probs is None or launched.top_classes is None:
-        return []
+        return [], []
     classes = launched.top_classes.tolist()
     probs = launched.top_probs.tolist()
     label_lp = launched.label_log_probs.tolist() if launched.label_log_probs is not None else []
+    finite = launched.finite.tolist() if launched.finite is not None else []
     out = []
+    bad = []
     for b, i in enumerate(launched.idx):
         path, label = todo[i]
+        if (finite and not finite[b]) or not all(math.isfinite(p) for p in probs[b]):
+            bad.append((i, NOT_FINITE))
+            continue
         top5 = tuple(int(c) for c in classes[b])
         out.append(
             Prediction(
@@ -255,7 +311,7 @@ def _finish_batch(launched: _Launched, todo: Sequence[tuple[str, int | None]]) -
                 correct=None if label is None else top5[0] == label,
             )
         )
-    return out
+    return out, bad
 
 
 def _predict_loop(
@@ -274,9 +330,10 @@ def _predict_loop(
     from convlens.hooks import model_state
 
     def finish(launched: _Launched) -> None:
-        preds = _finish_batch(launched, todo)
-        store.add_batch(preds, [(todo[i][0], reason) for i, reason in launched.failed])
-        for i, reason in launched.failed:
+        preds, not_finite = _finish_batch(launched, todo)
+        failed = launched.failed + not_finite
+        store.add_batch(preds, [(todo[i][0], reason) for i, reason in failed])
+        for i, reason in failed:
             log.warning("skipped %s: %s", todo[i][0], reason)
         if advance is not None:
             advance(len(launched.idx) + len(launched.failed))
@@ -292,11 +349,12 @@ def _predict_loop(
             for idx, x, failed in batches:
                 launched = _Launched(idx=idx, failed=failed)
                 if x is not None:
-                    top_probs, top_classes, label_lp, ready = _launch_batch(
+                    top_probs, top_classes, label_lp, finite, ready = _launch_batch(
                         model, x, [todo[i][1] for i in idx], copy_stream
                     )
                     launched.top_probs, launched.top_classes = top_probs, top_classes
                     launched.label_log_probs, launched.ready = label_lp, ready
+                    launched.finite = finite
                 if pending is not None:
                     done, pending = pending, None
                     finish(done)
@@ -423,11 +481,15 @@ class _Explained:
 def _panels_stamp(out: Path, config: str) -> None:
     """Keep the cached panels and scores of ``out`` only if they were made under ``config``."""
     stamp = out / "config.json"
-    if not stamp.is_file() or stamp.read_text() != config:
+    try:
+        same = stamp.read_text(encoding="utf-8") == config
+    except (OSError, ValueError):  # missing or unreadable: start over
+        same = False
+    if not same:
         for old in out.glob("*.png"):
             old.unlink()
         (out / FAITHFULNESS_FILE).unlink(missing_ok=True)
-        stamp.write_text(config)
+        atomic_write_text(stamp, config)
 
 
 def _explain_errors(
@@ -458,7 +520,7 @@ def _explain_errors(
     files = {p.id: out / f"{p.id}.png" for p in examined}
     cache = ScoreCache(out / FAITHFULNESS_FILE) if faithfulness else None
     names = [m.name for m in methods.values()]  # the keys of explain()'s results
-    need_panel = {p.id for p in examined if not files[p.id].exists()}
+    need_panel = {p.id for p in examined if not is_complete(files[p.id])}
     need_score = {p.id for p in examined if cache is not None and not cache.has(p.id, names)}
     todo = [p for p in examined if p.id in need_panel or p.id in need_score]
     unreadable: list[tuple[str, str]] = []
@@ -512,7 +574,7 @@ def _explain_errors(
                         bar.advance(scoring, len(rows))
             if bar is not None:
                 bar.advance(task, len(chunk) + len(failed))
-    panels = {k: f for k, f in files.items() if f.is_file()}
+    panels = {k: f for k, f in files.items() if is_complete(f)}
     scores = {} if cache is None else {k: cache.scores[k] for k in panels if cache.has(k, names)}
     return _Explained(panels, unreadable, scores)
 
@@ -602,8 +664,11 @@ def analyze(
 
     Raises:
         InputError: no images found, bad arguments, an unknown method or option (the valid
-            ones are listed), or ``out_dir`` holds a run of a model with
-            a different number of classes.
+            ones are listed).
+        RunFolderError: another process is writing ``out_dir`` (it holds the folder's lock),
+            or ``out_dir`` holds a run of other data, another model or other classes.
+        OutputError: a file cannot be written (full disk, permissions; the message names it);
+            the store keeps every finished batch and a rerun resumes.
     """
     if batch_size < 1 or workers < 0:
         raise InputError(f"batch_size must be >= 1 and workers >= 0, got {batch_size}, {workers}")
@@ -612,22 +677,84 @@ def analyze(
 
     specs = _method_specs(methods, method_options)
     instances = build_methods(specs)  # checks names and options before any work
-    names = list(instances)
     out = Path(out_dir)
     items = [(str(p), lbl) for p, lbl in read_labelled(data, model.classes, limit=limit)]
     if not items:
         raise InputError(f"no images found in {data}")
+    with lock_folder(out, "analyze"):
+        return _analyze_locked(
+            model,
+            data,
+            out,
+            items,
+            specs,
+            instances,
+            top_errors=top_errors,
+            batch_size=batch_size,
+            workers=workers,
+            progress=progress,
+            faithfulness=faithfulness,
+        )
+
+
+def _run_meta(model: ConvlensModel, data: str | Path) -> dict[str, object]:
+    """What identifies a run: the data set (absolute path), the model and its classes."""
+    names = "\n".join(model.classes[i] for i in range(len(model.classes)))
+    return {
+        "data": str(Path(data).expanduser().resolve()),
+        "model": model.name,
+        "num_classes": len(model.classes),
+        "classes": hashlib.sha256(names.encode("utf-8", "surrogateescape")).hexdigest()[:16],
+    }
+
+
+def _check_same_run(
+    out: Path, stored: Mapping[str, object], new: Mapping[str, object], data: str | Path
+) -> None:
+    """Raise unless ``stored`` (the store's meta) is empty or describes the run ``new`` too.
+
+    Keys an older store lacks are not compared; its data path may be as given on the command
+    line then.
+    """
+    differ = []
+    if "data" in stored and stored["data"] not in (new["data"], str(data)):
+        differ.append(f"data {stored['data']} (now {data})")
+    if "model" in stored and stored["model"] != new["model"]:
+        differ.append(f"model {stored['model']} (now {new['model']})")
+    if "num_classes" in stored and stored["num_classes"] != new["num_classes"]:
+        differ.append(f"{stored['num_classes']} classes (now {new['num_classes']})")
+    elif "classes" in stored and stored["classes"] != new["classes"]:
+        differ.append("other class names")
+    if differ:
+        raise RunFolderError(
+            f"{out} holds another analysis run ({'; '.join(differ)}); give a new --out folder "
+            "for this one (or delete that folder to start over)"
+        )
+
+
+def _analyze_locked(
+    model: ConvlensModel,
+    data: str | Path,
+    out: Path,
+    items: list[tuple[str, int | None]],
+    specs: dict[str, dict[str, Any]],
+    instances: Mapping[str, Method],
+    *,
+    top_errors: int,
+    batch_size: int,
+    workers: int,
+    progress: bool,
+    faithfulness: bool,
+) -> AnalysisResult:
+    """:func:`analyze` in the run folder ``out``, whose lock is held."""
+    names = list(instances)
     thumbs = out / "thumbs"
     thumbs.mkdir(parents=True, exist_ok=True)
     class_names = [model.classes[i] for i in range(len(model.classes))]
     with PredictionStore(out / STORE_NAME) as store:
-        meta = store.meta()
-        if meta.get("num_classes", len(class_names)) != len(class_names):
-            raise InputError(
-                f"{out} holds a run of a model with {meta['num_classes']} classes, this one has "
-                f"{len(class_names)}; give another --out folder"
-            )
-        store.set_meta(model=model.name, num_classes=len(class_names), data=str(data))
+        meta = _run_meta(model, data)
+        _check_same_run(out, store.meta(), meta, data)
+        store.set_meta(**meta)
         _infer(
             model,
             store,
@@ -640,11 +767,12 @@ def analyze(
         wanted = {p for p, _ in items}
         predictions = [p for p in store.predictions() if p.path in wanted]
         failures = [f for f in store.failures() if f[0] in wanted]
+    _repair_thumbnails(predictions, thumbs)
     metrics = compute_metrics(predictions, class_names, failures=len(failures))
     metrics["model"] = model.name
     metrics["methods"] = names
     metrics["method_options"] = {n: _jsonable(o) for n, o in specs.items() if o}
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
     from convlens.render import save_figure
 
     plots = out / "plots"
@@ -671,7 +799,7 @@ def analyze(
     )
     if faithfulness:
         metrics["faithfulness"] = summarize(explained.faithfulness)
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
     result = AnalysisResult(
         out_dir=out,
         metrics=metrics,

@@ -2,17 +2,23 @@
 
 The file ``RUN_DIR/predictions.sqlite`` is opened in WAL mode and each batch is written in one
 transaction, so a killed run loses at most the batch in flight and the file stays readable.
+SQLite errors (a full disk, a disk I/O error, a locked or corrupt file) are raised as
+:class:`~convlens.errors.ConvlensError` naming the file, after the batch's transaction is rolled
+back: the store keeps every batch committed before, and a rerun resumes from there.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import sqlite3
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+
+from convlens.errors import ConvlensError, OutputError, RunFolderError
 
 __all__ = ["Prediction", "PredictionStore", "image_id"]
 
@@ -31,6 +37,33 @@ CREATE TABLE IF NOT EXISTS predictions (
 );
 CREATE TABLE IF NOT EXISTS failures (path TEXT PRIMARY KEY, reason TEXT NOT NULL);
 """
+
+
+def store_error(path: Path, exc: sqlite3.Error) -> ConvlensError:
+    """The error to raise for an SQLite error on the store ``path``: what happened and what to
+    do, on one line."""
+    text = str(exc) or type(exc).__name__
+    low = text.lower()
+    resume = "run again to resume (finished batches are kept)"
+    if "full" in low:
+        return OutputError(f"cannot write {path}: {text}; free some space and {resume}")
+    if "disk i/o" in low:
+        return OutputError(f"cannot write {path}: {text}; check the disk and {resume}")
+    if "locked" in low or "busy" in low:
+        return RunFolderError(
+            f"{path} is locked by another process ({text}); wait for it to finish or "
+            "choose another --out"
+        )
+    if "readonly" in low or "read-only" in low or "unable to open" in low:
+        return OutputError(
+            f"cannot write {path}: {text}; check the folder's permissions or choose another --out"
+        )
+    if "not a database" in low or "malformed" in low or "corrupt" in low:
+        return RunFolderError(
+            f"{path} is not a readable convlens store ({text}); move it away to start over, "
+            "or choose another --out"
+        )
+    return OutputError(f"cannot use {path}: {text}; {resume}, or choose another --out")
 
 
 def image_id(path: str | Path) -> str:
@@ -74,21 +107,43 @@ class Prediction:
 class PredictionStore:
     """SQLite store of predictions and failures; use as a context manager.
 
+    Every method raises a :class:`~convlens.errors.ConvlensError` naming the file on an SQLite
+    error (see :func:`store_error`); a failed batch is rolled back.
+
     Args:
         path: the database file (created with its folder when missing).
+
+    Raises:
+        OutputError: the file or its folder cannot be created or written.
+        RunFolderError: the file is not an SQLite database, or is locked by another process.
     """
 
     def __init__(self, path: str | Path) -> None:
+        from convlens.atomic import write_error
+
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._conn = sqlite3.connect(self.path, isolation_level=None)
         try:
-            self._conn.execute("PRAGMA journal_mode=WAL")
-            self._conn.execute("PRAGMA synchronous=NORMAL")
-            self._conn.executescript(_SCHEMA)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise write_error(self.path.parent, exc) from exc
+        with self._errors():
+            self._conn = sqlite3.connect(self.path, isolation_level=None)
+        try:
+            with self._errors():
+                self._conn.execute("PRAGMA journal_mode=WAL")
+                self._conn.execute("PRAGMA synchronous=NORMAL")
+                self._conn.executescript(_SCHEMA)
         except BaseException:
             self._conn.close()
             raise
+
+    @contextlib.contextmanager
+    def _errors(self) -> Iterator[None]:
+        """SQLite errors as :func:`store_error`."""
+        try:
+            yield
+        except sqlite3.Error as exc:
+            raise store_error(self.path, exc) from exc
 
     def __enter__(self) -> PredictionStore:
         return self
@@ -108,7 +163,7 @@ class PredictionStore:
 
     def set_meta(self, **values: object) -> None:
         """Record run metadata (stored as JSON)."""
-        with self._transaction():
+        with self._errors(), self._transaction():
             self._conn.executemany(
                 "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
                 [(k, json.dumps(v)) for k, v in values.items()],
@@ -116,18 +171,22 @@ class PredictionStore:
 
     def meta(self) -> dict[str, object]:
         """The run metadata."""
-        return {k: json.loads(v) for k, v in self._conn.execute("SELECT key, value FROM meta")}
+        with self._errors():
+            rows = list(self._conn.execute("SELECT key, value FROM meta"))
+        return {k: json.loads(v) for k, v in rows}
 
     def finished_paths(self) -> set[str]:
         """Paths already predicted or already recorded as failures."""
-        done = {r[0] for r in self._conn.execute("SELECT path FROM predictions")}
-        return done | {r[0] for r in self._conn.execute("SELECT path FROM failures")}
+        with self._errors():
+            done = {r[0] for r in self._conn.execute("SELECT path FROM predictions")}
+            return done | {r[0] for r in self._conn.execute("SELECT path FROM failures")}
 
     def add_batch(
         self, predictions: Iterable[Prediction], failures: Iterable[tuple[str, str]] = ()
     ) -> None:
-        """Write one batch of predictions and failures in a single transaction."""
-        with self._transaction():
+        """Write one batch of predictions and failures in a single transaction (rolled back
+        whole when it fails)."""
+        with self._errors(), self._transaction():
             self._conn.executemany(
                 "INSERT OR REPLACE INTO predictions "
                 "(id, path, label, top5, probs5, pred, confidence, loss, correct) "
@@ -153,9 +212,13 @@ class PredictionStore:
 
     def predictions(self) -> list[Prediction]:
         """All stored predictions, sorted by path."""
-        rows = self._conn.execute(
-            "SELECT id, path, label, top5, probs5, loss, correct FROM predictions ORDER BY path"
-        )
+        with self._errors():
+            rows = list(
+                self._conn.execute(
+                    "SELECT id, path, label, top5, probs5, loss, correct FROM predictions "
+                    "ORDER BY path"
+                )
+            )
         return [
             Prediction(
                 id=r[0],
@@ -170,8 +233,9 @@ class PredictionStore:
         ]
 
     def failures(self) -> list[tuple[str, str]]:
-        """``(path, reason)`` of every image that could not be read, sorted by path."""
-        return list(self._conn.execute("SELECT path, reason FROM failures ORDER BY path"))
+        """``(path, reason)`` of every image that could not be read or predicted, by path."""
+        with self._errors():
+            return list(self._conn.execute("SELECT path, reason FROM failures ORDER BY path"))
 
     def _transaction(self) -> _Transaction:
         return _Transaction(self._conn)
@@ -192,5 +256,17 @@ class _Transaction:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> bool:
-        self._conn.execute("ROLLBACK" if exc_type is not None else "COMMIT")
+        if exc_type is None:
+            try:
+                self._conn.execute("COMMIT")
+            except BaseException:  # e.g. a full disk at commit: the batch is dropped whole
+                self._rollback()
+                raise
+        else:
+            self._rollback()
         return False
+
+    def _rollback(self) -> None:
+        if self._conn.in_transaction:  # SQLite may have rolled back already (SQLITE_FULL)
+            with contextlib.suppress(sqlite3.Error):
+                self._conn.execute("ROLLBACK")

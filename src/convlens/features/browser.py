@@ -49,6 +49,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from convlens.architecture import LayerRef, parse_layer
+from convlens.atomic import atomic_write_text, save_image
 from convlens.errors import ImageError, InputError, LayerError
 from convlens.features.receptive_field import ReceptiveField, receptive_field
 from convlens.features.topk import RunningTopK
@@ -57,6 +58,7 @@ from convlens.images import load_image
 from convlens.methods.rules import project_units
 from convlens.models.base import ConvlensModel
 from convlens.models.preprocess import Preprocess
+from convlens.outputs import lock_folder
 
 __all__ = [
     "ChannelExamples",
@@ -940,16 +942,36 @@ def render_features(
 
     Raises:
         InputError: ``crop`` or ``per_image`` is invalid.
+        RunFolderError: another convlens process is writing ``out_dir``.
+        OutputError: a file cannot be written (each is written atomically).
     """
-    from convlens.render.feature_grid import ChannelTiles, feature_grid
-    from convlens.render.overlay import rgb_attribution, to_pil
-
     if crop not in ("effective", "field"):
         raise InputError(f"crop must be 'effective' or 'field', got {crop!r}")
     if per_image < 1:
         raise InputError(f"per_image must be a positive number of channels, got {per_image}")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    with lock_folder(out, "features"):
+        return _render_features(
+            scan, model, out, rule, crop, cell, columns, per_image, batch_size, progress
+        )
+
+
+def _render_features(
+    scan: FeatureScan,
+    model: ConvlensModel,
+    out: Path,
+    rule: str,
+    crop: Crop,
+    cell: int,
+    columns: int,
+    per_image: int,
+    batch_size: int,
+    progress: bool | Progress,
+) -> list[Path]:
+    """:func:`render_features` in a folder whose lock is held."""
+    from convlens.render.feature_grid import ChannelTiles, feature_grid
+    from convlens.render.overlay import rgb_attribution, to_pil
+
     root = _root(scan.paths) if scan.paths else None
     total = sum(len(info.channels) for info in scan.layers.values())
     report, bar = _progress_callback(progress, "rendering")
@@ -1014,7 +1036,7 @@ def render_features(
                     subtitle=_subtitle(scan, info, rf, window, rule, independent),
                 )
                 png = out / (f"{base}.png" if npages == 1 else f"{base}_{len(pngs) + 1}.png")
-                fig.save(png, optimize=True)
+                save_image(fig, png, optimize=True)
                 written.append(png)
                 pngs.append(png.name)
                 tiles = []
@@ -1023,7 +1045,7 @@ def render_features(
         if bar is not None:
             bar.close()
     index = out / "index.html"
-    index.write_text(_html(scan, pages, rule, root), encoding="utf-8")
+    atomic_write_text(index, _html(scan, pages, rule, root))
     written.append(index)
     return written
 

@@ -354,14 +354,18 @@ def save_figure(fig: Figure, path: str | Path, *, dpi: int = 110) -> Path:
     Returns:
         The path written.
 
+    The file is written atomically (:func:`~convlens.atomic.atomic_path`): it appears whole
+    or not at all.
+
     Raises:
         InputError: (a ``ValueError``) if ``path`` has a suffix other than ``.png``.
+        OutputError: the file cannot be written (full disk, permissions).
     """
+    from convlens.atomic import save_matplotlib
+
     path = Path(path)
     if path.suffix == "":
         path = path.with_suffix(".png")
     if path.suffix.lower() != ".png":
         raise InputError(f"save_figure writes PNG files; give a '.png' path, got {str(path)!r}.")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png", dpi=dpi, bbox_inches="tight", facecolor="white")
-    return path
+    return save_matplotlib(fig, path, format="png", dpi=dpi, bbox_inches="tight", facecolor="white")

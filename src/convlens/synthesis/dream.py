@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from convlens.architecture import LayerRef, parse_layer
+from convlens.atomic import save_image
 from convlens.errors import InputError
 from convlens.hooks import model_state, named_module
 from convlens.models.base import ConvlensModel
@@ -238,10 +239,10 @@ def deep_dream(
 
 
 def _write_gif(path: Path, frames: list[torch.Tensor], duration: int) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
     images = [to_pil(f) for f in frames]
     hold = [images[-1]] * max(1, math.ceil(1000 / max(duration, 1)))  # linger on the result
-    images[0].save(
+    return save_image(
+        images[0],
         path,
         save_all=True,
         append_images=images[1:] + hold,
@@ -249,4 +250,3 @@ def _write_gif(path: Path, frames: list[torch.Tensor], duration: int) -> Path:
         loop=0,
         optimize=False,
     )
-    return path

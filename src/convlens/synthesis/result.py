@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from convlens.atomic import save_image
+
 if TYPE_CHECKING:
     from PIL import Image
 
@@ -146,11 +148,11 @@ class SynthesisResult:
         paths: list[Path] = []
         for i, (t, lab) in enumerate(zip(self.targets, self.labels, strict=True)):
             path = out / f"{prefix}{i:02d}_{t}_{_safe_name(lab)}.png"
-            self.to_pil(i).save(path)
+            save_image(self.to_pil(i), path)
             paths.append(path)
         if grid:
             path = out / f"{prefix}grid.png"
-            self.grid().save(path)
+            save_image(self.grid(), path)
             paths.append(path)
         return paths
 
@@ -191,6 +193,4 @@ class DreamResult:
     def save(self, path: str | Path) -> Path:
         """Write the dreamed image as PNG; returns the path."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.to_pil().save(path)
-        return path
+        return save_image(self.to_pil(), path)
