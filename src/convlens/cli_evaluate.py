@@ -20,10 +20,11 @@ from convlens.cli_options import (
     SizeOpt,
     StdOpt,
     WeightsOpt,
-    err,
     load_net,
     parse_methods,
     progress_bar,
+    say,
+    status,
 )
 from convlens.errors import InputError
 
@@ -115,7 +116,7 @@ def evaluate(
     if sanity:
         k = min(sanity_images, len(items))
         x = net.load_images([p for p, _ in items[:k]]).to(net.device)
-        with err.status("sanity checks (cascading randomisation) ..."):
+        with status("sanity checks (cascading randomisation) ..."):
             res = cascading_randomization(net, x, names)
         save_figure(res.figure(), out_dir / "sanity.png")
         md += [
@@ -133,9 +134,7 @@ def evaluate(
                 vals = " | ".join(f"{v:.2f}" for v in res.mean(method, metric))
                 md.append(f"| {method} | {metric} | {vals} |")
     (out_dir / "metrics.md").write_text("\n".join(md) + "\n")
-    err.print(
-        f"wrote {out_dir}/metrics.md, metrics.csv, curves.png" + (", sanity.png" if sanity else "")
-    )
+    say(f"wrote {out_dir}/metrics.md, metrics.csv, curves.png" + (", sanity.png" if sanity else ""))
 
 
 def register(app: typer.Typer) -> None:
