@@ -26,6 +26,7 @@ from convlens.cli_options import (
     say,
     status,
 )
+from convlens.console import printable
 from convlens.errors import InputError
 
 __all__ = ["register"]
@@ -98,20 +99,21 @@ def evaluate(
             files += [p for p, _ in chunk]
             bar.advance(task, len(chunk))
     md = [
-        f"# convlens evaluate: {data}",
+        f"# convlens evaluate: {printable(data)}",
         "",
         f"{len(files)} images, model {net.name}, {steps} deletion/insertion steps.",
         "",
         table.markdown(),
         "",
     ]
-    with (out_dir / "metrics.csv").open("w", newline="") as fh:
+    with (out_dir / "metrics.csv").open("w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
         cols = sorted({c for row in table.per_image.values() for c in row})
         writer.writerow(["image", "method", *cols])
         for method, row in table.per_image.items():
             for i, path in enumerate(files):
-                writer.writerow([path, method, *(f"{float(row[c][i]):.5f}" for c in cols)])
+                cells = (f"{float(row[c][i]):.5f}" for c in cols)
+                writer.writerow([printable(str(path)), method, *cells])
     save_figure(_curves_figure(table), out_dir / "curves.png")
     if sanity:
         k = min(sanity_images, len(items))
@@ -133,7 +135,7 @@ def evaluate(
             for metric in ("spearman_abs", "ssim", "hog"):
                 vals = " | ".join(f"{v:.2f}" for v in res.mean(method, metric))
                 md.append(f"| {method} | {metric} | {vals} |")
-    (out_dir / "metrics.md").write_text("\n".join(md) + "\n")
+    (out_dir / "metrics.md").write_text("\n".join(md) + "\n", encoding="utf-8")
     say(f"wrote {out_dir}/metrics.md, metrics.csv, curves.png" + (", sanity.png" if sanity else ""))
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from convlens.analysis.faithfulness import RANDOM_MAP
+from convlens.console import printable
 
 if TYPE_CHECKING:
     from convlens.analysis.run import AnalysisResult
@@ -168,7 +169,8 @@ _JS = """
 
 
 def _e(value: object) -> str:
-    return html.escape(str(value), quote=True)
+    # printable: a file name's undecodable bytes show as \xff (they cannot be written as UTF-8)
+    return html.escape(printable(str(value)), quote=True)
 
 
 def _rel(target: Path, start: Path) -> str:
@@ -435,7 +437,7 @@ class _Report:
 
         rows = [
             [
-                Path(p.path).name,
+                printable(Path(p.path).name),
                 p.id,
                 cls(p.label),
                 cls(p.pred),
