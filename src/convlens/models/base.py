@@ -35,13 +35,12 @@ def count_outputs(net: nn.Module, crop: int) -> int | None:
     """
     from convlens.hooks import model_state
 
-    try:
-        device = next(iter(net.parameters())).device
-    except StopIteration:
-        device = torch.device("cpu")
+    param = next((p for p in net.parameters() if p.is_floating_point()), None)
+    device = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None else torch.get_default_dtype()
     try:
         with model_state(net, eval_mode=True, grads=False), torch.no_grad():
-            out = net(torch.zeros(1, 3, crop, crop, device=device))
+            out = net(torch.zeros(1, 3, crop, crop, device=device, dtype=dtype))
     except Exception as exc:
         text = str(exc).strip().splitlines()
         reason = f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
