@@ -94,7 +94,8 @@ def predict(
         x = net.load_images(chunk).to(net.device)
         idx, probs = net.predict(x, k=top)
         for i, path in enumerate(chunk):
-            table = Table(title=str(path), title_justify="left", show_edge=False)
+            say(str(path), console=out)  # a line of its own: a long path is not wrapped
+            table = Table(show_edge=False)
             table.add_column("#", justify="right")
             table.add_column("class")
             table.add_column("index", justify="right")
@@ -449,13 +450,20 @@ def _register_commands() -> None:
 _register_commands()
 
 
-def _usage_message(exc: Exception) -> str:
-    """A click usage error as one line, with the command's ``--help`` to run."""
+def _usage_message(exc: Exception, args: Sequence[str]) -> str:
+    """A click usage error as one line, with the ``--help`` to run."""
     text = " ".join(exc.format_message().split())  # type: ignore[attr-defined]
     ctx = getattr(exc, "ctx", None)
-    if ctx is not None and getattr(ctx, "command_path", None):
-        text += f" (see '{ctx.command_path} --help')"
-    return text
+    command = getattr(ctx, "command_path", None)
+    if not command:  # some parser errors carry no context: name the command given, if any
+        first = next((a for a in args if not a.startswith("-")), None)
+        command = f"convlens {first}" if first in _app_commands() else "convlens"
+    return f"{text} (see '{command} --help')"
+
+
+def _app_commands() -> set[str]:
+    """The names of the ``convlens`` commands."""
+    return {c.name or c.callback.__name__ for c in app.registered_commands if c.callback}
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -489,12 +497,12 @@ def main(argv: Sequence[str] | None = None) -> None:
             sys.exit(2)
         if debug:
             raise
-        fail(_usage_message(exc))
+        fail(_usage_message(exc, args))
         sys.exit(2)
     except ClickException as exc:
         if debug:
             raise
-        fail(_usage_message(exc))
+        fail(_usage_message(exc, args))
         sys.exit(2)
     except typer.Abort:
         fail("aborted")

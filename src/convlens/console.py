@@ -27,7 +27,12 @@ __all__ = ["SafeConsole", "description_column", "one_line", "printable"]
 _KEPT_CONTROLS = frozenset("\n\t")
 
 
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
 def _escape_char(c: str) -> str:
+    if c in _NAMED:
+        return _NAMED[c]
     code = ord(c)
     if 0xDC80 <= code <= 0xDCFF:  # a byte that was not UTF-8, kept by surrogateescape
         return f"\\x{code - 0xDC00:02x}"

@@ -79,10 +79,12 @@ def require_file(
     p = Path(path)
     try:
         mode = p.stat().st_mode
+    except FileNotFoundError as exc:
+        raise error(f"{what} '{p}' not found") from exc
     except OSError as exc:
-        raise error(f"{what} '{p}': {_reason(exc)}") from exc
+        raise error(f"cannot read {what} '{p}': {_reason(exc)}") from exc
     except ValueError as exc:  # an embedded NUL byte
-        raise error(f"{what} '{p}': not a valid path ({exc})") from exc
+        raise error(f"{what} '{p}' is not a valid path ({exc})") from exc
     if not stat.S_ISREG(mode):
         raise error(f"{what} '{p}' is {describe_file_kind(mode)}; give a regular file")
     return p
