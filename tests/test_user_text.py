@@ -78,6 +78,22 @@ def test_a_surrogate_in_a_printed_string_does_not_fail_a_strict_stream() -> None
     assert b"bad\\xff.png" in raw.getvalue()
 
 
+@pytest.mark.parametrize("name", ["a$x^$b", "$\\frac{$", "dog $5 and $6", "[/x]"])
+def test_plot_labels_draw_as_written(name: str) -> None:
+    from matplotlib import cbook
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from convlens.render import short_name
+
+    label = short_name(name)
+    assert not cbook.is_math_text(label) and label.replace(r"\$", "$") == name  # drawn as is
+    fig = Figure()
+    FigureCanvasAgg(fig)
+    fig.text(0.5, 0.5, label)
+    fig.canvas.draw()  # "$\frac{$" read as math would raise here
+
+
 # ------------------------------------------------------------------------- reading user files
 
 

@@ -8,6 +8,8 @@ Strings are also made printable on the way out (:func:`printable`): terminal con
 (decoded by Python with ``surrogateescape``) print as ``\\xff`` instead of making a strict
 stdout raise ``UnicodeEncodeError``.
 
+Plot labels have their own markup (matplotlib's ``$...$`` math); :func:`plot_label` escapes it.
+
 Where styling is wanted, build a :class:`rich.text.Text` (``Text.assemble(("error:", "red"),
 " ", message)``) or escape the user's part with :func:`rich.markup.escape`; never format user
 text into a markup string.
@@ -22,7 +24,7 @@ from rich.console import Console
 from rich.progress import ProgressColumn, Task
 from rich.text import Text
 
-__all__ = ["SafeConsole", "description_column", "one_line", "printable"]
+__all__ = ["SafeConsole", "description_column", "one_line", "plot_label", "printable"]
 
 _KEPT_CONTROLS = frozenset("\n\t")
 
@@ -67,6 +69,16 @@ def printable(text: str, *, keep_newlines: bool = True) -> str:
 def one_line(text: str) -> str:
     """``text`` on a single line: every control character, newlines included, escaped."""
     return printable(text, keep_newlines=False)
+
+
+def plot_label(text: str) -> str:
+    """``text`` for a matplotlib label, shown as written.
+
+    Matplotlib reads text between two ``$`` as math (a class name ``"$5 and $6"`` would lose its
+    dollars, ``"$\\frac{$"`` would fail the whole figure); escaped dollars are drawn as ``$``.
+    Control characters are escaped as by :func:`one_line`.
+    """
+    return one_line(text).replace("$", r"\$")
 
 
 class SafeConsole(Console):
