@@ -450,15 +450,19 @@ def undecodable_name_dir(d: Path) -> tuple[Path, str]:
 
 def test_a_file_name_that_is_not_utf8_does_not_stop_analyze(setup, capsys) -> None:
     d = setup["dir"]
-    undecodable_name_dir(d)
+    folder, _ = undecodable_name_dir(d)
+    (folder / os.fsdecode(b"broken\xfe.jpg")).write_bytes(b"not an image")
     out = d / "run"
     args = ["analyze", str(d / "data"), *model_args(d), "--out", str(out), "--top-errors", "3"]
     assert run(args) == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["images"] == 3 and metrics["failures"] == 0
+    assert metrics["images"] == 3 and metrics["failures"] == 1
     report = (out / "report" / "index.html").read_text(encoding="utf-8")
     assert "bad\\\\xff.png" in report or "bad\\xff.png" in report
-    capsys.readouterr()
+    assert "skipped" in capsys.readouterr().err  # the unreadable one, named printably
+    with sqlite3.connect(out / "predictions.sqlite") as db:
+        reason = db.execute("SELECT reason FROM failures").fetchone()[0]
+    assert "broken\\xfe.jpg" in reason
     assert run(args) == 0  # resumed: the stored path matches the file again
     with sqlite3.connect(out / "predictions.sqlite") as db:
         assert db.execute("SELECT COUNT(*) FROM predictions").fetchone()[0] == 3

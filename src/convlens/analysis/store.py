@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
+from convlens.console import printable
+
 __all__ = ["Prediction", "PredictionStore", "image_id"]
 
 _SCHEMA = """
@@ -165,7 +167,7 @@ class PredictionStore:
             )
             self._conn.executemany(
                 "INSERT OR REPLACE INTO failures (path, reason) VALUES (?, ?)",
-                [(_to_db(path), reason) for path, reason in failures],
+                [(_to_db(path), printable(reason)) for path, reason in failures],
             )
 
     def predictions(self) -> list[Prediction]:
