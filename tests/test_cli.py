@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+import sqlite3
 import textwrap
 from pathlib import Path
 
@@ -298,3 +301,216 @@ def test_a_home_relative_path_is_expanded(setup, capsys, monkeypatch) -> None:
     monkeypatch.setenv("HOME", str(d))
     assert run(["predict", "~/a.png", *model_args(d), "--top", "2"]) == 0
     assert "a.png" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------- one-line errors, user text
+
+
+def error_line(err: str) -> str:
+    """The one ``error:`` line of a failed command's stderr (progress output may precede it)."""
+    assert "Traceback" not in err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith("error:")]
+    assert len(errors) == 1, err
+    assert lines[-1] == errors[0], err
+    return errors[0]
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["predict", "{d}/a.png", "--top", "x"],  # not an integer
+        ["predict", "{d}/a.png", "--bogus"],  # unknown option
+        ["predict"],  # missing argument
+        ["predict", "{d}/a.png", "--top"],  # option without its value
+        ["explain", "{d}/a.png", "--alpha", "half"],  # not a number
+        ["no-such-command"],
+    ],
+)
+def test_usage_errors_are_one_line_and_exit_2(setup, capsys, args) -> None:
+    d = setup["dir"]
+    assert run([a.format(d=d) for a in args]) == 2
+    captured = capsys.readouterr()
+    line = error_line(captured.err)
+    assert "--help" in line  # where to look next
+    assert len(captured.err.strip().splitlines()) == 1 and not captured.out.strip()
+
+
+@pytest.mark.parametrize("args", [["--help"], ["predict", "--help"], ["analyze", "--help"]])
+def test_help_exits_0(capsys, args) -> None:
+    assert run(args) == 0
+    assert "Usage" in capsys.readouterr().out
+
+
+def test_no_arguments_show_the_help(capsys) -> None:
+    run([])
+    captured = capsys.readouterr()
+    assert "Usage" in captured.out and "predict" in captured.out
+    assert "error:" not in captured.err
+
+
+def markup_dir(d: Path) -> Path:
+    """A folder whose path holds ``[/x]`` (a closing markup tag rich cannot match)."""
+    folder = d / "[" / "x]"
+    folder.mkdir(parents=True)
+    return folder
+
+
+def test_markup_in_file_and_class_names_is_printed_as_written(setup, capsys) -> None:
+    d = setup["dir"]
+    folder = markup_dir(d)
+    (folder / "a.png").write_bytes((d / "a.png").read_bytes())
+    (d / "labels.txt").write_text("[/x] cat\n:dog: [bold]\n[/] mug\n")
+    assert run(["predict", str(folder / "a.png"), *model_args(d), "--top", "3"]) == 0
+    text = capsys.readouterr().out
+    assert "[/x]/a.png" in text  # the table title
+    for name in ("[/x] cat", ":dog: [bold]", "[/] mug"):  # cells: no markup, no emoji
+        assert name in text
+
+
+@pytest.mark.parametrize(
+    ("args", "shown"),
+    [
+        (["explain", "{d}/a.png", "--target", "[/x]"], "'[/x]'"),
+        (["explain", "{d}/a.png", "--layer", "[/x]"], "[/x]"),
+        (["predict", "{d}/[/x]/missing.png"], "[/x]/missing.png"),
+        (["features", "{d}", "--layer", "[/x]", "--out", "{d}/f"], "[/x]"),
+        (["classviz", "--class", "[/x]", "--steps", "1", "--out", "{d}/c"], "'[/x]'"),
+        (["featviz", "--layer", "[/x]", "--steps", "1", "--out", "{d}/v"], "[/x]"),
+        (["evaluate", "{d}/[/x].csv", "--out", "{d}/e"], "[/x].csv"),
+    ],
+)
+def test_markup_in_an_error_message_is_printed_as_written(setup, capsys, args, shown) -> None:
+    d = setup["dir"]
+    markup_dir(d)
+    (d / "[" / "x].csv").write_text("path,label\na.png,[/x]\n")
+    assert run([*(a.format(d=d) for a in args), *model_args(d)]) == 2
+    assert shown in error_line(capsys.readouterr().err)
+
+
+def test_analyze_prints_markup_in_skipped_file_names(setup, capsys) -> None:
+    d = setup["dir"]
+    folder = markup_dir(d)
+    (folder / "a.png").write_bytes((d / "a.png").read_bytes())
+    (folder / "bad.jpg").write_bytes(b"not an image")
+    args = ["analyze", str(folder), *model_args(d), "--out", str(d / "run"), "--top-errors", "0"]
+    assert run(args) == 0
+    assert f"skipped {folder / 'bad.jpg'}" in capsys.readouterr().err
+
+
+def test_an_error_naming_a_file_with_a_newline_stays_one_line(setup, capsys) -> None:
+    d = setup["dir"]
+    assert run(["predict", str(d / "two\nlines\x1b[31m.png"), *model_args(d)]) == 2
+    line = error_line(capsys.readouterr().err)
+    assert "two\\nlines\\x1b[31m.png" in line
+
+
+def test_a_class_list_not_matching_the_outputs_is_one_line(setup, capsys) -> None:
+    d = setup["dir"]
+    (d / "labels.txt").write_text("cat\ndog\n")  # the model has 3 outputs
+    assert run(["predict", str(d / "a.png"), *model_args(d)]) == 2
+    line = error_line(capsys.readouterr().err)
+    assert "2 names" in line and "3 outputs" in line and "labels.txt" in line
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("path,label\na.png\n", "line 2: 1 field(s) where the header has 2"),
+        ("path,label\na.png,cat,extra\n", "line 2: 3 fields where the header has 2"),
+        ("path,label\n\n,cat\n", "line 3: the path cell is empty"),
+        ("path,label\r\na.png,caf\xe9\r\n".encode("latin-1"), "byte 0xe9 at offset 21, line 2"),
+    ],
+)
+def test_a_malformed_csv_is_one_line(setup, capsys, content, message) -> None:
+    d = setup["dir"]
+    csv_file = d / "set.csv"
+    if isinstance(content, bytes):
+        csv_file.write_bytes(content)
+    else:
+        csv_file.write_text(content)
+    assert run(["evaluate", str(csv_file), *model_args(d), "--out", str(d / "e")]) == 2
+    line = error_line(capsys.readouterr().err)
+    assert "set.csv" in line and message in line
+
+
+def undecodable_name_dir(d: Path) -> tuple[Path, str]:
+    """A class folder holding an image whose file name is not UTF-8 (byte 0xff)."""
+    folder = d / "data" / "cat"
+    folder.mkdir(parents=True)
+    name = os.fsdecode(b"bad\xff.png")
+    try:
+        (folder / name).write_bytes((d / "a.png").read_bytes())
+    except (OSError, UnicodeEncodeError):
+        pytest.skip("the file system does not take undecodable file names")
+    for other in ("b", "c"):
+        (folder / f"{other}.png").write_bytes((d / f"{other}.png").read_bytes())
+    return folder, name
+
+
+def test_a_file_name_that_is_not_utf8_does_not_stop_analyze(setup, capsys) -> None:
+    d = setup["dir"]
+    folder, _ = undecodable_name_dir(d)
+    (folder / os.fsdecode(b"broken\xfe.jpg")).write_bytes(b"not an image")
+    out = d / "run"
+    args = ["analyze", str(d / "data"), *model_args(d), "--out", str(out), "--top-errors", "3"]
+    assert run(args) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["images"] == 3 and metrics["failures"] == 1
+    report = (out / "report" / "index.html").read_text(encoding="utf-8")
+    assert "bad\\\\xff.png" in report or "bad\\xff.png" in report
+    assert "skipped" in capsys.readouterr().err  # the unreadable one, named printably
+    with sqlite3.connect(out / "predictions.sqlite") as db:
+        reason = db.execute("SELECT reason FROM failures").fetchone()[0]
+    assert "broken\\xfe.jpg" in reason
+    assert run(args) == 0  # resumed: the stored path matches the file again
+    with sqlite3.connect(out / "predictions.sqlite") as db:
+        assert db.execute("SELECT COUNT(*) FROM predictions").fetchone()[0] == 3
+
+
+@pytest.mark.parametrize("command", ["predict", "explain", "evaluate", "features"])
+def test_a_file_name_that_is_not_utf8_works_in_every_command(setup, capsys, command) -> None:
+    d = setup["dir"]
+    folder, name = undecodable_name_dir(d)
+    target = str(d / "data") if command in ("evaluate", "features") else str(folder)
+    extra = {
+        "predict": [],
+        "explain": ["--methods", "saliency", "--out", str(d / "x")],
+        "evaluate": ["--methods", "saliency", "--steps", "2", "--out", str(d / "e")],
+        "features": ["--layer", "0", "--out", str(d / "f")],
+    }[command]
+    assert run([command, target, *model_args(d), *extra]) == 0
+    captured = capsys.readouterr()
+    if command == "predict":
+        assert "bad\\xff.png" in captured.out
+    if command == "explain":
+        assert (d / "x" / f"{Path(name).stem}_panel.png").is_file()
+    if command == "evaluate":
+        assert "bad\\xff.png" in (d / "e" / "metrics.csv").read_text(encoding="utf-8")
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes need a POSIX system")
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["predict", "{d}/a.png", "--classes", "{fifo}"],
+        ["predict", "{fifo}"],
+        ["evaluate", "{fifo}.csv"],
+        ["predict", "{d}/a.png", "--model", "{fifo}.pt"],
+    ],
+)
+def test_a_fifo_given_as_a_file_is_an_error_not_a_hang(tmp_path: Path, args) -> None:
+    import subprocess
+    import sys
+
+    d = tmp_path
+    Image.new("RGB", (40, 40)).save(d / "a.png")
+    for fifo in (d / "pipe", d / "pipe.csv", d / "pipe.pt"):
+        os.mkfifo(fifo)
+    argv = [a.format(d=d, fifo=d / "pipe") for a in args]
+    code = "import sys; from convlens.cli import main; main(sys.argv[1:])"
+    proc = subprocess.run(  # a timeout, not a hang, if the pipe were opened
+        [sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "named pipe" in error_line(proc.stderr)

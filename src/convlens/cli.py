@@ -32,13 +32,19 @@ from convlens.cli_options import (
     StdOpt,
     WeightsOpt,
     WorkersOpt,
-    err,
+    fail,
     load_net,
     out,
     parse_methods,
     progress_bar,
+    say,
 )
 from convlens.errors import ConvlensError, ImageError, InputError
+
+try:  # typer >= 0.2x carries its own copy of click
+    from typer._click.exceptions import ClickException, UsageError
+except ImportError:  # pragma: no cover - older typer, on click
+    from click.exceptions import ClickException, UsageError  # type: ignore[no-redef]
 
 app = typer.Typer(
     name="convlens",
@@ -88,7 +94,8 @@ def predict(
         x = net.load_images(chunk).to(net.device)
         idx, probs = net.predict(x, k=top)
         for i, path in enumerate(chunk):
-            table = Table(title=str(path), title_justify="left", show_edge=False)
+            say(str(path), console=out)  # a line of its own: a long path is not wrapped
+            table = Table(show_edge=False)
             table.add_column("#", justify="right")
             table.add_column("class")
             table.add_column("index", justify="right")
@@ -233,7 +240,7 @@ def explain_cmd(
         if isinstance(exc, ConvlensError):
             raise
         raise InputError(str(exc)) from exc
-    err.print(f"wrote {len(written)} images to {out_dir}/")
+    say(f"wrote {len(written)} images to {out_dir}/")
 
 
 @app.command()
@@ -321,8 +328,8 @@ def demo(
     x = net.load_images(files).to(net.device)
     idx, probs = net.predict(x, k=1)
     for i, path in enumerate(files):
-        err.print(f"{path.stem:>10}: {net.classes[int(idx[i, 0])]} ({float(probs[i, 0]):.2f})")
-    err.print(f"wrote {len(written)} images to {out_dir}/ — open {out_dir}/cat_panel.png first")
+        say(f"{path.stem:>10}: {net.classes[int(idx[i, 0])]} ({float(probs[i, 0]):.2f})")
+    say(f"wrote {len(written)} images to {out_dir}/ — open {out_dir}/cat_panel.png first")
 
 
 @app.command("features")
@@ -433,11 +440,9 @@ def features_cmd(
         if tasks:
             bar.stop()
     skipped = f", skipped {len(scan.skipped)} unreadable" if scan.skipped else ""
-    err.print(
+    say(
         f"scanned {scan.scanned} images{skipped}; wrote {len(written) - 1} grid(s) to "
-        f"{out_dir}/ — open {out_dir / 'index.html'}",
-        highlight=False,
-        soft_wrap=True,
+        f"{out_dir}/ — open {out_dir / 'index.html'}"
     )
 
 
@@ -455,8 +460,30 @@ def _register_commands() -> None:
 _register_commands()
 
 
+def _usage_message(exc: Exception, args: Sequence[str]) -> str:
+    """A click usage error as one line, with the ``--help`` to run."""
+    text = " ".join(exc.format_message().split())  # type: ignore[attr-defined]
+    ctx = getattr(exc, "ctx", None)
+    command = getattr(ctx, "command_path", None)
+    if not command:  # some parser errors carry no context: name the command given, if any
+        first = next((a for a in args if not a.startswith("-")), None)
+        command = f"convlens {first}" if first in _app_commands() else "convlens"
+    return f"{text} (see '{command} --help')"
+
+
+def _app_commands() -> set[str]:
+    """The names of the ``convlens`` commands."""
+    return {c.name or c.callback.__name__ for c in app.registered_commands if c.callback}
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    """Console entry point: runs the app, turning user errors into one-line messages."""
+    """Console entry point: runs the app, turning user errors into one-line messages.
+
+    A bad option or argument (not a number, unknown, missing) and every
+    :class:`~convlens.errors.ConvlensError` print one ``error: ...`` line on stderr and exit with
+    code 2; ``--help`` (and no arguments at all) print the help. ``--debug`` re-raises instead,
+    showing the traceback.
+    """
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
     args = [a for a in args if a != "--debug"]
@@ -465,17 +492,32 @@ def main(argv: Sequence[str] | None = None) -> None:
     # ~2-3x faster, see convlens.allocator).
     keep_freed_memory()
     try:
-        app(args=args, prog_name="convlens")
-    except ConvlensError as exc:
+        # standalone_mode=False: click's errors reach us instead of printing a usage box.
+        code = app(args=args, prog_name="convlens", standalone_mode=False)
+    except (ConvlensError, OSError) as exc:
         if debug:
             raise
-        err.print(f"[red]error:[/red] {exc}", markup=True, highlight=False, soft_wrap=True)
+        fail(str(exc))
         sys.exit(2)
-    except OSError as exc:
+    except UsageError as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":  # `convlens` alone: the help, as before
+            help_text = exc.format_message()
+            if help_text.strip():  # typer with rich has printed it already
+                out.print(help_text, soft_wrap=True)
+            sys.exit(2)
         if debug:
             raise
-        err.print(f"[red]error:[/red] {exc}", markup=True, highlight=False, soft_wrap=True)
+        fail(_usage_message(exc, args))
         sys.exit(2)
+    except ClickException as exc:
+        if debug:
+            raise
+        fail(_usage_message(exc, args))
+        sys.exit(2)
+    except typer.Abort:
+        fail("aborted")
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

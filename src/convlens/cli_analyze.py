@@ -18,9 +18,9 @@ from convlens.cli_options import (
     StdOpt,
     WeightsOpt,
     WorkersOpt,
-    err,
     load_net,
     out,
+    say,
 )
 
 __all__ = ["register"]
@@ -85,16 +85,16 @@ def analyze(
         faithfulness=faithfulness,
     )
     m = result.metrics
-    out.print(
+    say(
         f"{m['images']} images ({m['labelled']} labelled, {m['failures']} unreadable): "
         f"top-1 {100 * m['top1']:.1f}%, top-5 {100 * m['top5']:.1f}%, ECE {m['ece']:.3f}",
-        highlight=False,
+        console=out,
     )
     for path, reason in result.failures[:10]:
-        err.print(f"skipped {path}: {reason}", highlight=False, markup=False)
+        say(f"skipped {path}: {reason}")
     for path, reason in result.unexplained[:10]:
-        err.print(f"not explained (unreadable now) {path}: {reason}", highlight=False, markup=False)
-    err.print(f"report: {result.report}", highlight=False, markup=False)
+        say(f"not explained (unreadable now) {path}: {reason}")
+    say(f"report: {result.report}")
 
 
 def register(app: typer.Typer) -> None:

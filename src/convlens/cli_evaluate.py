@@ -20,11 +20,13 @@ from convlens.cli_options import (
     SizeOpt,
     StdOpt,
     WeightsOpt,
-    err,
     load_net,
     parse_methods,
     progress_bar,
+    say,
+    status,
 )
+from convlens.console import printable
 from convlens.errors import InputError
 from convlens.outputs import holding_out_dir
 
@@ -99,7 +101,7 @@ def evaluate(
             files += [p for p, _ in chunk]
             bar.advance(task, len(chunk))
     md = [
-        f"# convlens evaluate: {data}",
+        f"# convlens evaluate: {printable(data)}",
         "",
         f"{len(files)} images, model {net.name}, {steps} deletion/insertion steps.",
         "",
@@ -115,12 +117,13 @@ def evaluate(
         writer.writerow(["image", "method", *cols])
         for method, row in table.per_image.items():
             for i, path in enumerate(files):
-                writer.writerow([path, method, *(f"{float(row[c][i]):.5f}" for c in cols)])
+                cells = (f"{float(row[c][i]):.5f}" for c in cols)
+                writer.writerow([printable(str(path)), method, *cells])
     save_figure(_curves_figure(table), out_dir / "curves.png")
     if sanity:
         k = min(sanity_images, len(items))
         x = net.load_images([p for p, _ in items[:k]]).to(net.device)
-        with err.status("sanity checks (cascading randomisation) ..."):
+        with status("sanity checks (cascading randomisation) ..."):
             res = cascading_randomization(net, x, names)
         save_figure(res.figure(), out_dir / "sanity.png")
         md += [
@@ -138,9 +141,7 @@ def evaluate(
                 vals = " | ".join(f"{v:.2f}" for v in res.mean(method, metric))
                 md.append(f"| {method} | {metric} | {vals} |")
     atomic_write_text(out_dir / "metrics.md", "\n".join(md) + "\n")
-    err.print(
-        f"wrote {out_dir}/metrics.md, metrics.csv, curves.png" + (", sanity.png" if sanity else "")
-    )
+    say(f"wrote {out_dir}/metrics.md, metrics.csv, curves.png" + (", sanity.png" if sanity else ""))
 
 
 def register(app: typer.Typer) -> None:

@@ -15,12 +15,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.text import Text
 
+from convlens.console import SafeConsole, description_column, one_line
 from convlens.errors import InputError
 
 if TYPE_CHECKING:
+    from contextlib import AbstractContextManager
+
     import torch
 
     from convlens.models import ConvlensModel
@@ -42,18 +45,49 @@ __all__ = [
     "WeightsOpt",
     "WorkersOpt",
     "err",
+    "fail",
     "load_net",
     "out",
     "parse_device",
     "parse_methods",
     "parse_triple",
     "progress_bar",
+    "say",
+    "status",
 ]
 
-out = Console()
+# Both consoles print user text as written: no markup, emoji codes or highlighting unless a call
+# asks for them (see convlens.console). Never format user text into a markup string.
+out = SafeConsole()
 """Results (tables, summaries) go to stdout."""
-err = Console(stderr=True)
+err = SafeConsole(stderr=True)
 """Progress, status and error messages go to stderr."""
+
+
+def say(message: str, *, console: SafeConsole | None = None) -> None:
+    """Print a one-line message (``wrote 4 images to out/``) as plain text, unwrapped.
+
+    Args:
+        message: the text; markup in it is printed as written and control characters escaped.
+        console: where to print; default :data:`err` (stderr).
+    """
+    (console or err).print(Text(one_line(message)), soft_wrap=True)
+
+
+def fail(message: str) -> None:
+    """Print ``error: message`` on one line of stderr (the ``error:`` prefix in red).
+
+    Args:
+        message: the error's text; newlines and control characters in it are escaped, so the
+            report stays one line whatever the user's input held.
+    """
+    err.print(Text.assemble(("error:", "red"), " ", one_line(message)), soft_wrap=True)
+
+
+def status(message: str) -> AbstractContextManager[object]:
+    """A spinner with ``message`` (plain text) on stderr for the ``with`` block."""
+    return err.status(Text(one_line(message)))
+
 
 # ---------------------------------------------------------------------------------- the model
 
@@ -210,7 +244,7 @@ def load_net(
             mean=m or base.mean,
             std=s or base.std,
         )
-    with err.status(f"loading model {model} ..."):
+    with status(f"loading model {model} ..."):
         return load_model(
             model, weights=weights, classes=classes, preprocess=pre, device=parse_device(device)
         )
@@ -219,7 +253,7 @@ def load_net(
 def progress_bar() -> Progress:
     """A progress display on stderr with counts, elapsed and remaining time."""
     return Progress(
-        TextColumn("{task.description}"),
+        description_column(),
         BarColumn(),
         TextColumn("{task.completed}/{task.total}"),
         TimeElapsedColumn(),

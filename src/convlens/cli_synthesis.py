@@ -20,9 +20,9 @@ from convlens.cli_options import (
     OutDirOpt,
     StdOpt,
     WeightsOpt,
-    err,
     load_net,
     out,
+    say,
 )
 from convlens.outputs import holding_out_dir
 
@@ -141,7 +141,7 @@ def classviz(
             written[i].name,
         )
     out.print(table)
-    err.print(
+    say(
         f"wrote {len(written)} images to {out_dir}/ ({res.steps_per_second:.2f} steps/s, "
         f"preset {preset})"
     )
@@ -188,7 +188,7 @@ def featviz(
     )
     stem = "".join(c if c.isalnum() else "_" for c in layer)
     written = res.save(out_dir, prefix=f"featviz_{stem}_")
-    err.print(
+    say(
         f"wrote {written[-1]} and {len(written) - 1} channel images to {out_dir}/ "
         f"({res.steps_per_second:.2f} steps/s)"
     )
@@ -251,7 +251,7 @@ def dream(
         )
         path = res.save(out_dir / f"{stem}_dream.png")
     extra = f" and {gif_path}" if gif_path is not None else ""
-    err.print(f"wrote {path}{extra} ({len(res.octave_sizes)} octaves, {res.seconds:.1f} s)")
+    say(f"wrote {path}{extra} ({len(res.octave_sizes)} octaves, {res.seconds:.1f} s)")
 
 
 def register(app: typer.Typer) -> None:

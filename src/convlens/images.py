@@ -9,6 +9,7 @@ animations and multi-page files, and shrinks huge images while decoding (JPEG) o
 from __future__ import annotations
 
 import os
+import stat
 import threading
 import warnings
 from collections.abc import Iterable, Iterator
@@ -19,6 +20,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from convlens.errors import ImageError
+from convlens.userfiles import describe_file_kind
 
 __all__ = ["IMAGE_EXTENSIONS", "MAX_PIXELS", "list_images", "load_image"]
 
@@ -89,8 +91,9 @@ def load_image(
         An RGB image, loaded (the file is closed), at most ``max_side`` on each side.
 
     Raises:
-        ImageError: the path is missing or a directory, the file is empty, not an image, corrupt
-            or truncated, smaller than ``min_side`` or larger than ``max_pixels``.
+        ImageError: the path is missing, a directory or another non-regular file (a FIFO, a
+            device), the file is empty, not an image, corrupt or truncated, smaller than
+            ``min_side`` or larger than ``max_pixels``.
     """
     if max_side < 1 or min_side < 1:
         raise ValueError(f"max_side and min_side must be positive, got {max_side} and {min_side}")
@@ -100,7 +103,13 @@ def load_image(
     if p.is_dir():
         raise ImageError(f"cannot read image '{p}': it is a directory, not an image file")
     try:
-        if p.stat().st_size == 0:
+        info = p.stat()
+        if not stat.S_ISREG(info.st_mode):  # a FIFO would block the decoder, a device never end
+            raise ImageError(
+                f"cannot read image '{p}': it is {describe_file_kind(info.st_mode)}, "
+                "not an image file"
+            )
+        if info.st_size == 0:
             raise ImageError(f"cannot read image '{p}': the file is empty")
     except OSError as exc:
         raise ImageError(f"cannot read image '{p}': {_reason(exc)}") from exc

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from convlens.analysis.faithfulness import RANDOM_MAP
 from convlens.atomic import atomic_write_text, is_complete
+from convlens.console import printable
 
 if TYPE_CHECKING:
     from convlens.analysis.run import AnalysisResult
@@ -169,7 +170,8 @@ _JS = """
 
 
 def _e(value: object) -> str:
-    return html.escape(str(value), quote=True)
+    # printable: a file name's undecodable bytes show as \xff (they cannot be written as UTF-8)
+    return html.escape(printable(str(value)), quote=True)
 
 
 def _rel(target: Path, start: Path) -> str:
@@ -441,7 +443,7 @@ class _Report:
 
         rows = [
             [
-                Path(p.path).name,
+                printable(Path(p.path).name),
                 p.id,
                 cls(p.label),
                 cls(p.pred),

@@ -16,6 +16,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from convlens.analysis.store import Prediction
+from convlens.console import plot_label
 
 __all__ = [
     "ECE_BINS",
@@ -289,7 +290,7 @@ def confusion_figure(metrics: dict[str, Any], max_classes: int = 30) -> Figure:
     fig = _figure(side + 1, side)
     ax = fig.add_subplot()
     image = ax.imshow(matrix if matrix else [[0]], cmap="Blues")
-    short = [n.split(",", 1)[0][:18] for n in names]
+    short = [plot_label(n.split(",", 1)[0][:18]) for n in names]
     ax.set_xticks(range(len(short)), short, rotation=90, fontsize=7)
     ax.set_yticks(range(len(short)), short, fontsize=7)
     ax.set_xlabel("predicted")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import sqlite3
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from pathlib import Path
 from types import TracebackType
 
 from convlens.errors import ConvlensError, OutputError, RunFolderError
+from convlens.console import printable
 
 __all__ = ["Prediction", "PredictionStore", "image_id"]
 
@@ -68,7 +70,22 @@ def store_error(path: Path, exc: sqlite3.Error) -> ConvlensError:
 
 def image_id(path: str | Path) -> str:
     """A short stable identifier of an image path (used for file names in the run folder)."""
-    return hashlib.sha1(str(path).encode("utf-8")).hexdigest()[:16]
+    # surrogateescape: a file name that is not UTF-8 hashes its raw bytes (other ids unchanged)
+    return hashlib.sha1(str(path).encode("utf-8", "surrogateescape")).hexdigest()[:16]
+
+
+def _to_db(path: str) -> str | bytes:
+    """A path as SQLite can hold it: text, or its raw bytes when the name is not UTF-8."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:  # undecodable bytes kept by surrogateescape
+        return os.fsencode(path)
+    return path
+
+
+def _from_db(value: str | bytes) -> str:
+    """The inverse of :func:`_to_db`."""
+    return os.fsdecode(value) if isinstance(value, bytes) else value
 
 
 @dataclass(frozen=True)
@@ -178,8 +195,8 @@ class PredictionStore:
     def finished_paths(self) -> set[str]:
         """Paths already predicted or already recorded as failures."""
         with self._errors():
-            done = {r[0] for r in self._conn.execute("SELECT path FROM predictions")}
-            return done | {r[0] for r in self._conn.execute("SELECT path FROM failures")}
+            done = {_from_db(r[0]) for r in self._conn.execute("SELECT path FROM predictions")}
+            return done | {_from_db(r[0]) for r in self._conn.execute("SELECT path FROM failures")}
 
     def add_batch(
         self, predictions: Iterable[Prediction], failures: Iterable[tuple[str, str]] = ()
@@ -194,7 +211,7 @@ class PredictionStore:
                 [
                     (
                         p.id,
-                        p.path,
+                        _to_db(p.path),
                         p.label,
                         json.dumps(list(p.top5)),
                         json.dumps(list(p.probs5)),
@@ -207,7 +224,8 @@ class PredictionStore:
                 ],
             )
             self._conn.executemany(
-                "INSERT OR REPLACE INTO failures (path, reason) VALUES (?, ?)", list(failures)
+                "INSERT OR REPLACE INTO failures (path, reason) VALUES (?, ?)",
+                [(_to_db(path), printable(reason)) for path, reason in failures],
             )
 
     def predictions(self) -> list[Prediction]:
@@ -222,7 +240,7 @@ class PredictionStore:
         return [
             Prediction(
                 id=r[0],
-                path=r[1],
+                path=_from_db(r[1]),
                 label=r[2],
                 top5=tuple(json.loads(r[3])),
                 probs5=tuple(json.loads(r[4])),
@@ -235,7 +253,8 @@ class PredictionStore:
     def failures(self) -> list[tuple[str, str]]:
         """``(path, reason)`` of every image that could not be read or predicted, by path."""
         with self._errors():
-            return list(self._conn.execute("SELECT path, reason FROM failures ORDER BY path"))
+            rows = self._conn.execute("SELECT path, reason FROM failures ORDER BY path")
+            return [(_from_db(path), reason) for path, reason in rows]
 
     def _transaction(self) -> _Transaction:
         return _Transaction(self._conn)

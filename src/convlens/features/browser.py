@@ -50,6 +50,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from convlens.architecture import LayerRef, parse_layer
 from convlens.atomic import atomic_write_text, save_image
+from convlens.console import printable
 from convlens.errors import ImageError, InputError, LayerError
 from convlens.features.receptive_field import ReceptiveField, receptive_field
 from convlens.features.topk import RunningTopK
@@ -1119,7 +1120,9 @@ nav a { margin-right: 1rem; }
 
 
 def _html(scan: FeatureScan, pages: Sequence[_LayerPage], rule: str, root: Path | None) -> str:
-    e = html.escape
+    def e(text: str) -> str:  # printable: undecodable file-name bytes show as \xff
+        return html.escape(printable(text))
+
     k = scan.k
     when = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     parts = [

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from convlens.errors import ModelLoadError
-from convlens.models.base import ConvlensModel, unwrap
+from convlens.models.base import ConvlensModel, check_class_count, count_outputs, unwrap
 from convlens.models.builtin import BUILTIN_MODELS, load_builtin
 from convlens.models.classes import ClassList, imagenet_classes
 from convlens.models.inference import (
@@ -52,27 +52,34 @@ def wrap_model(
         preprocess: defaults to resize 256, crop 224, ImageNet mean/std
             (0.485, 0.456, 0.406) / (0.229, 0.224, 0.225).
         name: shown in reports.
+
+    The network is run once on a black image of the preprocessing's crop size to count its
+    outputs (in eval mode, without gradients; its training flags are restored).
+
+    Raises:
+        ModelLoadError: the class list does not have one name per output, or the network fails
+            on an input of the preprocessing's crop size.
+        TargetError: the class-list file cannot be read.
     """
     if classes is not None and not isinstance(classes, ClassList):
         classes = ClassList.from_file(classes)
     if preprocess is None:
         preprocess = Preprocess(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    outputs = count_outputs(net, preprocess.crop)
     if classes is None:
-        classes = _guess_classes(net, preprocess)
+        classes = _guess_classes(outputs)
+    elif outputs is not None:
+        check_class_count(classes, outputs)
     return ConvlensModel(net=net, preprocess=preprocess, classes=classes, name=name)
 
 
-def _guess_classes(net: nn.Module, preprocess: Preprocess) -> ClassList:
-    from convlens.hooks import model_state
-
-    try:
-        device = next(iter(net.parameters())).device
-    except StopIteration:
-        device = torch.device("cpu")
-    with model_state(net, eval_mode=True, grads=False), torch.no_grad():
-        out = net(torch.zeros(1, 3, preprocess.crop, preprocess.crop, device=device))
-    n = int(out.shape[-1])
-    return imagenet_classes() if n == 1000 else ClassList.generic(n)
+def _guess_classes(outputs: int | None) -> ClassList:
+    if outputs is None:
+        raise ModelLoadError(
+            "the model's output is not a (batch, classes) tensor of logits; convlens explains "
+            "image classifiers"
+        )
+    return imagenet_classes() if outputs == 1000 else ClassList.generic(outputs)
 
 
 def load_model(
@@ -99,7 +106,8 @@ def load_model(
         is left in the mode it is in (methods switch to eval for their call only).
 
     Raises:
-        ModelLoadError: the specification cannot be resolved or loaded.
+        ModelLoadError: the specification cannot be resolved or loaded, or the class list does
+            not have one name per output of the model.
     """
     if isinstance(spec, nn.Module):
         return wrap_model(spec, classes=classes, preprocess=preprocess).to(device)
@@ -108,9 +116,9 @@ def load_model(
             raise ModelLoadError(f"built-in model {spec!r} takes no --weights")
         model = load_builtin(spec, device=device)
         if classes is not None:
-            model.classes = (
-                classes if isinstance(classes, ClassList) else ClassList.from_file(classes)
-            )
+            given = classes if isinstance(classes, ClassList) else ClassList.from_file(classes)
+            check_class_count(given, len(model.classes))  # the built-ins' ImageNet outputs
+            model.classes = given
         if preprocess is not None:
             model.preprocess = preprocess
         return model

@@ -9,10 +9,63 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from convlens.errors import ModelLoadError
 from convlens.models.classes import ClassList
 from convlens.models.preprocess import Preprocess
 
-__all__ = ["ConvlensModel", "unwrap"]
+__all__ = ["ConvlensModel", "check_class_count", "count_outputs", "unwrap"]
+
+
+def count_outputs(net: nn.Module, crop: int) -> int | None:
+    """How many classes ``net`` scores: one forward pass of a black ``crop`` x ``crop`` image.
+
+    The pass runs without gradients and in eval mode; the network's training flags are restored
+    afterwards.
+
+    Args:
+        net: the classifier.
+        crop: input height and width (the preprocessing's crop).
+
+    Returns:
+        The size of the output's class dimension, or ``None`` when the output is not a
+        ``(batch, classes)`` tensor (nothing to check a class list against).
+
+    Raises:
+        ModelLoadError: the network fails on an input of that size.
+    """
+    from convlens.hooks import model_state
+
+    param = next((p for p in net.parameters() if p.is_floating_point()), None)
+    device = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None else torch.get_default_dtype()
+    try:
+        with model_state(net, eval_mode=True, grads=False), torch.no_grad():
+            out = net(torch.zeros(1, 3, crop, crop, device=device, dtype=dtype))
+    except Exception as exc:
+        text = str(exc).strip().splitlines()
+        reason = f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+        raise ModelLoadError(
+            f"the model fails on a 3x{crop}x{crop} input ({reason}); give the input size it "
+            "expects (--size, or Preprocess(crop=...))"
+        ) from exc
+    if not isinstance(out, torch.Tensor) or out.ndim != 2:
+        return None
+    return int(out.shape[1])
+
+
+def check_class_count(classes: ClassList, outputs: int) -> None:
+    """Check that a class list names each of a model's ``outputs`` classes, no more, no fewer.
+
+    Raises:
+        ModelLoadError: the counts differ (the message names the class list's file).
+    """
+    if len(classes) == outputs:
+        return
+    where = f"class list '{classes.source}'" if classes.source else "the class list"
+    raise ModelLoadError(
+        f"{where} has {len(classes)} names but the model has {outputs} outputs; give one name "
+        "per output, in output order"
+    )
 
 
 @dataclass
@@ -70,6 +123,7 @@ class ConvlensModel:
 
         with model_state(self.net, eval_mode=True, grads=False):
             probs = torch.softmax(self.net(x.to(self.device)).float(), dim=1)
+        check_class_count(self.classes, probs.shape[1])
         top = probs.topk(min(k, probs.shape[1]), dim=1)
         return top.indices, top.values
 

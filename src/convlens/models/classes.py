@@ -24,10 +24,12 @@ class ClassList:
     Args:
         names: human-readable name of each class (``names[i]`` is output ``i``).
         synsets: optional WordNet ids (``n02123045``) of each class.
+        source: where the list was read from (a file name), for messages.
     """
 
     names: tuple[str, ...]
     synsets: tuple[str, ...] | None = None
+    source: str | None = field(default=None, compare=False, repr=False)
     _lookup: dict[str, int] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -96,33 +98,75 @@ class ClassList:
     def from_file(cls, path: str | Path) -> ClassList:
         """Read a class list: one name per line, or a TSV/CSV with ``index, synset, name`` columns.
 
+        The file must be a regular file of UTF-8 text (see
+        :func:`convlens.userfiles.read_user_text`).
+
         Raises:
-            TargetError: the file is missing or empty.
+            TargetError: the file is missing, not a regular file, not UTF-8 text, empty, or a
+                row of a TSV/CSV is malformed (the message names the file and line).
         """
-        path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise TargetError(f"cannot read class list {path}: {exc.strerror}") from exc
+        from convlens.userfiles import read_user_text
+
+        text = read_user_text(path, "class list", error=TargetError)
         return cls.from_text(text, source=str(path))
 
     @classmethod
     def from_text(cls, text: str, source: str = "<text>") -> ClassList:
-        """Parse the formats of :meth:`from_file`."""
-        lines = [ln for ln in text.splitlines() if ln.strip()]
+        """Parse the formats of :meth:`from_file`.
+
+        Blank lines are skipped. In a TSV/CSV the header names the columns (``name`` required,
+        ``index`` and ``synset`` optional); every row has as many fields as the header, and the
+        indices, when given, are 0 ... n-1 in any order.
+
+        Raises:
+            TargetError: the text is empty or a row is malformed (the message names ``source``
+                and the line).
+        """
+        lines = [(n, ln) for n, ln in enumerate(text.splitlines(), start=1) if ln.strip()]
         if not lines:
             raise TargetError(f"class list {source} is empty")
-        delim = "\t" if "\t" in lines[0] else None
-        header = lines[0].lower().replace(",", "\t").split("\t")
+        first = lines[0][1]
+        delim = "\t" if "\t" in first else None
+        header = [h.strip() for h in first.lower().replace(",", "\t").split("\t")]
         if delim is None and "name" in header and "index" in header:
             delim = ","
-        if delim is not None and "name" in [h.strip() for h in header]:
-            rows = list(csv.DictReader(lines, delimiter=delim))
-            rows.sort(key=lambda r: int(r["index"]) if r.get("index") else 0)
-            names = tuple(r["name"].strip() for r in rows)
-            synsets = tuple(r["synset"].strip() for r in rows) if "synset" in rows[0] else None
-            return cls(names, synsets)
-        return cls(tuple(ln.strip() for ln in lines))
+        if delim is None or "name" not in header:
+            return cls(tuple(ln.strip() for _, ln in lines), source=source)
+        columns = [h.strip() for h in next(csv.reader([first.lower()], delimiter=delim))]
+        rows: list[tuple[int | None, str, str | None]] = []
+        for n, line in lines[1:]:
+            where = f"class list {source}, line {n}"
+            cells = [c.strip() for c in next(csv.reader([line], delimiter=delim), [])]
+            if len(cells) != len(columns):
+                raise TargetError(
+                    f"{where}: {len(cells)} field(s) where the header has {len(columns)} "
+                    f"({', '.join(columns)})"
+                )
+            row = dict(zip(columns, cells, strict=True))
+            if not row["name"]:
+                raise TargetError(f"{where}: the name is empty")
+            index = None
+            if "index" in row:
+                try:
+                    index = int(row["index"])
+                except ValueError:
+                    raise TargetError(
+                        f"{where}: index {row['index']!r} is not a whole number"
+                    ) from None
+            rows.append((index, row["name"], row.get("synset")))
+        if not rows:
+            raise TargetError(f"class list {source} has a header but no classes")
+        if "index" in columns:
+            indices = sorted(i for i, _, _ in rows if i is not None)
+            if indices != list(range(len(rows))):
+                raise TargetError(
+                    f"class list {source}: the indices must be 0 ... {len(rows) - 1}, each once "
+                    "(one row per model output)"
+                )
+            rows.sort(key=lambda r: r[0] or 0)
+        names = tuple(name for _, name, _ in rows)
+        synsets = tuple(syn or "" for _, _, syn in rows) if "synset" in columns else None
+        return cls(names, synsets, source=source)
 
     @classmethod
     def generic(cls, n: int) -> ClassList:

@@ -31,6 +31,7 @@ from torch import nn
 
 from convlens.errors import ModelLoadError, close_matches
 from convlens.models.builtin import BUILTIN_MODELS
+from convlens.userfiles import require_file
 
 __all__ = ["TORCHSCRIPT_SUFFIXES", "load_user_network", "torchscript_deprecation_silenced"]
 
@@ -153,9 +154,7 @@ def _on_sys_path(folder: Path) -> Iterator[None]:
 
 
 def _import_file(path: Path) -> ModuleType:
-    if not path.is_file():
-        what = "is a directory" if path.is_dir() else "not found"
-        raise ModelLoadError(f"model file '{path}' {what}")
+    require_file(path, "model file", error=ModelLoadError)
     stem = re.sub(r"\W", "_", path.stem)
     module_name = f"_convlens_user_{stem}_{uuid.uuid4().hex[:8]}"
     spec = importlib.util.spec_from_file_location(module_name, path)
@@ -231,8 +230,7 @@ def _call_factory(module: ModuleType, factory: str, name: str) -> nn.Module:
 
 
 def _load_torchscript(path: Path) -> nn.Module:
-    if not path.is_file():
-        raise ModelLoadError(f"model file '{path}' not found")
+    require_file(path, "model file", error=ModelLoadError)
     try:
         with torchscript_deprecation_silenced():  # loading a TorchScript file is supported
             return torch.jit.load(str(path), map_location="cpu")
@@ -314,8 +312,7 @@ def _strip_prefixes(state: Mapping[str, Any], expected: Iterable[str]) -> dict[s
 
 
 def _load_weights(net: nn.Module, path: Path, name: str) -> None:
-    if not path.is_file():
-        raise ModelLoadError(f"weights file '{path}' not found")
+    require_file(path, "weights file", error=ModelLoadError)
     try:
         obj = _torch_load(path)
     except Exception as exc:

@@ -19,6 +19,7 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
+from convlens.console import plot_label
 from convlens.errors import InputError
 from convlens.render.overlay import (
     SIGNED_CMAP,
@@ -53,7 +54,8 @@ def short_name(name: str, max_len: int = 24) -> str:
     """Shorten a class name for a plot label.
 
     Keeps the text before the first comma (``"tabby, tabby cat"`` -> ``"tabby"``) and truncates
-    it to ``max_len`` characters with an ellipsis.
+    it to ``max_len`` characters with an ellipsis; ``$`` signs are escaped so that matplotlib
+    draws them instead of reading math (:func:`convlens.console.plot_label`).
 
     Args:
         name: class name.
@@ -63,9 +65,9 @@ def short_name(name: str, max_len: int = 24) -> str:
         The short name.
     """
     head = name.split(",", 1)[0].strip() or name.strip()
-    if len(head) <= max_len:
-        return head
-    return head[: max_len - 1].rstrip() + "…"
+    if len(head) > max_len:
+        head = head[: max_len - 1].rstrip() + "…"
+    return plot_label(head)
 
 
 def _new_figure(width: float, height: float) -> Figure:
@@ -165,6 +167,7 @@ def explanation_figure(
         ax.set_title(f"{name} (p={_prob(exp.probs[i, k]):.2f})", fontsize=_TITLE_SIZE)
     _colorbar(fig, cmap, axes=overlay_axes, signed=exp.is_signed)
     suptitle = exp.method if exp.layer is None else f"{exp.method} · layer {exp.layer}"
+    suptitle = plot_label(suptitle)
     fig.suptitle(suptitle, fontsize=_TITLE_SIZE + 1, fontweight="bold")
     return fig
 

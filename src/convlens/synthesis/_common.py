@@ -59,7 +59,6 @@ def progress_bar(enabled: bool, total: int, description: str) -> Any:
     caller stops it."""
     if not enabled:
         return None
-    from rich.console import Console
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -69,14 +68,16 @@ def progress_bar(enabled: bool, total: int, description: str) -> Any:
         TimeRemainingColumn,
     )
 
+    from convlens.console import SafeConsole, description_column
+
     bar = Progress(
-        TextColumn("{task.description}"),
+        description_column(),
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn("{task.fields[score]}"),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
-        console=Console(stderr=True),
+        console=SafeConsole(stderr=True),
         transient=True,
     )
     bar.start()
