@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-from convlens.errors import ConvlensError, OutputError, RunFolderError
 from convlens.console import printable
+from convlens.errors import ConvlensError, OutputError, RunFolderError
 
 __all__ = ["Prediction", "PredictionStore", "image_id"]
 
