@@ -42,7 +42,9 @@ NET = textwrap.dedent(
 
         def forward(self, x):
             started, gate = os.environ.get("TEST_STARTED"), os.environ.get("TEST_GATE")
-            if started:  # tell the test the run is under way, then wait for its go
+            # Tell the test the run is under way, then wait for its go; not on the one-image
+            # pass that counts the outputs when the model is loaded (before the folder is locked).
+            if started and x.shape[0] > 1:
                 pathlib.Path(started).touch()
                 while not pathlib.Path(gate).exists():
                     time.sleep(0.02)
