@@ -14,6 +14,7 @@ from convlens.hooks import hooks, layer_capture, named_module
 from convlens.methods.base import Context, Method, RawResult
 from convlens.methods.cam import _check_spatial
 from convlens.methods.registry import register
+from convlens.validate import PositiveFloat, PositiveInt
 
 __all__ = ["AblationCAM", "ScoreCAM"]
 
@@ -62,9 +63,9 @@ class ScoreCAM(Method):
         self,
         score: Literal["prob", "logit"] = "prob",
         channel_softmax: bool = False,
-        top_channels: int | None = None,
-        batch_size: int | None = None,
-        memory_mb: float = 1024.0,
+        top_channels: PositiveInt | None = None,
+        batch_size: PositiveInt | None = None,
+        memory_mb: PositiveFloat = 1024.0,
         align_corners: bool = False,
     ) -> None:
         if score not in ("prob", "logit"):
@@ -159,7 +160,9 @@ class AblationCAM(Method):
     uses_gradients = False
     uses_layer = True
 
-    def __init__(self, batch_size: int = 64, exact: Literal["auto", "never"] = "auto") -> None:
+    def __init__(
+        self, batch_size: PositiveInt = 64, exact: Literal["auto", "never"] = "auto"
+    ) -> None:
         self.batch_size, self.exact = batch_size, exact
 
     def options(self) -> dict[str, Any]:

@@ -6,7 +6,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -19,10 +19,20 @@ from convlens.methods.incremental import IncrementalEngine, NotIncrementalError
 from convlens.methods.registry import register
 from convlens.models.compiled import record_eager_seconds, should_compile
 from convlens.models.inference import has_forward_hooks, inference_copy
+from convlens.validate import (
+    Bound,
+    FiniteFloat,
+    Fraction,
+    PositiveFloat,
+    PositiveInt,
+)
 
 __all__ = ["Occlusion", "blur", "window_starts"]
 
 log = logging.getLogger(__name__)
+
+#: A fraction above 0, at most 1.
+_OpenFraction = Annotated[float, Bound(low=0, low_open=True, high=1)]
 
 
 def window_starts(size: int, patch: int, stride: int) -> list[int]:
@@ -162,29 +172,25 @@ class Occlusion(Method):
 
     def __init__(
         self,
-        patch: int = 32,
-        stride: int = 16,
-        fill: Literal["mean", "blur", "zero"] | float = "mean",
+        patch: PositiveInt = 32,
+        stride: PositiveInt = 16,
+        fill: Literal["mean", "blur", "zero"] | FiniteFloat = "mean",
         score: Literal["prob", "logit"] = "prob",
-        batch_size: int | None = None,
-        memory_mb: float = 1024.0,
-        blur_sigma: float = 10.0,
+        batch_size: PositiveInt | None = None,
+        memory_mb: PositiveFloat = 1024.0,
+        blur_sigma: PositiveFloat = 10.0,
         mode: Literal["auto", "exact", "naive", "approx"] = "auto",
-        tau: float = 1.0,
-        coarse: int = 2,
-        drill: float = 0.5,
+        tau: _OpenFraction = 1.0,
+        coarse: PositiveInt = 2,
+        drill: Fraction = 0.5,
         compile: bool | Literal["auto"] = "auto",
     ) -> None:
-        if patch < 1 or stride < 1:
-            raise ValueError("patch and stride must be positive")
         if score not in ("prob", "logit"):
             raise ValueError(f"score must be 'prob' or 'logit', not {score!r}")
         if not isinstance(fill, (int, float)) and fill not in ("mean", "blur", "zero"):
             raise ValueError(f"fill must be 'mean', 'blur', 'zero' or a number, not {fill!r}")
         if mode not in ("auto", "exact", "naive", "approx"):
             raise ValueError(f"mode must be 'auto', 'exact', 'naive' or 'approx', not {mode!r}")
-        if not 0 < tau <= 1 or coarse < 1 or not 0 <= drill <= 1:
-            raise ValueError("need 0 < tau <= 1, coarse >= 1 and 0 <= drill <= 1")
         if compile not in (True, False, "auto"):
             raise ValueError(f"compile must be True, False or 'auto', not {compile!r}")
         self.compile = compile
@@ -405,15 +411,13 @@ class RISE(Method):
 
     def __init__(
         self,
-        masks: int = 2000,
-        cells: int = 7,
-        p: float = 0.5,
+        masks: PositiveInt = 2000,
+        cells: PositiveInt = 7,
+        p: _OpenFraction = 0.5,
         score: Literal["prob", "logit"] = "prob",
-        batch_size: int = 64,
+        batch_size: PositiveInt = 64,
         seed: int = 0,
     ) -> None:
-        if masks < 1 or cells < 1 or not 0 < p <= 1:
-            raise ValueError("masks and cells must be positive and p in (0, 1]")
         self.n, self.cells, self.p, self.score = masks, cells, p, score
         self.batch_size, self.seed = batch_size, seed
 
