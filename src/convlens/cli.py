@@ -32,6 +32,7 @@ from convlens.cli_options import (
     StdOpt,
     WeightsOpt,
     WorkersOpt,
+    checked,
     err,
     load_net,
     out,
@@ -39,6 +40,7 @@ from convlens.cli_options import (
     progress_bar,
 )
 from convlens.errors import ConvlensError, ImageError, InputError
+from convlens.validate import fraction, positive_int
 
 app = typer.Typer(
     name="convlens",
@@ -77,7 +79,10 @@ def predict(
     resize: ResizeOpt = None,
     mean: MeanOpt = None,
     std: StdOpt = None,
-    top: Annotated[int, typer.Option(help="Number of classes to show.")] = 5,
+    top: Annotated[
+        int,
+        typer.Option(help="Number of classes to show.", callback=checked(positive_int, "--top")),
+    ] = 5,
     batch_size: BatchSizeOpt = 16,
     device: DeviceOpt = "cpu",
 ) -> None:
@@ -170,7 +175,11 @@ def explain_cmd(
     ] = None,
     top_k: Annotated[
         Optional[int],  # noqa: UP045
-        typer.Option("--top-k", help="Explain the k most probable classes (multi-class view)."),
+        typer.Option(
+            "--top-k",
+            help="Explain the k most probable classes (multi-class view).",
+            callback=checked(positive_int, "--top-k"),
+        ),
     ] = None,
     layer: Annotated[
         Optional[str],  # noqa: UP045
@@ -188,13 +197,23 @@ def explain_cmd(
     mean: MeanOpt = None,
     std: StdOpt = None,
     batch_size: BatchSizeOpt = 8,
-    patch: Annotated[int, typer.Option(help="Occlusion patch size (pixels).")] = 32,
-    stride: Annotated[int, typer.Option(help="Occlusion stride (pixels).")] = 16,
+    patch: Annotated[
+        int,
+        typer.Option(
+            help="Occlusion patch size (pixels).", callback=checked(positive_int, "--patch")
+        ),
+    ] = 32,
+    stride: Annotated[
+        int,
+        typer.Option(help="Occlusion stride (pixels).", callback=checked(positive_int, "--stride")),
+    ] = 16,
     fill: Annotated[str, typer.Option(help="Occlusion fill: mean, blur, zero or a number.")] = (
         "mean"
     ),
     cmap: Annotated[str, typer.Option(help="Matplotlib colour map.")] = "jet",
-    alpha: Annotated[float, typer.Option(help="Heatmap opacity.")] = 0.5,
+    alpha: Annotated[
+        float, typer.Option(help="Heatmap opacity.", callback=checked(fraction, "--alpha"))
+    ] = 0.5,
     device: DeviceOpt = "cpu",
 ) -> None:
     """Explain predictions: one side-by-side panel per image plus one overlay per method."""
@@ -286,7 +305,14 @@ DEMO_IMAGES = {"cat": "chelsea", "coffee": "coffee", "rocket": "rocket", "astron
 def demo(
     out_dir: OutDirOpt = Path("convlens-demo"),
     methods: MethodsOpt = "saliency,occlusion,cam,gradcam",
-    top_k: Annotated[int, typer.Option("--top-k", help="Classes in the multi-class view.")] = 3,
+    top_k: Annotated[
+        int,
+        typer.Option(
+            "--top-k",
+            help="Classes in the multi-class view.",
+            callback=checked(positive_int, "--top-k"),
+        ),
+    ] = 3,
     device: DeviceOpt = "cpu",
 ) -> None:
     """Explain four sample photos bundled with scikit-image (nothing is downloaded)."""
@@ -332,8 +358,20 @@ def features_cmd(
         str,
         typer.Option(help="Channels: 'auto' (the most active), a range '0-15', a list '0,3,7'."),
     ] = "auto",
-    num_channels: Annotated[int, typer.Option(help="Channels picked by --channels auto.")] = 16,
-    top: Annotated[int, typer.Option(help="Strongest activations (images) per channel.")] = 9,
+    num_channels: Annotated[
+        int,
+        typer.Option(
+            help="Channels picked by --channels auto.",
+            callback=checked(positive_int, "--num-channels"),
+        ),
+    ] = 16,
+    top: Annotated[
+        int,
+        typer.Option(
+            help="Strongest activations (images) per channel.",
+            callback=checked(positive_int, "--top"),
+        ),
+    ] = 9,
     rule: Annotated[
         str,
         typer.Option(help="Projection: deconvnet (Zeiler & Fergus) or guided (backprop)."),

@@ -11,14 +11,17 @@ run time, so a command module must import every type it names in a signature (no
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from convlens.errors import InputError
+from convlens.validate import finite_floats, non_negative_int, positive_int
+from convlens.validate import parse_device as _parse_device
 
 if TYPE_CHECKING:
     import torch
@@ -41,6 +44,7 @@ __all__ = [
     "StdOpt",
     "WeightsOpt",
     "WorkersOpt",
+    "checked",
     "err",
     "load_net",
     "out",
@@ -54,6 +58,21 @@ out = Console()
 """Results (tables, summaries) go to stdout."""
 err = Console(stderr=True)
 """Progress, status and error messages go to stderr."""
+
+
+def checked(check: Callable[[Any, str], object], name: str) -> Callable[[Any], Any]:
+    """An option callback that checks the value as it is parsed, with a function of
+    :mod:`convlens.validate` (the one the Python API uses), so that a bad number fails before
+    any work with one ``error:`` line naming the option, e.g.
+    ``typer.Option(callback=checked(positive_int, "--top"))``. ``None`` (not given) passes."""
+
+    def callback(value: Any) -> Any:
+        if value is not None:
+            check(value, name)
+        return value
+
+    return callback
+
 
 # ---------------------------------------------------------------------------------- the model
 
@@ -86,19 +105,35 @@ StdOpt = Annotated[
     Optional[str],  # noqa: UP045
     typer.Option(help="Normalisation std, e.g. 0.229,0.224,0.225."),
 ]
-DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, cuda:1 ... or auto.")]
+DeviceOpt = Annotated[
+    str,
+    typer.Option(
+        help="cpu, cuda, cuda:1 ... or auto.", callback=checked(_parse_device, "--device")
+    ),
+]
 
 # ------------------------------------------------------------------------- inputs and outputs
 
 ImagesArg = Annotated[list[str], typer.Argument(help="Image files or folders.")]
 LabelledDataArg = Annotated[str, typer.Argument(help="Image folder (class subfolders) or CSV.")]
-LimitOpt = Annotated[Optional[int], typer.Option(help="At most N images.")]  # noqa: UP045
+LimitOpt = Annotated[
+    Optional[int],  # noqa: UP045
+    typer.Option(help="At most N images.", callback=checked(positive_int, "--limit")),
+]
 OutDirOpt = Annotated[Path, typer.Option("--out", help="Output folder.")]
 MethodsOpt = Annotated[
     str, typer.Option(help="Comma-separated method names (see `convlens methods`).")
 ]
-BatchSizeOpt = Annotated[int, typer.Option(help="Images per batch.")]
-WorkersOpt = Annotated[int, typer.Option(help="Processes reading images (0: none).")]
+BatchSizeOpt = Annotated[
+    int, typer.Option(help="Images per batch.", callback=checked(positive_int, "--batch-size"))
+]
+WorkersOpt = Annotated[
+    int,
+    typer.Option(
+        help="Processes reading images (0: none).",
+        callback=checked(non_negative_int, "--workers"),
+    ),
+]
 
 
 # ------------------------------------------------------------------------------------ parsing
@@ -124,19 +159,13 @@ def parse_triple(text: str | None, what: str) -> tuple[float, float, float] | No
 
 
 def parse_device(name: str) -> torch.device:
-    """The ``--device`` value as a device; ``auto`` picks CUDA when there is one.
+    """The ``--device`` value as a device; ``auto`` picks CUDA when there is one (see
+    :func:`convlens.validate.parse_device`).
 
     Raises:
-        InputError: CUDA was asked for but is not available.
+        InputError: not a device name, or a device this machine lacks.
     """
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda was asked for but no CUDA device is available")
-    return dev
+    return _parse_device(name, "--device")
 
 
 def parse_methods(text: str) -> list[str]:
@@ -197,6 +226,15 @@ def load_net(
 
     pre = None
     m, s = parse_triple(mean, "mean"), parse_triple(std, "std")
+    dev = parse_device(device)
+    if size is not None:
+        positive_int(size, "--size")
+    if resize is not None:
+        positive_int(resize, "--resize")
+    if m is not None:
+        finite_floats(m, "--mean")
+    if s is not None:
+        finite_floats(s, "--std", positive=True)
     if any(v is not None for v in (size, resize, m, s)):
         base = (
             Preprocess(mean=(0.5,) * 3, std=(0.5,) * 3)
@@ -211,9 +249,7 @@ def load_net(
             std=s or base.std,
         )
     with err.status(f"loading model {model} ..."):
-        return load_model(
-            model, weights=weights, classes=classes, preprocess=pre, device=parse_device(device)
-        )
+        return load_model(model, weights=weights, classes=classes, preprocess=pre, device=dev)
 
 
 def progress_bar() -> Progress:

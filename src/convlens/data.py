@@ -8,6 +8,7 @@ from pathlib import Path
 from convlens.errors import ConvlensError, InputError
 from convlens.images import IMAGE_EXTENSIONS, list_images
 from convlens.models.classes import ClassList
+from convlens.validate import positive_int
 
 __all__ = ["read_labelled"]
 
@@ -26,8 +27,11 @@ def read_labelled(
         limit: keep at most this many images (in sorted order).
 
     Raises:
-        InputError: the CSV lacks a path column, or a label or folder name is not a class.
+        InputError: the CSV lacks a path column, a label or folder name is not a class, or
+            ``limit`` is not a positive integer.
     """
+    if limit is not None:
+        limit = positive_int(limit, "limit")
     if not str(data).strip():  # Path("") is the current folder
         raise InputError("an empty data path was given (an unset shell variable?)")
     data = Path(data).expanduser()

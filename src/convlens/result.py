@@ -12,7 +12,11 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
     from PIL import Image
 
-__all__ = ["Explanation"]
+__all__ = ["PER_IMAGE_META", "Explanation"]
+
+#: Entries of :attr:`Explanation.meta` that hold one row per image (cut by
+#: :meth:`Explanation.select`).
+PER_IMAGE_META = ("blank", "nonfinite", "delta", "log_scale")
 
 
 @dataclass
@@ -40,7 +44,11 @@ class Explanation:
         attributions: (B, K, 3, H, W) per-channel signed attributions for the pixel-space
             methods (saliency, deconvnet, guided backprop ...), when the method has them;
             ``maps`` is then a per-pixel reduction of them.
-        meta: method options and timings (``seconds``).
+        meta: method options and timings (``seconds``), and per image and target, (B, K) bool
+            tensors on the CPU: ``blank``, maps that are all zero (nothing to show), and
+            ``nonfinite``, maps holding NaN or infinite values; the method warns when any is
+            set (:class:`~convlens.errors.BlankMapWarning`,
+            :class:`~convlens.errors.NonFiniteMapWarning`).
     """
 
     method: str
@@ -115,8 +123,13 @@ class Explanation:
         def cut_list(v: list[list[str]] | None) -> list[list[str]] | None:
             return None if v is None else v[idx]
 
+        meta = {
+            k: v[idx] if k in PER_IMAGE_META and isinstance(v, torch.Tensor) else v
+            for k, v in self.meta.items()
+        }
         return replace(
             self,
+            meta=meta,
             maps=self.maps[idx],
             targets=self.targets[idx],
             scores=self.scores[idx],
@@ -167,6 +180,9 @@ class Explanation:
             overlay_signed,
             rgb_attribution,
         )
+        from convlens.validate import fraction
+
+        alpha = fraction(alpha, "alpha")
 
         if self.meta.get("display") == "rgb" and self.attributions is not None:
             return rgb_attribution(self.attributions[i, k])

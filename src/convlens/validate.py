@@ -30,7 +30,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any, Union, get_args, get_origin
 
-from convlens.errors import InputError
+from convlens.errors import InputError, NonFiniteError
 
 if TYPE_CHECKING:
     import torch
@@ -46,11 +46,14 @@ __all__ = [
     "PositiveInt",
     "bounds_of",
     "check_bounded",
+    "check_finite_inputs",
     "finite_float",
     "finite_floats",
     "fraction",
+    "listed",
     "non_negative_float",
     "non_negative_int",
+    "nonfinite_outputs",
     "parse_device",
     "positive_float",
     "positive_int",
@@ -241,6 +244,52 @@ def check_bounded(value: object, hint: Any, name: str) -> None:
         return
     if isinstance(value, numbers.Number):
         bounds[0].check(value, name)
+
+
+# ------------------------------------------------------------------------------- tensors
+
+
+def listed(items: Sequence[str], most: int = 10) -> str:
+    """``"a, b, c"``, or the first ``most`` items and ``"and N more"``."""
+    more = f" and {len(items) - most} more" if len(items) > most else ""
+    return ", ".join(items[:most]) + more
+
+
+def _nonfinite_rows(t: torch.Tensor) -> list[int]:
+    import torch
+
+    bad = ~torch.isfinite(t.detach()).flatten(1).all(dim=1)
+    return [int(i) for i in bad.nonzero().flatten().tolist()]
+
+
+def check_finite_inputs(x: torch.Tensor, name: str = "input image(s)") -> None:
+    """Check that a float (B, ...) batch holds no NaN or infinite values.
+
+    Raises:
+        InputError: naming the images (indices in the batch) that do.
+    """
+    if not x.is_floating_point():
+        return
+    rows = _nonfinite_rows(x)
+    if rows:
+        raise InputError(
+            f"{name} {listed([str(r) for r in rows])} of the batch hold NaN or infinite "
+            "values; give finite inputs (a normalisation std of 0 makes them)"
+        )
+
+
+def nonfinite_outputs(logits: torch.Tensor) -> NonFiniteError | None:
+    """The error to raise when some rows of a model's (B, num_classes) outputs are NaN or
+    infinite (naming the images, listing them in ``rows``), else ``None``."""
+    rows = _nonfinite_rows(logits)
+    if not rows:
+        return None
+    return NonFiniteError(
+        f"the model's outputs are NaN or infinite for image(s) "
+        f"{listed([str(r) for r in rows])} of the batch (of {logits.shape[0]}), although the "
+        "inputs are finite; check the model's weights, or leave those images out",
+        rows,
+    )
 
 
 # ------------------------------------------------------------------------------------ device

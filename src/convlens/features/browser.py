@@ -57,6 +57,7 @@ from convlens.images import load_image
 from convlens.methods.rules import project_units
 from convlens.models.base import ConvlensModel
 from convlens.models.preprocess import Preprocess
+from convlens.validate import non_negative_int, positive_int
 
 __all__ = [
     "ChannelExamples",
@@ -491,10 +492,8 @@ def scan_features(
     if not layers:
         raise InputError("give at least one layer to scan (`convlens layers MODEL` lists them)")
     for name, value in (("top", top), ("batch_size", batch_size), ("num_channels", num_channels)):
-        if value < 1:
-            raise InputError(f"{name} must be a positive integer, got {value}")
-    if workers < 0:
-        raise InputError(f"workers must be >= 0, got {workers}")
+        positive_int(value, name)
+    non_negative_int(workers, "workers")
     specs = list(dict.fromkeys(str(s) for s in layers))
     refs = {s: parse_layer(s) for s in specs}
     net = model.net
@@ -939,15 +938,21 @@ def render_features(
         The PNG files written, then ``index.html``.
 
     Raises:
-        InputError: ``crop`` or ``per_image`` is invalid.
+        InputError: ``crop`` is invalid, or ``cell``, ``columns``, ``per_image`` or
+            ``batch_size`` is not a positive integer.
     """
     from convlens.render.feature_grid import ChannelTiles, feature_grid
     from convlens.render.overlay import rgb_attribution, to_pil
 
     if crop not in ("effective", "field"):
         raise InputError(f"crop must be 'effective' or 'field', got {crop!r}")
-    if per_image < 1:
-        raise InputError(f"per_image must be a positive number of channels, got {per_image}")
+    for name, value in (
+        ("cell", cell),
+        ("columns", columns),
+        ("per_image", per_image),
+        ("batch_size", batch_size),
+    ):
+        positive_int(value, name)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     root = _root(scan.paths) if scan.paths else None

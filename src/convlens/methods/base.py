@@ -26,7 +26,7 @@ from convlens.models.base import ConvlensModel, unwrap
 from convlens.models.classes import ClassList
 from convlens.result import Explanation
 from convlens.targets import TargetSpec, resolve_targets
-from convlens.validate import positive_int
+from convlens.validate import check_finite_inputs, listed, nonfinite_outputs, positive_int
 
 __all__ = ["Context", "Method", "RawResult"]
 
@@ -78,31 +78,6 @@ def _model_runs_on(net: nn.Module, x: torch.Tensor) -> bool:
     except Exception:
         return False
     return True
-
-
-def _rows(flags: torch.Tensor) -> list[int]:
-    """Indices of the true entries of a (B,) bool tensor."""
-    return [int(i) for i in flags.nonzero().flatten().tolist()]
-
-
-def _listed(items: list[str], most: int = 10) -> str:
-    more = f" and {len(items) - most} more" if len(items) > most else ""
-    return ", ".join(items[:most]) + more
-
-
-def nonfinite_outputs(logits: torch.Tensor) -> NonFiniteError | None:
-    """The error to raise when some rows of a (B, num_classes) output are not finite, else
-    ``None``; the message names the images (their indices in the batch)."""
-    bad = ~torch.isfinite(logits.detach()).flatten(1).all(dim=1)
-    if not bool(bad.any()):
-        return None
-    rows = _rows(bad)
-    return NonFiniteError(
-        f"the model's outputs are NaN or infinite for image(s) {_listed([str(r) for r in rows])} "
-        f"of the batch (of {logits.shape[0]}), although the inputs are finite; nothing can be "
-        "explained for them (check the model's weights, or leave those images out)",
-        rows,
-    )
 
 
 def _nonfinite_logits_of(net: nn.Module, x: torch.Tensor) -> NonFiniteError | None:
@@ -245,13 +220,7 @@ class Method:
             raise InputError(f"expected a (B, C, H, W) batch, got shape {tuple(x.shape)}")
         if not x.is_floating_point():
             raise InputError(f"expected a float tensor, got {x.dtype}; preprocess the images")
-        bad = ~torch.isfinite(x.detach()).flatten(1).all(dim=1)
-        if bool(bad.any()):
-            rows = _listed([str(r) for r in _rows(bad)])
-            raise InputError(
-                f"input image(s) {rows} of the batch hold NaN or infinite values; give finite "
-                "inputs (a normalisation std of 0 makes them)"
-            )
+        check_finite_inputs(x)
         if x.is_inference():
             x = x.clone()
         for p in net.parameters():
@@ -325,7 +294,7 @@ class Method:
                 pairs = [f"image {i} (class {classes[i][k]})" for i, k in hit.nonzero().tolist()]
                 warnings.warn(
                     f"{self.name or type(self).__name__} returned {what} for "
-                    f"{_listed(pairs)} of the batch; flagged in meta[{key!r}]",
+                    f"{listed(pairs)} of the batch; flagged in meta[{key!r}]",
                     kind,
                     stacklevel=4,
                 )
