@@ -15,7 +15,6 @@ from torch import nn
 from convlens.architecture import LayerRef, default_layer, parse_layer
 from convlens.errors import (
     BlankMapWarning,
-    ConvlensError,
     InputError,
     NonFiniteError,
     NonFiniteMapWarning,
@@ -176,9 +175,13 @@ class Method:
         with model_state(net, eval_mode=True, grads=self.uses_gradients), full_float32():
             try:
                 raw = self.compute(ctx)
-            except RuntimeError as exc:
-                if not any(p in str(exc) for p in _SHAPE_ERRORS) or _model_runs_on(net, x):
-                    self._raise_if_nonfinite(net, x, exc)
+            except Exception as exc:
+                self._raise_if_nonfinite(net, x, exc)
+                if (
+                    not isinstance(exc, RuntimeError)
+                    or not any(p in str(exc) for p in _SHAPE_ERRORS)
+                    or _model_runs_on(net, x)
+                ):
                     raise
                 first = str(exc).strip().splitlines()[0]
                 raise InputError(
@@ -186,9 +189,6 @@ class Method:
                     "image size or channel count is wrong, ConvlensModel.load_images "
                     "resizes images for the model)"
                 ) from exc
-            except (ConvlensError, ValueError, AssertionError) as exc:
-                self._raise_if_nonfinite(net, x, exc)
-                raise
             bad = nonfinite_outputs(raw.logits)
             if bad is not None:
                 raise bad
