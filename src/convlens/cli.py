@@ -217,6 +217,8 @@ def explain_cmd(
     device: DeviceOpt = "cpu",
 ) -> None:
     """Explain predictions: one side-by-side panel per image plus one overlay per method."""
+    from convlens.methods.options import build_methods
+
     names = parse_methods(methods)
     files = _some_images(images)
     net = load_net(model, weights, classes, size, resize, mean, std, device)
@@ -226,6 +228,7 @@ def explain_cmd(
     opts: dict[str, dict[str, object]] = {
         "occlusion": {"patch": patch, "stride": stride, "fill": fill_value}
     }
+    build_methods({n: opts.get(n, {}) for n in names})  # bad option values fail before any work
     try:
         written = run_explain(
             net,

@@ -26,7 +26,7 @@ from convlens.cli_options import (
     out,
 )
 from convlens.validate import (
-    finite_float,
+    at_least,
     non_negative_int,
     positive_float,
     positive_int,
@@ -230,7 +230,7 @@ def dream(
         float,
         typer.Option(
             help="Size ratio between scales (1 or more).",
-            callback=checked(finite_float, "--octave-scale"),
+            callback=checked(lambda v, n: at_least(v, n, 1.0), "--octave-scale"),
         ),
     ] = 1.4,
     steps: Annotated[

@@ -44,6 +44,7 @@ __all__ = [
     "NonNegativeInt",
     "PositiveFloat",
     "PositiveInt",
+    "at_least",
     "bounds_of",
     "check_bounded",
     "check_finite_inputs",
@@ -189,6 +190,15 @@ def fraction(value: object, name: str) -> float:
         InputError: not a number, NaN, or outside [0, 1].
     """
     return float(FRACTION.check(value, name))
+
+
+def at_least(value: object, name: str, low: float) -> float:
+    """``value`` as a float if it is finite and >= ``low``.
+
+    Raises:
+        InputError: not a number, NaN, infinite, or below ``low``.
+    """
+    return float(Bound(low=low).check(value, name))
 
 
 def finite_floats(

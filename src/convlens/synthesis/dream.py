@@ -34,7 +34,7 @@ from convlens.synthesis.objectives import DreamL2, LayerReader
 from convlens.synthesis.result import DreamResult, to_pil
 from convlens.synthesis.transforms import random_roll
 from convlens.validate import (
-    finite_float,
+    at_least,
     non_negative_int,
     positive_float,
     positive_int,
@@ -163,8 +163,7 @@ def deep_dream(
     """
     positive_int(octaves, "octaves")
     non_negative_int(steps_per_octave, "steps_per_octave")
-    if finite_float(octave_scale, "octave_scale") < 1.0:
-        raise InputError(f"octave_scale must be a number >= 1, got {octave_scale}")
+    at_least(octave_scale, "octave_scale", 1.0)
     positive_float(step_size, "step_size")
     non_negative_int(jitter, "jitter")
     positive_int(gif_every, "gif_every")
