@@ -251,11 +251,18 @@ def test_preprocess_is_checked() -> None:
             Preprocess(**kwargs)  # type: ignore[arg-type]
 
 
-def test_explanation_overlay_checks_alpha(gap_net: nn.Module) -> None:
+def test_explanation_display_options_are_checked(gap_net: nn.Module) -> None:
     exp = get_method("saliency")(gap_net, images(1))
     for alpha in (-0.1, 1.5, float("nan")):
         with pytest.raises(InputError, match="alpha must be a number in"):
             exp.overlay(alpha=alpha)
+    assert exp.normalized(percentile=99).shape == exp.signed(percentile=1).shape
+    for p in (101, 10, float("nan")):
+        with pytest.raises(InputError, match=r"percentile must be a number in \[50, 100\]"):
+            exp.normalized(percentile=p)
+    for p in (0, -1, 100.5):
+        with pytest.raises(InputError, match=r"percentile must be a number in \(0, 100\]"):
+            exp.signed(percentile=p)
 
 
 TINY = ConvlensModel(
@@ -344,6 +351,10 @@ def test_metrics_check_their_numbers() -> None:
         evaluate_methods(TINY, x, ["saliency"], steps=-3)
     with pytest.raises(InputError, match="checkpoints must be a positive integer, got 0"):
         cascading_randomization(TINY, x, ["saliency"], checkpoints=0)
+    with pytest.raises(InputError, match="seed must be an integer in"):
+        cascading_randomization(TINY, x, ["saliency"], seed=2**64)
+    with pytest.raises(InputError, match="seed must be an integer in"):
+        evaluate_methods(TINY, x, ["saliency"], seed=-(2**64))
 
 
 @pytest.mark.parametrize(
@@ -357,6 +368,7 @@ def test_metrics_check_their_numbers() -> None:
         ({"jitter": -2}, "jitter must be an integer >= 0"),
         ({"scale": (0.9, float("inf"))}, "scale must be positive finite numbers"),
         ({"decay": 1.0}, r"decay must be in \[0, 1\)"),
+        ({"seed": 2**64}, "seed must be an integer in"),
     ],
 )
 def test_synthesis_settings_are_checked(kwargs: dict[str, Any], message: str) -> None:
@@ -376,6 +388,7 @@ def test_synthesis_settings_are_checked(kwargs: dict[str, Any], message: str) ->
         ({"step_size": float("inf")}, "step_size must be a positive number"),
         ({"max_size": 0}, "max_size must be a positive integer"),
         ({"channel": -1}, "channel must be an integer >= 0"),
+        ({"seed": 2**64}, "seed must be an integer in"),
     ],
 )
 def test_deep_dream_checks_its_numbers(kwargs: dict[str, Any], message: str) -> None:
@@ -461,6 +474,8 @@ BAD_OPTIONS = [
     ("dream", ["--jitter", "-1"], "--jitter must be an integer >= 0"),
     ("dream", ["--max-size", "0"], "--max-size must be a positive integer"),
     ("dream", ["--channel", "-1"], "--channel must be an integer >= 0"),
+    ("dream", ["--seed", str(2**64)], "--seed must be an integer in"),
+    ("classviz", ["--seed", str(-(2**63) - 1)], "--seed must be an integer in"),
     ("demo", ["--top-k", "0"], "--top-k must be a positive integer"),
 ]
 

@@ -31,6 +31,7 @@ from convlens.validate import (
     positive_float,
     positive_int,
 )
+from convlens.validate import seed as valid_seed
 
 __all__ = ["parse_channels", "register"]
 
@@ -52,7 +53,13 @@ StepsOpt = Annotated[
         callback=checked(non_negative_int, "--steps"),
     ),
 ]
-SeedOpt = Annotated[int, typer.Option(help="Random seed; the same seed gives the same images.")]
+SeedOpt = Annotated[
+    int,
+    typer.Option(
+        help="Random seed; the same seed gives the same images.",
+        callback=checked(valid_seed, "--seed"),
+    ),
+]
 LrOpt = Annotated[
     Optional[float],  # noqa: UP045
     typer.Option(

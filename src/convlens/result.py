@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from convlens.validate import fraction, in_range
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
     from PIL import Image
@@ -83,9 +85,14 @@ class Explanation:
             percentile: clip each map to its [100 - p, p] percentiles before rescaling, so a few
                 extreme pixels do not wash out the rest (gradient maps); default
                 ``meta["display_percentile"]`` when the method sets it, else no clipping.
+
+        Raises:
+            InputError: ``percentile`` is not a number in [50, 100].
         """
         if percentile is None:
             percentile = self.meta.get("display_percentile")
+        else:
+            percentile = in_range(percentile, "percentile", 50, 100)
         return _normalized(self.maps, percentile)
 
     @property
@@ -102,9 +109,14 @@ class Explanation:
             percentile: divide by this percentile of ``|map|`` instead and clip, so a few
                 extreme pixels do not wash out the rest; default
                 ``meta["display_percentile"]`` when the method sets it, else the maximum.
+
+        Raises:
+            InputError: ``percentile`` is not a number in (0, 100].
         """
         if percentile is None:
             percentile = self.meta.get("display_percentile")
+        else:
+            percentile = in_range(percentile, "percentile", 0, 100, low_open=True)
         return _signed(self.maps, percentile)
 
     def target_name(self, i: int, k: int = 0) -> str:
@@ -180,7 +192,6 @@ class Explanation:
             overlay_signed,
             rgb_attribution,
         )
-        from convlens.validate import fraction
 
         alpha = fraction(alpha, "alpha")
 

@@ -44,6 +44,7 @@ __all__ = [
     "NonNegativeInt",
     "PositiveFloat",
     "PositiveInt",
+    "Seed",
     "at_least",
     "bounds_of",
     "check_bounded",
@@ -51,6 +52,7 @@ __all__ = [
     "finite_float",
     "finite_floats",
     "fraction",
+    "in_range",
     "listed",
     "non_negative_float",
     "non_negative_int",
@@ -58,6 +60,7 @@ __all__ = [
     "parse_device",
     "positive_float",
     "positive_int",
+    "seed",
 ]
 
 
@@ -117,6 +120,8 @@ def _num(v: float) -> str:
     return str(int(v)) if float(v).is_integer() else str(v)
 
 
+#: What ``torch.Generator.manual_seed`` takes.
+SEED = Bound(integer=True, low=-(2**63), high=2**64 - 1)
 POSITIVE_INT = Bound(integer=True, low=1)
 NON_NEGATIVE_INT = Bound(integer=True, low=0)
 POSITIVE = Bound(low=0, low_open=True)
@@ -136,6 +141,8 @@ NonNegativeFloat = Annotated[float, NON_NEGATIVE]
 FiniteFloat = Annotated[float, FINITE]
 #: ``float`` in [0, 1].
 Fraction = Annotated[float, FRACTION]
+#: ``int`` that a random generator can be seeded with.
+Seed = Annotated[int, SEED]
 
 
 def positive_int(value: object, name: str) -> int:
@@ -145,6 +152,16 @@ def positive_int(value: object, name: str) -> int:
         InputError: not an integer, or below 1 (the message names ``name``).
     """
     return int(POSITIVE_INT.check(value, name))
+
+
+def seed(value: object, name: str) -> int:
+    """``value`` if it is an integer a random generator can be seeded with
+    (``torch.Generator.manual_seed``: -2**63 to 2**64 - 1).
+
+    Raises:
+        InputError: not an integer, or out of that range.
+    """
+    return int(SEED.check(value, name))
 
 
 def non_negative_int(value: object, name: str) -> int:
@@ -199,6 +216,15 @@ def at_least(value: object, name: str, low: float) -> float:
         InputError: not a number, NaN, infinite, or below ``low``.
     """
     return float(Bound(low=low).check(value, name))
+
+
+def in_range(value: object, name: str, low: float, high: float, *, low_open: bool = False) -> float:
+    """``value`` as a float if it is in [low, high] (``(low, high]`` with ``low_open``).
+
+    Raises:
+        InputError: not a number, NaN, or outside the range.
+    """
+    return float(Bound(low=low, high=high, low_open=low_open).check(value, name))
 
 
 def finite_floats(

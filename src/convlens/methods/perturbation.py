@@ -25,6 +25,7 @@ from convlens.validate import (
     Fraction,
     PositiveFloat,
     PositiveInt,
+    Seed,
 )
 
 __all__ = ["Occlusion", "blur", "window_starts"]
@@ -416,7 +417,7 @@ class RISE(Method):
         p: _OpenFraction = 0.5,
         score: Literal["prob", "logit"] = "prob",
         batch_size: PositiveInt = 64,
-        seed: int = 0,
+        seed: Seed = 0,
     ) -> None:
         self.n, self.cells, self.p, self.score = masks, cells, p, score
         self.batch_size, self.seed = batch_size, seed

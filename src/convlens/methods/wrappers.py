@@ -11,7 +11,7 @@ from convlens.errors import InputError
 from convlens.methods.base import _SHAPE_ERRORS, Context, Method, RawResult
 from convlens.methods.gradient import Saliency
 from convlens.methods.registry import register
-from convlens.validate import NonNegativeFloat, PositiveFloat, PositiveInt
+from convlens.validate import NonNegativeFloat, PositiveFloat, PositiveInt, Seed
 
 __all__ = ["TTA", "SmoothGrad", "VarGrad"]
 
@@ -45,7 +45,7 @@ class SmoothGrad(Method):
         samples: PositiveInt = 25,
         noise: NonNegativeFloat = 0.15,
         batch_size: PositiveInt = 8,
-        seed: int = 0,
+        seed: Seed = 0,
         aggregate: str = "mean",
     ) -> None:
         if aggregate not in ("mean", "var"):
@@ -124,7 +124,7 @@ class VarGrad(SmoothGrad):
         samples: PositiveInt = 25,
         noise: NonNegativeFloat = 0.15,
         batch_size: PositiveInt = 8,
-        seed: int = 0,
+        seed: Seed = 0,
     ) -> None:
         super().__init__(inner, samples, noise, batch_size, seed, aggregate="var")
 

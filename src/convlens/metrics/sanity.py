@@ -19,6 +19,7 @@ from convlens.methods.base import Method
 from convlens.methods.registry import get_method
 from convlens.models.base import ConvlensModel, unwrap
 from convlens.validate import positive_int
+from convlens.validate import seed as check_seed
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -176,6 +177,7 @@ def cascading_randomization(
         seed: seed of the random weights.
     """
     checkpoints = positive_int(checkpoints, "checkpoints")
+    seed = check_seed(seed, "seed")
     net, wrapper = unwrap(model)
     method_objs = [get_method(m) if isinstance(m, str) else m for m in methods]
     if targets is None:

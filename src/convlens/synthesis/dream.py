@@ -39,6 +39,7 @@ from convlens.validate import (
     positive_float,
     positive_int,
 )
+from convlens.validate import seed as check_seed
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -168,6 +169,7 @@ def deep_dream(
     non_negative_int(jitter, "jitter")
     positive_int(gif_every, "gif_every")
     positive_int(gif_duration, "gif_duration")
+    check_seed(seed, "seed")
     if max_size is not None:
         positive_int(max_size, "max_size")
     if channel is not None:

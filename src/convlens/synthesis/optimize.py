@@ -41,6 +41,7 @@ from convlens.validate import (
     positive_float,
     positive_int,
 )
+from convlens.validate import seed as check_seed
 
 __all__ = [
     "PRESETS",
@@ -341,7 +342,7 @@ def optimize_images(
         (mean over transform samples, before the L2 penalty) and the wall time.
     """
     s = settings
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(check_seed(seed, "seed"))
     h, w = size
     param: ImageParam = make_param(
         s.param,
