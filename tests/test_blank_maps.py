@@ -18,7 +18,7 @@ from convlens.errors import (
     NonFiniteError,
     NonFiniteMapWarning,
 )
-from convlens.methods import METHODS, IntegratedGradients, ScoreCAM, get_method
+from convlens.methods import METHODS, IntegratedGradients, Occlusion, ScoreCAM, get_method
 from convlens.methods.base import Context, Method, RawResult
 from convlens.models import ConvlensModel, Preprocess
 from convlens.models.classes import ClassList
@@ -107,6 +107,54 @@ def test_scorecam_with_logit_scores_keeps_the_paper_scale(gap_net: nn.Module) ->
     x = images(2)
     exp = ScoreCAM(score="logit")(gap_net, x)
     assert "log_scale" not in exp.meta
+
+
+class SureNet(nn.Module):
+    """1x1 conv -> ReLU -> global average pool -> linear: class 0 by a logit margin of about
+    30, so its probability rounds to exactly 1 in float32 (1 - p ~ 1e-13), with or without a
+    zeroed window, although the margin, and 1 - p, changes with every window."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1)
+        self.relu = nn.ReLU()
+        self.fc = nn.Linear(3, 3)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.eye(3).view(3, 3, 1, 1))
+            self.conv.bias.zero_()
+            self.fc.weight.copy_(torch.tensor([[13.0, 13.0, 13.0], [0, 0, 0], [1.0, 0, 0]]))
+            self.fc.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.relu(self.conv(x)).mean(dim=(2, 3)))
+
+
+def test_occlusion_keeps_the_drops_of_a_probability_that_rounds_to_one() -> None:
+    torch.manual_seed(1)
+    net = SureNet()
+    x = 0.5 + 0.5 * torch.rand(2, 3, 16, 16)
+    occluded = []
+    for y0 in range(0, 16, 4):
+        for x0 in range(0, 16, 4):
+            o = x.clone()
+            o[..., y0 : y0 + 4, x0 : x0 + 4] = 0
+            occluded.append((y0, x0, o))
+    with torch.no_grad():
+        # the case: in float32 the probability of class 0 is exactly 1 everywhere, p - p' = 0
+        assert (torch.softmax(net(x), 1)[:, 0] == 1).all()
+        assert all((torch.softmax(net(o), 1)[:, 0] == 1).all() for _, _, o in occluded)
+        # the formula in float64, one window at a time (the windows do not overlap)
+        net64 = copy.deepcopy(net).double()
+        p = torch.softmax(net64(x.double()), 1)[:, 0]
+        reference = torch.zeros(2, 16, 16, dtype=torch.float64)
+        for y0, x0, o in occluded:
+            drop = p - torch.softmax(net64(o.double()), 1)[:, 0]
+            reference[:, y0 : y0 + 4, x0 : x0 + 4] = drop.view(2, 1, 1)
+    assert (reference > 0).all()
+    for mode in ("exact", "naive"):
+        exp = Occlusion(patch=4, stride=4, fill="zero", mode=mode)(net, x)  # type: ignore[arg-type]
+        assert not exp.meta["blank"].any()
+        torch.testing.assert_close(exp.maps[:, 0].double(), reference, rtol=1e-4, atol=0)
 
 
 # ------------------------------------------------------------------------ flags and warnings

@@ -109,6 +109,12 @@ class Occlusion(Method):
     target's score, ``s_t(x) - s_t(x with window occluded)``, averaged over all windows that
     cover the pixel. The score is the softmax probability (``score="prob"``) or the logit.
 
+    With probabilities, where the target's clean probability ``p`` exceeds 1/2 the drop is
+    computed as ``q_t(x occluded) - q_t(x)`` with ``q_t = sum_{j != t} p_j = 1 - p_t`` summed
+    over the other classes: the same number, but a confident network's ``p`` rounds to exactly
+    1 (``1 - p`` below float32's resolution, 6e-8) for the image and for most occluded copies, so
+    ``p - p'`` would be an exact 0 (a blank map) where ``q' - q`` keeps the drop.
+
     How the occluded copies are evaluated (``mode``):
 
     - ``"exact"``: incremental inference (:mod:`convlens.methods.incremental`). The model is
@@ -219,8 +225,25 @@ class Occlusion(Method):
         value = 0.0 if self.fill == "zero" else float(self.fill)
         return torch.full_like(x, value)
 
-    def _scores(self, logits: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(logits.float(), dim=1) if self.score == "prob" else logits.float()
+    def _scores(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """(n, K, 2): the targets' scores (probability or logit) and, with probabilities,
+        ``1 - p`` summed over the other classes (exact where ``p`` rounds to 1)."""
+        logits = logits.float()
+        if self.score != "prob":
+            s = logits.gather(1, targets)
+            return torch.stack([s, torch.zeros_like(s)], dim=2)
+        probs = torch.softmax(logits, dim=1)
+        p = probs.gather(1, targets)
+        others = probs.unsqueeze(1).expand(-1, targets.shape[1], -1)
+        q = others.scatter(2, targets.unsqueeze(2), 0.0).sum(dim=2)
+        return torch.stack([p, q], dim=2)
+
+    def _drops(self, base: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """(n, K) drops of the score from :meth:`_scores` of the clean images (``base``) to
+        those of the occluded copies (``s``)."""
+        if self.score != "prob":
+            return base[..., 0] - s[..., 0]
+        return torch.where(base[..., 0] > 0.5, s[..., 1] - base[..., 1], base[..., 0] - s[..., 0])
 
     def _engine(
         self, ctx: Context, ys: list[int], xs: list[int], meta: dict[str, Any]
@@ -266,7 +289,7 @@ class Occlusion(Method):
             else:
                 logits, per_sample = engine.logits, engine.bytes_per_pair()
             targets = ctx.targets(logits)
-            base = self._scores(logits).gather(1, targets)  # (B, K)
+            base = self._scores(logits, targets)  # (B, K, 2)
             fill = self._fill(x)
             ys = torch.tensor(ys_list, device=x.device)
             xs = torch.tensor(xs_list, device=x.device)
@@ -289,10 +312,10 @@ class Occlusion(Method):
                     if engine is None:
                         mask = in_y[pos // px][:, :, None] & in_x[pos % px][:, None, :]
                         batch = torch.where(mask[:, None], fill[img], x[img])
-                        s = self._scores(forward(batch))
+                        s = self._scores(forward(batch), targets[img])
                     else:
                         t0 = time.perf_counter()
-                        s = self._scores(engine.run(fill, img, pos // px, pos % px))
+                        s = self._scores(engine.run(fill, img, pos // px, pos % px), targets[img])
                         self._account(
                             ctx,
                             engine,
@@ -301,7 +324,7 @@ class Occlusion(Method):
                             len(idx),
                             len(pairs) - start - len(idx),
                         )
-                    out[start : start + len(idx)] = base[img] - s.gather(1, targets[img])
+                    out[start : start + len(idx)] = self._drops(base[img], s)
                 return out
 
             all_pairs = torch.arange(b * n_pos, device=x.device)
