@@ -18,7 +18,14 @@ from convlens.errors import (
     NonFiniteError,
     NonFiniteMapWarning,
 )
-from convlens.methods import METHODS, IntegratedGradients, Occlusion, ScoreCAM, get_method
+from convlens.methods import (
+    METHODS,
+    RISE,
+    IntegratedGradients,
+    Occlusion,
+    ScoreCAM,
+    get_method,
+)
 from convlens.methods.base import Context, Method, RawResult
 from convlens.models import ConvlensModel, Preprocess
 from convlens.models.classes import ClassList
@@ -101,6 +108,27 @@ def test_scorecam_on_a_saturated_softmax_matches_the_float64_formula_up_to_scale
     log_scale = exp.meta["log_scale"][:, 0].double()
     assert (log_scale < -104).all()  # below float32's smallest probability
     torch.testing.assert_close(maps * log_scale.exp().view(-1, 1, 1), reference, rtol=1e-3, atol=0)
+
+
+def test_rise_on_a_saturated_softmax_matches_the_float64_formula_up_to_scale() -> None:
+    torch.manual_seed(0)
+    net = ConfidentNet()
+    x = 0.5 + 0.5 * torch.rand(2, 3, 16, 16)
+    method = RISE(masks=20, cells=3, p=0.2, batch_size=6, seed=0)  # masks keep ~20%
+    exp = method(net, x)  # no BlankMapWarning
+    assert exp.targets[:, 0].tolist() == [0, 0]
+    masks = method.masks(
+        *method.draw((16, 16), torch.Generator().manual_seed(0), x.device), (16, 16)
+    )
+    net64 = copy.deepcopy(net).double()
+    with torch.no_grad():
+        masked = x.unsqueeze(1) * masks.unsqueeze(0)  # (B, N, 3, H, W)
+        assert (torch.softmax(net(masked.flatten(0, 1)), 1)[:, 0] == 0).all()  # float32: blank
+        p64 = torch.softmax(net64(masked.flatten(0, 1).double()), 1)[:, 0].view(2, -1)
+    reference = torch.einsum("bn,nhw->bhw", p64, masks[:, 0].double()) / (20 * 0.2)
+    assert (reference.flatten(1).amax(1) > 0).all()
+    scale = exp.meta["log_scale"][:, 0].double().exp().view(2, 1, 1)
+    torch.testing.assert_close(exp.maps[:, 0].double() * scale, reference, rtol=1e-3, atol=0)
 
 
 def test_scorecam_with_logit_scores_keeps_the_paper_scale(gap_net: nn.Module) -> None:

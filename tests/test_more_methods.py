@@ -458,9 +458,13 @@ def test_rise_equals_the_mask_weighted_average(gap_net: nn.Module) -> None:
             with torch.no_grad():
                 p = torch.softmax(gap_net(x[i : i + 1] * m.double()), 1)[0, t[i]]
             total += p * m[0].double()
-        torch.testing.assert_close(exp.maps[i, 0], (total / (30 * 0.5)).float())
+        # the map is the paper's divided by exp(log_scale), the largest masked probability
+        scale = exp.meta["log_scale"][i, 0].exp()
+        torch.testing.assert_close(exp.maps[i, 0] * scale, (total / (30 * 0.5)).float())
+    # batches that see their largest probability at different times rescale the same way
     again = RISE(masks=30, cells=3, batch_size=30, seed=3)(gap_net, x)
     torch.testing.assert_close(again.maps, exp.maps)
+    torch.testing.assert_close(again.meta["log_scale"], exp.meta["log_scale"])
 
 
 def test_vargrad_is_the_variance(gap_net: nn.Module) -> None:

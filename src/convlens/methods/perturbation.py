@@ -420,6 +420,12 @@ class RISE(Method):
     ``M_t = 1 / (N p) sum_i s_t(x * m_i) m_i``, accumulated in one matrix product per batch.
     Seeded: the same seed gives the same masks.
 
+    With ``score="prob"`` the probabilities are used as log-probabilities, rescaled so that the
+    largest weight is 1: the map is the paper's divided by ``exp(L) > 0`` per image and target,
+    ``L = max_i log p_t(x * m_i)`` (kept in ``meta["log_scale"]``, (B, K); ``exp(L) M_t`` is the
+    paper's map). When every masked copy is confidently another class, the paper's weights all
+    underflow to exactly 0 in float32 and its map is blank; these are not.
+
     Args:
         masks: number of masks ``N``.
         cells: grid size ``s``.
@@ -496,6 +502,9 @@ class RISE(Method):
             targets = ctx.targets(logits)
             k = targets.shape[1]
             sal = torch.zeros(b, k, h * w, device=x.device, dtype=torch.float32)
+            # with probabilities: sal holds sum_i exp(log p_i - log_scale) m_i, the running
+            # maximum log_scale of the log-probabilities seen so far (as in a streaming softmax)
+            log_scale = torch.full((b, k), float("-inf"), device=x.device)
             grid, dy, dx = self.draw((h, w), gen, x.device)
             done = 0
             while done < self.n:
@@ -504,9 +513,17 @@ class RISE(Method):
                 n = m.shape[0]
                 masked = (x.unsqueeze(1) * m.unsqueeze(0).to(x.dtype)).flatten(0, 1)
                 out = ctx.net(masked).float().view(b, n, -1)
-                s = torch.softmax(out, dim=2) if self.score == "prob" else out
+                s = torch.log_softmax(out, dim=2) if self.score == "prob" else out
                 s = s.gather(2, targets.unsqueeze(1).expand(b, n, k))  # (B, n, K)
+                if self.score == "prob":
+                    top = torch.maximum(log_scale, s.amax(dim=1))  # (B, K)
+                    sal *= torch.exp(log_scale - top).nan_to_num(0.0).unsqueeze(2)
+                    s = torch.exp(s - top.unsqueeze(1))
+                    log_scale = top
                 sal += torch.einsum("bnk,np->bkp", s, m.flatten(1))
                 done += n
         maps = (sal / (self.n * self.p)).view(b, k, h, w)
-        return RawResult(maps, logits, targets, meta={"forward_passes": b * (self.n + 1)})
+        meta: dict[str, Any] = {"forward_passes": b * (self.n + 1)}
+        if self.score == "prob":
+            meta["log_scale"] = log_scale
+        return RawResult(maps, logits, targets, meta=meta)
