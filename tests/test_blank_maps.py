@@ -5,13 +5,17 @@ and warned about, and Score-CAM stays non-blank on a network whose softmax satur
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
 from conftest import GapNet, images, seeded
+from convlens.cli import main
 from convlens.errors import (
     BlankMapWarning,
     InputError,
@@ -338,3 +342,40 @@ def test_upsampling_does_not_hide_a_blank_raw_map(gap_net: nn.Module) -> None:
     assert exp.raw_maps is not None and exp.raw_maps.abs().max() == 0
     assert F.interpolate(exp.raw_maps, size=(12, 12)).abs().max() == 0
     assert exp.meta["blank"].tolist() == [[True]]
+
+
+# --------------------------------------------------------------------------- the command line
+
+BLANK_NET = """
+import torch
+from torch import nn
+
+def build():
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3),
+    )
+    with torch.no_grad():
+        net[4].weight[2] = -1.0  # every channel speaks against class 2
+    return net
+"""
+
+
+@pytest.mark.filterwarnings("default::convlens.errors.BlankMapWarning")
+def test_the_command_line_shows_a_blank_map_warning_on_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "net.py").write_text(BLANK_NET)
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (48, 48, 3), dtype=np.uint8)).save(tmp_path / "p.png")
+    args = ["explain", str(tmp_path / "p.png"), "--methods", "gradcam", "--target", "2"]
+    args += ["--model", f"{tmp_path / 'net.py'}:build", "--out", str(tmp_path / "out")]
+    with pytest.raises(SystemExit) as info:
+        main(args)
+    assert info.value.code in (0, None)
+    lines = [x for x in capsys.readouterr().err.splitlines() if "warning" in x.lower()]
+    assert lines == [
+        "warning: gradcam returned all-zero maps (nothing to show) for image 0 (class 2) of the "
+        "batch; flagged in meta['blank']"
+    ]

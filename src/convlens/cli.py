@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Annotated, Optional
@@ -38,6 +39,7 @@ from convlens.cli_options import (
     out,
     parse_methods,
     progress_bar,
+    show_warning,
 )
 from convlens.errors import ConvlensError, ImageError, InputError
 from convlens.validate import fraction, positive_int
@@ -495,6 +497,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     # The command owns its process: keep freed activation memory for reuse (CPU forward passes
     # ~2-3x faster, see convlens.allocator).
     keep_freed_memory()
+    warnings.showwarning = show_warning  # one "warning: ..." line, like errors
     try:
         app(args=args, prog_name="convlens")
     except ConvlensError as exc:

@@ -52,12 +52,26 @@ __all__ = [
     "parse_methods",
     "parse_triple",
     "progress_bar",
+    "show_warning",
 ]
 
 out = Console()
 """Results (tables, summaries) go to stdout."""
 err = Console(stderr=True)
 """Progress, status and error messages go to stderr."""
+
+
+def show_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: Any = None,
+    line: str | None = None,
+) -> None:
+    """Show a warning as one ``warning: ...`` line on stderr, without the source line (the
+    command line's ``warnings.showwarning``)."""
+    err.print(f"warning: {message}", markup=False, highlight=False, soft_wrap=True)
 
 
 def checked(check: Callable[[Any, str], object], name: str) -> Callable[[Any], Any]:
