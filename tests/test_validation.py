@@ -51,7 +51,7 @@ from convlens.validate import (
     [
         (positive_int, [1, 7, np.int64(3)], [0, -1, True, 1.5, "3", None, float("nan")]),
         (non_negative_int, [0, 5], [-1, False, 0.0, "0"]),
-        (positive_float, [1e-9, 2, 3.5], [0, -1.0, float("nan"), float("inf"), True, "1"]),
+        (positive_float, [1e-9, 2, 3.5], [0, -1.0, float("nan"), float("inf"), True, "1", 10**400]),
         (non_negative_float, [0, 0.0, 4], [-1e-9, float("nan"), float("-inf")]),
         (finite_float, [-3, 0, 2.5], [float("nan"), float("inf"), "x"]),
         (fraction, [0, 0.5, 1], [-0.1, 1.01, 2, float("nan")]),

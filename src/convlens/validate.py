@@ -105,7 +105,10 @@ class Bound:
                 raise InputError(f"{name} must be {self.describe()}, got {value!r}")
             number: float = int(value)
         else:
-            number = float(value)
+            try:
+                number = float(value)
+            except OverflowError:  # an int too large for a float
+                number = math.inf
             if not math.isfinite(number):
                 raise InputError(f"{name} must be {self.describe()}, got {value!r}")
         lo, hi = self.low, self.high
