@@ -77,6 +77,8 @@ def test_at_least_and_finite_floats() -> None:
     with pytest.raises(InputError, match=r"scale must be a number >= 1, got 0.5"):
         at_least(0.5, "scale", 1.0)
     assert finite_floats([1, 2, 3], "mean", count=3) == (1.0, 2.0, 3.0)
+    assert finite_floats(torch.tensor([0.5, 0.25]), "std", count=2) == (0.5, 0.25)
+    assert finite_floats(np.array([1.0]), "std") == (1.0,)
     for values in ([1, 2], [1, float("nan"), 3], "abc", 3):
         with pytest.raises(InputError, match="mean must"):
             finite_floats(values, "mean", count=3)  # type: ignore[arg-type]

@@ -241,6 +241,8 @@ def finite_floats(
     """
     if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
         raise InputError(f"{name} must be a sequence of numbers, got {values!r}")
+    if hasattr(values, "tolist"):  # a tensor or an array
+        values = values.tolist()
     out = tuple(values)
     if count is not None and len(out) != count:
         raise InputError(f"{name} must have {count} values, got {len(out)}: {out!r}")
