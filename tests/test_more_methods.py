@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import images, seeded
+from convlens.errors import BlankMapWarning
 from convlens.hooks import input_gradient_mode, model_state
 from convlens.methods import (
     RISE,
@@ -28,6 +29,7 @@ from convlens.methods import (
     VarGrad,
     XGradCAM,
 )
+from convlens.result import Explanation
 
 
 def feats_grads(net, x, t):
@@ -115,13 +117,23 @@ def score_cam_brute(net, x, t, logit=False, softmax=False):
     return out
 
 
+def paper_scorecam(exp: Explanation) -> torch.Tensor:
+    """Score-CAM's raw maps (B, h, w) of the first target on the paper's scale: with
+    probability scores the weights are rescaled by exp(-meta["log_scale"]) per image."""
+    assert exp.raw_maps is not None
+    maps = exp.raw_maps[:, 0]
+    if "log_scale" in exp.meta:
+        maps = maps * exp.meta["log_scale"][:, 0].exp().view(-1, 1, 1)
+    return maps
+
+
 @pytest.mark.parametrize(("score", "softmax"), [("prob", False), ("logit", True)])
 def test_scorecam_equals_brute_force(gap_net: nn.Module, score: str, softmax: bool) -> None:
     x = images(2)
     exp = ScoreCAM(score=score, channel_softmax=softmax, batch_size=5)(gap_net, x)  # type: ignore[arg-type]
     expected = score_cam_brute(gap_net, x, exp.targets[:, 0], score == "logit", softmax)
-    assert exp.raw_maps is not None
-    torch.testing.assert_close(exp.raw_maps[:, 0], expected.float(), atol=1e-6, rtol=1e-5)
+    assert ("log_scale" in exp.meta) == (score == "prob" and not softmax)
+    torch.testing.assert_close(paper_scorecam(exp), expected.float(), atol=1e-6, rtol=1e-5)
 
 
 def test_scorecam_top_channels_uses_only_those(gap_net: nn.Module) -> None:
@@ -481,8 +493,10 @@ def test_integrated_gradients_points_per_pass() -> None:
 
 def test_integrated_gradients_baselines(gap_net: nn.Module) -> None:
     x = images(1)
-    same = IntegratedGradients(steps=4, baseline=x.clone())(gap_net, x)
+    with pytest.warns(BlankMapWarning, match=r"intgrad .* all-zero .* image 0"):
+        same = IntegratedGradients(steps=4, baseline=x.clone())(gap_net, x)
     assert same.maps.abs().max() == 0
+    assert same.meta["blank"].tolist() == [[True]]
     blur = IntegratedGradients(steps=4, baseline="blur", blur_sigma=1.0)(gap_net, x)
     assert blur.maps.abs().max() > 0
     with pytest.raises(ValueError):
@@ -503,9 +517,13 @@ def test_rise_equals_the_mask_weighted_average(gap_net: nn.Module) -> None:
             with torch.no_grad():
                 p = torch.softmax(gap_net(x[i : i + 1] * m.double()), 1)[0, t[i]]
             total += p * m[0].double()
-        torch.testing.assert_close(exp.maps[i, 0], (total / (30 * 0.5)).float())
+        # the map is the paper's divided by exp(log_scale), the largest masked probability
+        scale = exp.meta["log_scale"][i, 0].exp()
+        torch.testing.assert_close(exp.maps[i, 0] * scale, (total / (30 * 0.5)).float())
+    # batches that see their largest probability at different times rescale the same way
     again = RISE(masks=30, cells=3, batch_size=30, seed=3)(gap_net, x)
     torch.testing.assert_close(again.maps, exp.maps)
+    torch.testing.assert_close(again.meta["log_scale"], exp.meta["log_scale"])
 
 
 def test_vargrad_is_the_variance(gap_net: nn.Module) -> None:
@@ -538,8 +556,7 @@ def test_scorecam_dead_channels_share_one_pass(gap_net: nn.Module) -> None:
     x = images(2)
     exp = ScoreCAM(batch_size=4)(gap_net, x)
     expected = score_cam_brute(gap_net, x, exp.targets[:, 0])
-    assert exp.raw_maps is not None
-    torch.testing.assert_close(exp.raw_maps[:, 0], expected.float(), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(paper_scorecam(exp), expected.float(), atol=1e-6, rtol=1e-5)
     a = gap_net.features(x).flatten(2)
     live = int(((a.amax(2) - a.amin(2)) > 0).sum())
     assert live <= 2 * 3

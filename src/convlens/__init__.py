@@ -13,12 +13,15 @@ from __future__ import annotations
 
 from convlens.api import explain
 from convlens.errors import (
+    BlankMapWarning,
     ConvlensError,
     ImageError,
     InferenceModeError,
     InputError,
     LayerError,
     ModelLoadError,
+    NonFiniteError,
+    NonFiniteMapWarning,
     TargetError,
     UnsupportedModelError,
 )
@@ -41,6 +44,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CAM",
+    "BlankMapWarning",
     "ClassList",
     "ConvlensError",
     "ConvlensModel",
@@ -54,6 +58,8 @@ __all__ = [
     "LayerError",
     "Method",
     "ModelLoadError",
+    "NonFiniteError",
+    "NonFiniteMapWarning",
     "Occlusion",
     "Preprocess",
     "Saliency",

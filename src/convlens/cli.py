@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Annotated, Optional
@@ -32,14 +33,17 @@ from convlens.cli_options import (
     StdOpt,
     WeightsOpt,
     WorkersOpt,
+    checked,
     fail,
     load_net,
     out,
     parse_methods,
     progress_bar,
     say,
+    show_warning,
 )
 from convlens.errors import ConvlensError, ImageError, InputError
+from convlens.validate import fraction, positive_int
 
 try:  # typer >= 0.2x carries its own copy of click
     from typer._click.exceptions import ClickException, UsageError
@@ -83,7 +87,10 @@ def predict(
     resize: ResizeOpt = None,
     mean: MeanOpt = None,
     std: StdOpt = None,
-    top: Annotated[int, typer.Option(help="Number of classes to show.")] = 5,
+    top: Annotated[
+        int,
+        typer.Option(help="Number of classes to show.", callback=checked(positive_int, "--top")),
+    ] = 5,
     batch_size: BatchSizeOpt = 16,
     device: DeviceOpt = "cpu",
 ) -> None:
@@ -185,7 +192,11 @@ def explain_cmd(
     ] = None,
     top_k: Annotated[
         Optional[int],  # noqa: UP045
-        typer.Option("--top-k", help="Explain the k most probable classes (multi-class view)."),
+        typer.Option(
+            "--top-k",
+            help="Explain the k most probable classes (multi-class view).",
+            callback=checked(positive_int, "--top-k"),
+        ),
     ] = None,
     layer: Annotated[
         Optional[str],  # noqa: UP045
@@ -203,16 +214,28 @@ def explain_cmd(
     mean: MeanOpt = None,
     std: StdOpt = None,
     batch_size: BatchSizeOpt = 8,
-    patch: Annotated[int, typer.Option(help="Occlusion patch size (pixels).")] = 32,
-    stride: Annotated[int, typer.Option(help="Occlusion stride (pixels).")] = 16,
+    patch: Annotated[
+        int,
+        typer.Option(
+            help="Occlusion patch size (pixels).", callback=checked(positive_int, "--patch")
+        ),
+    ] = 32,
+    stride: Annotated[
+        int,
+        typer.Option(help="Occlusion stride (pixels).", callback=checked(positive_int, "--stride")),
+    ] = 16,
     fill: Annotated[str, typer.Option(help="Occlusion fill: mean, blur, zero or a number.")] = (
         "mean"
     ),
     cmap: Annotated[str, typer.Option(help="Matplotlib colour map.")] = "jet",
-    alpha: Annotated[float, typer.Option(help="Heatmap opacity.")] = 0.5,
+    alpha: Annotated[
+        float, typer.Option(help="Heatmap opacity.", callback=checked(fraction, "--alpha"))
+    ] = 0.5,
     device: DeviceOpt = "cpu",
 ) -> None:
     """Explain predictions: one side-by-side panel per image plus one overlay per method."""
+    from convlens.methods.options import build_methods
+
     names = parse_methods(methods)
     files = _some_images(images)
     net = load_net(model, weights, classes, size, resize, mean, std, device)
@@ -222,6 +245,7 @@ def explain_cmd(
     opts: dict[str, dict[str, object]] = {
         "occlusion": {"patch": patch, "stride": stride, "fill": fill_value}
     }
+    build_methods({n: opts.get(n, {}) for n in names})  # bad option values fail before any work
     try:
         written = run_explain(
             net,
@@ -301,7 +325,14 @@ DEMO_IMAGES = {"cat": "chelsea", "coffee": "coffee", "rocket": "rocket", "astron
 def demo(
     out_dir: OutDirOpt = Path("convlens-demo"),
     methods: MethodsOpt = "saliency,occlusion,cam,gradcam",
-    top_k: Annotated[int, typer.Option("--top-k", help="Classes in the multi-class view.")] = 3,
+    top_k: Annotated[
+        int,
+        typer.Option(
+            "--top-k",
+            help="Classes in the multi-class view.",
+            callback=checked(positive_int, "--top-k"),
+        ),
+    ] = 3,
     device: DeviceOpt = "cpu",
 ) -> None:
     """Explain four sample photos bundled with scikit-image (nothing is downloaded)."""
@@ -349,8 +380,20 @@ def features_cmd(
         str,
         typer.Option(help="Channels: 'auto' (the most active), a range '0-15', a list '0,3,7'."),
     ] = "auto",
-    num_channels: Annotated[int, typer.Option(help="Channels picked by --channels auto.")] = 16,
-    top: Annotated[int, typer.Option(help="Strongest activations (images) per channel.")] = 9,
+    num_channels: Annotated[
+        int,
+        typer.Option(
+            help="Channels picked by --channels auto.",
+            callback=checked(positive_int, "--num-channels"),
+        ),
+    ] = 16,
+    top: Annotated[
+        int,
+        typer.Option(
+            help="Strongest activations (images) per channel.",
+            callback=checked(positive_int, "--top"),
+        ),
+    ] = 9,
     rule: Annotated[
         str,
         typer.Option(help="Projection: deconvnet (Zeiler & Fergus) or guided (backprop)."),
@@ -491,6 +534,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     # The command owns its process: keep freed activation memory for reuse (CPU forward passes
     # ~2-3x faster, see convlens.allocator).
     keep_freed_memory()
+    shown, warnings.showwarning = warnings.showwarning, show_warning  # one "warning:" line
+    try:
+        code = _run(args, debug)
+    finally:
+        warnings.showwarning = shown
+    sys.exit(code)
+
+
+def _run(args: list[str], debug: bool) -> int:
+    """Run the app; the exit code (user errors printed as one line)."""
     try:
         # standalone_mode=False: click's errors reach us instead of printing a usage box.
         code = app(args=args, prog_name="convlens", standalone_mode=False)
@@ -498,26 +551,26 @@ def main(argv: Sequence[str] | None = None) -> None:
         if debug:
             raise
         fail(str(exc))
-        sys.exit(2)
+        return 2
     except UsageError as exc:
         if type(exc).__name__ == "NoArgsIsHelpError":  # `convlens` alone: the help, as before
             help_text = exc.format_message()
             if help_text.strip():  # typer with rich has printed it already
                 out.print(help_text, soft_wrap=True)
-            sys.exit(2)
+            return 2
         if debug:
             raise
         fail(_usage_message(exc, args))
-        sys.exit(2)
+        return 2
     except ClickException as exc:
         if debug:
             raise
         fail(_usage_message(exc, args))
-        sys.exit(2)
+        return 2
     except typer.Abort:
         fail("aborted")
-        sys.exit(1)
-    sys.exit(code if isinstance(code, int) else 0)
+        return 1
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":

@@ -18,10 +18,12 @@ from convlens.cli_options import (
     StdOpt,
     WeightsOpt,
     WorkersOpt,
+    checked,
     load_net,
     out,
     say,
 )
+from convlens.validate import non_negative_int
 
 __all__ = ["register"]
 
@@ -43,7 +45,13 @@ def analyze(
             "repeat for more (`convlens methods --options` lists them).",
         ),
     ] = None,
-    top_errors: Annotated[int, typer.Option(help="Most confident mistakes to explain.")] = 50,
+    top_errors: Annotated[
+        int,
+        typer.Option(
+            help="Most confident mistakes to explain.",
+            callback=checked(non_negative_int, "--top-errors"),
+        ),
+    ] = 50,
     faithfulness: Annotated[
         bool,
         typer.Option(

@@ -20,6 +20,7 @@ from convlens.cli_options import (
     SizeOpt,
     StdOpt,
     WeightsOpt,
+    checked,
     load_net,
     parse_methods,
     progress_bar,
@@ -29,6 +30,7 @@ from convlens.cli_options import (
 from convlens.console import printable
 from convlens.errors import InputError
 from convlens.outputs import holding_out_dir
+from convlens.validate import positive_int
 
 __all__ = ["register"]
 
@@ -39,7 +41,11 @@ def evaluate(
     out_dir: OutDirOpt = Path("convlens-eval"),
     limit: LimitOpt = None,
     steps: Annotated[
-        int, typer.Option(help="Deletion/insertion steps (20: 5% of the pixels per step).")
+        int,
+        typer.Option(
+            help="Deletion/insertion steps (20: 5% of the pixels per step).",
+            callback=checked(positive_int, "--steps"),
+        ),
     ] = 20,
     batch_size: BatchSizeOpt = 8,
     sanity: Annotated[bool, typer.Option(help="Also run cascading randomisation.")] = False,
@@ -52,7 +58,12 @@ def evaluate(
             "add up to a minute.",
         ),
     ] = None,
-    sanity_images: Annotated[int, typer.Option(help="Images used by --sanity.")] = 4,
+    sanity_images: Annotated[
+        int,
+        typer.Option(
+            help="Images used by --sanity.", callback=checked(positive_int, "--sanity-images")
+        ),
+    ] = 4,
     use_labels: Annotated[
         bool, typer.Option(help="Explain the true label (else the top-1 class).")
     ] = False,

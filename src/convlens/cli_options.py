@@ -11,8 +11,9 @@ run time, so a command module must import every type it names in a signature (no
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -20,6 +21,8 @@ from rich.text import Text
 
 from convlens.console import SafeConsole, description_column, one_line
 from convlens.errors import InputError
+from convlens.validate import finite_floats, non_negative_int, positive_int
+from convlens.validate import parse_device as _parse_device
 
 if TYPE_CHECKING:
     from contextlib import AbstractContextManager
@@ -44,6 +47,7 @@ __all__ = [
     "StdOpt",
     "WeightsOpt",
     "WorkersOpt",
+    "checked",
     "err",
     "fail",
     "load_net",
@@ -53,6 +57,7 @@ __all__ = [
     "parse_triple",
     "progress_bar",
     "say",
+    "show_warning",
     "status",
 ]
 
@@ -89,6 +94,33 @@ def status(message: str) -> AbstractContextManager[object]:
     return err.status(Text(one_line(message)))
 
 
+def show_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: Any = None,
+    line: str | None = None,
+) -> None:
+    """Show a warning as one ``warning: ...`` line on stderr, without the source line (the
+    command line's ``warnings.showwarning``)."""
+    err.print(Text.assemble(("warning:", "yellow"), " ", one_line(str(message))), soft_wrap=True)
+
+
+def checked(check: Callable[[Any, str], object], name: str) -> Callable[[Any], Any]:
+    """An option callback that checks the value as it is parsed, with a function of
+    :mod:`convlens.validate` (the one the Python API uses), so that a bad number fails before
+    any work with one ``error:`` line naming the option, e.g.
+    ``typer.Option(callback=checked(positive_int, "--top"))``. ``None`` (not given) passes."""
+
+    def callback(value: Any) -> Any:
+        if value is not None:
+            check(value, name)
+        return value
+
+    return callback
+
+
 # ---------------------------------------------------------------------------------- the model
 
 ModelOpt = Annotated[
@@ -120,19 +152,35 @@ StdOpt = Annotated[
     Optional[str],  # noqa: UP045
     typer.Option(help="Normalisation std, e.g. 0.229,0.224,0.225."),
 ]
-DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, cuda:1 ... or auto.")]
+DeviceOpt = Annotated[
+    str,
+    typer.Option(
+        help="cpu, cuda, cuda:1 ... or auto.", callback=checked(_parse_device, "--device")
+    ),
+]
 
 # ------------------------------------------------------------------------- inputs and outputs
 
 ImagesArg = Annotated[list[str], typer.Argument(help="Image files or folders.")]
 LabelledDataArg = Annotated[str, typer.Argument(help="Image folder (class subfolders) or CSV.")]
-LimitOpt = Annotated[Optional[int], typer.Option(help="At most N images.")]  # noqa: UP045
+LimitOpt = Annotated[
+    Optional[int],  # noqa: UP045
+    typer.Option(help="At most N images.", callback=checked(positive_int, "--limit")),
+]
 OutDirOpt = Annotated[Path, typer.Option("--out", help="Output folder.")]
 MethodsOpt = Annotated[
     str, typer.Option(help="Comma-separated method names (see `convlens methods`).")
 ]
-BatchSizeOpt = Annotated[int, typer.Option(help="Images per batch.")]
-WorkersOpt = Annotated[int, typer.Option(help="Processes reading images (0: none).")]
+BatchSizeOpt = Annotated[
+    int, typer.Option(help="Images per batch.", callback=checked(positive_int, "--batch-size"))
+]
+WorkersOpt = Annotated[
+    int,
+    typer.Option(
+        help="Processes reading images (0: none).",
+        callback=checked(non_negative_int, "--workers"),
+    ),
+]
 
 
 # ------------------------------------------------------------------------------------ parsing
@@ -158,19 +206,13 @@ def parse_triple(text: str | None, what: str) -> tuple[float, float, float] | No
 
 
 def parse_device(name: str) -> torch.device:
-    """The ``--device`` value as a device; ``auto`` picks CUDA when there is one.
+    """The ``--device`` value as a device; ``auto`` picks CUDA when there is one (see
+    :func:`convlens.validate.parse_device`).
 
     Raises:
-        InputError: CUDA was asked for but is not available.
+        InputError: not a device name, or a device this machine lacks.
     """
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda was asked for but no CUDA device is available")
-    return dev
+    return _parse_device(name, "--device")
 
 
 def parse_methods(text: str) -> list[str]:
@@ -231,6 +273,15 @@ def load_net(
 
     pre = None
     m, s = parse_triple(mean, "mean"), parse_triple(std, "std")
+    dev = parse_device(device)
+    if size is not None:
+        positive_int(size, "--size")
+    if resize is not None:
+        positive_int(resize, "--resize")
+    if m is not None:
+        finite_floats(m, "--mean")
+    if s is not None:
+        finite_floats(s, "--std", positive=True)
     if any(v is not None for v in (size, resize, m, s)):
         base = (
             Preprocess(mean=(0.5,) * 3, std=(0.5,) * 3)
@@ -245,9 +296,7 @@ def load_net(
             std=s or base.std,
         )
     with status(f"loading model {model} ..."):
-        return load_model(
-            model, weights=weights, classes=classes, preprocess=pre, device=parse_device(device)
-        )
+        return load_model(model, weights=weights, classes=classes, preprocess=pre, device=dev)
 
 
 def progress_bar() -> Progress:

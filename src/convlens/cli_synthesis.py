@@ -20,11 +20,19 @@ from convlens.cli_options import (
     OutDirOpt,
     StdOpt,
     WeightsOpt,
+    checked,
     load_net,
     out,
     say,
 )
 from convlens.outputs import holding_out_dir
+from convlens.validate import (
+    at_least,
+    non_negative_int,
+    positive_float,
+    positive_int,
+)
+from convlens.validate import seed as valid_seed
 
 __all__ = ["parse_channels", "register"]
 
@@ -41,13 +49,30 @@ PresetOpt = Annotated[
 ]
 StepsOpt = Annotated[
     Optional[int],  # noqa: UP045
-    typer.Option(help="Optimisation steps (default: the preset's)."),
+    typer.Option(
+        help="Optimisation steps (default: the preset's).",
+        callback=checked(non_negative_int, "--steps"),
+    ),
 ]
-SeedOpt = Annotated[int, typer.Option(help="Random seed; the same seed gives the same images.")]
-LrOpt = Annotated[Optional[float], typer.Option(help="Learning rate (default: the preset's).")]  # noqa: UP045
+SeedOpt = Annotated[
+    int,
+    typer.Option(
+        help="Random seed; the same seed gives the same images.",
+        callback=checked(valid_seed, "--seed"),
+    ),
+]
+LrOpt = Annotated[
+    Optional[float],  # noqa: UP045
+    typer.Option(
+        help="Learning rate (default: the preset's).", callback=checked(positive_float, "--lr")
+    ),
+]
 SamplesOpt = Annotated[
     Optional[int],  # noqa: UP045
-    typer.Option(help="Random transform samples per image and step (default: the preset's)."),
+    typer.Option(
+        help="Random transform samples per image and step (default: the preset's).",
+        callback=checked(positive_int, "--samples"),
+    ),
 ]
 
 
@@ -201,18 +226,47 @@ def dream(
     ],
     channel: Annotated[
         Optional[int],  # noqa: UP045
-        typer.Option(help="Amplify only this channel of the layer."),
+        typer.Option(
+            help="Amplify only this channel of the layer.",
+            callback=checked(non_negative_int, "--channel"),
+        ),
     ] = None,
-    octaves: Annotated[int, typer.Option(help="Number of scales.")] = 4,
-    octave_scale: Annotated[float, typer.Option(help="Size ratio between scales.")] = 1.4,
-    steps: Annotated[int, typer.Option(help="Gradient steps per octave.")] = 10,
+    octaves: Annotated[
+        int, typer.Option(help="Number of scales.", callback=checked(positive_int, "--octaves"))
+    ] = 4,
+    octave_scale: Annotated[
+        float,
+        typer.Option(
+            help="Size ratio between scales (1 or more).",
+            callback=checked(lambda v, n: at_least(v, n, 1.0), "--octave-scale"),
+        ),
+    ] = 1.4,
+    steps: Annotated[
+        int,
+        typer.Option(
+            help="Gradient steps per octave.", callback=checked(non_negative_int, "--steps")
+        ),
+    ] = 10,
     step_size: Annotated[
-        float, typer.Option(help="Mean pixel change per step ([0, 1] pixel units).")
+        float,
+        typer.Option(
+            help="Mean pixel change per step ([0, 1] pixel units).",
+            callback=checked(positive_float, "--step-size"),
+        ),
     ] = 0.01,
-    jitter: Annotated[int, typer.Option(help="Largest random roll per step (pixels).")] = 32,
+    jitter: Annotated[
+        int,
+        typer.Option(
+            help="Largest random roll per step (pixels).",
+            callback=checked(non_negative_int, "--jitter"),
+        ),
+    ] = 32,
     max_size: Annotated[
         Optional[int],  # noqa: UP045
-        typer.Option(help="Shrink the photo so that its longer side is at most this."),
+        typer.Option(
+            help="Shrink the photo so that its longer side is at most this.",
+            callback=checked(positive_int, "--max-size"),
+        ),
     ] = 512,
     gif: Annotated[bool, typer.Option(help="Also write an animated GIF of the steps.")] = False,
     seed: SeedOpt = 0,

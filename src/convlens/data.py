@@ -10,6 +10,7 @@ from convlens.errors import ConvlensError, InputError
 from convlens.images import IMAGE_EXTENSIONS, list_images
 from convlens.models.classes import ClassList
 from convlens.userfiles import read_user_text
+from convlens.validate import positive_int
 
 __all__ = ["read_labelled"]
 
@@ -30,8 +31,11 @@ def read_labelled(
     Raises:
         InputError: the CSV is not a regular file of UTF-8 text, lacks a path column, has a
             malformed row (fields missing, extra fields, an empty path; the message names the
-            file and line), or a label or folder name is not a class.
+            file and line), a label or folder name is not a class, or ``limit`` is not a
+            positive integer.
     """
+    if limit is not None:
+        limit = positive_int(limit, "limit")
     if not str(data).strip():  # Path("") is the current folder
         raise InputError("an empty data path was given (an unset shell variable?)")
     data = Path(data).expanduser()

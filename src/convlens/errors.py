@@ -10,12 +10,16 @@ import difflib
 from collections.abc import Iterable
 
 __all__ = [
+    "BlankMapWarning",
     "ConvlensError",
+    "ConvlensWarning",
     "ImageError",
     "InferenceModeError",
     "InputError",
     "LayerError",
     "ModelLoadError",
+    "NonFiniteError",
+    "NonFiniteMapWarning",
     "OutputError",
     "RunFolderError",
     "TargetError",
@@ -62,6 +66,33 @@ class OutputError(ConvlensError, OSError):
 
 class RunFolderError(ConvlensError, RuntimeError):
     """An output folder is being written by another convlens process, or holds another run."""
+
+
+class NonFiniteError(ConvlensError, ArithmeticError):
+    """The model's outputs are NaN or infinite for finite inputs (broken weights, an overflow
+    in the network); the message names the images of the batch.
+
+    Attributes:
+        rows: indices, in the batch, of the images whose outputs are not finite.
+    """
+
+    def __init__(self, message: str, rows: Iterable[int] = ()) -> None:
+        super().__init__(message)
+        self.rows = list(rows)
+
+
+class ConvlensWarning(UserWarning):
+    """Base class of the warnings convlens gives about results that may mislead."""
+
+
+class BlankMapWarning(ConvlensWarning):
+    """A method returned an all-zero map (nothing to show) for some images and targets; they
+    are flagged in the result's ``meta["blank"]``."""
+
+
+class NonFiniteMapWarning(ConvlensWarning):
+    """A method returned a map containing NaN or infinite values for some images and targets;
+    they are flagged in the result's ``meta["nonfinite"]``."""
 
 
 def close_matches(word: str, choices: Iterable[str], n: int = 3) -> str:

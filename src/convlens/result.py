@@ -8,11 +8,17 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from convlens.validate import fraction, in_range
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
     from PIL import Image
 
-__all__ = ["Explanation"]
+__all__ = ["PER_IMAGE_META", "Explanation"]
+
+#: Entries of :attr:`Explanation.meta` that hold one row per image (cut by
+#: :meth:`Explanation.select`).
+PER_IMAGE_META = ("blank", "nonfinite", "delta", "log_scale")
 
 
 @dataclass
@@ -40,7 +46,11 @@ class Explanation:
         attributions: (B, K, 3, H, W) per-channel signed attributions for the pixel-space
             methods (saliency, deconvnet, guided backprop ...), when the method has them;
             ``maps`` is then a per-pixel reduction of them.
-        meta: method options and timings (``seconds``).
+        meta: method options and timings (``seconds``), and per image and target, (B, K) bool
+            tensors on the CPU: ``blank``, maps that are all zero (nothing to show), and
+            ``nonfinite``, maps holding NaN or infinite values; the method warns when any is
+            set (:class:`~convlens.errors.BlankMapWarning`,
+            :class:`~convlens.errors.NonFiniteMapWarning`).
     """
 
     method: str
@@ -75,9 +85,14 @@ class Explanation:
             percentile: clip each map to its [100 - p, p] percentiles before rescaling, so a few
                 extreme pixels do not wash out the rest (gradient maps); default
                 ``meta["display_percentile"]`` when the method sets it, else no clipping.
+
+        Raises:
+            InputError: ``percentile`` is not a number in [50, 100].
         """
         if percentile is None:
             percentile = self.meta.get("display_percentile")
+        else:
+            percentile = in_range(percentile, "percentile", 50, 100)
         return _normalized(self.maps, percentile)
 
     @property
@@ -94,9 +109,14 @@ class Explanation:
             percentile: divide by this percentile of ``|map|`` instead and clip, so a few
                 extreme pixels do not wash out the rest; default
                 ``meta["display_percentile"]`` when the method sets it, else the maximum.
+
+        Raises:
+            InputError: ``percentile`` is not a number in (0, 100].
         """
         if percentile is None:
             percentile = self.meta.get("display_percentile")
+        else:
+            percentile = in_range(percentile, "percentile", 0, 100, low_open=True)
         return _signed(self.maps, percentile)
 
     def target_name(self, i: int, k: int = 0) -> str:
@@ -115,8 +135,13 @@ class Explanation:
         def cut_list(v: list[list[str]] | None) -> list[list[str]] | None:
             return None if v is None else v[idx]
 
+        meta = {
+            k: v[idx] if k in PER_IMAGE_META and isinstance(v, torch.Tensor) else v
+            for k, v in self.meta.items()
+        }
         return replace(
             self,
+            meta=meta,
             maps=self.maps[idx],
             targets=self.targets[idx],
             scores=self.scores[idx],
@@ -167,6 +192,8 @@ class Explanation:
             overlay_signed,
             rgb_attribution,
         )
+
+        alpha = fraction(alpha, "alpha")
 
         if self.meta.get("display") == "rgb" and self.attributions is not None:
             return rgb_attribution(self.attributions[i, k])

@@ -670,9 +670,12 @@ def analyze(
         OutputError: a file cannot be written (full disk, permissions; the message names it);
             the store keeps every finished batch and a rerun resumes.
     """
-    if batch_size < 1 or workers < 0:
-        raise InputError(f"batch_size must be >= 1 and workers >= 0, got {batch_size}, {workers}")
     from convlens.data import read_labelled
+    from convlens.validate import non_negative_int, positive_int
+
+    batch_size = positive_int(batch_size, "batch_size")
+    workers = non_negative_int(workers, "workers")
+    top_errors = non_negative_int(top_errors, "top_errors")
     from convlens.methods.options import build_methods
 
     specs = _method_specs(methods, method_options)

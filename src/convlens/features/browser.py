@@ -60,6 +60,7 @@ from convlens.methods.rules import project_units
 from convlens.models.base import ConvlensModel
 from convlens.models.preprocess import Preprocess
 from convlens.outputs import lock_folder
+from convlens.validate import non_negative_int, positive_int
 
 __all__ = [
     "ChannelExamples",
@@ -494,10 +495,8 @@ def scan_features(
     if not layers:
         raise InputError("give at least one layer to scan (`convlens layers MODEL` lists them)")
     for name, value in (("top", top), ("batch_size", batch_size), ("num_channels", num_channels)):
-        if value < 1:
-            raise InputError(f"{name} must be a positive integer, got {value}")
-    if workers < 0:
-        raise InputError(f"workers must be >= 0, got {workers}")
+        positive_int(value, name)
+    non_negative_int(workers, "workers")
     specs = list(dict.fromkeys(str(s) for s in layers))
     refs = {s: parse_layer(s) for s in specs}
     net = model.net
@@ -942,14 +941,20 @@ def render_features(
         The PNG files written, then ``index.html``.
 
     Raises:
-        InputError: ``crop`` or ``per_image`` is invalid.
+        InputError: ``crop`` is invalid, or ``cell``, ``columns``, ``per_image`` or
+            ``batch_size`` is not a positive integer.
         RunFolderError: another convlens process is writing ``out_dir``.
         OutputError: a file cannot be written (each is written atomically).
     """
     if crop not in ("effective", "field"):
         raise InputError(f"crop must be 'effective' or 'field', got {crop!r}")
-    if per_image < 1:
-        raise InputError(f"per_image must be a positive number of channels, got {per_image}")
+    for name, value in (
+        ("cell", cell),
+        ("columns", columns),
+        ("per_image", per_image),
+        ("batch_size", batch_size),
+    ):
+        positive_int(value, name)
     out = Path(out_dir)
     with lock_folder(out, "features"):
         return _render_features(

@@ -4,6 +4,7 @@ here; each method overrides one step, :meth:`Method.compute`."""
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -12,12 +13,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from convlens.architecture import LayerRef, default_layer, parse_layer
-from convlens.errors import InputError
+from convlens.errors import (
+    BlankMapWarning,
+    InputError,
+    NonFiniteError,
+    NonFiniteMapWarning,
+)
 from convlens.hooks import full_float32, model_state
+from convlens.methods.options import checked_init
 from convlens.models.base import ConvlensModel, unwrap
 from convlens.models.classes import ClassList
 from convlens.result import Explanation
 from convlens.targets import TargetSpec, resolve_targets
+from convlens.validate import check_finite_inputs, listed, nonfinite_outputs, positive_int
 
 __all__ = ["Context", "Method", "RawResult"]
 
@@ -71,6 +79,18 @@ def _model_runs_on(net: nn.Module, x: torch.Tensor) -> bool:
     return True
 
 
+def _nonfinite_logits_of(net: nn.Module, x: torch.Tensor) -> NonFiniteError | None:
+    """:func:`nonfinite_outputs` of one plain no-grad forward pass (``None`` if it fails)."""
+    try:
+        with torch.no_grad():
+            out = net(x)
+    except Exception:
+        return None
+    if not isinstance(out, torch.Tensor) or not out.is_floating_point():
+        return None
+    return nonfinite_outputs(out)
+
+
 @dataclass
 class RawResult:
     """What :meth:`Method.compute` returns."""
@@ -97,6 +117,13 @@ class Method:
     paper: ClassVar[str] = ""
     uses_gradients: ClassVar[bool] = True
     uses_layer: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Every subclass constructor checks its arguments against the bounds declared on its
+        parameters (``patch: PositiveInt``; see :func:`~convlens.methods.options.checked_init`)."""
+        super().__init_subclass__(**kwargs)
+        if "__init__" in cls.__dict__:
+            cls.__init__ = checked_init(cls.__dict__["__init__"])  # type: ignore[method-assign]
 
     def options(self) -> dict[str, Any]:
         """The method's settings (recorded in the result's ``meta``)."""
@@ -126,20 +153,35 @@ class Method:
         Returns:
             An :class:`~convlens.result.Explanation` with maps (B, K, H, W).
 
+        Maps that are all zero or not finite are flagged per image and target in the result's
+        ``meta["blank"]`` and ``meta["nonfinite"]`` ((B, K) bool tensors) and reported with a
+        :class:`~convlens.errors.BlankMapWarning` or
+        :class:`~convlens.errors.NonFiniteMapWarning` naming them.
+
         Raises:
-            InputError: ``x`` is not a float (B, 3, H, W) tensor.
+            InputError: ``x`` is not a float (B, 3, H, W) tensor, holds NaN or infinite values,
+                or ``top_k`` is not a positive integer.
+            NonFiniteError: the model's outputs are NaN or infinite for some of the (finite)
+                inputs; the message names the images.
             TargetError, LayerError, UnsupportedModelError, InferenceModeError: see messages.
         """
         net, wrapper = unwrap(model)
         x = self._validate(x, net)
+        if top_k is not None:
+            top_k = positive_int(top_k, "top_k")
         classes = wrapper.classes if wrapper is not None else None
         ctx = Context(net=net, x=x, target=target, top_k=top_k, classes=classes, layer=layer)
         start = time.perf_counter()
         with model_state(net, eval_mode=True, grads=self.uses_gradients), full_float32():
             try:
                 raw = self.compute(ctx)
-            except RuntimeError as exc:
-                if not any(p in str(exc) for p in _SHAPE_ERRORS) or _model_runs_on(net, x):
+            except Exception as exc:
+                self._raise_if_nonfinite(net, x, exc)
+                if (
+                    not isinstance(exc, RuntimeError)
+                    or not any(p in str(exc) for p in _SHAPE_ERRORS)
+                    or _model_runs_on(net, x)
+                ):
                     raise
                 first = str(exc).strip().splitlines()[0]
                 raise InputError(
@@ -147,8 +189,22 @@ class Method:
                     "image size or channel count is wrong, ConvlensModel.load_images "
                     "resizes images for the model)"
                 ) from exc
+            bad = nonfinite_outputs(raw.logits)
+            if bad is not None:
+                raise bad
         seconds = time.perf_counter() - start
         return self._result(raw, x, wrapper, seconds)
+
+    @staticmethod
+    def _raise_if_nonfinite(net: nn.Module, x: torch.Tensor, exc: BaseException) -> None:
+        """After a failure: when the model's own outputs for ``x`` are not finite, that is the
+        cause to report (a tolerance check or a search for the head fails on NaN), not the
+        step that tripped over it."""
+        if isinstance(exc, NonFiniteError):
+            return
+        bad = _nonfinite_logits_of(net, x)
+        if bad is not None:
+            raise bad from exc
 
     def compute(self, ctx: Context) -> RawResult:
         """Compute raw maps; the one step each method overrides."""
@@ -164,6 +220,7 @@ class Method:
             raise InputError(f"expected a (B, C, H, W) batch, got shape {tuple(x.shape)}")
         if not x.is_floating_point():
             raise InputError(f"expected a float tensor, got {x.dtype}; preprocess the images")
+        check_finite_inputs(x)
         if x.is_inference():
             x = x.clone()
         for p in net.parameters():
@@ -202,7 +259,7 @@ class Method:
                 class_names = [[cl[t] for t in row] for row in targets.tolist()]
                 top_names = [[cl[t] for t in row] for row in top.indices.tolist()]
             images = wrapper.display(x).float()
-        meta = {"seconds": seconds, **self.options(), **raw.meta}
+        meta = {"seconds": seconds, **self.options(), **raw.meta, **self._flags(upsampled, targets)}
         return Explanation(
             method=self.name,
             maps=upsampled.contiguous(),
@@ -219,3 +276,26 @@ class Method:
             attributions=None if raw.attributions is None else raw.attributions.detach().float(),
             meta=meta,
         )
+
+    def _flags(self, maps: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``{"blank": (B, K), "nonfinite": (B, K)}`` bool flags (on the CPU) of maps that are
+        all zero or hold NaN or infinite values, with a warning naming them."""
+        flat = maps.flatten(2)
+        nonfinite = ~torch.isfinite(flat).all(dim=2)
+        blank = (flat == 0).all(dim=2)
+        flags = {"blank": blank.cpu(), "nonfinite": nonfinite.cpu()}
+        for key, kind, what in (
+            ("nonfinite", NonFiniteMapWarning, "maps holding NaN or infinite values"),
+            ("blank", BlankMapWarning, "all-zero maps (nothing to show)"),
+        ):
+            hit = flags[key]
+            if bool(hit.any()):
+                classes = targets.tolist()
+                pairs = [f"image {i} (class {classes[i][k]})" for i, k in hit.nonzero().tolist()]
+                warnings.warn(
+                    f"{self.name or type(self).__name__} returned {what} for "
+                    f"{listed(pairs)} of the batch; flagged in meta[{key!r}]",
+                    kind,
+                    stacklevel=4,
+                )
+        return flags

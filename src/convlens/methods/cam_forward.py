@@ -14,6 +14,7 @@ from convlens.hooks import hooks, layer_capture, named_module
 from convlens.methods.base import Context, Method, RawResult
 from convlens.methods.cam import _check_spatial
 from convlens.methods.registry import register
+from convlens.validate import PositiveFloat, PositiveInt
 
 __all__ = ["AblationCAM", "ScoreCAM"]
 
@@ -43,6 +44,14 @@ class ScoreCAM(Method):
     share one forward pass per image. All masked inputs of all images go through the model in
     batches under ``memory_mb``, inside ``torch.no_grad``, with no per-sample host synchronisation.
 
+    With ``score="prob"`` the weights are computed from log-probabilities, rescaled so that the
+    largest is 1: ``alpha_c = exp(log p_t(x * H_c) - L)`` with ``L = max_c log p_t(x * H_c)``.
+    The map is the paper's divided by ``exp(L) > 0`` per image and target (``exp(L) M_t`` is
+    the paper's map; ``L`` is kept in ``meta["log_scale"]``, (B, K)). The paper's own form
+    fails on confident networks: when every masked copy is confidently another class, every
+    ``p_t(x * H_c)`` underflows to exactly 0 in float32 (below about ``exp(-104)``) and the map
+    is blank, although in exact arithmetic it is not.
+
     Args:
         score: ``"prob"`` (the paper) or ``"logit"``.
         channel_softmax: softmax the weights over channels.
@@ -62,9 +71,9 @@ class ScoreCAM(Method):
         self,
         score: Literal["prob", "logit"] = "prob",
         channel_softmax: bool = False,
-        top_channels: int | None = None,
-        batch_size: int | None = None,
-        memory_mb: float = 1024.0,
+        top_channels: PositiveInt | None = None,
+        batch_size: PositiveInt | None = None,
+        memory_mb: PositiveFloat = 1024.0,
         align_corners: bool = False,
     ) -> None:
         if score not in ("prob", "logit"):
@@ -96,7 +105,15 @@ class ScoreCAM(Method):
         chunk = self.batch_size or max(
             1, min(cap, int(self.memory_mb * 2**20 // _per_sample_bytes(x)))
         )
-        weights = torch.zeros(b, targets.shape[1], c, device=a.device, dtype=torch.float32)
+        # With score="prob" the weights hold log-probabilities until the end (log 0 = -inf for
+        # channels left out by top_channels); see the class docstring.
+        log_prob = self.score == "prob"
+        weights = torch.full(
+            (b, targets.shape[1], c),
+            float("-inf") if log_prob else 0.0,
+            device=a.device,
+            dtype=torch.float32,
+        )
         # A constant channel (a dead ReLU unit: more than half of EfficientNet-Lite0's head
         # channels on a typical photo) rescales to an all-zero mask, so its masked input is the
         # zero image: one forward pass per image serves all of them, with identical results.
@@ -108,7 +125,7 @@ class ScoreCAM(Method):
         with torch.no_grad():
             if constant.any():
                 out = ctx.net(torch.zeros_like(x)).float()
-                s0 = torch.softmax(out, dim=1) if self.score == "prob" else out
+                s0 = torch.log_softmax(out, dim=1) if log_prob else out
                 s0 = s0.gather(1, targets)  # (B, K)
                 ci, cn = constant.nonzero(as_tuple=True)
                 weights[ci, :, chosen[ci, cn]] = s0[ci]
@@ -124,15 +141,24 @@ class ScoreCAM(Method):
                 lo, hi = flat.amin(1, keepdim=True), flat.amax(1, keepdim=True)
                 m = ((flat - lo) / (hi - lo + 1e-8)).view_as(m)
                 out = ctx.net(x[img] * m).float()
-                s = torch.softmax(out, dim=1) if self.score == "prob" else out
+                s = torch.log_softmax(out, dim=1) if log_prob else out
                 weights[img, :, ch] = s.gather(1, targets[img])
+        meta: dict[str, Any] = {}
         if self.channel_softmax:
+            if log_prob:
+                weights = weights.exp()  # tiny probabilities only make the softmax more even
             mask = torch.zeros_like(weights, dtype=torch.bool)
             mask.scatter_(2, chosen.unsqueeze(1).expand(-1, targets.shape[1], -1), True)
             weights = torch.softmax(weights.masked_fill(~mask, float("-inf")), dim=2)
+        elif log_prob:
+            log_scale = weights.amax(dim=2, keepdim=True)  # (B, K, 1): L = max_c log p_c
+            weights = torch.exp(weights - log_scale)  # the largest weight is 1
+            meta["log_scale"] = log_scale.squeeze(2)
         maps = torch.relu(torch.einsum("bkc,bchw->bkhw", weights.to(a.dtype), a))
-        passes = b + total + (b if bool(constant.any()) else 0)  # clean, live channels, zeros
-        return RawResult(maps, logits, targets, layer=str(ref), meta={"forward_passes": passes})
+        meta["forward_passes"] = (
+            b + total + (b if bool(constant.any()) else 0)
+        )  # clean, live, zeros
+        return RawResult(maps, logits, targets, layer=str(ref), meta=meta)
 
 
 @register("ablationcam")
@@ -159,7 +185,9 @@ class AblationCAM(Method):
     uses_gradients = False
     uses_layer = True
 
-    def __init__(self, batch_size: int = 64, exact: Literal["auto", "never"] = "auto") -> None:
+    def __init__(
+        self, batch_size: PositiveInt = 64, exact: Literal["auto", "never"] = "auto"
+    ) -> None:
         self.batch_size, self.exact = batch_size, exact
 
     def options(self) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from convlens.hooks import InputGradientMode, backprop_rule, input_gradient_mode
 from convlens.methods.base import Context, Method, RawResult
 from convlens.methods.registry import register
 from convlens.models.inference import cached_inference_copy
+from convlens.validate import PositiveFloat, PositiveInt
 
 __all__ = ["GradientXInput", "IntegratedGradients", "Saliency", "input_gradients"]
 
@@ -227,12 +228,12 @@ class IntegratedGradients(Method):
 
     def __init__(
         self,
-        steps: int = 32,
+        steps: PositiveInt = 32,
         rule: str = "gausslegendre",
         baseline: str | torch.Tensor = "zero",
-        batch_size: int | None = None,
-        blur_sigma: float = 10.0,
-        memory_mb: float = 4096.0,
+        batch_size: PositiveInt | None = None,
+        blur_sigma: PositiveFloat = 10.0,
+        memory_mb: PositiveFloat = 4096.0,
         graph: str = "plain",
         fuse: bool = True,
         channels_last: bool | None = None,
@@ -241,8 +242,6 @@ class IntegratedGradients(Method):
         if isinstance(baseline, str) and baseline not in ("zero", "blur"):
             raise ValueError(f"baseline must be 'zero', 'blur' or a tensor, not {baseline!r}")
         self.steps, self.rule, self.baseline = steps, rule, baseline
-        if batch_size is not None and batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1 (or None), not {batch_size}")
         if graph not in ("plain", "lean"):
             raise ValueError(f"graph must be 'plain' or 'lean', not {graph!r}")
         self.batch_size, self.blur_sigma, self.memory_mb = batch_size, blur_sigma, memory_mb

@@ -14,20 +14,29 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import inspect
 import sys
 import types
 import typing
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal, Union, get_args, get_origin
 
 from convlens.errors import InputError, close_matches
 from convlens.methods.registry import METHODS, get_method
+from convlens.validate import bounds_of, check_bounded
 
 if typing.TYPE_CHECKING:
     from convlens.methods.base import Method
 
-__all__ = ["build_methods", "method_options", "parse_method_options", "parse_option_value"]
+__all__ = [
+    "build_methods",
+    "check_options",
+    "checked_init",
+    "method_options",
+    "parse_method_options",
+    "parse_option_value",
+]
 
 _TRUE = {"true", "yes", "on", "1"}
 _FALSE = {"false", "no", "off", "0"}
@@ -49,25 +58,87 @@ def _method_class(name: str) -> type[Method]:
 
 def _parameters(name: str) -> dict[str, tuple[Any, Any]]:
     """``{option: (type hint, default)}`` of the method's constructor."""
-    cls = _method_class(name)
+    return {
+        k: (hint, default)
+        for k, (hint, _, default) in _class_parameters(_method_class(name)).items()
+    }
+
+
+def _class_parameters(cls: type) -> dict[str, tuple[Any, Any, Any]]:
+    """``{option: (type hint, type hint with its declared bounds, default)}`` of the
+    constructor of a method class."""
     init = cls.__init__
     if init is object.__init__:
         return {}
+    return _init_parameters(init)
+
+
+@functools.cache
+def _init_parameters(init: Callable[..., None]) -> dict[str, tuple[Any, Any, Any]]:
     params = [
         p
         for p in list(inspect.signature(init).parameters.values())[1:]
         if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
     ]
+    init = inspect.unwrap(init)
     try:
         from convlens.methods.base import Method
 
-        module = sys.modules[cls.__module__]
-        hints = typing.get_type_hints(
-            init, globalns=vars(module), localns={"Method": Method, "torch": _torch()}
-        )
+        module = sys.modules[init.__module__]
+        ns = {"globalns": vars(module), "localns": {"Method": Method, "torch": _torch()}}
+        hints = typing.get_type_hints(init, **ns)
+        extras = typing.get_type_hints(init, include_extras=True, **ns)
     except Exception:  # an annotation that cannot be evaluated: treat the values as text
-        hints = {}
-    return {p.name: (hints.get(p.name, Any), p.default) for p in params}
+        hints = extras = {}
+    return {p.name: (hints.get(p.name, Any), extras.get(p.name, Any), p.default) for p in params}
+
+
+def check_options(cls: type, values: Mapping[str, Any], method: str | None = None) -> None:
+    """Check option values against the bounds declared on the constructor of a method class
+    (``patch: PositiveInt``, see :mod:`convlens.validate`); options without bounds and unknown
+    names are left to the constructor.
+
+    Args:
+        cls: the method class.
+        values: ``{option: value}``.
+        method: the method's name in messages (default ``cls.name``).
+
+    Raises:
+        InputError: a value outside its declared bound, e.g. ``"occlusion.patch must be a
+            positive integer, got 0"``.
+    """
+    _check(_class_parameters(cls), values, method or getattr(cls, "name", "") or cls.__name__)
+
+
+def _check(
+    params: Mapping[str, tuple[Any, Any, Any]], values: Mapping[str, Any], name: str
+) -> None:
+    for option, value in values.items():
+        if option in params:
+            check_bounded(value, params[option][1], f"{name}.{option}")
+
+
+def checked_init(init: Callable[..., None]) -> Callable[..., None]:
+    """Wrap a method class's ``__init__`` so that its arguments are checked against their
+    declared bounds (:func:`check_options`) before it runs: ``Occlusion(patch=0)`` fails like
+    ``-o occlusion.patch=0``. :class:`~convlens.methods.base.Method` applies it to every
+    subclass that defines ``__init__``."""
+    if getattr(init, "_checks_bounds", False):
+        return init
+
+    @functools.wraps(init)
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        try:
+            bound = inspect.signature(init).bind(self, *args, **kwargs)
+        except TypeError:
+            bound = None  # the constructor itself reports wrong arguments
+        if bound is not None:
+            values = dict(list(bound.arguments.items())[1:])
+            _check(_init_parameters(init), values, getattr(self, "name", "") or type(self).__name__)
+        init(self, *args, **kwargs)
+
+    __init__._checks_bounds = True  # type: ignore[attr-defined]
+    return __init__
 
 
 def _torch() -> types.ModuleType:
@@ -96,10 +167,12 @@ def method_options(name: str) -> dict[str, str]:
     Raises:
         InputError: unknown method (close matches listed).
     """
-    return {
-        opt: f"{_describe(hint)} (default {default!r})"
-        for opt, (hint, default) in _parameters(name).items()
-    }
+    out = {}
+    for opt, (hint, extras, default) in _class_parameters(_method_class(name)).items():
+        bounds = bounds_of(extras)
+        allowed = f", {bounds[0].describe()}" if bounds else ""
+        out[opt] = f"{_describe(hint)} (default {default!r}){allowed}"
+    return out
 
 
 def parse_option_value(text: str, hint: Any) -> Any:
@@ -197,6 +270,7 @@ def parse_method_options(specs: Iterable[str]) -> dict[str, dict[str, Any]]:
             ) from None
         except ValueError as exc:
             raise InputError(f"method option {spec!r}: {exc}") from None
+        check_options(_method_class(method), {option: value}, method)
         out.setdefault(method, {})[option] = value
     return out
 

@@ -6,7 +6,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -19,10 +19,21 @@ from convlens.methods.incremental import IncrementalEngine, NotIncrementalError
 from convlens.methods.registry import register
 from convlens.models.compiled import record_eager_seconds, should_compile
 from convlens.models.inference import has_forward_hooks, inference_copy
+from convlens.validate import (
+    Bound,
+    FiniteFloat,
+    Fraction,
+    PositiveFloat,
+    PositiveInt,
+    Seed,
+)
 
 __all__ = ["Occlusion", "blur", "window_starts"]
 
 log = logging.getLogger(__name__)
+
+#: A fraction above 0, at most 1.
+_OpenFraction = Annotated[float, Bound(low=0, low_open=True, high=1)]
 
 
 def window_starts(size: int, patch: int, stride: int) -> list[int]:
@@ -98,6 +109,12 @@ class Occlusion(Method):
     target's score, ``s_t(x) - s_t(x with window occluded)``, averaged over all windows that
     cover the pixel. The score is the softmax probability (``score="prob"``) or the logit.
 
+    With probabilities, where the target's clean probability ``p`` exceeds 1/2 the drop is
+    computed as ``q_t(x occluded) - q_t(x)`` with ``q_t = sum_{j != t} p_j = 1 - p_t`` summed
+    over the other classes: the same number, but a confident network's ``p`` rounds to exactly
+    1 (``1 - p`` below float32's resolution, 6e-8) for the image and for most occluded copies, so
+    ``p - p'`` would be an exact 0 (a blank map) where ``q' - q`` keeps the drop.
+
     How the occluded copies are evaluated (``mode``):
 
     - ``"exact"``: incremental inference (:mod:`convlens.methods.incremental`). The model is
@@ -162,29 +179,25 @@ class Occlusion(Method):
 
     def __init__(
         self,
-        patch: int = 32,
-        stride: int = 16,
-        fill: Literal["mean", "blur", "zero"] | float = "mean",
+        patch: PositiveInt = 32,
+        stride: PositiveInt = 16,
+        fill: Literal["mean", "blur", "zero"] | FiniteFloat = "mean",
         score: Literal["prob", "logit"] = "prob",
-        batch_size: int | None = None,
-        memory_mb: float = 1024.0,
-        blur_sigma: float = 10.0,
+        batch_size: PositiveInt | None = None,
+        memory_mb: PositiveFloat = 1024.0,
+        blur_sigma: PositiveFloat = 10.0,
         mode: Literal["auto", "exact", "naive", "approx"] = "auto",
-        tau: float = 1.0,
-        coarse: int = 2,
-        drill: float = 0.5,
+        tau: _OpenFraction = 1.0,
+        coarse: PositiveInt = 2,
+        drill: Fraction = 0.5,
         compile: bool | Literal["auto"] = "auto",
     ) -> None:
-        if patch < 1 or stride < 1:
-            raise ValueError("patch and stride must be positive")
         if score not in ("prob", "logit"):
             raise ValueError(f"score must be 'prob' or 'logit', not {score!r}")
         if not isinstance(fill, (int, float)) and fill not in ("mean", "blur", "zero"):
             raise ValueError(f"fill must be 'mean', 'blur', 'zero' or a number, not {fill!r}")
         if mode not in ("auto", "exact", "naive", "approx"):
             raise ValueError(f"mode must be 'auto', 'exact', 'naive' or 'approx', not {mode!r}")
-        if not 0 < tau <= 1 or coarse < 1 or not 0 <= drill <= 1:
-            raise ValueError("need 0 < tau <= 1, coarse >= 1 and 0 <= drill <= 1")
         if compile not in (True, False, "auto"):
             raise ValueError(f"compile must be True, False or 'auto', not {compile!r}")
         self.compile = compile
@@ -212,8 +225,25 @@ class Occlusion(Method):
         value = 0.0 if self.fill == "zero" else float(self.fill)
         return torch.full_like(x, value)
 
-    def _scores(self, logits: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(logits.float(), dim=1) if self.score == "prob" else logits.float()
+    def _scores(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """(n, K, 2): the targets' scores (probability or logit) and, with probabilities,
+        ``1 - p`` summed over the other classes (exact where ``p`` rounds to 1)."""
+        logits = logits.float()
+        if self.score != "prob":
+            s = logits.gather(1, targets)
+            return torch.stack([s, torch.zeros_like(s)], dim=2)
+        probs = torch.softmax(logits, dim=1)
+        p = probs.gather(1, targets)
+        others = probs.unsqueeze(1).expand(-1, targets.shape[1], -1)
+        q = others.scatter(2, targets.unsqueeze(2), 0.0).sum(dim=2)
+        return torch.stack([p, q], dim=2)
+
+    def _drops(self, base: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """(n, K) drops of the score from :meth:`_scores` of the clean images (``base``) to
+        those of the occluded copies (``s``)."""
+        if self.score != "prob":
+            return base[..., 0] - s[..., 0]
+        return torch.where(base[..., 0] > 0.5, s[..., 1] - base[..., 1], base[..., 0] - s[..., 0])
 
     def _engine(
         self, ctx: Context, ys: list[int], xs: list[int], meta: dict[str, Any]
@@ -259,7 +289,7 @@ class Occlusion(Method):
             else:
                 logits, per_sample = engine.logits, engine.bytes_per_pair()
             targets = ctx.targets(logits)
-            base = self._scores(logits).gather(1, targets)  # (B, K)
+            base = self._scores(logits, targets)  # (B, K, 2)
             fill = self._fill(x)
             ys = torch.tensor(ys_list, device=x.device)
             xs = torch.tensor(xs_list, device=x.device)
@@ -282,10 +312,10 @@ class Occlusion(Method):
                     if engine is None:
                         mask = in_y[pos // px][:, :, None] & in_x[pos % px][:, None, :]
                         batch = torch.where(mask[:, None], fill[img], x[img])
-                        s = self._scores(forward(batch))
+                        s = self._scores(forward(batch), targets[img])
                     else:
                         t0 = time.perf_counter()
-                        s = self._scores(engine.run(fill, img, pos // px, pos % px))
+                        s = self._scores(engine.run(fill, img, pos // px, pos % px), targets[img])
                         self._account(
                             ctx,
                             engine,
@@ -294,7 +324,7 @@ class Occlusion(Method):
                             len(idx),
                             len(pairs) - start - len(idx),
                         )
-                    out[start : start + len(idx)] = base[img] - s.gather(1, targets[img])
+                    out[start : start + len(idx)] = self._drops(base[img], s)
                 return out
 
             all_pairs = torch.arange(b * n_pos, device=x.device)
@@ -390,6 +420,12 @@ class RISE(Method):
     ``M_t = 1 / (N p) sum_i s_t(x * m_i) m_i``, accumulated in one matrix product per batch.
     Seeded: the same seed gives the same masks.
 
+    With ``score="prob"`` the probabilities are used as log-probabilities, rescaled so that the
+    largest weight is 1: the map is the paper's divided by ``exp(L) > 0`` per image and target,
+    ``L = max_i log p_t(x * m_i)`` (kept in ``meta["log_scale"]``, (B, K); ``exp(L) M_t`` is the
+    paper's map). When every masked copy is confidently another class, the paper's weights all
+    underflow to exactly 0 in float32 and its map is blank; these are not.
+
     Args:
         masks: number of masks ``N``.
         cells: grid size ``s``.
@@ -405,15 +441,13 @@ class RISE(Method):
 
     def __init__(
         self,
-        masks: int = 2000,
-        cells: int = 7,
-        p: float = 0.5,
+        masks: PositiveInt = 2000,
+        cells: PositiveInt = 7,
+        p: _OpenFraction = 0.5,
         score: Literal["prob", "logit"] = "prob",
-        batch_size: int = 64,
-        seed: int = 0,
+        batch_size: PositiveInt = 64,
+        seed: Seed = 0,
     ) -> None:
-        if masks < 1 or cells < 1 or not 0 < p <= 1:
-            raise ValueError("masks and cells must be positive and p in (0, 1]")
         self.n, self.cells, self.p, self.score = masks, cells, p, score
         self.batch_size, self.seed = batch_size, seed
 
@@ -468,6 +502,9 @@ class RISE(Method):
             targets = ctx.targets(logits)
             k = targets.shape[1]
             sal = torch.zeros(b, k, h * w, device=x.device, dtype=torch.float32)
+            # with probabilities: sal holds sum_i exp(log p_i - log_scale) m_i, the running
+            # maximum log_scale of the log-probabilities seen so far (as in a streaming softmax)
+            log_scale = torch.full((b, k), float("-inf"), device=x.device)
             grid, dy, dx = self.draw((h, w), gen, x.device)
             done = 0
             while done < self.n:
@@ -476,9 +513,17 @@ class RISE(Method):
                 n = m.shape[0]
                 masked = (x.unsqueeze(1) * m.unsqueeze(0).to(x.dtype)).flatten(0, 1)
                 out = ctx.net(masked).float().view(b, n, -1)
-                s = torch.softmax(out, dim=2) if self.score == "prob" else out
+                s = torch.log_softmax(out, dim=2) if self.score == "prob" else out
                 s = s.gather(2, targets.unsqueeze(1).expand(b, n, k))  # (B, n, K)
+                if self.score == "prob":
+                    top = torch.maximum(log_scale, s.amax(dim=1))  # (B, K)
+                    sal *= torch.exp(log_scale - top).nan_to_num(0.0).unsqueeze(2)
+                    s = torch.exp(s - top.unsqueeze(1))
+                    log_scale = top
                 sal += torch.einsum("bnk,np->bkp", s, m.flatten(1))
                 done += n
         maps = (sal / (self.n * self.p)).view(b, k, h, w)
-        return RawResult(maps, logits, targets, meta={"forward_passes": b * (self.n + 1)})
+        meta: dict[str, Any] = {"forward_passes": b * (self.n + 1)}
+        if self.score == "prob":
+            meta["log_scale"] = log_scale
+        return RawResult(maps, logits, targets, meta=meta)

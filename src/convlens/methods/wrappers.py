@@ -11,6 +11,7 @@ from convlens.errors import InputError
 from convlens.methods.base import _SHAPE_ERRORS, Context, Method, RawResult
 from convlens.methods.gradient import Saliency
 from convlens.methods.registry import register
+from convlens.validate import NonNegativeFloat, PositiveFloat, PositiveInt, Seed
 
 __all__ = ["TTA", "SmoothGrad", "VarGrad"]
 
@@ -41,14 +42,12 @@ class SmoothGrad(Method):
     def __init__(
         self,
         inner: Method | None = None,
-        samples: int = 25,
-        noise: float = 0.15,
-        batch_size: int = 8,
-        seed: int = 0,
+        samples: PositiveInt = 25,
+        noise: NonNegativeFloat = 0.15,
+        batch_size: PositiveInt = 8,
+        seed: Seed = 0,
         aggregate: str = "mean",
     ) -> None:
-        if samples < 1:
-            raise ValueError("samples must be at least 1")
         if aggregate not in ("mean", "var"):
             raise ValueError(f"aggregate must be 'mean' or 'var', not {aggregate!r}")
         self.aggregate = aggregate
@@ -122,10 +121,10 @@ class VarGrad(SmoothGrad):
     def __init__(
         self,
         inner: Method | None = None,
-        samples: int = 25,
-        noise: float = 0.15,
-        batch_size: int = 8,
-        seed: int = 0,
+        samples: PositiveInt = 25,
+        noise: NonNegativeFloat = 0.15,
+        batch_size: PositiveInt = 8,
+        seed: Seed = 0,
     ) -> None:
         super().__init__(inner, samples, noise, batch_size, seed, aggregate="var")
 
@@ -150,7 +149,7 @@ class TTA(Method):
         self,
         inner: Method | None = None,
         flips: bool = True,
-        scales: tuple[float, ...] = (1.0,),
+        scales: tuple[PositiveFloat, ...] = (1.0,),
     ) -> None:
         from convlens.methods.cam import GradCAM
 

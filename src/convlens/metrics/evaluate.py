@@ -23,6 +23,8 @@ from convlens.metrics.faithfulness import (
 )
 from convlens.metrics.pointing import pointing_game
 from convlens.models.base import ConvlensModel, unwrap
+from convlens.validate import positive_int
+from convlens.validate import seed as check_seed
 
 __all__ = ["BASELINE_MAPS", "EvaluationTable", "baseline_map", "evaluate_methods"]
 
@@ -126,6 +128,9 @@ def evaluate_methods(
     Returns:
         ``table`` (a new one when not given) with rows for the methods and the baselines.
     """
+    steps = positive_int(steps, "steps")
+    batch_size = positive_int(batch_size, "batch_size")
+    seed = check_seed(seed, "seed")
     table = table if table is not None else EvaluationTable()
     maps: dict[str, torch.Tensor] = {}
     for m in methods:

@@ -23,6 +23,7 @@ from convlens.models.compiled import (
     should_compile,
 )
 from convlens.models.inference import inference_copy
+from convlens.validate import positive_float, positive_int
 
 __all__ = [
     "DEFAULT_STEPS",
@@ -135,7 +136,7 @@ class _Scorer:
                     "no fast inference copy (%s: %s); using the model", type(exc).__name__, exc
                 )
         self.autocast = autocast
-        self.batch_size = batch_size
+        self.batch_size = positive_int(batch_size, "batch_size")
         self.compile = compile
         self.compiled: FixedBatchForward | None = None
         self._per_image: float | None = None  # eager seconds per image, measured
@@ -231,8 +232,8 @@ def _curves(
             raise ValueError(
                 f"maps must be (B, H, W) = {(b, h, w)}, {name!r} is {tuple(maps[name].shape)}"
             )
-    if steps < 1:
-        raise ValueError(f"steps must be at least 1, not {steps}")
+    steps = positive_int(steps, "steps")
+    blur_sigma = positive_float(blur_sigma, "blur_sigma")
     m_count = len(names)
     rank = torch.stack([ranking(maps[n].to(x.device)) for n in names]).view(m_count, b, 1, h, w)
     counts = torch.round(torch.linspace(0, hw, steps + 1, device=x.device)).long()

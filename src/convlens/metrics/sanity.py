@@ -4,6 +4,7 @@ parameters from the top layer down, and how much each method's maps change."""
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -12,10 +13,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from convlens.errors import BlankMapWarning
 from convlens.hooks import hooks, model_state
 from convlens.methods.base import Method
 from convlens.methods.registry import get_method
 from convlens.models.base import ConvlensModel, unwrap
+from convlens.validate import positive_int
+from convlens.validate import seed as check_seed
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -172,6 +176,8 @@ def cascading_randomization(
         checkpoints: number of randomisation depths evaluated.
         seed: seed of the random weights.
     """
+    checkpoints = positive_int(checkpoints, "checkpoints")
+    seed = check_seed(seed, "seed")
     net, wrapper = unwrap(model)
     method_objs = [get_method(m) if isinstance(m, str) else m for m in methods]
     if targets is None:
@@ -200,7 +206,11 @@ def cascading_randomization(
         done = stop
         result.steps.append(layers[stop - 1] or "<root>")
         for m in method_objs:
-            maps = m(probe, x, targets).maps[:, 0]
+            with warnings.catch_warnings():
+                # a randomised model giving blank maps is a finding measured here (ranges),
+                # not a result shown to the user
+                warnings.simplefilter("ignore", BlankMapWarning)
+                maps = m(probe, x, targets).maps[:, 0]
             result.ranges[m.name][s] = relative_range(maps).numpy()
             for i in range(x.shape[0]):
                 sim = map_similarity(originals[m.name][i], maps[i])

@@ -108,7 +108,12 @@ def load_model(
     Raises:
         ModelLoadError: the specification cannot be resolved or loaded, or the class list does
             not have one name per output of the model.
+        InputError: ``device`` is not a device this machine has (see
+            :func:`convlens.validate.parse_device`).
     """
+    from convlens.validate import parse_device
+
+    device = parse_device(device)
     if isinstance(spec, nn.Module):
         return wrap_model(spec, classes=classes, preprocess=preprocess).to(device)
     if spec in BUILTIN_MODELS:

@@ -118,12 +118,26 @@ class ConvlensModel:
         """Top-``k`` classes of each image: ``(indices (B, k), probabilities (B, k))``.
 
         The network is evaluated in eval mode; its training flags are restored afterwards.
+        ``k`` larger than the number of classes gives all of them.
+
+        Raises:
+            InputError: ``k`` is not a positive integer, or ``x`` holds NaN or infinite values.
+            NonFiniteError: the network's outputs are NaN or infinite for some (finite) images;
+                the message names them and ``rows`` lists them (no probabilities are made up
+                for them).
         """
         from convlens.hooks import model_state
+        from convlens.validate import check_finite_inputs, nonfinite_outputs, positive_int
 
+        k = positive_int(k, "k")
+        check_finite_inputs(x)
         with model_state(self.net, eval_mode=True, grads=False):
-            probs = torch.softmax(self.net(x.to(self.device)).float(), dim=1)
-        check_class_count(self.classes, probs.shape[1])
+            logits = self.net(x.to(self.device)).float()
+        bad = nonfinite_outputs(logits)
+        if bad is not None:
+            raise bad
+        check_class_count(self.classes, logits.shape[1])
+        probs = torch.softmax(logits, dim=1)
         top = probs.topk(min(k, probs.shape[1]), dim=1)
         return top.indices, top.values
 

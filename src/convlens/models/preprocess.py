@@ -8,6 +8,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from convlens.validate import finite_floats, positive_int
+
 __all__ = ["Preprocess"]
 
 
@@ -24,12 +26,26 @@ class Preprocess:
         crop: side of the square centre crop (the model's input size).
         mean: per-channel mean subtracted after scaling to [0, 1].
         std: per-channel standard deviation divided by.
+
+    Raises:
+        InputError: ``resize`` or ``crop`` not a positive integer, ``mean`` not three finite
+            numbers, or ``std`` not three finite numbers above 0 (a std of 0 would make every
+            input NaN or infinite).
     """
 
     resize: int | None = 256
     crop: int = 224
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+
+    def __post_init__(self) -> None:
+        if self.resize is not None:
+            object.__setattr__(self, "resize", positive_int(self.resize, "preprocess resize"))
+        object.__setattr__(self, "crop", positive_int(self.crop, "preprocess crop"))
+        mean = finite_floats(self.mean, "preprocess mean", count=3)
+        std = finite_floats(self.std, "preprocess std", count=3, positive=True)
+        object.__setattr__(self, "mean", mean)
+        object.__setattr__(self, "std", std)
 
     def geometry(self, image: Image.Image) -> Image.Image:
         """Resize and centre-crop an RGB image, without normalising."""

@@ -34,6 +34,13 @@ from convlens.synthesis._common import model_parts, progress_bar
 from convlens.synthesis.objectives import DreamL2, LayerReader
 from convlens.synthesis.result import DreamResult, to_pil
 from convlens.synthesis.transforms import random_roll
+from convlens.validate import (
+    at_least,
+    non_negative_int,
+    positive_float,
+    positive_int,
+)
+from convlens.validate import seed as check_seed
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -156,10 +163,18 @@ def deep_dream(
         InputError: bad image, channel out of range, invalid option.
         InferenceModeError: called inside ``torch.inference_mode()``.
     """
-    if octaves < 1 or steps_per_octave < 0 or octave_scale < 1.0:
-        raise InputError("octaves must be >= 1, steps_per_octave >= 0 and octave_scale >= 1")
-    if step_size <= 0 or jitter < 0 or gif_every < 1:
-        raise InputError("step_size must be > 0, jitter >= 0 and gif_every >= 1")
+    positive_int(octaves, "octaves")
+    non_negative_int(steps_per_octave, "steps_per_octave")
+    at_least(octave_scale, "octave_scale", 1.0)
+    positive_float(step_size, "step_size")
+    non_negative_int(jitter, "jitter")
+    positive_int(gif_every, "gif_every")
+    positive_int(gif_duration, "gif_duration")
+    check_seed(seed, "seed")
+    if max_size is not None:
+        positive_int(max_size, "max_size")
+    if channel is not None:
+        non_negative_int(channel, "channel")
     parts = model_parts(model)
     ref = parse_layer(layer)
     named_module(parts.net, ref.name)

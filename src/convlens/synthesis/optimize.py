@@ -32,6 +32,16 @@ from convlens.synthesis._common import progress_bar
 from convlens.synthesis.objectives import LayerReader, Objective
 from convlens.synthesis.parameterization import ImageParam, PixelImage, Squash, make_param
 from convlens.synthesis.transforms import RandomTransform, standard_transforms
+from convlens.validate import (
+    finite_float,
+    finite_floats,
+    fraction,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+)
+from convlens.validate import seed as check_seed
 
 __all__ = [
     "PRESETS",
@@ -135,11 +145,20 @@ class SynthesisSettings:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise InputError(f"{name} must be one of {allowed}, not {getattr(self, name)!r}")
-        if self.steps < 0 or self.samples < 1 or (self.batch_size or 0) < 0:
-            raise InputError("steps must be >= 0, samples >= 1 and batch_size >= 0")
-        if self.lr <= 0:
-            raise InputError(f"lr must be positive, got {self.lr}")
+        for name in ("steps", "pad", "jitter", "final_jitter", "blur_every"):
+            non_negative_int(getattr(self, name), name)
+        positive_int(self.samples, "samples")
+        if self.batch_size is not None:
+            non_negative_int(self.batch_size, "batch_size")
+        positive_float(self.lr, "lr")
+        for name in ("init_std", "l2", "blur_sigma"):
+            non_negative_float(getattr(self, name), name)
+        finite_float(self.fourier_decay, "fourier_decay")
+        finite_float(self.rotate, "rotate")
+        if not 0 <= fraction(self.decay, "decay") < 1:
+            raise InputError(f"decay must be in [0, 1), got {self.decay}")
         for name in ("norm_clip_pct", "contrib_clip_pct"):
+            finite_float(getattr(self, name), name)
             if not 0 <= getattr(self, name) < 100:
                 raise InputError(
                     f"{name} must be a percentile in [0, 100), got {getattr(self, name)}"
@@ -157,7 +176,8 @@ class SynthesisSettings:
             )
         if self.blur_every and self.blur_sigma <= 0:
             raise InputError("blur_every needs blur_sigma > 0")
-        if len(self.scale) != 2 or not 0 < self.scale[0] <= self.scale[1]:
+        finite_floats(self.scale, "scale", count=2, positive=True)
+        if not self.scale[0] <= self.scale[1]:
             raise InputError(f"scale must be (low, high) with 0 < low <= high, got {self.scale}")
         return self
 
@@ -322,7 +342,7 @@ def optimize_images(
         (mean over transform samples, before the L2 penalty) and the wall time.
     """
     s = settings
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(check_seed(seed, "seed"))
     h, w = size
     param: ImageParam = make_param(
         s.param,
