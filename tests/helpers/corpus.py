@@ -340,6 +340,11 @@ def build_corpus(root: Path, seed: int = 0) -> Corpus:
     c.sets["with_undecodable_name"] = _labelled_set(
         sets / "with_undecodable_name", rng, {UNDECODABLE: c.named["undecodable"]}
     )
+    markup_set = sets / "markup_labels" / "[red]dog"  # a class of classes/markup.txt
+    markup_set.mkdir(parents=True)
+    for name in ("a.png", "b.png"):
+        Image.fromarray(_noise(rng)).save(markup_set / name)
+    c.sets["markup_labels"] = markup_set.parent
     nan_set = _labelled_set(sets / "nan_bright", rng)
     Image.new("RGB", (64, 48), "white").save(nan_set / "dog" / "white.png")
     c.sets["nan_bright"] = nan_set
