@@ -243,6 +243,9 @@ class Case:
     fifos: bool = False
     slow: bool = False
 
+    def __repr__(self) -> str:  # short, for failure reports
+        return f"Case({self.id!r})"
+
 
 def _outputs(command: str, out: Path, result: CliResult) -> list[Path]:
     """The files a successful run of ``command`` must have written."""
@@ -292,6 +295,18 @@ def printed(*texts: str) -> Check:
             flat = "".join(result.out.split())  # tables wrap long cells over lines
             for t in texts:
                 assert "".join(t.split()) in flat, f"{t!r} not printed\n{result.describe()}"
+
+    return check
+
+
+def reported(*texts: str) -> Check:
+    """The texts appear literally in stderr, wrapped or not (when the run succeeded)."""
+
+    def check(c: Corpus, result: CliResult, out: Path) -> None:
+        if result.code == 0:
+            flat = "".join(result.err.split())
+            for t in texts:
+                assert "".join(t.split()) in flat, f"{t!r} not reported\n{result.describe()}"
 
     return check
 
@@ -418,12 +433,16 @@ def _image_cases() -> Iterator[Case]:
     shown = {"markup_closing": "[/x]", "markup_style": "[red]styled.png", "undecodable": "bad"}
     for key, text in shown.items():
         for cmd in DIRECT:
+            check = {
+                "predict": printed(text),
+                "dream": reported("[red]styled_dream.png") if key == "markup_style" else None,
+            }.get(cmd)
             yield Case(
                 f"{cmd}-file-name-{key}",
                 cmd,
                 "ok",
                 inputs=lambda c, k=key: [c.named[k]],
-                check=printed(text) if cmd == "predict" else None,
+                check=check,
             )
     for key, failures in (("markup_names", 0), ("undecodable_name", None)):
         checks = {

@@ -164,6 +164,9 @@ class Corpus:
     fifos: dict[str, Path] = field(default_factory=dict)
     frames: dict[str, np.ndarray] = field(default_factory=dict)
 
+    def __repr__(self) -> str:  # short, for failure reports
+        return f"Corpus({self.root})"
+
     def model(self, factory: str = "build") -> str:
         """The ``--model`` value of one of the factories in ``net.py``."""
         return f"{self.net}:{factory}"
@@ -478,7 +481,7 @@ def _fresh_consoles() -> None:
         if not name.startswith("convlens"):
             continue
         for value in list(vars(module).values()):
-            if isinstance(value, Console):
+            if isinstance(value, Console) and isinstance(getattr(value, "_buffer", None), list):
                 del value._buffer[:]
                 value._buffer_index = 0
 
