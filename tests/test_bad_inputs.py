@@ -348,7 +348,8 @@ def panels(n: int, files: int) -> Check:
     """``explain`` left ``n`` panels and ``files`` files in total: none overwritten."""
 
     def check(c: Corpus, result: CliResult, out: Path) -> None:
-        written = sorted(p for p in out.rglob("*") if p.is_file())
+        # Hidden files are bookkeeping (.convlens-outputs.json: which input owns which name).
+        written = sorted(p for p in out.rglob("*") if p.is_file() and not p.name.startswith("."))
         found = [p for p in written if p.name.endswith("_panel.png")]
         names = [str(p.relative_to(out)) for p in written]
         assert len(found) == n, f"{len(found)} panels, expected {n}: {names}"
@@ -617,7 +618,7 @@ NUMBERS: dict[str, tuple[str, ...]] = {
     "--patch": ("0", "-1"),
     "--stride": ("0", "-1"),
     "--top-k": ("0", "-1"),
-    "--steps": ("0", "-1"),
+    "--steps": ("-1",),  # 0 is valid: the starting image (or, for evaluate, checked apart)
     "--limit": ("0", "-1"),
     "--workers": ("-1",),
     "--num-channels": ("0", "-1"),

@@ -18,6 +18,7 @@ from torch import nn
 
 from convlens.errors import LayerError, UnsupportedModelError
 from convlens.hooks import hooks, model_state, named_module
+from convlens.validate import int_text
 
 __all__ = ["GapHead", "LayerRef", "default_layer", "find_gap_head", "parse_layer"]
 
@@ -63,8 +64,9 @@ def parse_layer(spec: str | LayerRef) -> LayerRef:
     if isinstance(spec, LayerRef):
         return spec
     name, sep, call = spec.rpartition("@")
-    if sep and call.lstrip("-").isdigit():
-        return LayerRef(name, int(call))
+    number = int_text(call) if sep else None
+    if number is not None:
+        return LayerRef(name, number)
     return LayerRef(spec, -1)
 
 

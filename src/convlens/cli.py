@@ -43,7 +43,7 @@ from convlens.cli_options import (
     show_warning,
 )
 from convlens.errors import ConvlensError, ImageError, InputError
-from convlens.validate import fraction, positive_int
+from convlens.validate import fraction, int_text, positive_int
 
 try:  # typer >= 0.2x carries its own copy of click
     from typer._click.exceptions import ClickException, UsageError
@@ -116,7 +116,8 @@ def predict(
 def _parse_target(text: str | None) -> int | str | None:
     if text is None:
         return None
-    return int(text) if text.strip().lstrip("-").isdigit() else text
+    number = int_text(text)
+    return text if number is None else number
 
 
 def run_explain(
@@ -182,6 +183,14 @@ def run_explain(
     return written
 
 
+def _check_cmap(name: str) -> str:
+    """``--cmap``, checked as it is parsed (an unknown name fails before any work)."""
+    from convlens.render.overlay import get_cmap
+
+    get_cmap(name)
+    return name
+
+
 @app.command("explain")
 def explain_cmd(
     images: ImagesArg,
@@ -227,7 +236,7 @@ def explain_cmd(
     fill: Annotated[str, typer.Option(help="Occlusion fill: mean, blur, zero or a number.")] = (
         "mean"
     ),
-    cmap: Annotated[str, typer.Option(help="Matplotlib colour map.")] = "jet",
+    cmap: Annotated[str, typer.Option(help="Matplotlib colour map.", callback=_check_cmap)] = "jet",
     alpha: Annotated[
         float, typer.Option(help="Heatmap opacity.", callback=checked(fraction, "--alpha"))
     ] = 0.5,
@@ -429,8 +438,10 @@ def features_cmd(
     from convlens.features.browser import parse_channels, render_features, scan_features
     from convlens.hooks import named_module
     from convlens.images import list_images
+    from convlens.outputs import check_out_dir
 
     spec = parse_channels(channels)
+    check_out_dir(out_dir)  # before the scan, not after it
     if rule not in ("deconvnet", "guided"):
         raise InputError(f"--rule must be 'deconvnet' or 'guided', got {rule!r}")
     if crop not in ("effective", "field"):
@@ -450,15 +461,13 @@ def features_cmd(
 
     def report(what: str) -> Callable[[int, int], None]:
         def update(done: int, total: int) -> None:
-            if not tasks:
-                bar.start()
             if what not in tasks:
                 tasks[what] = bar.add_task(what, total=total)
             bar.update(tasks[what], completed=done, total=total)
 
         return update
 
-    try:
+    with bar:  # cleared if the scan or the rendering fails
         scan = scan_features(
             net,
             files,
@@ -479,9 +488,6 @@ def features_cmd(
             batch_size=batch_size,
             progress=report("rendering"),
         )
-    finally:
-        if tasks:
-            bar.stop()
     skipped = f", skipped {len(scan.skipped)} unreadable" if scan.skipped else ""
     say(
         f"scanned {scan.scanned} images{skipped}; wrote {len(written) - 1} grid(s) to "

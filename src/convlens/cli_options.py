@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import Progress
 from rich.text import Text
 
-from convlens.console import SafeConsole, description_column, one_line
+from convlens.console import SafeConsole, one_line
+from convlens.console import progress_bar as console_progress_bar
 from convlens.errors import InputError
 from convlens.validate import finite_floats, non_negative_int, positive_int
 from convlens.validate import parse_device as _parse_device
@@ -300,13 +301,6 @@ def load_net(
 
 
 def progress_bar() -> Progress:
-    """A progress display on stderr with counts, elapsed and remaining time."""
-    return Progress(
-        description_column(),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=err,
-        transient=False,
-    )
+    """A progress display on stderr (:func:`convlens.console.progress_bar`), cleared when the
+    command fails so that its ``error:`` line stands alone."""
+    return console_progress_bar(console=err)

@@ -28,6 +28,7 @@ from convlens.cli_options import (
 from convlens.outputs import holding_out_dir
 from convlens.validate import (
     at_least,
+    int_text,
     non_negative_int,
     positive_float,
     positive_int,
@@ -77,35 +78,22 @@ SamplesOpt = Annotated[
 
 
 def parse_channels(text: str) -> list[int]:
-    """``"0-15"``, ``"3,5,9"`` or ``"0-3,8,10-11"`` as a list of channel indices.
+    """``--channels`` of ``featviz``: ``"0-15"``, ``"3,5,9"`` or ``"0-3,8,10-11"`` as a list
+    of channel indices (:func:`convlens.features.browser.parse_channels` without ``auto``).
 
     Raises:
         InputError: not a list of non-negative integers and ranges.
     """
-    from convlens.errors import InputError
+    from convlens.features.browser import parse_channels as parse
 
-    out: list[int] = []
-    for part in (p.strip() for p in text.split(",")):
-        lo, sep, hi = part.partition("-")
-        try:
-            if sep:
-                a, b = int(lo), int(hi)
-                if a > b:
-                    raise ValueError
-                out.extend(range(a, b + 1))
-            else:
-                out.append(int(part))
-        except ValueError:
-            raise InputError(
-                f"--channels must be indices and ranges like 0-15 or 3,5,9; got {text!r}"
-            ) from None
-    if not out or min(out) < 0:
-        raise InputError(f"--channels must list non-negative channel indices; got {text!r}")
-    return out
+    chosen = parse(text, allow_auto=False)
+    assert not isinstance(chosen, str)  # "auto" is refused above
+    return chosen
 
 
 def _target(text: str) -> int | str:
-    return int(text) if text.strip().isdigit() else text
+    number = int_text(text)
+    return text if number is None or number < 0 else number
 
 
 def _overrides(**values: object) -> dict[str, object]:

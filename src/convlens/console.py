@@ -21,10 +21,26 @@ import unicodedata
 from typing import Any
 
 from rich.console import Console
-from rich.progress import ProgressColumn, Task
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.text import Text
 
-__all__ = ["SafeConsole", "description_column", "one_line", "plot_label", "printable"]
+__all__ = [
+    "SafeConsole",
+    "description_column",
+    "one_line",
+    "plot_label",
+    "printable",
+    "progress_bar",
+]
 
 _KEPT_CONTROLS = frozenset("\n\t")
 
@@ -117,3 +133,39 @@ def description_column() -> ProgressColumn:
     layer or file name in it could fail the bar; use this column instead.
     """
     return _DescriptionColumn()
+
+
+class _Progress(Progress):
+    """A :class:`rich.progress.Progress` that takes its bars away when the work in its ``with``
+    block fails, so the error line that follows is the only line left on the terminal."""
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is not None:
+            self.live.transient = True
+        super().__exit__(exc_type, exc, tb)
+
+
+def progress_bar(
+    *, console: Console | None = None, transient: bool = False, fields: tuple[str, ...] = ()
+) -> Progress:
+    """The progress display of every long job: description, bar, ``done/total``, elapsed and
+    remaining time, on stderr.
+
+    Descriptions are plain text (:func:`description_column`). Used as a context manager, the
+    bars disappear when the block raises (the command then prints its one ``error:`` line).
+
+    Args:
+        console: where to draw; default a :class:`SafeConsole` on stderr.
+        transient: remove the bars when the block ends normally too.
+        fields: names of task fields shown as text after the count (``add_task(..., score="")``).
+    """
+    return _Progress(
+        description_column(),
+        BarColumn(),
+        MofNCompleteColumn(),
+        *(TextColumn(f"{{task.fields[{name}]}}") for name in fields),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console or SafeConsole(stderr=True),
+        transient=transient,
+    )

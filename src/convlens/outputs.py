@@ -31,11 +31,12 @@ from pathlib import Path
 from typing import ParamSpec, TypeVar
 
 from convlens.atomic import remove_stale_temporaries
-from convlens.errors import RunFolderError
+from convlens.errors import OutputError, RunFolderError
 
 __all__ = [
     "LOCK_NAME",
     "MANIFEST_NAME",
+    "check_out_dir",
     "claim_output_stems",
     "holding_out_dir",
     "lock_folder",
@@ -78,6 +79,20 @@ def _holder(lock: Path) -> str:
     return f"{command} (pid {pid})" if pid.isdigit() else f"{command} (pid unknown)"
 
 
+def check_out_dir(folder: str | Path, option: str = "--out") -> Path:
+    """``folder`` as a path, checked to be usable as an output folder (missing or a folder).
+
+    Raises:
+        OutputError: ``folder`` exists and is not a folder.
+    """
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(
+            f"{option} {folder} is a file, not a folder; choose a folder (missing ones are created)"
+        )
+    return folder
+
+
 @contextlib.contextmanager
 def lock_folder(folder: str | Path, command: str, *, option: str = "--out") -> Iterator[Path]:
     """Hold the write lock of an output folder for the block (created when missing).
@@ -100,7 +115,7 @@ def lock_folder(folder: str | Path, command: str, *, option: str = "--out") -> I
     """
     from convlens.atomic import write_error
 
-    folder = Path(folder)
+    folder = check_out_dir(folder, option)
     lock = folder / LOCK_NAME
     created = not folder.exists()
     try:

@@ -8,6 +8,7 @@ import torch
 
 from convlens.errors import TargetError
 from convlens.models.classes import ClassList
+from convlens.validate import int_text
 
 __all__ = ["TargetSpec", "resolve_targets"]
 
@@ -19,13 +20,13 @@ def _one(value: int | str, classes: ClassList | None, num_classes: int) -> int:
     if classes is not None and len(classes) == num_classes:
         return classes.index(value)
     if isinstance(value, str):
-        text = value.strip()
-        if not text.lstrip("-").isdigit():
+        number = int_text(value)
+        if number is None:
             raise TargetError(
                 f"target {value!r} is a name, but the model has no class list; "
                 "give an index or load the model with a class list (--classes labels.txt)"
             )
-        value = int(text)
+        value = number
     if isinstance(value, bool) or not isinstance(value, int):
         raise TargetError(f"target must be a class index, name or synset, not {value!r}")
     if not 0 <= value < num_classes:

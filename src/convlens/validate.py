@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import re
 import types
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -53,6 +54,7 @@ __all__ = [
     "finite_floats",
     "fraction",
     "in_range",
+    "int_text",
     "listed",
     "non_negative_float",
     "non_negative_int",
@@ -62,6 +64,20 @@ __all__ = [
     "positive_int",
     "seed",
 ]
+
+
+_INT_TEXT = re.compile(r"[+-]?[0-9]+")
+
+
+def int_text(text: str) -> int | None:
+    """The integer that ``text`` spells in ASCII digits (``"281"``, ``" -1 "``), else ``None``.
+
+    The one reading of "is this text a number?" for class, target, channel and layer-call text:
+    ``str.isdigit`` accepts characters ``int()`` rejects (``"²"``) and ``int()`` accepts other
+    scripts' digits; both would make a name look like an index or an index fail as a name.
+    """
+    stripped = text.strip()
+    return int(stripped) if _INT_TEXT.fullmatch(stripped) else None
 
 
 @dataclass(frozen=True)

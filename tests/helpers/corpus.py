@@ -372,8 +372,9 @@ def _write_classes(folder: Path, c: Corpus) -> None:
         "markup": ("[/x]\n[red]dog\n$\\undefinedcmd$\n", "utf-8"),
         "short": ("cat\ndog\n", "utf-8"),
         "long": ("cat\ndog\nbird\nfish\n", "utf-8"),
-        "latin1": ("café\nniño\nçà\n", "latin-1"),
-        "utf16": ("café\nniño\nçà\n", "utf-16"),
+        # Decoded right, these lists name the classes the corpus sets and commands use.
+        "latin1": ("cat\ndog\ncafé niño\n", "latin-1"),
+        "utf16": ("cat\ndog\ncafé niño\n", "utf-16"),
         "empty": ("", "utf-8"),
         "tsv_bad_index": ("index\tsynset\tname\nx\tn01\tcat\n1\tn02\tdog\n2\tn03\tbird\n", "utf-8"),
         "tsv_short_row": ("index\tsynset\tname\n0\tn01\tcat\n1\tn02\n2\tn03\tbird\n", "utf-8"),

@@ -204,24 +204,9 @@ def _collate(
 def _progress(enabled: bool) -> contextlib.AbstractContextManager[Any]:
     if not enabled:
         return contextlib.nullcontext(None)
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
+    from convlens.console import progress_bar
 
-    from convlens.console import SafeConsole, description_column
-
-    return Progress(
-        description_column(),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=SafeConsole(stderr=True),
-    )
+    return progress_bar()
 
 
 @dataclass
@@ -588,7 +573,12 @@ def _method_specs(
 ) -> dict[str, dict[str, Any]]:
     """``{name: options}`` with Grad-CAM first, from any accepted form of the arguments."""
     if isinstance(methods, str):
-        methods = [m.strip() for m in methods.split(",") if m.strip()]
+        text, methods = methods, [m.strip() for m in methods.split(",") if m.strip()]
+        if not methods:
+            raise InputError(
+                f"methods {text!r} names no method; give e.g. 'gradcam' or 'gradcam,occlusion' "
+                "(`convlens methods` lists them)"
+            )
     if isinstance(methods, Mapping):
         specs = {str(k): dict(v or {}) for k, v in methods.items()}
     else:

@@ -244,30 +244,50 @@ class ChannelExamples:
 # --------------------------------------------------------------------------------------------
 
 
-def parse_channels(text: str) -> ChannelSpec:
+MAX_CHANNELS = 1 << 16
+"""The most channels one selection may name (no layer has more; a typo such as ``0-99999999``
+would otherwise build a list of that length before any layer is looked at)."""
+
+
+def parse_channels(text: str, *, allow_auto: bool = True) -> ChannelSpec:
     """Parse a channel selection: ``"auto"``, ``"0-15"``, ``"0,3,7"`` or mixed ``"0-3,8"``.
+
+    The one reader of channel text (``features --channels``, ``featviz --channels``).
+
+    Args:
+        text: the selection.
+        allow_auto: accept ``"auto"`` (the most active channels).
 
     Returns:
         ``"auto"`` or the list of channel indices (duplicates removed, order kept).
 
     Raises:
-        InputError: the text is not such a selection.
+        InputError: the text is not such a selection, or names more than
+            :data:`MAX_CHANNELS` channels.
     """
     text = text.strip()
-    if text.lower() == "auto":
+    if text.lower() == "auto" and allow_auto:
         return "auto"
     out: list[int] = []
+    count = 0
     for part in (p.strip() for p in text.split(",")):
         m = re.fullmatch(r"(\d+)(?:\s*-\s*(\d+))?", part)
         if m is None:
+            auto = "'auto', " if allow_auto else ""
             raise InputError(
-                f"cannot read channel selection {text!r}: use 'auto', a range like '0-15', "
+                f"cannot read channel selection {text!r}: use {auto}a range like '0-15', "
                 "a list like '0,3,7', or both ('0-3,8')"
             )
         lo = int(m.group(1))
         hi = lo if m.group(2) is None else int(m.group(2))
         if hi < lo:
             raise InputError(f"channel range {part!r} is empty: write the smaller index first")
+        count += hi - lo + 1
+        if count > MAX_CHANNELS:
+            raise InputError(
+                f"channel selection {text!r} names {count:,}+ channels; at most "
+                f"{MAX_CHANNELS:,} can be shown (a layer has at most that many)"
+            )
         out.extend(range(lo, hi + 1))
     return list(dict.fromkeys(out))
 

@@ -11,6 +11,7 @@ from importlib import resources
 from pathlib import Path
 
 from convlens.errors import TargetError, close_matches
+from convlens.validate import int_text
 
 __all__ = ["ClassList", "imagenet_classes"]
 
@@ -70,8 +71,9 @@ class ClassList:
                 )
             return target
         text = str(target).strip()
-        if re.fullmatch(r"-?\d+", text):
-            return self.index(int(text))
+        number = int_text(text)
+        if number is not None:
+            return self.index(number)
         key = text.lower()
         if key in self._lookup:
             return self._lookup[key]

@@ -87,7 +87,12 @@ def _to_uint8(rgb: torch.Tensor) -> np.ndarray:
     return (rgb.clamp(0.0, 1.0) * 255.0).round().to(torch.uint8).permute(1, 2, 0).numpy()
 
 
-def _get_cmap(cmap: str) -> mcolors.Colormap:
+def get_cmap(cmap: str) -> mcolors.Colormap:
+    """The matplotlib colour map named ``cmap``.
+
+    Raises:
+        InputError: no colour map has that name.
+    """
     try:
         return matplotlib.colormaps[cmap]
     except KeyError:
@@ -111,7 +116,7 @@ def colorize(map01: torch.Tensor, cmap: str = "jet") -> np.ndarray:
         InputError: (a ``ValueError``) if the map is not 2-D or the colour map is unknown.
     """
     values = _as_map(map01).numpy()
-    rgba = _get_cmap(cmap)(values, bytes=True)
+    rgba = get_cmap(cmap)(values, bytes=True)
     return np.ascontiguousarray(rgba[..., :3])
 
 

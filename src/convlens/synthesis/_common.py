@@ -59,27 +59,9 @@ def progress_bar(enabled: bool, total: int, description: str) -> Any:
     caller stops it."""
     if not enabled:
         return None
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
+    from convlens.console import progress_bar
 
-    from convlens.console import SafeConsole, description_column
-
-    bar = Progress(
-        description_column(),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[score]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=SafeConsole(stderr=True),
-        transient=True,
-    )
+    bar = progress_bar(transient=True, fields=("score",))
     bar.start()
     bar.add_task(description, total=total, score="")
     return bar

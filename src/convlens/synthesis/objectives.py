@@ -32,6 +32,7 @@ from convlens.architecture import LayerRef, parse_layer
 from convlens.errors import InputError, LayerError, TargetError
 from convlens.hooks import hooks, named_module
 from convlens.models.classes import ClassList
+from convlens.validate import int_text
 
 __all__ = [
     "ChannelMean",
@@ -289,10 +290,10 @@ def class_targets(classes: Sequence[int | str], names: ClassList | None) -> list
         return [names.index(c) for c in classes]
     out: list[int] = []
     for c in classes:
-        text = str(c).strip()
-        if isinstance(c, bool) or not text.lstrip("-").isdigit():
+        number = None if isinstance(c, bool) else int_text(str(c))
+        if number is None:
             raise TargetError(
                 f"class {c!r} is a name, but the model has no class list; give an index"
             )
-        out.append(int(text))
+        out.append(number)
     return out

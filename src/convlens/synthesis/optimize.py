@@ -26,7 +26,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
-from convlens.errors import InputError, close_matches
+from convlens.errors import InputError, NonFiniteError, close_matches
 from convlens.models.preprocess import Preprocess
 from convlens.synthesis._common import progress_bar
 from convlens.synthesis.objectives import LayerReader, Objective
@@ -320,6 +320,18 @@ class OptimizationOutput:
     seconds: float
 
 
+def _check_finite(scores: torch.Tensor, step: int) -> None:
+    """Stop at the first objective that is NaN or infinite (nothing useful can follow it)."""
+    bad = (~torch.isfinite(scores)).nonzero().flatten().tolist()
+    if bad:
+        raise NonFiniteError(
+            f"the objective is NaN or infinite for image(s) {', '.join(map(str, bad))} at step "
+            f"{step + 1}: the model's outputs (or their gradients) are not finite; check the "
+            "model's weights, or lower the learning rate",
+            rows=bad,
+        )
+
+
 def optimize_images(
     net: torch.nn.Module,
     preprocess: Preprocess,
@@ -410,6 +422,7 @@ def optimize_images(
             if isinstance(param, PixelImage):
                 _pixel_regularisers(param, grad, s, step)
             history[step] = scores.float().cpu()
+            _check_finite(history[step], step)
             mean = float(scores.mean())
             if bar is not None:
                 bar.update(bar.task_ids[0], advance=1, score=f"objective {mean:.3g}")
