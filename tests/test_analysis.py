@@ -1210,15 +1210,14 @@ def test_full_disk_for_an_artifact_is_clean_and_resumable(setup, monkeypatch, vi
     from convlens import atomic
     from convlens.errors import OutputError
 
-    real = atomic._sync_file
+    real = atomic._commit
 
-    def full(tmp: Path) -> None:  # the disk fills up as this file is written
-        dest = tmp.parent / tmp.name[1:].split(".tmp-")[0]
-        if (victim.endswith("/") and tmp.parent.name == victim[:-1]) or dest.name in victim:
+    def full(tmp: Path, path: Path, durable: bool) -> None:  # the disk fills up at this file
+        if (victim.endswith("/") and tmp.parent.name == victim[:-1]) or path.name in victim:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        real(tmp)
+        real(tmp, path, durable)
 
-    monkeypatch.setattr(atomic, "_sync_file", full)
+    monkeypatch.setattr(atomic, "_commit", full)
     with pytest.raises(OutputError, match=r"No space left on device; free some space") as info:
         run(make_model(setup["dir"]), setup)
     assert str(setup["run"]) in str(info.value)
@@ -1259,7 +1258,7 @@ class NonFinite(nn.Module):
         return torch.where((colour == 2)[:, None], inf, logits)
 
 
-def test_non_finite_outputs_are_failures_not_a_crash(setup) -> None:
+def test_non_finite_outputs_are_failures_not_a_crash(setup, monkeypatch) -> None:
     from convlens.analysis.run import NOT_FINITE
 
     model = make_model(setup["dir"])
@@ -1281,6 +1280,13 @@ def test_non_finite_outputs_are_failures_not_a_crash(setup) -> None:
     index = (setup["run"] / "report" / "index.html").read_text()
     assert html.escape(NOT_FINITE) in index
     assert_report_links_complete(setup["run"])
+    # Fixed weights, rerun into the same folder: those images are predicted now, the others
+    # are not predicted again, and no image is both a prediction and a failure.
+    sizes = record_inference(monkeypatch)
+    fixed = run(model, setup)
+    assert sum(sizes) == int((colour != 0).sum())
+    assert fixed.metrics["images"] == len(colour)
+    assert fixed.metrics["failures"] == len(fixed.failures) == 1
 
 
 @pytest.mark.parametrize(

@@ -234,3 +234,26 @@ def test_explain_keeps_both_images_that_share_a_stem(tmp_path) -> None:
     alone = run_explain(model, files[1:], out, methods=["saliency"])
     assert set(alone) <= set(written)
     assert len([p for p in out.iterdir() if p.suffix == ".png"]) == 4
+
+
+def test_a_live_process_s_temporary_file_is_kept(tmp_path) -> None:
+    # A subfolder can be another run's folder, locked and being written by a live process.
+    sub = tmp_path / "out" / "nested-run"
+    sub.mkdir(parents=True)
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        live = sub / f".metrics.tmp-{sleeper.pid}-0123abcd.json"
+        live.write_text("{}")
+        assert remove_stale_temporaries(tmp_path / "out") == 0
+        assert live.exists()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert remove_stale_temporaries(tmp_path / "out") == 1  # its writer is gone now
+    assert not live.exists()
+
+
+def test_a_long_name_in_a_multibyte_script_is_written(tmp_path) -> None:
+    name = "猫" * 80 + "_panel.png"  # 247 bytes in UTF-8: fits; the temporary name must too
+    path = save_image(Image.new("RGB", (8, 8)), tmp_path / name)
+    assert is_complete(path) and leftovers(tmp_path) == []

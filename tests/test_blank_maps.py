@@ -25,9 +25,11 @@ from convlens.errors import (
 from convlens.methods import (
     METHODS,
     RISE,
+    TTA,
     IntegratedGradients,
     Occlusion,
     ScoreCAM,
+    SmoothGrad,
     get_method,
 )
 from convlens.methods.base import Context, Method, RawResult
@@ -131,6 +133,35 @@ def test_rise_on_a_saturated_softmax_matches_the_float64_formula_up_to_scale() -
         p64 = torch.softmax(net64(masked.flatten(0, 1).double()), 1)[:, 0].view(2, -1)
     reference = torch.einsum("bn,nhw->bhw", p64, masks[:, 0].double()) / (20 * 0.2)
     assert (reference.flatten(1).amax(1) > 0).all()
+    scale = exp.meta["log_scale"][:, 0].double().exp().view(2, 1, 1)
+    torch.testing.assert_close(exp.maps[:, 0].double() * scale, reference, rtol=1e-3, atol=0)
+
+
+def test_wrapped_scorecam_is_the_average_of_the_paper_s_maps() -> None:
+    """SmoothGrad and TTA average inner maps that each carry their own factor exp(-L_i): the
+    wrapper must bring them to one scale before adding them (``meta["log_scale"]`` then names
+    the common factor), or the average is not proportional to the average of the formula's."""
+    torch.manual_seed(0)
+    net = ConfidentNet()
+    x = 0.5 + 0.5 * torch.rand(2, 3, 16, 16)
+    t = torch.zeros(2, dtype=torch.long)
+    # SmoothGrad: the noisy copies of the documented recipe (sigma = noise * value range)
+    smooth = SmoothGrad(ScoreCAM(), samples=3, noise=0.2, batch_size=6, seed=1)
+    exp = smooth(net, x, layer="relu")
+    eps = torch.randn((3, *x.shape), generator=torch.Generator().manual_seed(1))
+    span = (x.amax(dim=(1, 2, 3)) - x.amin(dim=(1, 2, 3))).view(1, 2, 1, 1, 1)
+    noisy = x.unsqueeze(0) + eps * 0.2 * span
+    reference = torch.stack([score_cam_float64(net, n, t) for n in noisy]).mean(0)
+    assert exp.meta["log_scale"].shape == (2, 1)
+    scale = exp.meta["log_scale"][:, 0].double().exp().view(2, 1, 1)
+    torch.testing.assert_close(exp.maps[:, 0].double() * scale, reference, rtol=1e-3, atol=0)
+    # TTA over two scales: the inner maps are resized back, then averaged
+    exp = TTA(ScoreCAM(), flips=False, scales=(1.0, 0.5))(net, x, layer="relu")
+    small = F.interpolate(x, size=(8, 8), mode="bilinear", align_corners=False)
+    back = F.interpolate(
+        score_cam_float64(net, small, t).unsqueeze(1), size=(16, 16), mode="bilinear"
+    )[:, 0]
+    reference = (score_cam_float64(net, x, t) + back) / 2
     scale = exp.meta["log_scale"][:, 0].double().exp().view(2, 1, 1)
     torch.testing.assert_close(exp.maps[:, 0].double() * scale, reference, rtol=1e-3, atol=0)
 

@@ -371,8 +371,8 @@ def test_markup_in_file_and_class_names_is_printed_as_written(setup, capsys) -> 
 @pytest.mark.parametrize(
     ("args", "shown"),
     [
-        (["explain", "{d}/a.png", "--target", "[/x]"], "'[/x]'"),
-        (["explain", "{d}/a.png", "--layer", "[/x]"], "[/x]"),
+        (["explain", "{d}/a.png", "--target", "[/x]", "--out", "{d}/x"], "'[/x]'"),
+        (["explain", "{d}/a.png", "--layer", "[/x]", "--out", "{d}/x"], "[/x]"),
         (["predict", "{d}/[/x]/missing.png"], "[/x]/missing.png"),
         (["features", "{d}", "--layer", "[/x]", "--out", "{d}/f"], "[/x]"),
         (["classviz", "--class", "[/x]", "--steps", "1", "--out", "{d}/c"], "'[/x]'"),
@@ -386,6 +386,16 @@ def test_markup_in_an_error_message_is_printed_as_written(setup, capsys, args, s
     (d / "[" / "x].csv").write_text("path,label\na.png,[/x]\n")
     assert run([*(a.format(d=d) for a in args), *model_args(d)]) == 2
     assert shown in error_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("bad", [["--target", "zebra"], ["--layer", "conv@5"]])
+def test_explain_with_a_bad_target_or_layer_leaves_no_output_folder(setup, capsys, bad) -> None:
+    d = setup["dir"]
+    out_dir = d / "maps"
+    args = ["explain", str(d / "a.png"), "--methods", "gradcam", *bad, "--out", str(out_dir)]
+    assert run([*args, *model_args(d)]) == 2
+    error_line(capsys.readouterr().err)
+    assert not out_dir.exists()  # no names claimed in a folder of nothing
 
 
 def test_analyze_prints_markup_in_skipped_file_names(setup, capsys) -> None:

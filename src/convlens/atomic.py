@@ -71,8 +71,9 @@ def write_error(path: str | Path, exc: OSError) -> OutputError:
 
 
 def _temporary(path: Path) -> Path:
-    # the stem is shortened so that the name stays within the file system's limit
-    stem = path.stem[:100]
+    # The stem is shortened (in bytes, as file systems count: 120 + 32 for the rest) so that the
+    # temporary name stays within the usual 255-byte limit of a file name.
+    stem = os.fsencode(path.stem)[:120].decode("utf-8", "ignore") or "f"
     return path.with_name(f".{stem}.tmp-{os.getpid()}-{secrets.token_hex(4)}{path.suffix}")
 
 
@@ -106,8 +107,17 @@ def _sync_folder(folder: Path) -> None:
         os.close(fd)
 
 
+def _commit(tmp: Path, path: Path, durable: bool) -> None:
+    """Rename the finished ``tmp`` over ``path`` (flushed to disk first when ``durable``)."""
+    if durable:
+        _sync_file(tmp)
+    os.replace(tmp, path)
+    if durable:
+        _sync_folder(path.parent)
+
+
 @contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
+def atomic_path(path: str | Path, *, durable: bool = True) -> Iterator[Path]:
     """A temporary path to write ``path`` through; renamed over ``path`` when the block succeeds.
 
     The parent folder is created. The temporary file is in the same folder, starts with ``.``
@@ -115,8 +125,14 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     and atomically renamed to ``path``; when it raises, the temporary file is removed and
     ``path`` is left as it was.
 
+    The rename alone guarantees that a killed process leaves the old file or the new one, never
+    a part. ``durable`` also survives a power cut (an ``fsync`` of the file and its folder,
+    about 10 ms a file on a typical disk); artifacts that a rerun redraws (thumbnails, overlays,
+    panels) skip it.
+
     Args:
         path: the destination.
+        durable: flush the file and the rename to disk before returning.
 
     Yields:
         The temporary path the caller writes to (once, as a whole file).
@@ -135,8 +151,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         yield tmp
         if not tmp.is_file():
             raise OutputError(f"cannot write {path}: the writer produced no file")
-        _sync_file(tmp)
-        os.replace(tmp, path)
+        _commit(tmp, path, durable)
     except OSError as exc:
         with contextlib.suppress(OSError):
             tmp.unlink()
@@ -145,7 +160,6 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
-    _sync_folder(path.parent)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
@@ -174,8 +188,12 @@ def atomic_write_text(path: str | Path, text: str, *, encoding: str = "utf-8") -
     return atomic_write_bytes(path, text.encode(encoding))
 
 
-def save_image(image: Image.Image, path: str | Path, **params: Any) -> Path:
+def save_image(
+    image: Image.Image, path: str | Path, *, durable: bool = False, **params: Any
+) -> Path:
     """``image.save(path, **params)``, atomically; the format follows ``path``'s suffix.
+
+    Not ``durable`` by default (see :func:`atomic_path`): images are redrawn by a rerun.
 
     Returns:
         ``path`` as a :class:`~pathlib.Path`.
@@ -183,13 +201,14 @@ def save_image(image: Image.Image, path: str | Path, **params: Any) -> Path:
     Raises:
         OutputError: the file cannot be written; the message names ``path``.
     """
-    with atomic_path(path) as tmp:
+    with atomic_path(path, durable=durable) as tmp:
         image.save(tmp, **params)
     return Path(path)
 
 
-def save_matplotlib(fig: Figure, path: str | Path, **params: Any) -> Path:
-    """``fig.savefig(path, **params)``, atomically.
+def save_matplotlib(fig: Figure, path: str | Path, *, durable: bool = False, **params: Any) -> Path:
+    """``fig.savefig(path, **params)``, atomically (not ``durable`` by default, as
+    :func:`save_image`).
 
     Returns:
         ``path`` as a :class:`~pathlib.Path`.
@@ -197,7 +216,7 @@ def save_matplotlib(fig: Figure, path: str | Path, **params: Any) -> Path:
     Raises:
         OutputError: the file cannot be written; the message names ``path``.
     """
-    with atomic_path(path) as tmp:
+    with atomic_path(path, durable=durable) as tmp:
         fig.savefig(tmp, **params)
     return Path(path)
 
@@ -232,12 +251,27 @@ def is_complete(path: str | Path) -> bool:
         return False
 
 
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (then its temporary files may be writes in progress, in
+    a subfolder another convlens process holds, and are left alone)."""
+    if pid == os.getpid() or os.name != "posix":  # (signal 0 means CTRL_C on Windows)
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, OSError):
+        return True  # someone else's process, or unknowable: keep the file
+    return True
+
+
 def remove_stale_temporaries(folder: str | Path, *, recursive: bool = True) -> int:
     """Remove the temporary files of writes that never finished (their process was killed).
 
     Only call this on a folder the caller holds the lock of
-    (:func:`~convlens.outputs.lock_folder`): then no other process writes there, and every
-    temporary file not of this process was left by one that was killed.
+    (:func:`~convlens.outputs.lock_folder`). A temporary file is removed only when the process
+    that wrote it (its name holds the pid) no longer exists: a subfolder may be another run's
+    folder, locked and written by a live process.
 
     Args:
         folder: the output folder.
@@ -253,7 +287,7 @@ def remove_stale_temporaries(folder: str | Path, *, recursive: bool = True) -> i
     candidates = folder.rglob(".*.tmp-*") if recursive else folder.glob(".*.tmp-*")
     for f in candidates:
         m = _TEMP.match(f.name)
-        if m is None or int(m.group(1)) == os.getpid() or not f.is_file():
+        if m is None or _alive(int(m.group(1))) or not f.is_file():
             continue
         with contextlib.suppress(OSError):
             f.unlink()

@@ -155,8 +155,7 @@ def run_explain(
         else next((m for m in methods if m in ("cam", "gradcam++")), None)
     )
     with lock_folder(out_dir, "explain"), progress_bar() as bar:
-        names = claim_output_stems(out_dir, files, lambda stem: f"{stem}_panel.png")
-        stems = dict(zip(files, names, strict=True))
+        stems: dict[Path, str] | None = None  # claimed once the first images are explained
         task = bar.add_task("explaining", total=len(files) * len(methods))
         for chunk in _batches(files, batch_size):
             x = model_obj.load_images(chunk).to(model_obj.device)
@@ -167,6 +166,9 @@ def run_explain(
                     explain(model_obj, x, [name], target, top_k=top_k, layer=layer, options=options)
                 )
                 bar.advance(task, len(chunk))
+            if stems is None:  # bad targets or layers fail above, before any name is taken
+                names = claim_output_stems(out_dir, files, lambda stem: f"{stem}_panel.png")
+                stems = dict(zip(files, names, strict=True))
             for i, path in enumerate(chunk):
                 stem = stems[path]
                 fig = side_by_side_figure(results, i, cmap=cmap, alpha=alpha)

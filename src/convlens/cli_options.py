@@ -187,11 +187,14 @@ WorkersOpt = Annotated[
 # ------------------------------------------------------------------------------------ parsing
 
 
-def parse_triple(text: str | None, what: str) -> tuple[float, float, float] | None:
-    """``"0.5"`` or ``"0.485,0.456,0.406"`` as three numbers; ``None`` stays ``None``.
+def parse_triple(
+    text: str | None, what: str, *, positive: bool = False
+) -> tuple[float, float, float] | None:
+    """``"0.5"`` or ``"0.485,0.456,0.406"`` as three finite numbers (each above 0 with
+    ``positive``); ``None`` stays ``None``.
 
     Raises:
-        InputError: not one or three numbers (the message names the option ``--what``).
+        InputError: not one or three such numbers (the message names the option ``--what``).
     """
     if text is None:
         return None
@@ -203,7 +206,7 @@ def parse_triple(text: str | None, what: str) -> tuple[float, float, float] | No
         values = values * 3
     if len(values) != 3:
         raise InputError(f"--{what} must have 1 or 3 values, got {text!r}")
-    return values  # type: ignore[return-value]
+    return finite_floats(values, f"--{what}", positive=positive)  # type: ignore[return-value]
 
 
 def parse_device(name: str) -> torch.device:
@@ -273,16 +276,12 @@ def load_net(
     from convlens.models import BUILTIN_MODELS, Preprocess, load_model
 
     pre = None
-    m, s = parse_triple(mean, "mean"), parse_triple(std, "std")
+    m, s = parse_triple(mean, "mean"), parse_triple(std, "std", positive=True)
     dev = parse_device(device)
     if size is not None:
         positive_int(size, "--size")
     if resize is not None:
         positive_int(resize, "--resize")
-    if m is not None:
-        finite_floats(m, "--mean")
-    if s is not None:
-        finite_floats(s, "--std", positive=True)
     if any(v is not None for v in (size, resize, m, s)):
         base = (
             Preprocess(mean=(0.5,) * 3, std=(0.5,) * 3)

@@ -361,7 +361,7 @@ def _infer(
     progress: bool,
 ) -> None:
     """Predict the items not yet in the store, one transaction per batch."""
-    done = store.finished_paths()
+    done = store.finished_paths(retry=[NOT_FINITE])  # new weights may fix those
     todo = [(p, lbl) for p, lbl in items if p not in done]
     if len(todo) < len(items):
         log.info("resuming: %d of %d images already done", len(items) - len(todo), len(items))

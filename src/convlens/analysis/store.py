@@ -192,17 +192,29 @@ class PredictionStore:
             rows = list(self._conn.execute("SELECT key, value FROM meta"))
         return {k: json.loads(v) for k, v in rows}
 
-    def finished_paths(self) -> set[str]:
-        """Paths already predicted or already recorded as failures."""
+    def finished_paths(self, *, retry: Iterable[str] = ()) -> set[str]:
+        """Paths already predicted or already recorded as failures.
+
+        Args:
+            retry: failure reasons that do not count as finished (tried again on a rerun, e.g.
+                non-finite model outputs, which new weights may fix).
+        """
+        retry = list(retry)
         with self._errors():
             done = {_from_db(r[0]) for r in self._conn.execute("SELECT path FROM predictions")}
-            return done | {_from_db(r[0]) for r in self._conn.execute("SELECT path FROM failures")}
+            failed = self._conn.execute(
+                "SELECT path FROM failures WHERE reason NOT IN "
+                f"({', '.join('?' * len(retry)) or 'NULL'})",
+                retry,
+            )
+            return done | {_from_db(r[0]) for r in failed}
 
     def add_batch(
         self, predictions: Iterable[Prediction], failures: Iterable[tuple[str, str]] = ()
     ) -> None:
         """Write one batch of predictions and failures in a single transaction (rolled back
         whole when it fails)."""
+        predictions = list(predictions)
         with self._errors(), self._transaction():
             self._conn.executemany(
                 "INSERT OR REPLACE INTO predictions "
@@ -222,6 +234,10 @@ class PredictionStore:
                     )
                     for p in predictions
                 ],
+            )
+            # a failure tried again and now predicted is a failure no more
+            self._conn.executemany(
+                "DELETE FROM failures WHERE path = ?", [(_to_db(p.path),) for p in predictions]
             )
             self._conn.executemany(
                 "INSERT OR REPLACE INTO failures (path, reason) VALUES (?, ?)",

@@ -15,9 +15,11 @@ from torch import nn
 from convlens.architecture import LayerRef, default_layer, parse_layer
 from convlens.errors import (
     BlankMapWarning,
+    InferenceModeError,
     InputError,
     NonFiniteError,
     NonFiniteMapWarning,
+    TargetError,
 )
 from convlens.hooks import full_float32, model_state
 from convlens.methods.options import checked_init
@@ -200,8 +202,10 @@ class Method:
         """After a failure: when the model's own outputs for ``x`` are not finite, that is the
         cause to report (a tolerance check or a search for the head fails on NaN), not the
         step that tripped over it."""
-        if isinstance(exc, NonFiniteError):
-            return
+        if isinstance(exc, NonFiniteError | TargetError | InputError | InferenceModeError):
+            return  # the user's request or input is the cause, whatever the outputs are
+        if isinstance(exc, torch.OutOfMemoryError):
+            return  # another pass would run out of memory too
         bad = _nonfinite_logits_of(net, x)
         if bad is not None:
             raise bad from exc

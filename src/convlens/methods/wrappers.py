@@ -16,6 +16,43 @@ from convlens.validate import NonNegativeFloat, PositiveFloat, PositiveInt, Seed
 __all__ = ["TTA", "SmoothGrad", "VarGrad"]
 
 
+class _MapSums:
+    """Running sums of maps and of their squares, over samples that may each carry their own
+    positive scale: inner methods that keep ``meta["log_scale"] = L`` (Score-CAM, RISE) return
+    ``M / exp(L)`` for the paper's map ``M``. The sums are kept on one common scale, the running
+    maximum ``L*`` (as a streaming softmax does), so that ``total * exp(L*)`` is the sum of the
+    paper's maps without ever forming ``exp(L)`` (which underflows in float32).
+    """
+
+    def __init__(self) -> None:
+        self.total: torch.Tensor | None = None
+        self.squares: torch.Tensor | None = None
+        self.log_scale: torch.Tensor | None = None  # (B, K): L*
+
+    def add(self, maps: torch.Tensor, log_scale: torch.Tensor | None) -> None:
+        """Add samples ``maps`` (S, B, K, H, W) with scales ``log_scale`` (S, B, K) or none."""
+        if log_scale is not None:
+            top = log_scale.amax(dim=0)
+            if self.log_scale is not None:
+                top = torch.maximum(top, self.log_scale)
+                old = torch.exp(self.log_scale - top).nan_to_num(0.0)[..., None, None]
+                assert self.total is not None and self.squares is not None
+                self.total = self.total * old
+                self.squares = self.squares * old.square()
+            maps = maps * torch.exp(log_scale - top).nan_to_num(0.0)[..., None, None]
+            self.log_scale = top
+        part, part2 = maps.sum(dim=0), maps.square().sum(dim=0)
+        self.total = part if self.total is None else self.total + part
+        self.squares = part2 if self.squares is None else self.squares + part2
+
+    def meta(self, inner: dict[str, Any], *, squared: bool = False) -> dict[str, Any]:
+        """The inner method's ``meta`` with the common scale (doubled for a variance)."""
+        meta = {k: v for k, v in inner.items() if k not in ("log_scale", "blank", "nonfinite")}
+        if self.log_scale is not None:
+            meta["log_scale"] = 2 * self.log_scale if squared else self.log_scale
+        return meta
+
+
 @register("smoothgrad")
 class SmoothGrad(Method):
     """SmoothGrad (Smilkov et al. 2017): average a method's maps over noisy copies of the input.
@@ -73,8 +110,7 @@ class SmoothGrad(Method):
         span = (x.amax(dim=(1, 2, 3)) - x.amin(dim=(1, 2, 3))).view(b, 1, 1, 1)
         sigma = self.noise * span
         gen = torch.Generator(device=x.device).manual_seed(self.seed)
-        total: torch.Tensor | None = None
-        squares: torch.Tensor | None = None
+        sums = _MapSums()
         layer = None
         done = 0
         per_pass = max(1, self.batch_size // b)
@@ -91,20 +127,21 @@ class SmoothGrad(Method):
                 layer=ctx.layer,
             )
             raw = self.inner.compute(inner_ctx)
-            maps = raw.maps.view(s, b, *raw.maps.shape[1:])
-            part, part2 = maps.sum(dim=0), maps.pow(2).sum(dim=0)
-            total = part if total is None else total + part
-            squares = part2 if squares is None else squares + part2
+            scale = raw.meta.get("log_scale")
+            sums.add(
+                raw.maps.view(s, b, *raw.maps.shape[1:]),
+                None if scale is None else scale.view(s, b, -1),
+            )
             layer = raw.layer
             done += s
-        assert total is not None and squares is not None
-        mean = total / self.samples
+        assert sums.total is not None and sums.squares is not None
+        mean = sums.total / self.samples
         out = (
             mean
             if self.aggregate == "mean"
-            else (squares / self.samples - mean.pow(2)).clamp_min(0)
+            else (sums.squares / self.samples - mean.pow(2)).clamp_min(0)
         )
-        meta = dict(raw.meta)
+        meta = sums.meta(raw.meta, squared=self.aggregate != "mean")
         if self.aggregate != "mean" and meta.get("display") == "signed":
             del meta["display"]  # a variance is not signed
         return RawResult(out, logits, targets, layer=layer, meta=meta)
@@ -169,7 +206,7 @@ class TTA(Method):
         with torch.no_grad():
             logits = ctx.net(x)
         targets = ctx.targets(logits)
-        total = torch.zeros(x.shape[0], targets.shape[1], h, w, device=x.device)
+        sums = _MapSums()
         count = 0
         layer = None
         for scale in self.scales:
@@ -198,9 +235,10 @@ class TTA(Method):
                     m = m.flip(-1)
                 if m.shape[-2:] != (h, w):
                     m = F.interpolate(m, size=(h, w), mode="bilinear", align_corners=False)
-                total += m
+                scale = raw.meta.get("log_scale")
+                sums.add(m.unsqueeze(0), None if scale is None else scale.unsqueeze(0))
                 count += 1
                 layer = raw.layer
         # the inner method's display settings (signed, percentile) hold for the average too
-        meta = dict(raw.meta) if count else {}
-        return RawResult(total / count, logits, targets, layer=layer, meta=meta)
+        assert sums.total is not None
+        return RawResult(sums.total / count, logits, targets, layer=layer, meta=sums.meta(raw.meta))
