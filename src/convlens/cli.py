@@ -24,6 +24,7 @@ from convlens.cli_options import (
     ClassesOpt,
     DeviceOpt,
     ImagesArg,
+    LimitOpt,
     MeanOpt,
     MethodsOpt,
     ModelOpt,
@@ -419,10 +420,7 @@ def features_cmd(
     out_dir: OutDirOpt = Path("convlens-features"),
     batch_size: BatchSizeOpt = 32,
     workers: WorkersOpt = 0,
-    limit: Annotated[
-        Optional[int],  # noqa: UP045
-        typer.Option(help="Scan at most this many images (the first in sorted order)."),
-    ] = None,
+    limit: LimitOpt = None,
     model: ModelOpt = "lite0",
     weights: WeightsOpt = None,
     classes: ClassesOpt = None,
@@ -448,8 +446,6 @@ def features_cmd(
         raise InputError(f"--rule must be 'deconvnet' or 'guided', got {rule!r}")
     if crop not in ("effective", "field"):
         raise InputError(f"--crop must be 'effective' or 'field', got {crop!r}")
-    if limit is not None and limit < 1:
-        raise InputError(f"--limit must be a positive number of images, got {limit}")
     files = list_images(data)
     if limit is not None:
         files = files[:limit]
