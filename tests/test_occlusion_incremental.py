@@ -12,8 +12,8 @@ from torch import nn
 
 from conftest import DEV_IMAGES, images, seeded
 from convlens import Occlusion
+from convlens.accel.incremental import Box, IncrementalEngine, window_box
 from convlens.errors import UnsupportedModelError
-from convlens.methods.incremental import Box, IncrementalEngine, window_box
 from convlens.methods.perturbation import blur, window_starts
 from test_occlusion import brute_force
 

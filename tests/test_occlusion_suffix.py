@@ -1,4 +1,4 @@
-"""The fused suffix of incremental occlusion (convlens.methods.incremental_suffix): BatchNorm
+"""The fused suffix of incremental occlusion (convlens.accel.incremental.suffix): BatchNorm
 folded, channels_last, optionally compiled; equal to naive occlusion, the model untouched."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from torch import nn
 
 from conftest import images, seeded
 from convlens import Occlusion
-from convlens.methods.incremental import IncrementalEngine
+from convlens.accel.incremental import IncrementalEngine
 from convlens.methods.perturbation import window_starts
 from convlens.models import compiled as comp
 from test_occlusion_incremental import TinyResNet, TinyVGG

@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from convlens.accel.incremental import IncrementalEngine, NotIncrementalError
 from convlens.errors import UnsupportedModelError
 from convlens.hooks import hooks
 from convlens.methods.base import Context, Method, RawResult
-from convlens.methods.incremental import IncrementalEngine, NotIncrementalError
 from convlens.methods.registry import register
 from convlens.models.compiled import record_eager_seconds, should_compile
 from convlens.models.inference import has_forward_hooks, inference_copy
@@ -117,7 +117,7 @@ class Occlusion(Method):
 
     How the occluded copies are evaluated (``mode``):
 
-    - ``"exact"``: incremental inference (:mod:`convlens.methods.incremental`). The model is
+    - ``"exact"``: incremental inference (:mod:`convlens.accel.incremental`). The model is
       traced with torch.fx; one clean pass keeps every layer's output, and each occluded copy
       recomputes only the box of each layer that the patch can change (convolutions, pooling,
       batch norm, activations, residual sums, concatenation, products), then the rest of the
@@ -162,9 +162,9 @@ class Occlusion(Method):
         drill: ``"approx"`` only: fraction of the remaining windows evaluated after the
             coarse pass.
         compile: ``"exact"``/``"approx"``: run the fully computed end of the network (fused,
-            :mod:`convlens.methods.incremental_suffix`) compiled by ``torch.compile`` for the
-            batch size used (equal to float rounding, checked on its first batch; 7-30 s of
-            compilation, kept for later calls on the same model): ``True``, ``False``, or
+            :mod:`convlens.accel.incremental.suffix`) compiled by ``torch.compile`` for the
+            batch size used (equal to float rounding, checked on its first batch; compiled
+            once and kept for later calls on the same model): ``True``, ``False``, or
             ``"auto"``: on a CPU with a C++ compiler, once this model's eager passes in the
             process, spent and expected for the call, reach a minute
             (:func:`convlens.models.compiled.should_compile`).
@@ -265,12 +265,7 @@ class Occlusion(Method):
             meta["fallback_reason"] = str(exc)
             return None
         meta["occlusion_path"] = "approx" if self.mode == "approx" else "exact"
-        macs = engine.macs
-        meta["macs_fraction"] = macs["executed"] / max(macs["full"], 1.0)
-        meta["macs_bound_fraction"] = macs["bound"] / max(macs["full"], 1.0)
-        meta["full_from"] = engine.full_from()
-        if engine.hooked:
-            meta["hooked_modules"] = engine.hooked  # computed in full, so their hooks run
+        meta.update(engine.describe())
         return engine
 
     def compute(self, ctx: Context) -> RawResult:

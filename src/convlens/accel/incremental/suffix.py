@@ -1,18 +1,16 @@
 """The fully computed end of an incremental occlusion pass, as one fused ``channels_last`` module.
 
-:class:`~convlens.methods.incremental.IncrementalEngine` recomputes only the changed boxes of the
-early feature maps; from the layer where a window's changes cover the whole map (or at global
-pooling, flatten, the linear head) on, every occluded copy runs in full. On EfficientNet-Lite0 at
-16 px windows with stride 8 that *suffix* (from the 14 x 14 stage on) is about 60% of the
-time, so it is worth running it the way the metrics run whole networks
-(:func:`convlens.models.inference.inference_copy`): the suffix's nodes are copied into their own
-:class:`torch.fx.GraphModule` that shares the model's modules, with every eval-mode ``BatchNorm2d``
-folded into the convolution before it (``W' = s W``, ``b' = s (b - mu) + beta``,
-``s = gamma / sqrt(var + eps)``) and 4-D weights and inputs in ``channels_last``. Only the order
-of floating-point operations changes; the suffix is checked against the clean pass's own values
-before use, and not used (the engine runs the nodes one by one as before) if it differs, if the
-model has hooked modules (their hooks must see the model's own modules), or if anything about
-building it fails.
+:class:`~convlens.accel.incremental.engine.IncrementalEngine` recomputes only the changed boxes
+of the early feature maps; from the layer where a window's changes cover the whole map (or at
+global pooling, flatten, the linear head) on, every occluded copy runs in full. That *suffix* is
+run the way the metrics run whole networks (:func:`convlens.models.inference.inference_copy`):
+the suffix's nodes are copied into their own :class:`torch.fx.GraphModule` that shares the
+model's modules, with every eval-mode ``BatchNorm2d`` folded into the convolution before it
+(``W' = s W``, ``b' = s (b - mu) + beta``, ``s = gamma / sqrt(var + eps)``) and 4-D weights and
+inputs in ``channels_last``. Only the order of floating-point operations changes; the suffix is
+checked against the clean pass's own values before use, and not used (the engine runs the nodes
+one by one as before) if it differs, if the model has hooked modules (their hooks must see the
+model's own modules), or if anything about building it fails.
 
 With ``compile=True`` the suffix runs compiled by ``torch.compile`` for a fixed number of
 (image, window) pairs per pass (:class:`~convlens.models.compiled.FixedBatchForward`, which pads
@@ -30,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from convlens.accel.incremental.ops import hooked as _hooked
 from convlens.models.inference import batchnorm_affine
 
 __all__ = ["Suffix", "build_suffix"]
@@ -217,10 +216,6 @@ def _channels_last(gm: fx.GraphModule, shared: set[int]) -> None:
                 name = target.rpartition(".")[2]
                 delattr(parent, name)
                 parent.register_buffer(name, t.detach().contiguous(memory_format=cl))
-
-
-def _hooked(m: nn.Module) -> bool:
-    return bool(m._forward_hooks or m._forward_pre_hooks)
 
 
 def build_suffix(

@@ -1,0 +1,1 @@
+"""Acceleration: what makes a method faster without changing its result."""
