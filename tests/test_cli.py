@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -13,21 +12,9 @@ import pytest
 from PIL import Image
 
 from convlens.cli import main
+from tests.helpers.models import tiny_net_source
 
-NET = textwrap.dedent(
-    """
-    import torch
-    from torch import nn
-
-    def build():
-        torch.manual_seed(0)
-        return nn.Sequential(
-            nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(inplace=True),
-            nn.Conv2d(4, 6, 3, stride=2, padding=1), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 3),
-        )
-    """
-)
+NET = tiny_net_source()
 
 
 @pytest.fixture
