@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from convlens.cli import main
+from tests.helpers.cli import exit_code as run
 from tests.helpers.models import tiny_net_source
 
 NET = tiny_net_source()
@@ -33,12 +34,6 @@ def setup(tmp_path: Path) -> dict[str, Path]:
 
 def model_args(d: Path) -> list[str]:
     return ["--model", f"{d / 'net.py'}:build", "--classes", str(d / "labels.txt"), "--size", "32"]
-
-
-def run(args: list[str]) -> int:
-    with pytest.raises(SystemExit) as info:
-        main(args)
-    return int(info.value.code or 0)
 
 
 def test_predict_prints_top_classes(setup, capsys) -> None:
@@ -367,8 +362,11 @@ def test_markup_in_file_and_class_names_is_printed_as_written(setup, capsys) -> 
         (["evaluate", "{d}/[/x].csv", "--out", "{d}/e"], "[/x].csv"),
     ],
 )
-def test_markup_in_an_error_message_is_printed_as_written(setup, capsys, args, shown) -> None:
+def test_markup_in_an_error_message_is_printed_as_written(
+    setup, capsys, monkeypatch, args, shown
+) -> None:
     d = setup["dir"]
+    monkeypatch.chdir(d)  # the default --out (convlens-out) is relative: not in the repository
     markup_dir(d)
     (d / "[" / "x].csv").write_text("path,label\na.png,[/x]\n")
     assert run([*(a.format(d=d) for a in args), *model_args(d)]) == 2

@@ -12,7 +12,6 @@ from PIL import Image
 from torch import nn
 
 from convlens import ClassList, ConvlensModel, InputError, LayerError, Preprocess
-from convlens.cli import main
 from convlens.features.browser import (
     feature_examples,
     parse_channels,
@@ -21,6 +20,7 @@ from convlens.features.browser import (
 )
 from convlens.features.topk import RunningTopK
 from convlens.render.feature_grid import ChannelTiles, feature_grid
+from tests.helpers.cli import exit_code as run
 from tests.helpers.models import tiny_net_source
 from tests.helpers.oracles import topk_brute_force
 
@@ -280,12 +280,6 @@ def test_feature_grid_lays_out_blocks_with_empty_slots() -> None:
         ChannelTiles("bad", [red], [])
     with pytest.raises(InputError):
         feature_grid([])
-
-
-def run(args: list[str]) -> int:
-    with pytest.raises(SystemExit) as info:
-        main(args)
-    return int(info.value.code or 0)
 
 
 NET = tiny_net_source()
