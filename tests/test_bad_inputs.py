@@ -1,6 +1,6 @@
 """Bad and unusual inputs through every command: one clean error line, or the right result.
 
-The corpus (:mod:`helpers.corpus`) is generated once per module into a temporary folder; each
+The corpus (:mod:`tests.helpers.corpus`) is generated once per module into a temporary folder; each
 case runs ``convlens.cli.main`` in-process with a tiny user model (``net.py:build``, three
 classes, 32 px inputs) and checks what a user would see:
 
@@ -75,7 +75,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from convlens.errors import ConvlensError
-from helpers.corpus import (
+from tests.helpers.corpus import (
     BAD_IMAGES,
     CLASSES,
     GOOD_IMAGES,

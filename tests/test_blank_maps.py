@@ -14,7 +14,6 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from conftest import GapNet, images, seeded
 from convlens.cli import main
 from convlens.errors import (
     BlankMapWarning,
@@ -35,6 +34,7 @@ from convlens.methods import (
 from convlens.methods.base import Context, Method, RawResult
 from convlens.models import ConvlensModel, Preprocess
 from convlens.models.classes import ClassList
+from tests.helpers.models import GapNet, images, seeded
 
 # ----------------------------------------------------------------- Score-CAM on a confident net
 

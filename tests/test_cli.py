@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -13,21 +12,10 @@ import pytest
 from PIL import Image
 
 from convlens.cli import main
+from tests.helpers.cli import exit_code as run
+from tests.helpers.models import tiny_net_source
 
-NET = textwrap.dedent(
-    """
-    import torch
-    from torch import nn
-
-    def build():
-        torch.manual_seed(0)
-        return nn.Sequential(
-            nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(inplace=True),
-            nn.Conv2d(4, 6, 3, stride=2, padding=1), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 3),
-        )
-    """
-)
+NET = tiny_net_source()
 
 
 @pytest.fixture
@@ -46,12 +34,6 @@ def setup(tmp_path: Path) -> dict[str, Path]:
 
 def model_args(d: Path) -> list[str]:
     return ["--model", f"{d / 'net.py'}:build", "--classes", str(d / "labels.txt"), "--size", "32"]
-
-
-def run(args: list[str]) -> int:
-    with pytest.raises(SystemExit) as info:
-        main(args)
-    return int(info.value.code or 0)
 
 
 def test_predict_prints_top_classes(setup, capsys) -> None:
@@ -380,8 +362,11 @@ def test_markup_in_file_and_class_names_is_printed_as_written(setup, capsys) -> 
         (["evaluate", "{d}/[/x].csv", "--out", "{d}/e"], "[/x].csv"),
     ],
 )
-def test_markup_in_an_error_message_is_printed_as_written(setup, capsys, args, shown) -> None:
+def test_markup_in_an_error_message_is_printed_as_written(
+    setup, capsys, monkeypatch, args, shown
+) -> None:
     d = setup["dir"]
+    monkeypatch.chdir(d)  # the default --out (convlens-out) is relative: not in the repository
     markup_dir(d)
     (d / "[" / "x].csv").write_text("path,label\na.png,[/x]\n")
     assert run([*(a.format(d=d) for a in args), *model_args(d)]) == 2

@@ -6,7 +6,6 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import images, seeded
 from convlens.hooks import backprop_rule, input_gradient_mode
 from convlens.methods import IntegratedGradients, Saliency
 from convlens.models.inference import (
@@ -15,6 +14,7 @@ from convlens.models.inference import (
     has_forward_hooks,
 )
 from convlens.models.user import torchscript_deprecation_silenced
+from tests.helpers.models import images, seeded
 
 
 def _net() -> nn.Module:

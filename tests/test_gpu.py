@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import DEV_IMAGES, GapNet, SharedActNet, images, seeded
 from convlens import get_method, list_methods
+from tests.helpers.models import GapNet, SharedActNet, images, seeded
+from tests.helpers.paths import DEV_IMAGES
 
 # CONVLENS_TEST_DEVICE=cpu runs these checks against the CPU itself (to test the tests).
 DEVICE = os.environ.get("CONVLENS_TEST_DEVICE", "cuda")

@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import GapNet, images, seeded
 from convlens import InferenceModeError, get_method, list_methods
 from convlens.methods.base import Method
+from tests.helpers.models import GapNet, images, seeded
 
 FAST = {
     "occlusion": {"patch": 4, "stride": 4},

@@ -59,7 +59,7 @@ def test_imagenet_class_list() -> None:
 
 
 def test_targets_by_name_through_a_method(gap_net: torch.nn.Module) -> None:
-    from conftest import images
+    from tests.helpers.models import images
 
     names = ClassList(tuple(f"thing {i}" for i in range(5)))
     model = wrap_model(gap_net, classes=names)

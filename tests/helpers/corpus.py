@@ -37,6 +37,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from tests.helpers.models import tiny_net_source
+
 __all__ = [
     "BAD_IMAGES",
     "CLASSES",
@@ -58,20 +60,8 @@ __all__ = [
 CLASSES = ("cat", "dog", "bird")
 """The class list of the tiny model (three outputs)."""
 
-NET_SOURCE = textwrap.dedent(
+NET_SOURCE = tiny_net_source() + textwrap.dedent(
     """
-    import torch
-    from torch import nn
-
-
-    def build():
-        torch.manual_seed(0)
-        return nn.Sequential(
-            nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(inplace=True),
-            nn.Conv2d(4, 6, 3, stride=2, padding=1), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 3),
-        )
-
 
     class _Nan(nn.Module):
         def forward(self, x):

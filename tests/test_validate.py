@@ -17,7 +17,6 @@ import torch
 from PIL import Image
 from torch import nn
 
-from conftest import images
 from convlens.cli import main
 from convlens.errors import InputError
 from convlens.methods import METHODS, get_method
@@ -42,6 +41,7 @@ from convlens.validate import (
     positive_float,
     positive_int,
 )
+from tests.helpers.models import images
 
 # ---------------------------------------------------------------------------- the checks
 

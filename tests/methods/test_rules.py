@@ -8,11 +8,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import images, seeded
 from convlens import GradCAM, UnsupportedModelError
 from convlens.hooks import backprop_rule
 from convlens.methods import Deconvnet, GuidedBackprop, GuidedGradCAM, project_units
 from convlens.methods.reference import reference_deconvnet
+from tests.helpers.models import images, seeded
 
 
 class OneByOne(nn.Module):

@@ -5,39 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import images
 from convlens import Occlusion
 from convlens.methods.perturbation import blur, window_starts
-
-
-def brute_force(net, x, t, patch, stride, fill, logit=False):
-    """One image at a time, one window at a time, plain Python loops."""
-    b, _, h, w = x.shape
-    out = torch.zeros(b, h, w, dtype=torch.float64)
-    for i in range(b):
-        xi = x[i : i + 1]
-        with torch.no_grad():
-
-            def score(inp, c=int(t[i])):
-                s = net(inp)[0]
-                return float(s[c] if logit else torch.softmax(s, 0)[c])
-
-            base = score(xi)
-            total = torch.zeros(h, w, dtype=torch.float64)
-            count = torch.zeros(h, w, dtype=torch.float64)
-            y = 0
-            ys = sorted(set([*list(range(0, h - patch + 1, stride)), h - patch]))
-            xs = sorted(set([*list(range(0, w - patch + 1, stride)), w - patch]))
-            for y in ys:
-                for xx in xs:
-                    occ = xi.clone()
-                    occ[..., y : y + patch, xx : xx + patch] = fill[i][
-                        ..., y : y + patch, xx : xx + patch
-                    ]
-                    total[y : y + patch, xx : xx + patch] += base - score(occ)
-                    count[y : y + patch, xx : xx + patch] += 1
-        out[i] = total / count
-    return out
+from tests.helpers.models import images
+from tests.helpers.oracles import occlusion_brute_force as brute_force
 
 
 @pytest.mark.parametrize(("patch", "stride"), [(4, 2), (5, 3), (3, 3), (12, 1)])

@@ -10,12 +10,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import images, seeded
 from convlens import Occlusion
 from convlens.accel.incremental import IncrementalEngine
 from convlens.methods.perturbation import window_starts
 from convlens.models import compiled as comp
-from test_occlusion_incremental import TinyResNet, TinyVGG
+from tests.helpers.models import TinyResNet, TinyVGG, images, seeded
 
 
 class SameConv(nn.Conv2d):

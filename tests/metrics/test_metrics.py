@@ -6,7 +6,6 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import GapNet, images, seeded
 from convlens.metrics import (
     average_drop,
     baseline_map,
@@ -22,6 +21,7 @@ from convlens.metrics import (
     relative_range,
 )
 from convlens.models import fold_batchnorm, inference_copy
+from tests.helpers.models import GapNet, images, seeded
 
 
 class RegionNet(nn.Module):

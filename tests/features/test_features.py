@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +12,6 @@ from PIL import Image
 from torch import nn
 
 from convlens import ClassList, ConvlensModel, InputError, LayerError, Preprocess
-from convlens.cli import main
 from convlens.features.browser import (
     feature_examples,
     parse_channels,
@@ -22,6 +20,9 @@ from convlens.features.browser import (
 )
 from convlens.features.topk import RunningTopK
 from convlens.render.feature_grid import ChannelTiles, feature_grid
+from tests.helpers.cli import exit_code as run
+from tests.helpers.models import tiny_net_source
+from tests.helpers.oracles import topk_brute_force
 
 SIZE = 32
 IDENTITY = Preprocess(resize=None, crop=SIZE, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
@@ -29,26 +30,6 @@ IDENTITY = Preprocess(resize=None, crop=SIZE, mean=(0.0, 0.0, 0.0), std=(1.0, 1.
 
 # --------------------------------------------------------------------------------------------
 # RunningTopK
-
-
-def brute_force(batches: list[tuple[torch.Tensor, torch.Tensor]], k: int):
-    """Per channel: the k images with the largest maximum, as (values, ids, ys, xs) lists."""
-    acts = torch.cat([a for a, _ in batches])
-    ids = torch.cat([i for _, i in batches])
-    _, c, _, w = acts.shape
-    best, where = acts.flatten(2).max(dim=2)  # (N, C)
-    out = []
-    for ch in range(c):
-        order = torch.argsort(best[:, ch], descending=True)[:k]
-        out.append(
-            (
-                best[order, ch],
-                ids[order],
-                where[order, ch] // w,
-                where[order, ch] % w,
-            )
-        )
-    return out
 
 
 def test_running_topk_matches_a_brute_force_sort() -> None:
@@ -64,7 +45,7 @@ def test_running_topk_matches_a_brute_force_sort() -> None:
         batches.append((acts, ids))
     assert top.seen == 17
     assert bool(top.valid().all())
-    for ch, (values, ids, ys, xs) in enumerate(brute_force(batches, 4)):
+    for ch, (values, ids, ys, xs) in enumerate(topk_brute_force(batches, 4)):
         torch.testing.assert_close(top.values[ch], values)
         assert top.image_ids[ch].tolist() == ids.tolist()
         assert top.ys[ch].tolist() == ys.tolist()
@@ -301,26 +282,7 @@ def test_feature_grid_lays_out_blocks_with_empty_slots() -> None:
         feature_grid([])
 
 
-def run(args: list[str]) -> int:
-    with pytest.raises(SystemExit) as info:
-        main(args)
-    return int(info.value.code or 0)
-
-
-NET = textwrap.dedent(
-    """
-    import torch
-    from torch import nn
-
-    def build():
-        torch.manual_seed(0)
-        return nn.Sequential(
-            nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(inplace=True),
-            nn.Conv2d(4, 6, 3, stride=2, padding=1), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 3),
-        )
-    """
-)
+NET = tiny_net_source()
 
 
 def check_offline_html(index: Path) -> None:

@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import images, seeded
 from convlens.errors import BlankMapWarning
 from convlens.hooks import input_gradient_mode, model_state
 from convlens.methods import (
@@ -30,19 +29,18 @@ from convlens.methods import (
     XGradCAM,
 )
 from convlens.result import Explanation
-
-
-def feats_grads(net, x, t):
-    a = net.features(x).detach().requires_grad_(True)
-    logits = net.fc(net.pool(a).flatten(1))
-    (g,) = torch.autograd.grad(logits.gather(1, t[:, None]).sum(), a)
-    return a.detach(), g, logits.detach()
+from tests.helpers.models import images, seeded
+from tests.helpers.oracles import (
+    ablation_cam_brute_force,
+    features_and_grads,
+    score_cam_brute_force,
+)
 
 
 def test_xgradcam_formula(gap_net: nn.Module) -> None:
     x = images(2)
     exp = XGradCAM()(gap_net, x)
-    a, g, _ = feats_grads(gap_net, x, exp.targets[:, 0])
+    a, g = features_and_grads(gap_net, x, exp.targets[:, 0])
     alpha = (a / a.sum(dim=(2, 3), keepdim=True).clamp_min(1e-30) * g).sum(dim=(2, 3))
     expected = torch.relu(torch.einsum("bc,bchw->bhw", alpha, a))
     assert exp.raw_maps is not None
@@ -66,7 +64,7 @@ def test_hirescam_formula_and_gradcam_identity_on_gap(gap_net: nn.Module) -> Non
 def test_layercam_formula_and_fusion(gap_net: nn.Module) -> None:
     x = images(2)
     exp = LayerCAM()(gap_net, x)
-    a, g, _ = feats_grads(gap_net, x, exp.targets[:, 0])
+    a, g = features_and_grads(gap_net, x, exp.targets[:, 0])
     assert exp.raw_maps is not None
     torch.testing.assert_close(exp.raw_maps[:, 0], torch.relu((torch.relu(g) * a).sum(1)).float())
     fused = LayerCAM(layers=["relu1", "relu2"])(gap_net, x)
@@ -100,23 +98,6 @@ def test_eigencam_is_the_first_principal_component(gap_net: nn.Module) -> None:
         torch.testing.assert_close(exp.raw_maps[i, 1], exp.raw_maps[i, 0])  # class-agnostic
 
 
-def score_cam_brute(net, x, t, logit=False, softmax=False):
-    a = net.features(x).detach()
-    out = torch.zeros(x.shape[0], *a.shape[-2:], dtype=x.dtype)
-    for i in range(x.shape[0]):
-        w = torch.zeros(a.shape[1], dtype=x.dtype)
-        for c in range(a.shape[1]):
-            m = F.interpolate(a[i : i + 1, c : c + 1], size=x.shape[-2:], mode="bilinear")
-            m = (m - m.min()) / (m.max() - m.min() + 1e-8)
-            with torch.no_grad():
-                o = net(x[i : i + 1] * m)[0]
-            w[c] = o[t[i]] if logit else torch.softmax(o, 0)[t[i]]
-        if softmax:
-            w = torch.softmax(w, 0)
-        out[i] = torch.relu((w[:, None, None] * a[i]).sum(0))
-    return out
-
-
 def paper_scorecam(exp: Explanation) -> torch.Tensor:
     """Score-CAM's raw maps (B, h, w) of the first target on the paper's scale: with
     probability scores the weights are rescaled by exp(-meta["log_scale"]) per image."""
@@ -131,7 +112,7 @@ def paper_scorecam(exp: Explanation) -> torch.Tensor:
 def test_scorecam_equals_brute_force(gap_net: nn.Module, score: str, softmax: bool) -> None:
     x = images(2)
     exp = ScoreCAM(score=score, channel_softmax=softmax, batch_size=5)(gap_net, x)  # type: ignore[arg-type]
-    expected = score_cam_brute(gap_net, x, exp.targets[:, 0], score == "logit", softmax)
+    expected = score_cam_brute_force(gap_net, x, exp.targets[:, 0], score == "logit", softmax)
     assert ("log_scale" in exp.meta) == (score == "prob" and not softmax)
     torch.testing.assert_close(paper_scorecam(exp), expected.float(), atol=1e-6, rtol=1e-5)
 
@@ -145,28 +126,11 @@ def test_scorecam_top_channels_uses_only_those(gap_net: nn.Module) -> None:
     assert few.meta["forward_passes"] == 2 + 2 * 2
 
 
-def ablation_brute(net, x, t):
-    a = net.features(x).detach()
-    out = torch.zeros(x.shape[0], *a.shape[-2:], dtype=x.dtype)
-    for i in range(x.shape[0]):
-        with torch.no_grad():
-            s = net.fc(net.pool(a[i : i + 1]).flatten(1))[0, t[i]]
-        alpha = torch.zeros(a.shape[1], dtype=x.dtype)
-        for c in range(a.shape[1]):
-            ab = a[i : i + 1].clone()
-            ab[:, c] = 0
-            with torch.no_grad():
-                sc = net.fc(net.pool(ab).flatten(1))[0, t[i]]
-            alpha[c] = (s - sc) / s
-        out[i] = torch.relu((alpha[:, None, None] * a[i]).sum(0))
-    return out
-
-
 def test_ablationcam_closed_form_equals_brute_force(gap_net: nn.Module) -> None:
     x = images(3)
     exp = AblationCAM()(gap_net, x)
     assert exp.meta["closed_form"] and exp.meta["suffix_passes"] == 0
-    expected = ablation_brute(gap_net, x, exp.targets[:, 0])
+    expected = ablation_cam_brute_force(gap_net, x, exp.targets[:, 0])
     assert exp.raw_maps is not None
     torch.testing.assert_close(exp.raw_maps[:, 0], expected.float())
     rerun = AblationCAM(exact="never", batch_size=4)(gap_net, x)
@@ -555,7 +519,7 @@ def test_scorecam_dead_channels_share_one_pass(gap_net: nn.Module) -> None:
         gap_net.bn.bias[:3] = -100.0  # channels 0-2 dead after the ReLU: constant zero maps
     x = images(2)
     exp = ScoreCAM(batch_size=4)(gap_net, x)
-    expected = score_cam_brute(gap_net, x, exp.targets[:, 0])
+    expected = score_cam_brute_force(gap_net, x, exp.targets[:, 0])
     torch.testing.assert_close(paper_scorecam(exp), expected.float(), atol=1e-6, rtol=1e-5)
     a = gap_net.features(x).flatten(2)
     live = int(((a.amax(2) - a.amin(2)) > 0).sum())

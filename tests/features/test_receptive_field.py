@@ -12,7 +12,7 @@ from torch import nn
 
 from convlens.errors import InputError, LayerError
 from convlens.features import ReceptiveField, receptive_field
-from convlens.hooks import layer_capture
+from tests.helpers.oracles import receptive_field_brute_force
 
 F64 = torch.float64
 
@@ -25,37 +25,6 @@ def seeded(net: nn.Module, seed: int = 0, std: float = 0.5) -> nn.Module:
     return net.to(F64).eval()
 
 
-def brute_force(
-    net: nn.Module, layer: str, size: tuple[int, int], big: float = 100.0
-) -> torch.Tensor:
-    """``affects[i, j, y, x]``: changing input pixel ``(i, j)`` changes unit ``(y, x)``.
-
-    Every pixel (all channels) is moved by ``+big`` and ``-big`` on two random images.
-    """
-    name, _, call = layer.partition("@")
-    index = int(call) if call else -1
-    h, w = size
-    c = next(m.in_channels for m in net.modules() if isinstance(m, nn.Conv2d))
-
-    def run(x: torch.Tensor) -> torch.Tensor:
-        with layer_capture(net, name) as cap, torch.no_grad():
-            net(x.clone())  # the model may change its input in place
-        return cap.output(index)
-
-    affects = None
-    for seed in (0, 1):
-        base = torch.randn((1, c, h, w), generator=torch.Generator().manual_seed(seed), dtype=F64)
-        ref = run(base)
-        for sign in (1.0, -1.0):
-            xs = base.repeat(h * w, 1, 1, 1)
-            pix = torch.arange(h * w)
-            xs.view(h * w, c, h * w)[pix, :, pix] += sign * big
-            changed = ((run(xs) - ref).abs() > 1e-9 * (1 + ref.abs())).any(dim=1)
-            affects = changed if affects is None else affects | changed
-    assert affects is not None
-    return affects.view(h, w, *affects.shape[1:])
-
-
 def assert_matches_brute_force(
     net: nn.Module, layer: str, size: tuple[int, int], holes: bool = False
 ) -> ReceptiveField:
@@ -66,7 +35,7 @@ def assert_matches_brute_force(
     within the box, and equal it for units whose field is entirely inside the image.
     """
     rf = receptive_field(net, layer, size, dtype=F64)
-    affects = brute_force(net, layer, size)
+    affects = receptive_field_brute_force(net, layer, size)
     assert rf.output_size == tuple(affects.shape[2:])
     assert not rf.clipped
     h, w = size

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import images
 from convlens import (
     CAM,
     GradCAM,
@@ -14,14 +13,8 @@ from convlens import (
     UnsupportedModelError,
 )
 from convlens.architecture import default_layer, find_gap_head
-
-
-def features_and_grads(net, x, t):
-    """Independent computation: A from the model's own feature function, dS/dA by autograd."""
-    a = net.features(x).detach().requires_grad_(True)
-    logits = net.fc(net.pool(a).flatten(1))
-    (g,) = torch.autograd.grad(logits.gather(1, t[:, None]).sum(), a)
-    return a.detach(), g
+from tests.helpers.models import images
+from tests.helpers.oracles import features_and_grads
 
 
 def test_cam_finds_the_pooled_layer(gap_net: torch.nn.Module, shared_net: torch.nn.Module) -> None:

@@ -5,7 +5,6 @@ Tiny conv nets at 32x32 only, a few steps each, so the whole file runs in second
 
 from __future__ import annotations
 
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +37,7 @@ from convlens.synthesis import (
     resolve_settings,
 )
 from convlens.synthesis.objectives import LayerReader
+from tests.helpers.models import tiny_net_source
 
 SMALL = {"pad": 2, "jitter": 2, "final_jitter": 1}  # transforms in proportion to 32-px images
 FAST = {"steps": 10, "progress": False, **SMALL}
@@ -537,20 +537,7 @@ def test_result_save_and_grid(model, tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------------------------- CLI
 
-NET = textwrap.dedent(
-    """
-    import torch
-    from torch import nn
-
-    def build():
-        torch.manual_seed(0)
-        return nn.Sequential(
-            nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(inplace=True),
-            nn.Conv2d(4, 6, 3, stride=2, padding=1), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 3),
-        )
-    """
-)
+NET = tiny_net_source()
 
 
 @pytest.fixture

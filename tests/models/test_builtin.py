@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import convlens
-from conftest import DEV_IMAGES
 from convlens.hooks import model_state
+from tests.helpers.paths import DEV_IMAGES
 
 pytestmark = pytest.mark.slow
 

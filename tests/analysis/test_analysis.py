@@ -29,21 +29,10 @@ from convlens.analysis.stats import calibration_bins
 from convlens.errors import BlankMapWarning
 from convlens.models import Preprocess, load_model
 from convlens.models.base import ConvlensModel
+from tests.helpers.models import tiny_net_source
+from tests.helpers.paths import REPO
 
-NET = textwrap.dedent(
-    """
-    import torch
-    from torch import nn
-
-    def build():
-        torch.manual_seed(1)
-        return nn.Sequential(
-            nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(inplace=True),
-            nn.Conv2d(4, 6, 3, stride=2, padding=1), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 3),
-        )
-    """
-)
+NET = tiny_net_source(seed=1)
 CLASSES = ("cat", "dog", "coffee mug")
 
 
@@ -319,7 +308,7 @@ def chromium_page(errors: list[str]) -> Iterator[Any]:
 def test_report_in_headless_chromium(setup) -> None:
     result = run(make_model(setup["dir"]), setup)
     assert result.report is not None
-    artifacts = Path(__file__).resolve().parents[1] / "test-artifacts"
+    artifacts = REPO / "test-artifacts"
     artifacts.mkdir(exist_ok=True)
     errors: list[str] = []
     with chromium_page(errors) as page:

@@ -5,15 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import images
 from convlens import GradCAM, GradientXInput, Saliency, SmoothGrad
-
-
-def per_image_grad(net: torch.nn.Module, x: torch.Tensor, t: int) -> torch.Tensor:
-    xi = x.clone().requires_grad_(True)
-    net(xi)[0, t].backward()
-    assert xi.grad is not None
-    return xi.grad[0]
+from tests.helpers.models import images
+from tests.helpers.oracles import input_gradient
 
 
 def test_saliency_equals_autograd_per_image(gap_net: torch.nn.Module) -> None:
@@ -23,7 +17,7 @@ def test_saliency_equals_autograd_per_image(gap_net: torch.nn.Module) -> None:
         top = gap_net(x).argmax(1)
     assert exp.targets[:, 0].tolist() == top.tolist()
     for i in range(3):
-        g = per_image_grad(gap_net, x[i : i + 1], int(top[i]))
+        g = input_gradient(gap_net, x[i : i + 1], int(top[i]))
         torch.testing.assert_close(exp.maps[i, 0], g.abs().amax(0).float())
 
 
@@ -51,7 +45,7 @@ def test_top_k_gives_one_map_per_class(gap_net: torch.nn.Module) -> None:
     order = gap_net(x).topk(3, dim=1).indices
     assert torch.equal(exp.targets, order)
     for k in range(3):
-        g = per_image_grad(gap_net, x[1:2], int(order[1, k]))
+        g = input_gradient(gap_net, x[1:2], int(order[1, k]))
         torch.testing.assert_close(exp.maps[1, k], g.abs().amax(0).float())
 
 
@@ -79,7 +73,7 @@ def test_smoothgrad_is_the_mean_over_noisy_copies(gap_net: torch.nn.Module) -> N
     for s in range(4):
         noisy = x + 0.2 * span * eps[s]
         for i in range(2):
-            total[i] += per_image_grad(gap_net, noisy[i : i + 1], int(t[i])).abs().amax(0)
+            total[i] += input_gradient(gap_net, noisy[i : i + 1], int(t[i])).abs().amax(0)
     torch.testing.assert_close(smooth.maps[:, 0], (total / 4).float())
 
 

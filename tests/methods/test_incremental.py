@@ -10,12 +10,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import DEV_IMAGES, images, seeded
 from convlens import Occlusion
 from convlens.accel.incremental import Box, IncrementalEngine, window_box
 from convlens.errors import UnsupportedModelError
 from convlens.methods.perturbation import blur, window_starts
-from test_occlusion import brute_force
+from tests.helpers.models import TinyResNet, TinyVGG, images, seeded
+from tests.helpers.oracles import occlusion_brute_force as brute_force
+from tests.helpers.paths import DEV_IMAGES
 
 # --------------------------------------------------------------------------------------------
 # Box arithmetic
@@ -223,66 +224,6 @@ def test_each_layer_type_equals_brute_force(name: str) -> None:
 # --------------------------------------------------------------------------------------------
 # VGG- and ResNet-style nets
 # --------------------------------------------------------------------------------------------
-
-
-class TinyVGG(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-
-        def block(cin: int, cout: int) -> list[nn.Module]:
-            return [
-                nn.Conv2d(cin, cout, 3, padding=1),
-                nn.ReLU(inplace=True),
-                nn.Conv2d(cout, cout, 3, padding=1),
-                nn.ReLU(inplace=True),
-                nn.MaxPool2d(2),
-            ]
-
-        self.features = nn.Sequential(*block(3, 4), *block(4, 6), *block(6, 8))
-        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(8 * 2 * 2, 6))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.features(x))
-
-
-class BasicBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.relu = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.down = (
-            nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-            if stride != 1 or cin != cout
-            else None
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = x if self.down is None else self.down(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        out += identity
-        return self.relu(out)
-
-
-class TinyResNet(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 4, 5, 2, 2, bias=False)
-        self.bn1 = nn.BatchNorm2d(4)
-        self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.MaxPool2d(3, 2, 1)
-        self.layer1 = BasicBlock(4, 4, 1)
-        self.layer2 = BasicBlock(4, 8, 2)
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(8, 6)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        x = self.layer2(self.layer1(x))
-        return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
 @pytest.mark.parametrize("arch", ["vgg", "resnet"])

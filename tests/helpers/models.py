@@ -1,0 +1,196 @@
+"""Tiny deterministic models shared by the tests, the seeding that makes them deterministic, and
+the source of the tiny user-model file (``net.py``) that the CLI and analysis tests load.
+
+Every model here is small enough to run in milliseconds and is made deterministic by
+:func:`seeded` (weights and BatchNorm statistics drawn from a fixed seed, float64, eval mode).
+Models used by one test file only stay in that file.
+"""
+
+from __future__ import annotations
+
+import textwrap
+
+import torch
+from torch import nn
+
+__all__ = [
+    "BasicBlock",
+    "GapNet",
+    "LinearNet",
+    "NoGapNet",
+    "SharedActNet",
+    "TinyResNet",
+    "TinyVGG",
+    "images",
+    "seeded",
+    "tiny_net_source",
+]
+
+
+class GapNet(nn.Module):
+    """conv -> ReLU(inplace) -> conv -> BN -> ReLU -> global average pool -> dropout -> linear."""
+
+    def __init__(self, classes: int = 5) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.relu1 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(4, 6, 3, stride=2, padding=1)
+        self.bn = nn.BatchNorm2d(6)
+        self.relu2 = nn.ReLU()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.drop = nn.Dropout(0.5)
+        self.fc = nn.Linear(6, classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu2(self.bn(self.conv2(self.relu1(self.conv1(x)))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.drop(self.pool(self.features(x)).flatten(1)))
+
+
+class SharedActNet(nn.Module):
+    """One ReLU module called three times with different shapes (as EfficientNet does), and a
+    functional mean instead of a pooling module."""
+
+    def __init__(self, classes: int = 4) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 5, 3, padding=1)
+        self.act = nn.ReLU(inplace=True)
+        self.block = nn.Conv2d(5, 5, 3, padding=1)
+        self.head = nn.Conv2d(5, 7, 1)
+        self.fc = nn.Linear(7, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act(self.stem(x))
+        x = x + self.act(self.block(x))
+        x = self.act(self.head(x))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+class NoGapNet(nn.Module):
+    """conv -> ReLU -> flatten -> linear: no global average pooling, so no CAM."""
+
+    def __init__(self, size: int = 8, classes: int = 3) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 2, 3, padding=1)
+        self.relu = nn.ReLU()
+        self.fc = nn.Linear(2 * size * size, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.relu(self.conv(x)).flatten(1))
+
+
+class LinearNet(nn.Module):
+    """logits = W vec(x) + b: every gradient is a row of W, worked out by hand."""
+
+    def __init__(self, size: int = 6, classes: int = 3) -> None:
+        super().__init__()
+        self.conv = nn.Identity()
+        self.fc = nn.Linear(3 * size * size, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.conv(x).flatten(1))
+
+
+class TinyVGG(nn.Module):
+    """Three VGG blocks (conv-ReLU-conv-ReLU-maxpool) and a flatten-linear head, for 16x16 input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+
+        def block(cin: int, cout: int) -> list[nn.Module]:
+            return [
+                nn.Conv2d(cin, cout, 3, padding=1),
+                nn.ReLU(inplace=True),
+                nn.Conv2d(cout, cout, 3, padding=1),
+                nn.ReLU(inplace=True),
+                nn.MaxPool2d(2),
+            ]
+
+        self.features = nn.Sequential(*block(3, 4), *block(4, 6), *block(6, 8))
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(8 * 2 * 2, 6))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+class BasicBlock(nn.Module):
+    """torchvision's ResNet basic block: two conv-BN, an in-place residual add, a 1x1 downsample."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.down = (
+            nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+            if stride != 1 or cin != cout
+            else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.down is None else self.down(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += identity
+        return self.relu(out)
+
+
+class TinyResNet(nn.Module):
+    """A ResNet-18 in miniature: strided stem, max pool, two basic blocks, average pool, linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 5, 2, 2, bias=False)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        self.layer1 = BasicBlock(4, 4, 1)
+        self.layer2 = BasicBlock(4, 8, 2)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer2(self.layer1(x))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+def seeded(model: nn.Module, seed: int = 0, dtype: torch.dtype = torch.float64) -> nn.Module:
+    """Draw ``model``'s parameters (normal, std 0.5) and BatchNorm statistics from ``seed``;
+    return it in ``dtype`` and eval mode."""
+    torch.manual_seed(seed)
+    for p in model.parameters():
+        nn.init.normal_(p, std=0.5)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    return model.to(dtype).eval()
+
+
+def images(b: int = 3, size: int = 12, seed: int = 0) -> torch.Tensor:
+    """``b`` standard-normal float64 RGB images of ``size`` x ``size`` from ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, 3, size, size, generator=g, dtype=torch.float64)
+
+
+def tiny_net_source(seed: int = 0) -> str:
+    """Python source of a user-model file whose ``build()`` returns a seeded three-class net:
+    conv -> ReLU(inplace) -> strided conv -> ReLU -> global average pool -> linear."""
+    return textwrap.dedent(
+        f"""
+        import torch
+        from torch import nn
+
+        def build():
+            torch.manual_seed({seed})
+            return nn.Sequential(
+                nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(inplace=True),
+                nn.Conv2d(4, 6, 3, stride=2, padding=1), nn.ReLU(),
+                nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 3),
+            )
+        """
+    )
