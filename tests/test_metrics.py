@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from conftest import GapNet, images, seeded
+from convlens.accel.folded import fold_batchnorm, inference_copy
 from convlens.metrics import (
     average_drop,
     baseline_map,
@@ -21,7 +22,6 @@ from convlens.metrics import (
     ranking,
     relative_range,
 )
-from convlens.models import fold_batchnorm, inference_copy
 
 
 class RegionNet(nn.Module):

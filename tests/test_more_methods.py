@@ -12,8 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import images, seeded
+from convlens.accel.lean_graph import input_gradient_mode
 from convlens.errors import BlankMapWarning
-from convlens.hooks import input_gradient_mode, model_state
+from convlens.hooks import model_state
 from convlens.methods import (
     RISE,
     TTA,

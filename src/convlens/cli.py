@@ -18,7 +18,7 @@ import torch
 import typer
 from rich.table import Table
 
-from convlens.allocator import keep_freed_memory
+from convlens.accel.allocator import keep_freed_memory
 from convlens.cli_options import (
     BatchSizeOpt,
     ClassesOpt,
@@ -532,7 +532,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = [a for a in args if a != "--debug"]
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING)
     # The command owns its process: keep freed activation memory for reuse (CPU forward passes
-    # ~2-3x faster, see convlens.allocator).
+    # ~2-3x faster, see convlens.accel.allocator).
     keep_freed_memory()
     shown, warnings.showwarning = warnings.showwarning, show_warning  # one "warning:" line
     try:

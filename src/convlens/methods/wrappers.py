@@ -89,6 +89,7 @@ class SmoothGrad(Method):
                 top_k=None,
                 classes=ctx.classes,
                 layer=ctx.layer,
+                accel=ctx.accel,
             )
             raw = self.inner.compute(inner_ctx)
             maps = raw.maps.view(s, b, *raw.maps.shape[1:])
@@ -183,7 +184,7 @@ class TTA(Method):
                 xt = xs.flip(-1) if flip else xs
                 try:
                     raw = self.inner.compute(
-                        Context(ctx.net, xt, targets, None, ctx.classes, ctx.layer)
+                        Context(ctx.net, xt, targets, None, ctx.classes, ctx.layer, ctx.accel)
                     )
                 except RuntimeError as exc:
                     if size == (h, w) or not any(p in str(exc) for p in _SHAPE_ERRORS):

@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from conftest import images, seeded
-from convlens.hooks import backprop_rule, input_gradient_mode
+from convlens.accel.lean_graph import input_gradient_mode
+from convlens.hooks import backprop_rule
 from convlens.methods import IntegratedGradients, Saliency
 from convlens.models.inference import (
     cached_inference_copy,
