@@ -28,6 +28,7 @@ from convlens.cli_options import (
     MethodsOpt,
     ModelOpt,
     OutDirOpt,
+    PlainOpt,
     ResizeOpt,
     SizeOpt,
     StdOpt,
@@ -232,13 +233,14 @@ def explain_cmd(
         float, typer.Option(help="Heatmap opacity.", callback=checked(fraction, "--alpha"))
     ] = 0.5,
     device: DeviceOpt = "cpu",
+    plain: PlainOpt = False,
 ) -> None:
     """Explain predictions: one side-by-side panel per image plus one overlay per method."""
     from convlens.methods.options import build_methods
 
     names = parse_methods(methods)
     files = _some_images(images)
-    net = load_net(model, weights, classes, size, resize, mean, std, device)
+    net = load_net(model, weights, classes, size, resize, mean, std, device, plain=plain)
     fill_value: str | float = fill
     with contextlib.suppress(ValueError):
         fill_value = float(fill)

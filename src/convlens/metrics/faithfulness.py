@@ -98,7 +98,8 @@ class _Scorer:
     """Scores the target class on batches of inputs, with the model or its fast inference copy.
 
     Use as a context manager: the user's model is put in eval mode (and restored) only when the
-    copy could not be made.
+    copy could not be made. A model wrapper's ``accel`` limits ``fast`` (its ``fold_batchnorm``
+    and ``channels_last``) and ``compile`` (never when its ``compile`` is ``False``).
 
     ``compile``: ``True`` runs the copy compiled by ``torch.compile`` for ``batch_size`` images
     per pass (:class:`~convlens.accel.compiled.FixedBatchForward`: checked against eager
@@ -123,9 +124,16 @@ class _Scorer:
         self.net, self.wrapper = unwrap(model)
         self.example = example
         self.copy: nn.Module | None = None
-        if fast:
+        accel = self.wrapper.accel if self.wrapper is not None else Acceleration()
+        self.fold = accel.fold_batchnorm
+        self.layout = accel.channels_last is not False
+        if accel.compile is False:
+            compile = False
+        if fast and (self.fold or self.layout):
             try:
-                self.copy = inference_copy(model, example)
+                self.copy = inference_copy(
+                    model, example, fold=self.fold, channels_last=self.layout
+                )
             except Exception as exc:  # an uncopyable or scripted model: use it as it is
                 log.info(
                     "no fast inference copy (%s: %s); using the model", type(exc).__name__, exc
@@ -146,7 +154,11 @@ class _Scorer:
         dtype = example.dtype if example.is_floating_point() else torch.float32
         self.compiled = compiled_forward(
             model,
-            lambda: self.copy if self.copy is not None else inference_copy(model, example),
+            lambda: (
+                self.copy
+                if self.copy is not None
+                else inference_copy(model, example, fold=self.fold, channels_last=self.layout)
+            ),
             batch_size=self.batch_size,
             device=example.device,
             dtype=dtype,
@@ -173,7 +185,8 @@ class _Scorer:
     def _forward(self, batch: torch.Tensor) -> torch.Tensor:
         if self.copy is None:
             return self.net(batch)
-        batch = batch.contiguous(memory_format=torch.channels_last)
+        if self.layout:
+            batch = batch.contiguous(memory_format=torch.channels_last)
         if self.compiled is not None and self.compiled.compiled is not False:
             return self.compiled(batch)
         return self.copy(batch)
