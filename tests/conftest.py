@@ -15,11 +15,6 @@ from torch import nn
 # alone) against 67 s with one thread under the same load; on a quiet machine 54 s vs 67 s.
 torch.set_num_threads(1)
 
-# No automatic torch.compile in the suite: whether the eager time of a model (e.g. the shared
-# default model) adds up to the threshold would depend on test order and machine speed. The
-# tests of compilation force it or turn this off themselves.
-os.environ["CONVLENS_AUTO_COMPILE"] = "0"
-
 # ../shared/data beside the repository; CONVLENS_SHARED_DATA points elsewhere (e.g. on a GPU box).
 SHARED = Path(
     os.environ.get("CONVLENS_SHARED_DATA")
