@@ -226,3 +226,52 @@ def test_bad_settings_are_refused(changes: dict[str, Any]) -> None:
 def test_accel_must_be_an_acceleration() -> None:
     with pytest.raises(InputError, match="accel must be"):
         get_method("saliency")(_net(), images(1), accel="plain")  # type: ignore[arg-type]
+
+
+NET = """
+import torch
+from torch import nn
+
+def build():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3),
+    )
+"""
+
+
+@pytest.mark.parametrize("command", ["explain", "evaluate", "analyze"])
+@pytest.mark.parametrize("plain", [False, True])
+def test_the_cli_plain_flag_sets_the_models_accel(
+    tmp_path, monkeypatch: pytest.MonkeyPatch, command: str, plain: bool
+) -> None:
+    import numpy as np
+    from PIL import Image
+
+    import convlens.models as models
+    from convlens.cli import main
+
+    (tmp_path / "net.py").write_text(NET)
+    (tmp_path / "data" / "dog").mkdir(parents=True)
+    image = tmp_path / "data" / "dog" / "a.png"
+    Image.fromarray(np.full((40, 40, 3), 90, dtype=np.uint8)).save(image)
+    (tmp_path / "labels.txt").write_text("cat\ndog\nmug\n")
+    loaded: list[Any] = []
+    original = models.load_model
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        loaded.append(original(*args, **kwargs))
+        return loaded[-1]
+
+    monkeypatch.setattr(models, "load_model", spy)
+    data = str(image if command == "explain" else tmp_path / "data")
+    model = ["--model", f"{tmp_path / 'net.py'}:build", "--classes", str(tmp_path / "labels.txt")]
+    extra = {"explain": ["--methods", "saliency"], "evaluate": ["--methods", "saliency"]}
+    args = [command, data, *model, "--size", "16", "--out", str(tmp_path / "out")]
+    args += extra.get(command, []) + (["--plain"] if plain else [])
+    with pytest.raises(SystemExit) as info:
+        main(args)
+    assert info.value.code in (0, None)
+    (net,) = loaded
+    assert net.accel == (Acceleration.plain() if plain else Acceleration())
