@@ -51,7 +51,7 @@ import torch
 from PIL import Image, ImageEnhance, ImageOps
 
 import convlens
-from convlens.allocator import keep_freed_memory
+from convlens.accel.allocator import keep_freed_memory
 from convlens.analysis import analyze
 from convlens.analysis import run as run_module
 from convlens.analysis.store import PredictionStore
@@ -589,7 +589,7 @@ def render(
         f"{Path(args.data).name} images by deterministic augmentations "
         f"({', '.join(AUGMENTATIONS)}) in {make_seconds:.1f} s; whole run {total:.0f} s",
         "- allocator: glibc mmap/trim thresholds raised to 1 GiB "
-        "(`convlens.allocator.keep_freed_memory`, as `convlens analyze` does)"
+        "(`convlens.accel.allocator.keep_freed_memory`, as `convlens analyze` does)"
         if args.malloc
         else "- allocator: default glibc malloc thresholds (`--no-keep-freed-memory` or no glibc)",
         common.load_line(load),

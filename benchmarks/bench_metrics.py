@@ -36,10 +36,11 @@ from pathlib import Path
 import torch
 
 import convlens
-from convlens.allocator import keep_freed_memory
+from convlens.accel import compiler_available
+from convlens.accel.allocator import keep_freed_memory
+from convlens.accel.compiled import FixedBatchForward
+from convlens.accel.folded import fold_batchnorm, inference_copy
 from convlens.metrics import DEFAULT_STEPS, Curves, deletion_insertion_many
-from convlens.models import fold_batchnorm, inference_copy
-from convlens.models.compiled import FixedBatchForward, compiler_available
 
 import _common as common
 from bench_methods import load_batch, read_labels, warm_up
@@ -259,7 +260,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--no-keep-freed-memory",
         action="store_true",
-        help="keep glibc's default mmap threshold (the CLI raises it; see convlens.allocator)",
+        help="keep glibc's default mmap threshold (the CLI raises it; see "
+        "convlens.accel.allocator)",
     )
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--no-write", action="store_true")
@@ -396,7 +398,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{chunk} images per metrics call; compile={args.compile}; whole run {total:.0f} s",
         "- allocator: "
         + (
-            "glibc mmap/trim thresholds raised (`convlens.allocator.keep_freed_memory`, as "
+            "glibc mmap/trim thresholds raised (`convlens.accel.allocator.keep_freed_memory`, as "
             "the `convlens` commands do)"
             if malloc
             else "default"

@@ -50,7 +50,7 @@ from torch import nn
 
 import convlens
 from convlens import Occlusion
-from convlens.allocator import keep_freed_memory
+from convlens.accel.allocator import keep_freed_memory
 from convlens.images import load_image
 from convlens.models.preprocess import Preprocess
 
@@ -439,7 +439,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--no-keep-freed-memory",
         action="store_true",
         help="keep glibc's default mmap threshold (by default it is raised for every side, as "
-        "the convlens CLI does; see convlens.allocator)",
+        "the convlens CLI does; see convlens.accel.allocator)",
     )
     p.add_argument("--tf32", action="store_true", help="allow TF32 convolutions on cuda")
     p.add_argument(

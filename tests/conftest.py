@@ -6,8 +6,6 @@ The models, oracles and paths themselves live in :mod:`tests.helpers`; import th
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -18,11 +16,6 @@ from tests.helpers.models import GapNet, LinearNet, NoGapNet, SharedActNet, seed
 # for a descheduled spinning thread: measured 418 s for the suite (one receptive-field test 88 s
 # alone) against 67 s with one thread under the same load; on a quiet machine 54 s vs 67 s.
 torch.set_num_threads(1)
-
-# No automatic torch.compile in the suite: whether the eager time of a model (e.g. the shared
-# default model) adds up to the threshold would depend on test order and machine speed. The
-# tests of compilation force it or turn this off themselves.
-os.environ["CONVLENS_AUTO_COMPILE"] = "0"
 
 
 @pytest.fixture

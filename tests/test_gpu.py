@@ -117,8 +117,8 @@ def test_compiled_metrics_and_occlusion_suffix_on_cuda() -> None:
     compiled copy and the compiled occlusion suffix give the CPU's answers (or fall back to
     eager execution when compilation fails, which still must give them)."""
     from convlens import Occlusion
+    from convlens.accel import compiled as comp
     from convlens.metrics import deletion_insertion
-    from convlens.models import compiled as comp
 
     net = seeded(GapNet(), dtype=torch.float32)
     x = images(b=2, size=16).float()

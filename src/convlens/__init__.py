@@ -11,6 +11,7 @@ Example:
 
 from __future__ import annotations
 
+from convlens.accel import Acceleration
 from convlens.api import explain
 from convlens.errors import (
     BlankMapWarning,
@@ -44,6 +45,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CAM",
+    "Acceleration",
     "BlankMapWarning",
     "ClassList",
     "ConvlensError",

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from convlens.accel.settings import Acceleration
 from convlens.architecture import LayerRef
 from convlens.methods import Method, get_method
 from convlens.models.base import ConvlensModel
@@ -26,6 +27,7 @@ def explain(
     top_k: int | None = None,
     layer: str | LayerRef | None = None,
     options: Mapping[str, Mapping[str, Any]] | None = None,
+    accel: Acceleration | None = None,
 ) -> dict[str, Explanation]:
     """Run several explanation methods on one batch.
 
@@ -38,6 +40,9 @@ def explain(
         top_k: explain each image's ``top_k`` most probable classes instead.
         layer: layer for the methods that use one (ignored by CAM, which finds its own).
         options: per-method constructor options, e.g. ``{"occlusion": {"patch": 16}}``.
+        accel: the accelerators the methods may use (default: the model wrapper's
+            ``accel``, else ``Acceleration()``); ``Acceleration.plain()`` runs every method's
+            plain PyTorch path.
 
     Returns:
         ``{method name: Explanation}`` in the order given.
@@ -55,5 +60,5 @@ def explain(
     for m in methods:
         method = get_method(m, **options.get(m, {})) if isinstance(m, str) else m
         use_layer = layer if method.uses_layer and method.name != "cam" else None
-        out[method.name] = method(model, x, target, top_k=top_k, layer=use_layer)
+        out[method.name] = method(model, x, target, top_k=top_k, layer=use_layer, accel=accel)
     return out

@@ -18,7 +18,7 @@ import torch
 import typer
 from rich.table import Table
 
-from convlens.allocator import keep_freed_memory
+from convlens.accel.allocator import keep_freed_memory
 from convlens.cli_options import (
     BatchSizeOpt,
     ClassesOpt,
@@ -29,6 +29,7 @@ from convlens.cli_options import (
     MethodsOpt,
     ModelOpt,
     OutDirOpt,
+    PlainOpt,
     ResizeOpt,
     SizeOpt,
     StdOpt,
@@ -244,13 +245,14 @@ def explain_cmd(
         float, typer.Option(help="Heatmap opacity.", callback=checked(fraction, "--alpha"))
     ] = 0.5,
     device: DeviceOpt = "cpu",
+    plain: PlainOpt = False,
 ) -> None:
     """Explain predictions: one side-by-side panel per image plus one overlay per method."""
     from convlens.methods.options import build_methods
 
     names = parse_methods(methods)
     files = _some_images(images)
-    net = load_net(model, weights, classes, size, resize, mean, std, device)
+    net = load_net(model, weights, classes, size, resize, mean, std, device, plain=plain)
     fill_value: str | float = fill
     with contextlib.suppress(ValueError):
         fill_value = float(fill)
@@ -536,7 +538,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = [a for a in args if a != "--debug"]
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING)
     # The command owns its process: keep freed activation memory for reuse (CPU forward passes
-    # ~2-3x faster, see convlens.allocator).
+    # ~2-3x faster, see convlens.accel.allocator).
     keep_freed_memory()
     shown, warnings.showwarning = warnings.showwarning, show_warning  # one "warning:" line
     try:

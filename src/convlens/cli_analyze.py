@@ -13,6 +13,7 @@ from convlens.cli_options import (
     LimitOpt,
     MeanOpt,
     ModelOpt,
+    PlainOpt,
     ResizeOpt,
     SizeOpt,
     StdOpt,
@@ -72,13 +73,14 @@ def analyze(
     mean: MeanOpt = None,
     std: StdOpt = None,
     device: DeviceOpt = "cpu",
+    plain: PlainOpt = False,
 ) -> None:
     """Find where and why the model errs: metrics, calibration, explained mistakes."""
     from convlens.analysis import analyze as run_analysis
     from convlens.methods.options import parse_method_options
 
     options = parse_method_options(method_option or [])
-    net = load_net(model, weights, classes, size, resize, mean, std, device)
+    net = load_net(model, weights, classes, size, resize, mean, std, device, plain=plain)
     result = run_analysis(
         net,
         data,

@@ -16,6 +16,7 @@ from convlens.cli_options import (
     MethodsOpt,
     ModelOpt,
     OutDirOpt,
+    PlainOpt,
     ResizeOpt,
     SizeOpt,
     StdOpt,
@@ -53,9 +54,8 @@ def evaluate(
         bool | None,
         typer.Option(
             "--compile/--no-compile",
-            help="Run the metrics' forward passes compiled by torch.compile (1.25x faster on "
-            "a CPU after 7-30 s of compilation). Default: automatic, on a CPU once the passes "
-            "add up to a minute.",
+            help="Run the metrics' forward passes compiled by torch.compile. Default: "
+            "automatic, on a CPU for batches of many passes (convlens.accel.AUTO_COMPILE_PASSES).",
         ),
     ] = None,
     sanity_images: Annotated[
@@ -75,6 +75,7 @@ def evaluate(
     mean: MeanOpt = None,
     std: StdOpt = None,
     device: DeviceOpt = "cpu",
+    plain: PlainOpt = False,
 ) -> None:
     """Score methods with deletion/insertion, Average Drop and sanity checks."""
     import torch
@@ -85,7 +86,7 @@ def evaluate(
     from convlens.render import save_figure
 
     names = parse_methods(methods)
-    net = load_net(model, weights, classes, size, resize, mean, std, device)
+    net = load_net(model, weights, classes, size, resize, mean, std, device, plain=plain)
     items = read_labelled(data, net.classes, limit=limit)
     if not items:
         raise InputError(f"no images found in {data}")

@@ -159,6 +159,15 @@ DeviceOpt = Annotated[
         help="cpu, cuda, cuda:1 ... or auto.", callback=checked(_parse_device, "--device")
     ),
 ]
+PlainOpt = Annotated[
+    bool,
+    typer.Option(
+        "--plain",
+        help="Run every method's plain PyTorch path: no folded copies, lean graphs, "
+        "compilation or incremental occlusion (results equal to float tolerance; see "
+        "convlens.accel).",
+    ),
+]
 
 # ------------------------------------------------------------------------- inputs and outputs
 
@@ -249,6 +258,8 @@ def load_net(
     mean: str | None = None,
     std: str | None = None,
     device: str = "cpu",
+    *,
+    plain: bool = False,
 ) -> ConvlensModel:
     """Load the model the model options describe, showing a status line on stderr meanwhile.
 
@@ -265,6 +276,8 @@ def load_net(
         mean: normalisation mean as text (see :func:`parse_triple`).
         std: normalisation std as text.
         device: the ``--device`` value (see :func:`parse_device`).
+        plain: the ``--plain`` flag: the model's ``accel`` becomes
+            ``Acceleration.plain()`` (every method call on it runs the plain path).
 
     Returns:
         The loaded model.
@@ -296,7 +309,12 @@ def load_net(
             std=s or base.std,
         )
     with status(f"loading model {model} ..."):
-        return load_model(model, weights=weights, classes=classes, preprocess=pre, device=dev)
+        net = load_model(model, weights=weights, classes=classes, preprocess=pre, device=dev)
+    if plain:
+        from convlens.accel import Acceleration
+
+        net.accel = Acceleration.plain()
+    return net
 
 
 def progress_bar() -> Progress:

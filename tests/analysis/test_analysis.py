@@ -696,7 +696,7 @@ def test_crash_while_reading_the_next_batch_keeps_the_previous_one(setup, monkey
 def test_keep_freed_memory_sets_the_glibc_thresholds() -> None:
     import platform
 
-    from convlens.allocator import keep_freed_memory
+    from convlens.accel.allocator import keep_freed_memory
 
     for bad in (0, 2**31):
         with pytest.raises(ValueError, match="nbytes"):

@@ -574,7 +574,7 @@ def start_cli_process(argv: Sequence[str], *, memory_limit: int = 0) -> CliProce
             that makes the command allocate without bound fails there, not on the machine.
     """
     args = [str(a) for a in argv]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CONVLENS_AUTO_COMPILE": "0"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
         [sys.executable, "-c", _CHILD, str(memory_limit), *args],
         stdin=subprocess.DEVNULL,

@@ -11,9 +11,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from convlens import Occlusion
+from convlens.accel import Acceleration, clear_caches, settings
+from convlens.accel import compiled as comp
 from convlens.accel.incremental import IncrementalEngine
 from convlens.methods.perturbation import window_starts
-from convlens.models import compiled as comp
 from tests.helpers.models import TinyResNet, TinyVGG, images, seeded
 
 
@@ -140,9 +141,7 @@ class _Counting:
 
 @pytest.fixture
 def fresh_cache() -> None:
-    comp._CACHE.clear()
-    comp._EAGER_SECONDS.clear()
-    comp._BUILDS.clear()
+    clear_caches()
 
 
 def test_compiled_suffix_runs_full_batches_only(
@@ -161,26 +160,32 @@ def test_compiled_suffix_runs_full_batches_only(
     assert counting.calls == 1  # the compiled suffix is kept for the same model
 
 
-def test_auto_compiles_the_suffix_once_time_adds_up(
+def test_auto_compiles_the_suffix_for_long_calls_only(
     monkeypatch: pytest.MonkeyPatch, fresh_cache
 ) -> None:
+    """``compile="auto"`` (the default ``Acceleration``) compiles when the call has at least
+    ``AUTO_COMPILE_PASSES`` (image, window) pairs: 18 here. The answer is the same however
+    often and in whichever order the calls run."""
     net = _with_stats(seeded(LiteLike(), seed=2))
     x = images(2, size=16, seed=4)
     counting = _Counting()
     monkeypatch.setattr(torch, "compile", counting)
-    monkeypatch.setattr(comp, "compiler_available", lambda: True)
-    monkeypatch.setenv("CONVLENS_AUTO_COMPILE", "1")
-    monkeypatch.setattr(comp, "AUTO_COMPILE_SECONDS", 1e9)
-    Occlusion(patch=9, stride=4, mode="exact", batch_size=4)(net, x)
-    assert counting.calls == 0 and comp.eager_seconds(net) > 0
-    monkeypatch.setattr(comp, "AUTO_COMPILE_SECONDS", 0.0)
+    monkeypatch.setattr(settings, "compiler_available", lambda: True)
+    monkeypatch.setattr(settings, "AUTO_COMPILE_PASSES", 19)
+    for _ in range(2):
+        Occlusion(patch=9, stride=4, mode="exact", batch_size=4)(net, x)
+    assert counting.calls == 0
+    monkeypatch.setattr(settings, "AUTO_COMPILE_PASSES", 18)
+    plain = Acceleration.plain()
+    Occlusion(patch=9, stride=4, mode="exact", batch_size=4)(net, x, accel=plain)
+    assert counting.calls == 0  # the plain path never compiles
     exact = Occlusion(patch=9, stride=4, mode="exact", batch_size=4)(net, x)
-    assert counting.calls == 1  # after the first batch
+    assert counting.calls == 1  # before the first batch
     naive = Occlusion(patch=9, stride=4, mode="naive")(net, x)
     torch.testing.assert_close(exact.maps, naive.maps, atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.skipif(not comp.compiler_available(), reason="needs a C++ compiler")
+@pytest.mark.skipif(not settings.compiler_available(), reason="needs a C++ compiler")
 def test_really_compiled_suffix_equals_naive(fresh_cache) -> None:
     net = _with_stats(seeded(LiteLike(), seed=2, dtype=torch.float32))
     x = images(2, size=16, seed=4).float()
@@ -196,7 +201,7 @@ def test_naive_path_runs_a_fused_copy_unless_hooked() -> None:
 
     net = _with_stats(seeded(TinyResNet(), seed=2))
     x = images(2, size=16, seed=4)
-    fast = _naive_forward(net, x)
+    fast = _naive_forward(net, x, Acceleration())
     assert fast is not net
     with torch.no_grad():
         torch.testing.assert_close(fast(x), net(x), atol=1e-10, rtol=1e-8)
@@ -204,7 +209,7 @@ def test_naive_path_runs_a_fused_copy_unless_hooked() -> None:
     seen: list[int] = []
     handle = net.layer1.register_forward_hook(lambda _m, a, _o: seen.append(a[0].shape[0]))
     try:
-        assert _naive_forward(net, x) is net  # the hook must see the occluded copies
+        assert _naive_forward(net, x, Acceleration()) is net  # the hook sees the copies
         hooked = Occlusion(patch=9, stride=4, mode="naive")(net, x)
     finally:
         handle.remove()

@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from convlens.accel.lean_graph import input_gradient_mode
 from convlens.errors import BlankMapWarning
-from convlens.hooks import input_gradient_mode, model_state
+from convlens.hooks import model_state
 from convlens.methods import (
     RISE,
     TTA,

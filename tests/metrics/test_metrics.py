@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from convlens.accel.folded import fold_batchnorm, inference_copy
 from convlens.metrics import (
     average_drop,
     baseline_map,
@@ -20,7 +21,6 @@ from convlens.metrics import (
     ranking,
     relative_range,
 )
-from convlens.models import fold_batchnorm, inference_copy
 from tests.helpers.models import GapNet, images, seeded
 
 

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from convlens.accel.settings import Acceleration
 from convlens.architecture import LayerRef, default_layer, parse_layer
 from convlens.errors import (
     BlankMapWarning,
@@ -35,7 +36,8 @@ __all__ = ["Context", "Method", "RawResult"]
 @dataclass
 class Context:
     """What a method's :meth:`Method.compute` gets: the network (already in eval mode with
-    frozen parameters), the batch and the user's target request."""
+    frozen parameters), the batch, the user's target request and the accelerators the call may
+    use (:class:`~convlens.accel.Acceleration`)."""
 
     net: nn.Module
     x: torch.Tensor
@@ -43,6 +45,7 @@ class Context:
     top_k: int | None
     classes: ClassList | None
     layer: str | LayerRef | None
+    accel: Acceleration = field(default_factory=Acceleration)
 
     def targets(self, logits: torch.Tensor) -> torch.Tensor:
         """Resolve the target request against the clean logits, (B, K)."""
@@ -139,6 +142,7 @@ class Method:
         *,
         top_k: int | None = None,
         layer: str | LayerRef | None = None,
+        accel: Acceleration | None = None,
     ) -> Explanation:
         """Explain the model's predictions on a batch.
 
@@ -151,6 +155,10 @@ class Method:
             layer: for layer methods, a module name (``"_blocks.15"``), optionally with the call
                 index for modules used several times (``"_swish@1"``); default chosen by the
                 method.
+            accel: the accelerators this call may use; default the wrapper's
+                :attr:`~convlens.models.ConvlensModel.accel`, else ``Acceleration()``.
+                ``Acceleration.plain()`` runs the plain PyTorch path (equal to float
+                tolerance).
 
         Returns:
             An :class:`~convlens.result.Explanation` with maps (B, K, H, W).
@@ -172,9 +180,21 @@ class Method:
         if top_k is not None:
             top_k = positive_int(top_k, "top_k")
         classes = wrapper.classes if wrapper is not None else None
-        ctx = Context(net=net, x=x, target=target, top_k=top_k, classes=classes, layer=layer)
+        if accel is None:
+            accel = wrapper.accel if wrapper is not None else Acceleration()
+        if not isinstance(accel, Acceleration):
+            raise InputError(
+                f"accel must be a convlens.accel.Acceleration, not {type(accel).__name__}"
+            )
+        ctx = Context(
+            net=net, x=x, target=target, top_k=top_k, classes=classes, layer=layer, accel=accel
+        )
         start = time.perf_counter()
-        with model_state(net, eval_mode=True, grads=self.uses_gradients), full_float32():
+        with (
+            model_state(net, eval_mode=True, grads=self.uses_gradients),
+            full_float32(),
+            accel.threads_for_call(),
+        ):
             try:
                 raw = self.compute(ctx)
             except Exception as exc:

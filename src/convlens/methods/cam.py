@@ -207,6 +207,7 @@ class LayerCAM(GradCAM):
                 None if first is not None else ctx.top_k,
                 ctx.classes,
                 layer,
+                ctx.accel,
             )
             raw = self._one(one)
             first = first or raw

@@ -9,17 +9,18 @@ from typing import Any
 import numpy as np
 import torch
 
+from convlens.accel.folded import cached_inference_copy
+from convlens.accel.lean_graph import InputGradientMode
 from convlens.errors import InputError
-from convlens.hooks import InputGradientMode, backprop_rule, input_gradient_mode
+from convlens.hooks import backprop_rule
 from convlens.methods.base import Context, Method, RawResult
 from convlens.methods.registry import register
-from convlens.models.inference import cached_inference_copy
 from convlens.validate import PositiveFloat, PositiveInt
 
 __all__ = ["GradientXInput", "IntegratedGradients", "Saliency", "input_gradients"]
 
-#: Input gradients through the folded copy use plain autograd while its estimated graph
-#: (128x the input's bytes) stays below this; the lean graph above it.
+#: With ``Acceleration.lean_graph``, input gradients through the folded copy use plain autograd
+#: while its estimated graph (128x the input's bytes) stays below this; the lean graph above it.
 PLAIN_GRAPH_BYTES = 4 * 2**30
 
 #: Pixel-gradient maps have a few extreme values; views clip them at this percentile.
@@ -32,14 +33,16 @@ def input_gradients(
     """dS_t/dx for every target: ``(grads (B, K, 3, H, W), logits (B, N), targets (B, K))``.
 
     One forward pass, then one backward pass per target column (K of them). Only the input
-    requires gradients; parameters stay frozen, so no parameter gradient is computed. Without a
-    rule the pass runs through the network's BatchNorm-folded copy
-    (:func:`convlens.models.inference.cached_inference_copy`: the same function up to float
-    rounding, a third fewer layers and saved activations; the network itself when a forward
-    or backward hook must see the pass), with plain autograd up to an estimated 4 GiB of graph
-    (128x the input's bytes per image: about 54 images of 224 px) and the lean graph of
-    :class:`convlens.hooks.InputGradientMode` above that; the logits (and the targets resolved
-    against them) are then the copy's, equal to the network's up to float rounding.
+    requires gradients; parameters stay frozen, so no parameter gradient is computed.
+
+    Accelerators (``ctx.accel``), without a rule: with ``fold_batchnorm`` the pass runs through
+    the network's BatchNorm-folded copy (:func:`convlens.accel.folded.cached_inference_copy`:
+    the same function up to float rounding; the network itself when a forward or backward hook
+    must see the pass), in ``channels_last`` layout where ``channels_last`` says so; with
+    ``lean_graph`` the graph is built by :class:`convlens.accel.lean_graph.InputGradientMode`
+    on the network itself, and on the copy above an estimated 4 GiB of graph (128x the input's
+    bytes). The logits (and the targets resolved against them) are then the copy's, equal to
+    the network's up to float rounding.
 
     Args:
         ctx: the call's context.
@@ -51,14 +54,17 @@ def input_gradients(
         UnsupportedModelError: ``rule`` cannot apply to the model (see
             :meth:`convlens.hooks.BackpropRuleMode.check`).
     """
-    if rule is None:
-        fast = cached_inference_copy(ctx.net, ctx.x, channels_last=ctx.x.device.type == "cpu")
+    accel = ctx.accel
+    layout = accel.uses_channels_last(ctx.x.device)
+    if rule is None and accel.fold_batchnorm:
+        fast = cached_inference_copy(ctx.net, ctx.x, channels_last=layout)
         if fast is not None:
-            return _copy_gradients(ctx, fast)
+            return _copy_gradients(ctx, fast, channels_last=layout)
     x = ctx.x.detach().clone().requires_grad_(True)
     with torch.enable_grad():
         if rule is None:
-            with input_gradient_mode():  # the true gradient, with a leaner graph
+            lean = InputGradientMode() if accel.lean_graph else contextlib.nullcontext()
+            with lean:  # the true gradient, with a leaner graph
                 logits = ctx.net(x)
         else:
             with backprop_rule(rule) as mode:
@@ -70,20 +76,20 @@ def input_gradients(
         for j in range(k):
             score = logits.gather(1, targets[:, j : j + 1]).sum()
             (g,) = torch.autograd.grad(score, x, retain_graph=j < k - 1)
-            grads.append(g)
+            grads.append(g.contiguous())
     return torch.stack(grads, dim=1), logits.detach(), targets
 
 
 def _copy_gradients(
-    ctx: Context, fast: torch.nn.Module
+    ctx: Context, fast: torch.nn.Module, *, channels_last: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`input_gradients` through the folded copy ``fast``: one forward pass of the copy,
     then a backward pass per target column."""
     x = ctx.x.detach().clone()
-    if ctx.x.device.type == "cpu":
+    if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     x.requires_grad_(True)
-    big = x.numel() * x.element_size() * 128 > PLAIN_GRAPH_BYTES
+    big = ctx.accel.lean_graph and x.numel() * x.element_size() * 128 > PLAIN_GRAPH_BYTES
     with torch.enable_grad():
         with InputGradientMode() if big else contextlib.nullcontext():
             out = fast(x)
@@ -184,18 +190,14 @@ class IntegratedGradients(Method):
     once, summed in place into one (B, K, 3, H, W) buffer of the input's dtype. ``maps`` is
     ``sum_c IG_c`` (signed); ``attributions`` keeps every channel.
 
-    The path points run through a copy of the network with eval-mode BatchNorm folded into the
-    convolutions (:func:`convlens.models.inference.cached_inference_copy`, made once per network
-    and kept while it is unchanged; the same function up to float rounding, checked on two
-    images; the network itself when hooks must see the passes, and in the other cases listed
-    there): a third fewer layers
-    to run forwards and backwards, and a third fewer activations kept for the backward pass.
-    The autograd graph is built by plain autograd (``graph="plain"``) or by
-    :class:`convlens.hooks.InputGradientMode` (``graph="lean"``: one byte kept per activation
-    instead of float tensors, at the price of a few Python-level autograd Functions per layer;
-    on EfficientNet-Lite0 with 4 images on a 2-core CPU, peak RSS +0.76 GB instead of +1.63 GB,
-    and 1.3x slower). Measured against Captum's ``IntegratedGradients`` at the same steps and
-    points per pass: ``benchmarks/RESULTS.md``.
+    Accelerators (the call's :class:`~convlens.accel.Acceleration`, each also limited by the
+    option of the same purpose below): the path points run through a copy of the network with
+    eval-mode BatchNorm folded into the convolutions (``fold_batchnorm``;
+    :func:`convlens.accel.folded.cached_inference_copy`, the same function up to float
+    rounding; the network itself when hooks must see the passes), in ``channels_last`` layout,
+    and with ``graph="lean"`` through :class:`convlens.accel.lean_graph.InputGradientMode` (one
+    byte kept per activation instead of float tensors). Measured against Captum's
+    ``IntegratedGradients`` at the same steps and points per pass: ``benchmarks/RESULTS.md``.
 
     Args:
         steps: number of points on the path.
@@ -214,10 +216,13 @@ class IntegratedGradients(Method):
             graph; above what a conv-BN-ReLU network needs).
         blur_sigma: standard deviation of the blurred baseline, in pixels.
         graph: ``"plain"`` or ``"lean"``: how the autograd graph of a pass is built (see
-            above); the gradients are equal up to float rounding.
-        fuse: run the path points through the BatchNorm-folded copy of the network.
+            above; ``"lean"`` only where the call's ``accel.lean_graph`` allows it); the
+            gradients are equal up to float rounding.
+        fuse: run the path points through the BatchNorm-folded copy of the network (where
+            the call's ``accel.fold_batchnorm`` allows it).
         channels_last: feed the passes in ``channels_last`` layout (with the copy's weights
-            converted to match); ``None``: on CPUs only, where oneDNN convolves NHWC faster.
+            converted to match); ``None``: as the call's ``accel.channels_last`` says (on CPUs
+            only by default); ``True`` only where that is not ``False``.
     """
 
     title = "Integrated gradients"
@@ -247,17 +252,22 @@ class IntegratedGradients(Method):
         self.batch_size, self.blur_sigma, self.memory_mb = batch_size, blur_sigma, memory_mb
         self.graph, self.fuse, self.channels_last = graph, fuse, channels_last
 
-    def points_per_pass(self, x: torch.Tensor, *, fused: bool = True) -> int:
+    def points_per_pass(
+        self, x: torch.Tensor, *, fused: bool = True, lean: bool | None = None
+    ) -> int:
         """Path points x images per forward/backward pass for the batch ``x`` (a multiple of
         its size B, between B and ``steps * B``); ``fused``: through the folded copy (a
-        smaller plain graph than the network's own)."""
+        smaller plain graph than the network's own); ``lean``: with the lean graph (default:
+        ``graph == "lean"``)."""
         b = x.shape[0]
         n = self.batch_size
+        if lean is None:
+            lean = self.graph == "lean"
         if n is None:
             if x.device.type == "cpu":
                 n = 32
             else:
-                factor = 32 if self.graph == "lean" else 128 if fused else 192
+                factor = 32 if lean else 128 if fused else 192
                 n = int(self.memory_mb * 2**20 // (x[0].numel() * x.element_size() * factor))
         return min(self.steps, max(1, n // b)) * b
 
@@ -291,14 +301,19 @@ class IntegratedGradients(Method):
         # serves every image (eval mode: images are independent).
         ends = torch.cat([x, base[:1] if shared else base])
         diff = x - base
-        graph = self.graph
-        mode = InputGradientMode() if graph == "lean" else contextlib.nullcontext()
-        layout = x.device.type == "cpu" if self.channels_last is None else self.channels_last
-        net = cached_inference_copy(ctx.net, x, channels_last=layout) if self.fuse else None
+        accel = ctx.accel
+        lean = self.graph == "lean" and accel.lean_graph
+        graph = "lean" if lean else "plain"
+        mode = InputGradientMode() if lean else contextlib.nullcontext()
+        layout = accel.uses_channels_last(x.device)
+        if self.channels_last is not None:
+            layout = self.channels_last and accel.channels_last is not False
+        fold = self.fuse and accel.fold_batchnorm
+        net = cached_inference_copy(ctx.net, x, channels_last=layout) if fold else None
         fused = net is not None
         if net is None:
             net, layout = ctx.net, False
-        per = self.points_per_pass(x, fused=fused) // b  # path points per pass, all images
+        per = self.points_per_pass(x, fused=fused, lean=lean) // b  # path points per pass
         # Off the CPU the endpoints ride along in the first path pass (their rows get no
         # weight): a pass of a few images costs kernel launches, not arithmetic. On a CPU the
         # arithmetic counts, and a no-grad pass is a third of a forward + backward one.

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
@@ -12,13 +11,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from convlens.accel.folded import has_forward_hooks, inference_copy
 from convlens.accel.incremental import IncrementalEngine, NotIncrementalError
+from convlens.accel.settings import Acceleration
 from convlens.errors import UnsupportedModelError
 from convlens.hooks import hooks
 from convlens.methods.base import Context, Method, RawResult
 from convlens.methods.registry import register
-from convlens.models.compiled import record_eager_seconds, should_compile
-from convlens.models.inference import has_forward_hooks, inference_copy
 from convlens.validate import (
     Bound,
     FiniteFloat,
@@ -78,22 +77,26 @@ def _activation_bytes_per_sample(net: nn.Module, x: torch.Tensor) -> tuple[torch
     return logits, max(1, total[0] // x.shape[0])
 
 
-def _naive_forward(net: nn.Module, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-    """What full forward passes of occluded copies run: a fused copy of the network
-    (:func:`~convlens.models.inference.inference_copy`: eval-mode BatchNorm folded into the
-    convolutions, ``channels_last``; equal to float rounding, checked on the first two images
-    of ``x``), or the network
-    itself when a module or a global hook must see the passes or the copy cannot be made."""
-    if has_forward_hooks(net):
+def _naive_forward(
+    net: nn.Module, x: torch.Tensor, accel: Acceleration
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """What full forward passes of occluded copies run: with ``accel.fold_batchnorm`` or
+    ``accel.channels_last``, a copy of the network (:func:`~convlens.accel.folded.inference_copy`:
+    eval-mode BatchNorm folded into the convolutions, ``channels_last`` weights and inputs;
+    equal to float rounding, checked on the first two images of ``x``); the network itself
+    with neither, when a module or a global hook must see the passes or the copy cannot be
+    made."""
+    layout = accel.uses_channels_last(x.device)
+    if has_forward_hooks(net) or not (accel.fold_batchnorm or layout):
         return net
     try:
-        fast = inference_copy(net, x.clone())
+        fast = inference_copy(net, x.clone(), fold=accel.fold_batchnorm, channels_last=layout)
     except Exception as exc:  # an uncopyable or scripted model: run it as it is
         log.info("occlusion runs the model as it is (%s: %s)", type(exc).__name__, exc)
         return net
 
     def forward(batch: torch.Tensor) -> torch.Tensor:
-        return fast(batch.contiguous(memory_format=torch.channels_last))
+        return fast(batch.contiguous(memory_format=torch.channels_last) if layout else batch)
 
     return forward
 
@@ -127,8 +130,9 @@ class Occlusion(Method):
     - ``"naive"``: every occluded copy goes through the whole network (a copy with BatchNorm
       folded and ``channels_last`` weights, equal to float rounding, unless the model has
       forward hooks).
-    - ``"auto"`` (default): ``"exact"`` when the model can be traced, else ``"naive"`` (the
-      reason is logged and recorded in ``meta["fallback_reason"]``).
+    - ``"auto"`` (default): ``"exact"`` when the model can be traced and the call's
+      ``accel.incremental`` is on (:class:`~convlens.accel.Acceleration`), else ``"naive"``
+      (the reason is logged and recorded in ``meta["fallback_reason"]``).
     - ``"approx"``: Krypton's approximations on top of ``"exact"``: each layer's box is capped
       at ``tau`` of the map's side (projective-field threshold), and adaptive drill-down: only
       every ``coarse``-th window along each axis is evaluated first; the drops of the other
@@ -163,11 +167,11 @@ class Occlusion(Method):
             coarse pass.
         compile: ``"exact"``/``"approx"``: run the fully computed end of the network (fused,
             :mod:`convlens.accel.incremental.suffix`) compiled by ``torch.compile`` for the
-            batch size used (equal to float rounding, checked on its first batch; compiled
-            once and kept for later calls on the same model): ``True``, ``False``, or
-            ``"auto"``: on a CPU with a C++ compiler, once this model's eager passes in the
-            process, spent and expected for the call, reach a minute
-            (:func:`convlens.models.compiled.should_compile`).
+            batch size used (equal to float rounding, checked on its first batch; kept for
+            later calls on the same model): ``True``, ``False``, ``"auto"`` (for calls of at
+            least :data:`~convlens.accel.AUTO_COMPILE_PASSES` occluded copies on a CPU with a
+            C++ compiler: :meth:`~convlens.accel.Acceleration.compiles`), or ``None``: the
+            call's ``accel.compile``. Never when that is ``False``.
 
     Raises:
         ValueError: an option is out of range.
@@ -190,7 +194,7 @@ class Occlusion(Method):
         tau: _OpenFraction = 1.0,
         coarse: PositiveInt = 2,
         drill: Fraction = 0.5,
-        compile: bool | Literal["auto"] = "auto",
+        compile: bool | Literal["auto"] | None = None,
     ) -> None:
         if score not in ("prob", "logit"):
             raise ValueError(f"score must be 'prob' or 'logit', not {score!r}")
@@ -198,8 +202,8 @@ class Occlusion(Method):
             raise ValueError(f"fill must be 'mean', 'blur', 'zero' or a number, not {fill!r}")
         if mode not in ("auto", "exact", "naive", "approx"):
             raise ValueError(f"mode must be 'auto', 'exact', 'naive' or 'approx', not {mode!r}")
-        if compile not in (True, False, "auto"):
-            raise ValueError(f"compile must be True, False or 'auto', not {compile!r}")
+        if compile not in (True, False, "auto", None):
+            raise ValueError(f"compile must be True, False, 'auto' or None, not {compile!r}")
         self.compile = compile
         self.patch, self.stride, self.fill, self.score = patch, stride, fill, score
         self.batch_size, self.memory_mb, self.blur_sigma = batch_size, memory_mb, blur_sigma
@@ -248,7 +252,7 @@ class Occlusion(Method):
     def _engine(
         self, ctx: Context, ys: list[int], xs: list[int], meta: dict[str, Any]
     ) -> IncrementalEngine | None:
-        if self.mode == "naive":
+        if self.mode == "naive" or (self.mode == "auto" and not ctx.accel.incremental):
             meta["occlusion_path"] = "naive"
             return None
         tau = self.tau if self.mode == "approx" and self.tau < 1 else None
@@ -280,7 +284,7 @@ class Occlusion(Method):
                 # a copy: the caller's tensor stays as it is even if the model changes its
                 # input in place (the occluded copies are new tensors anyway)
                 logits, per_sample = _activation_bytes_per_sample(ctx.net, x.clone())
-                forward = _naive_forward(ctx.net, x)
+                forward = _naive_forward(ctx.net, x, ctx.accel)
             else:
                 logits, per_sample = engine.logits, engine.bytes_per_pair()
             targets = ctx.targets(logits)
@@ -295,7 +299,7 @@ class Occlusion(Method):
             py, px = len(ys), len(xs)
             n_pos = py * px
             chunk = self.batch_size or max(1, int(self.memory_mb * 2**20 // per_sample))
-            if engine is not None and self.compile is True:
+            if engine is not None and self._compiles(ctx.accel, x.device, b * n_pos):
                 engine.compile_suffix(ctx.net, min(chunk, b * n_pos))
 
             def evaluate(pairs: torch.Tensor) -> torch.Tensor:
@@ -309,16 +313,7 @@ class Occlusion(Method):
                         batch = torch.where(mask[:, None], fill[img], x[img])
                         s = self._scores(forward(batch), targets[img])
                     else:
-                        t0 = time.perf_counter()
                         s = self._scores(engine.run(fill, img, pos // px, pos % px), targets[img])
-                        self._account(
-                            ctx,
-                            engine,
-                            chunk,
-                            time.perf_counter() - t0,
-                            len(idx),
-                            len(pairs) - start - len(idx),
-                        )
                     out[start : start + len(idx)] = self._drops(base[img], s)
                 return out
 
@@ -335,25 +330,14 @@ class Occlusion(Method):
         meta.update(forward_passes=evaluated + b, perturbations_per_batch=chunk)
         return RawResult(maps, logits, targets, meta=meta)
 
-    def _account(
-        self,
-        ctx: Context,
-        engine: IncrementalEngine,
-        chunk: int,
-        seconds: float,
-        done: int,
-        left: int,
-    ) -> None:
-        """Count eager CPU time of the model and, with ``compile="auto"``, compile the
-        engine's suffix once the time spent and expected reaches the threshold."""
-        suffix = engine.suffix
-        if suffix is None or suffix.compiled or ctx.x.device.type != "cpu":
-            return
-        record_eager_seconds(ctx.net, seconds)
-        if self.compile == "auto" and should_compile(
-            ctx.net, ctx.x.device, seconds / max(done, 1) * left
-        ):
-            engine.compile_suffix(ctx.net, min(chunk, done + left))
+    def _compiles(self, accel: Acceleration, device: torch.device, pairs: int) -> bool:
+        """Whether the engine's suffix is compiled for a call of ``pairs`` occluded copies: the
+        ``compile`` option, or the call's ``accel.compile`` when it is ``None``
+        (:meth:`~convlens.accel.Acceleration.compiles`); never when ``accel.compile`` is
+        ``False``."""
+        if self.compile is None or accel.compile is False:
+            return accel.compiles(device, pairs)
+        return accel.but(compile=self.compile).compiles(device, pairs)
 
     def _drill_down(
         self,

@@ -107,6 +107,7 @@ class GuidedGradCAM(Method):
             top_k=None,
             classes=ctx.classes,
             layer=ctx.layer,
+            accel=ctx.accel,
         )
         g, _, _ = input_gradients(fixed, rule="guided", strict=self.strict)
         up = F.interpolate(cam.maps, size=ctx.x.shape[-2:], mode="bilinear", align_corners=False)

@@ -125,6 +125,7 @@ class SmoothGrad(Method):
                 top_k=None,
                 classes=ctx.classes,
                 layer=ctx.layer,
+                accel=ctx.accel,
             )
             raw = self.inner.compute(inner_ctx)
             scale = raw.meta.get("log_scale")
@@ -220,7 +221,7 @@ class TTA(Method):
                 xt = xs.flip(-1) if flip else xs
                 try:
                     raw = self.inner.compute(
-                        Context(ctx.net, xt, targets, None, ctx.classes, ctx.layer)
+                        Context(ctx.net, xt, targets, None, ctx.classes, ctx.layer, ctx.accel)
                     )
                 except RuntimeError as exc:
                     if size == (h, w) or not any(p in str(exc) for p in _SHAPE_ERRORS):

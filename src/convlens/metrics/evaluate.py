@@ -122,7 +122,7 @@ def evaluate_methods(
             see :func:`convlens.metrics.deletion_insertion_many`).
         autocast: run the metrics' forward passes under ``torch.autocast`` with this dtype.
         compile: compile the fast copy with ``torch.compile`` (``True``, ``False`` or
-            ``"auto"``: on a CPU once the metrics' passes reach a minute; see
+            ``"auto"``: on a CPU for calls of many passes; see
             :func:`convlens.metrics.deletion_insertion_many`).
 
     Returns:

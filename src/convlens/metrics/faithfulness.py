@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
@@ -13,16 +12,12 @@ from typing import Literal
 import torch
 from torch import nn
 
+from convlens.accel.compiled import FixedBatchForward, compiled_forward
+from convlens.accel.folded import inference_copy
+from convlens.accel.settings import Acceleration
 from convlens.hooks import model_state
 from convlens.methods.perturbation import blur
 from convlens.models.base import ConvlensModel, unwrap
-from convlens.models.compiled import (
-    FixedBatchForward,
-    compiled_forward,
-    record_eager_seconds,
-    should_compile,
-)
-from convlens.models.inference import inference_copy
 from convlens.validate import positive_float, positive_int
 
 __all__ = [
@@ -103,14 +98,15 @@ class _Scorer:
     """Scores the target class on batches of inputs, with the model or its fast inference copy.
 
     Use as a context manager: the user's model is put in eval mode (and restored) only when the
-    copy could not be made.
+    copy could not be made. A model wrapper's ``accel`` limits ``fast`` (its ``fold_batchnorm``
+    and ``channels_last``) and ``compile`` (never when its ``compile`` is ``False``).
 
     ``compile``: ``True`` runs the copy compiled by ``torch.compile`` for ``batch_size`` images
-    per pass (:class:`~convlens.models.compiled.FixedBatchForward`: checked against eager
-    execution on its first batch, eager whenever compilation fails); ``"auto"`` does so on a
-    CPU once the eager passes of this network in this process, spent and expected for this call
-    (:meth:`expect`), reach a minute (:func:`~convlens.models.compiled.should_compile`); one
-    compiled copy per network is kept between calls.
+    per pass (:class:`~convlens.accel.compiled.FixedBatchForward`: checked against eager
+    execution on its first batch, eager whenever compilation fails); ``"auto"`` does so when
+    the call's job, announced by :meth:`expect`, is long enough
+    (:meth:`convlens.accel.Acceleration.compiles`); one compiled copy per network is kept
+    between calls.
     """
 
     def __init__(
@@ -128,9 +124,16 @@ class _Scorer:
         self.net, self.wrapper = unwrap(model)
         self.example = example
         self.copy: nn.Module | None = None
-        if fast:
+        accel = self.wrapper.accel if self.wrapper is not None else Acceleration()
+        self.fold = accel.fold_batchnorm
+        self.layout = accel.channels_last is not False
+        if accel.compile is False:
+            compile = False
+        if fast and (self.fold or self.layout):
             try:
-                self.copy = inference_copy(model, example)
+                self.copy = inference_copy(
+                    model, example, fold=self.fold, channels_last=self.layout
+                )
             except Exception as exc:  # an uncopyable or scripted model: use it as it is
                 log.info(
                     "no fast inference copy (%s: %s); using the model", type(exc).__name__, exc
@@ -139,7 +142,6 @@ class _Scorer:
         self.batch_size = positive_int(batch_size, "batch_size")
         self.compile = compile
         self.compiled: FixedBatchForward | None = None
-        self._per_image: float | None = None  # eager seconds per image, measured
         self._stack = contextlib.ExitStack()
         if compile is True:
             self._use_compiled()
@@ -152,20 +154,22 @@ class _Scorer:
         dtype = example.dtype if example.is_floating_point() else torch.float32
         self.compiled = compiled_forward(
             model,
-            lambda: self.copy if self.copy is not None else inference_copy(model, example),
+            lambda: (
+                self.copy
+                if self.copy is not None
+                else inference_copy(model, example, fold=self.fold, channels_last=self.layout)
+            ),
             batch_size=self.batch_size,
             device=example.device,
             dtype=dtype,
         )
 
     def expect(self, n_images: int) -> None:
-        """Announce ``n_images`` more images to score; with ``compile="auto"``, compile when
-        their expected eager time (from the passes so far) makes it worth it."""
+        """Announce the job: ``n_images`` images to score; with ``compile="auto"``, compile when
+        that many make it worth it (:meth:`convlens.accel.Acceleration.compiles`)."""
         if self.compile != "auto" or self.copy is None or self.compiled is not None:
             return
-        if self._per_image is None:
-            return
-        if should_compile(self.net, self.example.device, n_images * self._per_image):
+        if Acceleration(compile="auto").compiles(self.example.device, n_images):
             self._use_compiled()
 
     def __enter__(self) -> _Scorer:
@@ -181,16 +185,11 @@ class _Scorer:
     def _forward(self, batch: torch.Tensor) -> torch.Tensor:
         if self.copy is None:
             return self.net(batch)
-        batch = batch.contiguous(memory_format=torch.channels_last)
+        if self.layout:
+            batch = batch.contiguous(memory_format=torch.channels_last)
         if self.compiled is not None and self.compiled.compiled is not False:
             return self.compiled(batch)
-        t0 = time.perf_counter()
-        out = self.copy(batch)
-        if batch.device.type == "cpu":
-            seconds = time.perf_counter() - t0
-            record_eager_seconds(self.net, seconds)
-            self._per_image = seconds / max(batch.shape[0], 1)
-        return out
+        return self.copy(batch)
 
     def logits(self, batch: torch.Tensor) -> torch.Tensor:
         """Float32 logits of one batch."""
@@ -307,14 +306,14 @@ def deletion_insertion_many(
         score: ``"prob"`` (softmax) or ``"logit"``.
         batch_size: images per forward pass.
         fast: evaluate a copy of the model with BatchNorm folded into the convolutions and
-            ``channels_last`` weights (:func:`convlens.models.inference.inference_copy`); the
+            ``channels_last`` weights (:func:`convlens.accel.folded.inference_copy`); the
             scores equal the model's to float rounding.
         autocast: e.g. ``torch.bfloat16``: run the forward passes under ``torch.autocast``
             (faster on CPUs with bf16 instructions and on GPUs, not exact; see docs/metrics.md).
         compile: run the fast copy compiled by ``torch.compile`` (equal to float rounding,
-            checked on the first batch; 1.25x faster on a CPU after 7-30 s of compilation):
-            ``True``, ``False``, or ``"auto"``: on a CPU with a C++ compiler, once this
-            network's eager passes in this process, spent and expected, reach a minute. The
+            checked on the first batch; timings in ``benchmarks/RESULTS_METRICS.md``):
+            ``True``, ``False``, or ``"auto"``: on a CPU with a C++ compiler, when the call
+            scores at least :data:`~convlens.accel.AUTO_COMPILE_PASSES` perturbed images. The
             compiled copy is kept for later calls with the same network and ``batch_size``.
 
     Returns:

@@ -11,12 +11,6 @@ from convlens.errors import ModelLoadError
 from convlens.models.base import ConvlensModel, check_class_count, count_outputs, unwrap
 from convlens.models.builtin import BUILTIN_MODELS, load_builtin
 from convlens.models.classes import ClassList, imagenet_classes
-from convlens.models.inference import (
-    cached_inference_copy,
-    clear_inference_copies,
-    fold_batchnorm,
-    inference_copy,
-)
 from convlens.models.preprocess import Preprocess
 
 __all__ = [
@@ -24,11 +18,7 @@ __all__ = [
     "ClassList",
     "ConvlensModel",
     "Preprocess",
-    "cached_inference_copy",
-    "clear_inference_copies",
-    "fold_batchnorm",
     "imagenet_classes",
-    "inference_copy",
     "load_model",
     "unwrap",
     "wrap_model",

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from convlens.accel.settings import Acceleration
 from convlens.errors import ModelLoadError
 from convlens.models.classes import ClassList
 from convlens.models.preprocess import Preprocess
@@ -77,12 +78,16 @@ class ConvlensModel:
         preprocess: how images become inputs (resize, crop, mean, std).
         classes: names (and synsets) of the outputs.
         name: short name shown in reports (``"lite0"``).
+        accel: which accelerators method calls on this model use (the default: every one
+            that is exact; ``Acceleration.plain()``: none); a method call's ``accel=``
+            argument overrides it (:class:`convlens.accel.Acceleration`).
     """
 
     net: nn.Module
     preprocess: Preprocess
     classes: ClassList
     name: str = "model"
+    accel: Acceleration = field(default_factory=Acceleration)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from convlens.accel.folded import batchnorm_affine
 from convlens.accel.incremental.ops import (
     AVG_DEFAULTS,
     AVG_NAMES,
@@ -46,7 +47,6 @@ from convlens.accel.incremental.ops import (
 )
 from convlens.accel.incremental.regions import Box, shift_box, union_box, window_box
 from convlens.accel.incremental.trace import NotIncrementalError, Traced
-from convlens.models.inference import batchnorm_affine
 
 __all__ = [
     "Planner",

@@ -3,7 +3,7 @@
 :class:`~convlens.accel.incremental.engine.IncrementalEngine` recomputes only the changed boxes
 of the early feature maps; from the layer where a window's changes cover the whole map (or at
 global pooling, flatten, the linear head) on, every occluded copy runs in full. That *suffix* is
-run the way the metrics run whole networks (:func:`convlens.models.inference.inference_copy`):
+run the way the metrics run whole networks (:func:`convlens.accel.folded.inference_copy`):
 the suffix's nodes are copied into their own :class:`torch.fx.GraphModule` that shares the
 model's modules, with every eval-mode ``BatchNorm2d`` folded into the convolution before it
 (``W' = s W``, ``b' = s (b - mu) + beta``, ``s = gamma / sqrt(var + eps)``) and 4-D weights and
@@ -13,7 +13,7 @@ one by one as before) if it differs, if the model has hooked modules (their hook
 model's own modules), or if anything about building it fails.
 
 With ``compile=True`` the suffix runs compiled by ``torch.compile`` for a fixed number of
-(image, window) pairs per pass (:class:`~convlens.models.compiled.FixedBatchForward`, which pads
+(image, window) pairs per pass (:class:`~convlens.accel.compiled.FixedBatchForward`, which pads
 the last batch and falls back to eager execution when compilation fails or disagrees).
 """
 
@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from convlens.accel.folded import batchnorm_affine
 from convlens.accel.incremental.ops import hooked as _hooked
-from convlens.models.inference import batchnorm_affine
 
 __all__ = ["Suffix", "build_suffix"]
 
@@ -67,8 +67,8 @@ class Suffix:
         """Run the suffix compiled by ``torch.compile`` for passes of ``batch_size`` pairs
         from now on (other sizes run eagerly: the suffix's arguments may include the batch
         size). The compiled form is kept for later calls on ``owner`` (the user's network) with
-        the same suffix (:func:`~convlens.models.compiled.compiled_forward`)."""
-        from convlens.models.compiled import compiled_forward
+        the same suffix (:func:`~convlens.accel.compiled.compiled_forward`)."""
+        from convlens.accel.compiled import compiled_forward
 
         first = next(iter([*self.module.parameters(), *self.module.buffers()]), None)
         self.fn = compiled_forward(
@@ -142,7 +142,7 @@ def _fold_in_graph(gm: fx.GraphModule) -> int:
     """Fold each eval-mode ``BatchNorm2d`` whose input is a zero-padded convolution's output and
     nothing else's (a ``Conv2d`` module called once, or ``conv2d`` on parameters nothing else
     uses) into that convolution, in place: the pair becomes one ``conv2d`` on new folded
-    parameters (:func:`~convlens.models.inference.batchnorm_affine`)."""
+    parameters (:func:`~convlens.accel.folded.batchnorm_affine`)."""
     calls: dict[str, int] = {}
     for n in gm.graph.nodes:
         if n.op == "call_module":

@@ -1,15 +1,12 @@
-"""Keep glibc from unmapping large freed blocks, which makes CPU inference ~2-3x faster.
+"""Keep glibc from unmapping large freed blocks, which makes CPU inference faster.
 
 A forward pass of a convolutional network allocates activation tensors of tens of MB and frees
 them again. glibc serves blocks above ``M_MMAP_THRESHOLD`` (at most 32 MB when it adapts the
 threshold itself) with a fresh ``mmap`` and returns them with ``munmap``, so every forward pass
-page-faults its activations in again. Measured on the shared 2-core development machine
-(EfficientNet-Lite0, one torch thread, batch 32, alternating runs): 163-168 ms per image
-before, 55-64 ms after; occlusion 17.6-18.8 s per image before, 9.5-10.1 s after (the two CPU
-sections of ``benchmarks/RESULTS_ANALYZE.md``, taken under different load, show 11.2 and 17.8
-images/s). Raising the mmap and trim thresholds keeps freed blocks in the heap for reuse. The
-price is that up to ``nbytes`` of freed memory is kept by the process instead of being
-returned to the system.
+page-faults its activations in again (measurements: ``benchmarks/RESULTS_ANALYZE.md``).
+Raising the mmap and trim thresholds keeps freed blocks in the heap for reuse. The price is
+that up to ``nbytes`` of freed memory is kept by the process instead of being returned to the
+system.
 
 This changes the whole process's allocator, so the library never calls it on its own: the
 ``convlens`` command line does (every command owns its process), and Python users may call it

@@ -1,5 +1,6 @@
-"""Compiled forward passes of the metrics (convlens.models.compiled): equal to eager, padded
-batches, one compilation per network, rebuilt on changed weights, eager fallback."""
+"""Compiled forward passes of the metrics (convlens.accel.compiled): equal to eager, padded
+batches, one compilation per network, rebuilt on changed weights, eager fallback; the
+deterministic ``compile="auto"`` rule (convlens.accel.settings)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,14 @@ import pytest
 import torch
 from torch import nn
 
+from convlens.accel import Acceleration, clear_caches, settings
+from convlens.accel import compiled as comp
+from convlens.accel.fingerprint import fingerprint
+from convlens.accel.folded import inference_copy
 from convlens.metrics import deletion_insertion_many
-from convlens.models import compiled as comp
-from convlens.models.inference import inference_copy
 
 needs_compiler = pytest.mark.skipif(
-    not comp.compiler_available(), reason="torch.compile needs a C++ compiler on PATH"
+    not settings.compiler_available(), reason="torch.compile needs a C++ compiler on PATH"
 )
 
 
@@ -53,9 +56,7 @@ def _data(b: int = 3) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tens
 
 @pytest.fixture(autouse=True)
 def _fresh_cache() -> None:
-    comp._CACHE.clear()
-    comp._EAGER_SECONDS.clear()
-    comp._BUILDS.clear()
+    clear_caches()
 
 
 class _CountingCompile:
@@ -168,39 +169,51 @@ def test_one_compilation_per_network_rebuilt_on_new_weights(counter: _CountingCo
     assert not torch.allclose(first["a"].deletion, flipped["a"].deletion)
 
 
-def test_auto_compiles_once_eager_time_adds_up(
+def test_auto_compiles_by_the_size_of_the_job_alone(
     monkeypatch: pytest.MonkeyPatch, counter: _CountingCompile
 ) -> None:
+    """``compile="auto"`` decides from the call's job (2 curves x 2 maps x 3 images x 3 inner
+    steps = 36 scored images), not from what ran before in the process."""
     net = _net()
     x, maps, t = _data()
-    monkeypatch.setattr(comp, "compiler_available", lambda: True)
-    monkeypatch.setenv("CONVLENS_AUTO_COMPILE", "1")
-    monkeypatch.setattr(comp, "AUTO_COMPILE_SECONDS", 1e9)
-    deletion_insertion_many(net, x, maps, t, steps=4, batch_size=8)  # "auto": too short
+    monkeypatch.setattr(settings, "compiler_available", lambda: True)
+    monkeypatch.setattr(settings, "AUTO_COMPILE_PASSES", 37)
+    for _ in range(3):  # however often it runs: too short
+        deletion_insertion_many(net, x, maps, t, steps=4, batch_size=8)
     assert counter.calls == 0
-    assert comp.eager_seconds(net) > 0
-    monkeypatch.setattr(comp, "AUTO_COMPILE_SECONDS", comp.eager_seconds(net))
+    monkeypatch.setattr(settings, "AUTO_COMPILE_PASSES", 36)
     got = deletion_insertion_many(net, x, maps, t, steps=4, batch_size=8)
     assert counter.calls == 1
     eager = deletion_insertion_many(net, x, maps, t, steps=4, batch_size=8, compile=False)
     _curves_equal(eager, got)
 
 
-def test_should_compile_rule(monkeypatch: pytest.MonkeyPatch) -> None:
-    net = _net()
-    cpu = torch.device("cpu")
-    monkeypatch.setattr(comp, "compiler_available", lambda: True)
-    monkeypatch.setenv("CONVLENS_AUTO_COMPILE", "1")
-    assert not comp.should_compile(net, cpu, comp.AUTO_COMPILE_SECONDS / 2)
-    assert comp.should_compile(net, cpu, comp.AUTO_COMPILE_SECONDS)
-    comp.record_eager_seconds(net, comp.AUTO_COMPILE_SECONDS / 2)
-    assert comp.should_compile(net, cpu, comp.AUTO_COMPILE_SECONDS / 2)
-    assert not comp.should_compile(net, torch.device("cuda"), 1e9)  # GPUs: explicit only
-    monkeypatch.setattr(comp, "compiler_available", lambda: False)
-    assert not comp.should_compile(net, cpu, 1e9)
-    monkeypatch.setattr(comp, "compiler_available", lambda: True)
-    monkeypatch.setenv("CONVLENS_AUTO_COMPILE", "0")
-    assert not comp.should_compile(net, cpu, 1e9)
+def test_the_compile_rule_depends_on_its_arguments_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    n = settings.AUTO_COMPILE_PASSES
+    monkeypatch.setattr(settings, "compiler_available", lambda: True)
+    auto = Acceleration()
+    assert not auto.compiles(cpu, n - 1)
+    assert auto.compiles(cpu, n)
+    assert not auto.compiles(cpu, n - 1)  # no memory of the previous answer
+    assert not auto.compiles(gpu, 10 * n)  # GPUs: explicit only
+    assert Acceleration(compile=True).compiles(gpu, 1)
+    assert not Acceleration(compile=False).compiles(cpu, 10 * n)
+    assert not Acceleration.plain().compiles(cpu, 10 * n)
+    monkeypatch.setattr(settings, "compiler_available", lambda: False)
+    assert not auto.compiles(cpu, 10 * n)
+
+
+def test_a_plain_wrapper_never_compiles(counter: _CountingCompile) -> None:
+    from convlens.models import wrap_model
+
+    model = wrap_model(_net())
+    model.accel = Acceleration.plain()
+    x, maps, t = _data()
+    got = deletion_insertion_many(model, x, maps, t, steps=4, batch_size=8, compile=True)
+    assert counter.calls == 0
+    eager = deletion_insertion_many(_net(), x, maps, t, steps=4, batch_size=8, compile=False)
+    _curves_equal(eager, got)
 
 
 def test_bad_compile_argument() -> None:
@@ -266,7 +279,7 @@ def test_inference_tensors_and_nan_weights_in_the_fingerprint(counter: _Counting
     nan_net = _net()
     with torch.no_grad():
         nan_net.fc.bias[0] = float("nan")
-    assert comp._fingerprint(nan_net) == comp._fingerprint(nan_net)
+    assert fingerprint(nan_net) == fingerprint(nan_net)
 
 
 def test_a_new_input_shape_is_checked_again(caplog: pytest.LogCaptureFixture) -> None:

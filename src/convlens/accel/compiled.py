@@ -5,10 +5,9 @@ copies of every image for every map: 38,600 forward passes for 200 images, 5 met
 steps. Eager PyTorch runs each layer of the network as its own kernel (convolution, then the
 activation, then the padding of the next layer, each a pass over memory); ``torch.compile``
 (TorchInductor) with *freezing* fuses the element-wise work into the convolutions and packs the
-weights once. On the 2-core CPU of the development machine this makes EfficientNet-Lite0 1.35x
-faster per image than the fused eager copy (138 vs 102 images/s at batch 64, 2 threads,
-``benchmarks/RESULTS_METRICS.md``) and costs 7-30 s of compilation, so it only pays for long
-jobs.
+weights once: faster per image than the folded eager copy, at the price of a compilation that
+only pays for long jobs (timings: ``benchmarks/RESULTS_METRICS.md``; when ``"auto"`` compiles:
+:meth:`convlens.accel.Acceleration.compiles`).
 
 :class:`FixedBatchForward` compiles for one batch size and pads smaller batches (a new batch
 size would otherwise trigger a new compilation), checks the output for every new kind of input
@@ -18,16 +17,13 @@ compilation fails (no C++ compiler, an operation Inductor cannot handle) or disa
 suffixes), so that a loop of metric calls (``convlens evaluate`` scores a few images at a time)
 compiles once; an entry is rebuilt when the network's structure, settings, parameters or
 buffers change, and a network that changes between every call stops being compiled after three
-builds. The time rule of ``compile="auto"`` (:func:`should_compile`) counts a network's eager
-time over the whole process.
+builds (:func:`convlens.accel.clear_caches` forgets them all).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import shutil
 import warnings
 import weakref
 from collections.abc import Callable, Iterator
@@ -36,23 +32,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from convlens.accel.fingerprint import fingerprint
 from convlens.hooks import tf32_convolutions
 
-__all__ = [
-    "AUTO_COMPILE_SECONDS",
-    "FixedBatchForward",
-    "compiled_forward",
-    "compiler_available",
-    "eager_seconds",
-    "record_eager_seconds",
-    "should_compile",
-]
+__all__ = ["FixedBatchForward", "clear_compiled", "compiled_forward"]
 
 log = logging.getLogger(__name__)
-
-AUTO_COMPILE_SECONDS = 60.0
-"""``compile="auto"`` compiles once a network's eager forward passes in this process, spent and
-expected, reach this many seconds (compilation itself takes 7-30 s on a CPU)."""
 
 _CACHE: weakref.WeakKeyDictionary[
     nn.Module, dict[str, tuple[tuple[Any, ...], FixedBatchForward]]
@@ -60,115 +45,12 @@ _CACHE: weakref.WeakKeyDictionary[
 _PER_OWNER = 4  # compiled forms kept per network (metrics copy, occlusion suffixes, ...)
 _BUILDS: weakref.WeakKeyDictionary[nn.Module, dict[str, int]] = weakref.WeakKeyDictionary()
 _MAX_BUILDS = 3  # compilations per network and tag before it stays eager
-_EAGER_SECONDS: weakref.WeakKeyDictionary[nn.Module, float] = weakref.WeakKeyDictionary()
 
 
-def compiler_available() -> bool:
-    """Whether TorchInductor can build CPU kernels here: a C++ compiler on ``PATH`` (``$CXX``,
-    ``g++``, ``c++`` or ``clang++``)."""
-    names = [os.environ.get("CXX"), "g++", "c++", "clang++"]
-    return any(shutil.which(n) for n in names if n)
-
-
-def eager_seconds(net: nn.Module) -> float:
-    """Seconds this process has spent in eager forward passes of ``net``'s metric copies."""
-    return _EAGER_SECONDS.get(net, 0.0)
-
-
-def record_eager_seconds(net: nn.Module, seconds: float) -> None:
-    """Add ``seconds`` of eager forward passes to ``net``'s account (see :func:`should_compile`)."""
-    _EAGER_SECONDS[net] = _EAGER_SECONDS.get(net, 0.0) + seconds
-
-
-def should_compile(net: nn.Module, device: torch.device, expected_seconds: float) -> bool:
-    """The ``compile="auto"`` rule: on a CPU with a C++ compiler, once the eager time spent on
-    ``net`` plus the eager time this call is expected to take reaches
-    :data:`AUTO_COMPILE_SECONDS`. GPUs are left to explicit ``compile=True``; the environment
-    variable ``CONVLENS_AUTO_COMPILE=0`` (or ``false``, ``no``, ``off``) turns the rule off
-    (``compile=True`` still works)."""
-    setting = os.environ.get("CONVLENS_AUTO_COMPILE", "1").strip().lower()
-    off = setting in ("0", "false", "no", "off")
-    if device.type != "cpu" or off:
-        return False
-    if eager_seconds(net) + expected_seconds < AUTO_COMPILE_SECONDS:
-        return False
-    return compiler_available()
-
-
-def _fingerprint(net: nn.Module) -> tuple[Any, ...]:
-    """Changes when ``net``'s structure or any parameter or buffer changes: every module's
-    identity, type and settings (``extra_repr``: stride, eps, inplace, ...), every tensor's
-    storage, version counter (``None`` for inference tensors, which have none) and shape, and
-    a summary of every tensor's values (``.data`` writes bypass the version counters).
-
-    The summary is each floating tensor's L2 norm and maximum (signed: a weight multiplied by
-    -1 shows), NaN-safe, taken with ``torch._foreach_norm`` / ``_foreach_max`` (a few fused
-    kernels per device and dtype, no copy of the weights, one host synchronisation: this runs
-    before every cached call, also on a GPU; a few milliseconds on one CPU thread for
-    EfficientNet-Lite0's 4.7M values). Other tensors (integer buffers such as BatchNorm's
-    counters) count by their values, or by their sum and a position-weighted sum when there
-    are many. Each module's plain attributes (numbers, strings, tensors that are neither
-    parameters nor buffers) and a ``forward`` replaced on the instance count too. Not seen:
-    values permuted within a tensor through ``.data`` (same norm and maximum, no version
-    bump), and changes hidden in other Python objects; rebuild by changing the network in a
-    way that shows, or pass ``fuse=False`` / ``compile=False``."""
-    modules = tuple(
-        (name, id(m), type(m).__qualname__, m.extra_repr(), *_attributes(m))
-        for name, m in net.named_modules()
-    )
-    tensors = [*net.parameters(), *net.buffers()]
-    groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
-    for t in tensors:
-        groups.setdefault((t.device, t.dtype), []).append(t.detach())
-    parts: list[torch.Tensor] = []
-    with torch.no_grad():
-        for (_, dtype), group in groups.items():
-            if dtype.is_floating_point or dtype.is_complex:
-                real = [torch.view_as_real(t) if t.is_complex() else t for t in group]
-                parts.append(torch.stack(torch._foreach_norm(real, 2)).double())
-                # signed (a weight times -1 shows), without allocating a copy of the weights
-                parts.append(torch.stack(_foreach_max(real)).double())
-            else:
-                flat = torch.cat([t.reshape(-1) for t in group]).double()
-                if flat.numel() > 4096:
-                    ramp = torch.arange(flat.numel(), device=flat.device, dtype=torch.float64)
-                    flat = torch.stack([flat.sum(), (flat * ramp.remainder(997.0)).sum()])
-                parts.append(flat)
-        sums = torch.nan_to_num(torch.cat([p.cpu() for p in parts])).tolist() if parts else []
-    state = tuple(
-        (t.data_ptr(), None if t.is_inference() else t._version, tuple(t.shape)) for t in tensors
-    )
-    return modules, state, tuple(sums)
-
-
-def _foreach_max(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Per-tensor maxima (``torch._foreach_max`` where this PyTorch has it)."""
-    fn = getattr(torch, "_foreach_max", None)
-    if fn is not None and all(t.numel() for t in tensors):
-        return list(fn(tensors))
-    return [t.amax() if t.numel() else t.new_zeros(()) for t in tensors]
-
-
-_PLAIN = (bool, int, float, str, type(None))
-
-
-def _attributes(m: nn.Module) -> tuple[Any, ...]:
-    """What a module holds besides parameters, buffers and submodules that its forward may
-    read: plain values, tensors (by storage and version) and a ``forward`` set on the
-    instance (by identity)."""
-    out: list[Any] = []
-    for k, v in m.__dict__.items():
-        if k.startswith("_") or k == "training":
-            continue
-        if isinstance(v, _PLAIN):
-            out.append((k, v))
-        elif isinstance(v, (tuple, list)) and all(isinstance(e, _PLAIN) for e in v):
-            out.append((k, tuple(v)))  # e.g. a stride kept as a list
-        elif isinstance(v, torch.Tensor):
-            out.append((k, v.data_ptr(), None if v.is_inference() else v._version))
-        elif k == "forward" or callable(v):
-            out.append((k, id(v)))
-    return tuple(out)
+def clear_compiled() -> None:
+    """Forget every network's compiled forwards and build counts (:func:`compiled_forward`)."""
+    _CACHE.clear()
+    _BUILDS.clear()
 
 
 @contextlib.contextmanager
@@ -198,7 +80,7 @@ class FixedBatchForward:
 
     Args:
         net: a network in eval mode with frozen parameters (e.g. an
-            :func:`~convlens.models.inference.inference_copy`); called under ``no_grad``.
+            :func:`~convlens.accel.folded.inference_copy`); called under ``no_grad``.
         batch_size: the compiled batch size.
         device: where ``net`` runs; on a CPU, Inductor's *freezing* (weights packed once,
             constants folded) is enabled.
@@ -315,7 +197,7 @@ def compiled_forward(
     ``make_copy()`` when there is none for this batch size, device and dtype, or when
     ``owner``'s parameters or buffers changed since it was built. A few entries per network;
     they go away with the network."""
-    key = (batch_size, str(device), dtype, pad, _fingerprint(owner))
+    key = (batch_size, str(device), dtype, pad, fingerprint(owner))
     entries = _CACHE.setdefault(owner, {})
     hit = entries.get(tag)
     if hit is not None and hit[0] == key:  # also a failed one: it runs eagerly, no retry

@@ -1,12 +1,14 @@
-"""A fast, inference-only copy of a network, for metrics that run thousands of forward passes.
+"""BatchNorm-folded copies of a network (accelerator ``Acceleration.fold_batchnorm``).
 
-Deletion/insertion curves (:mod:`convlens.metrics.faithfulness`) evaluate the model on
-``2 (S - 1)`` perturbed copies of every image for every method: only plain forward passes, no
-gradients, and the network never changes during the call. For that the copy made here
+Deletion/insertion curves (:mod:`convlens.metrics.faithfulness`) and naive occlusion run only
+forward passes of a network that does not change during the call; input-gradient methods
+(saliency, integrated gradients) differentiate with respect to the input only. For both the
+copy made here
 
 - folds every eval-mode ``BatchNorm2d`` into the convolution that feeds it (Ioffe & Szegedy 2015
   normalise with running statistics in eval mode, an affine map per channel, so
-  ``BN(W * x + b) = (s W) * x + s (b - mu) + beta`` with ``s = gamma / sqrt(var + eps)``), and
+  ``BN(W * x + b) = (s W) * x + s (b - mu) + beta`` with ``s = gamma / sqrt(var + eps)``;
+  :func:`torch.nn.utils.fusion.fuse_conv_bn_weights`), and
 - stores weights in ``channels_last`` memory format (NHWC), which oneDNN and cuDNN convolve
   faster than NCHW.
 
@@ -20,13 +22,17 @@ from __future__ import annotations
 import copy
 import logging
 import weakref
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 
+from convlens.accel.fingerprint import fingerprint
 from convlens.hooks import hooks, model_state, tf32_convolutions
-from convlens.models.base import ConvlensModel, unwrap
+
+if TYPE_CHECKING:
+    from convlens.models.base import ConvlensModel
 
 __all__ = [
     "batchnorm_affine",
@@ -121,8 +127,9 @@ def batchnorm_affine(
 
 
 def _fold_pairs(net: nn.Module, pairs: list[tuple[str, str]]) -> None:
-    """Fold each ``(conv, bn)`` pair of :func:`_conv_bn_pairs`, in place. The arithmetic runs
-    in at least float32 and is rounded once, to the convolution's dtype."""
+    """Fold each ``(conv, bn)`` pair of :func:`_conv_bn_pairs`, in place, with
+    :func:`torch.nn.utils.fusion.fuse_conv_bn_weights`. The arithmetic runs in at least float32
+    and is rounded once, to the convolution's dtype."""
     modules = dict(net.named_modules())
     with torch.no_grad():
         for conv_name, bn_name in pairs:
@@ -130,11 +137,21 @@ def _fold_pairs(net: nn.Module, pairs: list[tuple[str, str]]) -> None:
             assert isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)
             assert bn.running_mean is not None and bn.running_var is not None
             dtype = torch.promote_types(conv.weight.dtype, torch.float32)
-            scale, shift = batchnorm_affine(bn, dtype)
-            shape = (-1, *([1] * (conv.weight.dim() - 1)))
-            conv.weight.copy_(conv.weight.to(dtype) * scale.view(shape))
-            bias = shift if conv.bias is None else conv.bias.to(dtype) * scale + shift
-            conv.bias = nn.Parameter(bias.to(conv.weight), requires_grad=False)
+
+            def up(t: torch.Tensor | None, dtype: torch.dtype = dtype) -> torch.Tensor | None:
+                return None if t is None else t.detach().to(dtype)
+
+            weight, bias = fuse_conv_bn_weights(
+                up(conv.weight),
+                up(conv.bias),
+                up(bn.running_mean),
+                up(bn.running_var),
+                bn.eps,
+                up(bn.weight),
+                up(bn.bias),
+            )
+            conv.weight.copy_(weight)
+            conv.bias = nn.Parameter(bias.detach().to(conv.weight), requires_grad=False)
             parent_name, _, child = bn_name.rpartition(".")
             parent = modules[parent_name] if parent_name else net
             parent._modules[child] = nn.Identity()
@@ -186,6 +203,8 @@ def _make_copy(
 ) -> tuple[nn.Module, int | None]:
     """:func:`inference_copy` and the number of BatchNorm layers folded into it (``None``:
     the fold was rejected and the copy is the plain network)."""
+    from convlens.models.base import unwrap  # the wrapper's module imports this package
+
     net, _ = unwrap(model)
     fast = copy.deepcopy(net).eval().requires_grad_(False)
     if not (fold or channels_last):
@@ -260,8 +279,8 @@ def has_hooks(net: nn.Module) -> bool:
 
 
 def clear_inference_copies() -> None:
-    """Drop every network's kept copy (:func:`cached_inference_copy`), e.g. to free the memory
-    of its second set of weights."""
+    """Drop every network's kept copy and rebuild count (:func:`cached_inference_copy`), e.g.
+    to free the memory of its second set of weights."""
     _COPIES.clear()
     _REBUILDS.clear()
 
@@ -276,7 +295,7 @@ def cached_inference_copy(
     passes, so it is kept, one per network (for the latest device, dtype and layout asked for:
     it holds a second set of the network's weights; :func:`clear_inference_copies` frees it),
     and rebuilt when the network's structure, settings, parameters or buffers change (the
-    fingerprint of :mod:`convlens.models.compiled`). The copy goes away with the network. A
+    :func:`~convlens.accel.fingerprint.fingerprint`). The copy goes away with the network. A
     network that changes between every call (a forward that updates a buffer, a training loop
     explaining as it goes) runs as it is after three copies in a row were never reused (or
     three attempts failed).
@@ -294,14 +313,12 @@ def cached_inference_copy(
         convolution's output also used elsewhere), the network cannot be copied (e.g.
         TorchScript), or it keeps changing between calls.
     """
-    from convlens.models.compiled import _fingerprint
-
     if has_hooks(net) or torch.overrides._get_current_function_mode_stack():
         return None
     if any(m.training for m in net.modules()):
         return None
     slot = (example.device, example.dtype, channels_last)
-    key = _fingerprint(net)
+    key = fingerprint(net)
     hit = _COPIES.get(net)
     if hit is not None and hit[0] == slot and hit[1] == key:
         _REBUILDS[net] = 0
@@ -326,5 +343,5 @@ def cached_inference_copy(
     if folded is None:
         fast = None  # the plain network, copied: nothing gained
     # one copy per network (it holds a second set of the weights)
-    _COPIES[net] = (slot, _fingerprint(net), fast)
+    _COPIES[net] = (slot, fingerprint(net), fast)
     return fast

@@ -6,13 +6,14 @@ import pytest
 import torch
 from torch import nn
 
-from convlens.hooks import backprop_rule, input_gradient_mode
-from convlens.methods import IntegratedGradients, Saliency
-from convlens.models.inference import (
+from convlens.accel.folded import (
     cached_inference_copy,
     clear_inference_copies,
     has_forward_hooks,
 )
+from convlens.accel.lean_graph import input_gradient_mode
+from convlens.hooks import backprop_rule
+from convlens.methods import IntegratedGradients, Saliency
 from convlens.models.user import torchscript_deprecation_silenced
 from tests.helpers.models import images, seeded
 
@@ -195,7 +196,7 @@ def test_no_copy_for_backward_hooks_training_mode_or_a_network_that_keeps_changi
 
 
 def test_the_fingerprint_sees_plain_attributes_and_a_replaced_forward() -> None:
-    from convlens.models.compiled import _fingerprint
+    from convlens.accel.fingerprint import fingerprint as _fingerprint
 
     net = _net()
     before = _fingerprint(net)
