@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import html
 import logging
 import os
 import re
@@ -50,7 +49,6 @@ from torch.utils.data import DataLoader, Dataset
 
 from convlens.architecture import LayerRef, parse_layer
 from convlens.atomic import atomic_write_text, save_image
-from convlens.console import printable
 from convlens.errors import ImageError, InputError, LayerError
 from convlens.features.receptive_field import ReceptiveField, receptive_field
 from convlens.features.topk import RunningTopK
@@ -60,6 +58,7 @@ from convlens.methods.rules import project_units
 from convlens.models.base import ConvlensModel
 from convlens.models.preprocess import Preprocess
 from convlens.outputs import lock_folder
+from convlens.templating import render_page
 from convlens.validate import non_negative_int, positive_int
 
 __all__ = [
@@ -1106,90 +1105,52 @@ def _layer_notes(info: LayerScan, rule: str, image_independent: bool) -> list[st
     return notes
 
 
-_CSS = """
-body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 1.5rem auto;
-       max-width: 1800px; padding: 0 1rem; color: #222; }
-h1 { font-size: 1.5rem; margin-bottom: .2rem; }
-h2 { font-size: 1.2rem; margin-top: 2.5rem; border-bottom: 1px solid #ddd; }
-.meta, .note { color: #666; font-size: .9rem; }
-img.grid { max-width: 100%; height: auto; border: 1px solid #ddd; }
-table { border-collapse: collapse; font-size: .8rem; margin-top: .8rem; }
-th, td { border: 1px solid #e2e2e2; padding: .2rem .4rem; vertical-align: top;
-         text-align: left; }
-th { background: #f5f5f5; }
-td .v { font-variant-numeric: tabular-nums; font-weight: 600; }
-td .f { color: #555; word-break: break-all; }
-details { margin-top: .6rem; }
-nav a { margin-right: 1rem; }
-"""
-
-
 def _html(scan: FeatureScan, pages: Sequence[_LayerPage], rule: str, root: Path | None) -> str:
-    def e(text: str) -> str:  # printable: undecodable file-name bytes show as \xff
-        return html.escape(printable(text))
-
-    k = scan.k
-    when = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    parts = [
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>convlens features · {e(scan.model_name)}</title>",
-        f"<style>{_CSS}</style></head><body>",
-        f"<h1>Feature browser · {e(scan.model_name)}</h1>",
-        '<p class="meta">'
-        f"{scan.scanned} images scanned"
-        + (f" in {e(str(root))}" if root is not None else "")
-        + f" ({len(scan.skipped)} skipped) · top {k} activations per channel, one per image · "
-        f"projections: {e(rule)} · {when}</p>",
-        '<p class="note">For each channel, left: its strongest activations, each projected alone '
-        "into pixel space; right: the image patches under them (Zeiler &amp; Fergus 2014, "
-        "Fig. 2). Both are cropped around the unit: to its receptive field, or to the part of "
-        "it that holds 90% of the projection (the patch size given per layer). Grey in a "
-        "projection is zero. Hover over a value for the unit and the patch's position.</p>",
-    ]
-    if len(pages) > 1:
-        links = "".join(f'<a href="#{e(_slug(p.layer))}">{e(p.layer)}</a>' for p in pages)
-        parts.append(f"<nav>{links}</nav>")
+    """The feature browser's ``index.html`` (template ``features_index.html.j2``)."""
+    layers = []
     for p in pages:
         c, h, w = p.shape
         rf = p.rf
-        parts += [
-            f'<section id="{e(_slug(p.layer))}">',
-            f"<h2>Layer {e(p.layer)}</h2>",
-            f'<p class="meta">output {c}x{h}x{w} · receptive field {rf.size[0]}x{rf.size[1]} px, '
+        shape = (
+            f"output {c}x{h}x{w} · receptive field {rf.size[0]}x{rf.size[1]} px, "
             f"stride {rf.stride[0]}x{rf.stride[1]}"
             + (" (clipped: larger than the largest input measured)" if rf.clipped else "")
             + ("" if p.window == rf.size else f" · patches {p.window[0]}x{p.window[1]} px")
-            + "</p>",
-            *[f'<p class="note">Note: {e(n)}.</p>' for n in p.notes],
-            *[
-                f'<a href="{e(png)}"><img class="grid" src="{e(png)}" '
-                f'alt="top activations of layer {e(p.layer)}"></a>'
-                for png in p.pngs
-            ],
-            "<details open><summary>Top activations per channel</summary>",
-            "<table><tr><th>channel</th>"
-            + "".join(f"<th>#{r + 1}</th>" for r in range(k))
-            + "</tr>",
+        )
+        rows = [
+            (
+                channel,
+                [
+                    {
+                        "value": f"{value:.4g}",
+                        "name": name,
+                        "tip": f"unit (y={uy}, x={ux}) · patch (top, left, bottom, right) = "
+                        f"({t}, {left}, {b}, {r}), bottom/right exclusive",
+                    }
+                    for value, name, (uy, ux), (t, left, b, r) in entries
+                ],
+            )
+            for channel, entries in p.rows
         ]
-        for channel, entries in p.rows:
-            cells = []
-            for value, name, (uy, ux), (t, left, b, r) in entries:
-                tip = (
-                    f"unit (y={uy}, x={ux}) · patch (top, left, bottom, right) = "
-                    f"({t}, {left}, {b}, {r}), bottom/right exclusive"
-                )
-                cells.append(
-                    f'<td title="{e(tip)}"><span class="v">{value:.4g}</span><br>'
-                    f'<span class="f">{e(name)}</span></td>'
-                )
-            cells += ["<td></td>"] * (k - len(entries))
-            parts.append(f"<tr><th>{channel}</th>{''.join(cells)}</tr>")
-        parts += ["</table></details>", "</section>"]
-    if scan.skipped:
-        parts.append(f"<h2>Skipped images ({len(scan.skipped)})</h2><ul>")
-        parts += [f"<li>{e(reason)}</li>" for _, reason in scan.skipped]
-        parts.append("</ul>")
-    parts.append("</body></html>")
-    return "\n".join(parts) + "\n"
+        layers.append(
+            {
+                "layer": p.layer,
+                "slug": _slug(p.layer),
+                "shape": shape,
+                "notes": p.notes,
+                "pngs": p.pngs,
+                "rows": rows,
+            }
+        )
+    return render_page(
+        "features_index.html.j2",
+        title=f"convlens features · {scan.model_name}",
+        model=scan.model_name,
+        scanned=scan.scanned,
+        root=None if root is None else str(root),
+        skipped=[reason for _, reason in scan.skipped],
+        k=scan.k,
+        rule=rule,
+        when=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        layers=layers,
+    )
