@@ -59,7 +59,9 @@ def static_text(name: str) -> Markup:
     """
     text = (resources.files("convlens") / "static" / name).read_text(encoding="utf-8")
     if _UNSAFE_INLINE.search(text):
-        raise ValueError(f"convlens/static/{name} cannot be inlined: it holds {_UNSAFE_INLINE.pattern!r}")
+        raise ValueError(
+            f"convlens/static/{name} cannot be inlined: it matches {_UNSAFE_INLINE.pattern}"
+        )
     return Markup(text)
 
 
