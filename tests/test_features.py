@@ -457,7 +457,7 @@ def test_index_escapes_file_and_model_names(tmp_path: Path) -> None:
     assert not tags & {"script", "b"}
     assert all(attrs.get("class") == "grid" for tag, attrs in page.elements if tag == "img")
     assert not any("onerror" in attrs for _, attrs in page.elements)
-    # shown as written; the undecodable byte as \\xff (convlens.console.printable)
+    # shown as written; the undecodable byte as \xff (convlens.console.printable)
     shown = [*names[:3], "bad\\xffbyte.png"]
     assert sorted(set(page.files)) == sorted(shown)
     assert "Feature browser · </script><b>model</b> {{ 7*7 }}" in page.text
