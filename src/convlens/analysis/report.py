@@ -2,7 +2,7 @@
 
 Self-contained: CSS and vanilla JavaScript inlined from ``convlens/static``, no network resources;
 every link is relative and points inside the run folder. The pages are the templates
-``convlens/templates/report_*.html.j2``, rendered by :mod:`convlens.templating` (autoescaped).
+``convlens/templates/report_*.html.j2``, rendered by :mod:`convlens.render.html` (autoescaped).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from convlens.analysis.faithfulness import RANDOM_MAP
 from convlens.atomic import atomic_write_text, is_complete
 from convlens.console import printable
-from convlens.templating import render_page
+from convlens.render.html import render_page
 
 if TYPE_CHECKING:
     from convlens.analysis.run import AnalysisResult

@@ -10,7 +10,6 @@ from pathlib import Path
 
 from convlens.features.receptive_field import ReceptiveField
 from convlens.features.results import FeatureScan
-from convlens.templating import render_page
 
 __all__ = ["ChannelRow", "LayerPage", "Source", "index_html", "slug"]
 
@@ -53,6 +52,8 @@ class LayerPage:
 
 def index_html(scan: FeatureScan, pages: Sequence[LayerPage], rule: str, root: Path | None) -> str:
     """The feature browser's ``index.html`` (template ``features_index.html.j2``)."""
+    from convlens.render.html import render_page  # not at import: convlens.render loads matplotlib
+
     layers = []
     for p in pages:
         c, h, w = p.shape

@@ -1,4 +1,4 @@
-"""The page templates: static files inlined safely, every template found and autoescaped."""
+"""Page templates (convlens.render.html): static files inlined safely, autoescape, tojson."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from convlens import templating
+from convlens.render import html
 
 
 def test_every_static_file_can_be_inlined() -> None:
@@ -15,7 +15,7 @@ def test_every_static_file_can_be_inlined() -> None:
     names = sorted(f.name for f in static.iterdir() if f.name.endswith((".css", ".js")))
     assert names == ["features.css", "report.css", "report.js"]
     for name in names:
-        assert str(templating.static_text(name)).strip()
+        assert str(html.static_text(name)).strip()
 
 
 @pytest.mark.parametrize("text", ['x = "</script>";', "a::after{content:'</STYLE >'}", "<!-- x"])
@@ -25,13 +25,13 @@ def test_static_text_refuses_what_would_end_its_element(
     (tmp_path / "static").mkdir()
     name = f"bad{abs(hash(text))}.js"  # static_text caches by name
     (tmp_path / "static" / name).write_text(text, encoding="utf-8")
-    monkeypatch.setattr(templating.resources, "files", lambda package: tmp_path)
+    monkeypatch.setattr(html.resources, "files", lambda package: tmp_path)
     with pytest.raises(ValueError, match="cannot be inlined"):
-        templating.static_text(name)
+        html.static_text(name)
 
 
 def test_templates_autoescape_and_show_undecodable_bytes() -> None:
-    env = templating._environment()
+    env = html._environment()
     template = env.from_string("<p>{{ text }}</p><script>{{ data|tojson }}</script>")
     text = "</p><script>alert('x')</script>&{{ 1 }}" + "\udcff"
     page = template.render(text=text, data={"name": text})
