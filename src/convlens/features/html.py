@@ -64,21 +64,6 @@ def index_html(scan: FeatureScan, pages: Sequence[LayerPage], rule: str, root: P
             + (" (clipped: larger than the largest input measured)" if rf.clipped else "")
             + ("" if p.window == rf.size else f" · patches {p.window[0]}x{p.window[1]} px")
         )
-        rows = [
-            (
-                row.channel,
-                [
-                    {
-                        "value": f"{s.value:.4g}",
-                        "name": s.name,
-                        "tip": f"unit (y={s.unit[0]}, x={s.unit[1]}) · patch (top, left, bottom, "
-                        f"right) = {s.box}, bottom/right exclusive",
-                    }
-                    for s in row.sources
-                ],
-            )
-            for row in p.rows
-        ]
         layers.append(
             {
                 "layer": p.layer,
@@ -86,7 +71,7 @@ def index_html(scan: FeatureScan, pages: Sequence[LayerPage], rule: str, root: P
                 "shape": shape,
                 "notes": p.notes,
                 "pngs": p.pngs,
-                "rows": rows,
+                "rows": p.rows,
             }
         )
     return render_page(
