@@ -84,7 +84,7 @@ def parse_channels(text: str) -> list[int]:
     Raises:
         InputError: not a list of non-negative integers and ranges.
     """
-    from convlens.features.browser import parse_channels as parse
+    from convlens.features.scan import parse_channels as parse
 
     chosen = parse(text, allow_auto=False)
     assert not isinstance(chosen, str)  # "auto" is refused above

@@ -1295,3 +1295,131 @@ def test_store_errors_name_the_file_and_what_to_do(tmp_path, sqlite_message, kin
     error = store_error(path, sqlite3.OperationalError(sqlite_message))
     assert type(error).__name__ == kind
     assert str(path) in str(error) and sqlite_message in str(error) and advice in str(error)
+
+
+# --------------------------------------------------------------------------------------------
+# User text in the report: escaped in the page and in the script data
+
+HOSTILE_CLASSES = (
+    "</script><script>window.pwned=1</script>",
+    "mug \"q\" 'a' & {{ 7*7 }} <b>x</b>",
+    "{% raw %}<img src=x onerror=window.pwned=2>",
+)
+HOSTILE_FILES = (
+    "<script>window.pwned=3<\\script>.png",
+    "q\"'&{{7*7}}.png",
+    "<img src=x onerror=window.pwned=4>.png",
+    "<!--{#.png",
+)
+
+
+class _Elements(HTMLParser):
+    """Every element of a page (tag, attributes) and the text of its script elements."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.elements: list[tuple[str, dict[str, str | None]]] = []
+        self.scripts: list[str] = []
+        self._in_script = False
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.elements.append((tag, dict(attrs)))
+        self._in_script = tag == "script"
+        if self._in_script:
+            self.scripts.append("")
+
+    def handle_endtag(self, tag: str) -> None:
+        self._in_script = False
+
+    def handle_data(self, data: str) -> None:
+        if self._in_script:
+            self.scripts[-1] += data
+
+
+def hostile_run(setup: dict[str, Path]) -> AnalysisResult:
+    """An analysis whose class names and file names are HTML, script and template syntax."""
+    d = setup["dir"]
+    (d / "labels.txt").write_text("\n".join(HOSTILE_CLASSES) + "\n")
+    images = d / "hostile"
+    images.mkdir()
+    rng = np.random.default_rng(3)
+    lines = ["path,label"]
+    for k, name in enumerate(HOSTILE_FILES * 2):
+        pixels = rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)
+        pixels[..., k % 3] = 250
+        Image.fromarray(pixels).save(images / f"{k}{name}")
+        path = str(images / f"{k}{name}").replace('"', '""')
+        lines.append(f'"{path}",{k % 3}')
+    csv = d / "hostile.csv"
+    csv.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return analyze(make_model(d), csv, setup["run"], batch_size=4, top_errors=6, progress=False)
+
+
+def test_report_escapes_user_text_in_pages_and_table_data(setup) -> None:
+    result = hostile_run(setup)
+    assert result.report is not None and len(result.explanations) >= 2
+    index = result.report.read_text(encoding="utf-8")
+    page = _Elements()
+    page.feed(index)
+    tags = [tag for tag, _ in page.elements]
+    # no element from the data set: the page's own two scripts (data, code), no <b> or onerror
+    assert tags.count("script") == 2 and "b" not in tags
+    assert not any("onerror" in attrs for _, attrs in page.elements)
+    data_text, code = page.scripts
+    assert not re.search(r"[<>&']", data_text)  # tojson escapes them all
+    data = json.loads(data_text)
+    assert set(data["names"]) == set(HOSTILE_CLASSES)
+    shown = {row[0] for row in data["rows"]}
+    assert shown == {f"{k}{name}" for k, name in enumerate(HOSTILE_FILES * 2)}
+    assert "JSON.parse" in code
+    # the class names are shown as written, template syntax included
+    per_class = parse_tables(index[index.index('<section id="classes">') :]).tables[0]
+    assert [row[0] for row in per_class[1:]] == list(HOSTILE_CLASSES)
+    for path in sorted((setup["run"] / "report" / "images").glob("*.html")):
+        image_page = _Elements()
+        image_page.feed(path.read_text(encoding="utf-8"))
+        assert [tag for tag, _ in image_page.elements].count("script") == 0
+        assert not any("onerror" in attrs for _, attrs in image_page.elements)
+        heading = parse_tables(path.read_text(encoding="utf-8")).headings[0]
+        assert heading in shown
+
+
+def test_report_with_hostile_names_in_headless_chromium(setup) -> None:
+    result = hostile_run(setup)
+    assert result.report is not None
+    errors: list[str] = []
+    with chromium_page(errors) as page:
+        page.on("dialog", lambda d: errors.append(f"dialog {d.message}"))
+        page.goto(result.report.as_uri())
+        assert page.evaluate("window.pwned") is None
+        assert page.eval_on_selector_all("script", "els => els.length") == 2
+        assert page.eval_on_selector_all("b, [onerror]", "els => els.length") == 0
+        cells = page.eval_on_selector_all(
+            "#images-table tbody tr td:nth-child(2)", "els => els.map(e => e.textContent)"
+        )
+        assert sorted(cells) == sorted(HOSTILE_CLASSES[k % 3] for k in range(8))
+        files = page.eval_on_selector_all(
+            "#images-table tbody tr td:first-child img", "els => els.map(e => e.alt)"
+        )
+        assert sorted(files) == sorted(f"{k}{name}" for k, name in enumerate(HOSTILE_FILES * 2))
+        page.fill("#filter-text", "{{ 7*7 }}")
+        assert int(page.inner_text("#shown-count")) >= 1
+        for link in page.eval_on_selector_all(".card a", "els => els.map(e => e.href)"):
+            page.goto(link)
+            assert page.evaluate("window.pwned") is None
+            assert page.eval_on_selector_all("b, [onerror], script", "els => els.length") == 0
+    assert errors == []
+
+
+def test_report_shows_undecodable_file_name_bytes_escaped(setup) -> None:
+    data = setup["dir"] / "flat"
+    data.mkdir()
+    name = os.fsdecode(b"bad\xffbyte.png")
+    Image.fromarray(np.full((40, 48, 3), 200, np.uint8)).save(data / name)
+    Image.fromarray(np.full((40, 48, 3), 20, np.uint8)).save(data / "plain.png")
+    result = analyze(make_model(setup["dir"]), data, setup["run"], progress=False)
+    assert result.report is not None
+    page = _Elements()
+    page.feed(result.report.read_text(encoding="utf-8"))
+    rows = json.loads(page.scripts[0])["rows"]
+    assert sorted(row[0] for row in rows) == ["bad\\xffbyte.png", "plain.png"]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import re
+from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
@@ -365,3 +367,60 @@ def test_render_splits_many_channels_over_several_images(folder: Path, tmp_path:
     check_offline_html(written[-1])
     text = written[-1].read_text(encoding="utf-8")
     assert "features_relu_1.png" in text and "features_relu_2.png" in text
+
+
+class _Page(HTMLParser):
+    """The elements of a page and the text of its ``span.f`` (source file) elements."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.elements: list[tuple[str, dict[str, str | None]]] = []
+        self.files: list[str] = []
+        self.text: list[str] = []
+        self._in_file = False
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.elements.append((tag, dict(attrs)))
+        self._in_file = tag == "span" and dict(attrs).get("class") == "f"
+
+    def handle_endtag(self, tag: str) -> None:
+        self._in_file = False
+
+    def handle_data(self, data: str) -> None:
+        self.text.append(data)
+        if self._in_file:
+            self.files.append(data)
+
+
+def test_index_escapes_file_and_model_names(tmp_path: Path) -> None:
+    names = [
+        "<script>window.pwned=1<\\script>.png",
+        "q\"'&{{7*7}}{% raw %}.png",
+        "<img src=x onerror=window.pwned=2>.png",
+        os.fsdecode(b"bad\xffbyte.png"),
+    ]
+    data = tmp_path / "data"
+    data.mkdir()
+    rng = np.random.default_rng(4)
+    for name in names:
+        Image.fromarray(rng.integers(0, 255, (SIZE, SIZE, 3), dtype=np.uint8)).save(data / name)
+    model = ConvlensModel(
+        net=BrightSpot(),
+        preprocess=IDENTITY,
+        classes=ClassList(("a", "b")),
+        name="</script><b>model</b> {{ 7*7 }}",
+    )
+    files = sorted(data.iterdir())
+    scan = scan_features(model, files, ["relu"], [0, 1], top=4, progress=False)
+    written = render_features(scan, model, tmp_path / "out", cell=16)
+    page = _Page()
+    page.feed(written[-1].read_text(encoding="utf-8"))
+    tags = {tag for tag, _ in page.elements}
+    assert not tags & {"script", "b"}
+    assert all(attrs.get("class") == "grid" for tag, attrs in page.elements if tag == "img")
+    assert not any("onerror" in attrs for _, attrs in page.elements)
+    # shown as written; the undecodable byte as \xff (convlens.console.printable)
+    shown = [*names[:3], "bad\\xffbyte.png"]
+    assert sorted(set(page.files)) == sorted(shown)
+    assert "Feature browser · </script><b>model</b> {{ 7*7 }}" in page.text
+    check_offline_html(written[-1])

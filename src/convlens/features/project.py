@@ -1,0 +1,255 @@
+"""Step 2 of the feature browser: each top activation projected alone into pixel space and
+cropped around its unit, with the image patch under it (:func:`feature_examples`)."""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from convlens.architecture import LayerRef
+from convlens.errors import ImageError, InputError
+from convlens.features.receptive_field import ReceptiveField, receptive_field
+from convlens.features.results import ChannelExamples, FeatureExample, FeatureScan, TopActivation
+from convlens.features.scan import _param
+from convlens.images import load_image
+from convlens.methods.rules import project_units
+from convlens.models.base import ConvlensModel
+from convlens.models.preprocess import Preprocess
+
+__all__ = ["Crop", "feature_examples"]
+
+logger = logging.getLogger(__name__)
+
+
+class _ImageCache:
+    """A few preprocessed images ([0, 1] pixels), least recently used dropped first."""
+
+    def __init__(self, paths: Sequence[Path], preprocess: Preprocess, capacity: int = 64) -> None:
+        self.paths = paths
+        self.preprocess = preprocess
+        self.capacity = capacity
+        self.items: OrderedDict[int, torch.Tensor | None] = OrderedDict()
+
+    def get(self, image_id: int) -> torch.Tensor | None:
+        if image_id in self.items:
+            self.items.move_to_end(image_id)
+            return self.items[image_id]
+        try:
+            unit: torch.Tensor | None = self.preprocess.to_unit(load_image(self.paths[image_id]))
+        except ImageError as exc:  # changed or removed since the scan
+            logger.warning("cannot re-read a top image: %s", exc)
+            unit = None
+        self.items[image_id] = unit
+        if len(self.items) > self.capacity:
+            self.items.popitem(last=False)
+        return unit
+
+
+Crop = Literal["effective", "field"]
+"""How patches are cut: ``"field"``: the unit's whole receptive field; ``"effective"``: a square
+around its centre holding most of the projection (see :func:`feature_examples`)."""
+
+
+def feature_examples(
+    scan: FeatureScan,
+    model: ConvlensModel,
+    layer: str,
+    *,
+    channels: Sequence[int] | None = None,
+    rule: str = "deconvnet",
+    crop: Crop = "effective",
+    mass: float = 0.9,
+    batch_size: int = 32,
+    receptive: ReceptiveField | None = None,
+) -> Iterator[ChannelExamples]:
+    """Project each top activation of a layer's channels into pixel space and crop it.
+
+    For every kept activation ``(image, c, y, x)`` the signal that is 1 at that unit and 0
+    elsewhere is sent back to the pixels with :func:`convlens.methods.rules.project_units`
+    (Zeiler & Fergus 2014, §2: "to examine a given convnet activation, we set all other
+    activations in the layer to zero and pass the feature maps as input to the attached deconvnet
+    layer"). Projection and image are then cropped around the unit:
+
+    - ``crop="field"``: to the unit's receptive field (:meth:`ReceptiveField.box`, clipped to
+      the image). Deep layers have receptive fields as large as the image (211 px for the middle
+      of EfficientNet-Lite0 at 224 px), so patches become whole images.
+    - ``crop="effective"`` (default): to a square centred on the receptive field, of the side
+      that holds ``mass`` of the projection's L1 norm (the median over the first
+      ``batch_size`` examples of the layer, so all patches of a layer share one scale, as in
+      Zeiler & Fergus' Fig. 2), at least 32 px and never larger than the receptive field;
+      clipped to the image. This is the part of the receptive field that actually drives the
+      unit (its "effective receptive field", Luo et al. 2016).
+
+    Work is done a few channels at a time (about ``batch_size`` projections); results are
+    yielded one channel at a time, so memory does not grow with the number of channels.
+
+    Args:
+        scan: the result of :func:`scan_features`.
+        model: the same model.
+        layer: a layer of the scan.
+        channels: channels to produce; default the layer's chosen channels.
+        rule: ``"deconvnet"`` (Zeiler & Fergus), ``"guided"`` (Springenberg et al. 2015) or
+            ``"gradient"``.
+        crop: ``"effective"`` or ``"field"`` (see above).
+        mass: fraction of the projection's L1 norm inside an effective crop, in (0, 1].
+        batch_size: projections per backward pass.
+        receptive: the receptive field of ``scan.layers[layer].source`` for
+            ``scan.input_size``, if already computed.
+
+    Yields:
+        One :class:`ChannelExamples` per channel, in order.
+
+    Raises:
+        LayerError: the layer was not scanned.
+        InputError: a channel is out of range, or ``crop``/``mass`` invalid.
+    """
+    cache = _ImageCache(scan.paths, model.preprocess)
+    return _examples(scan, model, layer, channels, rule, crop, mass, batch_size, receptive, cache)
+
+
+def _examples(
+    scan: FeatureScan,
+    model: ConvlensModel,
+    layer: str,
+    channels: Sequence[int] | None,
+    rule: str,
+    crop: Crop,
+    mass: float,
+    batch_size: int,
+    receptive: ReceptiveField | None,
+    cache: _ImageCache,
+) -> Iterator[ChannelExamples]:
+    if crop not in ("effective", "field"):
+        raise InputError(f"crop must be 'effective' or 'field', got {crop!r}")
+    if not 0.0 < mass <= 1.0:
+        raise InputError(f"mass must be in (0, 1], got {mass}")
+    info = scan._layer(layer)
+    wanted = list(info.channels if channels is None else channels)
+    tops = {c: scan.top(layer, c) for c in wanted}  # validates the channels
+    rf = receptive or receptive_field(model.net, info.source, scan.input_size)
+    step = max(1, batch_size)
+    window: tuple[int, int] | None = None if crop == "effective" else rf.size
+    group: list[int] = []
+    for n, c in enumerate(wanted):
+        group.append(c)
+        if sum(len(tops[g]) for g in group) < step and n < len(wanted) - 1:
+            continue
+        owners, images, projections = _project(model, info.source, group, tops, cache, rule, step)
+        if window is None and owners:
+            window = _effective_window(owners, projections, rf, mass)
+            logger.debug("layer %s: effective patch %s of receptive field %s", layer, window, rf)
+        per_channel: dict[int, list[FeatureExample]] = {g: [] for g in group}
+        for k, (c_, act, slot) in enumerate(owners):
+            box = _window_box(rf, act.y, act.x, window or rf.size)
+            top, left, bottom, right = box
+            per_channel[c_].append(
+                FeatureExample(
+                    activation=act,
+                    box=box,
+                    patch=images[slot][:, top:bottom, left:right].clone(),
+                    projection=projections[k, :, top:bottom, left:right].clone(),
+                )
+            )
+        for g in group:
+            yield ChannelExamples(
+                layer=layer, channel=g, examples=per_channel[g], window=window or rf.size
+            )
+        group = []
+
+
+def _project(
+    model: ConvlensModel,
+    source: LayerRef,
+    group: Sequence[int],
+    tops: Mapping[int, list[TopActivation]],
+    cache: _ImageCache,
+    rule: str,
+    batch_size: int,
+) -> tuple[list[tuple[int, TopActivation, int]], list[torch.Tensor], torch.Tensor]:
+    """Projections of the top activations of a few channels: ``(owners, images, projections)``
+    with ``owners[k] = (channel, activation, index in images)`` for projection ``k``; images in
+    [0, 1] and projections (float32) on the CPU."""
+    device, dtype = _param(model.net)
+    slots: dict[int, int] = {}
+    images: list[torch.Tensor] = []
+    units: list[tuple[int, int, int, int]] = []
+    owners: list[tuple[int, TopActivation, int]] = []
+    for c in group:
+        for act in tops[c]:
+            unit = cache.get(act.image_id)
+            if unit is None:
+                continue
+            if act.image_id not in slots:
+                slots[act.image_id] = len(images)
+                images.append(unit)
+            slot = slots[act.image_id]
+            units.append((slot, c, act.y, act.x))
+            owners.append((c, act, slot))
+    if not units:
+        return owners, images, torch.empty(0)
+    x = model.preprocess.normalize(torch.stack(images)).to(device=device, dtype=dtype)
+    index = torch.tensor(units, dtype=torch.long, device=device)
+    out = project_units(model.net, x, source, index, rule=rule, batch_size=batch_size)
+    return owners, images, out.detach().float().cpu()
+
+
+def _centre(rf: ReceptiveField, y: int, x: int) -> tuple[int, int]:
+    top, left, bottom, right = rf.box(y, x, clip=False)
+    return (top + bottom - 1) // 2, (left + right - 1) // 2
+
+
+def _window_box(
+    rf: ReceptiveField, y: int, x: int, window: tuple[int, int]
+) -> tuple[int, int, int, int]:
+    """A ``window``-sized box centred on unit ``(y, x)``'s receptive field, clipped to the
+    image (the whole clipped receptive field when ``window`` is its size)."""
+    if window == rf.size:
+        return rf.box(y, x)
+    cy, cx = _centre(rf, y, x)
+    h, w = rf.input_size
+    top, left = cy - (window[0] - 1) // 2, cx - (window[1] - 1) // 2
+    return max(top, 0), max(left, 0), min(top + window[0], h), min(left + window[1], w)
+
+
+def _mass_side(magnitude: torch.Tensor, cy: int, cx: int, mass: float) -> int:
+    """Side of the smallest square centred at ``(cy, cx)`` holding ``mass`` of the map's sum."""
+    h, w = magnitude.shape
+    integral = torch.zeros(h + 1, w + 1, dtype=torch.float64)
+    integral[1:, 1:] = magnitude.double().cumsum(0).cumsum(1)
+    total = float(integral[-1, -1])
+    if total <= 0.0:
+        return 1
+    r = torch.arange(max(h, w))
+    cy, cx = min(max(cy, 0), h - 1), min(max(cx, 0), w - 1)
+    t, b = (cy - r).clamp(min=0), (cy + r + 1).clamp(max=h)
+    lf, rt = (cx - r).clamp(min=0), (cx + r + 1).clamp(max=w)
+    inside = integral[b, rt] - integral[t, rt] - integral[b, lf] + integral[t, lf]
+    enough = (inside >= mass * total - 1e-12 * total).nonzero()
+    radius = int(enough[0]) if enough.numel() else max(h, w)
+    return 2 * radius + 1
+
+
+_MIN_WINDOW = 32
+"""Effective patches are never smaller than this (or than the receptive field, if smaller):
+tiny crops of early layers lose the context that shows what the unit sees."""
+
+
+def _effective_window(
+    owners: Sequence[tuple[int, TopActivation, int]],
+    projections: torch.Tensor,
+    rf: ReceptiveField,
+    mass: float,
+) -> tuple[int, int]:
+    """The effective patch size of a layer: the median :func:`_mass_side` of some examples,
+    at least :data:`_MIN_WINDOW` pixels and at most the receptive field."""
+    sides = []
+    for k, (_, act, _) in enumerate(owners):
+        cy, cx = _centre(rf, act.y, act.x)
+        sides.append(_mass_side(projections[k].abs().sum(dim=0), cy, cx, mass))
+    side = max(int(torch.tensor(sides, dtype=torch.float64).median()), _MIN_WINDOW)
+    return min(side, rf.size[0]), min(side, rf.size[1])
