@@ -1,5 +1,6 @@
-"""Finding structure in a model: the global-average-pooling head that CAM needs, and the default
-layer of the CAM family.
+"""Finding structure in a model: which layer a ``name@call`` text means (:func:`parse_layer`,
+:func:`resolve_call`), the global-average-pooling head that CAM needs, and the default layer of
+the CAM family.
 
 Detection is by observation, not by module names: one forward pass of a single image records
 every module's output; the classifier is the last ``nn.Linear`` whose output is the model's
@@ -10,17 +11,30 @@ layer's input. This works however the pooling is written (module, ``F.adaptive_a
 
 from __future__ import annotations
 
+import contextlib
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from convlens.errors import LayerError, UnsupportedModelError
-from convlens.hooks import hooks, model_state, named_module
+from convlens.hooks.capture import CallCapture, call_error, capture_call, hooks, named_module
+from convlens.hooks.state import model_state
 from convlens.validate import int_text
 
-__all__ = ["GapHead", "LayerRef", "default_layer", "find_gap_head", "parse_layer"]
+__all__ = [
+    "GapHead",
+    "LayerCall",
+    "LayerRef",
+    "absolute_call",
+    "default_layer",
+    "find_gap_head",
+    "parse_layer",
+    "resolve_call",
+]
 
 
 @dataclass(frozen=True)
@@ -68,6 +82,79 @@ def parse_layer(spec: str | LayerRef) -> LayerRef:
     if number is not None:
         return LayerRef(name, number)
     return LayerRef(spec, -1)
+
+
+@dataclass(frozen=True)
+class LayerCall:
+    """One call of one module of a network, found by :func:`resolve_call`.
+
+    Attributes:
+        ref: the layer as asked for.
+        module: the module.
+        call: which call, counted from 0 (``ref.call`` made absolute).
+    """
+
+    ref: LayerRef
+    module: nn.Module
+    call: int
+
+    def capture(self, *, stop: bool = True) -> contextlib.AbstractContextManager[CallCapture]:
+        """Capture this call's output in the block, ending the forward pass there with ``stop``
+        (:func:`convlens.hooks.capture_call`)."""
+        return capture_call(self.module, self.ref.name, self.call, stop=stop)
+
+
+def absolute_call(ref: LayerRef, calls: int) -> int:
+    """``ref.call`` counted from 0, for a module called ``calls`` times per forward pass.
+
+    Raises:
+        LayerError: the module is not called, or has no such call.
+    """
+    index = ref.call if ref.call >= 0 else calls + ref.call
+    if not 0 <= index < calls:
+        raise call_error(ref.name, ref.call, calls)
+    return index
+
+
+def resolve_call(
+    net: nn.Module,
+    layer: str | LayerRef,
+    x: torch.Tensor,
+    *,
+    forward: Callable[[torch.Tensor], Any] | None = None,
+) -> LayerCall:
+    """The module and call that ``layer`` (``"name"``, ``"name@call"`` or a :class:`LayerRef`)
+    means in ``net``.
+
+    A call counted from the end (``-1``, the default, is the last) is made absolute by one
+    forward pass of ``x[:1]`` without gradients that counts the module's calls; a call counted
+    from 0 needs no pass (a call the network never reaches is reported where it is captured,
+    :meth:`convlens.hooks.CallCapture.output`).
+
+    Args:
+        net: the network.
+        layer: the layer.
+        x: an input of the network (only its first image runs).
+        forward: what runs the network (default ``net`` itself), e.g. to turn its errors into
+            clearer ones.
+
+    Raises:
+        LayerError: no such module (close names suggested), or it is not called, or has no
+            such call.
+    """
+    ref = parse_layer(layer)
+    module = named_module(net, ref.name)
+    if ref.call >= 0:
+        return LayerCall(ref, module, ref.call)
+    calls = 0
+
+    def count(_m: nn.Module, _args: Any, _out: Any) -> None:
+        nonlocal calls
+        calls += 1
+
+    with torch.no_grad(), hooks([lambda: module.register_forward_hook(count)]):
+        (net if forward is None else forward)(x[:1].detach())
+    return LayerCall(ref, module, absolute_call(ref, calls))
 
 
 def _scan(net: nn.Module, x: torch.Tensor) -> _Scan:

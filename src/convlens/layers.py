@@ -16,11 +16,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from convlens.errors import LayerError, close_matches
+from convlens.errors import LayerError
+from convlens.hooks.capture import named_module
 
 __all__ = ["LayerInfo", "format_layer_table", "layer_table", "resolve_layer"]
 
-_LIST_HINT = "Run `convlens layers MODEL` to list the layers."
 _MAX_SHAPES_SHOWN = 3
 
 
@@ -156,23 +156,7 @@ def resolve_layer(net: nn.Module, name: str) -> nn.Module:
         LayerError: no submodule has that name (the message suggests close names), or the name
             is empty or names a parameter or buffer.
     """
-    key = name.strip()
-    if not key:
-        raise LayerError(f"empty layer name. {_LIST_HINT}")
-    try:
-        return net.get_submodule(key)
-    except AttributeError:
-        pass
-    tensors = dict(net.named_parameters())
-    tensors.update(net.named_buffers())
-    if key in tensors:
-        owner = key.rpartition(".")[0]
-        of = f" of layer {owner!r}" if owner else ""
-        raise LayerError(f"{key!r} is a parameter or buffer{of}, not a layer. {_LIST_HINT}")
-    names = [n for n, _ in net.named_modules() if n]
-    raise LayerError(
-        f"no layer named {name!r} in the model.{close_matches(key, names)} {_LIST_HINT}"
-    )
+    return named_module(net, name)
 
 
 def _tensor_shapes(output: Any) -> Iterator[tuple[int, ...]]:

@@ -326,14 +326,14 @@ def test_input_gradient_mode_follows_the_bound_convention_torch_has(
     """The lean graph's convention on the bounds is measured from torch's autograd, not assumed:
     whatever torch does there (here a stand-in), the lean graph does; where torch's gradient is
     no pass-or-block mask (half the gradient on a bound), the unit is left to autograd."""
-    from convlens import hooks
+    from convlens.hooks import rules
 
     def fake(kind: str, upper: float) -> Callable[[torch.Tensor], torch.Tensor]:
         assert kind == "clamp"
         return lambda t: _FakeClamp.apply(t, upper, on_lower, on_upper, at_nan)
 
-    monkeypatch.setattr(hooks, "_reference_unit", fake)
-    hooks._measured_convention.cache_clear()
+    monkeypatch.setattr(rules, "_reference_unit", fake)
+    rules._measured_convention.cache_clear()
     try:
         z = torch.tensor([-1.0, 0.0, 0.5, 2.0, 3.0, float("nan")], dtype=torch.float64)
         w = torch.arange(1.0, 7.0, dtype=torch.float64)
@@ -342,7 +342,7 @@ def test_input_gradient_mode_follows_the_bound_convention_torch_has(
             out = zb.clamp(0, 2)
         (got,) = torch.autograd.grad(out, zb, w)
     finally:
-        hooks._measured_convention.cache_clear()  # no stand-in convention for later tests
+        rules._measured_convention.cache_clear()  # no stand-in convention for later tests
     assert mode.count == 1
     if on_lower == 0.5:  # not a mask: torch's own clamp ran, with torch's own gradient
         za = z.clone().requires_grad_(True)

@@ -18,7 +18,8 @@ from typing import Any
 
 import torch
 
-from convlens.hooks import BackpropRuleMode, _arg, _relu_like
+from convlens.hooks.ops import arg, relu_like
+from convlens.hooks.rules import BackpropRuleMode
 
 __all__ = ["InputGradientMode", "input_gradient_mode"]
 
@@ -171,7 +172,7 @@ class InputGradientMode(BackpropRuleMode):
                 out = self._batch_norm(args, kwargs)
                 if out is not None:
                     return out
-        if _relu_like(func, args, kwargs) is not None and _rule_mode_outside():
+        if relu_like(func, args, kwargs) is not None and _rule_mode_outside():
             # The outer rule mode runs next in the stack and applies its own rule (e.g.
             # guided); handling the unit here first would hide it from that mode.
             return func(*args, **kwargs)
@@ -182,7 +183,7 @@ class InputGradientMode(BackpropRuleMode):
         names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
         defaults = (None, None, None, 1, 0, 1, 1)
         pairs_in = enumerate(zip(names, defaults, strict=True))
-        a = [_arg(args, kwargs, i, n, d) for i, (n, d) in pairs_in]
+        a = [arg(args, kwargs, i, n, d) for i, (n, d) in pairs_in]
         x, weight, bias, stride, padding, dilation, groups = a
         if x.dim() != 4:
             return None
@@ -196,9 +197,9 @@ class InputGradientMode(BackpropRuleMode):
         defaults = (None, None, None, None, None, False)
         pairs_in = enumerate(zip(names, defaults, strict=True))
         x, mean, var, weight, bias, training = (
-            _arg(args, kwargs, i, n, d) for i, (n, d) in pairs_in
+            arg(args, kwargs, i, n, d) for i, (n, d) in pairs_in
         )
-        eps = _arg(args, kwargs, 7, "eps", 1e-5)
+        eps = arg(args, kwargs, 7, "eps", 1e-5)
         if training or mean is None or var is None or not _frozen(weight, bias, mean, var):
             return None
         w_version = None if weight is None else weight._version

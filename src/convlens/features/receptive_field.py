@@ -57,9 +57,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from convlens.architecture import LayerRef, parse_layer
+from convlens.architecture import LayerRef, parse_layer, resolve_call
 from convlens.errors import ConvlensError, InputError, LayerError
-from convlens.hooks import hooks, model_state, named_module
+from convlens.hooks import ops
+from convlens.hooks.capture import capture_call, named_module
+from convlens.hooks.state import model_state
 
 __all__ = ["ReceptiveField", "receptive_field"]
 
@@ -312,11 +314,6 @@ def _resolve_axis(probe: _Probe, first: _Measurement, axis: int) -> _AxisGeometr
     return geometry
 
 
-class _Stop(BaseException):
-    """Ends the forward pass once the layer has run (BaseException: model code that catches
-    ``Exception`` must not swallow it)."""
-
-
 @dataclass
 class _Probe:
     net: nn.Module
@@ -374,49 +371,11 @@ class _Probe:
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         """Run the model until the layer's requested call; return that call's raw output."""
         if self.call is None:
-            self.call = self._resolve_call(x)
-        seen: list[torch.Tensor] = []
-        calls = 0
-
-        def record(module: nn.Module, args: Any, out: Any) -> None:
-            nonlocal calls
-            index, calls = calls, calls + 1
-            if index != self.call:
-                return
-            if not isinstance(out, torch.Tensor):
-                raise LayerError(
-                    f"layer {str(self.ref)!r} returns {type(out).__name__}, not a tensor; "
-                    "choose a layer whose output is a feature map"
-                )
-            seen.append(out)
-            raise _Stop  # nothing after the layer is needed
-
-        with (
-            hooks([lambda: self.module.register_forward_hook(record)]),
-            contextlib.suppress(_Stop),
-            _StraightThrough(),
-        ):
+            # One cheap pass counts the calls when the call is counted from the end.
+            self.call = resolve_call(self.net, self.ref, x, forward=self._run).call
+        with capture_call(self.module, self.ref.name, self.call) as capture, _StraightThrough():
             self._run(x.clone())  # not the leaf itself: the model may change its input in place
-        if not seen:
-            raise self._missing(calls)
-        return seen[0]
-
-    def _resolve_call(self, x: torch.Tensor) -> int:
-        """The requested call as an index from the start (one cheap pass counts the calls)."""
-        if self.ref.call >= 0:
-            return self.ref.call
-        calls = 0
-
-        def count(module: nn.Module, args: Any, out: Any) -> None:
-            nonlocal calls
-            calls += 1
-
-        with hooks([lambda: self.module.register_forward_hook(count)]), torch.no_grad():
-            self._run(x[:1].detach())
-        index = calls + self.ref.call
-        if index < 0:
-            raise self._missing(calls)
-        return index
+        return capture.output()
 
     def _run(self, x: torch.Tensor) -> None:
         try:
@@ -428,18 +387,6 @@ class _Probe:
                 f"the model fails on a random input of shape {tuple(x.shape)} "
                 f"({type(exc).__name__}: {exc}); pass the input_size (and in_channels) it accepts"
             ) from exc
-
-    def _missing(self, calls: int) -> LayerError:
-        if calls == 0:
-            return LayerError(
-                f"layer {self.ref.name!r} is not used in the model's forward pass; "
-                "choose a layer the model calls"
-            )
-        name = self.ref.name
-        return LayerError(
-            f"layer {name!r} is called {calls} time(s) per forward pass; there is no call "
-            f"{self.ref.call} (use '{name}@0' .. '{name}@{calls - 1}', or '{name}' for the last)"
-        )
 
 
 def _check_size(size: tuple[int, int]) -> tuple[int, int]:
@@ -477,27 +424,11 @@ def _identity_grad(value: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 #: Out-of-place elementwise ops, and in-place ones with their out-of-place counterpart.
+#: ``relu`` and ``clamp``-family functions (:mod:`convlens.hooks.ops`), each with its out-of-place
+#: form where it works in place (``None``: it does not).
 _ELEMENTWISE: dict[Callable[..., Any], Callable[..., Any] | None] = {
-    torch.relu: None,
-    torch.Tensor.relu: None,
-    torch.clamp: None,
-    torch.Tensor.clamp: None,
-    torch.clamp_min: None,
-    torch.Tensor.clamp_min: None,
-    torch.clamp_max: None,
-    torch.Tensor.clamp_max: None,
-    torch.clip: None,
-    torch.Tensor.clip: None,
-    torch.relu_: torch.relu,
-    torch.Tensor.relu_: torch.Tensor.relu,
-    torch.clamp_: torch.clamp,
-    torch.Tensor.clamp_: torch.Tensor.clamp,
-    torch.clamp_min_: torch.clamp_min,
-    torch.Tensor.clamp_min_: torch.Tensor.clamp_min,
-    torch.clamp_max_: torch.clamp_max,
-    torch.Tensor.clamp_max_: torch.Tensor.clamp_max,
-    torch.clip_: torch.clip,
-    torch.Tensor.clip_: torch.Tensor.clip,
+    **dict.fromkeys(ops.RELU | ops.CLAMP | ops.CLAMP_MIN | ops.CLAMP_MAX),
+    **ops.OUT_OF_PLACE,
 }
 
 #: Functionals with an ``inplace`` argument, and their signatures.

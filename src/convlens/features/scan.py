@@ -3,7 +3,6 @@ of every layer, the ``k`` images where it fires most (:func:`scan_features`)."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import re
 import time
@@ -16,11 +15,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from convlens.architecture import LayerRef, parse_layer
+from convlens.architecture import LayerRef, absolute_call, parse_layer
 from convlens.errors import ImageError, InputError, LayerError
 from convlens.features.results import ChannelSpec, FeatureScan, LayerScan, Progress
 from convlens.features.topk import RunningTopK
-from convlens.hooks import hooks, model_state, named_module
+from convlens.hooks.capture import StopForward, hooks, named_module, stoppable
+from convlens.hooks.state import model_state
 from convlens.images import load_image
 from convlens.models.base import ConvlensModel
 from convlens.models.preprocess import Preprocess
@@ -132,10 +132,6 @@ def _collate(
     return ids, x, bad
 
 
-class _Stop(BaseException):
-    """Ends a forward pass once every requested layer has been captured."""
-
-
 def _param(net: nn.Module) -> tuple[torch.device, torch.dtype]:
     for p in net.parameters():
         return p.device, p.dtype if p.is_floating_point() else torch.float32
@@ -194,14 +190,7 @@ def _probe(
     found: dict[str, _Probed] = {}
     for spec, r in refs.items():
         count = calls.get(r.name, 0)
-        if count == 0:
-            raise LayerError(f"layer {r.name!r} is not used in the model's forward pass")
-        index = r.call if r.call >= 0 else count + r.call
-        if not 0 <= index < count:
-            raise LayerError(
-                f"layer {r.name!r} is called {count} time(s) per forward pass; there is no "
-                f"call {r.call} (use 'name@0' .. 'name@{count - 1}', or 'name' for the last)"
-            )
+        index = absolute_call(r, count)
         shape = shapes[r.name, index]
         if not isinstance(shape, tuple) or len(shape) != 4:
             kind = f"shape {shape}" if isinstance(shape, tuple) else type(shape).__name__
@@ -339,7 +328,7 @@ def scan_features(
                     trackers[s].update(out, state["ids"])
                     state["done"] += 1
                 if state["done"] == len(specs):
-                    raise _Stop
+                    raise StopForward
 
             return hook
 
@@ -372,7 +361,7 @@ def scan_features(
                         result.skipped.append((files[i], reason))
                     if x is not None:
                         state.update(ids=ids, calls={}, done=0)
-                        with contextlib.suppress(_Stop):
+                        with stoppable():
                             net(x.to(device=device, dtype=dtype, non_blocking=True))
                         result.scanned += int(x.shape[0])
                     done += int(ids.numel()) + len(bad)

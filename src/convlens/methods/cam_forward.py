@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from convlens.architecture import GapHead, LayerRef, find_gap_head
+from convlens.architecture import GapHead, LayerRef, find_gap_head, resolve_call
 from convlens.errors import UnsupportedModelError
-from convlens.hooks import hooks, layer_capture, named_module
+from convlens.hooks.capture import hooks, layer_capture
 from convlens.methods.base import Context, Method, RawResult
 from convlens.methods.cam import _check_spatial
 from convlens.methods.registry import register
@@ -234,17 +234,8 @@ class AblationCAM(Method):
         b, c = a.shape[:2]
         drop = torch.zeros(b, targets.shape[1], c, device=a.device)
         passes = 0
-        module = named_module(ctx.net, ref.name)
-        call = ref.call
-        if call < 0:
-            seen = [0]
-
-            def count(_m: nn.Module, _a: Any, _o: Any) -> None:
-                seen[0] += 1
-
-            with torch.no_grad(), hooks([lambda: module.register_forward_hook(count)]):
-                ctx.net(ctx.x[:1])
-            call = seen[0] + call
+        target = resolve_call(ctx.net, ref, ctx.x)
+        module, call = target.module, target.call
         for i in range(b):
             for start in range(0, c, self.batch_size):
                 chans = torch.arange(start, min(start + self.batch_size, c), device=a.device)

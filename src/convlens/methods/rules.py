@@ -18,14 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from convlens.architecture import LayerRef, parse_layer
+from convlens.architecture import LayerRef, resolve_call
 from convlens.errors import LayerError
-from convlens.hooks import (
-    backprop_rule,
-    hooks,
-    model_state,
-    named_module,
-)
+from convlens.hooks.rules import backprop_rule
+from convlens.hooks.state import model_state
 from convlens.methods.base import Context, Method, RawResult
 from convlens.methods.cam import GradCAM
 from convlens.methods.gradient import input_gradients
@@ -122,26 +118,6 @@ class GuidedGradCAM(Method):
         )
 
 
-class _Stop(Exception):
-    """Raised by a forward hook to skip the rest of the network once the layer is computed."""
-
-
-def _absolute_call(net: nn.Module, ref: LayerRef, x: torch.Tensor) -> int:
-    if ref.call >= 0:
-        return ref.call
-    module = named_module(net, ref.name)
-    count = [0]
-
-    def tick(*_: Any) -> None:
-        count[0] += 1
-
-    with torch.no_grad(), hooks([lambda: module.register_forward_hook(tick)]):
-        net(x[:1])
-    if count[0] + ref.call < 0:
-        raise LayerError(f"layer {ref.name!r} was called {count[0]} time(s); no call {ref.call}")
-    return count[0] + ref.call
-
-
 def project_units(
     net: nn.Module,
     x: torch.Tensor,
@@ -168,33 +144,18 @@ def project_units(
     Returns:
         (N, 3, H, W) projections.
     """
-    ref = parse_layer(layer)
     units = units.to(torch.long)
     out = torch.empty(units.shape[0], *x.shape[1:], dtype=x.dtype, device=x.device)
     with model_state(net, eval_mode=True, grads=True):
-        call = _absolute_call(net, ref, x)
-        module = named_module(net, ref.name)
+        target = resolve_call(net, layer, x)
         for start in range(0, units.shape[0], batch_size):
             chunk = units[start : start + batch_size]
             xs = x[chunk[:, 0]].detach().clone().requires_grad_(True)
-            seen: list[torch.Tensor] = []
-
-            def grab(_m: nn.Module, _a: Any, o: Any, seen: list[torch.Tensor] = seen) -> None:
-                seen.append(o)
-                if len(seen) == call + 1:
-                    raise _Stop
-
-            with torch.enable_grad(), hooks([lambda g=grab: module.register_forward_hook(g)]):
-                try:
-                    with backprop_rule(rule):
-                        net(xs)
-                except _Stop:
-                    pass
-            if len(seen) <= call:
-                raise LayerError(f"layer {str(ref)!r} was not reached in the forward pass")
-            a = seen[call]
+            with torch.enable_grad(), target.capture() as capture, backprop_rule(rule):
+                net(xs)
+            a = capture.output()
             if a.dim() != 4:
-                raise LayerError(f"layer {str(ref)!r} has no (B, C, H, W) output")
+                raise LayerError(f"layer {str(target.ref)!r} has no (B, C, H, W) output")
             idx = torch.arange(chunk.shape[0], device=a.device)
             picked = a[idx, chunk[:, 1], chunk[:, 2], chunk[:, 3]]
             (g,) = torch.autograd.grad(picked.sum(), xs)

@@ -2,8 +2,8 @@
 
 An :class:`Objective` maps the output of the model (``layer=None``: the logits) or of one layer
 call to one score per image. :class:`LayerReader` runs the network with a forward hook on that
-layer and, once the call index is known, stops the forward pass right after it by raising an
-exception from the hook, so the rest of the network is never computed.
+layer and, once the call index is known, stops the forward pass right after it
+(:func:`convlens.hooks.capture_call`), so the rest of the network is never computed.
 
 Scores (per image ``b`` with target ``t_b``):
 
@@ -20,7 +20,6 @@ transform samples) and returns ``(K * N,)`` scores; the target of sample ``j`` i
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -28,9 +27,9 @@ from typing import Literal
 import torch
 from torch import nn
 
-from convlens.architecture import LayerRef, parse_layer
+from convlens.architecture import LayerRef, parse_layer, resolve_call
 from convlens.errors import InputError, LayerError, TargetError
-from convlens.hooks import hooks, named_module
+from convlens.hooks.capture import capture_call, named_module
 from convlens.models.classes import ClassList
 from convlens.validate import int_text
 
@@ -174,10 +173,6 @@ class DreamL2(Objective):
         return a[torch.arange(a.shape[0], device=a.device), t].float().pow(2).mean(dim=(-2, -1))
 
 
-class _StopForward(Exception):
-    """Raised from a forward hook to end the forward pass after the layer of interest."""
-
-
 class LayerReader:
     """Run a network and return its output or the output of one call of one layer.
 
@@ -209,28 +204,8 @@ class LayerReader:
         Raises:
             LayerError: the layer is not used, or has no such call.
         """
-        if self.module is None or self.ref is None:
-            return
-        if self.ref.call >= 0:
-            self.call = self.ref.call  # known: no probe needed (checked on first use)
-            return
-        count = 0
-
-        def counter(module: nn.Module, args: object, out: object) -> None:
-            nonlocal count
-            count += 1
-
-        with torch.no_grad(), hooks([lambda: self.module.register_forward_hook(counter)]):  # type: ignore[union-attr]
-            self.net(x[:1])
-        if count == 0:
-            raise LayerError(f"layer {self.ref.name!r} was not used in the forward pass")
-        call = self.ref.call if self.ref.call >= 0 else count + self.ref.call
-        if not 0 <= call < count:
-            raise LayerError(
-                f"layer {self.ref.name!r} is called {count} time(s) per forward pass; "
-                f"there is no call {self.ref.call}"
-            )
-        self.call = call
+        if self.ref is not None:
+            self.call = resolve_call(self.net, self.ref, x).call
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """The model output, or the chosen layer call's output (part of the autograd graph)."""
@@ -240,39 +215,10 @@ class LayerReader:
                 raise InputError(f"the model must return a tensor, not {type(out).__name__}")
             return out
         if self.call is None:
-            self.resolve(x)
-        captured: list[torch.Tensor] = []
-        seen = 0
-        target = self.call
-        name = self.ref.name
-
-        def hook(module: nn.Module, args: object, out: object) -> object:
-            nonlocal seen
-            idx = seen
-            seen += 1
-            if idx != target:
-                return None
-            if not isinstance(out, torch.Tensor):
-                raise LayerError(
-                    f"layer {name!r} returns {type(out).__name__}, not a tensor; choose a layer "
-                    "whose output is a feature map"
-                )
-            captured.append(out)
-            if self.stop_early:
-                raise _StopForward
-            return out.clone()  # later in-place ops must not change the captured output
-
-        register = [lambda: self.module.register_forward_hook(hook)]  # type: ignore[union-attr]
-        with hooks(register), contextlib.suppress(_StopForward):
+            self.call = resolve_call(self.net, self.ref, x).call
+        with capture_call(self.module, self.ref.name, self.call, stop=self.stop_early) as capture:
             self.net(x)
-        if not captured:
-            if seen == 0:
-                raise LayerError(f"layer {name!r} was not used in the forward pass")
-            raise LayerError(
-                f"layer {name!r} is called {seen} time(s) per forward pass; there is no call "
-                f"{self.ref.call}"
-            )
-        return captured[-1]
+        return capture.output()
 
 
 def class_targets(classes: Sequence[int | str], names: ClassList | None) -> list[int]:
