@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from convlens.accel.fingerprint import fingerprint
-from convlens.hooks import tf32_convolutions
+from convlens.hooks.state import tf32_convolutions
 
 __all__ = ["FixedBatchForward", "clear_compiled", "compiled_forward"]
 

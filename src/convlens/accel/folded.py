@@ -29,7 +29,8 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from convlens.accel.fingerprint import fingerprint
-from convlens.hooks import hooks, model_state, tf32_convolutions
+from convlens.hooks.capture import hooks
+from convlens.hooks.state import model_state, tf32_convolutions
 
 if TYPE_CHECKING:
     from convlens.models.base import ConvlensModel

@@ -312,7 +312,7 @@ def _predict_loop(
     results are waited for and written (one transaction per batch). If reading or launching a
     batch fails, the batch before it is still written, so a crash loses only the failing batch.
     """
-    from convlens.hooks import model_state
+    from convlens.hooks.state import model_state
 
     def finish(launched: _Launched) -> None:
         preds, not_finite = _finish_batch(launched, todo)

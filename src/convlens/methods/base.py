@@ -22,7 +22,7 @@ from convlens.errors import (
     NonFiniteMapWarning,
     TargetError,
 )
-from convlens.hooks import full_float32, model_state
+from convlens.hooks.state import full_float32, model_state
 from convlens.methods.options import checked_init
 from convlens.models.base import ConvlensModel, unwrap
 from convlens.models.classes import ClassList

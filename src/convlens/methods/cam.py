@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from convlens.architecture import find_gap_head
 from convlens.errors import LayerError
-from convlens.hooks import layer_capture
+from convlens.hooks.capture import layer_capture
 from convlens.methods.base import Context, Method, RawResult
 from convlens.methods.registry import register
 

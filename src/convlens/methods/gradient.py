@@ -12,7 +12,7 @@ import torch
 from convlens.accel.folded import cached_inference_copy
 from convlens.accel.lean_graph import InputGradientMode
 from convlens.errors import InputError
-from convlens.hooks import backprop_rule
+from convlens.hooks.rules import backprop_rule
 from convlens.methods.base import Context, Method, RawResult
 from convlens.methods.registry import register
 from convlens.validate import PositiveFloat, PositiveInt

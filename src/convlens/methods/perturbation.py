@@ -15,7 +15,7 @@ from convlens.accel.folded import has_forward_hooks, inference_copy
 from convlens.accel.incremental import IncrementalEngine, NotIncrementalError
 from convlens.accel.settings import Acceleration
 from convlens.errors import UnsupportedModelError
-from convlens.hooks import hooks
+from convlens.hooks.capture import hooks
 from convlens.methods.base import Context, Method, RawResult
 from convlens.methods.registry import register
 from convlens.validate import (

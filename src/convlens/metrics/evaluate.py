@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from convlens.hooks import model_state
+from convlens.hooks.state import model_state
 from convlens.methods.base import Method
 from convlens.methods.registry import get_method
 from convlens.metrics.faithfulness import (

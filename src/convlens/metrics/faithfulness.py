@@ -15,7 +15,7 @@ from torch import nn
 from convlens.accel.compiled import FixedBatchForward, compiled_forward
 from convlens.accel.folded import inference_copy
 from convlens.accel.settings import Acceleration
-from convlens.hooks import model_state
+from convlens.hooks.state import model_state
 from convlens.methods.perturbation import blur
 from convlens.models.base import ConvlensModel, unwrap
 from convlens.validate import positive_float, positive_int

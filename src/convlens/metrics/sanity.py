@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from convlens.errors import BlankMapWarning
-from convlens.hooks import hooks, model_state
+from convlens.hooks.capture import hooks
+from convlens.hooks.state import model_state
 from convlens.methods.base import Method
 from convlens.methods.registry import get_method
 from convlens.models.base import ConvlensModel, unwrap

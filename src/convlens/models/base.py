@@ -34,7 +34,7 @@ def count_outputs(net: nn.Module, crop: int) -> int | None:
     Raises:
         ModelLoadError: the network fails on an input of that size.
     """
-    from convlens.hooks import model_state
+    from convlens.hooks.state import model_state
 
     param = next((p for p in net.parameters() if p.is_floating_point()), None)
     device = param.device if param is not None else torch.device("cpu")
@@ -131,7 +131,7 @@ class ConvlensModel:
                 the message names them and ``rows`` lists them (no probabilities are made up
                 for them).
         """
-        from convlens.hooks import model_state
+        from convlens.hooks.state import model_state
         from convlens.validate import check_finite_inputs, nonfinite_outputs, positive_int
 
         k = positive_int(k, "k")

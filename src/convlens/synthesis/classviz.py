@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from convlens.hooks import model_state
+from convlens.hooks.state import model_state
 from convlens.models.base import ConvlensModel
 from convlens.synthesis._common import image_size, model_parts
 from convlens.synthesis.objectives import ClassScore, class_targets

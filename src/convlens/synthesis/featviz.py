@@ -20,7 +20,8 @@ from torch import nn
 
 from convlens.architecture import LayerRef, parse_layer
 from convlens.errors import InputError
-from convlens.hooks import model_state, named_module
+from convlens.hooks.capture import named_module
+from convlens.hooks.state import model_state
 from convlens.models.base import ConvlensModel
 from convlens.synthesis._common import image_size, model_parts
 from convlens.synthesis.objectives import ChannelMean, LayerReader, Neuron
