@@ -11,7 +11,7 @@ import typer
 
 from convlens import InputError
 from convlens.cli import app
-from convlens.cli_options import load_net, parse_device, parse_methods, parse_triple
+from convlens.cli.options import load_net, parse_device, parse_methods, parse_triple
 
 NET = textwrap.dedent(
     """
