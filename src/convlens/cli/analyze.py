@@ -44,7 +44,7 @@ def analyze(
         int,
         typer.Option(
             help="Most confident mistakes to explain.",
-            callback=checked(non_negative_int, "--top-errors"),
+            callback=checked(non_negative_int),
         ),
     ] = 50,
     faithfulness: Annotated[

@@ -39,7 +39,7 @@ def evaluate(
         int,
         typer.Option(
             help="Deletion/insertion steps (20: 5% of the pixels per step).",
-            callback=checked(positive_int, "--steps"),
+            callback=checked(positive_int),
         ),
     ] = 20,
     batch_size: BatchSizeOpt = 8,
@@ -54,9 +54,7 @@ def evaluate(
     ] = None,
     sanity_images: Annotated[
         int,
-        typer.Option(
-            help="Images used by --sanity.", callback=checked(positive_int, "--sanity-images")
-        ),
+        typer.Option(help="Images used by --sanity.", callback=checked(positive_int)),
     ] = 4,
     use_labels: Annotated[
         bool, typer.Option(help="Explain the true label (else the top-1 class).")

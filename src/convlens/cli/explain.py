@@ -56,7 +56,7 @@ def predict(
     model_options: ModelOptions,
     top: Annotated[
         int,
-        typer.Option(help="Number of classes to show.", callback=checked(positive_int, "--top")),
+        typer.Option(help="Number of classes to show.", callback=checked(positive_int)),
     ] = 5,
     batch_size: BatchSizeOpt = 16,
 ) -> None:
@@ -182,7 +182,7 @@ def explain_cmd(
         typer.Option(
             "--top-k",
             help="Explain the k most probable classes (multi-class view).",
-            callback=checked(positive_int, "--top-k"),
+            callback=checked(positive_int),
         ),
     ] = None,
     layer: Annotated[
@@ -197,20 +197,18 @@ def explain_cmd(
     batch_size: BatchSizeOpt = 8,
     patch: Annotated[
         int,
-        typer.Option(
-            help="Occlusion patch size (pixels).", callback=checked(positive_int, "--patch")
-        ),
+        typer.Option(help="Occlusion patch size (pixels).", callback=checked(positive_int)),
     ] = 32,
     stride: Annotated[
         int,
-        typer.Option(help="Occlusion stride (pixels).", callback=checked(positive_int, "--stride")),
+        typer.Option(help="Occlusion stride (pixels).", callback=checked(positive_int)),
     ] = 16,
     fill: Annotated[str, typer.Option(help="Occlusion fill: mean, blur, zero or a number.")] = (
         "mean"
     ),
     cmap: Annotated[str, typer.Option(help="Matplotlib colour map.", callback=_check_cmap)] = "jet",
     alpha: Annotated[
-        float, typer.Option(help="Heatmap opacity.", callback=checked(fraction, "--alpha"))
+        float, typer.Option(help="Heatmap opacity.", callback=checked(fraction))
     ] = 0.5,
 ) -> None:
     """Explain predictions: one side-by-side panel per image plus one overlay per method."""
@@ -311,7 +309,7 @@ def demo(
         typer.Option(
             "--top-k",
             help="Classes in the multi-class view.",
-            callback=checked(positive_int, "--top-k"),
+            callback=checked(positive_int),
         ),
     ] = 3,
     model_options: ModelOptions,

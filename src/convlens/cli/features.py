@@ -48,14 +48,14 @@ def features_cmd(
         int,
         typer.Option(
             help="Channels picked by --channels auto.",
-            callback=checked(positive_int, "--num-channels"),
+            callback=checked(positive_int),
         ),
     ] = 16,
     top: Annotated[
         int,
         typer.Option(
             help="Strongest activations (images) per channel.",
-            callback=checked(positive_int, "--top"),
+            callback=checked(positive_int),
         ),
     ] = 9,
     rule: Annotated[

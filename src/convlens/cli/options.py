@@ -118,15 +118,15 @@ def show_warning(
     err.print(Text.assemble(("warning:", "yellow"), " ", one_line(str(message))), soft_wrap=True)
 
 
-def checked(check: Callable[[Any, str], object], name: str) -> Callable[[Any], Any]:
+def checked(check: Callable[[Any, str], object]) -> Callable[..., Any]:
     """An option callback that checks the value as it is parsed, with a function of
     :mod:`convlens.validate` (the one the Python API uses), so that a bad number fails before
-    any work with one ``error:`` line naming the option, e.g.
-    ``typer.Option(callback=checked(positive_int, "--top"))``. ``None`` (not given) passes."""
+    any work with one ``error:`` line naming the option (its first name), e.g.
+    ``typer.Option(callback=checked(positive_int))``. ``None`` (not given) passes."""
 
-    def callback(value: Any) -> Any:
+    def callback(param: typer.CallbackParam, value: Any) -> Any:
         if value is not None:
-            check(value, name)
+            check(value, param.opts[0])
         return value
 
     return callback
@@ -165,9 +165,7 @@ StdOpt = Annotated[
 ]
 DeviceOpt = Annotated[
     str,
-    typer.Option(
-        help="cpu, cuda, cuda:1 ... or auto.", callback=checked(_parse_device, "--device")
-    ),
+    typer.Option(help="cpu, cuda, cuda:1 ... or auto.", callback=checked(_parse_device)),
 ]
 PlainOpt = Annotated[
     bool,
@@ -298,20 +296,20 @@ ImagesArg = Annotated[list[str], typer.Argument(help="Image files or folders.")]
 LabelledDataArg = Annotated[str, typer.Argument(help="Image folder (class subfolders) or CSV.")]
 LimitOpt = Annotated[
     Optional[int],  # noqa: UP045
-    typer.Option(help="At most N images.", callback=checked(positive_int, "--limit")),
+    typer.Option(help="At most N images.", callback=checked(positive_int)),
 ]
 OutDirOpt = Annotated[Path, typer.Option("--out", help="Output folder.")]
 MethodsOpt = Annotated[
     str, typer.Option(help="Comma-separated method names (see `convlens methods`).")
 ]
 BatchSizeOpt = Annotated[
-    int, typer.Option(help="Images per batch.", callback=checked(positive_int, "--batch-size"))
+    int, typer.Option(help="Images per batch.", callback=checked(positive_int))
 ]
 WorkersOpt = Annotated[
     int,
     typer.Option(
         help="Processes reading images (0: none).",
-        callback=checked(non_negative_int, "--workers"),
+        callback=checked(non_negative_int),
     ),
 ]
 

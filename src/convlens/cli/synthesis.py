@@ -49,27 +49,25 @@ StepsOpt = Annotated[
     Optional[int],  # noqa: UP045
     typer.Option(
         help="Optimisation steps (default: the preset's).",
-        callback=checked(non_negative_int, "--steps"),
+        callback=checked(non_negative_int),
     ),
 ]
 SeedOpt = Annotated[
     int,
     typer.Option(
         help="Random seed; the same seed gives the same images.",
-        callback=checked(valid_seed, "--seed"),
+        callback=checked(valid_seed),
     ),
 ]
 LrOpt = Annotated[
     Optional[float],  # noqa: UP045
-    typer.Option(
-        help="Learning rate (default: the preset's).", callback=checked(positive_float, "--lr")
-    ),
+    typer.Option(help="Learning rate (default: the preset's).", callback=checked(positive_float)),
 ]
 SamplesOpt = Annotated[
     Optional[int],  # noqa: UP045
     typer.Option(
         help="Random transform samples per image and step (default: the preset's).",
-        callback=checked(positive_int, "--samples"),
+        callback=checked(positive_int),
     ),
 ]
 
@@ -220,44 +218,42 @@ def dream(
         Optional[int],  # noqa: UP045
         typer.Option(
             help="Amplify only this channel of the layer.",
-            callback=checked(non_negative_int, "--channel"),
+            callback=checked(non_negative_int),
         ),
     ] = None,
     octaves: Annotated[
-        int, typer.Option(help="Number of scales.", callback=checked(positive_int, "--octaves"))
+        int, typer.Option(help="Number of scales.", callback=checked(positive_int))
     ] = 4,
     octave_scale: Annotated[
         float,
         typer.Option(
             help="Size ratio between scales (1 or more).",
-            callback=checked(lambda v, n: at_least(v, n, 1.0), "--octave-scale"),
+            callback=checked(lambda v, n: at_least(v, n, 1.0)),
         ),
     ] = 1.4,
     steps: Annotated[
         int,
-        typer.Option(
-            help="Gradient steps per octave.", callback=checked(non_negative_int, "--steps")
-        ),
+        typer.Option(help="Gradient steps per octave.", callback=checked(non_negative_int)),
     ] = 10,
     step_size: Annotated[
         float,
         typer.Option(
             help="Mean pixel change per step ([0, 1] pixel units).",
-            callback=checked(positive_float, "--step-size"),
+            callback=checked(positive_float),
         ),
     ] = 0.01,
     jitter: Annotated[
         int,
         typer.Option(
             help="Largest random roll per step (pixels).",
-            callback=checked(non_negative_int, "--jitter"),
+            callback=checked(non_negative_int),
         ),
     ] = 32,
     max_size: Annotated[
         Optional[int],  # noqa: UP045
         typer.Option(
             help="Shrink the photo so that its longer side is at most this.",
-            callback=checked(positive_int, "--max-size"),
+            callback=checked(positive_int),
         ),
     ] = 512,
     gif: Annotated[bool, typer.Option(help="Also write an animated GIF of the steps.")] = False,
