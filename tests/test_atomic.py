@@ -215,7 +215,7 @@ class Tiny(nn.Module):
 
 
 def test_explain_keeps_both_images_that_share_a_stem(tmp_path) -> None:
-    from convlens.cli import run_explain
+    from convlens.cli.explain import run_explain
     from convlens.models import Preprocess, load_model
 
     model = load_model(Tiny(), classes=None, preprocess=Preprocess(resize=32, crop=32))

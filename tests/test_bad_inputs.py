@@ -953,7 +953,7 @@ NUMERIC_TEXT = st.text(alphabet="0123456789-+.,eEnaifINF ²٣_", max_size=16)
 @example("٣")
 @example("1e999")
 def test_parse_triple_returns_three_numbers_or_raises_convlens_error(text: str) -> None:
-    from convlens.cli_options import parse_triple
+    from convlens.cli.options import parse_triple
 
     try:
         value = parse_triple(text, "std")
@@ -968,7 +968,7 @@ def test_parse_triple_returns_three_numbers_or_raises_convlens_error(text: str) 
 @example("foo")
 @example("cuda:x")
 def test_parse_device_returns_a_usable_device_or_raises_convlens_error(text: str) -> None:
-    from convlens.cli_options import parse_device
+    from convlens.cli.options import parse_device
 
     try:
         dev = parse_device(text)
@@ -1044,7 +1044,7 @@ def test_feature_channel_text_parses_or_raises_convlens_error(text: str) -> None
 @example("²")
 @example("3,5,9")
 def test_synthesis_channel_text_parses_or_raises_convlens_error(text: str) -> None:
-    from convlens.cli_synthesis import parse_channels
+    from convlens.cli.synthesis import parse_channels
 
     try:
         value = parse_channels(text)
@@ -1067,8 +1067,8 @@ TARGET_TEXT = st.one_of(
 @example("٣")
 @example("-0")
 def test_target_text_resolves_or_raises_convlens_error(text: str) -> None:
-    from convlens.cli import _parse_target
-    from convlens.cli_synthesis import _target
+    from convlens.cli.explain import _parse_target
+    from convlens.cli.synthesis import _target
     from convlens.models.classes import ClassList
     from convlens.targets import resolve_targets
 

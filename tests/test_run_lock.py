@@ -211,7 +211,7 @@ def test_the_lock_goes_with_the_process_that_held_it(tmp_path) -> None:
 
 
 def test_explain_into_a_folder_being_written_fails_cleanly(tmp_path) -> None:
-    from convlens.cli import run_explain
+    from convlens.cli.explain import run_explain
 
     class Tiny(nn.Module):
         def __init__(self) -> None:

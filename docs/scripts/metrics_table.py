@@ -187,7 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sanity_s = time.perf_counter() - t0
     print(f"sanity checks: {sanity_s:.0f} s", flush=True)
 
-    from convlens.cli_evaluate import _curves_figure
+    from convlens.cli.evaluate import _curves_figure
     from convlens.render import save_figure
 
     when = dt.datetime.now(dt.timezone.utc)

@@ -38,7 +38,8 @@ def explain(
         methods: method names from :func:`~convlens.methods.list_methods` or method objects.
         target: class(es) to explain (index, name, synset, one per image); default top-1.
         top_k: explain each image's ``top_k`` most probable classes instead.
-        layer: layer for the methods that use one (ignored by CAM, which finds its own).
+        layer: layer for the methods that use one (ignored by those that find their own, such
+            as CAM: :attr:`~convlens.methods.Method.finds_own_layer`).
         options: per-method constructor options, e.g. ``{"occlusion": {"patch": 16}}``.
         accel: the accelerators the methods may use (default: the model wrapper's
             ``accel``, else ``Acceleration()``); ``Acceleration.plain()`` runs every method's
@@ -59,6 +60,6 @@ def explain(
     out: dict[str, Explanation] = {}
     for m in methods:
         method = get_method(m, **options.get(m, {})) if isinstance(m, str) else m
-        use_layer = layer if method.uses_layer and method.name != "cam" else None
+        use_layer = layer if method.uses_layer and not method.finds_own_layer else None
         out[method.name] = method(model, x, target, top_k=top_k, layer=use_layer, accel=accel)
     return out

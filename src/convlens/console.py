@@ -18,6 +18,7 @@ text into a markup string.
 from __future__ import annotations
 
 import unicodedata
+from collections.abc import Callable
 from typing import Any
 
 from rich.console import Console
@@ -27,6 +28,7 @@ from rich.progress import (
     Progress,
     ProgressColumn,
     Task,
+    TaskID,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
@@ -40,6 +42,7 @@ __all__ = [
     "plot_label",
     "printable",
     "progress_bar",
+    "progress_callback",
 ]
 
 _KEPT_CONTROLS = frozenset("\n\t")
@@ -169,3 +172,23 @@ def progress_bar(
         console=console or SafeConsole(stderr=True),
         transient=transient,
     )
+
+
+def progress_callback(bar: Progress, description: str) -> Callable[[int, int], None]:
+    """A ``(done, total)`` callback drawing one task of ``bar`` (a :func:`progress_bar`), for
+    the functions that report progress that way (:func:`convlens.features.scan_features`).
+
+    The task is added at the first call, when the total is known; later calls move it on.
+
+    Args:
+        bar: the progress display to draw on (started by its owner).
+        description: the task's description (plain text), e.g. ``"scanning"``.
+    """
+    task: list[TaskID] = []
+
+    def update(done: int, total: int) -> None:
+        if not task:
+            task.append(bar.add_task(description, total=total))
+        bar.update(task[0], completed=done, total=total)
+
+    return update

@@ -258,7 +258,7 @@ def test_cli_analyze(setup) -> None:
     import typer
     from typer.testing import CliRunner
 
-    from convlens.cli_analyze import register
+    from convlens.cli.analyze import register
 
     app = typer.Typer()
 

@@ -164,3 +164,19 @@ def test_gradcam_backward_stops_at_the_layer(gap_net: torch.nn.Module) -> None:
         from convlens import Saliency
 
         Saliency()(net, x)  # an input-gradient method does go through it
+
+
+def test_explain_gives_no_layer_to_methods_that_find_their_own(gap_net: torch.nn.Module) -> None:
+    """``explain``'s layer goes to Grad-CAM, not to CAM (``finds_own_layer``), which refuses
+    one, also when CAM runs inside a wrapper."""
+    from convlens import explain
+    from convlens.methods import TTA
+
+    x = images(2)
+    wrapped = TTA(CAM(), flips=False)
+    assert CAM.finds_own_layer and wrapped.finds_own_layer and not GradCAM.finds_own_layer
+    out = explain(gap_net, x, [CAM(), wrapped, GradCAM()], layer="conv1")
+    assert (out["cam"].layer, out["tta"].layer, out["gradcam"].layer) == ("relu2", "relu2", "conv1")
+    torch.testing.assert_close(out["tta"].maps, out["cam"].maps)
+    with pytest.raises(LayerError, match="CAM always uses"):
+        CAM()(gap_net, x, layer="conv1")

@@ -542,7 +542,7 @@ NET = tiny_net_source()
 
 @pytest.fixture
 def cli(tmp_path: Path):
-    from convlens.cli_synthesis import register
+    from convlens.cli.synthesis import register
 
     (tmp_path / "net.py").write_text(NET)
     (tmp_path / "labels.txt").write_text("cat\ndog\ncoffee mug\n")

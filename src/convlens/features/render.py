@@ -103,7 +103,7 @@ def render_features(
         per_image: channels per PNG; a layer with more chosen channels gets several PNGs
             (``features_<layer>_1.png``, ...), so that no image grows without bound.
         batch_size: projections per backward pass.
-        progress: show a progress bar (tqdm), or a ``(done, total)`` callback counting channels.
+        progress: show a progress bar on stderr, or a ``(done, total)`` callback counting channels.
 
     Returns:
         The PNG files written, then ``index.html``.
@@ -213,7 +213,7 @@ def _render_features(
             pages.append(LayerPage(layer, pngs, info.shape, rf, window, notes, rows))
     finally:
         if bar is not None:
-            bar.close()
+            bar.stop()
     index = out / "index.html"
     atomic_write_text(index, index_html(scan, pages, rule, root))
     written.append(index)

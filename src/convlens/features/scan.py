@@ -214,21 +214,17 @@ def _probe(
 
 
 def _progress_callback(progress: bool | Progress, what: str) -> tuple[Progress | None, Any]:
-    """A ``(done, total)`` callback and the object to close afterwards (a tqdm bar)."""
+    """A ``(done, total)`` callback and the bar to stop afterwards: ``progress`` itself when it
+    is a callback, else (``True``) a started :func:`convlens.console.progress_bar` on stderr."""
     if callable(progress):
         return progress, None
     if not progress:
         return None, None
-    from tqdm.auto import tqdm
+    from convlens.console import progress_bar, progress_callback
 
-    bar = tqdm(desc=what, unit="img" if what == "scanning" else "ch", leave=True)
-
-    def update(done: int, total: int) -> None:
-        bar.total = total
-        bar.n = done
-        bar.refresh()
-
-    return update, bar
+    bar = progress_bar()
+    bar.start()
+    return progress_callback(bar, what), bar
 
 
 def scan_features(
@@ -272,7 +268,7 @@ def scan_features(
         num_channels: channels picked by ``"auto"``.
         batch_size: images per forward pass.
         workers: ``DataLoader`` worker processes reading images (0: read in this process).
-        progress: show a progress bar (tqdm on stderr), or a ``(done, total)`` callback.
+        progress: show a progress bar on stderr, or a ``(done, total)`` callback.
 
     Returns:
         The :class:`FeatureScan`.
@@ -369,7 +365,7 @@ def scan_features(
                         report(done, len(files))
         finally:
             if bar is not None:
-                bar.close()
+                bar.stop()
 
     if result.skipped:
         logger.warning(

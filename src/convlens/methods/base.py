@@ -122,6 +122,13 @@ class Method:
     paper: ClassVar[str] = ""
     uses_gradients: ClassVar[bool] = True
     uses_layer: ClassVar[bool] = False
+    finds_own_layer: ClassVar[bool] = False
+    """The method uses a layer it finds itself and refuses one given (CAM: the map feeding
+    global average pooling); :func:`convlens.explain` passes it no ``layer``."""
+    multiclass_rank: ClassVar[int] = 0
+    """Preference for the multi-class view (one image's top-k class maps side by side, written
+    by ``convlens explain --top-k``): of the methods run, the one with the highest rank above 0
+    gets it (the first given on a tie); 0: never."""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Every subclass constructor checks its arguments against the bounds declared on its

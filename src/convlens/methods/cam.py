@@ -73,6 +73,8 @@ class CAM(Method):
     paper = "Zhou et al. 2016"
     uses_gradients = False
     uses_layer = True
+    finds_own_layer = True
+    multiclass_rank = 1
 
     def compute(self, ctx: Context) -> RawResult:
         if ctx.layer is not None:
@@ -102,6 +104,7 @@ class GradCAM(Method):
     title = "Grad-CAM"
     paper = "Selvaraju et al. 2017"
     uses_layer = True
+    multiclass_rank = 2
 
     def weights(self, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """Channel weights (B, K, C) from activations (B, C, h, w) and gradients (B, K, C, h, w)."""
@@ -125,6 +128,7 @@ class GradCAMPlusPlus(GradCAM):
 
     title = "Grad-CAM++"
     paper = "Chattopadhay et al. 2018"
+    multiclass_rank = 1
 
     def weights(self, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         g2 = g.pow(2)
@@ -145,6 +149,7 @@ class XGradCAM(GradCAM):
 
     title = "XGrad-CAM"
     paper = "Fu et al. 2020"
+    multiclass_rank = 0  # not inherited from Grad-CAM
 
     def weights(self, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         total = a.sum(dim=(2, 3))[:, None, :, None, None]
@@ -161,6 +166,7 @@ class HiResCAM(GradCAM):
 
     title = "HiResCAM"
     paper = "Draelos & Carin 2020"
+    multiclass_rank = 0  # not inherited from Grad-CAM
 
     def compute(self, ctx: Context) -> RawResult:
         a, g, logits, targets, name = layer_gradients(ctx)
@@ -181,6 +187,7 @@ class LayerCAM(GradCAM):
 
     title = "Layer-CAM"
     paper = "Jiang et al. 2021"
+    multiclass_rank = 0  # not inherited from Grad-CAM
 
     def __init__(self, layers: list[str] | None = None) -> None:
         self.layers = layers

@@ -92,6 +92,7 @@ class SmoothGrad(Method):
         self.samples, self.noise, self.batch_size, self.seed = samples, noise, batch_size, seed
         self.uses_gradients = self.inner.uses_gradients  # type: ignore[misc]
         self.uses_layer = self.inner.uses_layer  # type: ignore[misc]
+        self.finds_own_layer = self.inner.finds_own_layer  # type: ignore[misc]
 
     def options(self) -> dict[str, Any]:
         return {
@@ -197,6 +198,7 @@ class TTA(Method):
             raise ValueError("scales must be positive")
         self.uses_gradients = self.inner.uses_gradients  # type: ignore[misc]
         self.uses_layer = self.inner.uses_layer  # type: ignore[misc]
+        self.finds_own_layer = self.inner.finds_own_layer  # type: ignore[misc]
 
     def options(self) -> dict[str, Any]:
         return {"inner": self.inner.name, "flips": self.flips, "scales": list(self.scales)}

@@ -5,22 +5,14 @@ from typing import Annotated, Optional
 
 import typer
 
-from convlens.cli_options import (
+from convlens.cli.options import (
     BatchSizeOpt,
-    ClassesOpt,
-    DeviceOpt,
     LabelledDataArg,
     LimitOpt,
-    MeanOpt,
-    ModelOpt,
-    PlainOpt,
-    ResizeOpt,
-    SizeOpt,
-    StdOpt,
-    WeightsOpt,
+    ModelOptions,
     WorkersOpt,
     checked,
-    load_net,
+    option_group,
     out,
     say,
 )
@@ -29,8 +21,10 @@ from convlens.validate import non_negative_int
 __all__ = ["register"]
 
 
+@option_group(ModelOptions)
 def analyze(
     data: LabelledDataArg,
+    *,
     out_dir: Annotated[Path, typer.Option("--out", help="Run folder (reused to resume).")] = (
         Path("convlens-analysis")
     ),
@@ -50,7 +44,7 @@ def analyze(
         int,
         typer.Option(
             help="Most confident mistakes to explain.",
-            callback=checked(non_negative_int, "--top-errors"),
+            callback=checked(non_negative_int),
         ),
     ] = 50,
     faithfulness: Annotated[
@@ -65,22 +59,14 @@ def analyze(
     batch_size: BatchSizeOpt = 32,
     workers: WorkersOpt = 0,
     limit: LimitOpt = None,
-    model: ModelOpt = "lite0",
-    weights: WeightsOpt = None,
-    classes: ClassesOpt = None,
-    size: SizeOpt = None,
-    resize: ResizeOpt = None,
-    mean: MeanOpt = None,
-    std: StdOpt = None,
-    device: DeviceOpt = "cpu",
-    plain: PlainOpt = False,
+    model_options: ModelOptions,
 ) -> None:
     """Find where and why the model errs: metrics, calibration, explained mistakes."""
     from convlens.analysis import analyze as run_analysis
     from convlens.methods.options import parse_method_options
 
     options = parse_method_options(method_option or [])
-    net = load_net(model, weights, classes, size, resize, mean, std, device, plain=plain)
+    net = model_options.load()
     result = run_analysis(
         net,
         data,

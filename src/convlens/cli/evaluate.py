@@ -6,23 +6,15 @@ from typing import Annotated
 
 import typer
 
-from convlens.cli_options import (
+from convlens.cli.options import (
     BatchSizeOpt,
-    ClassesOpt,
-    DeviceOpt,
     LabelledDataArg,
     LimitOpt,
-    MeanOpt,
     MethodsOpt,
-    ModelOpt,
+    ModelOptions,
     OutDirOpt,
-    PlainOpt,
-    ResizeOpt,
-    SizeOpt,
-    StdOpt,
-    WeightsOpt,
     checked,
-    load_net,
+    option_group,
     parse_methods,
     progress_bar,
     say,
@@ -36,8 +28,10 @@ from convlens.validate import positive_int
 __all__ = ["register"]
 
 
+@option_group(ModelOptions)
 def evaluate(
     data: LabelledDataArg,
+    *,
     methods: MethodsOpt = "gradcam,saliency,occlusion",
     out_dir: OutDirOpt = Path("convlens-eval"),
     limit: LimitOpt = None,
@@ -45,7 +39,7 @@ def evaluate(
         int,
         typer.Option(
             help="Deletion/insertion steps (20: 5% of the pixels per step).",
-            callback=checked(positive_int, "--steps"),
+            callback=checked(positive_int),
         ),
     ] = 20,
     batch_size: BatchSizeOpt = 8,
@@ -60,22 +54,12 @@ def evaluate(
     ] = None,
     sanity_images: Annotated[
         int,
-        typer.Option(
-            help="Images used by --sanity.", callback=checked(positive_int, "--sanity-images")
-        ),
+        typer.Option(help="Images used by --sanity.", callback=checked(positive_int)),
     ] = 4,
     use_labels: Annotated[
         bool, typer.Option(help="Explain the true label (else the top-1 class).")
     ] = False,
-    model: ModelOpt = "lite0",
-    weights: WeightsOpt = None,
-    classes: ClassesOpt = None,
-    size: SizeOpt = None,
-    resize: ResizeOpt = None,
-    mean: MeanOpt = None,
-    std: StdOpt = None,
-    device: DeviceOpt = "cpu",
-    plain: PlainOpt = False,
+    model_options: ModelOptions,
 ) -> None:
     """Score methods with deletion/insertion, Average Drop and sanity checks."""
     import torch
@@ -86,7 +70,7 @@ def evaluate(
     from convlens.render import save_figure
 
     names = parse_methods(methods)
-    net = load_net(model, weights, classes, size, resize, mean, std, device, plain=plain)
+    net = model_options.load()
     items = read_labelled(data, net.classes, limit=limit)
     if not items:
         raise InputError(f"no images found in {data}")

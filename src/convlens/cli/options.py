@@ -1,19 +1,26 @@
-"""What the ``convlens`` commands share: option types, option parsing, model loading, output.
+"""What the ``convlens`` commands share: option types, option groups, option parsing, model
+loading, output.
 
 Each option that several commands take is declared here once, with its help text, as an
 ``Annotated`` type; a command lists it in its signature with its own default, e.g.
-``device: DeviceOpt = "cpu"``. The command modules (:mod:`convlens.cli`,
-:mod:`convlens.cli_analyze`, :mod:`convlens.cli_evaluate`, :mod:`convlens.cli_synthesis`) import
-from here and not from each other. Typer reads the option types from the commands' annotations at
-run time, so a command module must import every type it names in a signature (not only under
-``TYPE_CHECKING``).
+``batch_size: BatchSizeOpt = 8``. Options that always go together form a group: a frozen
+dataclass whose fields are such types (:class:`ModelOptions`), which a command takes as one
+argument through :func:`option_group`; its ``--help`` lists the group's options one by one.
+The command modules (:mod:`convlens.cli.explain`, :mod:`convlens.cli.features`,
+:mod:`convlens.cli.analyze`, :mod:`convlens.cli.evaluate`, :mod:`convlens.cli.synthesis`)
+import from here and not from each other. Typer reads the option types from the commands'
+annotations at run time, so a command module must import every type it names in a signature
+(not only under ``TYPE_CHECKING``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+import functools
+import inspect
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional, TypeVar, get_type_hints
 
 import typer
 from rich.progress import Progress
@@ -42,7 +49,9 @@ __all__ = [
     "MeanOpt",
     "MethodsOpt",
     "ModelOpt",
+    "ModelOptions",
     "OutDirOpt",
+    "PlainOpt",
     "ResizeOpt",
     "SizeOpt",
     "StdOpt",
@@ -52,6 +61,7 @@ __all__ = [
     "err",
     "fail",
     "load_net",
+    "option_group",
     "out",
     "parse_device",
     "parse_methods",
@@ -108,15 +118,15 @@ def show_warning(
     err.print(Text.assemble(("warning:", "yellow"), " ", one_line(str(message))), soft_wrap=True)
 
 
-def checked(check: Callable[[Any, str], object], name: str) -> Callable[[Any], Any]:
+def checked(check: Callable[[Any, str], object]) -> Callable[..., Any]:
     """An option callback that checks the value as it is parsed, with a function of
     :mod:`convlens.validate` (the one the Python API uses), so that a bad number fails before
-    any work with one ``error:`` line naming the option, e.g.
-    ``typer.Option(callback=checked(positive_int, "--top"))``. ``None`` (not given) passes."""
+    any work with one ``error:`` line naming the option (its first name), e.g.
+    ``typer.Option(callback=checked(positive_int))``. ``None`` (not given) passes."""
 
-    def callback(value: Any) -> Any:
+    def callback(param: typer.CallbackParam, value: Any) -> Any:
         if value is not None:
-            check(value, name)
+            check(value, param.opts[0])
         return value
 
     return callback
@@ -155,9 +165,7 @@ StdOpt = Annotated[
 ]
 DeviceOpt = Annotated[
     str,
-    typer.Option(
-        help="cpu, cuda, cuda:1 ... or auto.", callback=checked(_parse_device, "--device")
-    ),
+    typer.Option(help="cpu, cuda, cuda:1 ... or auto.", callback=checked(_parse_device)),
 ]
 PlainOpt = Annotated[
     bool,
@@ -169,26 +177,139 @@ PlainOpt = Annotated[
     ),
 ]
 
+
+@dataclasses.dataclass(frozen=True)
+class ModelOptions:
+    """The model options of a command, as one argument: ``--model``, ``--weights``,
+    ``--classes``, ``--size``, ``--resize``, ``--mean``, ``--std``, ``--device`` and ``--plain``
+    (see :func:`load_net` for their meaning). A command takes them with
+    ``@option_group(ModelOptions, only=...)`` and a parameter annotated ``ModelOptions``; a
+    field the command does not offer keeps its default here."""
+
+    model: ModelOpt = "lite0"
+    weights: WeightsOpt = None
+    classes: ClassesOpt = None
+    size: SizeOpt = None
+    resize: ResizeOpt = None
+    mean: MeanOpt = None
+    std: StdOpt = None
+    device: DeviceOpt = "cpu"
+    plain: PlainOpt = False
+
+    def load(self) -> ConvlensModel:
+        """The model these options describe (:func:`load_net`, with a status line meanwhile).
+
+        Raises:
+            InputError: a malformed mean, std, size or device.
+            ConvlensError: the model, weights or classes cannot be loaded.
+        """
+        return load_net(
+            self.model,
+            self.weights,
+            self.classes,
+            self.size,
+            self.resize,
+            self.mean,
+            self.std,
+            self.device,
+            plain=self.plain,
+        )
+
+
+LOADING = ("model", "weights", "classes", "size", "resize", "mean", "std", "device")
+"""The :class:`ModelOptions` of a command that loads a model but runs no explanation method
+(all but ``--plain``)."""
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def option_group(
+    group: type,
+    *,
+    only: Collection[str] | None = None,
+    types: Mapping[str, Any] | None = None,
+) -> Callable[[_F], _F]:
+    """Decorate a command so that it takes the options of ``group`` (a dataclass whose fields
+    are ``Annotated`` option types with defaults, such as :class:`ModelOptions`) as one
+    argument: the parameter annotated ``group``.
+
+    The decorated command's signature (which typer reads) lists the group's fields in that
+    parameter's place, each as the option its field declares; a call gathers them into one
+    ``group`` instance. All parameters become keyword-only (typer passes them by name).
+
+    Args:
+        group: the dataclass.
+        only: the fields the command offers (default all); the others keep their defaults.
+        types: another option type for some fields, for a command where the option means
+            something else (``{"model": ModelArg}`` makes ``--model`` an argument).
+
+    Raises:
+        ValueError: ``only`` or ``types`` names no field, the command has no parameter
+            annotated ``group``, or another of its parameters has a field's name (programming
+            errors, raised at import).
+    """
+    hints = get_type_hints(group, include_extras=True)
+    fields = {f.name: f for f in dataclasses.fields(group)}
+    names = [n for n in fields if only is None or n in only]
+    unknown = {*(only or ()), *(types or {})} - fields.keys()
+    if unknown:
+        raise ValueError(f"{group.__name__} has no field {', '.join(sorted(unknown))}")
+    options = [
+        inspect.Parameter(
+            n,
+            inspect.Parameter.KEYWORD_ONLY,
+            default=fields[n].default,
+            annotation=(types or {}).get(n, hints[n]),
+        )
+        for n in names
+    ]
+
+    def decorate(command: _F) -> _F:
+        signature = inspect.signature(command, eval_str=True)
+        slot = next((p for p in signature.parameters.values() if p.annotation is group), None)
+        if slot is None:
+            raise ValueError(f"{command.__name__} has no parameter of type {group.__name__}")
+        clash = signature.parameters.keys() & set(names)
+        if clash:
+            raise ValueError(f"{command.__name__} has parameters named {sorted(clash)}")
+        params: list[inspect.Parameter] = []
+        for p in signature.parameters.values():
+            params += options if p is slot else [p.replace(kind=inspect.Parameter.KEYWORD_ONLY)]
+
+        @functools.wraps(command)
+        def run(**kwargs: Any) -> Any:
+            values = {n: kwargs.pop(n) for n in names}
+            return command(**kwargs, **{slot.name: group(**values)})
+
+        run.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
+        run.__annotations__ = {p.name: p.annotation for p in params}
+        if signature.return_annotation is not inspect.Signature.empty:
+            run.__annotations__["return"] = signature.return_annotation
+        return run  # type: ignore[return-value]
+
+    return decorate
+
+
 # ------------------------------------------------------------------------- inputs and outputs
 
 ImagesArg = Annotated[list[str], typer.Argument(help="Image files or folders.")]
 LabelledDataArg = Annotated[str, typer.Argument(help="Image folder (class subfolders) or CSV.")]
 LimitOpt = Annotated[
     Optional[int],  # noqa: UP045
-    typer.Option(help="At most N images.", callback=checked(positive_int, "--limit")),
+    typer.Option(help="At most N images.", callback=checked(positive_int)),
 ]
 OutDirOpt = Annotated[Path, typer.Option("--out", help="Output folder.")]
 MethodsOpt = Annotated[
     str, typer.Option(help="Comma-separated method names (see `convlens methods`).")
 ]
 BatchSizeOpt = Annotated[
-    int, typer.Option(help="Images per batch.", callback=checked(positive_int, "--batch-size"))
+    int, typer.Option(help="Images per batch.", callback=checked(positive_int))
 ]
 WorkersOpt = Annotated[
     int,
     typer.Option(
         help="Processes reading images (0: none).",
-        callback=checked(non_negative_int, "--workers"),
+        callback=checked(non_negative_int),
     ),
 ]
 

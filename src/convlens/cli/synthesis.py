@@ -1,27 +1,24 @@
 """Command-line commands for image synthesis: ``classviz``, ``featviz`` and ``dream``.
 
-Add them to a typer app with :func:`register` (``convlens.cli`` does so for the ``convlens``
-command). The commands only parse options, call :mod:`convlens.synthesis` and write PNGs; user
-errors are raised as :class:`~convlens.errors.ConvlensError` for the CLI's one-line report.
+Add them to a typer app with :func:`register` (:mod:`convlens.cli` does so for the
+``convlens`` command). The commands only parse options, call :mod:`convlens.synthesis` and
+write PNGs; user errors are raised as :class:`~convlens.errors.ConvlensError` for the CLI's
+one-line report.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
-from convlens.cli_options import (
-    ClassesOpt,
-    DeviceOpt,
-    MeanOpt,
-    ModelOpt,
+from convlens.cli.options import (
+    ModelOptions,
     OutDirOpt,
-    StdOpt,
-    WeightsOpt,
     checked,
-    load_net,
+    option_group,
     out,
     say,
 )
@@ -35,7 +32,7 @@ from convlens.validate import (
 )
 from convlens.validate import seed as valid_seed
 
-__all__ = ["parse_channels", "register"]
+__all__ = ["SynthesisOptions", "parse_channels", "register"]
 
 SynthesisSizeOpt = Annotated[
     Optional[int],  # noqa: UP045
@@ -52,29 +49,54 @@ StepsOpt = Annotated[
     Optional[int],  # noqa: UP045
     typer.Option(
         help="Optimisation steps (default: the preset's).",
-        callback=checked(non_negative_int, "--steps"),
+        callback=checked(non_negative_int),
     ),
 ]
 SeedOpt = Annotated[
     int,
     typer.Option(
         help="Random seed; the same seed gives the same images.",
-        callback=checked(valid_seed, "--seed"),
+        callback=checked(valid_seed),
     ),
 ]
 LrOpt = Annotated[
     Optional[float],  # noqa: UP045
-    typer.Option(
-        help="Learning rate (default: the preset's).", callback=checked(positive_float, "--lr")
-    ),
+    typer.Option(help="Learning rate (default: the preset's).", callback=checked(positive_float)),
 ]
 SamplesOpt = Annotated[
     Optional[int],  # noqa: UP045
     typer.Option(
         help="Random transform samples per image and step (default: the preset's).",
-        callback=checked(positive_int, "--samples"),
+        callback=checked(positive_int),
     ),
 ]
+
+
+@dataclass(frozen=True)
+class SynthesisOptions:
+    """The optimisation options of ``classviz`` and ``featviz``, as one argument (taken with
+    ``@option_group(SynthesisOptions)``, see :func:`convlens.cli.options.option_group`)."""
+
+    preset: PresetOpt = "readable"
+    steps: StepsOpt = None
+    seed: SeedOpt = 0
+    lr: LrOpt = None
+    samples: SamplesOpt = None
+
+    def settings(self) -> dict[str, Any]:
+        """Keyword arguments of :func:`~convlens.synthesis.class_visualization` and
+        :func:`~convlens.synthesis.channel_visualization`: the preset and seed, and the
+        preset's steps, learning rate and samples where the options override them."""
+        overrides = {"steps": self.steps, "lr": self.lr, "samples": self.samples}
+        return {
+            "preset": self.preset,
+            "seed": self.seed,
+            **{k: v for k, v in overrides.items() if v is not None},
+        }
+
+
+# classviz and featviz: the model's input size is also the size of the synthesised images
+SYNTHESIS_MODEL = ("model", "weights", "classes", "size", "mean", "std", "device")
 
 
 def parse_channels(text: str) -> list[int]:
@@ -96,11 +118,10 @@ def _target(text: str) -> int | str:
     return text if number is None or number < 0 else number
 
 
-def _overrides(**values: object) -> dict[str, object]:
-    return {k: v for k, v in values.items() if v is not None}
-
-
+@option_group(SynthesisOptions)
+@option_group(ModelOptions, only=SYNTHESIS_MODEL, types={"size": SynthesisSizeOpt})
 def classviz(
+    *,
     target: Annotated[
         list[str],
         typer.Option(
@@ -110,19 +131,9 @@ def classviz(
             "(optimised together in one batch).",
         ),
     ],
-    model: ModelOpt = "lite0",
-    preset: PresetOpt = "readable",
-    steps: StepsOpt = None,
-    seed: SeedOpt = 0,
-    lr: LrOpt = None,
-    samples: SamplesOpt = None,
+    synthesis: SynthesisOptions,
     out_dir: OutDirOpt = Path("convlens-classviz"),
-    weights: WeightsOpt = None,
-    classes: ClassesOpt = None,
-    size: SynthesisSizeOpt = None,
-    mean: MeanOpt = None,
-    std: StdOpt = None,
-    device: DeviceOpt = "cpu",
+    model_options: ModelOptions,
 ) -> None:
     """Class model visualisation: the image that maximises a class score (Simonyan et al. 2013,
     with the regularisers of Olah et al. 2017). Writes one PNG per class and a grid."""
@@ -130,15 +141,13 @@ def classviz(
 
     from convlens.synthesis import class_visualization
 
-    net = load_net(model, weights, classes, size, None, mean, std, device)
+    net = model_options.load()
     res = class_visualization(
         net,
         [_target(t) for t in target],
-        preset=preset,
-        seed=seed,
-        size=size,
+        size=model_options.size,
         progress=True,
-        **_overrides(steps=steps, lr=lr, samples=samples),
+        **synthesis.settings(),
     )
     written = res.save(out_dir, prefix="classviz_")
     table = Table(show_edge=False)
@@ -156,11 +165,14 @@ def classviz(
     out.print(table)
     say(
         f"wrote {len(written)} images to {out_dir}/ ({res.steps_per_second:.2f} steps/s, "
-        f"preset {preset})"
+        f"preset {synthesis.preset})"
     )
 
 
+@option_group(SynthesisOptions)
+@option_group(ModelOptions, only=SYNTHESIS_MODEL, types={"size": SynthesisSizeOpt})
 def featviz(
+    *,
     layer: Annotated[
         str, typer.Option(help="Layer (`convlens layers`); NAME@CALL for modules called often.")
     ],
@@ -168,36 +180,24 @@ def featviz(
     neuron: Annotated[
         bool, typer.Option(help="Maximise the centre unit of each channel, not its mean.")
     ] = False,
-    model: ModelOpt = "lite0",
-    preset: PresetOpt = "readable",
-    steps: StepsOpt = None,
-    seed: SeedOpt = 0,
-    lr: LrOpt = None,
-    samples: SamplesOpt = None,
+    synthesis: SynthesisOptions,
     out_dir: OutDirOpt = Path("convlens-featviz"),
-    weights: WeightsOpt = None,
-    classes: ClassesOpt = None,
-    size: SynthesisSizeOpt = None,
-    mean: MeanOpt = None,
-    std: StdOpt = None,
-    device: DeviceOpt = "cpu",
+    model_options: ModelOptions,
 ) -> None:
     """Channel visualisation: one image per channel of a layer that maximises its mean
     activation, all channels in one batch. Writes a grid PNG and one PNG per channel."""
     from convlens.synthesis import channel_visualization
 
     chans = parse_channels(channels)
-    net = load_net(model, weights, classes, size, None, mean, std, device)
+    net = model_options.load()
     res = channel_visualization(
         net,
         layer,
         chans,
         neuron="center" if neuron else None,
-        preset=preset,
-        seed=seed,
-        size=size,
+        size=model_options.size,
         progress=True,
-        **_overrides(steps=steps, lr=lr, samples=samples),
+        **synthesis.settings(),
     )
     stem = "".join(c if c.isalnum() else "_" for c in layer)
     written = res.save(out_dir, prefix=f"featviz_{stem}_")
@@ -207,8 +207,10 @@ def featviz(
     )
 
 
+@option_group(ModelOptions, only=("model", "weights", "mean", "std", "device"))
 def dream(
     image: Annotated[Path, typer.Argument(help="The photo to dream on.")],
+    *,
     layer: Annotated[
         str, typer.Option(help="Layer whose activations are amplified (`convlens layers`).")
     ],
@@ -216,54 +218,48 @@ def dream(
         Optional[int],  # noqa: UP045
         typer.Option(
             help="Amplify only this channel of the layer.",
-            callback=checked(non_negative_int, "--channel"),
+            callback=checked(non_negative_int),
         ),
     ] = None,
     octaves: Annotated[
-        int, typer.Option(help="Number of scales.", callback=checked(positive_int, "--octaves"))
+        int, typer.Option(help="Number of scales.", callback=checked(positive_int))
     ] = 4,
     octave_scale: Annotated[
         float,
         typer.Option(
             help="Size ratio between scales (1 or more).",
-            callback=checked(lambda v, n: at_least(v, n, 1.0), "--octave-scale"),
+            callback=checked(lambda v, n: at_least(v, n, 1.0)),
         ),
     ] = 1.4,
     steps: Annotated[
         int,
-        typer.Option(
-            help="Gradient steps per octave.", callback=checked(non_negative_int, "--steps")
-        ),
+        typer.Option(help="Gradient steps per octave.", callback=checked(non_negative_int)),
     ] = 10,
     step_size: Annotated[
         float,
         typer.Option(
             help="Mean pixel change per step ([0, 1] pixel units).",
-            callback=checked(positive_float, "--step-size"),
+            callback=checked(positive_float),
         ),
     ] = 0.01,
     jitter: Annotated[
         int,
         typer.Option(
             help="Largest random roll per step (pixels).",
-            callback=checked(non_negative_int, "--jitter"),
+            callback=checked(non_negative_int),
         ),
     ] = 32,
     max_size: Annotated[
         Optional[int],  # noqa: UP045
         typer.Option(
             help="Shrink the photo so that its longer side is at most this.",
-            callback=checked(positive_int, "--max-size"),
+            callback=checked(positive_int),
         ),
     ] = 512,
     gif: Annotated[bool, typer.Option(help="Also write an animated GIF of the steps.")] = False,
     seed: SeedOpt = 0,
     out_dir: OutDirOpt = Path("convlens-dream"),
-    model: ModelOpt = "lite0",
-    weights: WeightsOpt = None,
-    mean: MeanOpt = None,
-    std: StdOpt = None,
-    device: DeviceOpt = "cpu",
+    model_options: ModelOptions,
 ) -> None:
     """DeepDream (Mordvintsev et al. 2015): amplify what a layer sees in a photo, over several
     octaves. Writes IMAGE_dream.png (and IMAGE_dream.gif with --gif)."""
@@ -272,7 +268,7 @@ def dream(
     from convlens.synthesis import deep_dream
 
     photo = load_image(image)
-    net = load_net(model, weights, mean=mean, std=std, device=device)
+    net = model_options.load()
     with lock_folder(out_dir, "dream"):  # IMAGE-HASH_dream.png if IMAGE_dream.png is taken
         stem = claim_output_stems(out_dir, [image], lambda s: f"{s}_dream.png")[0]
         gif_path = out_dir / f"{stem}_dream.gif" if gif else None

@@ -1,0 +1,132 @@
+"""``convlens features``: what each channel of a layer responds to, as an offline browser."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from convlens.cli.options import (
+    LOADING,
+    BatchSizeOpt,
+    LimitOpt,
+    ModelOptions,
+    OutDirOpt,
+    WorkersOpt,
+    checked,
+    option_group,
+    progress_bar,
+    say,
+)
+from convlens.console import progress_callback
+from convlens.errors import InputError
+from convlens.validate import positive_int
+
+__all__ = ["register"]
+
+
+@option_group(ModelOptions, only=LOADING)
+def features_cmd(
+    data: Annotated[
+        list[str], typer.Argument(help="Image folders (searched recursively) or files.")
+    ],
+    *,
+    layer: Annotated[
+        list[str],
+        typer.Option(
+            "--layer",
+            help="Layer to browse (repeatable; `convlens layers`); name@call for modules "
+            "called several times.",
+        ),
+    ],
+    channels: Annotated[
+        str,
+        typer.Option(help="Channels: 'auto' (the most active), a range '0-15', a list '0,3,7'."),
+    ] = "auto",
+    num_channels: Annotated[
+        int,
+        typer.Option(
+            help="Channels picked by --channels auto.",
+            callback=checked(positive_int),
+        ),
+    ] = 16,
+    top: Annotated[
+        int,
+        typer.Option(
+            help="Strongest activations (images) per channel.",
+            callback=checked(positive_int),
+        ),
+    ] = 9,
+    rule: Annotated[
+        str,
+        typer.Option(help="Projection: deconvnet (Zeiler & Fergus) or guided (backprop)."),
+    ] = "deconvnet",
+    crop: Annotated[
+        str,
+        typer.Option(
+            help="Patches: 'effective' (the part of the receptive field holding 90% of the "
+            "projection) or 'field' (the whole receptive field)."
+        ),
+    ] = "effective",
+    out_dir: OutDirOpt = Path("convlens-features"),
+    batch_size: BatchSizeOpt = 32,
+    workers: WorkersOpt = 0,
+    limit: LimitOpt = None,
+    model_options: ModelOptions,
+) -> None:
+    """What each channel responds to: its top images, patches and projections (Zeiler & Fergus).
+
+    Writes one grid PNG per layer and an index.html that works offline.
+    """
+    from convlens.architecture import parse_layer
+    from convlens.features.browser import parse_channels, render_features, scan_features
+    from convlens.hooks import named_module
+    from convlens.images import list_images
+    from convlens.outputs import check_out_dir
+
+    spec = parse_channels(channels)
+    check_out_dir(out_dir)  # before the scan, not after it
+    if rule not in ("deconvnet", "guided"):
+        raise InputError(f"--rule must be 'deconvnet' or 'guided', got {rule!r}")
+    if crop not in ("effective", "field"):
+        raise InputError(f"--crop must be 'effective' or 'field', got {crop!r}")
+    files = list_images(data)
+    if limit is not None:
+        files = files[:limit]
+    if not files:
+        raise InputError(f"no images found in {', '.join(str(d) for d in data)}")
+    net = model_options.load()
+    for name in layer:
+        named_module(net.net, parse_layer(name).name)  # a bad name fails before the scan
+    with progress_bar() as bar:  # cleared if the scan or the rendering fails
+        scan = scan_features(
+            net,
+            files,
+            layer,
+            spec,
+            top=top,
+            num_channels=num_channels,
+            batch_size=batch_size,
+            workers=workers,
+            progress=progress_callback(bar, "scanning"),
+        )
+        written = render_features(
+            scan,
+            net,
+            out_dir,
+            rule=rule,
+            crop=crop,  # type: ignore[arg-type]
+            batch_size=batch_size,
+            progress=progress_callback(bar, "rendering"),
+        )
+    skipped = f", skipped {len(scan.skipped)} unreadable" if scan.skipped else ""
+    say(
+        f"scanned {scan.scanned} images{skipped}; wrote {len(written) - 1} grid(s) to "
+        f"{out_dir}/ — open {out_dir / 'index.html'}"
+    )
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``features`` command to ``app``."""
+    app.command("features")(features_cmd)
