@@ -1067,20 +1067,17 @@ TARGET_TEXT = st.one_of(
 @example("٣")
 @example("-0")
 def test_target_text_resolves_or_raises_convlens_error(text: str) -> None:
-    from convlens.cli.explain import _parse_target
-    from convlens.cli.synthesis import _target
     from convlens.models.classes import ClassList
-    from convlens.targets import resolve_targets
+    from convlens.targets import resolve_targets, target_from_text
 
     classes = ClassList(("cat", "dog", "tabby, tabby cat"), ("n01", "n02", "n02123045"))
     logits = torch.zeros(2, 3)
-    for parse in (_parse_target, _target):
-        try:
-            index = classes.index(parse(text))
-        except ConvlensError:
-            pass
-        else:
-            assert 0 <= index < 3
+    try:
+        index = classes.index(target_from_text(text))
+    except ConvlensError:
+        pass
+    else:
+        assert 0 <= index < 3
     for names in (classes, None):  # with a class list, and for a model without one
         try:
             t = resolve_targets(text, logits, classes=names)

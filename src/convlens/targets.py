@@ -10,10 +10,19 @@ from convlens.errors import TargetError
 from convlens.models.classes import ClassList
 from convlens.validate import int_text
 
-__all__ = ["TargetSpec", "resolve_targets"]
+__all__ = ["TargetSpec", "resolve_targets", "target_from_text"]
 
 #: A target for every image (int or str), one per image (sequence), or (B,) / (B, K) indices.
 TargetSpec = int | str | Sequence[int | str] | Sequence[Sequence[int | str]] | torch.Tensor | None
+
+
+def target_from_text(text: str) -> int | str:
+    """A target as the user typed it (``--target``, ``--class``): the class index when the text
+    is an integer in ASCII digits (``"281"``, ``"-1"``, which then fails as out of range), else
+    the text itself, a class name or synset for :meth:`ClassList.index
+    <convlens.models.classes.ClassList.index>`. The one reader of target text."""
+    number = int_text(text)
+    return text if number is None else number
 
 
 def _one(value: int | str, classes: ClassList | None, num_classes: int) -> int:

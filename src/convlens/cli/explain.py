@@ -27,7 +27,8 @@ from convlens.cli.options import (
     say,
 )
 from convlens.errors import ConvlensError, ImageError, InputError
-from convlens.validate import fraction, int_text, positive_int
+from convlens.targets import target_from_text
+from convlens.validate import fraction, positive_int
 
 __all__ = ["register", "run_explain"]
 
@@ -80,10 +81,7 @@ def predict(
 
 
 def _parse_target(text: str | None) -> int | str | None:
-    if text is None:
-        return None
-    number = int_text(text)
-    return text if number is None else number
+    return None if text is None else target_from_text(text)
 
 
 def multiclass_method(methods: Sequence[str]) -> str | None:

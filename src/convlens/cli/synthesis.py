@@ -23,9 +23,9 @@ from convlens.cli.options import (
     say,
 )
 from convlens.outputs import holding_out_dir
+from convlens.targets import target_from_text
 from convlens.validate import (
     at_least,
-    int_text,
     non_negative_int,
     positive_float,
     positive_int,
@@ -113,11 +113,6 @@ def parse_channels(text: str) -> list[int]:
     return chosen
 
 
-def _target(text: str) -> int | str:
-    number = int_text(text)
-    return text if number is None or number < 0 else number
-
-
 @option_group(SynthesisOptions)
 @option_group(ModelOptions, only=SYNTHESIS_MODEL, types={"size": SynthesisSizeOpt})
 def classviz(
@@ -144,7 +139,7 @@ def classviz(
     net = model_options.load()
     res = class_visualization(
         net,
-        [_target(t) for t in target],
+        [target_from_text(t) for t in target],
         size=model_options.size,
         progress=True,
         **synthesis.settings(),
