@@ -23,6 +23,8 @@ from typing import Literal
 
 import torch
 
+from convlens.accel.threads import ThreadGovernor, governed_threads
+
 __all__ = ["AUTO_COMPILE_PASSES", "Acceleration", "compiler_available"]
 
 AUTO_COMPILE_PASSES = 8192
@@ -61,11 +63,14 @@ class Acceleration:
             changes (Krypton, Nakandala et al. 2019; :mod:`convlens.accel.incremental`)
             instead of full forward passes of every occluded copy.
         threads: torch intra-op threads for the call (``torch.set_num_threads``, restored
-            afterwards); ``None`` leaves the process's setting.
+            afterwards): ``"auto"`` uses the cores other processes leave free, up to the
+            process's own setting, re-counted between the chunks of long jobs
+            (:mod:`convlens.accel.threads`); a number fixes the count; ``None`` leaves the
+            process's setting.
 
     Raises:
         ValueError: ``compile`` is not ``True``, ``False`` or ``"auto"``, or ``threads`` is not
-            a positive integer.
+            a positive integer, ``"auto"`` or ``None``.
     """
 
     fold_batchnorm: bool = True
@@ -73,15 +78,17 @@ class Acceleration:
     channels_last: bool | None = None
     compile: bool | Literal["auto"] = "auto"
     incremental: bool = True
-    threads: int | None = None
+    threads: int | Literal["auto"] | None = "auto"
 
     def __post_init__(self) -> None:
         if self.compile not in (True, False, "auto"):
             raise ValueError(f"compile must be True, False or 'auto', not {self.compile!r}")
-        if self.threads is not None and (
+        if self.threads not in (None, "auto") and (
             isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 1
         ):
-            raise ValueError(f"threads must be a positive integer or None, not {self.threads!r}")
+            raise ValueError(
+                f"threads must be a positive integer, 'auto' or None, not {self.threads!r}"
+            )
 
     @classmethod
     def plain(cls) -> Acceleration:
@@ -122,15 +129,21 @@ class Acceleration:
         return compiler_available()
 
     @contextlib.contextmanager
-    def threads_for_call(self) -> Iterator[None]:
-        """``torch.set_num_threads(threads)`` inside the block, restored on exit (nothing
-        changes when ``threads`` is ``None``)."""
+    def threads_for_call(self) -> Iterator[ThreadGovernor | None]:
+        """The call's torch threads, restored on exit. With ``threads="auto"`` yields the
+        :class:`~convlens.accel.threads.ThreadGovernor` whose ``check()`` long jobs call between
+        chunks; otherwise ``None`` (a fixed count is set for the block; ``None`` changes
+        nothing)."""
         if self.threads is None:
-            yield
+            yield None
+            return
+        if self.threads == "auto":
+            with governed_threads() as governor:
+                yield governor
             return
         before = torch.get_num_threads()
         torch.set_num_threads(self.threads)
         try:
-            yield
+            yield None
         finally:
             torch.set_num_threads(before)

@@ -329,9 +329,15 @@ def _predict_loop(
     # no_grad rather than inference_mode: state a model creates lazily in its first forward
     # (cached grids, lazy modules) would otherwise become inference tensors, and the gradient
     # explanations that follow could not save them for backward.
-    with model_state(model.net, eval_mode=True, grads=False), torch.no_grad():
+    with (
+        model_state(model.net, eval_mode=True, grads=False),
+        torch.no_grad(),
+        model.accel.threads_for_call() as threads,
+    ):
         try:
             for idx, x, failed in batches:
+                if threads is not None:
+                    threads.check()  # decode workers and other processes take cores too
                 launched = _Launched(idx=idx, failed=failed)
                 if x is not None:
                     top_probs, top_classes, label_lp, finite, ready = _launch_batch(

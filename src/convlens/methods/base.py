@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from convlens.accel.settings import Acceleration
+from convlens.accel.threads import ThreadGovernor
 from convlens.architecture import LayerRef, default_layer, parse_layer
 from convlens.errors import (
     BlankMapWarning,
@@ -46,6 +47,15 @@ class Context:
     classes: ClassList | None
     layer: str | LayerRef | None
     accel: Acceleration = field(default_factory=Acceleration)
+    threads: ThreadGovernor | None = None
+    """The call's thread governor (``accel.threads == "auto"``), else ``None``."""
+
+    def pace(self) -> None:
+        """Between chunks of a long job: let the thread count follow the cores other processes
+        leave free (:meth:`~convlens.accel.threads.ThreadGovernor.check`; at most one re-count
+        a second). Changes nothing that is computed."""
+        if self.threads is not None:
+            self.threads.check()
 
     def targets(self, logits: torch.Tensor) -> torch.Tensor:
         """Resolve the target request against the clean logits, (B, K)."""
@@ -200,7 +210,7 @@ class Method:
         with (
             model_state(net, eval_mode=True, grads=self.uses_gradients),
             full_float32(),
-            accel.threads_for_call(),
+            accel.threads_for_call() as ctx.threads,
         ):
             try:
                 raw = self.compute(ctx)

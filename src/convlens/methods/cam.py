@@ -215,6 +215,7 @@ class LayerCAM(GradCAM):
                 ctx.classes,
                 layer,
                 ctx.accel,
+                ctx.threads,
             )
             raw = self._one(one)
             first = first or raw

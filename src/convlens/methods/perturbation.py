@@ -306,6 +306,7 @@ class Occlusion(Method):
                 """Score drops (n, K) of (image * n_pos + position) pairs."""
                 out = torch.empty(len(pairs), targets.shape[1], device=x.device)
                 for start in range(0, len(pairs), chunk):
+                    ctx.pace()
                     idx = pairs[start : start + chunk]
                     img, pos = idx // n_pos, idx % n_pos
                     if engine is None:
@@ -487,6 +488,7 @@ class RISE(Method):
             grid, dy, dx = self.draw((h, w), gen, x.device)
             done = 0
             while done < self.n:
+                ctx.pace()
                 sl = slice(done, min(done + self.batch_size, self.n))
                 m = self.masks(grid[sl], dy[sl], dx[sl], (h, w))
                 n = m.shape[0]

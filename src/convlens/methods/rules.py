@@ -104,6 +104,7 @@ class GuidedGradCAM(Method):
             classes=ctx.classes,
             layer=ctx.layer,
             accel=ctx.accel,
+            threads=ctx.threads,
         )
         g, _, _ = input_gradients(fixed, rule="guided", strict=self.strict)
         up = F.interpolate(cam.maps, size=ctx.x.shape[-2:], mode="bilinear", align_corners=False)

@@ -116,6 +116,7 @@ class SmoothGrad(Method):
         done = 0
         per_pass = max(1, self.batch_size // b)
         while done < self.samples:
+            ctx.pace()
             s = min(per_pass, self.samples - done)
             eps = torch.randn((s, *x.shape), generator=gen, device=x.device, dtype=x.dtype)
             noisy = (x.unsqueeze(0) + eps * sigma.unsqueeze(0)).flatten(0, 1)
@@ -127,6 +128,7 @@ class SmoothGrad(Method):
                 classes=ctx.classes,
                 layer=ctx.layer,
                 accel=ctx.accel,
+                threads=ctx.threads,
             )
             raw = self.inner.compute(inner_ctx)
             scale = raw.meta.get("log_scale")
@@ -223,7 +225,16 @@ class TTA(Method):
                 xt = xs.flip(-1) if flip else xs
                 try:
                     raw = self.inner.compute(
-                        Context(ctx.net, xt, targets, None, ctx.classes, ctx.layer, ctx.accel)
+                        Context(
+                            ctx.net,
+                            xt,
+                            targets,
+                            None,
+                            ctx.classes,
+                            ctx.layer,
+                            ctx.accel,
+                            ctx.threads,
+                        )
                     )
                 except RuntimeError as exc:
                     if size == (h, w) or not any(p in str(exc) for p in _SHAPE_ERRORS):

@@ -15,6 +15,7 @@ from torch import nn
 from convlens.accel.compiled import FixedBatchForward, compiled_forward
 from convlens.accel.folded import inference_copy
 from convlens.accel.settings import Acceleration
+from convlens.accel.threads import ThreadGovernor
 from convlens.hooks.state import model_state
 from convlens.methods.perturbation import blur
 from convlens.models.base import ConvlensModel, unwrap
@@ -125,6 +126,8 @@ class _Scorer:
         self.example = example
         self.copy: nn.Module | None = None
         accel = self.wrapper.accel if self.wrapper is not None else Acceleration()
+        self.accel = accel
+        self.threads: ThreadGovernor | None = None
         self.fold = accel.fold_batchnorm
         self.layout = accel.channels_last is not False
         if accel.compile is False:
@@ -176,6 +179,7 @@ class _Scorer:
         if self.copy is None:
             self._stack.enter_context(model_state(self.net, eval_mode=True, grads=False))
         self._stack.enter_context(torch.no_grad())
+        self.threads = self._stack.enter_context(self.accel.threads_for_call())
         return self
 
     def __exit__(self, *exc: object) -> bool:
@@ -193,6 +197,8 @@ class _Scorer:
 
     def logits(self, batch: torch.Tensor) -> torch.Tensor:
         """Float32 logits of one batch."""
+        if self.threads is not None:
+            self.threads.check()  # the cores other processes leave free, at most once a second
         if self.autocast is None:
             return self._forward(batch).float()
         with torch.autocast(device_type=batch.device.type, dtype=self.autocast):
