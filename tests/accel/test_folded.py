@@ -250,3 +250,25 @@ def test_signed_display_of_a_sparse_map_keeps_its_scale() -> None:
     signed = replace(exp, maps=maps, meta={"display": "signed", "display_percentile": 99.0})
     s = signed.signed()
     assert float(s[0, 0, 0, 0]) == 1.0 and float(s[0, 0, 0, 1]) == pytest.approx(0.01)
+
+
+@pytest.mark.filterwarnings("ignore::convlens.errors.BlankMapWarning")
+@pytest.mark.parametrize("layer", ["3", "4", "5", "0", "1"])
+def test_layer_methods_use_the_copy_only_where_it_keeps_the_layer(layer: str) -> None:
+    """Module 3 is a convolution whose BatchNorm (4) is folded into it: its own output exists
+    only in the network. The BatchNorm (an identity in the copy) and the ReLU after it read the
+    same in both."""
+    from convlens import get_method
+    from convlens.accel import Acceleration
+    from convlens.accel.folded import copy_keeping_layer
+
+    clear_inference_copies()
+    net, x = _net(), images(2, size=12)
+    fast = copy_keeping_layer(net.eval(), x, layer, channels_last=False)
+    assert (fast is None) == (layer in ("0", "3"))
+    for name in ("gradcam", "layercam", "gradcam++"):
+        method = get_method(name)
+        got = method(net, x, layer=layer, accel=Acceleration(channels_last=True))
+        plain = method(net, x, layer=layer, accel=Acceleration.plain())
+        torch.testing.assert_close(got.maps, plain.maps, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(got.scores, plain.scores, rtol=1e-9, atol=1e-12)

@@ -29,7 +29,12 @@ def _stat(pid: int, state: str, name: str = "python") -> str:
 
 
 def fake_proc(
-    root: Path, *, loadavg_running: int, own: list[str], others: dict[int, list[str]]
+    root: Path,
+    *,
+    loadavg_running: int,
+    own: list[str],
+    others: dict[int, list[str]],
+    container: bool = False,
 ) -> Path:
     """A folder shaped like procfs: ``loadavg``, this process's threads' states under
     ``self/task``, and other processes' threads under ``<pid>/task``."""
@@ -37,6 +42,9 @@ def fake_proc(
     proc.mkdir()
     total = len(own) + sum(len(t) for t in others.values())
     (proc / "loadavg").write_text(f"1.00 0.50 0.25 {loadavg_running}/{total} 999\n")
+    (proc / "self").mkdir()
+    nspid = "4242 7" if container else "4242"
+    (proc / "self" / "status").write_text(f"Name:\tpython\nNSpid:\t{nspid}\nThreads:\t1\n")
     for i, state in enumerate(own):
         task = proc / "self" / "task" / str(100 + i)
         task.mkdir(parents=True)
@@ -64,8 +72,16 @@ def test_nothing_else_running_is_zero(tmp_path: Path) -> None:
 
 def test_a_hosts_load_invisible_in_the_container_is_ignored(tmp_path: Path) -> None:
     # /proc/loadavg is the host's inside a container: 40 runnable tasks, none of them visible
-    proc = fake_proc(tmp_path, loadavg_running=40, own=["R"], others={2000: ["S", "S"]})
-    assert runnable_elsewhere(samples=1, proc=proc) == 0
+    proc = fake_proc(
+        tmp_path, loadavg_running=40, own=["R"], others={2000: ["S", "R"]}, container=True
+    )
+    assert runnable_elsewhere(samples=1, proc=proc) == 1
+
+
+def test_outside_a_container_the_machines_count_stands(tmp_path: Path) -> None:
+    # without a PID namespace every process is counted by /proc/loadavg (no scan needed)
+    proc = fake_proc(tmp_path, loadavg_running=4, own=["R"], others={2000: ["S"]})
+    assert runnable_elsewhere(samples=1, proc=proc) == 3
 
 
 def test_unreadable_proc_means_no_answer(tmp_path: Path) -> None:

@@ -39,6 +39,7 @@ __all__ = [
     "batchnorm_affine",
     "cached_inference_copy",
     "clear_inference_copies",
+    "copy_keeping_layer",
     "fold_batchnorm",
     "has_forward_hooks",
     "has_hooks",
@@ -214,6 +215,7 @@ def _make_copy(
     pairs = _conv_bn_pairs(fast, probe) if fold else []
     _fold_pairs(fast, pairs)
     folded = len(pairs)
+    fast.convlens_folded_convs = frozenset(conv for conv, _ in pairs)
     if channels_last:
         fast = fast.to(memory_format=torch.channels_last)
     dtype = probe.dtype if probe.is_floating_point() else torch.float32
@@ -345,4 +347,25 @@ def cached_inference_copy(
         fast = None  # the plain network, copied: nothing gained
     # one copy per network (it holds a second set of the weights)
     _COPIES[net] = (slot, fingerprint(net), fast)
+    return fast
+
+
+def copy_keeping_layer(
+    net: nn.Module, example: torch.Tensor, layer: str, *, channels_last: bool = True
+) -> nn.Module | None:
+    """:func:`cached_inference_copy` of ``net`` when its module ``layer`` computes what the
+    network's does, for methods that read a layer's output and its gradient (the CAM family).
+
+    The copy keeps every module name. A folded BatchNorm became ``nn.Identity`` and outputs
+    ``BN(conv(x))`` as before; a convolution whose BatchNorm was folded into it outputs the
+    normalised map instead of its own, so a copy is returned only when ``layer`` is not such a
+    convolution.
+
+    Returns:
+        The copy, or ``None`` when the network itself must run (see
+        :func:`cached_inference_copy`, or ``layer`` is a folded convolution).
+    """
+    fast = cached_inference_copy(net, example, channels_last=channels_last)
+    if fast is None or layer.strip() in getattr(fast, "convlens_folded_convs", frozenset({layer})):
+        return None
     return fast

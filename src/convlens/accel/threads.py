@@ -13,8 +13,8 @@ more than the process's own setting at entry), re-counts at most every ``interva
 when a long job calls :meth:`ThreadGovernor.check` between chunks, and restores the setting on
 exit. The count reads ``/proc/loadavg`` (its fourth field: runnable tasks / all tasks) and this
 process's own threads' states in ``/proc/self/task``; when another process seems to run, the
-count is confirmed by the states of the threads this process can see in ``/proc`` (in a
-container, ``/proc/loadavg`` is the host's, the process list the container's). Elsewhere (no
+count is confirmed, inside a container (a child PID namespace, whose ``/proc/loadavg`` is the
+host's), by the states of the threads of the processes it can see in ``/proc``. Elsewhere (no
 ``/proc``) nothing changes. Only the number of threads changes, never what is computed: the
 results equal those of any fixed thread count to float rounding.
 """
@@ -88,6 +88,15 @@ def _visible_running_elsewhere(proc: Path) -> int:
     return count
 
 
+def _in_child_pid_namespace(proc: Path) -> bool:
+    """Whether this process runs in a PID namespace below the host's (a container): its
+    ``NSpid`` line in ``/proc/self/status`` lists more than one process id."""
+    for line in (proc / "self" / "status").read_text().splitlines():
+        if line.startswith("NSpid:"):
+            return len(line.split()) > 2
+    return False
+
+
 def runnable_elsewhere(samples: int = 3, pause: float = 0.001, proc: Path = _PROC) -> int | None:
     """How many threads of other processes are running or waiting for a core right now.
 
@@ -111,8 +120,10 @@ def runnable_elsewhere(samples: int = 3, pause: float = 0.001, proc: Path = _PRO
             best = others if best is None else min(best, others)
             if best == 0:
                 return 0
-        # /proc/loadavg counts the whole host even inside a container: count what we can see.
-        return min(best or 0, _visible_running_elsewhere(proc))
+        if best and _in_child_pid_namespace(proc):
+            # /proc/loadavg counts the whole host inside a container: count what we can see
+            return min(best, _visible_running_elsewhere(proc))
+        return best
     except (OSError, ValueError, IndexError):
         return None
 

@@ -111,8 +111,10 @@ class LayerCapture:
     """Outputs of one module, one entry per call in the forward pass.
 
     With ``grad=True`` each captured output is part of the autograd graph so that
-    ``torch.autograd.grad(score, capture.output())`` gives dS/dA; the graph starts at the first
-    call of the module, so nothing before the layer is differentiated.
+    ``torch.autograd.grad(score, capture.output())`` gives dS/dA. The graph starts at the first
+    call of the module: run the forward pass under ``torch.no_grad()`` and the hook turns
+    gradient recording on from there (:func:`layer_capture` restores the mode on exit), so the
+    part of the network before the layer runs as plain inference, recording nothing.
     """
 
     name: str
@@ -136,6 +138,7 @@ class LayerCapture:
             # Clone: an in-place op after the layer (ReLU(inplace=True)) must not change it.
             self.outputs.append(out.detach().clone())
             return None
+        torch.set_grad_enabled(True)  # from the layer on; layer_capture restores the mode
         captured = out if out.requires_grad else out.detach().requires_grad_(True)
         self.outputs.append(captured)
         # Hand the rest of the network a copy, so in-place ops after the layer leave the
@@ -150,12 +153,18 @@ def layer_capture(net: nn.Module, name: str, *, grad: bool = False) -> Iterator[
     Args:
         net: the model.
         name: dotted module name.
-        grad: keep the captured outputs in the autograd graph (see :class:`LayerCapture`).
+        grad: keep the captured outputs in the autograd graph, recording gradients from the
+            layer on (see :class:`LayerCapture`); the grad mode of the block's start is
+            restored on exit.
     """
     module = named_module(net, name)
     capture = LayerCapture(name=name, grad=grad)
-    with hooks([lambda: module.register_forward_hook(capture.hook)]):
-        yield capture
+    recording = torch.is_grad_enabled()
+    try:
+        with hooks([lambda: module.register_forward_hook(capture.hook)]):
+            yield capture
+    finally:
+        torch.set_grad_enabled(recording)
 
 
 class StopForward(BaseException):

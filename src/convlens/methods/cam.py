@@ -7,6 +7,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from convlens.accel.folded import copy_keeping_layer
 from convlens.architecture import find_gap_head
 from convlens.errors import LayerError
 from convlens.hooks.capture import layer_capture
@@ -39,12 +40,22 @@ def layer_gradients(
     """Activations and score gradients of one layer.
 
     Returns ``(A (B, C, h, w), dS/dA (B, K, C, h, w), logits, targets, layer name)``. The
-    autograd graph starts at the layer, so the backward pass stops there and no parameter
-    gradients are computed.
+    network runs without recording gradients up to the layer and with from there on, so the
+    backward pass stops at the layer and no parameter gradients are computed. With the call's
+    ``accel.fold_batchnorm`` the pass runs through the network's BatchNorm-folded copy where
+    that copy computes the layer unchanged
+    (:func:`convlens.accel.folded.copy_keeping_layer`; ``channels_last`` as ``accel`` says).
     """
     ref = ctx.layer_ref()
-    with torch.enable_grad(), layer_capture(ctx.net, ref.name, grad=True) as cap:
-        logits = ctx.net(ctx.x)
+    net, x = ctx.net, ctx.x
+    if ctx.accel.fold_batchnorm:
+        layout = ctx.accel.uses_channels_last(x.device)
+        fast = copy_keeping_layer(net, x, ref.name, channels_last=layout)
+        if fast is not None:  # the same function up to float rounding, BatchNorm folded
+            net = fast
+            x = x.contiguous(memory_format=torch.channels_last) if layout else x
+    with torch.no_grad(), layer_capture(net, ref.name, grad=True) as cap:
+        logits = net(x)
         a = cap.output(ref.call)
         _check_spatial(a, ref.name)
         targets = ctx.targets(logits.detach())
