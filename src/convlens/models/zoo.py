@@ -32,6 +32,8 @@ import json
 import logging
 import math
 import os
+import shutil
+import tempfile
 import warnings
 from contextlib import suppress
 from pathlib import Path
@@ -256,9 +258,8 @@ def load_timm(
         cfg = timm.models.get_pretrained_cfg(name)
     except RuntimeError as exc:  # an unknown tag
         tags = [t.partition(".")[2] for t in timm.list_pretrained(f"{arch}.*")]
-        raise ModelLoadError(
-            f"timm model {arch!r} has no pretrained tag {tag!r}.{close_matches(tag, tags)}"
-        ) from exc
+        hint = close_matches(tag, tags) or (f" Its tags: {', '.join(tags[:8])}." if tags else "")
+        raise ModelLoadError(f"timm model {arch!r} has no pretrained tag {tag!r}.{hint}") from exc
     cfg_classes = int(getattr(cfg, "num_classes", 0) or 0) if cfg is not None else 0
     kwargs: dict[str, Any] = {}
     if classes is not None and len(classes) != cfg_classes:
@@ -488,7 +489,10 @@ def load_hf(
     (``model.safetensors`` or ``pytorch_model.bin``, loaded with ``from_pretrained(folder,
     local_files_only=True)``) and ``preprocessor_config.json`` (read as JSON: ``size``,
     ``crop_size``/``crop_pct``, ``resample``, ``rescale_factor``, ``image_mean``,
-    ``image_std``). The network is wrapped in :class:`HFClassifier`.
+    ``image_std``). A ``weights`` file is read by transformers too (linked into a temporary
+    folder), so that checkpoints saved in an older layout are renamed as usual. Every weight of
+    the model must come from the file: a missing or resized one is an error, not a random
+    start. The network is wrapped in :class:`HFClassifier`.
 
     Raises:
         ModelLoadError: transformers is missing, the folder or its config is missing or not an
@@ -507,26 +511,23 @@ def load_hf(
     except Exception as exc:
         raise ModelLoadError(f"{label}: cannot read config.json ({_one_line(exc)})") from exc
     auto = transformers.AutoModelForImageClassification
-    has_file = any((folder / f).is_file() for f in _HF_WEIGHTS)
+    own = weights is not None or random_weights
+    if own and classes is not None and len(classes) != config.num_labels:
+        config.num_labels = len(classes)  # a model fine-tuned to other classes
     try:
-        if weights is None and not random_weights:
-            if not has_file:
-                raise _no_weights(label, [f"'{folder}/model.safetensors'"])
-            model = _quiet_from_pretrained(transformers, auto, folder)
-        else:
-            if classes is not None and len(classes) != config.num_labels:
-                config.num_labels = len(classes)
+        if random_weights:
             model = auto.from_config(config)
+        elif weights is not None:
+            model = _hf_weights_file(transformers, auto, config, weights, label)
+        elif any((folder / f).is_file() for f in _HF_WEIGHTS):
+            model = _from_pretrained(transformers, auto, folder, config, label, str(folder))
+        else:
+            raise _no_weights(label, [f"'{folder / 'model.safetensors'}'"])
     except ModelLoadError:
         raise
     except Exception as exc:
         raise ModelLoadError(f"{label}: cannot build the model ({_one_line(exc)})") from exc
-    if weights is not None:
-        _load_file(model, weights, label)
-    if any(
-        p.is_floating_point() and p.dtype in (torch.float16, torch.bfloat16)
-        for p in model.parameters()
-    ):
+    if any(p.dtype in (torch.float16, torch.bfloat16) for p in model.parameters()):
         model = model.float()
     return HFClassifier(model.eval()), pre, _hf_classes(model.config, folder), label
 
@@ -639,16 +640,63 @@ def _hf_classes(config: Any, folder: Path) -> ClassList:
     return ClassList(tuple(labels[i] for i in range(count)), source=str(folder / "config.json"))
 
 
-def _quiet_from_pretrained(transformers: ModuleType, auto: Any, folder: Path) -> nn.Module:
-    """``from_pretrained`` of a local folder without transformers' progress bar."""
+def _hf_weights_file(
+    transformers: ModuleType, auto: Any, config: Any, weights: Path, label: str
+) -> nn.Module:
+    """The model with the weights of one file, read by transformers (which renames the keys of
+    checkpoints saved in an older layout): the file is linked into a temporary folder as
+    ``model.safetensors`` (a ``.safetensors`` file) or ``pytorch_model.bin`` (a state dict)."""
+    from convlens.userfiles import require_file
+
+    require_file(weights, "weights file", error=ModelLoadError)
+    name = "model.safetensors" if weights.suffix.lower() == ".safetensors" else "pytorch_model.bin"
+    with tempfile.TemporaryDirectory(prefix="convlens-hf-") as tmp:
+        link = Path(tmp) / name
+        try:
+            link.symlink_to(weights.resolve())
+        except OSError:
+            shutil.copyfile(weights, link)
+        return _from_pretrained(transformers, auto, Path(tmp), config, label, str(weights))
+
+
+def _from_pretrained(
+    transformers: ModuleType, auto: Any, folder: Path, config: Any, label: str, source: str
+) -> nn.Module:
+    """``from_pretrained`` of a local folder, strictly: every weight of the model from the file
+    (transformers would start missing or resized ones at random); without transformers'
+    progress bar and load report (the error says what is wrong in one line)."""
     hf_logging = transformers.utils.logging
-    shown = hf_logging.is_progress_bar_enabled()
+    shown, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
     hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
     try:
-        return auto.from_pretrained(str(folder), local_files_only=True)
+        model, info = auto.from_pretrained(
+            str(folder),
+            config=config,
+            local_files_only=True,
+            output_loading_info=True,
+            ignore_mismatched_sizes=True,
+        )
     finally:
+        hf_logging.set_verbosity(verbosity)
         if shown:
             hf_logging.enable_progress_bar()
+    problems = []
+    for kind, keys in (
+        ("missing key", info.get("missing_keys")),
+        ("shape mismatch", info.get("mismatched_keys")),
+    ):
+        names = sorted(k if isinstance(k, str) else str(k[0]) for k in keys or ())
+        if names:
+            problems.append(f"{len(names)} {kind}(s) ({', '.join(names[:3])})")
+    if problems:
+        hint = (
+            "; for a model fine-tuned to other classes, give --classes with one name per class"
+            if info.get("mismatched_keys")
+            else ""
+        )
+        raise ModelLoadError(f"weights '{source}' do not fit {label}: {'; '.join(problems)}{hint}")
+    return model
 
 
 def _one_line(exc: BaseException) -> str:
