@@ -184,12 +184,12 @@ def _no_weights(label: str, where: list[str]) -> ModelLoadError:
     )
 
 
-def _require(module: str, zoo: str) -> ModuleType:
+def _require(module: str, label: str) -> ModuleType:
     try:
         return importlib.import_module(module)
     except ImportError as exc:
         raise ModelLoadError(
-            f"{zoo}: models need the {module} package, which is not installed: {_INSTALL}"
+            f"model {label} needs the {module} package, which is not installed: {_INSTALL}"
         ) from exc
 
 
@@ -247,8 +247,8 @@ def load_timm(
     Raises:
         ModelLoadError: timm is missing, the name or tag is unknown, or no weights.
     """
-    timm = _require("timm", "timm")
     label = f"timm:{name}"
+    timm = _require("timm", label)
     arch, _, tag = name.partition(".")
     if not timm.is_model(arch):
         raise ModelLoadError(
@@ -390,10 +390,10 @@ def load_torchvision(
         ModelLoadError: torchvision is missing, the name or weights name is unknown, or no
             weights.
     """
-    _require("torchvision", "torchvision")
+    label = f"torchvision:{name}"
+    _require("torchvision", label)
     from torchvision import models
 
-    label = f"torchvision:{name}"
     arch, _, tag = name.partition(".")
     names = models.list_models(module=models)
     if arch not in names:
@@ -505,7 +505,7 @@ def load_hf(
             f"{label}: '{folder}' has no config.json; give a folder written by save_pretrained"
         )
     pre = _hf_preprocess(_read_json(folder / "preprocessor_config.json", label), label)
-    transformers = _require("transformers", "hf")
+    transformers = _require("transformers", label)
     try:
         config = transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True)
     except Exception as exc:
