@@ -306,7 +306,8 @@ def _timm_cached(cfg: Any) -> Path | None:
     hub_id = getattr(cfg, "hf_hub_id", None)
     if hub_id:
         repo, _, _ = hub_id.partition("@")
-        found = _hub_file(repo, (getattr(cfg, "hf_hub_filename", None) or "", *_HUB_FILES))
+        named = getattr(cfg, "hf_hub_filename", None)
+        found = _hub_file(repo, (named, *_HUB_FILES) if named else _HUB_FILES)
         if found is not None:
             return found
     url = getattr(cfg, "url", None)
