@@ -436,3 +436,12 @@ def test_hf_config_file_is_json(hf_folder: tuple[Path, torch.nn.Module]) -> None
     (folder / "preprocessor_config.json").write_text(json.dumps([1, 2]))
     with pytest.raises(ModelLoadError, match="not a JSON object"):
         load_model(f"hf:{folder}")
+
+
+def test_cli_layers_of_a_hugging_face_folder(
+    hf_folder: tuple[Path, torch.nn.Module], capsys
+) -> None:
+    folder, _ = hf_folder
+    assert exit_code(["layers", f"hf:{folder}"]) == 0
+    table = capsys.readouterr().out
+    assert "model.vit.embeddings.patch_embeddings.projection" in table and "1x32x4x4" in table
