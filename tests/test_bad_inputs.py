@@ -730,6 +730,7 @@ def _text_cases() -> Iterator[Case]:
 MODELS: dict[str, tuple[Callable[[Corpus], dict[str, Value]], str]] = {
     "model-file-missing": (lambda c: {"--model": f"{c.root / 'missing.py'}:build"}, "missing.py"),
     "model-unknown-name": (lambda c: {"--model": "nope"}, "nope"),
+    "model-unknown-zoo": (lambda c: {"--model": "timm:nope"}, "nope"),  # or timm is missing
     "model-unknown-factory": (lambda c: {"--model": c.model("nope")}, "nope"),
     "model-garbage-file": (lambda c: {"--model": c.weights["garbage"]}, "garbage.pt"),
     "weights-empty": (lambda c: {"--weights": c.weights["empty"]}, "empty.pt"),

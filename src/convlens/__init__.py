@@ -23,6 +23,7 @@ from convlens.errors import (
     ModelLoadError,
     NonFiniteError,
     NonFiniteMapWarning,
+    RandomWeightsWarning,
     TargetError,
     UnsupportedModelError,
 )
@@ -64,6 +65,7 @@ __all__ = [
     "NonFiniteMapWarning",
     "Occlusion",
     "Preprocess",
+    "RandomWeightsWarning",
     "Saliency",
     "SmoothGrad",
     "TargetError",

@@ -21,6 +21,7 @@ __all__ = [
     "NonFiniteError",
     "NonFiniteMapWarning",
     "OutputError",
+    "RandomWeightsWarning",
     "RunFolderError",
     "TargetError",
     "UnsupportedModelError",
@@ -88,6 +89,11 @@ class ConvlensWarning(UserWarning):
 class BlankMapWarning(ConvlensWarning):
     """A method returned an all-zero map (nothing to show) for some images and targets; they
     are flagged in the result's ``meta["blank"]``."""
+
+
+class RandomWeightsWarning(ConvlensWarning):
+    """A zoo model was built with random weights (asked for with ``random_weights=True`` /
+    ``--random-weights``): its predictions and maps mean nothing; it only tries the plumbing."""
 
 
 class NonFiniteMapWarning(ConvlensWarning):

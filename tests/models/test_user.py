@@ -86,6 +86,30 @@ def test_file_factory_with_weights(net_file: Path, tmp_path: Path) -> None:
         torch.testing.assert_close(net(_x()), trained(_x()))
 
 
+def test_safetensors_weights(net_file: Path, tmp_path: Path) -> None:
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    trained = _trained(net_file)
+    weights = tmp_path / "w.safetensors"
+    safetensors_torch.save_file(trained.state_dict(), str(weights))
+    net, _ = load_user_network(f"{net_file}:build", weights=weights)
+    with torch.no_grad():
+        torch.testing.assert_close(net(_x()), trained(_x()), rtol=0, atol=0)
+    weights.write_bytes(b"not safetensors")
+    with pytest.raises(ModelLoadError, match=r"cannot read weights file .* as safetensors"):
+        load_user_network(f"{net_file}:build", weights=weights)
+
+
+def test_safetensors_without_the_package(
+    net_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(b"anything")
+    monkeypatch.setitem(sys.modules, "safetensors", None)
+    monkeypatch.setitem(sys.modules, "safetensors.torch", None)
+    with pytest.raises(ModelLoadError, match="pip install safetensors"):
+        load_user_network(f"{net_file}:build", weights=weights)
+
+
 def test_factory_without_weights_is_in_eval_mode(net_file: Path) -> None:
     net, _ = load_user_network(f"{net_file}:build_train_mode")
     assert not any(m.training for m in net.modules())

@@ -247,7 +247,9 @@ LayersModelArg = Annotated[str, typer.Argument(help="Model name or specification
 
 
 @option_group(
-    ModelOptions, only=("model", "weights", "size", "device"), types={"model": LayersModelArg}
+    ModelOptions,
+    only=("model", "weights", "random_weights", "size", "device"),
+    types={"model": LayersModelArg},
 )
 def layers(model_options: ModelOptions) -> None:
     """List the model's layers with the output shape of each for a real input."""

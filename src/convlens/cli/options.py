@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 
     import torch
 
-    from convlens.models import ConvlensModel
+    from convlens.models import ConvlensModel, Preprocess
 
 __all__ = [
     "BatchSizeOpt",
@@ -52,6 +52,7 @@ __all__ = [
     "ModelOptions",
     "OutDirOpt",
     "PlainOpt",
+    "RandomWeightsOpt",
     "ResizeOpt",
     "SizeOpt",
     "StdOpt",
@@ -139,12 +140,25 @@ ModelOpt = Annotated[
     typer.Option(
         "--model",
         "-m",
-        help="lite0 (default), lite1, lite2, path/to/net.py:factory, pkg.module:factory, "
+        help="lite0 (default), lite1, lite2, timm:NAME, torchvision:NAME, hf:FOLDER "
+        "(pip install convlens[zoo]), path/to/net.py:factory, pkg.module:factory, "
         "or a TorchScript file.",
     ),
 ]
 WeightsOpt = Annotated[
-    Optional[Path], typer.Option(help="State-dict file for a factory model.")  # noqa: UP045
+    Optional[Path],  # noqa: UP045
+    typer.Option(
+        help="State-dict (.pt/.pth) or .safetensors file for a factory or zoo model "
+        "(zoo models otherwise read the library's local cache; nothing is downloaded)."
+    ),
+]
+RandomWeightsOpt = Annotated[
+    bool,
+    typer.Option(
+        "--random-weights",
+        help="Build a zoo model with random weights, to try the plumbing without weights "
+        "(its maps mean nothing).",
+    ),
 ]
 ClassesOpt = Annotated[
     Optional[Path],  # noqa: UP045
@@ -181,13 +195,14 @@ PlainOpt = Annotated[
 @dataclasses.dataclass(frozen=True)
 class ModelOptions:
     """The model options of a command, as one argument: ``--model``, ``--weights``,
-    ``--classes``, ``--size``, ``--resize``, ``--mean``, ``--std``, ``--device`` and ``--plain``
-    (see :func:`load_net` for their meaning). A command takes them with
+    ``--random-weights``, ``--classes``, ``--size``, ``--resize``, ``--mean``, ``--std``,
+    ``--device`` and ``--plain`` (see :func:`load_net` for their meaning). A command takes them with
     ``@option_group(ModelOptions, only=...)`` and a parameter annotated ``ModelOptions``; a
     field the command does not offer keeps its default here."""
 
     model: ModelOpt = "lite0"
     weights: WeightsOpt = None
+    random_weights: RandomWeightsOpt = False
     classes: ClassesOpt = None
     size: SizeOpt = None
     resize: ResizeOpt = None
@@ -213,10 +228,21 @@ class ModelOptions:
             self.std,
             self.device,
             plain=self.plain,
+            random_weights=self.random_weights,
         )
 
 
-LOADING = ("model", "weights", "classes", "size", "resize", "mean", "std", "device")
+LOADING = (
+    "model",
+    "weights",
+    "random_weights",
+    "classes",
+    "size",
+    "resize",
+    "mean",
+    "std",
+    "device",
+)
 """The :class:`ModelOptions` of a command that loads a model but runs no explanation method
 (all but ``--plain``)."""
 
@@ -381,16 +407,19 @@ def load_net(
     device: str = "cpu",
     *,
     plain: bool = False,
+    random_weights: bool = False,
 ) -> ConvlensModel:
     """Load the model the model options describe, showing a status line on stderr meanwhile.
 
     Without ``size``, ``resize``, ``mean`` and ``std`` the model keeps its own preprocessing;
     with any of them, the others default to the built-in models' (mean and std 0.5) or
-    ImageNet's, with a crop of ``size`` and a resize of ``size / 0.875``.
+    ImageNet's, with a crop of ``size`` and a resize of ``size / 0.875``; for a zoo model
+    (``timm:``, ``torchvision:``, ``hf:``) they default to the model's own, its interpolation
+    kept.
 
     Args:
         model: the ``--model`` specification (see :data:`ModelOpt`).
-        weights: state-dict file for a factory model.
+        weights: state-dict or safetensors file for a factory or zoo model.
         classes: class-name file.
         size: input size (centre crop).
         resize: shorter side before cropping.
@@ -399,6 +428,8 @@ def load_net(
         device: the ``--device`` value (see :func:`parse_device`).
         plain: the ``--plain`` flag: the model's ``accel`` becomes
             ``Acceleration.plain()`` (every method call on it runs the plain path).
+        random_weights: the ``--random-weights`` flag (zoo models only; see
+            :func:`convlens.models.load_model`).
 
     Returns:
         The loaded model.
@@ -408,6 +439,7 @@ def load_net(
         ConvlensError: the model, weights or classes cannot be loaded.
     """
     from convlens.models import BUILTIN_MODELS, Preprocess, load_model
+    from convlens.models.zoo import is_zoo_spec
 
     pre = None
     m, s = parse_triple(mean, "mean"), parse_triple(std, "std", positive=True)
@@ -416,26 +448,53 @@ def load_net(
         positive_int(size, "--size")
     if resize is not None:
         positive_int(resize, "--resize")
-    if any(v is not None for v in (size, resize, m, s)):
+    given = any(v is not None for v in (size, resize, m, s))
+    zoo = is_zoo_spec(model)
+    if given and not zoo:
         base = (
             Preprocess(mean=(0.5,) * 3, std=(0.5,) * 3)
             if model in BUILTIN_MODELS
             else Preprocess(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
         )
-        crop = size or base.crop
-        pre = Preprocess(
-            resize=resize or (round(crop / 0.875) if size else base.resize),
-            crop=crop,
-            mean=m or base.mean,
-            std=s or base.std,
-        )
+        pre = _preprocess_with(base, size, resize, m, s)
     with status(f"loading model {model} ..."):
-        net = load_model(model, weights=weights, classes=classes, preprocess=pre, device=dev)
+        net = load_model(
+            model,
+            weights=weights,
+            classes=classes,
+            preprocess=pre,
+            device=dev,
+            random_weights=random_weights,
+        )
+        if given and zoo:
+            from convlens.models.base import count_outputs
+
+            net.preprocess = _preprocess_with(net.preprocess, size, resize, m, s)
+            count_outputs(net.net, net.preprocess.crop)  # fails in one line at a size it refuses
     if plain:
         from convlens.accel import Acceleration
 
         net.accel = Acceleration.plain()
     return net
+
+
+def _preprocess_with(
+    base: Preprocess,
+    size: int | None,
+    resize: int | None,
+    mean: tuple[float, float, float] | None,
+    std: tuple[float, float, float] | None,
+) -> Preprocess:
+    """``base`` with the preprocessing options given (a new ``size`` resizes to ``size / 0.875``
+    unless ``resize`` is given)."""
+    crop = size or base.crop
+    return dataclasses.replace(
+        base,
+        resize=resize or (round(crop / 0.875) if size else base.resize),
+        crop=crop,
+        mean=mean or base.mean,
+        std=std or base.std,
+    )
 
 
 def progress_bar() -> Progress:

@@ -96,7 +96,16 @@ class SynthesisOptions:
 
 
 # classviz and featviz: the model's input size is also the size of the synthesised images
-SYNTHESIS_MODEL = ("model", "weights", "classes", "size", "mean", "std", "device")
+SYNTHESIS_MODEL = (
+    "model",
+    "weights",
+    "random_weights",
+    "classes",
+    "size",
+    "mean",
+    "std",
+    "device",
+)
 
 
 def parse_channels(text: str) -> list[int]:
@@ -202,7 +211,7 @@ def featviz(
     )
 
 
-@option_group(ModelOptions, only=("model", "weights", "mean", "std", "device"))
+@option_group(ModelOptions, only=("model", "weights", "random_weights", "mean", "std", "device"))
 def dream(
     image: Annotated[Path, typer.Argument(help="The photo to dream on.")],
     *,

@@ -8,16 +8,28 @@ import numpy as np
 import torch
 from PIL import Image
 
+from convlens.errors import InputError
 from convlens.validate import finite_floats, positive_int
 
-__all__ = ["Preprocess"]
+__all__ = ["INTERPOLATIONS", "Preprocess"]
+
+INTERPOLATIONS: dict[str, Image.Resampling] = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+}
+"""The resampling filters :class:`Preprocess` resizes with, by name (PIL's, with antialiasing:
+what torchvision's and timm's transforms do on PIL images)."""
 
 
 @dataclass(frozen=True)
 class Preprocess:
     """Resize-and-crop preprocessing of one model.
 
-    The shorter side is resized to ``resize`` (bilinear, with antialiasing), the centre
+    The shorter side is resized to ``resize`` (bilinear by default, with antialiasing), the centre
     ``crop`` x ``crop`` square is cut out, pixels are scaled to [0, 1] and normalised per channel:
     ``x = (pixel / 255 - mean) / std``.
 
@@ -26,17 +38,20 @@ class Preprocess:
         crop: side of the square centre crop (the model's input size).
         mean: per-channel mean subtracted after scaling to [0, 1].
         std: per-channel standard deviation divided by.
+        interpolation: the resampling filter of the resize, one of :data:`INTERPOLATIONS`
+            (``"bilinear"``, ``"bicubic"``, ...), as the model's own preprocessing names it.
 
     Raises:
         InputError: ``resize`` or ``crop`` not a positive integer, ``mean`` not three finite
-            numbers, or ``std`` not three finite numbers above 0 (a std of 0 would make every
-            input NaN or infinite).
+            numbers, ``std`` not three finite numbers above 0 (a std of 0 would make every
+            input NaN or infinite), or ``interpolation`` not a filter name.
     """
 
     resize: int | None = 256
     crop: int = 224
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    interpolation: str = "bilinear"
 
     def __post_init__(self) -> None:
         if self.resize is not None:
@@ -46,15 +61,23 @@ class Preprocess:
         std = finite_floats(self.std, "preprocess std", count=3, positive=True)
         object.__setattr__(self, "mean", mean)
         object.__setattr__(self, "std", std)
+        name = str(self.interpolation).strip().lower()
+        if name not in INTERPOLATIONS:
+            raise InputError(
+                f"preprocess interpolation must be one of {', '.join(INTERPOLATIONS)}, "
+                f"got {self.interpolation!r}"
+            )
+        object.__setattr__(self, "interpolation", name)
 
     def geometry(self, image: Image.Image) -> Image.Image:
         """Resize and centre-crop an RGB image, without normalising."""
         w, h = image.size
+        resample = INTERPOLATIONS[self.interpolation]
         if self.resize is None:
-            return image.resize((self.crop, self.crop), Image.Resampling.BILINEAR)
+            return image.resize((self.crop, self.crop), resample)
         scale = self.resize / min(w, h)
         nw, nh = max(self.crop, round(w * scale)), max(self.crop, round(h * scale))
-        image = image.resize((nw, nh), Image.Resampling.BILINEAR)
+        image = image.resize((nw, nh), resample)
         left, top = (nw - self.crop) // 2, (nh - self.crop) // 2
         return image.crop((left, top, left + self.crop, top + self.crop))
 

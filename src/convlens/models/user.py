@@ -33,7 +33,12 @@ from convlens.errors import ModelLoadError, close_matches
 from convlens.models.builtin import BUILTIN_MODELS
 from convlens.userfiles import require_file
 
-__all__ = ["TORCHSCRIPT_SUFFIXES", "load_user_network", "torchscript_deprecation_silenced"]
+__all__ = [
+    "TORCHSCRIPT_SUFFIXES",
+    "load_user_network",
+    "load_weights",
+    "torchscript_deprecation_silenced",
+]
 
 TORCHSCRIPT_SUFFIXES: frozenset[str] = frozenset({".pt", ".pth", ".ts", ".torchscript"})
 """Extensions of files taken as TorchScript models when no ``:factory`` is given."""
@@ -71,9 +76,9 @@ def load_user_network(spec: str, *, weights: str | Path | None = None) -> tuple[
             attribute such as ``Nets.small``), or the path of a TorchScript file.
         weights: optional state-dict file (``torch.save(net.state_dict(), path)``), also accepted
             wrapped in a checkpoint dict under ``"state_dict"``, ``"model"`` or
-            ``"model_state_dict"``; a ``module.`` prefix (DataParallel) or ``_orig_mod.`` prefix
-            (``torch.compile``) on every key is removed. Loaded with ``weights_only=True`` on the
-            CPU and ``strict=True``.
+            ``"model_state_dict"``, or a ``.safetensors`` file; a ``module.`` prefix
+            (DataParallel) or ``_orig_mod.`` prefix (``torch.compile``) on every key is removed.
+            Loaded with ``weights_only=True`` on the CPU and ``strict=True``.
 
     Returns:
         ``(network, name)``: the network in eval mode, on the CPU unless the factory put it
@@ -113,7 +118,7 @@ def load_user_network(spec: str, *, weights: str | Path | None = None) -> tuple[
     else:
         raise ModelLoadError(f"unknown model {spec!r}.{_builtin_hint(spec)} {_SPEC_HELP}")
     if weights is not None:
-        _load_weights(net, Path(weights).expanduser(), name)
+        load_weights(net, Path(weights).expanduser(), name)
     net.eval()
     return net, name
 
@@ -311,22 +316,23 @@ def _strip_prefixes(state: Mapping[str, Any], expected: Iterable[str]) -> dict[s
     return out
 
 
-def _load_weights(net: nn.Module, path: Path, name: str) -> None:
+def load_weights(net: nn.Module, path: Path, name: str) -> None:
+    """Load a state-dict file into ``net``, strictly (every key, every shape).
+
+    Args:
+        net: the network the weights are for.
+        path: ``torch.save(net.state_dict(), path)`` (also wrapped in a checkpoint dict under
+            ``"state_dict"``, ``"model"`` or ``"model_state_dict"``), read with
+            ``weights_only=True``; or a ``.safetensors`` file (needs the ``safetensors``
+            package). A ``module.`` or ``_orig_mod.`` prefix on every key is removed.
+        name: the model's name, for messages.
+
+    Raises:
+        ModelLoadError: the file is missing or unreadable, holds no state dict, or its keys or
+            shapes do not fit the network (the message lists the first mismatches).
+    """
     require_file(path, "weights file", error=ModelLoadError)
-    try:
-        obj = _torch_load(path)
-    except Exception as exc:
-        if _needs_unsafe_unpickling(exc):
-            raise ModelLoadError(
-                f"weights file '{path}' holds Python objects, not just tensors (a pickled "
-                "model?); save the weights with torch.save(net.state_dict(), path)"
-            ) from exc
-        if "TorchScript" in str(exc):
-            raise ModelLoadError(
-                f"weights file '{path}' is a TorchScript model, not a state dict; "
-                f"give it as the model instead: --model {path}"
-            ) from exc
-        raise ModelLoadError(f"cannot read weights file '{path}': {_one_line(exc)}") from exc
+    obj = _read_safetensors(path) if path.suffix.lower() == ".safetensors" else _read_pickle(path)
     found = _find_state_dict(obj)
     if found is None:
         if isinstance(obj, Mapping):
@@ -374,3 +380,36 @@ def _mismatches(net: nn.Module, state: Mapping[str, Any]) -> list[str]:
 
 def _shape(t: torch.Tensor) -> str:
     return "x".join(map(str, t.shape)) or "scalar"
+
+
+def _read_pickle(path: Path) -> object:
+    try:
+        return _torch_load(path)
+    except Exception as exc:
+        if _needs_unsafe_unpickling(exc):
+            raise ModelLoadError(
+                f"weights file '{path}' holds Python objects, not just tensors (a pickled "
+                "model?); save the weights with torch.save(net.state_dict(), path)"
+            ) from exc
+        if "TorchScript" in str(exc):
+            raise ModelLoadError(
+                f"weights file '{path}' is a TorchScript model, not a state dict; "
+                f"give it as the model instead: --model {path}"
+            ) from exc
+        raise ModelLoadError(f"cannot read weights file '{path}': {_one_line(exc)}") from exc
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        from safetensors.torch import load_file
+    except ImportError as exc:
+        raise ModelLoadError(
+            f"weights file '{path}' is a safetensors file; reading it needs the safetensors "
+            "package: pip install safetensors (or pip install convlens[zoo])"
+        ) from exc
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as exc:
+        raise ModelLoadError(
+            f"cannot read weights file '{path}' as safetensors: {_one_line(exc)}"
+        ) from exc
