@@ -261,7 +261,9 @@ def test_timm_fused_attention_equals_the_explicit_path_and_the_flag_is_restored(
         assert not any(a.attn_drop._forward_hooks for a in attn)
 
 
-@pytest.mark.parametrize(("fusion", "discard"), [("mean", 0.0), ("max", 0.0), ("min", 0.3)])
+@pytest.mark.parametrize(
+    ("fusion", "discard"), [("mean", 0.0), ("max", 0.0), ("min", 0.3), ("mean", 0.6)]
+)
 def test_rollout_equals_a_direct_loop(vit, fusion: str, discard: float) -> None:
     net, by_hand, x = vit
     with torch.no_grad():
