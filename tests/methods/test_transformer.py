@@ -73,8 +73,9 @@ def timm_by_hand(net: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[to
     pe = net.patch_embed.proj
     t = F.conv2d(x, pe.weight, pe.bias, stride=pe.stride).flatten(2).transpose(1, 2)
     prefix = [net.cls_token.expand(x.shape[0], -1, -1)]
-    if net.reg_token is not None:
-        prefix.append(net.reg_token.expand(x.shape[0], -1, -1))
+    for extra in ("dist_token", "reg_token"):  # DeiT's distillation token, register tokens
+        if getattr(net, extra, None) is not None:
+            prefix.append(getattr(net, extra).expand(x.shape[0], -1, -1))
     t = torch.cat([*prefix, t], 1) + net.pos_embed
     attns = []
     for blk in net.blocks:
@@ -84,7 +85,11 @@ def timm_by_hand(net: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[to
         t = t + o @ blk.attn.proj.weight.T + blk.attn.proj.bias
         h = F.gelu(_ln(t, blk.norm2) @ blk.mlp.fc1.weight.T + blk.mlp.fc1.bias)
         t = t + h @ blk.mlp.fc2.weight.T + blk.mlp.fc2.bias
-    return _ln(t, net.norm)[:, 0] @ net.head.weight.T + net.head.bias, attns
+    t = _ln(t, net.norm)
+    logits = t[:, 0] @ net.head.weight.T + net.head.bias
+    if getattr(net, "head_dist", None) is not None:  # DeiT distilled: the two heads' mean
+        logits = (logits + t[:, 1] @ net.head_dist.weight.T + net.head_dist.bias) / 2
+    return logits, attns
 
 
 def torchvision_by_hand(net: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -301,16 +306,45 @@ def test_relevance_for_a_given_target_equals_its_column_of_top_k() -> None:
     torch.testing.assert_close(third.maps[:, 0], every.maps[:, 2], atol=1e-6, rtol=1e-5)
 
 
-def test_timm_register_and_distillation_tokens_are_skipped() -> None:
-    net = timm_vit(reg_tokens=2)
-    assert net.num_prefix_tokens == 3
+def deit_distilled() -> nn.Module:
+    pytest.importorskip("timm")
+    from timm.models.deit import VisionTransformerDistilled
+
+    net = VisionTransformerDistilled(
+        img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=5
+    )
+    return _init(net)
+
+
+@pytest.mark.parametrize("build", ["registers", "distilled"])
+def test_timm_register_and_distillation_tokens_are_skipped(build: str) -> None:
+    net = timm_vit(reg_tokens=2) if build == "registers" else deit_distilled()
+    prefix = 3 if build == "registers" else 2
+    assert net.num_prefix_tokens == prefix
     x = images(2, size=32)
     with torch.no_grad():
-        _, attns = timm_by_hand(net, x)
+        logits, attns = timm_by_hand(net, x)
+        torch.testing.assert_close(logits, net(x), atol=1e-10, rtol=1e-10)
     exp = get_method("rollout")(net, x)
     assert exp.raw_maps is not None and exp.raw_maps.shape == (2, 1, 4, 4)
-    want = rollout_by_loop(attns)[:, 3:].reshape(2, 4, 4)
+    want = rollout_by_loop(attns)[:, prefix:].reshape(2, 4, 4)
     torch.testing.assert_close(exp.raw_maps[:, 0].double(), want.float().double())
+    rel = get_method("chefer")(net, x)
+    want = relevance_by_autograd(timm_by_hand, net, x, rel.targets[:, 0])
+    assert rel.raw_maps is not None
+    torch.testing.assert_close(
+        rel.raw_maps[:, 0].double(), want[:, prefix:].reshape(2, 4, 4).float().double()
+    )
+
+
+def test_a_wrapped_vit_is_found_inside_its_wrapper() -> None:
+    vit = tiny_vit()
+    net = nn.Sequential(nn.Identity(), vit)
+    x = images(2)
+    for name in ("rollout", "chefer"):
+        inner = get_method(name)(vit, x)
+        outer = get_method(name)(net, x)
+        torch.testing.assert_close(outer.maps, inner.maps, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("name", ["rollout", "chefer"])
