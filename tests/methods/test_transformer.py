@@ -358,6 +358,28 @@ def test_cnns_are_refused_in_one_line_naming_what_is_supported(name: str, cnn: t
     assert cnn.__name__ in text
 
 
+@pytest.mark.parametrize("arch", ["swin", "convnext"])
+def test_timm_swin_and_convnext_are_refused_in_one_line(arch: str) -> None:
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    if arch == "swin":
+        net = timm.models.swin_transformer.SwinTransformer(
+            img_size=32,
+            patch_size=4,
+            window_size=4,
+            embed_dim=16,
+            depths=(1, 1),
+            num_heads=(1, 2),
+            num_classes=5,
+        )
+    else:
+        net = timm.models.convnext.ConvNeXt(depths=(1, 1, 1, 1), dims=(8, 8, 8, 8), num_classes=5)
+    for name in ("rollout", "chefer"):
+        with pytest.raises(UnsupportedModelError, match="no attention module") as info:
+            get_method(name)(net.eval(), images(1, size=32).float())
+        assert "\n" not in str(info.value)
+
+
 def test_a_timm_model_without_class_token_is_refused() -> None:
     net = timm_vit(class_token=False, global_pool="avg")
     with pytest.raises(UnsupportedModelError, match="no class token"):
