@@ -422,6 +422,17 @@ def test_the_model_is_left_as_found_after_success_and_after_an_error(vit, name: 
     assert _snapshot(net) == before
 
 
+def test_a_forward_set_on_the_instance_by_the_user_is_put_back() -> None:
+    net = tiny_vit()
+    mha = net.blocks[0].self_attention
+    own = mha.forward
+    mha.forward = own  # type: ignore[method-assign]
+    with explicit_attention(net):
+        assert mha.forward is not own
+    assert mha.__dict__["forward"] is own
+    assert "forward" not in net.blocks[1].self_attention.__dict__
+
+
 def test_options_are_checked() -> None:
     with pytest.raises(ValueError, match="head_fusion"):
         AttentionRollout(head_fusion="median")  # type: ignore[arg-type]
