@@ -8,8 +8,9 @@ import torch
 from torch import nn
 
 from convlens import InferenceModeError, get_method, list_methods
+from convlens.methods import METHODS
 from convlens.methods.base import Method
-from tests.helpers.models import GapNet, images, seeded
+from tests.helpers.models import GapNet, TinyViT, images, seeded
 
 FAST = {
     "occlusion": {"patch": 4, "stride": 4},
@@ -52,6 +53,23 @@ class FragileNet(GapNet):
         return super().features(self.trap(x))
 
 
+class FragileViT(TinyViT):
+    """The tiny vision transformer (for the methods that need attention) with the trap on its
+    input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trap = Injected()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(self.trap(x))
+
+
+def for_method(name: str, cnn: nn.Module) -> nn.Module:
+    """``cnn``, or the tiny vision transformer for methods that refuse CNNs."""
+    return seeded(TinyViT()) if METHODS[name].needs_attention else cnn
+
+
 def state(net: nn.Module) -> dict[str, object]:
     return {
         "training": [m.training for m in net.modules()],
@@ -59,6 +77,7 @@ def state(net: nn.Module) -> dict[str, object]:
         "values": [t.detach().clone() for t in net.state_dict().values()],
         "grads": [None if p.grad is None else p.grad.clone() for p in net.parameters()],
         "grad_ids": [id(p.grad) for p in net.parameters()],
+        "attributes": [sorted(m.__dict__) for m in net.modules()],
         "hooks": [
             len(m._forward_hooks)
             + len(m._forward_pre_hooks)
@@ -71,6 +90,7 @@ def state(net: nn.Module) -> dict[str, object]:
 
 def assert_same(a: dict[str, object], b: dict[str, object]) -> None:
     assert a["training"] == b["training"]
+    assert a["attributes"] == b["attributes"]
     assert a["requires_grad"] == b["requires_grad"]
     assert a["grad_ids"] == b["grad_ids"]
     assert a["hooks"] == b["hooks"] and not any(b["hooks"])  # type: ignore[arg-type]
@@ -80,7 +100,15 @@ def assert_same(a: dict[str, object], b: dict[str, object]) -> None:
         assert (x is None and y is None) or torch.equal(x, y)
 
 
-def user_model() -> FragileNet:
+def user_model(name: str) -> FragileNet | FragileViT:
+    if METHODS[name].needs_attention:
+        vit = seeded(FragileViT())
+        assert isinstance(vit, FragileViT)
+        vit.train()  # a user's model mid-training, with mixed flags and grads
+        vit.ln.eval()
+        vit.conv_proj.weight.requires_grad_(False)
+        vit.head.weight.grad = torch.ones_like(vit.head.weight)
+        return vit
     net = seeded(FragileNet())
     assert isinstance(net, FragileNet)
     net.train()  # a user's model mid-training, with mixed flags and grads
@@ -92,7 +120,7 @@ def user_model() -> FragileNet:
 
 @pytest.mark.parametrize("name", list_methods())
 def test_model_left_as_found_after_success(name: str) -> None:
-    net = user_model()
+    net = user_model(name)
     before = state(net)
     x = images(2)
     x.requires_grad_(True)
@@ -106,7 +134,7 @@ def test_model_left_as_found_after_success(name: str) -> None:
 @pytest.mark.parametrize("fail_at", [1, 2, 3])
 @pytest.mark.parametrize("name", list_methods())
 def test_model_left_as_found_after_failure(name: str, fail_at: int) -> None:
-    net = user_model()
+    net = user_model(name)
     before = state(net)
     net.trap.fail_at = fail_at
     try:
@@ -120,6 +148,7 @@ def test_model_left_as_found_after_failure(name: str, fail_at: int) -> None:
 
 @pytest.mark.parametrize("name", list_methods())
 def test_batched_equals_one_by_one(name: str, gap_net: nn.Module) -> None:
+    gap_net = for_method(name, gap_net)
     # SmoothGrad's noise depends on the batch layout; its average is tested on its own.
     opts = {"noise": 0.0} if name in ("smoothgrad", "vargrad") else {}
     x = images(3)
@@ -134,6 +163,7 @@ def test_batched_equals_one_by_one(name: str, gap_net: nn.Module) -> None:
 
 @pytest.mark.parametrize("name", list_methods())
 def test_inference_mode(name: str, gap_net: nn.Module) -> None:
+    gap_net = for_method(name, gap_net)
     method = make(name)
     with torch.inference_mode():
         if method.uses_gradients:

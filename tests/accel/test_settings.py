@@ -19,10 +19,10 @@ from convlens.accel import folded as folded_mod
 from convlens.accel import settings as settings_mod
 from convlens.accel.lean_graph import InputGradientMode
 from convlens.errors import InputError
-from convlens.methods import perturbation
+from convlens.methods import METHODS, perturbation
 from convlens.models import wrap_model
 from convlens.result import Explanation
-from tests.helpers.models import GapNet, images, seeded
+from tests.helpers.models import GapNet, TinyViT, images, seeded
 
 #: Small settings so that each method runs in well under a second on the tiny model.
 FAST: dict[str, dict[str, Any]] = {
@@ -62,6 +62,8 @@ def _net(dtype: torch.dtype = torch.float64) -> nn.Module:
 
 
 def _run(name: str, net: nn.Module, x: torch.Tensor, accel: Acceleration) -> Explanation:
+    if METHODS[name].needs_attention:  # refuses CNNs: the tiny vision transformer instead
+        net = seeded(TinyViT(), dtype=next(net.parameters()).dtype)
     return get_method(name, **FAST.get(name, {}))(net, x, top_k=2, accel=accel)
 
 

@@ -21,6 +21,7 @@ __all__ = [
     "SharedActNet",
     "TinyResNet",
     "TinyVGG",
+    "TinyViT",
     "images",
     "seeded",
     "tiny_net_source",
@@ -156,6 +157,54 @@ class TinyResNet(nn.Module):
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         x = self.layer2(self.layer1(x))
         return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+class TinyViTBlock(nn.Module):
+    """Pre-norm transformer block: LayerNorm -> nn.MultiheadAttention -> residual, LayerNorm ->
+    MLP (GELU) -> residual (torchvision's ``EncoderBlock``)."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(dim)
+        self.self_attention = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.ln_2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.ln_1(x)
+        x = x + self.self_attention(y, y, y, need_weights=False)[0]
+        return x + self.mlp(self.ln_2(x))
+
+
+class TinyViT(nn.Module):
+    """A vision transformer in miniature, laid out like torchvision's ``VisionTransformer``
+    (``class_token``, integer ``patch_size``, ``nn.MultiheadAttention`` blocks): patch
+    embedding by a strided conv, a class token first, learned position embeddings, ``depth``
+    blocks, LayerNorm, a linear head on the class token. 12x12 input, 3x3 patch grid."""
+
+    def __init__(
+        self,
+        size: int = 12,
+        patch_size: int = 4,
+        dim: int = 8,
+        heads: int = 2,
+        depth: int = 2,
+        classes: int = 5,
+    ) -> None:
+        super().__init__()
+        self.image_size, self.patch_size = size, patch_size
+        self.conv_proj = nn.Conv2d(3, dim, patch_size, stride=patch_size)
+        self.class_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embedding = nn.Parameter(torch.zeros(1, (size // patch_size) ** 2 + 1, dim))
+        self.blocks = nn.Sequential(*(TinyViTBlock(dim, heads) for _ in range(depth)))
+        self.ln = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.conv_proj(x).flatten(2).transpose(1, 2)
+        cls = self.class_token.expand(x.shape[0], -1, -1)
+        tokens = torch.cat([cls, tokens], dim=1) + self.pos_embedding
+        return self.head(self.ln(self.blocks(tokens))[:, 0])
 
 
 def seeded(model: nn.Module, seed: int = 0, dtype: torch.dtype = torch.float64) -> nn.Module:

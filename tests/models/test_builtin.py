@@ -9,6 +9,7 @@ import torch
 
 import convlens
 from convlens.hooks import model_state
+from convlens.methods import METHODS
 from tests.helpers.paths import DEV_IMAGES
 
 pytestmark = pytest.mark.slow
@@ -90,7 +91,11 @@ def test_every_method_on_a_real_photo(lite0, dev) -> None:
         "rise": {"masks": 64},
         "intgrad": {"steps": 4},
     }
-    results = convlens.explain(lite0, x, convlens.list_methods(), options=opts)
+    cnn_methods = [n for n in convlens.list_methods() if not METHODS[n].needs_attention]
+    for name in set(convlens.list_methods()) - set(cnn_methods):
+        with pytest.raises(convlens.UnsupportedModelError, match="no attention module"):
+            convlens.get_method(name)(lite0, x)
+    results = convlens.explain(lite0, x, cnn_methods, options=opts)
     for name, exp in results.items():
         assert exp.maps.shape == (1, 1, 224, 224), name
         assert torch.isfinite(exp.maps).all(), name

@@ -6,6 +6,8 @@
   and full-float32 GPU convolutions (:func:`full_float32`);
 - :mod:`convlens.hooks.rules`: backward rules for ReLU-like units (:func:`backprop_rule`);
 - :mod:`convlens.hooks.ops`: the table of torch functions the torch-function modes recognise.
+- :mod:`convlens.hooks.attention`: explicit attention matrices of vision transformers, also
+  where the model runs fused attention (:func:`explicit_attention`).
 
 All context managers register on entry and remove in ``finally`` (also when registration fails
 halfway), and restore what they change. Gradients are taken with ``torch.autograd.grad`` on
@@ -15,6 +17,7 @@ several times in one forward work.
 
 from __future__ import annotations
 
+from convlens.hooks.attention import AttentionRecord, explicit_attention
 from convlens.hooks.capture import (
     CallCapture,
     LayerCapture,
@@ -36,6 +39,7 @@ from convlens.hooks.state import (
 
 __all__ = [
     "RULES",
+    "AttentionRecord",
     "BackpropRuleMode",
     "CallCapture",
     "LayerCapture",
@@ -44,6 +48,7 @@ __all__ = [
     "call_error",
     "capture_call",
     "check_autograd_available",
+    "explicit_attention",
     "full_float32",
     "hooks",
     "layer_capture",

@@ -17,6 +17,7 @@ from convlens.methods.gradient import GradientXInput, IntegratedGradients, Salie
 from convlens.methods.perturbation import RISE, Occlusion
 from convlens.methods.registry import METHODS, get_method, list_methods, register
 from convlens.methods.rules import Deconvnet, GuidedBackprop, GuidedGradCAM, project_units
+from convlens.methods.transformer import AttentionRelevance, AttentionRollout
 from convlens.methods.wrappers import TTA, SmoothGrad, VarGrad
 
 __all__ = [
@@ -25,6 +26,8 @@ __all__ = [
     "RISE",
     "TTA",
     "AblationCAM",
+    "AttentionRelevance",
+    "AttentionRollout",
     "Context",
     "Deconvnet",
     "EigenCAM",

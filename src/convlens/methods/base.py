@@ -135,6 +135,10 @@ class Method:
     finds_own_layer: ClassVar[bool] = False
     """The method uses a layer it finds itself and refuses one given (CAM: the map feeding
     global average pooling); :func:`convlens.explain` passes it no ``layer``."""
+    needs_attention: ClassVar[bool] = False
+    """The method reads the attention matrices of a vision transformer and refuses other
+    models (CNNs) with an :class:`~convlens.errors.UnsupportedModelError`; tests run over the
+    registry give it a transformer."""
     multiclass_rank: ClassVar[int] = 0
     """Preference for the multi-class view (one image's top-k class maps side by side, written
     by ``convlens explain --top-k``): of the methods run, the one with the highest rank above 0
