@@ -17,8 +17,12 @@ from convlens.methods.gradient import GradientXInput, IntegratedGradients, Salie
 from convlens.methods.perturbation import RISE, Occlusion
 from convlens.methods.registry import METHODS, get_method, list_methods, register
 from convlens.methods.rules import Deconvnet, GuidedBackprop, GuidedGradCAM, project_units
-from convlens.methods.transformer import AttentionRelevance, AttentionRollout
 from convlens.methods.wrappers import TTA, SmoothGrad, VarGrad
+
+# isort: off
+# Imported last: the registry lists methods in import order, the transformer-only ones at the end.
+from convlens.methods.attention import AttentionRelevance, AttentionRollout
+# isort: on
 
 __all__ = [
     "CAM",
