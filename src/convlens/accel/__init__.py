@@ -3,7 +3,7 @@
 Methods hold their math in plain PyTorch; the accelerators here are switched by one immutable
 :class:`Acceleration` (``ConvlensModel.accel``, or ``accel=`` on a method call or
 :func:`convlens.explain`; ``Acceleration.plain()`` turns every one off). Each equals the plain
-path to float tolerance (``tests/test_accel.py``).
+path to float tolerance (``tests/accel/test_settings.py``).
 
 Modules, one accelerator each:
 
@@ -12,7 +12,9 @@ Modules, one accelerator each:
 - :mod:`~convlens.accel.lean_graph`: lean autograd graphs for input gradients;
 - :mod:`~convlens.accel.compiled`: ``torch.compile`` of fixed-batch no-grad forwards;
 - :mod:`~convlens.accel.fingerprint`: the key of the per-network caches;
-- :mod:`~convlens.accel.allocator`: glibc allocator thresholds (process-wide, CLI only).
+- :mod:`~convlens.accel.allocator`: glibc allocator thresholds (process-wide, CLI only);
+- :mod:`~convlens.accel.threads`: torch threads per call that follow the cores other processes
+  leave free (``Acceleration.threads="auto"``).
 
 - :mod:`~convlens.accel.incremental`: incremental (Krypton-style) occlusion, its engine and
   its fused, compiled suffix (``Acceleration.incremental`` switches it).

@@ -3,9 +3,9 @@
 PyTorch runs a CPU operator on ``torch.get_num_threads()`` OpenMP threads and waits for the
 slowest of them at the end of every parallel region. When another CPU-bound process shares the
 cores, one of those threads is descheduled for a whole scheduler time slice while the others
-wait for it: on 2 cores with one busy process, exact occlusion of the default model slowed from
-7.5 s to 17.2 s with 2 threads, but only to 11.8 s with 1 thread (``benchmarks/RESULTS.md``).
-A job then slows in proportion to the cores it lost only if it uses just the free ones.
+wait for it, and the job slows far more than the share of the cores it lost; with only the
+free cores in use it slows in proportion (measured in ``benchmarks/RESULTS.md``, "Contention",
+and ``benchmarks/RESULTS_OCCLUSION.md``).
 
 :class:`ThreadGovernor` does that for the duration of one call: it counts the runnable
 threads of *other* processes, sets ``torch.set_num_threads(max(1, cores - others))`` (never
