@@ -42,6 +42,7 @@ __all__ = [
     "TokenLayout",
     "channel_count",
     "detect_layout",
+    "is_grid",
     "is_norm",
     "layer_layout",
     "maps_of",
@@ -152,7 +153,7 @@ def channel_count(module: nn.Module) -> int | None:
     return None
 
 
-def _grid_of(h: int, w: int, size: tuple[int, int]) -> bool:
+def is_grid(h: int, w: int, size: tuple[int, int]) -> bool:
     """Whether (h, w) is the input ``size`` divided by one integer stride (floor or ceil)."""
     big_h, big_w = size
     if h < 1 or w < 1 or h > big_h or w > big_w:
@@ -264,7 +265,8 @@ def _token_grids(
         ]
     else:
         big_h, big_w = size
-        grids = [(big_h // s, big_w // s) for s in range(1, max(big_h, big_w) + 1)]
+        strides = range(1, max(big_h, big_w) + 1)
+        grids = [(big_h // s, big_w // s) for s in strides if big_h % s == 0 == big_w % s]
     found: dict[tuple[int, int], int] = {}
     for h, w in grids:
         if h < 1 or w < 1:
@@ -307,7 +309,7 @@ def detect_layout(
                 return TokenLayout("nchw", (shape[2], shape[3]))
             if shape[3] == channels:
                 return TokenLayout("nhwc", (shape[1], shape[2]))
-        elif _grid_of(shape[1], shape[2], size) and not _grid_of(shape[2], shape[3], size):
+        elif is_grid(shape[1], shape[2], size) and not is_grid(shape[2], shape[3], size):
             return TokenLayout("nhwc", (shape[1], shape[2]))
         return TokenLayout("nchw", (shape[2], shape[3]))
     if len(shape) == 3:
