@@ -201,7 +201,12 @@ def _scan(net: nn.Module, x: torch.Tensor) -> _Scan:
                 maps.append((ref, layout, out.detach().float().mean(dim=(1, 2))))
             elif is_grid(*layout.grid, size):
                 last_grid_map = len(maps) - 1
-        elif isinstance(out, torch.Tensor) and out.dim() == 3 and out.is_floating_point():
+        elif (
+            isinstance(out, torch.Tensor)
+            and out.dim() == 3
+            and out.shape[0] == 1  # the batch of images (not, e.g., Swin's windows)
+            and out.is_floating_point()
+        ):
             flat = out.detach().float()[:1]
             rows = flat[:, : MAX_PREFIX + 1]
             sequences[len(maps)] = (module, tuple(out.shape), rows, flat.sum(dim=1))
@@ -331,7 +336,9 @@ def _token_default(
     for ref, g in reversed(list(zip(refs, grads, strict=True))):
         if g is not None and bool(layouts[ref].to_maps(g).ne(0).any()):
             return ref
-    return None
+    # The score depends on no patch token anywhere (e.g. a zero-initialised head): every
+    # layer gives a blank map; show the last token layer.
+    return refs[-1]
 
 
 def find_gap_head(net: nn.Module, x: torch.Tensor) -> GapHead:

@@ -354,9 +354,19 @@ def layer_layout(
     """
     size = (int(x.shape[-2]), int(x.shape[-1]))
     if out.dim() == 4:
-        return detect_layout(out.shape, size, channels=channel_count(module), name=name)
-    base = patch_grid(net, x) if out.dim() == 3 else None
-    return detect_layout(out.shape, size, base_grid=base, prefix=_stated_prefix(net), name=name)
+        layout = detect_layout(out.shape, size, channels=channel_count(module), name=name)
+    else:
+        base = patch_grid(net, x) if out.dim() == 3 else None
+        layout = detect_layout(
+            out.shape, size, base_grid=base, prefix=_stated_prefix(net), name=name
+        )
+    if layout.kind != "nchw" and out.shape[0] != x.shape[0]:
+        raise LayerError(
+            f"layer {name!r} has output shape {tuple(out.shape)}, whose first dimension is not "
+            f"the batch of {x.shape[0]} image(s) (e.g. attention windows); choose a layer "
+            "that keeps one feature map per image (`convlens layers MODEL`)"
+        )
+    return layout
 
 
 def maps_of(
