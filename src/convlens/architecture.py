@@ -197,7 +197,7 @@ def _scan(net: nn.Module, x: torch.Tensor) -> _Scan:
             maps.append((ref, None, out.detach().float().mean(dim=(2, 3))))
             spatial.append(ref)
             layout = detect_layout(out.shape, size, channels=channel_count(module))
-            if layout.kind == "nhwc":
+            if layout.kind == "nhwc" and out.shape[0] == 1:
                 maps.append((ref, layout, out.detach().float().mean(dim=(1, 2))))
             elif is_grid(*layout.grid, size):
                 last_grid_map = len(maps) - 1
