@@ -15,6 +15,7 @@ from torch import nn
 
 __all__ = [
     "BasicBlock",
+    "ChannelsLastNet",
     "GapNet",
     "LinearNet",
     "NoGapNet",
@@ -221,6 +222,24 @@ class TinyViT(nn.Module):
         t = torch.cat([self.prefix_tokens.expand(t.shape[0], -1, -1), t], dim=1) + self.pos
         t = self.norm(self.blocks(t))
         return self.head(t[:, 0] if self.pool == "cls" else t[:, self.prefix :].mean(1))
+
+
+class ChannelsLastNet(nn.Module):
+    """Swin-style channels-last features: patch-embedding convolution, permute to (B, H, W, C),
+    LayerNorm, a per-position MLP, a final LayerNorm, mean over the grid, linear head."""
+
+    def __init__(self, classes: int = 5, patch: int = 4, dim: int = 6) -> None:
+        super().__init__()
+        self.patch_embed = nn.Conv2d(3, dim, patch, stride=patch)
+        self.norm1 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.patch_embed(x).permute(0, 2, 3, 1)
+        t = self.norm(t + self.mlp(self.norm1(t)))
+        return self.head(t.mean(dim=(1, 2)))
 
 
 def seeded(model: nn.Module, seed: int = 0, dtype: torch.dtype = torch.float64) -> nn.Module:
