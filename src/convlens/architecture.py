@@ -6,7 +6,8 @@ Detection is by observation, not by module names: one forward pass of a single i
 every module's output; the classifier is the last ``nn.Linear`` whose output is the model's
 output, and the CAM layer is the last 4-D feature map whose spatial mean equals that linear
 layer's input. This works however the pooling is written (module, ``F.adaptive_avg_pool2d``,
-``x.mean((2, 3))``) and for modules called several times.
+``x.mean((2, 3))``) and for modules called several times. Transformer layers (token sequences,
+channels-last maps) are placed on their patch grid by :mod:`convlens.tokens`.
 """
 
 from __future__ import annotations
@@ -362,8 +363,13 @@ def default_layer(net: nn.Module, x: torch.Tensor) -> LayerRef:
     """The layer the CAM family uses when none is given.
 
     The feature map that feeds global average pooling when the model has one (the last
-    convolutional map, as in the CAM and Grad-CAM papers); otherwise the last module output
-    with a spatial extent larger than 1x1.
+    convolutional map, as in the CAM and Grad-CAM papers; for a transformer pooled over its
+    patch tokens, e.g. Swin, the final norm's tokens). Otherwise, when the last spatial output
+    of the model is a token sequence or a channels-last map (:mod:`convlens.tokens`): the last
+    per-token norm whose patch tokens the top class's score depends on, found by one backward
+    pass (for a ViT or DeiT pooled on its class token, the first norm of the last block, which
+    feeds the last attention: pytorch-grad-cam's ``blocks[-1].norm1``). Otherwise the last
+    module output with a spatial extent larger than 1x1.
 
     Raises:
         LayerError: the model has no module with a 4-D output.
