@@ -161,6 +161,25 @@ def test_default_layer_of_a_vit_by_observation(prefix: int, pool: str) -> None:
         assert head.layout == TokenLayout("tokens", (4, 4), prefix)
 
 
+class _PooledNormViT(TinyViT):
+    """Mean of the patch tokens kept as one token (B, 1, C) and normalised before the head."""
+
+    def __init__(self) -> None:
+        super().__init__(pool="mean")
+        self.pool_norm = nn.LayerNorm(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.patch_embed(x).flatten(2).transpose(1, 2)
+        t = torch.cat([self.prefix_tokens.expand(t.shape[0], -1, -1), t], dim=1) + self.pos
+        t = self.norm(self.blocks(t))
+        return self.head(self.pool_norm(t[:, 1:].mean(1, keepdim=True))[:, 0])
+
+
+def test_default_layer_skips_pooled_single_tokens() -> None:
+    net = seeded(_PooledNormViT())
+    assert str(default_layer(net, images(1, 16))) == "norm"
+
+
 def test_default_layer_of_a_channels_last_model() -> None:
     net = seeded(ChannelsLastNet())
     assert str(default_layer(net, images(1, 16))) == "norm"

@@ -198,7 +198,7 @@ def _scan(net: nn.Module, x: torch.Tensor) -> _Scan:
             maps.append((ref, None, out.detach().float().mean(dim=(2, 3))))
             spatial.append(ref)
             layout = detect_layout(out.shape, size, channels=channel_count(module))
-            if layout.kind == "nhwc" and out.shape[0] == 1:
+            if layout.kind == "nhwc" and out.shape[0] == 1 and out.shape[1] * out.shape[2] > 1:
                 maps.append((ref, layout, out.detach().float().mean(dim=(1, 2))))
             elif is_grid(*layout.grid, size):
                 last_grid_map = len(maps) - 1
@@ -292,6 +292,8 @@ def _place_tokens(
         except LayerError:
             continue
         h, w = layout.grid
+        if h * w == 1:  # no spatial extent (e.g. a pooled token), as for (B, C, 1, 1) maps
+            continue
         mean = (total - rows[:, : layout.prefix].sum(dim=1)) / (h * w)
         maps[i] = (maps[i][0], layout, mean)
 
