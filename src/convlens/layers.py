@@ -137,10 +137,8 @@ def _layouts(
         if len(shape) == 3 and not looked:
             looked = True
             try:
-                with _training_flags(net):
-                    net.eval()
-                    base = patch_grid(net, x)
-            except (LayerError, RuntimeError):
+                base = patch_grid(net, x)
+            except LayerError:
                 base = None
         try:
             layout = detect_layout(

@@ -36,6 +36,8 @@ import torch
 from torch import nn
 
 from convlens.errors import LayerError
+from convlens.hooks.capture import StopForward, hooks, stoppable
+from convlens.hooks.state import model_state
 
 __all__ = [
     "MAX_PREFIX",
@@ -169,10 +171,6 @@ _GRIDS: weakref.WeakKeyDictionary[nn.Module, dict[tuple[int, ...], tuple[int, in
 )
 
 
-class _Stop(BaseException):
-    pass
-
-
 def _attribute_patch(net: nn.Module) -> tuple[int, int] | None:
     """The patch size a model states (timm, torchvision, Hugging Face); ``None`` when it
     states none. Raises when its modules state different sizes."""
@@ -203,8 +201,8 @@ def _attribute_patch(net: nn.Module) -> tuple[int, int] | None:
 def patch_grid(net: nn.Module, x: torch.Tensor) -> tuple[int, int] | None:
     """The token grid of ``net`` for inputs shaped like ``x``, by observation.
 
-    One no-grad forward pass of ``x[:1]`` that stops at the first module returning a 3-D
-    tensor (a token sequence): the grid is the spatial size of the last ``Conv2d`` output
+    One no-grad forward pass of ``x[:1]`` in eval mode that stops at the first module returning
+    a 3-D tensor (a token sequence): the grid is the spatial size of the last ``Conv2d`` output
     before it (the patch embedding). Without such a convolution, the patch size the model
     states (:func:`_attribute_patch`) divides the input size. Cached per network and input
     shape.
@@ -230,19 +228,17 @@ def patch_grid(net: nn.Module, x: torch.Tensor) -> tuple[int, int] | None:
             convs.append((int(out.shape[2]), int(out.shape[3])))
         elif out.dim() == 3:
             seen_tokens = True
-            raise _Stop
+            raise StopForward
 
-    handles = []
-    try:
-        for m in net.modules():
-            handles.append(m.register_forward_hook(record))
-        with torch.no_grad():
-            net(x[:1].detach())
-    except _Stop:
-        pass
-    finally:
-        for handle in reversed(handles):
-            handle.remove()
+    plain = [m for m in net.modules() if not isinstance(m, torch.jit.ScriptModule)]
+    regs = [lambda m=m: m.register_forward_hook(record) for m in plain]
+    with (
+        model_state(net, eval_mode=True, grads=False),
+        torch.no_grad(),
+        hooks(regs),
+        stoppable(),
+    ):
+        net(x[:1].detach())
     grid: tuple[int, int] | None = convs[-1] if seen_tokens and convs else None
     if grid is None:
         patch = _attribute_patch(net)
