@@ -264,3 +264,15 @@ def test_zoo_every_cam_method_runs_on_the_token_layer(zoo: str) -> None:
         assert torch.isfinite(e.maps).all(), method
     if kind == "nhwc":  # Swin pools over all tokens: CAM applies
         assert get_method("cam")(net, x).layer == layer
+
+
+@pytest.mark.filterwarnings("ignore::convlens.errors.BlankMapWarning")
+def test_model_left_as_found_after_cam_on_tokens() -> None:
+    net = seeded(TinyViT(prefix=2)).train()
+    flags = [m.training for m in net.modules()]
+    hooks_before = sum(len(m._forward_hooks) for m in net.modules())
+    for method in CAM_METHODS:
+        get_method(method)(net, images(1, 16))
+    assert [m.training for m in net.modules()] == flags
+    assert all(p.requires_grad and p.grad is None for p in net.parameters())
+    assert sum(len(m._forward_hooks) for m in net.modules()) == hooks_before
