@@ -182,7 +182,7 @@ def _scan(net: nn.Module, x: torch.Tensor) -> _Scan:
     # filled in once the patch grid is known (from its first rows and its sum).
     maps: list[tuple[LayerRef, TokenLayout | None, torch.Tensor | None]] = []
     spatial: list[LayerRef] = []
-    sequences: dict[int, tuple[nn.Module, tuple[int, ...], torch.Tensor, torch.Tensor]] = {}
+    sequences: dict[int, tuple[tuple[int, ...], torch.Tensor, torch.Tensor]] = {}
     last_grid_map = -1  # position in ``maps`` of the last (B, C, H, W) map on a grid of x
     linears: list[tuple[str, torch.Tensor, torch.Tensor]] = []  # (name, input, output)
 
@@ -208,9 +208,9 @@ def _scan(net: nn.Module, x: torch.Tensor) -> _Scan:
             and out.shape[0] == 1  # the batch of images (not, e.g., Swin's windows)
             and out.is_floating_point()
         ):
-            flat = out.detach().float()[:1]
-            rows = flat[:, : MAX_PREFIX + 1]
-            sequences[len(maps)] = (module, tuple(out.shape), rows, flat.sum(dim=1))
+            flat = out.detach().float()
+            rows = flat[:, : MAX_PREFIX + 1]  # (shape, first rows, sum over tokens)
+            sequences[len(maps)] = (tuple(out.shape), rows, flat.sum(dim=1))
             maps.append((LayerRef(name, idx), None, None))
         if isinstance(module, nn.Linear) and args and isinstance(args[0], torch.Tensor):
             linears.append((name, args[0].detach().float(), out.detach().float()))
@@ -274,7 +274,7 @@ def _place_tokens(
     net: nn.Module,
     x: torch.Tensor,
     maps: list[tuple[LayerRef, TokenLayout | None, torch.Tensor | None]],
-    sequences: dict[int, tuple[nn.Module, tuple[int, ...], torch.Tensor, torch.Tensor]],
+    sequences: dict[int, tuple[tuple[int, ...], torch.Tensor, torch.Tensor]],
 ) -> None:
     """Fill in the layout and grid mean of the token sequences :func:`_scan` saw (those on no
     grid of the input stay without)."""
@@ -284,7 +284,7 @@ def _place_tokens(
     except LayerError:
         base = None
     prefix = getattr(net, "num_prefix_tokens", None)
-    for i, (_module, shape, rows, total) in sequences.items():
+    for i, (shape, rows, total) in sequences.items():
         try:
             layout = detect_layout(
                 shape, size, base_grid=base, prefix=prefix if isinstance(prefix, int) else None
