@@ -32,6 +32,7 @@ from convlens.tokens import (
     is_grid,
     is_norm,
     patch_grid,
+    stated_prefix,
 )
 from convlens.validate import int_text
 
@@ -283,12 +284,10 @@ def _place_tokens(
         base = patch_grid(net, x)
     except LayerError:
         base = None
-    prefix = getattr(net, "num_prefix_tokens", None)
+    prefix = stated_prefix(net)
     for i, (shape, rows, total) in sequences.items():
         try:
-            layout = detect_layout(
-                shape, size, base_grid=base, prefix=prefix if isinstance(prefix, int) else None
-            )
+            layout = detect_layout(shape, size, base_grid=base, prefix=prefix)
         except LayerError:
             continue
         h, w = layout.grid

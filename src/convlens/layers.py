@@ -18,7 +18,7 @@ from torch import nn
 
 from convlens.errors import LayerError
 from convlens.hooks.capture import named_module
-from convlens.tokens import channel_count, detect_layout, patch_grid
+from convlens.tokens import channel_count, detect_layout, patch_grid, stated_prefix
 
 __all__ = ["LayerInfo", "format_layer_table", "layer_table", "resolve_layer"]
 
@@ -146,11 +146,12 @@ def _layouts(
                 size,
                 base_grid=base,
                 channels=channel_count(module) if len(shape) == 4 else None,
+                prefix=stated_prefix(net),
                 name=name,
             )
         except LayerError:
             continue
-        if layout.kind != "nchw":
+        if layout.kind != "nchw" and layout.grid[0] * layout.grid[1] > 1:
             found[id(module)] = layout.describe(shape)
     return found
 

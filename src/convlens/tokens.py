@@ -49,6 +49,7 @@ __all__ = [
     "layer_layout",
     "maps_of",
     "patch_grid",
+    "stated_prefix",
 ]
 
 #: The most prefix tokens (class, distillation, registers) a token sequence may carry.
@@ -333,7 +334,8 @@ def detect_layout(
     )
 
 
-def _stated_prefix(net: nn.Module) -> int | None:
+def stated_prefix(net: nn.Module) -> int | None:
+    """The prefix-token count the model states (timm's ``num_prefix_tokens``), if any."""
     value = getattr(net, "num_prefix_tokens", None)
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
@@ -354,7 +356,7 @@ def layer_layout(
     else:
         base = patch_grid(net, x) if out.dim() == 3 else None
         layout = detect_layout(
-            out.shape, size, base_grid=base, prefix=_stated_prefix(net), name=name
+            out.shape, size, base_grid=base, prefix=stated_prefix(net), name=name
         )
     if layout.kind != "nchw" and out.shape[0] != x.shape[0]:
         raise LayerError(
