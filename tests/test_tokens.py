@@ -15,6 +15,7 @@ from convlens.tokens import (
     channel_count,
     detect_layout,
     layer_layout,
+    maps_of,
     patch_grid,
 )
 from tests.helpers.models import ChannelsLastNet, GapNet, TinyViT, images, seeded
@@ -143,6 +144,8 @@ def test_layer_layout_of_a_captured_output() -> None:
     x = images(2, 16)
     out = net.blocks[1].norm1(torch.randn(2, 18, 8, dtype=torch.float64))
     assert layer_layout(net, net.blocks[1].norm1, out, x) == TokenLayout("tokens", (4, 4), 2)
+    maps, layout = maps_of(net, net.blocks[1].norm1, out, x)
+    assert layout.prefix == 2 and torch.equal(maps, _by_hand(out, 2, 4, 4))
     with pytest.raises(LayerError, match="first dimension is not"):
         layer_layout(net, net.blocks[1].norm1, out[:1].expand(3, -1, -1), x, "blocks.1.norm1")
 
