@@ -99,6 +99,59 @@ def test_layers_lists_shapes(setup, capsys) -> None:
     assert "Conv2d" in text and "1x4x32x32" in text
 
 
+VIT_NET = """
+import torch
+from torch import nn
+
+
+class Block(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(d)
+        self.attn = nn.MultiheadAttention(d, 2, batch_first=True)
+        self.norm2 = nn.LayerNorm(d)
+        self.mlp = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+
+    def forward(self, x):
+        y = self.norm1(x)
+        x = x + self.attn(y, y, y, need_weights=False)[0]
+        return x + self.mlp(self.norm2(x))
+
+
+class ViT(nn.Module):
+    def __init__(self, d=16):
+        super().__init__()
+        self.patch_embed = nn.Conv2d(3, d, 8, stride=8)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, d))
+        self.blocks = nn.Sequential(Block(d), Block(d))
+        self.norm = nn.LayerNorm(d)
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x):
+        t = self.patch_embed(x).flatten(2).transpose(1, 2)
+        t = torch.cat([self.cls_token.expand(len(t), -1, -1), t], 1)
+        return self.head(self.norm(self.blocks(t))[:, 0])
+
+
+def build():
+    torch.manual_seed(0)
+    return ViT()
+"""
+
+
+def test_layers_and_explain_on_a_vision_transformer(setup, capsys) -> None:
+    d = setup["dir"]
+    (d / "vit.py").write_text(VIT_NET)
+    assert run(["layers", f"{d / 'vit.py'}:build", "--size", "32"]) == 0
+    text = capsys.readouterr().out
+    norm1 = next(line for line in text.splitlines() if "blocks.1.norm1" in line)
+    assert "tokens 17x16 -> 4x4 grid + 1 prefix" in norm1
+    out = d / "vit-out"
+    args = ["explain", str(d / "a.png"), "--model", f"{d / 'vit.py'}:build", "--size", "32"]
+    assert run([*args, "--out", str(out), "--methods", "gradcam,eigencam"]) == 0
+    assert (out / "a_gradcam.png").exists() and (out / "a_eigencam.png").exists()
+
+
 def test_methods_lists_the_registry(capsys) -> None:
     from convlens import list_methods
 

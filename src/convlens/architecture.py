@@ -6,7 +6,8 @@ Detection is by observation, not by module names: one forward pass of a single i
 every module's output; the classifier is the last ``nn.Linear`` whose output is the model's
 output, and the CAM layer is the last 4-D feature map whose spatial mean equals that linear
 layer's input. This works however the pooling is written (module, ``F.adaptive_avg_pool2d``,
-``x.mean((2, 3))``) and for modules called several times.
+``x.mean((2, 3))``) and for modules called several times. Transformer layers (token sequences,
+channels-last maps) are placed on their patch grid by :mod:`convlens.tokens`.
 """
 
 from __future__ import annotations
@@ -23,6 +24,16 @@ from torch import nn
 from convlens.errors import LayerError, UnsupportedModelError
 from convlens.hooks.capture import CallCapture, call_error, capture_call, hooks, named_module
 from convlens.hooks.state import model_state
+from convlens.tokens import (
+    MAX_PREFIX,
+    TokenLayout,
+    channel_count,
+    detect_layout,
+    is_grid,
+    is_norm,
+    patch_grid,
+    stated_prefix,
+)
 from convlens.validate import int_text
 
 __all__ = [
@@ -59,6 +70,8 @@ class GapHead:
     fc_name: str
     weight: torch.Tensor
     bias: torch.Tensor | None
+    layout: TokenLayout | None = None
+    """How ``layer``'s output maps to ``A`` (:mod:`convlens.tokens`); ``None``: it is ``A``."""
 
 
 @dataclass
@@ -66,6 +79,7 @@ class _Scan:
     head: GapHead | None
     head_error: str | None
     last_spatial: LayerRef | None
+    token_default: LayerRef | None = None
 
 
 _CACHE: weakref.WeakKeyDictionary[nn.Module, dict[tuple[int, ...], _Scan]] = (
@@ -162,13 +176,19 @@ def _scan(net: nn.Module, x: torch.Tensor) -> _Scan:
     per_net = _CACHE.setdefault(net, {})
     if key in per_net:
         return per_net[key]
+    size = (int(x.shape[-2]), int(x.shape[-1]))
     names = {m: n for n, m in net.named_modules()}
     calls: dict[str, int] = {}
-    maps: list[tuple[LayerRef, torch.Tensor]] = []  # (layer, spatial mean (1, C))
+    # (layer, its layout, spatial mean (1, C)), in call order; a token sequence's mean is
+    # filled in once the patch grid is known (from its first rows and its sum).
+    maps: list[tuple[LayerRef, TokenLayout | None, torch.Tensor | None]] = []
     spatial: list[LayerRef] = []
+    sequences: dict[int, tuple[tuple[int, ...], torch.Tensor, torch.Tensor]] = {}
+    last_grid_map = -1  # position in ``maps`` of the last (B, C, H, W) map on a grid of x
     linears: list[tuple[str, torch.Tensor, torch.Tensor]] = []  # (name, input, output)
 
     def record(module: nn.Module, args: tuple[object, ...], out: object) -> None:
+        nonlocal last_grid_map
         name = names[module]
         idx = calls.get(name, 0)
         calls[name] = idx + 1
@@ -176,14 +196,31 @@ def _scan(net: nn.Module, x: torch.Tensor) -> _Scan:
             return
         if isinstance(out, torch.Tensor) and out.dim() == 4 and out.shape[2] * out.shape[3] > 1:
             ref = LayerRef(name, idx)
-            maps.append((ref, out.detach().float().mean(dim=(2, 3))))
+            maps.append((ref, None, out.detach().float().mean(dim=(2, 3))))
             spatial.append(ref)
+            layout = detect_layout(out.shape, size, channels=channel_count(module))
+            if layout.kind == "nhwc" and out.shape[0] == 1 and out.shape[1] * out.shape[2] > 1:
+                maps.append((ref, layout, out.detach().float().mean(dim=(1, 2))))
+            elif is_grid(*layout.grid, size):
+                last_grid_map = len(maps) - 1
+        elif (
+            isinstance(out, torch.Tensor)
+            and out.dim() == 3
+            and out.shape[0] == 1  # the batch of images (not, e.g., Swin's windows)
+            and out.is_floating_point()
+        ):
+            flat = out.detach().float()
+            rows = flat[:, : MAX_PREFIX + 1]  # (shape, first rows, sum over tokens)
+            sequences[len(maps)] = (tuple(out.shape), rows, flat.sum(dim=1))
+            maps.append((LayerRef(name, idx), None, None))
         if isinstance(module, nn.Linear) and args and isinstance(args[0], torch.Tensor):
             linears.append((name, args[0].detach().float(), out.detach().float()))
 
     regs = [lambda m=m: m.register_forward_hook(record) for m in net.modules()]
     with model_state(net, eval_mode=True, grads=False), torch.no_grad(), hooks(regs):
         out = net(x[:1])
+    if sequences:
+        _place_tokens(net, x, maps, sequences)
 
     # Calls counted per name; turn call indices into "from the end" where it is the last call.
     def normal(ref: LayerRef) -> LayerRef:
@@ -204,8 +241,8 @@ def _scan(net: nn.Module, x: torch.Tensor) -> _Scan:
         name, inp = fc
         vec = inp.flatten(1)
         tol = 1e-4 * (1.0 + float(vec.abs().max()))
-        for ref, mean in reversed(maps):
-            if mean.shape == vec.shape and torch.allclose(mean, vec, atol=tol):
+        for ref, layout, mean in reversed(maps):
+            if mean is not None and mean.shape == vec.shape and torch.allclose(mean, vec, atol=tol):
                 linear = named_module(net, name)
                 assert isinstance(linear, nn.Linear)
                 head = GapHead(
@@ -213,6 +250,7 @@ def _scan(net: nn.Module, x: torch.Tensor) -> _Scan:
                     fc_name=name,
                     weight=linear.weight.detach(),
                     bias=None if linear.bias is None else linear.bias.detach(),
+                    layout=layout,
                 )
                 break
         if head is None:
@@ -220,9 +258,89 @@ def _scan(net: nn.Module, x: torch.Tensor) -> _Scan:
                 f"the input of its classifier {name!r} is not the global average of any "
                 "layer's feature map"
             )
-    scan = _Scan(head=head, head_error=error, last_spatial=last_spatial)
+    token_default = None
+    tokens = [(i, ref, lay) for i, (ref, lay, _) in enumerate(maps) if lay is not None]
+    if head is None and tokens and tokens[-1][0] > last_grid_map:
+        later = [(ref, lay) for i, ref, lay in tokens if i > last_grid_map]
+        found = _token_default(net, x, later)
+        token_default = None if found is None else normal(found)
+    scan = _Scan(
+        head=head, head_error=error, last_spatial=last_spatial, token_default=token_default
+    )
     per_net[key] = scan
     return scan
+
+
+def _place_tokens(
+    net: nn.Module,
+    x: torch.Tensor,
+    maps: list[tuple[LayerRef, TokenLayout | None, torch.Tensor | None]],
+    sequences: dict[int, tuple[tuple[int, ...], torch.Tensor, torch.Tensor]],
+) -> None:
+    """Fill in the layout and grid mean of the token sequences :func:`_scan` saw (those on no
+    grid of the input stay without)."""
+    size = (int(x.shape[-2]), int(x.shape[-1]))
+    try:
+        base = patch_grid(net, x)
+    except LayerError:
+        base = None
+    prefix = stated_prefix(net)
+    for i, (shape, rows, total) in sequences.items():
+        try:
+            layout = detect_layout(shape, size, base_grid=base, prefix=prefix)
+        except LayerError:
+            continue
+        h, w = layout.grid
+        if h * w == 1:  # no spatial extent (e.g. a pooled token), as for (B, C, 1, 1) maps
+            continue
+        mean = (total - rows[:, : layout.prefix].sum(dim=1)) / (h * w)
+        maps[i] = (maps[i][0], layout, mean)
+
+
+def _token_default(
+    net: nn.Module, x: torch.Tensor, cands: list[tuple[LayerRef, TokenLayout]]
+) -> LayerRef | None:
+    """The default CAM layer of a transformer, by observation: the last token layer whose
+    patch tokens the top class's score depends on, among the per-token norms if any (for a
+    ViT pooled on its class token, the first norm of the last block, which feeds the last
+    attention: pytorch-grad-cam's ``blocks[-1].norm1``; for a Swin pooled over its tokens, the
+    final norm). One forward and backward pass of ``x[:1]``."""
+    modules = {ref.name: named_module(net, ref.name) for ref, _ in cands}
+    norms = [(ref, lay) for ref, lay in cands if is_norm(modules[ref.name])]
+    cands = norms or cands
+    wanted: dict[str, dict[int, TokenLayout]] = {}
+    for ref, lay in cands:
+        wanted.setdefault(ref.name, {})[ref.call] = lay
+    outs: dict[LayerRef, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def keep(name: str) -> Callable[[nn.Module, Any, Any], Any]:
+        def hook(_m: nn.Module, _args: Any, out: Any) -> Any:
+            idx = counts.get(name, 0)
+            counts[name] = idx + 1
+            if idx in wanted[name] and isinstance(out, torch.Tensor) and out.requires_grad:
+                outs[LayerRef(name, idx)] = out
+                return out.clone()
+            return None
+
+        return hook
+
+    regs = [lambda n=n: modules[n].register_forward_hook(keep(n)) for n in wanted]
+    x1 = x[:1].detach().requires_grad_(True)
+    with model_state(net, eval_mode=True, grads=False), torch.enable_grad(), hooks(regs):
+        out = net(x1)
+        if not isinstance(out, torch.Tensor) or out.dim() != 2 or not outs:
+            return None
+        refs = [ref for ref, _ in cands if ref in outs]
+        score = out[0, int(out[0].argmax())]
+        grads = torch.autograd.grad(score, [outs[r] for r in refs], allow_unused=True)
+    layouts = dict(cands)
+    for ref, g in reversed(list(zip(refs, grads, strict=True))):
+        if g is not None and bool(layouts[ref].to_maps(g).ne(0).any()):
+            return ref
+    # The score depends on no patch token anywhere (e.g. a zero-initialised head): every
+    # layer gives a blank map; show the last token layer.
+    return refs[-1]
 
 
 def find_gap_head(net: nn.Module, x: torch.Tensor) -> GapHead:
@@ -246,8 +364,13 @@ def default_layer(net: nn.Module, x: torch.Tensor) -> LayerRef:
     """The layer the CAM family uses when none is given.
 
     The feature map that feeds global average pooling when the model has one (the last
-    convolutional map, as in the CAM and Grad-CAM papers); otherwise the last module output
-    with a spatial extent larger than 1x1.
+    convolutional map, as in the CAM and Grad-CAM papers; for a transformer pooled over its
+    patch tokens, e.g. Swin, the final norm's tokens). Otherwise, when the last spatial output
+    of the model is a token sequence or a channels-last map (:mod:`convlens.tokens`): the last
+    per-token norm whose patch tokens the top class's score depends on, found by one backward
+    pass (for a ViT or DeiT pooled on its class token, the first norm of the last block, which
+    feeds the last attention: pytorch-grad-cam's ``blocks[-1].norm1``). Otherwise the last
+    module output with a spatial extent larger than 1x1.
 
     Raises:
         LayerError: the model has no module with a 4-D output.
@@ -255,6 +378,8 @@ def default_layer(net: nn.Module, x: torch.Tensor) -> LayerRef:
     scan = _scan(net, x)
     if scan.head is not None:
         return scan.head.layer
+    if scan.token_default is not None:
+        return scan.token_default
     if scan.last_spatial is None:
         raise LayerError(
             "the model has no layer with a spatial (B, C, H, W) output to explain; "

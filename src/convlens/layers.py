@@ -18,6 +18,7 @@ from torch import nn
 
 from convlens.errors import LayerError
 from convlens.hooks.capture import named_module
+from convlens.tokens import channel_count, detect_layout, patch_grid, stated_prefix
 
 __all__ = ["LayerInfo", "format_layer_table", "layer_table", "resolve_layer"]
 
@@ -39,6 +40,10 @@ class LayerInfo:
         params: number of parameters in the module's whole subtree (its own and its
             descendants', each shared parameter counted once).
         calls: how many times the module ran during the forward pass.
+        layout: for a layer whose (last) output is a transformer's token sequence or a
+            channels-last map, how it maps to a feature map
+            (:meth:`convlens.tokens.TokenLayout.describe`: ``"tokens 197x192 -> 14x14 grid + 1
+            prefix"``); ``None`` for a (B, C, H, W) map or any other output.
     """
 
     name: str
@@ -47,6 +52,7 @@ class LayerInfo:
     shapes: tuple[tuple[int, ...], ...]
     params: int
     calls: int
+    layout: str | None = None
 
 
 def layer_table(net: nn.Module, x: torch.Tensor) -> list[LayerInfo]:
@@ -82,9 +88,13 @@ def layer_table(net: nn.Module, x: torch.Tensor) -> list[LayerInfo]:
     shapes: dict[int, list[tuple[int, ...]]] = {id(m): [] for _, m in named}
     calls: dict[int, int] = dict.fromkeys(shapes, 0)
 
+    last: dict[int, tuple[int, ...]] = {}
+
     def record(module: nn.Module, args: Any, output: Any) -> None:
         calls[id(module)] += 1
         shapes[id(module)].extend(_tensor_shapes(output))
+        if isinstance(output, torch.Tensor):
+            last[id(module)] = tuple(output.shape)
 
     hooked = [m for _, m in named if id(m) not in scripted]
     device = next((p.device for p in net.parameters()), x.device)
@@ -92,6 +102,7 @@ def layer_table(net: nn.Module, x: torch.Tensor) -> list[LayerInfo]:
         net.eval()
         net(x.to(device))
 
+    layouts = _layouts(net, x.to(device), named, last)
     return [
         LayerInfo(
             name=name,
@@ -100,9 +111,49 @@ def layer_table(net: nn.Module, x: torch.Tensor) -> list[LayerInfo]:
             shapes=tuple(shapes[id(module)]),
             params=sum(p.numel() for p in module.parameters()),
             calls=calls[id(module)],
+            layout=layouts.get(id(module)),
         )
         for name, module in named
     ]
+
+
+def _layouts(
+    net: nn.Module,
+    x: torch.Tensor,
+    named: Sequence[tuple[str, nn.Module]],
+    last: Mapping[int, tuple[int, ...]],
+) -> dict[int, str]:
+    """Descriptions of the token and channels-last layouts among the modules' last outputs
+    (:mod:`convlens.tokens`); the patch grid is observed only when a token sequence is seen."""
+    size = (int(x.shape[-2]), int(x.shape[-1]))
+    batch = int(x.shape[0])
+    found: dict[int, str] = {}
+    base: tuple[int, int] | None = None
+    looked = False
+    for name, module in named:
+        shape = last.get(id(module))
+        if shape is None or len(shape) not in (3, 4) or shape[0] != batch:
+            continue
+        if len(shape) == 3 and not looked:
+            looked = True
+            try:
+                base = patch_grid(net, x)
+            except LayerError:
+                base = None
+        try:
+            layout = detect_layout(
+                shape,
+                size,
+                base_grid=base,
+                channels=channel_count(module) if len(shape) == 4 else None,
+                prefix=stated_prefix(net),
+                name=name,
+            )
+        except LayerError:
+            continue
+        if layout.kind != "nchw" and layout.grid[0] * layout.grid[1] > 1:
+            found[id(module)] = layout.describe(shape)
+    return found
 
 
 def format_layer_table(rows: Sequence[LayerInfo]) -> str:
@@ -185,6 +236,8 @@ def _shape_cell(row: LayerInfo) -> str:
         text = "(no tensor)"
     if row.calls > 1:
         text += f" (×{row.calls} calls)"
+    if row.layout:
+        text += f" [{row.layout}]"
     return text
 
 

@@ -15,6 +15,7 @@ from torch import nn
 
 __all__ = [
     "BasicBlock",
+    "ChannelsLastNet",
     "GapNet",
     "LinearNet",
     "NoGapNet",
@@ -22,6 +23,8 @@ __all__ = [
     "TinyResNet",
     "TinyVGG",
     "TinyViT",
+    "TinyViTBlock",
+    "TokenViT",
     "images",
     "seeded",
     "tiny_net_source",
@@ -205,6 +208,88 @@ class TinyViT(nn.Module):
         cls = self.class_token.expand(x.shape[0], -1, -1)
         tokens = torch.cat([cls, tokens], dim=1) + self.pos_embedding
         return self.head(self.ln(self.blocks(tokens))[:, 0])
+
+
+class _Attention(nn.Module):
+    """Multi-head self-attention written out: qkv projection, softmax(q k^T / sqrt(d)) v, proj."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        attn = torch.softmax(q @ k.transpose(-2, -1) / (c // self.heads) ** 0.5, dim=-1)
+        return self.proj((attn @ v).transpose(1, 2).reshape(b, n, c))
+
+
+class _Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = _Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class TokenViT(nn.Module):
+    """A vision transformer in plain torch: patch-embedding convolution (kernel = stride =
+    ``patch``), ``prefix`` learned tokens in front (a class token, then distillation or register
+    tokens), position embeddings, ``depth`` pre-norm blocks, a final LayerNorm and a linear head
+    on the class token (``pool="cls"``) or on the mean of the patch tokens (``pool="mean"``)."""
+
+    def __init__(
+        self,
+        classes: int = 5,
+        size: int = 16,
+        patch: int = 4,
+        dim: int = 8,
+        depth: int = 2,
+        heads: int = 2,
+        prefix: int = 1,
+        pool: str = "cls",
+    ) -> None:
+        super().__init__()
+        self.prefix, self.pool = prefix, pool
+        self.patch_embed = nn.Conv2d(3, dim, patch, stride=patch)
+        self.prefix_tokens = nn.Parameter(torch.zeros(1, prefix, dim))
+        self.pos = nn.Parameter(torch.zeros(1, prefix + (size // patch) ** 2, dim))
+        self.blocks = nn.Sequential(*(_Block(dim, heads) for _ in range(depth)))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.patch_embed(x).flatten(2).transpose(1, 2)
+        t = torch.cat([self.prefix_tokens.expand(t.shape[0], -1, -1), t], dim=1) + self.pos
+        t = self.norm(self.blocks(t))
+        return self.head(t[:, 0] if self.pool == "cls" else t[:, self.prefix :].mean(1))
+
+
+class ChannelsLastNet(nn.Module):
+    """Swin-style channels-last features: patch-embedding convolution, permute to (B, H, W, C),
+    LayerNorm, a per-position MLP, a final LayerNorm, mean over the grid, linear head."""
+
+    def __init__(self, classes: int = 5, patch: int = 4, dim: int = 6) -> None:
+        super().__init__()
+        self.patch_embed = nn.Conv2d(3, dim, patch, stride=patch)
+        self.norm1 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.patch_embed(x).permute(0, 2, 3, 1)
+        t = self.norm(t + self.mlp(self.norm1(t)))
+        return self.head(t.mean(dim=(1, 2)))
 
 
 def seeded(model: nn.Module, seed: int = 0, dtype: torch.dtype = torch.float64) -> nn.Module:

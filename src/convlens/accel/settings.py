@@ -2,10 +2,10 @@
 
 Every field switches one accelerator that changes only the order of floating-point operations
 (or nothing at all), never the quantity computed: the accelerated result equals the plain one
-to float tolerance, which ``tests/accel/test_settings.py`` checks for every registered method and every
-field. :class:`Acceleration` is immutable and holds no state; the decision to compile is a pure
-function of the setting, the device and the job's size (:meth:`Acceleration.compiles`), never
-of what ran earlier in the process.
+to float tolerance, which ``tests/accel/test_settings.py`` checks for every registered method
+and every field. :class:`Acceleration` is immutable and holds no state; the decision to
+compile is a pure function of the setting, the device and the job's size
+(:meth:`Acceleration.compiles`), never of what ran earlier in the process.
 
 Where a setting comes from, first match wins: the ``accel=`` argument of a method call (or of
 :func:`convlens.explain`), the model wrapper's :attr:`convlens.models.ConvlensModel.accel`, the

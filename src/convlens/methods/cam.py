@@ -8,11 +8,12 @@ import torch
 import torch.nn.functional as F
 
 from convlens.accel.folded import copy_keeping_layer
-from convlens.architecture import find_gap_head
+from convlens.architecture import LayerRef, find_gap_head
 from convlens.errors import LayerError
-from convlens.hooks.capture import layer_capture
+from convlens.hooks.capture import layer_capture, named_module
 from convlens.methods.base import Context, Method, RawResult
 from convlens.methods.registry import register
+from convlens.tokens import TokenLayout, layer_layout
 
 __all__ = [
     "CAM",
@@ -23,41 +24,55 @@ __all__ = [
     "LayerCAM",
     "XGradCAM",
     "layer_gradients",
+    "layer_layout_of",
+    "layout_meta",
 ]
 
 
-def _check_spatial(a: torch.Tensor, name: str) -> None:
-    if a.dim() != 4:
-        raise LayerError(
-            f"layer {name!r} has output shape {tuple(a.shape)}; CAM methods need a "
-            "(B, C, H, W) feature map. Pick a convolutional layer (`convlens layers MODEL`)."
-        )
+def layer_layout_of(ctx: Context, ref: LayerRef, a: torch.Tensor) -> TokenLayout:
+    """How the output ``a`` of layer ``ref`` maps to a (B, C, h, w) feature map: unchanged for
+    a convolutional map, the patch tokens of a (B, N, C) token sequence, or a channels-last
+    (B, H, W, C) output moved channels-first (:mod:`convlens.tokens`).
+
+    Raises:
+        LayerError: the output is neither (e.g. the (B, classes) output of a linear layer).
+    """
+    return layer_layout(ctx.net, named_module(ctx.net, ref.name), a, ctx.x, str(ref))
+
+
+def layout_meta(layout: TokenLayout) -> dict[str, Any]:
+    """``{"layout": ...}`` for a result's ``meta`` when the layer is not a plain feature map
+    (nothing for one, so results on CNNs are as before)."""
+    return {} if layout.kind == "nchw" else {"layout": layout.as_meta()}
 
 
 def layer_gradients(
     ctx: Context,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, str]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, str, TokenLayout]:
     """Activations and score gradients of one layer.
 
-    Returns ``(A (B, C, h, w), dS/dA (B, K, C, h, w), logits, targets, layer name)``. The
-    network runs without recording gradients up to the layer and with from there on, so the
-    backward pass stops at the layer and no parameter gradients are computed. With the call's
-    ``accel.fold_batchnorm`` the pass runs through the network's BatchNorm-folded copy where
-    that copy computes the layer unchanged
+    Returns ``(A (B, C, h, w), dS/dA (B, K, C, h, w), logits, targets, layer name, layout)``.
+    The gradients are taken with respect to the layer's own output (a token sequence for a
+    transformer layer) and then mapped to the feature map exactly as the activations are
+    (:class:`~convlens.tokens.TokenLayout`: prefix tokens dropped, tokens placed on the patch
+    grid). The network runs without recording gradients up to the layer and with from there
+    on, so the backward pass stops at the layer and no parameter gradients are computed. With
+    the call's ``accel.fold_batchnorm`` the pass runs through the network's BatchNorm-folded
+    copy where that copy computes the layer unchanged
     (:func:`convlens.accel.folded.copy_keeping_layer`; ``channels_last`` as ``accel`` says).
     """
     ref = ctx.layer_ref()
     net, x = ctx.net, ctx.x
     if ctx.accel.fold_batchnorm:
-        layout = ctx.accel.uses_channels_last(x.device)
-        fast = copy_keeping_layer(net, x, ref.name, channels_last=layout)
+        nhwc = ctx.accel.uses_channels_last(x.device)
+        fast = copy_keeping_layer(net, x, ref.name, channels_last=nhwc)
         if fast is not None:  # the same function up to float rounding, BatchNorm folded
             net = fast
-            x = x.contiguous(memory_format=torch.channels_last) if layout else x
+            x = x.contiguous(memory_format=torch.channels_last) if nhwc else x
     with torch.no_grad(), layer_capture(net, ref.name, grad=True) as cap:
         logits = net(x)
         a = cap.output(ref.call)
-        _check_spatial(a, ref.name)
+        layout = layer_layout_of(ctx, ref, a)
         targets = ctx.targets(logits.detach())
         k = targets.shape[1]
         grads = []
@@ -66,8 +81,9 @@ def layer_gradients(
             (g,) = torch.autograd.grad(score, a, retain_graph=j < k - 1, allow_unused=True)
             if g is None:
                 raise LayerError(f"the output does not depend on layer {str(ref)!r}")
-            grads.append(g)
-    return a.detach(), torch.stack(grads, dim=1), logits.detach(), targets, str(ref)
+            grads.append(layout.to_maps(g))
+    maps = layout.to_maps(a.detach())
+    return maps, torch.stack(grads, dim=1), logits.detach(), targets, str(ref), layout
 
 
 @register("cam")
@@ -97,10 +113,14 @@ class CAM(Method):
         with torch.no_grad(), layer_capture(ctx.net, head.layer.name) as cap:
             logits = ctx.net(ctx.x)
             a = cap.output(head.layer.call)
+        meta: dict[str, Any] = {}
+        if head.layout is not None:
+            a = head.layout.to_maps(a)
+            meta = layout_meta(head.layout)
         targets = ctx.targets(logits)
         w = head.weight.to(a.dtype)[targets]  # (B, K, C)
         maps = torch.einsum("bkc,bchw->bkhw", w, a)
-        return RawResult(maps, logits, targets, layer=str(head.layer))
+        return RawResult(maps, logits, targets, layer=str(head.layer), meta=meta)
 
 
 @register("gradcam")
@@ -122,10 +142,10 @@ class GradCAM(Method):
         return g.mean(dim=(3, 4))
 
     def compute(self, ctx: Context) -> RawResult:
-        a, g, logits, targets, name = layer_gradients(ctx)
+        a, g, logits, targets, name, layout = layer_gradients(ctx)
         alpha = self.weights(a, g)
         maps = torch.relu(torch.einsum("bkc,bchw->bkhw", alpha, a))
-        return RawResult(maps, logits, targets, layer=name)
+        return RawResult(maps, logits, targets, layer=name, meta=layout_meta(layout))
 
 
 @register("gradcam++")
@@ -180,9 +200,9 @@ class HiResCAM(GradCAM):
     multiclass_rank = 0  # not inherited from Grad-CAM
 
     def compute(self, ctx: Context) -> RawResult:
-        a, g, logits, targets, name = layer_gradients(ctx)
+        a, g, logits, targets, name, layout = layer_gradients(ctx)
         maps = torch.relu((g * a.unsqueeze(1)).sum(dim=2))
-        return RawResult(maps, logits, targets, layer=name)
+        return RawResult(maps, logits, targets, layer=name, meta=layout_meta(layout))
 
 
 @register("layercam")
@@ -207,9 +227,9 @@ class LayerCAM(GradCAM):
         return {"layers": self.layers}
 
     def _one(self, ctx: Context) -> RawResult:
-        a, g, logits, targets, name = layer_gradients(ctx)
+        a, g, logits, targets, name, layout = layer_gradients(ctx)
         maps = torch.relu((torch.relu(g) * a.unsqueeze(1)).sum(dim=2))
-        return RawResult(maps, logits, targets, layer=name)
+        return RawResult(maps, logits, targets, layer=name, meta=layout_meta(layout))
 
     def compute(self, ctx: Context) -> RawResult:
         if not self.layers:
@@ -259,7 +279,8 @@ class EigenCAM(Method):
         with torch.no_grad(), layer_capture(ctx.net, ref.name) as cap:
             logits = ctx.net(ctx.x)
             a = cap.output(ref.call)
-        _check_spatial(a, ref.name)
+        layout = layer_layout_of(ctx, ref, a)
+        a = layout.to_maps(a)
         targets = ctx.targets(logits)
         b, _, h, w = a.shape
         flat = a.float().flatten(2).transpose(1, 2)  # (B, hw, C)
@@ -270,4 +291,5 @@ class EigenCAM(Method):
         sign = torch.sign((proj * (mean_act - mean_act.mean(1, keepdim=True))).sum(1))
         sign = torch.where(sign == 0, torch.ones_like(sign), sign)
         maps = torch.relu(proj * sign[:, None]).view(b, 1, h, w)
-        return RawResult(maps.expand(b, targets.shape[1], h, w), logits, targets, layer=str(ref))
+        maps = maps.expand(b, targets.shape[1], h, w)
+        return RawResult(maps, logits, targets, layer=str(ref), meta=layout_meta(layout))

@@ -12,19 +12,23 @@ from convlens.architecture import GapHead, LayerRef, find_gap_head, resolve_call
 from convlens.errors import UnsupportedModelError
 from convlens.hooks.capture import hooks, layer_capture
 from convlens.methods.base import Context, Method, RawResult
-from convlens.methods.cam import _check_spatial
+from convlens.methods.cam import layer_layout_of, layout_meta
 from convlens.methods.registry import register
+from convlens.tokens import TokenLayout
 from convlens.validate import PositiveFloat, PositiveInt
 
 __all__ = ["AblationCAM", "ScoreCAM"]
 
 
-def _activations(ctx: Context, ref: LayerRef) -> tuple[torch.Tensor, torch.Tensor]:
+def _activations(
+    ctx: Context, ref: LayerRef
+) -> tuple[torch.Tensor, torch.Tensor, TokenLayout, torch.Tensor]:
+    """(feature map (B, C, h, w), logits, the layer's layout, the layer's own output)."""
     with torch.no_grad(), layer_capture(ctx.net, ref.name) as cap:
         logits = ctx.net(ctx.x)
-        a = cap.output(ref.call)
-    _check_spatial(a, ref.name)
-    return a, logits
+        out = cap.output(ref.call)
+    layout = layer_layout_of(ctx, ref, out)
+    return layout.to_maps(out), logits, layout, out
 
 
 def _per_sample_bytes(x: torch.Tensor) -> int:
@@ -91,7 +95,7 @@ class ScoreCAM(Method):
     def compute(self, ctx: Context) -> RawResult:
         ref = ctx.layer_ref()
         x = ctx.x
-        a, logits = _activations(ctx, ref)
+        a, logits, layout, _ = _activations(ctx, ref)
         targets = ctx.targets(logits)
         b, c = a.shape[:2]
         if self.top_channels is not None and self.top_channels < c:
@@ -144,7 +148,7 @@ class ScoreCAM(Method):
                 out = ctx.net(x[img] * m).float()
                 s = torch.log_softmax(out, dim=1) if log_prob else out
                 weights[img, :, ch] = s.gather(1, targets[img])
-        meta: dict[str, Any] = {}
+        meta: dict[str, Any] = layout_meta(layout)
         if self.channel_softmax:
             if log_prob:
                 weights = weights.exp()  # tiny probabilities only make the softmax more even
@@ -175,6 +179,8 @@ class AblationCAM(Method):
     the ablated copies (the layer's output is replaced by a batch of copies with one channel
     zeroed each); when the part after the layer cannot take a larger batch (it mixes in
     tensors from before the layer that do not broadcast), the whole network is re-run.
+    On a transformer's token layer, ablating channel ``c`` zeroes it in the patch tokens only
+    (the feature map's channel; class and other prefix tokens are left as they were).
 
     Args:
         batch_size: ablated copies per forward pass of the part after the layer.
@@ -204,7 +210,7 @@ class AblationCAM(Method):
                 head = None
             if head is not None and (head.layer.name, head.layer.call) != (ref.name, ref.call):
                 head = None
-        a, logits = _activations(ctx, ref)
+        a, logits, layout, out = _activations(ctx, ref)
         targets = ctx.targets(logits)
         score = logits.gather(1, targets).float()  # (B, K)
         if head is not None:
@@ -212,7 +218,7 @@ class AblationCAM(Method):
             drop = w * a.float().mean(dim=(2, 3)).unsqueeze(1)
             passes = 0
         else:
-            drop, passes = self._ablate(ctx, ref, a, targets, score)
+            drop, passes = self._ablate(ctx, ref, a, targets, score, layout, out)
         safe = torch.where(score != 0, score, torch.ones_like(score))
         alpha = drop / safe.unsqueeze(2)
         maps = torch.relu(torch.einsum("bkc,bchw->bkhw", alpha.to(a.dtype), a))
@@ -221,7 +227,7 @@ class AblationCAM(Method):
             logits,
             targets,
             layer=str(ref),
-            meta={"closed_form": head is not None, "suffix_passes": passes},
+            meta={"closed_form": head is not None, "suffix_passes": passes, **layout_meta(layout)},
         )
 
     def _ablate(
@@ -231,6 +237,8 @@ class AblationCAM(Method):
         a: torch.Tensor,
         targets: torch.Tensor,
         score: torch.Tensor,
+        layout: TokenLayout,
+        out: torch.Tensor,
     ) -> tuple[torch.Tensor, int]:
         b, c = a.shape[:2]
         drop = torch.zeros(b, targets.shape[1], c, device=a.device)
@@ -243,9 +251,11 @@ class AblationCAM(Method):
                 chans = torch.arange(start, min(start + self.batch_size, c), device=a.device)
                 copies = a[i : i + 1].expand(len(chans), -1, -1, -1).clone()
                 copies[torch.arange(len(chans)), chans] = 0
-                out = self._suffix(ctx, module, call, i, copies)
+                # back to the layer's own layout (prefix tokens kept as they were)
+                copies = layout.from_maps(copies, out[i : i + 1])
+                logits = self._suffix(ctx, module, call, i, copies)
                 passes += 1
-                s = out.float().gather(1, targets[i : i + 1].expand(len(chans), -1))
+                s = logits.float().gather(1, targets[i : i + 1].expand(len(chans), -1))
                 drop[i, :, chans] = (score[i : i + 1] - s).T
         return drop, passes
 
