@@ -48,8 +48,9 @@ def evaluate(
         bool | None,
         typer.Option(
             "--compile/--no-compile",
-            help="Run the metrics' forward passes compiled by torch.compile. Default: "
-            "automatic, on a CPU for batches of many passes (convlens.accel.AUTO_COMPILE_PASSES).",
+            help="Run the long no-grad forward passes compiled by torch.compile. Default: "
+            "automatic, on a CPU for batches of many passes (convlens.accel.AUTO_COMPILE_PASSES); "
+            "never with --plain.",
         ),
     ] = None,
     sanity_images: Annotated[
@@ -92,7 +93,7 @@ def evaluate(
                 targets=targets,
                 steps=steps,
                 table=table,
-                compile="auto" if compile_model is None else compile_model,
+                compile=compile_model,
             )
             files += [p for p, _ in chunk]
             bar.advance(task, len(chunk))
