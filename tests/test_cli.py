@@ -289,7 +289,7 @@ def test_evaluate_writes_table_curves_and_sanity(setup) -> None:
 
 
 @pytest.mark.parametrize(
-    ("flag", "expected"), [([], "auto"), (["--compile"], True), (["--no-compile"], False)]
+    ("flag", "expected"), [([], None), (["--compile"], True), (["--no-compile"], False)]
 )
 def test_evaluate_compile_flag(setup, monkeypatch: pytest.MonkeyPatch, flag, expected) -> None:
     import convlens.metrics as metrics

@@ -20,7 +20,6 @@ overwritten, except by the outputs of the same input.
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import json
 import logging
@@ -28,7 +27,6 @@ import os
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import ParamSpec, TypeVar
 
 from convlens.atomic import remove_stale_temporaries
 from convlens.errors import OutputError, RunFolderError
@@ -38,14 +36,11 @@ __all__ = [
     "MANIFEST_NAME",
     "check_out_dir",
     "claim_output_stems",
-    "holding_out_dir",
     "lock_folder",
     "output_stems",
 ]
 
 log = logging.getLogger(__name__)
-P = ParamSpec("P")
-R = TypeVar("R")
 
 LOCK_NAME = ".lock"
 MANIFEST_NAME = ".convlens-outputs.json"
@@ -141,27 +136,6 @@ def lock_folder(folder: str | Path, command: str, *, option: str = "--out") -> I
         if created:  # nothing was written (e.g. bad input): leave no empty folder behind
             with contextlib.suppress(OSError):
                 folder.rmdir()
-
-
-def holding_out_dir(command: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
-    """Decorate a CLI command so that it runs holding the lock of its ``out_dir`` argument.
-
-    Args:
-        command: the command's name (for the message another writer gets).
-    """
-
-    def decorate(fn: Callable[P, R]) -> Callable[P, R]:
-        @functools.wraps(fn)  # keeps the signature the CLI reads its options from
-        def run(*args: P.args, **kwargs: P.kwargs) -> R:
-            out_dir = kwargs.get("out_dir")
-            if out_dir is None:
-                return fn(*args, **kwargs)
-            with lock_folder(Path(str(out_dir)), command):
-                return fn(*args, **kwargs)
-
-        return run
-
-    return decorate
 
 
 def _acquire(lock: Path) -> int | None:

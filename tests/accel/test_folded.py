@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from convlens.accel import folded as folded_mod
 from convlens.accel.folded import (
     cached_inference_copy,
     clear_inference_copies,
@@ -58,11 +59,15 @@ def test_the_copy_is_folded_kept_and_rebuilt_when_the_network_changes() -> None:
         net[0].weight.data[0, 0, 0, 0] += 1.0  # a .data write: no version bump
     third = cached_inference_copy(net, x)
     assert third is not again
-    # another layout or dtype is another copy, and replaces the kept one (one per network)
+    # another layout or dtype is another copy, kept beside the first (keyed on the network
+    # and the slot only)
     other = cached_inference_copy(net, x, channels_last=False)
     assert other is not None and other is not third
     assert cached_inference_copy(net, x, channels_last=False) is other
+    assert cached_inference_copy(net, x) is third
+    clear_inference_copies()
     assert cached_inference_copy(net, x) is not third
+    assert cached_inference_copy(net, x, channels_last=False) is not other
 
 
 def test_no_copy_when_hooks_or_modes_must_see_the_network() -> None:
@@ -172,7 +177,7 @@ def test_saliency_switches_to_the_lean_graph_for_large_batches(
     torch.testing.assert_close(lean.attributions, plain.attributions)
 
 
-def test_no_copy_for_backward_hooks_training_mode_or_a_network_that_keeps_changing() -> None:
+def test_no_copy_for_backward_hooks_or_training_mode() -> None:
     net = _net()
     x = images(1, size=9)
     seen: list[object] = []
@@ -185,14 +190,63 @@ def test_no_copy_for_backward_hooks_training_mode_or_a_network_that_keeps_changi
         handle.remove()
     net.train()
     assert cached_inference_copy(net, x) is None
-    net.eval()
-    for i in range(4):
+
+
+def test_a_network_changed_between_calls_gets_a_new_copy_every_call() -> None:
+    """No count of earlier calls decides: however many times the weights changed before, the
+    call gets a copy of the network as it is now."""
+    net = _net()
+    x = images(1, size=9)
+    copies = []
+    for _ in range(6):
         with torch.no_grad():
             net[0].weight.add_(0.01)  # changes before every call
         fast = cached_inference_copy(net, x)
-        assert (fast is None) == (i == 3)
-    clear_inference_copies()
-    assert cached_inference_copy(net, x) is not None  # forgotten, so tried again
+        assert fast is not None and all(fast is not c for c in copies)
+        with torch.no_grad():
+            torch.testing.assert_close(fast(x), net(x))
+        copies.append(fast)
+    assert len(folded_mod._COPIES[net]) == 1  # one slot: the stale copies were let go
+
+
+class _CountingNet(nn.Module):
+    """Conv -> BatchNorm -> GAP -> linear whose forward counts its calls in a buffer and adds
+    the count to the logits: its own forward pass changes it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4, 3)
+        self.register_buffer("calls", torch.zeros((), dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.fc(self.bn(self.conv(x)).mean(dim=(2, 3))) + self.calls
+
+
+@pytest.mark.filterwarnings("ignore:the model changed:RuntimeWarning")
+def test_a_network_whose_forward_changes_it_runs_as_it_is_from_the_first_call() -> None:
+    """Its copy would count its own calls: the network runs as it is, from the first call on
+    (not after some number of calls), and the copy's check pass leaves its buffer untouched, so
+    a method gives the plain path's result whatever ran before."""
+    from convlens.accel import Acceleration
+
+    def saliency(history: int, accel: Acceleration) -> tuple[torch.Tensor, float]:
+        clear_inference_copies()
+        net = seeded(_CountingNet())
+        x = images(1, size=9)
+        for _ in range(history):
+            assert cached_inference_copy(net, x) is None
+            assert float(net.calls) == 0.0  # the check pass was undone
+        got = Saliency()(net, x, accel=accel).maps
+        return got, float(net.calls)
+
+    plain, plain_calls = saliency(0, Acceleration.plain())
+    for history in (0, 1, 4):
+        got, calls = saliency(history, Acceleration())
+        assert calls == plain_calls
+        torch.testing.assert_close(got, plain, atol=0, rtol=0)
 
 
 def test_the_fingerprint_sees_plain_attributes_and_a_replaced_forward() -> None:

@@ -1423,3 +1423,40 @@ def test_report_shows_undecodable_file_name_bytes_escaped(setup) -> None:
     page.feed(result.report.read_text(encoding="utf-8"))
     rows = json.loads(page.scripts[0])["rows"]
     assert sorted(row[0] for row in rows) == ["bad\\xffbyte.png", "plain.png"]
+
+
+def test_a_rerun_opens_only_thumbnails_not_recorded_complete(
+    setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Thumbnails found complete are recorded in the store with their size and modification
+    time; a rerun opens none of those still unchanged, and a thumbnail truncated since (other
+    size and time) is opened, found incomplete and redrawn."""
+    from convlens.analysis import report as report_module
+    from convlens.analysis import run as run_module
+    from convlens.atomic import is_complete
+
+    model = make_model(setup["dir"])
+    run(model, setup)
+    thumbs = sorted((setup["run"] / "thumbs").glob("*.jpg"))
+    assert len(thumbs) == 10
+    opened: list[str] = []
+
+    def counting_is_complete(path: str | Path) -> bool:
+        if Path(path).parent.name == "thumbs":
+            opened.append(Path(path).name)
+        return is_complete(path)
+
+    monkeypatch.setattr(run_module, "is_complete", counting_is_complete)
+    monkeypatch.setattr(report_module, "is_complete", counting_is_complete)
+    result = run(model, setup)
+    assert opened == []  # every thumbnail recorded complete by the first run: none opened
+    assert result.thumbnails == {p.id for p in result.predictions}
+    cut = thumbs[3]
+    cut.write_bytes(cut.read_bytes()[:60])  # truncated by another tool: other size and time
+    run(model, setup)
+    assert set(opened) == {cut.name}  # only that one checked (and again once redrawn)
+    assert is_complete(cut)
+    opened.clear()
+    run(model, setup)
+    assert opened == []  # the redrawn one was recorded too
+    assert_report_links_complete(setup["run"])

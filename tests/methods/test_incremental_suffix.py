@@ -107,6 +107,49 @@ def test_suffix_built_folded_and_equal_to_naive(name: str) -> None:
     assert sum(isinstance(m, nn.BatchNorm2d) for m in net.modules()) >= (name != "vgg")
 
 
+@pytest.mark.parametrize("name", ["lite", "resnet"])
+def test_fold_batchnorm_off_runs_every_batchnorm_as_a_batchnorm(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``Acceleration.fold_batchnorm=False``: neither the incremental part nor the fused
+    suffix folds a BatchNorm (the folding code refuses to run), the suffix calls the model's
+    BatchNorm modules, and the maps equal the folded ones and naive occlusion's."""
+    from convlens.accel.incremental import engine as engine_mod
+    from convlens.accel.incremental import suffix as suffix_mod
+    from convlens.accel.incremental.plan import StepKind
+
+    net = _with_stats(seeded(NETS[name](), seed=2))
+    x = images(2, size=16, seed=4)
+    folded = Occlusion(patch=9, stride=4, mode="exact", compile=False)(net, x)
+    naive = Occlusion(patch=9, stride=4, mode="naive")(net, x, accel=Acceleration.plain())
+
+    def refuse(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("a BatchNorm was folded with fold_batchnorm=False")
+
+    monkeypatch.setattr(suffix_mod, "_fold_in_graph", refuse)
+    monkeypatch.setattr(engine_mod, "fold_batch_norms", refuse)
+    engine = IncrementalEngine(
+        net, x, 9, window_starts(16, 9, 4), window_starts(16, 9, 4), fold_batchnorm=False
+    )
+    assert engine.suffix is not None and engine.suffix.folded == 0
+    module = engine.suffix.module
+    called = [
+        module.get_submodule(str(n.target)) for n in module.graph.nodes if n.op == "call_module"
+    ]
+    assert any(isinstance(m, nn.BatchNorm2d) for m in called)
+    assert not any(
+        step.kind is StepKind.PASS
+        and step.node.op == "call_module"
+        and isinstance(net.get_submodule(str(step.node.target)), nn.BatchNorm2d)
+        for step in engine.steps.values()
+    )
+    off = Acceleration().but(fold_batchnorm=False, compile=False)
+    unfolded = Occlusion(patch=9, stride=4, mode="exact")(net, x, accel=off)
+    assert unfolded.meta["occlusion_path"] == "exact"
+    torch.testing.assert_close(unfolded.maps, folded.maps, atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(unfolded.maps, naive.maps, atol=1e-9, rtol=1e-9)
+
+
 def test_no_suffix_when_a_module_is_hooked() -> None:
     net = _with_stats(seeded(LiteLike(), seed=2))
     calls: list[int] = []

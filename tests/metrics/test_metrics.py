@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import pytest
 import torch
 from torch import nn
 
+from convlens.accel import Acceleration
+from convlens.accel import compiled as compiled_mod
+from convlens.accel import folded as folded_mod
 from convlens.accel.folded import fold_batchnorm, inference_copy
+from convlens.accel.lean_graph import InputGradientMode
+from convlens.methods import perturbation
 from convlens.metrics import (
     average_drop,
     baseline_map,
@@ -21,6 +29,7 @@ from convlens.metrics import (
     ranking,
     relative_range,
 )
+from convlens.models import wrap_model
 from tests.helpers.models import GapNet, images, seeded
 
 
@@ -71,8 +80,8 @@ def test_ideal_map_gives_the_ideal_curve_and_reversed_the_worst() -> None:
     torch.testing.assert_close(ideal.deletion_auc[0], expected_auc)
 
 
-@pytest.mark.parametrize("fast", [True, False])
-def test_curves_equal_a_brute_force_loop(gap_net: nn.Module, fast: bool) -> None:
+@pytest.mark.parametrize("accel", [Acceleration(), Acceleration.plain()], ids=["fast", "plain"])
+def test_curves_equal_a_brute_force_loop(gap_net: nn.Module, accel: Acceleration) -> None:
     x = images(2)
     maps = torch.rand(2, 12, 12, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     t = torch.tensor([1, 3])
@@ -85,7 +94,7 @@ def test_curves_equal_a_brute_force_loop(gap_net: nn.Module, fast: bool) -> None
         batch_size=5,
         deletion_baseline="mean",
         insertion_baseline="zero",
-        fast=fast,
+        accel=accel,
     )
     for i in range(2):
         order = torch.argsort(-maps[i].flatten(), stable=True)
@@ -255,7 +264,7 @@ def test_many_maps_share_end_points_and_equal_one_by_one(gap_net: nn.Module) -> 
     t = torch.tensor([0, 2, 4])
     many = deletion_insertion_many(gap_net, x, maps, t, steps=5, batch_size=7)
     for name, m in maps.items():
-        one = deletion_insertion(gap_net, x, m, t, steps=5, fast=False)
+        one = deletion_insertion(gap_net, x, m, t, steps=5, accel=Acceleration.plain())
         torch.testing.assert_close(many[name].deletion, one.deletion, rtol=1e-6, atol=1e-9)
         torch.testing.assert_close(many[name].insertion, one.insertion, rtol=1e-6, atol=1e-9)
     # End points do not depend on the map: the image, and the baseline.
@@ -279,7 +288,7 @@ def test_curves_without_a_copyable_model() -> None:
     net.train()
     got = deletion_insertion(net, x, maps, t, steps=4)  # falls back to the model itself
     assert net.training
-    ref = deletion_insertion(seeded(GapNet()), x, maps, t, steps=4, fast=False)
+    ref = deletion_insertion(seeded(GapNet()), x, maps, t, steps=4, accel=Acceleration.plain())
     torch.testing.assert_close(got.deletion, ref.deletion)
 
 
@@ -331,3 +340,103 @@ def test_relative_range() -> None:
     assert relative_range(maps).tolist() == pytest.approx(
         [0.01 / 5.01, 1.5, 0.0], rel=1e-4
     )  # float32 input
+
+
+def _every_metric(
+    model: nn.Module | Any, accel: Acceleration | None, **extra: Any
+) -> dict[str, Any]:
+    """Each metric that runs forward passes, once, with ``accel`` (float64 inputs)."""
+    x = images(2, size=16)
+    g = torch.Generator().manual_seed(3)
+    maps = {n: torch.rand(2, 16, 16, generator=g, dtype=torch.float64) for n in "ab"}
+    t = torch.tensor([1, 3])
+    curves = deletion_insertion_many(model, x, maps, t, steps=4, batch_size=5, accel=accel, **extra)
+    one = deletion_insertion(model, x, maps["a"], t, steps=3, accel=accel, **extra)
+    drop = average_drop(model, x, maps["b"], t, accel=accel)
+    table = evaluate_methods(
+        model, x, ["gradcam", "saliency"], steps=3, accel=accel, **extra
+    ).per_image
+    sanity = cascading_randomization(model, x, ["saliency"], checkpoints=2, accel=accel)
+    return {
+        "curves": {n: (c.deletion, c.insertion) for n, c in curves.items()},
+        "one": (one.deletion, one.insertion),
+        "drop": drop,
+        "table": table,
+        "sanity": (sanity.scores, sanity.ranges),
+    }
+
+
+def _refuse(what: list[str]) -> Callable[..., Any]:
+    def refuse(*_args: Any, **_kwargs: Any) -> Any:
+        raise AssertionError(f"an accelerator ran on the plain path of the metrics: {what}")
+
+    return refuse
+
+
+def test_the_metrics_plain_path_uses_no_accelerator(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``accel=Acceleration.plain()`` (or a wrapper whose ``accel`` is plain) is the one switch
+    of every metric: no folded copy, no compiled forward, no lean graph, no incremental engine,
+    no thread change; the older ``compile=True`` does not turn compilation back on."""
+    for name in ("_make_copy",):
+        monkeypatch.setattr(folded_mod, name, _refuse([name]))
+    monkeypatch.setattr(compiled_mod, "FixedBatchForward", _refuse(["compile"]))
+    monkeypatch.setattr(InputGradientMode, "__enter__", _refuse(["lean graph"]))
+    monkeypatch.setattr(perturbation, "IncrementalEngine", _refuse(["incremental"]))
+    monkeypatch.setattr(torch, "set_num_threads", _refuse(["threads"]))
+    net = seeded(GapNet())
+    _every_metric(net, Acceleration.plain())
+    model = wrap_model(seeded(GapNet()))
+    model.accel = Acceleration.plain()
+    _every_metric(model, None, compile=True)
+
+
+def test_the_metrics_default_uses_the_accelerators(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default (no ``accel``) makes folded copies, so the equality below compares two
+    different computations; a wrapper's ``accel`` is the default of a call."""
+    made: list[int] = []
+    original = folded_mod._make_copy
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        made.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(folded_mod, "_make_copy", counting)
+    x, t = images(2), torch.tensor([0, 1])
+    maps = torch.rand(2, 12, 12, generator=torch.Generator().manual_seed(4))
+    deletion_insertion(seeded(GapNet()), x, maps, t, steps=2)
+    assert made
+    made.clear()
+    model = wrap_model(seeded(GapNet()))
+    model.accel = Acceleration.plain()
+    deletion_insertion(model, x, maps, t, steps=2)
+    average_drop(model, x, maps, t)
+    assert not made
+    deletion_insertion(model, x, maps, t, steps=2, accel=Acceleration())  # the call's wins
+    assert made
+
+
+@pytest.mark.parametrize(
+    "accel",
+    [
+        Acceleration(),
+        Acceleration.plain().but(fold_batchnorm=True),
+        Acceleration.plain().but(channels_last=True),
+        Acceleration().but(threads=1),
+    ],
+    ids=["default", "only fold", "only channels_last", "fixed threads"],
+)
+def test_every_metric_equals_its_plain_path(accel: Acceleration) -> None:
+    """In float64 the accelerators change only the rounding: every metric equals the plain
+    path to 1e-9 (compiled scoring: tests/accel/test_compiled.py)."""
+    net = seeded(GapNet())
+    got = _every_metric(net, accel)
+    ref = _every_metric(net, Acceleration.plain())
+    torch.testing.assert_close(got, ref, atol=1e-9, rtol=1e-9, equal_nan=True)
+
+
+def test_a_bad_accel_is_one_clear_error(gap_net: nn.Module) -> None:
+    from convlens.errors import InputError
+
+    x, t = images(2), torch.tensor([0, 1])
+    with pytest.raises(InputError, match="Acceleration"):
+        deletion_insertion(gap_net, x, torch.rand(2, 12, 12), t, accel="plain")  # type: ignore[arg-type]

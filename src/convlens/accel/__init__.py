@@ -34,7 +34,7 @@ __all__ = ["AUTO_COMPILE_PASSES", "Acceleration", "clear_caches", "compiler_avai
 
 
 def clear_caches() -> None:
-    """Forget every kept folded copy and compiled forward of every network (and their rebuild
-    counts), e.g. to free the memory of their second set of weights."""
+    """Forget every kept folded copy and compiled forward of every network (and the compiled
+    forwards' build counts), e.g. to free the memory of their second set of weights."""
     clear_inference_copies()
     clear_compiled()

@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import logging
 import weakref
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -247,11 +248,29 @@ def _make_copy(
     return fast, folded
 
 
-_COPIES: weakref.WeakKeyDictionary[nn.Module, tuple[Any, Any, nn.Module | None]] = (
+@dataclass(frozen=True)
+class _Kept:
+    """What :func:`cached_inference_copy` keeps for one network and slot (device, dtype,
+    layout): the copy (``None``: the network runs as it is) and the network's fingerprint when
+    it was made; ``changes_itself``: the network's own forward pass changed its parameters or
+    buffers, so no copy can stand in for it (whatever its fingerprint becomes)."""
+
+    key: tuple[Any, ...]
+    copy: nn.Module | None
+    changes_itself: bool = False
+
+
+_COPIES: weakref.WeakKeyDictionary[nn.Module, dict[tuple[Any, ...], _Kept]] = (
     weakref.WeakKeyDictionary()
 )
-_REBUILDS: weakref.WeakKeyDictionary[nn.Module, int] = weakref.WeakKeyDictionary()
-_MAX_REBUILDS = 3  # copies made for a network in a row, none reused, before it runs as it is
+"""Per network (weakly: it goes with the network), per slot ``(device, dtype,
+channels_last)``: the kept copy. Keyed on the network and the settings only; nothing counted
+across calls (:func:`clear_inference_copies` empties it)."""
+
+
+def _version(t: torch.Tensor) -> int | None:
+    """``t``'s version counter (``None`` for inference tensors, which have none)."""
+    return None if t.is_inference() else t._version
 
 
 def has_forward_hooks(net: nn.Module) -> bool:
@@ -282,10 +301,9 @@ def has_hooks(net: nn.Module) -> bool:
 
 
 def clear_inference_copies() -> None:
-    """Drop every network's kept copy and rebuild count (:func:`cached_inference_copy`), e.g.
-    to free the memory of its second set of weights."""
+    """Drop every network's kept copies (:func:`cached_inference_copy`), e.g. to free the
+    memory of their second set of weights."""
     _COPIES.clear()
-    _REBUILDS.clear()
 
 
 def cached_inference_copy(
@@ -295,13 +313,22 @@ def cached_inference_copy(
 
     Input-gradient methods (saliency, integrated gradients, SmoothGrad around them) run the
     copy instead of the network; making it (a deep copy, the fold and its check) costs a few
-    passes, so it is kept, one per network (for the latest device, dtype and layout asked for:
-    it holds a second set of the network's weights; :func:`clear_inference_copies` frees it),
-    and rebuilt when the network's structure, settings, parameters or buffers change (the
-    :func:`~convlens.accel.fingerprint.fingerprint`). The copy goes away with the network. A
-    network that changes between every call (a forward that updates a buffer, a training loop
-    explaining as it goes) runs as it is after three copies in a row were never reused (or
-    three attempts failed).
+    passes, so it is kept, one per network and slot (device, dtype and layout: it holds a
+    second set of the network's weights; :func:`clear_inference_copies` frees it), and rebuilt
+    when the network's structure, settings, parameters or buffers change (the
+    :func:`~convlens.accel.fingerprint.fingerprint`). The copy goes away with the network.
+
+    Whether a call gets a copy depends on the network, its state and the slot only, never on
+    earlier calls; the cache only saves the cost of making the copy again (the results are the
+    same to float rounding either way). A network whose weights change between calls (a
+    training loop explaining as it goes) gets a new copy every call: that costs speed (a deep
+    copy and two probe passes a call), never a different result. A network whose own forward
+    pass changes its parameters or buffers (a buffer updated on every call; seen as its
+    fingerprint changing across the copy's check pass, after which its buffers are put back)
+    always runs as it is, since a copy would update its own state instead of the network's;
+    that is kept for the network and slot, so it is not checked again. Not seen: such changes
+    of a 16-bit network (its check runs on float32 copies) and changes hidden in plain Python
+    objects.
 
     Args:
         net: the network (in eval mode, as inside a method call).
@@ -314,26 +341,22 @@ def cached_inference_copy(
         :func:`convlens.hooks.backprop_rule` block, whose rule is meant for the network's own
         layers), a module is in training mode, the fold changed the network's outputs (a
         convolution's output also used elsewhere), the network cannot be copied (e.g.
-        TorchScript), or it keeps changing between calls.
+        TorchScript), or its forward pass changes it.
     """
     if has_hooks(net) or torch.overrides._get_current_function_mode_stack():
         return None
     if any(m.training for m in net.modules()):
         return None
     slot = (example.device, example.dtype, channels_last)
-    key = fingerprint(net)
-    hit = _COPIES.get(net)
-    if hit is not None and hit[0] == slot and hit[1] == key:
-        _REBUILDS[net] = 0
-        return hit[2]
-    rebuilds = _REBUILDS.get(net, 0)
-    if rebuilds >= _MAX_REBUILDS:
-        if rebuilds == _MAX_REBUILDS:
-            log.info("the model changes between calls; running it as it is")
-            _REBUILDS[net] = rebuilds + 1
-        _COPIES.pop(net, None)
+    kept = _COPIES.setdefault(net, {})
+    hit = kept.get(slot)
+    if hit is not None and hit.changes_itself:
         return None
-    _REBUILDS[net] = rebuilds + 1
+    key = fingerprint(net)
+    if hit is not None and hit.key == key:
+        return hit.copy
+    kept.pop(slot, None)  # stale: let its weights go before the new copy is made
+    buffers = {name: (_version(b), b.detach().clone()) for name, b in net.named_buffers()}
     fast: nn.Module | None
     try:
         fast, folded = _make_copy(
@@ -341,12 +364,19 @@ def cached_inference_copy(
         )
     except Exception as exc:  # an uncopyable or scripted model, or inputs it cannot take
         log.info("no inference copy of the model (%s: %s)", type(exc).__name__, exc)
-        _COPIES.pop(net, None)  # not kept: the next call (other inputs) tries again
+        return None  # not kept: the next call (other inputs) tries again
+    if fingerprint(net) != key:
+        with torch.no_grad():  # the check pass leaves no trace in the network's buffers
+            for name, b in net.named_buffers():
+                version, before = buffers.get(name, (_version(b), b))
+                if _version(b) != version and before.shape == b.shape:
+                    b.copy_(before)
+        log.info("the model's forward pass changes the model; running it as it is")
+        kept[slot] = _Kept(key, None, changes_itself=True)
         return None
     if folded is None:
         fast = None  # the plain network, copied: nothing gained
-    # one copy per network (it holds a second set of the weights)
-    _COPIES[net] = (slot, fingerprint(net), fast)
+    kept[slot] = _Kept(key, fast)
     return fast
 
 

@@ -92,7 +92,9 @@ class _Report:
     def image(self, p: Prediction, start: Path) -> _Image:
         """How ``p`` is shown on a page in the folder ``start``."""
         f = self.root / "thumbs" / f"{p.id}.jpg"
-        thumb = _rel(f, start) if is_complete(f) else None
+        known = self.r.thumbnails
+        complete = p.id in known if known is not None else is_complete(f)
+        thumb = _rel(f, start) if complete else None
         link = _rel(self.pages / f"{p.id}.html", start) if p.id in self.examined else thumb
         return _Image(Path(p.path).name, thumb, link)
 

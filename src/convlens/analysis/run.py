@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import math
+import stat
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -79,6 +80,8 @@ class AnalysisResult:
             when their explanations were due (deleted or corrupted after the prediction pass);
             their predictions still count.
         report: the report's ``index.html``.
+        thumbnails: ids of the images whose thumbnail (``thumbs/ID.jpg``) is complete, as
+            checked by :func:`analyze`; ``None``: the report checks each file itself.
     """
 
     out_dir: Path
@@ -90,6 +93,7 @@ class AnalysisResult:
     unexplained: list[tuple[str, str]] = field(default_factory=list)
     faithfulness: Scores = field(default_factory=dict)
     report: Path | None = None
+    thumbnails: frozenset[str] | None = None
 
     def table(self) -> list[dict[str, Any]]:
         """One dict per image: id, path, label, names, confidence, loss, correct, top-5."""
@@ -174,22 +178,57 @@ def _write_thumbnail(image: Image.Image, thumb: Path) -> None:
         log.warning("no thumbnail for the report: %s", exc)
 
 
-def _repair_thumbnails(predictions: Sequence[Prediction], thumbs: Path) -> None:
+def _stat(path: Path) -> tuple[int, int] | None:
+    """``(size, mtime_ns)`` of a regular file, else ``None``."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_size, st.st_mtime_ns) if stat.S_ISREG(st.st_mode) else None
+
+
+def _repair_thumbnails(
+    predictions: Sequence[Prediction], thumbs: Path, store: PredictionStore
+) -> frozenset[str]:
     """Write the missing or incomplete thumbnails of stored predictions (left by a run that was
-    killed or ran out of space, or by an older version that wrote files in place)."""
+    killed or ran out of space, or by an older version that wrote files in place); the ids
+    whose thumbnail is complete.
+
+    Opening every thumbnail on every rerun would make a rerun's cost grow with the set: a
+    thumbnail found complete is recorded in the store with its size and modification time
+    (:meth:`~convlens.analysis.store.PredictionStore.record_complete`), and later runs trust it
+    while both are unchanged (one ``stat``, no open). A thumbnail truncated or replaced since
+    has another size or time, so it is checked (:func:`~convlens.atomic.is_complete`: its last
+    bytes read) and redrawn when incomplete.
+    """
     from convlens.images import load_image
 
+    known = store.complete_files()
+    found: dict[str, tuple[int, int]] = {}
+    complete: set[str] = set()
     for p in predictions:
         thumb = thumbs / f"{p.id}.jpg"
-        if is_complete(thumb):
+        name = f"{thumbs.name}/{thumb.name}"
+        now = _stat(thumb)
+        if now is not None and known.get(name) == now:
+            complete.add(p.id)
             continue
-        thumb.unlink(missing_ok=True)
-        try:
-            image = load_image(p.path)
-        except (ConvlensError, OSError) as exc:
-            log.info("no thumbnail for %s: %s", p.path, exc)
-            continue
-        _write_thumbnail(image, thumb)
+        if not is_complete(thumb):
+            thumb.unlink(missing_ok=True)
+            try:
+                image = load_image(p.path)
+            except (ConvlensError, OSError) as exc:
+                log.info("no thumbnail for %s: %s", p.path, exc)
+                continue
+            _write_thumbnail(image, thumb)
+            if not is_complete(thumb):  # not writable now (a full disk): tried again next run
+                continue
+            now = _stat(thumb)
+        if now is not None:
+            found[name] = now
+            complete.add(p.id)
+    store.record_complete(found)
+    return frozenset(complete)
 
 
 def _collate(
@@ -766,7 +805,7 @@ def _analyze_locked(
         wanted = {p for p, _ in items}
         predictions = [p for p in store.predictions() if p.path in wanted]
         failures = [f for f in store.failures() if f[0] in wanted]
-    _repair_thumbnails(predictions, thumbs)
+        thumbnails = _repair_thumbnails(predictions, thumbs, store)
     metrics = compute_metrics(predictions, class_names, failures=len(failures))
     metrics["model"] = model.name
     metrics["methods"] = names
@@ -808,6 +847,7 @@ def _analyze_locked(
         explanations=explained.panels,
         unexplained=explained.unreadable,
         faithfulness=explained.faithfulness,
+        thumbnails=thumbnails,
     )
     result.report = write_report(result, [p.id for p in examined])
     return result

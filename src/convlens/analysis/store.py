@@ -38,6 +38,11 @@ CREATE TABLE IF NOT EXISTS predictions (
     correct INTEGER
 );
 CREATE TABLE IF NOT EXISTS failures (path TEXT PRIMARY KEY, reason TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS complete_files (
+    name TEXT PRIMARY KEY,
+    size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL
+);
 """
 
 
@@ -271,6 +276,24 @@ class PredictionStore:
         with self._errors():
             rows = self._conn.execute("SELECT path, reason FROM failures ORDER BY path")
             return [(_from_db(path), reason) for path, reason in rows]
+
+    def complete_files(self) -> dict[str, tuple[int, int]]:
+        """Files of the run folder found complete before (:meth:`record_complete`): name
+        (relative to the folder) -> ``(size, mtime_ns)`` when they were. A file whose size and
+        modification time are still these is the same complete file and need not be opened."""
+        with self._errors():
+            rows = self._conn.execute("SELECT name, size, mtime_ns FROM complete_files")
+            return {name: (size, mtime) for name, size, mtime in rows}
+
+    def record_complete(self, files: dict[str, tuple[int, int]]) -> None:
+        """Record files found complete: name -> ``(size, mtime_ns)`` (one transaction)."""
+        if not files:
+            return
+        with self._errors(), self._transaction():
+            self._conn.executemany(
+                "INSERT OR REPLACE INTO complete_files (name, size, mtime_ns) VALUES (?, ?, ?)",
+                [(name, size, mtime) for name, (size, mtime) in files.items()],
+            )
 
     def _transaction(self) -> _Transaction:
         return _Transaction(self._conn)

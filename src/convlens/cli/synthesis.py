@@ -22,7 +22,7 @@ from convlens.cli.options import (
     out,
     say,
 )
-from convlens.outputs import holding_out_dir
+from convlens.outputs import lock_folder
 from convlens.targets import target_from_text
 from convlens.validate import (
     at_least,
@@ -145,32 +145,33 @@ def classviz(
 
     from convlens.synthesis import class_visualization
 
-    net = model_options.load()
-    res = class_visualization(
-        net,
-        [target_from_text(t) for t in target],
-        size=model_options.size,
-        progress=True,
-        **synthesis.settings(),
-    )
-    written = res.save(out_dir, prefix="classviz_")
-    table = Table(show_edge=False)
-    for col in ("class", "index", "logit", "probability", "file"):
-        table.add_column(col, justify="left" if col in ("class", "file") else "right")
-    probs = res.probabilities if res.probabilities is not None else res.scores
-    for i, t in enumerate(res.targets):
-        table.add_row(
-            res.labels[i],
-            str(t),
-            f"{float(res.scores[i]):.2f}",
-            f"{float(probs[i]):.3f}",
-            written[i].name,
+    with lock_folder(out_dir, "classviz"):
+        net = model_options.load()
+        res = class_visualization(
+            net,
+            [target_from_text(t) for t in target],
+            size=model_options.size,
+            progress=True,
+            **synthesis.settings(),
         )
-    out.print(table)
-    say(
-        f"wrote {len(written)} images to {out_dir}/ ({res.steps_per_second:.2f} steps/s, "
-        f"preset {synthesis.preset})"
-    )
+        written = res.save(out_dir, prefix="classviz_")
+        table = Table(show_edge=False)
+        for col in ("class", "index", "logit", "probability", "file"):
+            table.add_column(col, justify="left" if col in ("class", "file") else "right")
+        probs = res.probabilities if res.probabilities is not None else res.scores
+        for i, t in enumerate(res.targets):
+            table.add_row(
+                res.labels[i],
+                str(t),
+                f"{float(res.scores[i]):.2f}",
+                f"{float(probs[i]):.3f}",
+                written[i].name,
+            )
+        out.print(table)
+        say(
+            f"wrote {len(written)} images to {out_dir}/ ({res.steps_per_second:.2f} steps/s, "
+            f"preset {synthesis.preset})"
+        )
 
 
 @option_group(SynthesisOptions)
@@ -192,23 +193,24 @@ def featviz(
     activation, all channels in one batch. Writes a grid PNG and one PNG per channel."""
     from convlens.synthesis import channel_visualization
 
-    chans = parse_channels(channels)
-    net = model_options.load()
-    res = channel_visualization(
-        net,
-        layer,
-        chans,
-        neuron="center" if neuron else None,
-        size=model_options.size,
-        progress=True,
-        **synthesis.settings(),
-    )
-    stem = "".join(c if c.isalnum() else "_" for c in layer)
-    written = res.save(out_dir, prefix=f"featviz_{stem}_")
-    say(
-        f"wrote {written[-1]} and {len(written) - 1} channel images to {out_dir}/ "
-        f"({res.steps_per_second:.2f} steps/s)"
-    )
+    with lock_folder(out_dir, "featviz"):
+        chans = parse_channels(channels)
+        net = model_options.load()
+        res = channel_visualization(
+            net,
+            layer,
+            chans,
+            neuron="center" if neuron else None,
+            size=model_options.size,
+            progress=True,
+            **synthesis.settings(),
+        )
+        stem = "".join(c if c.isalnum() else "_" for c in layer)
+        written = res.save(out_dir, prefix=f"featviz_{stem}_")
+        say(
+            f"wrote {written[-1]} and {len(written) - 1} channel images to {out_dir}/ "
+            f"({res.steps_per_second:.2f} steps/s)"
+        )
 
 
 @option_group(ModelOptions, only=("model", "weights", "random_weights", "mean", "std", "device"))
@@ -268,7 +270,7 @@ def dream(
     """DeepDream (Mordvintsev et al. 2015): amplify what a layer sees in a photo, over several
     octaves. Writes IMAGE_dream.png (and IMAGE_dream.gif with --gif)."""
     from convlens.images import load_image
-    from convlens.outputs import claim_output_stems, lock_folder
+    from convlens.outputs import claim_output_stems
     from convlens.synthesis import deep_dream
 
     photo = load_image(image)
@@ -298,6 +300,6 @@ def dream(
 
 def register(app: typer.Typer) -> None:
     """Add the ``classviz``, ``featviz`` and ``dream`` commands to ``app``."""
-    app.command("classviz")(holding_out_dir("classviz")(classviz))
-    app.command("featviz")(holding_out_dir("featviz")(featviz))
+    app.command("classviz")(classviz)
+    app.command("featviz")(featviz)
     app.command("dream")(dream)

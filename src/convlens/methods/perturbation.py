@@ -257,7 +257,15 @@ class Occlusion(Method):
             return None
         tau = self.tau if self.mode == "approx" and self.tau < 1 else None
         try:
-            engine = IncrementalEngine(ctx.net, ctx.x, self.patch, ys, xs, tau=tau)
+            engine = IncrementalEngine(
+                ctx.net,
+                ctx.x,
+                self.patch,
+                ys,
+                xs,
+                tau=tau,
+                fold_batchnorm=ctx.accel.fold_batchnorm,
+            )
         except NotIncrementalError as exc:
             if self.mode == "exact":
                 raise UnsupportedModelError(

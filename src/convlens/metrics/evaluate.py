@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from convlens.accel.settings import Acceleration
 from convlens.hooks.state import model_state
 from convlens.methods.base import Method
 from convlens.methods.registry import get_method
@@ -20,6 +21,7 @@ from convlens.metrics.faithfulness import (
     _drop_increase,
     _masked,
     _Scorer,
+    metrics_accel,
 )
 from convlens.metrics.pointing import pointing_game
 from convlens.models.base import ConvlensModel, unwrap
@@ -98,9 +100,9 @@ def evaluate_methods(
     baselines: bool = True,
     table: EvaluationTable | None = None,
     seed: int = 0,
-    fast: bool = True,
     autocast: torch.dtype | None = None,
-    compile: Compile = "auto",
+    accel: Acceleration | None = None,
+    compile: Compile | None = None,
 ) -> EvaluationTable:
     """Score each method's maps on one batch: deletion and insertion AUC, Average Drop and
     Increase in Confidence, and the pointing game when object ``masks`` are given; the random and
@@ -118,12 +120,13 @@ def evaluate_methods(
         baselines: also score the random and centre maps.
         table: a table to add to.
         seed: seed of the random baseline.
-        fast: score with a fused ``channels_last`` copy of the model (equal to float rounding;
-            see :func:`convlens.metrics.deletion_insertion_many`).
         autocast: run the metrics' forward passes under ``torch.autocast`` with this dtype.
-        compile: compile the fast copy with ``torch.compile`` (``True``, ``False`` or
-            ``"auto"``: on a CPU for calls of many passes; see
+        accel: the accelerators of the whole call, the methods' and the metrics' (default:
+            the wrapper's :attr:`~convlens.models.ConvlensModel.accel`, else
+            ``Acceleration()``; equal to float rounding, see
             :func:`convlens.metrics.deletion_insertion_many`).
+        compile: shorthand for ``accel.but(compile=compile)``
+            (:func:`~convlens.metrics.faithfulness.metrics_accel`).
 
     Returns:
         ``table`` (a new one when not given) with rows for the methods and the baselines.
@@ -132,10 +135,11 @@ def evaluate_methods(
     batch_size = positive_int(batch_size, "batch_size")
     seed = check_seed(seed, "seed")
     table = table if table is not None else EvaluationTable()
+    accel = metrics_accel(model, accel, compile)
     maps: dict[str, torch.Tensor] = {}
     for m in methods:
         method = get_method(m) if isinstance(m, str) else m
-        exp = method(model, x, targets)
+        exp = method(model, x, targets, accel=accel)
         targets = exp.targets[:, 0] if targets is None else targets
         maps[method.name] = exp.maps[:, 0]
     net, wrapper = unwrap(model)
@@ -146,9 +150,7 @@ def evaluate_methods(
         for kind in BASELINE_MAPS:
             maps[f"({kind})"] = baseline_map(kind, x.shape[0], tuple(x.shape[-2:]), seed).to(x)
     targets = targets.to(x.device).view(-1)
-    with _Scorer(
-        model, x, fast=fast, autocast=autocast, batch_size=batch_size, compile=compile
-    ) as scorer:
+    with _Scorer(model, x, accel=accel, autocast=autocast, batch_size=batch_size) as scorer:
         all_curves = _curves(
             scorer,
             x,

@@ -16,6 +16,7 @@ from convlens.accel.compiled import FixedBatchForward, compiled_forward
 from convlens.accel.folded import inference_copy
 from convlens.accel.settings import Acceleration
 from convlens.accel.threads import ThreadGovernor
+from convlens.errors import InputError
 from convlens.hooks.state import model_state
 from convlens.methods.perturbation import blur
 from convlens.models.base import ConvlensModel, unwrap
@@ -27,6 +28,7 @@ __all__ = [
     "average_drop",
     "deletion_insertion",
     "deletion_insertion_many",
+    "metrics_accel",
     "ranking",
 ]
 
@@ -38,7 +40,38 @@ effect on the areas against 50 and 100 steps)."""
 
 Baseline = Literal["blur", "zero", "mean"] | torch.Tensor
 Compile = bool | Literal["auto"]
-"""``compile`` of the metrics: ``True``, ``False`` or ``"auto"`` (see :class:`_Scorer`)."""
+"""The ``compile`` keyword of the metrics: ``True``, ``False`` or ``"auto"``, a shorthand for
+``accel=accel.but(compile=...)`` (:func:`metrics_accel`)."""
+
+
+def metrics_accel(
+    model: nn.Module | ConvlensModel,
+    accel: Acceleration | None = None,
+    compile: Compile | None = None,
+) -> Acceleration:
+    """The accelerators a metrics call uses: ``accel``, else the model wrapper's
+    :attr:`~convlens.models.ConvlensModel.accel`, else ``Acceleration()`` (as for a method
+    call, :meth:`convlens.methods.base.Method.__call__`).
+
+    ``compile`` (the metrics' older keyword, kept for its callers: ``convlens evaluate
+    --compile``, the benchmarks) replaces the setting's ``compile``, except that it never turns
+    compilation on where the setting has ``compile=False`` (``Acceleration.plain()``, ``--plain``),
+    as occlusion's ``compile`` option does.
+
+    Raises:
+        InputError: ``accel`` is not an :class:`~convlens.accel.Acceleration`.
+        ValueError: ``compile`` is not ``None``, ``True``, ``False`` or ``"auto"``.
+    """
+    if compile not in (None, True, False, "auto"):
+        raise ValueError(f"compile must be True, False or 'auto', not {compile!r}")
+    if accel is None:
+        _, wrapper = unwrap(model)
+        accel = wrapper.accel if wrapper is not None else Acceleration()
+    if not isinstance(accel, Acceleration):
+        raise InputError(f"accel must be a convlens.accel.Acceleration, not {type(accel).__name__}")
+    if compile is not None and accel.compile is not False:
+        accel = accel.but(compile=compile)
+    return accel
 
 
 @dataclass
@@ -96,16 +129,17 @@ def ranking(maps: torch.Tensor) -> torch.Tensor:
 
 
 class _Scorer:
-    """Scores the target class on batches of inputs, with the model or its fast inference copy.
+    """Scores the target class on batches of inputs, with the model or its fast inference copy,
+    as ``accel`` allows (:class:`~convlens.accel.Acceleration`).
 
-    Use as a context manager: the user's model is put in eval mode (and restored) only when the
-    copy could not be made. A model wrapper's ``accel`` limits ``fast`` (its ``fold_batchnorm``
-    and ``channels_last``) and ``compile`` (never when its ``compile`` is ``False``).
-
-    ``compile``: ``True`` runs the copy compiled by ``torch.compile`` for ``batch_size`` images
-    per pass (:class:`~convlens.accel.compiled.FixedBatchForward`: checked against eager
-    execution on its first batch, eager whenever compilation fails); ``"auto"`` does so when
-    the call's job, announced by :meth:`expect`, is long enough
+    Use as a context manager: the user's model is put in eval mode (and restored) only when no
+    copy is used. The copy (:func:`~convlens.accel.folded.inference_copy`) is made when
+    ``accel.fold_batchnorm`` or ``channels_last`` (:meth:`~convlens.accel.Acceleration.
+    uses_channels_last` on the input's device) is on; ``Acceleration.plain()`` scores the model
+    itself. ``accel.compile``: ``True`` runs the copy compiled by ``torch.compile`` for
+    ``batch_size`` images per pass (:class:`~convlens.accel.compiled.FixedBatchForward`:
+    checked against eager execution on its first batch, eager whenever compilation fails);
+    ``"auto"`` does so when the call's job, announced by :meth:`expect`, is long enough
     (:meth:`convlens.accel.Acceleration.compiles`); one compiled copy per network is kept
     between calls.
     """
@@ -115,24 +149,18 @@ class _Scorer:
         model: nn.Module | ConvlensModel,
         example: torch.Tensor,
         *,
-        fast: bool,
+        accel: Acceleration,
         autocast: torch.dtype | None,
         batch_size: int,
-        compile: Compile = "auto",
     ) -> None:
-        if compile not in (True, False, "auto"):
-            raise ValueError(f"compile must be True, False or 'auto', not {compile!r}")
         self.net, self.wrapper = unwrap(model)
         self.example = example
         self.copy: nn.Module | None = None
-        accel = self.wrapper.accel if self.wrapper is not None else Acceleration()
         self.accel = accel
         self.threads: ThreadGovernor | None = None
         self.fold = accel.fold_batchnorm
-        self.layout = accel.channels_last is not False
-        if accel.compile is False:
-            compile = False
-        if fast and (self.fold or self.layout):
+        self.layout = accel.uses_channels_last(example.device)
+        if self.fold or self.layout:
             try:
                 self.copy = inference_copy(
                     model, example, fold=self.fold, channels_last=self.layout
@@ -143,25 +171,20 @@ class _Scorer:
                 )
         self.autocast = autocast
         self.batch_size = positive_int(batch_size, "batch_size")
-        self.compile = compile
         self.compiled: FixedBatchForward | None = None
         self._stack = contextlib.ExitStack()
-        if compile is True:
+        if accel.compile is True:
             self._use_compiled()
 
     def _use_compiled(self) -> None:
         if self.copy is None or self.compiled is not None:
             return
-        model = self.net
+        copy = self.copy
         example = self.example
         dtype = example.dtype if example.is_floating_point() else torch.float32
         self.compiled = compiled_forward(
-            model,
-            lambda: (
-                self.copy
-                if self.copy is not None
-                else inference_copy(model, example, fold=self.fold, channels_last=self.layout)
-            ),
+            self.net,
+            lambda: copy,
             batch_size=self.batch_size,
             device=example.device,
             dtype=dtype,
@@ -170,9 +193,9 @@ class _Scorer:
     def expect(self, n_images: int) -> None:
         """Announce the job: ``n_images`` images to score; with ``compile="auto"``, compile when
         that many make it worth it (:meth:`convlens.accel.Acceleration.compiles`)."""
-        if self.compile != "auto" or self.copy is None or self.compiled is not None:
+        if self.accel.compile != "auto" or self.copy is None or self.compiled is not None:
             return
-        if Acceleration(compile="auto").compiles(self.example.device, n_images):
+        if self.accel.compiles(self.example.device, n_images):
             self._use_compiled()
 
     def __enter__(self) -> _Scorer:
@@ -289,9 +312,9 @@ def deletion_insertion_many(
     blur_sigma: float = 10.0,
     score: Literal["prob", "logit"] = "prob",
     batch_size: int = 64,
-    fast: bool = True,
     autocast: torch.dtype | None = None,
-    compile: Compile = "auto",
+    accel: Acceleration | None = None,
+    compile: Compile | None = None,
 ) -> dict[str, Curves]:
     """Deletion and insertion curves of several maps of the same images (see
     :func:`deletion_insertion`), sharing what they have in common.
@@ -311,23 +334,26 @@ def deletion_insertion_many(
         blur_sigma: for blurred baselines, in pixels.
         score: ``"prob"`` (softmax) or ``"logit"``.
         batch_size: images per forward pass.
-        fast: evaluate a copy of the model with BatchNorm folded into the convolutions and
-            ``channels_last`` weights (:func:`convlens.accel.folded.inference_copy`); the
-            scores equal the model's to float rounding.
         autocast: e.g. ``torch.bfloat16``: run the forward passes under ``torch.autocast``
             (faster on CPUs with bf16 instructions and on GPUs, not exact; see docs/metrics.md).
-        compile: run the fast copy compiled by ``torch.compile`` (equal to float rounding,
-            checked on the first batch; timings in ``benchmarks/RESULTS_METRICS.md``):
-            ``True``, ``False``, or ``"auto"``: on a CPU with a C++ compiler, when the call
-            scores at least :data:`~convlens.accel.AUTO_COMPILE_PASSES` perturbed images. The
-            compiled copy is kept for later calls with the same network and ``batch_size``.
+        accel: the accelerators the call may use (default: the wrapper's
+            :attr:`~convlens.models.ConvlensModel.accel`, else ``Acceleration()``); the scores
+            equal the plain path's (``Acceleration.plain()``: the model itself) to float
+            rounding. ``fold_batchnorm`` / ``channels_last``: score a copy of the model with
+            BatchNorm folded into the convolutions and ``channels_last`` weights
+            (:func:`convlens.accel.folded.inference_copy`); ``compile``: run that copy
+            compiled by ``torch.compile`` (checked on the first batch; timings in
+            ``benchmarks/RESULTS_METRICS.md``), ``"auto"``: on a CPU with a C++ compiler, when
+            the call scores at least :data:`~convlens.accel.AUTO_COMPILE_PASSES` perturbed
+            images. The compiled copy is kept for later calls with the same network and
+            ``batch_size``.
+        compile: shorthand for ``accel.but(compile=compile)`` (:func:`metrics_accel`).
 
     Returns:
         ``{name: Curves}``.
     """
-    with _Scorer(
-        model, x, fast=fast, autocast=autocast, batch_size=batch_size, compile=compile
-    ) as scorer:
+    accel = metrics_accel(model, accel, compile)
+    with _Scorer(model, x, accel=accel, autocast=autocast, batch_size=batch_size) as scorer:
         return _curves(
             scorer,
             x,
@@ -353,9 +379,9 @@ def deletion_insertion(
     blur_sigma: float = 10.0,
     score: Literal["prob", "logit"] = "prob",
     batch_size: int = 64,
-    fast: bool = True,
     autocast: torch.dtype | None = None,
-    compile: Compile = "auto",
+    accel: Acceleration | None = None,
+    compile: Compile | None = None,
 ) -> Curves:
     """Deletion and insertion curves (Petsiuk, Das & Saenko 2018, "RISE", §4).
 
@@ -378,11 +404,10 @@ def deletion_insertion(
         blur_sigma: for blurred baselines, in pixels.
         score: ``"prob"`` (softmax) or ``"logit"``.
         batch_size: images per forward pass.
-        fast: evaluate a fused ``channels_last`` copy of the model (equal to float rounding;
-            see :func:`deletion_insertion_many`).
         autocast: run the forward passes under ``torch.autocast`` with this dtype (not exact).
-        compile: compile the fast copy with ``torch.compile`` (``True``, ``False`` or
-            ``"auto"``; see :func:`deletion_insertion_many`).
+        accel: the accelerators the call may use (equal to float rounding; see
+            :func:`deletion_insertion_many`).
+        compile: shorthand for ``accel.but(compile=compile)`` (:func:`metrics_accel`).
 
     Returns:
         The curves; ``.deletion_auc`` and ``.insertion_auc`` give the areas.
@@ -401,8 +426,8 @@ def deletion_insertion(
         blur_sigma=blur_sigma,
         score=score,
         batch_size=batch_size,
-        fast=fast,
         autocast=autocast,
+        accel=accel,
         compile=compile,
     )["map"]
 
@@ -431,6 +456,8 @@ def average_drop(
     x: torch.Tensor,
     maps: torch.Tensor,
     targets: torch.Tensor,
+    *,
+    accel: Acceleration | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Average Drop and Increase in Confidence (Chattopadhay et al. 2018, "Grad-CAM++", §5.1).
 
@@ -439,14 +466,24 @@ def average_drop(
     ``drop_i = max(0, Y_i - O_i) / Y_i`` and ``increase_i = [O_i > Y_i]``, with ``Y`` the
     target's probability on the image and ``O`` on the masked image.
 
+    Args:
+        model: the classifier.
+        x: (B, 3, H, W) inputs.
+        maps: (B, H, W) maps at input resolution.
+        targets: (B,) class indices.
+        accel: the accelerators the call may use (equal to float rounding; see
+            :func:`deletion_insertion_many`).
+
     Returns:
         ``(drop (B,), increase (B,))``; their means (x100) are the paper's % figures.
     """
-    net, wrapper = unwrap(model)
+    _, wrapper = unwrap(model)
     b = x.shape[0]
     masked = _masked(x, maps, wrapper)
-    t = targets.to(x.device).view(b, 1)
-    with model_state(net, eval_mode=True, grads=False), torch.no_grad():
-        y = torch.softmax(net(x).float(), 1).gather(1, t).squeeze(1)
-        o = torch.softmax(net(masked).float(), 1).gather(1, t).squeeze(1)
+    t = targets.to(x.device).view(b)
+    with _Scorer(
+        model, x, accel=metrics_accel(model, accel), autocast=None, batch_size=b
+    ) as scorer:
+        y = scorer.score(x, t)
+        o = scorer.score(masked, t)
     return _drop_increase(y, o)

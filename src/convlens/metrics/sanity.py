@@ -13,11 +13,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from convlens.accel.settings import Acceleration
 from convlens.errors import BlankMapWarning
 from convlens.hooks.capture import hooks
 from convlens.hooks.state import model_state
 from convlens.methods.base import Method
 from convlens.methods.registry import get_method
+from convlens.metrics.faithfulness import metrics_accel
 from convlens.models.base import ConvlensModel, unwrap
 from convlens.validate import positive_int
 from convlens.validate import seed as check_seed
@@ -158,6 +160,7 @@ def cascading_randomization(
     targets: torch.Tensor | None = None,
     checkpoints: int = 8,
     seed: int = 0,
+    accel: Acceleration | None = None,
 ) -> SanityResult:
     """Cascading parameter randomisation (Adebayo et al. 2018, "Sanity Checks for Saliency
     Maps", §3.1), on a copy of the model: the user's model is not touched.
@@ -176,10 +179,14 @@ def cascading_randomization(
         targets: (B,) classes; default the intact model's top-1.
         checkpoints: number of randomisation depths evaluated.
         seed: seed of the random weights.
+        accel: the accelerators of the methods' calls (default: the wrapper's
+            :attr:`~convlens.models.ConvlensModel.accel`, else ``Acceleration()``; the copy
+            being randomised keeps it).
     """
     checkpoints = positive_int(checkpoints, "checkpoints")
     seed = check_seed(seed, "seed")
     net, wrapper = unwrap(model)
+    accel = metrics_accel(model, accel)
     method_objs = [get_method(m) if isinstance(m, str) else m for m in methods]
     if targets is None:
         with model_state(net, eval_mode=True, grads=False), torch.no_grad():
@@ -187,11 +194,11 @@ def cascading_randomization(
     targets = targets.view(-1)
     clone = copy.deepcopy(net)
     probe = (
-        ConvlensModel(clone, wrapper.preprocess, wrapper.classes, wrapper.name)
+        ConvlensModel(clone, wrapper.preprocess, wrapper.classes, wrapper.name, accel=accel)
         if wrapper is not None
         else clone
     )
-    originals = {m.name: m(probe, x, targets).maps[:, 0] for m in method_objs}
+    originals = {m.name: m(probe, x, targets, accel=accel).maps[:, 0] for m in method_objs}
     layers = list(reversed(parameter_layers(clone, x)))
     modules = dict(clone.named_modules())
     stops = sorted({round(i * len(layers) / checkpoints) for i in range(1, checkpoints + 1)})
@@ -211,7 +218,7 @@ def cascading_randomization(
                 # a randomised model giving blank maps is a finding measured here (ranges),
                 # not a result shown to the user
                 warnings.simplefilter("ignore", BlankMapWarning)
-                maps = m(probe, x, targets).maps[:, 0]
+                maps = m(probe, x, targets, accel=accel).maps[:, 0]
             result.ranges[m.name][s] = relative_range(maps).numpy()
             for i in range(x.shape[0]):
                 sim = map_similarity(originals[m.name][i], maps[i])

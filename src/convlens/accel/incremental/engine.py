@@ -50,6 +50,10 @@ class IncrementalEngine:
         patch: side of the occluding square.
         ys, xs: top rows and left columns of the windows.
         tau: projective-field cap (approximate); ``None`` is exact.
+        fold_batchnorm: fold eval-mode BatchNorm into the convolution before it, in the
+            incremental part (:func:`~convlens.accel.incremental.plan.fold_batch_norms`) and in
+            the fused suffix (:attr:`convlens.accel.Acceleration.fold_batchnorm`); ``False``:
+            every BatchNorm runs as a BatchNorm.
 
     Raises:
         NotIncrementalError: the model cannot be traced, has several inputs, does not return a
@@ -67,6 +71,8 @@ class IncrementalEngine:
         ys: Sequence[int],
         xs: Sequence[int],
         tau: float | None = None,
+        *,
+        fold_batchnorm: bool = True,
     ) -> None:
         self.traced = trace(net, x)
         t = self.traced
@@ -78,7 +84,8 @@ class IncrementalEngine:
         self.steps = planner.plan(patch, ys, xs)
         self.hooked = planner.hooked
         """Modules with forward hooks, computed in full from their node on."""
-        fold_batch_norms(t, self.steps)
+        if fold_batchnorm:
+            fold_batch_norms(t, self.steps)
         self._mutators = check_mutations(t, self.steps)
         with torch.no_grad():
             ref = net(x.clone())
@@ -95,7 +102,9 @@ class IncrementalEngine:
         (:mod:`convlens.accel.incremental.suffix`), when it could be built."""
         if not self.hooked:
             full = {n for n, st in self.steps.items() if st.kind is StepKind.FULL}
-            self.suffix = build_suffix(self.gm, self.nodes, full, self.clean)
+            self.suffix = build_suffix(
+                self.gm, self.nodes, full, self.clean, fold_batchnorm=fold_batchnorm
+            )
         self._last_use: dict[fx.Node, int] = {}
         for i, node in enumerate(self.nodes):
             for a in node.all_input_nodes:

@@ -6,8 +6,9 @@ global pooling, flatten, the linear head) on, every occluded copy runs in full. 
 run the way the metrics run whole networks (:func:`convlens.accel.folded.inference_copy`):
 the suffix's nodes are copied into their own :class:`torch.fx.GraphModule` that shares the
 model's modules, with every eval-mode ``BatchNorm2d`` folded into the convolution before it
-(``W' = s W``, ``b' = s (b - mu) + beta``, ``s = gamma / sqrt(var + eps)``) and 4-D weights and
-inputs in ``channels_last``. Only the order of floating-point operations changes; the suffix is
+(``W' = s W``, ``b' = s (b - mu) + beta``, ``s = gamma / sqrt(var + eps)``; only with
+``Acceleration.fold_batchnorm``, else the BatchNorm runs as it is) and 4-D weights and inputs in
+``channels_last``. Only the order of floating-point operations changes; the suffix is
 checked against the clean pass's own values before use, and not used (the engine runs the nodes
 one by one as before) if it differs, if the model has hooked modules (their hooks must see the
 model's own modules), or if anything about building it fails.
@@ -223,6 +224,8 @@ def build_suffix(
     nodes: Sequence[fx.Node],
     full: set[fx.Node],
     clean: dict[fx.Node, Any],
+    *,
+    fold_batchnorm: bool = True,
 ) -> Suffix | None:
     """The suffix of ``gm`` made of the ``full`` nodes, or ``None`` when there is none or it
     cannot be used (see the module docstring).
@@ -232,6 +235,9 @@ def build_suffix(
         nodes: its nodes in order.
         full: the nodes the engine computes in full.
         clean: every node's value on the clean batch (for the check).
+        fold_batchnorm: fold eval-mode BatchNorm into the convolution before it
+            (:attr:`convlens.accel.Acceleration.fold_batchnorm`); ``False``: the suffix runs
+            the model's BatchNorm modules as they are.
     """
     output = nodes[-1]
     result = output.args[0] if output.args else None
@@ -268,7 +274,7 @@ def build_suffix(
         suffix = fx.GraphModule(gm, graph)
         if any(_hooked(m) for m in suffix.modules()):
             return None
-        folded = _fold_in_graph(suffix)
+        folded = _fold_in_graph(suffix) if fold_batchnorm else 0
         _channels_last(suffix, {id(m) for m in gm.modules()})
         with torch.no_grad():
             got = suffix(*(_cl(clean[a]) for a in inputs))
