@@ -12,14 +12,16 @@ overlap its box.
 
 The generator is pure torch, vectorised over the batch, and deterministic per seed (one CPU
 :class:`torch.Generator`; the random draws do not depend on the labels). 64 x 64 images by
-default; 10,000 images take about a second on one CPU core.
+default; a batch of 256 takes about 0.15 s on one CPU core.
 
 Example::
 
     from convlens.synthesis.known_cause import known_cause_batch
 
     batch = known_cause_batch(256, seed=1)
-    batch.images.shape, batch.labels.shape, batch.masks.shape   # (256, 3, 64, 64), (256,), (256, 64, 64)
+    batch.images.shape    # (256, 3, 64, 64) in [0, 1]
+    batch.labels.shape    # (256,): class i is the shape SHAPES[i]
+    batch.masks.shape     # (256, 64, 64): the object's pixels
 
 Used by ``benchmarks/bench_known_cause.py`` to score every method with the pointing game and
 the energy share inside the object (:mod:`convlens.metrics.pointing`).
@@ -165,7 +167,9 @@ def known_cause_batch(
     lo, hi = object_size
     dlo, dhi = distractor_size
     if not (2 <= lo <= hi < size and 2 <= dlo <= dhi < size):
-        raise ValueError(f"object_size {object_size} / distractor_size {distractor_size} do not fit")
+        raise ValueError(
+            f"object_size {object_size} / distractor_size {distractor_size} do not fit"
+        )
     g = torch.Generator().manual_seed(int(seed))
     balanced = (torch.arange(n) % num_classes)[torch.randperm(n, generator=g)]
     images = _smooth_background(n, size, g)
