@@ -75,7 +75,7 @@ def test_object_is_the_only_class_dependent_element() -> None:
 
 
 def test_distractors_independent_of_the_class() -> None:
-    """Distractor shapes are the class shapes, drawn as often for every class (chi-square)."""
+    """Distractors cover about the same area whatever the class of the image."""
     batch = known_cause_batch(500, seed=7, distractors=3)
     dm = batch.distractor_masks.flatten(1).sum(1).float()
     per_class = torch.stack([dm[batch.labels == k].mean() for k in range(5)])
