@@ -107,6 +107,11 @@ def checkpoint_path(arch: str) -> Path:
     return CHECKPOINTS / f"tiny_{arch}.pt"
 
 
+def shown(path: Path) -> str:
+    """``path`` relative to the checkout when inside it."""
+    return str(path.relative_to(common.REPO) if path.is_relative_to(common.REPO) else path)
+
+
 def load_or_train(arch: str, train: bool) -> tuple[nn.Module, str]:
     """The network (float32, eval mode) and a note on where it came from."""
     path = checkpoint_path(arch)
@@ -114,7 +119,7 @@ def load_or_train(arch: str, train: bool) -> tuple[nn.Module, str]:
     if path.exists() and not train:
         state = torch.load(path, map_location="cpu", weights_only=True)
         net.load_state_dict({k: v.float() for k, v in state.items()})
-        return net.eval(), f"loaded `{path.relative_to(common.REPO)}`"
+        return net.eval(), f"loaded `{shown(path)}`"
     torch.manual_seed(0)
     net = tiny_model(arch)
     settings = TRAINING[arch]
@@ -129,7 +134,7 @@ def load_or_train(arch: str, train: bool) -> tuple[nn.Module, str]:
     net.load_state_dict({k: v.float() for k, v in half.items()})
     note = (
         f"trained {settings['steps']} steps in {seconds:.0f} s (final loss "
-        f"{sum(losses[-20:]) / 20:.3f}), stored in `{path.relative_to(common.REPO)}`"
+        f"{sum(losses[-20:]) / 20:.3f}), stored in `{shown(path)}`"
     )
     log.info("%s: %s", arch, note)
     return net.eval(), note

@@ -55,7 +55,7 @@ def test_training_is_seeded() -> None:
         torch.manual_seed(0)
         net = TinyCNN(width=4)
         start = net.fc.weight.detach().clone()
-        losses = train_known_cause(net, 6, batch_size=8, warmup=1)
+        losses = train_known_cause(net, 3, batch_size=8, warmup=1)
         assert not net.training
         return losses, start, net.fc.weight.detach().clone()
 
