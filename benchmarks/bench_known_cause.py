@@ -256,6 +256,10 @@ def notes(results: dict[str, dict[str, dict[str, object]]], archs: list[str]) ->
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    unknown = sorted(set(args.methods or ()) - set(convlens.list_methods()))
+    if unknown:
+        sys.stderr.write(f"unknown methods: {', '.join(unknown)}\n")
+        return 2
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
     load = [common.load_average(), math.nan]
