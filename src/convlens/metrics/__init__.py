@@ -11,7 +11,7 @@ from convlens.metrics.faithfulness import (
     deletion_insertion_many,
     ranking,
 )
-from convlens.metrics.pointing import boxes_to_masks, pointing_game
+from convlens.metrics.pointing import boxes_to_masks, energy_share, pointing_game
 from convlens.metrics.sanity import (
     SanityResult,
     cascading_randomization,
@@ -31,6 +31,7 @@ __all__ = [
     "cascading_randomization",
     "deletion_insertion",
     "deletion_insertion_many",
+    "energy_share",
     "evaluate_methods",
     "map_similarity",
     "parameter_layers",

@@ -1,4 +1,6 @@
-"""Image synthesis: class model visualisation, channel/neuron visualisation and DeepDream.
+"""Image synthesis: class model visualisation, channel/neuron visualisation and DeepDream; and
+images whose cause is known (``known_cause``) with the tiny networks trained on them
+(``tiny_models``), for scoring maps against the truth.
 
 Public API::
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 from convlens.synthesis.classviz import class_visualization
 from convlens.synthesis.dream import deep_dream, octave_sizes
 from convlens.synthesis.featviz import channel_visualization
+from convlens.synthesis.known_cause import SHAPES, KnownCauseBatch, known_cause_batch
 from convlens.synthesis.objectives import (
     ChannelMean,
     ClassScore,
@@ -44,6 +47,7 @@ from convlens.synthesis.parameterization import (
     recorrelate_colors,
 )
 from convlens.synthesis.result import DreamResult, SynthesisResult, image_grid, to_pil
+from convlens.synthesis.tiny_models import TinyCNN, TinyViT, tiny_model, train_known_cause
 from convlens.synthesis.transforms import (
     Compose,
     RandomTransform,
@@ -55,6 +59,7 @@ from convlens.synthesis.transforms import (
 __all__ = [
     "COLOR_CORRELATION_SVD_SQRT",
     "PRESETS",
+    "SHAPES",
     "ChannelMean",
     "ClassScore",
     "Compose",
@@ -62,6 +67,7 @@ __all__ = [
     "DreamResult",
     "FourierImage",
     "ImageParam",
+    "KnownCauseBatch",
     "LayerReader",
     "Neuron",
     "Objective",
@@ -69,6 +75,8 @@ __all__ = [
     "RandomTransform",
     "SynthesisResult",
     "SynthesisSettings",
+    "TinyCNN",
+    "TinyViT",
     "Transform",
     "channel_visualization",
     "class_visualization",
@@ -78,11 +86,14 @@ __all__ = [
     "fourier_scale",
     "gaussian_blur",
     "image_grid",
+    "known_cause_batch",
     "octave_sizes",
     "optimize_images",
     "random_roll",
     "recorrelate_colors",
     "resolve_settings",
     "standard_transforms",
+    "tiny_model",
     "to_pil",
+    "train_known_cause",
 ]
