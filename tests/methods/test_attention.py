@@ -495,3 +495,55 @@ def test_explain_refuses_a_cnn_in_one_line(tmp_path: Path, capsys) -> None:
     assert exit_code(args) == 2
     err = capsys.readouterr().err.strip()
     assert "no attention module" in err and len(err.splitlines()) == 1
+
+
+def test_a_module_laid_out_like_timms_attention_is_read_without_timm() -> None:
+    """The known-cause ViT (convlens.synthesis) writes timm's Attention out by hand (``qkv``,
+    ``num_heads``, ``fused_attn``, ``attn_drop``): its matrices are read at ``attn_drop`` and
+    rollout equals the loop over the matrices computed from the blocks' own weights."""
+    from convlens.synthesis.tiny_models import tiny_model
+
+    net = seeded(tiny_model("vit"), dtype=torch.float64)
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    attns = []
+    with torch.no_grad():
+        for block in net.blocks:
+            m = block.attn
+            handle = block.norm1.register_forward_hook(
+                lambda _m, _a, out, m=m: attns.append(_softmax_attention(m, out))
+            )
+            try:
+                net(x)
+            finally:
+                handle.remove()
+    exp = AttentionRollout()(net, x)
+    want = rollout_by_loop(attns, "mean", 0.0)
+    assert exp.meta["attention_layers"] == [f"blocks.{i}.attn" for i in range(len(net.blocks))]
+    assert exp.raw_maps is not None
+    gh, gw = exp.raw_maps.shape[-2:]
+    torch.testing.assert_close(exp.raw_maps[:, 0].double(), want[:, 1:].reshape(2, gh, gw))
+
+
+def _softmax_attention(m: nn.Module, y: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) from a timm-layout module's own ``qkv`` weights."""
+    b, n, c = y.shape
+    q, k, _ = m.qkv(y).reshape(b, n, 3, m.num_heads, c // m.num_heads).permute(2, 0, 3, 1, 4)
+    return torch.softmax(q @ k.transpose(-2, -1) / (c // m.num_heads) ** 0.5, dim=-1)
+
+
+def test_windowed_attention_is_not_taken_for_global_attention() -> None:
+    from convlens.hooks.attention import attention_modules
+
+    class Windowed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.qkv, self.num_heads, self.fused_attn = nn.Linear(4, 12), 2, False
+            self.attn_drop, self.window_size = nn.Dropout(0.0), (2, 2)
+
+    class Global(Windowed):
+        def __init__(self) -> None:
+            super().__init__()
+            del self.window_size
+
+    net = nn.Sequential(Windowed(), Global())
+    assert [name for name, _ in attention_modules(net)] == ["1"]

@@ -7,7 +7,9 @@ form the attention matrix, or form it outside the autograd graph. For the call,
 ``A = softmax(q k^T / sqrt(d))`` explicitly, from the module's own projections, as a tensor
 of the autograd graph that the rest of the forward pass uses, and records it:
 
-- timm's ``Attention`` (``VisionTransformer``, DeiT): the module's own non-fused branch
+- timm's ``Attention`` (``VisionTransformer``, DeiT), and any module laid out like it (a
+  ``qkv`` projection, ``num_heads``, ``fused_attn``, ``attn_drop``; windowed attention, which
+  has a ``window_size``, excluded): the module's own non-fused branch
   (``fused_attn = False`` for the call); the matrix is read as the output of its ``attn_drop``
   (a forward hook), the tensor multiplied with the values;
 - ``nn.MultiheadAttention`` (torchvision's ``VisionTransformer`` and models built like it): the
@@ -38,8 +40,8 @@ __all__ = ["SUPPORTED_ATTENTION", "AttentionRecord", "attention_modules", "expli
 
 #: What :func:`explicit_attention` recognises, for messages.
 SUPPORTED_ATTENTION = (
-    "timm vision transformers (timm.layers.Attention: ViT, DeiT) and torchvision-style "
-    "vision transformers (nn.MultiheadAttention self-attention)"
+    "timm vision transformers (timm.layers.Attention: ViT, DeiT, and modules laid out like it) "
+    "and torchvision-style vision transformers (nn.MultiheadAttention self-attention)"
 )
 
 
@@ -76,13 +78,24 @@ def attention_modules(net: nn.Module) -> list[tuple[str, nn.Module]]:
     found = []
     for name, m in net.named_modules():
         if isinstance(m, nn.MultiheadAttention) or (
-            timm_cls is not None
-            and isinstance(m, timm_cls)
-            and hasattr(m, "fused_attn")
-            and isinstance(getattr(m, "attn_drop", None), nn.Module)
+            timm_cls is not None and isinstance(m, timm_cls) and _timm_layout(m)
         ):
             found.append((name, m))
+        elif _timm_layout(m) and not hasattr(m, "window_size"):
+            found.append((name, m))  # laid out like timm's Attention (global, not windowed)
     return found
+
+
+def _timm_layout(m: nn.Module) -> bool:
+    """Whether ``m`` follows timm's ``Attention`` layout: a ``qkv`` linear projection, an integer
+    ``num_heads``, a ``fused_attn`` switch whose off branch forms the attention matrix, and the
+    ``attn_drop`` module that matrix passes through (read by :func:`explicit_attention`)."""
+    return (
+        isinstance(getattr(m, "qkv", None), nn.Linear)
+        and isinstance(getattr(m, "num_heads", None), int)
+        and hasattr(m, "fused_attn")
+        and isinstance(getattr(m, "attn_drop", None), nn.Module)
+    )
 
 
 def _mha_forward(

@@ -20,6 +20,7 @@ from convlens.errors import UnsupportedModelError
 from convlens.hooks.attention import SUPPORTED_ATTENTION, AttentionRecord, explicit_attention
 from convlens.methods.base import Context, Method, RawResult
 from convlens.methods.registry import register
+from convlens.tokens import patch_grid
 from convlens.validate import Bound
 
 __all__ = ["AttentionRelevance", "AttentionRollout", "attention_relevance", "attention_rollout"]
@@ -39,56 +40,48 @@ class _Tokens:
     grid: tuple[int, int]
 
 
-def _token_layout(net: nn.Module, x: torch.Tensor) -> _Tokens:
-    """The token layout of a vision transformer for input ``x``: the one place that knows it
-    (to be replaced by a general token module).
-
-    - timm (``num_prefix_tokens`` and ``patch_embed``): ``num_prefix_tokens`` prefix tokens,
-      the grid from ``patch_embed`` for the input size; the class token is required;
-    - torchvision-style (a ``class_token`` tensor and an integer ``patch_size``): one class
-      token, grid ``(H // patch_size, W // patch_size)``.
+def _patch_grid(net: nn.Module, x: torch.Tensor) -> tuple[int, int]:
+    """The patch grid of a vision transformer for input ``x``, observed
+    (:func:`convlens.tokens.patch_grid`: the patch-embedding convolution's output size).
 
     Raises:
-        UnsupportedModelError: no module of ``net`` is laid out either way, or the model has
-            no class token.
+        UnsupportedModelError: the model shows no patch grid.
     """
-    h, w = int(x.shape[-2]), int(x.shape[-1])
-    for m in net.modules():
-        embed = getattr(m, "patch_embed", None)
-        if isinstance(getattr(m, "num_prefix_tokens", None), int) and embed is not None:
-            if not getattr(m, "has_class_token", getattr(m, "cls_token", None) is not None):
-                raise UnsupportedModelError(
-                    f"{type(m).__name__} has no class token; attention rollout and relevance "
-                    "read the class token's attention"
-                )
-            feat = getattr(embed, "dynamic_feat_size", None)
-            gh, gw = feat((h, w)) if callable(feat) else embed.grid_size
-            return _Tokens(int(m.num_prefix_tokens), (int(gh), int(gw)))
-        patch = getattr(m, "patch_size", None)
-        if isinstance(getattr(m, "class_token", None), torch.Tensor) and isinstance(patch, int):
-            return _Tokens(1, (h // patch, w // patch))
-    raise UnsupportedModelError(
-        f"cannot find the class token and patch grid of {type(net).__name__}; attention "
-        f"methods support {SUPPORTED_ATTENTION}"
-    )
+    grid = patch_grid(net, x)
+    if grid is None:
+        raise UnsupportedModelError(
+            f"cannot find the patch grid of {type(net).__name__} (no patch-embedding convolution "
+            f"before its token sequence); attention methods support {SUPPORTED_ATTENTION}"
+        )
+    return grid
 
 
-def _attentions(record: AttentionRecord, tokens: _Tokens, batch: int) -> list[torch.Tensor]:
-    """The recorded (B, heads, N, N) matrices, checked against the token layout."""
+def _attentions(
+    record: AttentionRecord, grid: tuple[int, int], batch: int
+) -> tuple[list[torch.Tensor], _Tokens]:
+    """The recorded (B, heads, N, N) matrices, checked against the patch grid, and the token
+    layout they imply: ``N - h w`` prefix tokens (at least the class token) before the patches.
+    """
     if not record.weights:
         raise UnsupportedModelError(
             f"the model's attention modules computed no attention weights; attention methods "
             f"support {SUPPORTED_ATTENTION}"
         )
-    n = tokens.prefix + tokens.grid[0] * tokens.grid[1]
+    n = int(record.weights[0].shape[-1])
+    tokens = _Tokens(n - grid[0] * grid[1], grid)
     for name, a in zip(record.names, record.weights, strict=True):
-        if a.dim() != 4 or a.shape[0] != batch or a.shape[-2:] != (n, n):
+        if a.dim() != 4 or a.shape[0] != batch or a.shape[-2:] != (n, n) or tokens.prefix < 0:
             raise UnsupportedModelError(
-                f"attention of {name!r} has shape {tuple(a.shape)}, not (B, heads, {n}, {n}) "
-                f"for {tokens.prefix} prefix token(s) and a {tokens.grid[0]}x{tokens.grid[1]} "
-                "patch grid; attention methods support global self-attention over the tokens"
+                f"attention of {name!r} has shape {tuple(a.shape)}, not (B, heads, N, N) over "
+                f"prefix tokens and a {grid[0]}x{grid[1]} patch grid; attention methods support "
+                "global self-attention over the tokens"
             )
-    return list(record.weights)
+    if tokens.prefix == 0:
+        raise UnsupportedModelError(
+            "the model has no class token (its attention runs over the patch tokens only); "
+            "attention rollout and relevance read the class token's attention"
+        )
+    return list(record.weights), tokens
 
 
 def attention_rollout(
@@ -199,9 +192,10 @@ class AttentionRollout(_AttentionMethod):
 
     def compute(self, ctx: Context) -> RawResult:
         with torch.no_grad(), explicit_attention(ctx.net) as record:
-            tokens = _token_layout(ctx.net, ctx.x)
+            grid = _patch_grid(ctx.net, ctx.x)
+            record.clear()  # only the explained pass's attention
             logits = ctx.net(ctx.x)
-        attentions = _attentions(record, tokens, ctx.x.shape[0])
+        attentions, tokens = _attentions(record, grid, ctx.x.shape[0])
         targets = ctx.targets(logits)
         r = attention_rollout(attentions, self.head_fusion, self.discard_ratio)
         m = _patch_map(r, tokens).unsqueeze(1)
@@ -233,9 +227,10 @@ class AttentionRelevance(_AttentionMethod):
         # parameters are frozen for the call); no gradient is taken with respect to it.
         x = ctx.x.detach().clone().requires_grad_(True)
         with torch.enable_grad(), explicit_attention(ctx.net) as record:
-            tokens = _token_layout(ctx.net, x)
+            grid = _patch_grid(ctx.net, ctx.x)
+            record.clear()  # only the explained pass's attention
             logits = ctx.net(x)
-            attentions = _attentions(record, tokens, x.shape[0])
+            attentions, tokens = _attentions(record, grid, x.shape[0])
             targets = ctx.targets(logits.detach())
             k = targets.shape[1]
             maps = []
