@@ -22,6 +22,18 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from convlens.analysis.failure_modes import (
+    FEATURES_FILE,
+    FailureMode,
+    FeatureCache,
+    FeatureCapture,
+    features_pass,
+    find_failure_modes,
+    gap_head,
+    head_stamp,
+    select_images,
+)
+from convlens.analysis.failure_modes import summarize as summarize_failure_modes
 from convlens.analysis.faithfulness import FILE_NAME as FAITHFULNESS_FILE
 from convlens.analysis.faithfulness import ScoreCache, Scores, score_maps, summarize
 from convlens.analysis.report import write_report
@@ -78,6 +90,10 @@ class AnalysisResult:
         unexplained: ``(path, reason)`` of examined images that could not be read any more
             when their explanations were due (deleted or corrupted after the prediction pass);
             their predictions still count.
+        failure_modes: the clusters of mistakes, best first (see
+            :mod:`convlens.analysis.failure_modes`); their summary is
+            ``metrics["failure_modes"]``. Empty when ``analyze(failure_modes=False)`` or the
+            model has no GAP + linear head.
         report: the report's ``index.html``.
     """
 
@@ -89,6 +105,7 @@ class AnalysisResult:
     explanations: dict[str, Path] = field(default_factory=dict)
     unexplained: list[tuple[str, str]] = field(default_factory=list)
     faithfulness: Scores = field(default_factory=dict)
+    failure_modes: list[FailureMode] = field(default_factory=list)
     report: Path | None = None
 
     def table(self) -> list[dict[str, Any]]:
@@ -220,6 +237,45 @@ class _Launched:
     label_log_probs: torch.Tensor | None = None  # (B,), NaN without a label
     finite: torch.Tensor | None = None  # (B,) bool: every output of the image is finite
     ready: Any = None  # a CUDA event, or None when the tensors are already on the host
+    features: torch.Tensor | None = None  # (B, C) penultimate features, on the host
+    features_ready: Any = None  # a CUDA event for the features' copy, or None
+
+
+class _FeatureRecorder:
+    """Keeps the penultimate features of the prediction pass (failure modes) in a
+    :class:`~convlens.analysis.failure_modes.FeatureCache` under ``folder``.
+
+    The GAP + linear head is found on the first batch (or, when every image is resumed, on the
+    first readable stored image); a model without one records nothing.
+    """
+
+    def __init__(self, model: ConvlensModel, folder: Path) -> None:
+        self.model = model
+        self.folder = folder
+        self.checked = False
+        self.head: Any = None
+        self.cache: FeatureCache | None = None
+        self.capture: FeatureCapture | None = None
+
+    def start(self, x: torch.Tensor) -> None:
+        """Find the head from an input batch ``x`` (once)."""
+        if self.checked:
+            return
+        self.checked = True
+        self.head = gap_head(self.model, x)
+        if self.head is not None:
+            self.cache = FeatureCache(self.folder / FEATURES_FILE, head_stamp(self.head))
+            self.capture = FeatureCapture(self.head.fc_name)
+
+    def once(self) -> contextlib.AbstractContextManager[Any]:
+        """The capture of the classifier's input for one forward pass (nothing without a head)."""
+        if self.capture is None:
+            return contextlib.nullcontext(None)
+        return self.capture.once(self.model.net)
+
+    def save(self) -> None:
+        if self.cache is not None:
+            self.cache.save()
 
 
 def _launch_batch(
@@ -271,6 +327,8 @@ def _finish_batch(
     ``(index into todo, reason)`` for the images whose model output is not finite."""
     if launched.ready is not None:
         launched.ready.synchronize()
+    if launched.features_ready is not None:
+        launched.features_ready.synchronize()
     if launched.top_probs is None or launched.top_classes is None:
         return [], []
     classes = launched.top_classes.tolist()
@@ -305,12 +363,14 @@ def _predict_loop(
     todo: Sequence[tuple[str, int | None]],
     batches: Iterable[tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]],
     advance: Any = None,
+    recorder: _FeatureRecorder | None = None,
 ) -> None:
     """Predict ``batches`` of ``(indices into todo, inputs, failures)`` into the store.
 
     One batch is kept in flight: batch ``k + 1`` is read and launched before batch ``k``'s
     results are waited for and written (one transaction per batch). If reading or launching a
     batch fails, the batch before it is still written, so a crash loses only the failing batch.
+    With a ``recorder``, the classifier's input of the same forward pass is kept for each image.
     """
     from convlens.hooks.state import model_state
 
@@ -318,6 +378,8 @@ def _predict_loop(
         preds, not_finite = _finish_batch(launched, todo)
         failed = launched.failed + not_finite
         store.add_batch(preds, [(todo[i][0], reason) for i, reason in failed])
+        if recorder is not None and recorder.cache is not None and launched.features is not None:
+            recorder.cache.add([image_id(todo[i][0]) for i in launched.idx], launched.features)
         for i, reason in failed:
             log.warning("skipped %s: %s", todo[i][0], reason)
         if advance is not None:
@@ -340,9 +402,22 @@ def _predict_loop(
                     threads.check()  # decode workers and other processes take cores too
                 launched = _Launched(idx=idx, failed=failed)
                 if x is not None:
-                    top_probs, top_classes, label_lp, finite, ready = _launch_batch(
-                        model, x, [todo[i][1] for i in idx], copy_stream
-                    )
+                    if recorder is not None:
+                        recorder.start(x)
+                    with (
+                        recorder.once()
+                        if recorder is not None
+                        else contextlib.nullcontext(None) as cap
+                    ):
+                        top_probs, top_classes, label_lp, finite, ready = _launch_batch(
+                            model, x, [todo[i][1] for i in idx], copy_stream
+                        )
+                    if cap is not None and cap.value is not None:
+                        cuda = device.type == "cuda"
+                        launched.features = cap.value.to("cpu", non_blocking=cuda)
+                        if cuda:
+                            launched.features_ready = torch.cuda.Event()
+                            launched.features_ready.record()
                     launched.top_probs, launched.top_classes = top_probs, top_classes
                     launched.label_log_probs, launched.ready = label_lp, ready
                     launched.finite = finite
@@ -365,6 +440,7 @@ def _infer(
     batch_size: int,
     workers: int,
     progress: bool,
+    recorder: _FeatureRecorder | None = None,
 ) -> None:
     """Predict the items not yet in the store, one transaction per batch."""
     done = store.finished_paths(retry=[NOT_FINITE])  # new weights may fix those
@@ -384,7 +460,7 @@ def _infer(
     with _progress(progress) as bar:
         task = bar.add_task("predicting", total=len(todo)) if bar is not None else None
         advance = (lambda n: bar.advance(task, n)) if bar is not None else None
-        _predict_loop(model, store, todo, loader, advance)
+        _predict_loop(model, store, todo, loader, advance, recorder)
 
 
 def select_examined(
@@ -612,6 +688,7 @@ def analyze(
     limit: int | None = None,
     progress: bool = True,
     faithfulness: bool = True,
+    failure_modes: bool = True,
 ) -> AnalysisResult:
     """Error analysis of a classifier over a labelled image set, with a browsable report.
 
@@ -654,6 +731,9 @@ def analyze(
         faithfulness: score the maps of the examined images (deletion and insertion AUC for
             the predicted class, against a random map); ``False`` skips it (no scores, no
             report section).
+        failure_modes: cluster the mistakes by the penultimate features of the prediction pass
+            and rank the clusters, with the channels that push each towards the wrong class
+            (:mod:`convlens.analysis.failure_modes`; GAP + linear heads); ``False`` skips it.
 
     Returns:
         The :class:`AnalysisResult`.
@@ -693,6 +773,7 @@ def analyze(
             workers=workers,
             progress=progress,
             faithfulness=faithfulness,
+            failure_modes=failure_modes,
         )
 
 
@@ -744,6 +825,7 @@ def _analyze_locked(
     workers: int,
     progress: bool,
     faithfulness: bool,
+    failure_modes: bool = True,
 ) -> AnalysisResult:
     """:func:`analyze` in the run folder ``out``, whose lock is held."""
     names = list(instances)
@@ -754,15 +836,21 @@ def _analyze_locked(
         meta = _run_meta(model, data)
         _check_same_run(out, store.meta(), meta, data)
         store.set_meta(**meta)
-        _infer(
-            model,
-            store,
-            items,
-            thumbs=thumbs,
-            batch_size=batch_size,
-            workers=workers,
-            progress=progress,
-        )
+        recorder = _FeatureRecorder(model, out / FAILURE_MODES_DIR) if failure_modes else None
+        try:
+            _infer(
+                model,
+                store,
+                items,
+                thumbs=thumbs,
+                batch_size=batch_size,
+                workers=workers,
+                progress=progress,
+                recorder=recorder,
+            )
+        finally:
+            if recorder is not None:
+                recorder.save()
         wanted = {p for p, _ in items}
         predictions = [p for p in store.predictions() if p.path in wanted]
         failures = [f for f in store.failures() if f[0] in wanted]
@@ -798,6 +886,10 @@ def _analyze_locked(
     )
     if faithfulness:
         metrics["faithfulness"] = summarize(explained.faithfulness)
+    modes: list[FailureMode] = []
+    if recorder is not None:
+        metrics["failure_modes"], modes = _failure_modes(model, predictions, recorder, batch_size)
+    if faithfulness or recorder is not None:
         atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
     result = AnalysisResult(
         out_dir=out,
@@ -808,6 +900,55 @@ def _analyze_locked(
         explanations=explained.panels,
         unexplained=explained.unreadable,
         faithfulness=explained.faithfulness,
+        failure_modes=modes,
     )
     result.report = write_report(result, [p.id for p in examined])
     return result
+
+
+FAILURE_MODES_DIR = "failure_modes"
+"""Folder of the failure modes' files (the penultimate features) in the run folder."""
+
+
+def _failure_modes(
+    model: ConvlensModel,
+    predictions: Sequence[Prediction],
+    recorder: _FeatureRecorder,
+    batch_size: int,
+) -> tuple[dict[str, Any], list[FailureMode]]:
+    """The failure modes of ``predictions`` and their ``metrics.json`` entry.
+
+    Features come from the prediction pass (``recorder``) or the cache of an earlier run; the
+    images still without them (predicted by a run that was killed before saving them, or by an
+    older version) get them from one extra pass over those images only.
+    """
+    chosen = select_images(predictions)
+    if not recorder.checked:  # every image was resumed: find the head on a stored one
+        for p in chosen[:8]:
+            _, x, _ = _load_readable(model, [p])
+            if x is not None:
+                recorder.start(x.to(model.device))
+                break
+    head = recorder.head
+    if recorder.cache is None or head is None:
+        reason = (
+            "no mistakes" if not chosen else "the model has no global-average-pooling + linear head"
+        )
+        return {"skipped": reason, "clusters": []}, []
+    missing = [p for p in chosen if p.id not in recorder.cache.rows]
+    if missing:
+        log.info("computing the penultimate features of %d images", len(missing))
+        rows, failed = features_pass(model, head, missing, batch_size)
+        for path, reason in failed:
+            log.warning("no features for %s, unreadable now: %s", path, reason)
+        recorder.cache.add(list(rows), list(rows.values()) if rows else [])
+        recorder.save()
+    names = [model.classes[i] for i in range(len(model.classes))]
+    modes = find_failure_modes(chosen, recorder.cache.rows, head.weight, head.bias, names)
+    summary = summarize_failure_modes(
+        modes,
+        layer=str(head.layer),
+        images=sum(1 for p in chosen if p.id in recorder.cache.rows),
+        features_recomputed=len(missing),
+    )
+    return summary, modes
