@@ -239,12 +239,12 @@ def wrong_way_contributions(
         Channel contributions ``(N, C)`` and the bias term ``(N,)``, in the dtype of
         ``features``; their sum over channels plus the bias term is ``s_pred - s_true``.
     """
-    w = weight.to(features)
+    w = weight.detach().to(features)
     contrib = (w[pred] - w[true]) * features
     if bias is None:
         term = torch.zeros(features.shape[0], dtype=features.dtype, device=features.device)
     else:
-        b = bias.to(features)
+        b = bias.detach().to(features)
         term = b[pred] - b[true]
     return contrib, term
 
@@ -469,6 +469,7 @@ def summarize(
 ) -> dict[str, Any]:
     """The ``failure_modes`` entry of ``metrics.json``."""
     return {
+        "skipped": None,
         "method": "kmeans (k by silhouette) on standardised, L2-normalised pooled features",
         "score": "errors * purity",
         "stands_out": f"z >= {STAND_OUT_Z:g} and errors >= {STAND_OUT_MIN_ERRORS}",
