@@ -73,6 +73,7 @@ __all__ = [
     "gap_head",
     "head_stamp",
     "select_images",
+    "stored_head",
     "summarize",
     "wrong_way_contributions",
 ]
@@ -109,10 +110,14 @@ def gap_head(model: ConvlensModel, x: torch.Tensor) -> GapHead | None:
 
 
 def head_stamp(head: GapHead) -> str:
-    """What identifies the classifier the features were captured for: its name and a hash of
-    its weight and bias (features of other weights are not reused)."""
-    h = hashlib.sha256(head.fc_name.encode())
-    for t in (head.weight, head.bias):
+    """What identifies the classifier the features were captured for: a hash of its weight and
+    bias (features of other weights are not reused)."""
+    return _weights_stamp(head.weight, head.bias)
+
+
+def _weights_stamp(weight: torch.Tensor, bias: torch.Tensor | None) -> str:
+    h = hashlib.sha256(str(tuple(weight.shape)).encode())
+    for t in (weight, bias):
         if t is not None:
             data = t.detach().to("cpu", torch.float64).contiguous()
             h.update(data.reshape(-1).numpy().tobytes())
@@ -144,20 +149,22 @@ class FeatureCapture:
 class FeatureCache:
     """Penultimate features by image id, loaded from and saved to one ``.npz`` file.
 
-    The file holds ``ids`` (str), ``features`` (float32, ``(N, C)``) and ``stamp``
-    (:func:`head_stamp`); a file of another stamp, or unreadable, is ignored (a warning).
+    The file holds ``ids`` (str), ``features`` (float32, ``(N, C)``), ``stamp``
+    (:func:`head_stamp`), and the head's ``fc_name`` and ``layer``; a file of another stamp, or
+    unreadable, is ignored (a warning).
     """
 
-    def __init__(self, path: Path, stamp: str) -> None:
+    def __init__(self, path: Path, head: GapHead) -> None:
         self.path = path
-        self.stamp = stamp
+        self.head = head
+        self.stamp = head_stamp(head)
         self.rows: dict[str, np.ndarray] = {}
         self.dirty = False
         if not path.is_file():
             return
         try:
             with np.load(path, allow_pickle=False) as z:
-                if str(z["stamp"]) != stamp:
+                if str(z["stamp"]) != self.stamp:
                     log.info("features in %s are of other weights; recomputing", path)
                     return
                 ids = [str(i) for i in z["ids"]]
@@ -183,9 +190,47 @@ class FeatureCache:
         ids = sorted(self.rows)
         buf = io.BytesIO()
         feats = np.stack([self.rows[i] for i in ids]) if ids else np.zeros((0, 0), np.float32)
-        np.savez(buf, ids=np.array(ids, dtype=str), features=feats, stamp=np.array(self.stamp))
+        np.savez(
+            buf,
+            ids=np.array(ids, dtype=str),
+            features=feats,
+            stamp=np.array(self.stamp),
+            fc_name=np.array(self.head.fc_name),
+            layer=np.array(str(self.head.layer)),
+        )
         atomic_write_bytes(self.path, buf.getvalue())
         self.dirty = False
+
+
+def stored_head(path: Path, net: nn.Module) -> GapHead | None:
+    """The head recorded in the features file ``path`` when ``net`` still has a linear layer
+    of the same weights (no forward pass needed on a resumed run), else ``None``.
+
+    The linear layer is found by its weights, so a network wrapped in another module (names
+    with a prefix) still matches; the feature layer keeps the name recorded with the features
+    (the run's results do not change when it is resumed).
+    """
+    from convlens.architecture import GapHead, parse_layer
+
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            fc_name, layer, stamp = str(z["fc_name"]), str(z["layer"]), str(z["stamp"])
+    except (OSError, ValueError, KeyError):
+        return None
+    for name, fc in net.named_modules():
+        if not isinstance(fc, nn.Linear) or not (name == fc_name or name.endswith("." + fc_name)):
+            continue
+        if _weights_stamp(fc.weight, fc.bias) != stamp:
+            continue
+        return GapHead(
+            layer=parse_layer(layer),
+            fc_name=name,
+            weight=fc.weight.detach(),
+            bias=None if fc.bias is None else fc.bias.detach(),
+        )
+    return None
 
 
 def features_pass(

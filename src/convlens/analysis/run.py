@@ -30,8 +30,8 @@ from convlens.analysis.failure_modes import (
     features_pass,
     find_failure_modes,
     gap_head,
-    head_stamp,
     select_images,
+    stored_head,
 )
 from convlens.analysis.failure_modes import summarize as summarize_failure_modes
 from convlens.analysis.faithfulness import FILE_NAME as FAITHFULNESS_FILE
@@ -259,13 +259,25 @@ class _FeatureRecorder:
 
     def start(self, x: torch.Tensor) -> None:
         """Find the head from an input batch ``x`` (once)."""
+        if not self.checked:
+            self._use(gap_head(self.model, x))
+
+    def resume(self) -> bool:
+        """Take the head recorded with the features of an earlier run, if the classifier's
+        weights are unchanged (no forward pass); whether it did."""
         if self.checked:
-            return
+            return True
+        head = stored_head(self.folder / FEATURES_FILE, self.model.net)
+        if head is not None:
+            self._use(head)
+        return head is not None
+
+    def _use(self, head: Any) -> None:
         self.checked = True
-        self.head = gap_head(self.model, x)
-        if self.head is not None:
-            self.cache = FeatureCache(self.folder / FEATURES_FILE, head_stamp(self.head))
-            self.capture = FeatureCapture(self.head.fc_name)
+        self.head = head
+        if head is not None:
+            self.cache = FeatureCache(self.folder / FEATURES_FILE, head)
+            self.capture = FeatureCapture(head.fc_name)
 
     def once(self) -> contextlib.AbstractContextManager[Any]:
         """The capture of the classifier's input for one forward pass (nothing without a head)."""
@@ -923,7 +935,7 @@ def _failure_modes(
     older version) get them from one extra pass over those images only.
     """
     chosen = select_images(predictions)
-    if not recorder.checked:  # every image was resumed: find the head on a stored one
+    if not recorder.resume():  # every image was resumed: find the head on a stored one
         for p in chosen[:8]:
             _, x, _ = _load_readable(model, [p])
             if x is not None:
