@@ -119,20 +119,27 @@ def _synthetic(
     return preds, feats, cue, weight
 
 
-def test_planted_group_is_ranked_first_deterministically() -> None:
-    preds, feats, cue, weight = _synthetic(0, planted=True)
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("channels", [24, 96])  # 96: projected on 32 principal components
+def test_planted_group_is_ranked_first_deterministically(channels: int, seed: int) -> None:
+    preds, feats, cue, weight = _synthetic(seed, planted=True, c=channels)
     modes = find_failure_modes(preds, feats, weight, None, CLASSES)
     again = find_failure_modes(preds, feats, weight, None, CLASSES)
     assert [m.summary() for m in modes] == [m.summary() for m in again]
+    # the cue's mistakes of both classes may form one cluster or one per true class: those
+    # clusters are ranked first, stand out, and hold nearly all and nearly only cue mistakes
+    top = [m for m in modes if set(m.errors_ids) & cue]
+    assert modes[: len(top)] == top and len(top) <= 2
+    found = {i for m in top for i in m.errors_ids}
+    assert len(found & cue) >= 0.9 * len(cue)
+    assert len(found & cue) >= 0.8 * len(found)
     first = modes[0]
-    found = set(first.errors_ids)
-    assert len(found & cue) >= 0.9 * len(cue)  # recall of the planted mistakes
-    assert len(found & cue) >= 0.8 * len(found)  # and they make up most of the cluster
-    assert first.stands_out
+    assert all(m.stands_out for m in top)
+    assert not any(m.stands_out for m in modes[len(top) :])
     assert first.push_channels[0]["channel"] == 5
     assert first.distinguishing[0]["channel"] in CUE
     assert first.pairs[0]["pred"] == 0
-    assert set(first.representatives) <= found
+    assert set(first.representatives) <= set(first.errors_ids)
     # every mistake is in exactly one cluster
     ids = [i for m in modes for i in m.errors_ids]
     assert sorted(ids) == sorted(p.id for p in preds if not p.correct)
@@ -140,10 +147,11 @@ def test_planted_group_is_ranked_first_deterministically() -> None:
 
 
 @pytest.mark.parametrize("seed", range(3))
-def test_no_cue_raises_no_dominant_cluster(seed: int) -> None:
+@pytest.mark.parametrize("channels", [24, 96])
+def test_no_cue_raises_no_dominant_cluster(channels: int, seed: int) -> None:
     """Criterion: no cluster with z >= 3 (and >= 3 mistakes) when the mistakes are label noise
     that looks like the rest of its class."""
-    preds, feats, _, weight = _synthetic(seed, planted=False)
+    preds, feats, _, weight = _synthetic(seed, planted=False, c=channels)
     modes = find_failure_modes(preds, feats, weight, None, CLASSES)
     assert modes
     assert not any(m.stands_out for m in modes), [(m.errors, m.size, m.z) for m in modes]
