@@ -60,6 +60,24 @@ def test_decomposition_is_exact_in_float64() -> None:
             assert float(contrib[n, c]) == pytest.approx(float(expected), abs=1e-15)
 
 
+def test_capture_finds_the_classifier_in_the_same_pass() -> None:
+    net = seeded(GapNet(classes=5))
+    x = images(4, size=12, seed=1)
+    capture = FeatureCapture()
+    with torch.no_grad(), capture.once(net):
+        net(x)
+    assert capture.fc_name == "fc"
+    assert not any(m._forward_hooks for m in net.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(capture.value, net.features(x).mean(dim=(2, 3)).float())
+    # a last linear layer whose output is not the model's output is not a classifier
+    wrapped = torch.nn.Sequential(net, torch.nn.Softmax(dim=1))
+    other = FeatureCapture()
+    with torch.no_grad(), other.once(wrapped):
+        wrapped(x)
+    assert other.fc_name is None and other.value is None
+
+
 def test_distinguishing_channels_is_cohens_d() -> None:
     rng = np.random.default_rng(0)
     group = rng.normal(size=(20, 4))

@@ -135,9 +135,15 @@ def _weights_stamp(weight: torch.Tensor, bias: torch.Tensor | None) -> str:
 class FeatureCapture:
     """The input of the classifier ``fc_name`` (the pooled features, ``(B, C)``) for one forward
     pass at a time: ``with capture.once(net): net(x)`` then :attr:`value` (detached, float32, on
-    the model's device). The pre-hook lives only inside the block."""
+    the model's device). The hooks live only inside the block.
 
-    def __init__(self, fc_name: str) -> None:
+    Without ``fc_name`` the first pass finds the classifier in the same forward pass (no extra
+    one): every ``nn.Linear`` records its input and output, and the classifier is the last one
+    whose output is the network's output (as in :mod:`convlens.architecture`); ``fc_name`` is
+    then set, or stays ``None`` when there is no such layer.
+    """
+
+    def __init__(self, fc_name: str | None = None) -> None:
         self.fc_name = fc_name
         self.value: torch.Tensor | None = None
 
@@ -148,10 +154,39 @@ class FeatureCapture:
     def once(self, net: nn.Module) -> Iterator[FeatureCapture]:
         from convlens.hooks.capture import hooks, named_module
 
-        module = named_module(net, self.fc_name)
         self.value = None
-        with hooks([lambda: module.register_forward_pre_hook(self._hook)]):
+        if self.fc_name is not None:
+            module = named_module(net, self.fc_name)
+            with hooks([lambda: module.register_forward_pre_hook(self._hook)]):
+                yield self
+            return
+        seen: list[tuple[str, torch.Tensor, torch.Tensor]] = []
+        output: list[Any] = []
+
+        def linear(name: str) -> Any:
+            def hook(_m: nn.Module, args: tuple[Any, ...], out: Any) -> None:
+                if args and isinstance(args[0], torch.Tensor) and isinstance(out, torch.Tensor):
+                    seen.append((name, args[0].detach().flatten(1).float(), out.detach()))
+
+            return hook
+
+        regs = [
+            lambda n=n, m=m: m.register_forward_hook(linear(n))
+            for n, m in net.named_modules()
+            if isinstance(m, nn.Linear)
+        ]
+        regs.append(lambda: net.register_forward_hook(lambda _m, _a, out: output.append(out)))
+        with hooks(regs):
             yield self
+        out = output[-1] if output else None
+        if not isinstance(out, torch.Tensor):
+            return
+        for name, inp, lin_out in reversed(seen):
+            if lin_out.shape == out.shape and torch.allclose(
+                lin_out.float(), out.detach().float(), atol=1e-5
+            ):
+                self.fc_name, self.value = name, inp
+                return
 
 
 class FeatureCache:

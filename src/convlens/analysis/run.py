@@ -257,10 +257,43 @@ class _FeatureRecorder:
         self.cache: FeatureCache | None = None
         self.capture: FeatureCapture | None = None
 
-    def start(self, x: torch.Tensor) -> None:
-        """Find the head from an input batch ``x`` (once)."""
+    def start(self) -> None:
+        """Before the first batch: find the classifier in its forward pass (no extra pass)."""
         if not self.checked:
-            self._use(gap_head(self.model, x))
+            self.checked = True
+            self.capture = FeatureCapture()
+
+    def found(self) -> None:
+        """After a batch: take the classifier the first batch found (its feature layer is
+        confirmed, by :func:`~convlens.analysis.failure_modes.gap_head`, after the pass)."""
+        capture = self.capture
+        if self.cache is not None or capture is None:
+            return
+        if capture.fc_name is None:
+            self.capture = None
+            return
+        from convlens.architecture import GapHead, LayerRef
+        from convlens.hooks.capture import named_module
+
+        fc = named_module(self.model.net, capture.fc_name)
+        assert isinstance(fc, torch.nn.Linear)
+        bias = None if fc.bias is None else fc.bias.detach()
+        self.head = GapHead(LayerRef(""), capture.fc_name, fc.weight.detach(), bias)
+        self.cache = FeatureCache(self.folder / FEATURES_FILE, self.head)
+
+    def confirm(self, x: torch.Tensor) -> None:
+        """Check that the classifier found reads a global average of a feature map (one pass
+        of one image) and record that map's layer; forget the features otherwise."""
+        if self.head is not None and str(self.head.layer):
+            return
+        head = gap_head(self.model, x)
+        if self.head is None or head is None or head.fc_name != self.head.fc_name:
+            self._use(head)
+            return
+        self.head = head
+        if self.cache is not None:
+            self.cache.head = head
+            self.cache.dirty = True
 
     def resume(self) -> bool:
         """Take the head recorded with the features of an earlier run, if the classifier's
@@ -275,6 +308,8 @@ class _FeatureRecorder:
     def _use(self, head: Any) -> None:
         self.checked = True
         self.head = head
+        self.cache = None
+        self.capture = None
         if head is not None:
             self.cache = FeatureCache(self.folder / FEATURES_FILE, head)
             self.capture = FeatureCapture(head.fc_name)
@@ -415,7 +450,7 @@ def _predict_loop(
                 launched = _Launched(idx=idx, failed=failed)
                 if x is not None:
                     if recorder is not None:
-                        recorder.start(x)
+                        recorder.start()
                     with (
                         recorder.once()
                         if recorder is not None
@@ -424,6 +459,8 @@ def _predict_loop(
                         top_probs, top_classes, label_lp, finite, ready = _launch_batch(
                             model, x, [todo[i][1] for i in idx], copy_stream
                         )
+                    if recorder is not None:
+                        recorder.found()
                     if cap is not None and cap.value is not None:
                         cuda = device.type == "cuda"
                         launched.features = cap.value.to("cpu", non_blocking=cuda)
@@ -935,11 +972,12 @@ def _failure_modes(
     older version) get them from one extra pass over those images only.
     """
     chosen = select_images(predictions)
-    if not recorder.resume():  # every image was resumed: find the head on a stored one
+    if not recorder.resume() or (recorder.head is not None and not str(recorder.head.layer)):
+        # find (every image resumed) or confirm (found in the pass) the head on one image
         for p in chosen[:8]:
             _, x, _ = _load_readable(model, [p])
             if x is not None:
-                recorder.start(x.to(model.device))
+                recorder.confirm(x.to(model.device))
                 break
     head = recorder.head
     if recorder.cache is None or head is None:
@@ -954,7 +992,7 @@ def _failure_modes(
         for path, reason in failed:
             log.warning("no features for %s, unreadable now: %s", path, reason)
         recorder.cache.add(list(rows), list(rows.values()) if rows else [])
-        recorder.save()
+    recorder.save()
     names = [model.classes[i] for i in range(len(model.classes))]
     modes = find_failure_modes(chosen, recorder.cache.rows, head.weight, head.bias, names)
     summary = summarize_failure_modes(
