@@ -301,3 +301,24 @@ def test_failure_modes_section_in_headless_chromium(setup) -> None:
         )
         assert broken == 0
     assert errors == []
+
+
+def test_cli_failure_modes_flag(setup, capsys) -> None:
+    from convlens.cli import main
+
+    d = setup["dir"]
+    args = ["analyze", str(setup["data"]), "--model", f"{d / 'net.py'}:build"]
+    args += ["--classes", str(d / "labels.txt"), "--size", "32", "--out", str(setup["run"])]
+    args += ["--top-errors", "1", "--no-faithfulness"]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, "--no-failure-modes"])
+    assert exit_info.value.code == 0
+    metrics = setup["run"] / "metrics.json"
+    assert "failure_modes" not in json.loads(metrics.read_text())
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 0
+    clusters = json.loads(metrics.read_text())["failure_modes"]["clusters"]
+    assert clusters
+    assert f"failure modes: {len(clusters)} groups of mistakes" in capsys.readouterr().out

@@ -972,6 +972,8 @@ def _failure_modes(
     older version) get them from one extra pass over those images only.
     """
     chosen = select_images(predictions)
+    if not chosen:
+        return {"skipped": "no mistakes", "clusters": []}, []
     if not recorder.resume() or (recorder.head is not None and not str(recorder.head.layer)):
         # find (every image resumed) or confirm (found in the pass) the head on one image
         for p in chosen[:8]:
@@ -981,9 +983,10 @@ def _failure_modes(
                 break
     head = recorder.head
     if recorder.cache is None or head is None:
-        reason = (
-            "no mistakes" if not chosen else "the model has no global-average-pooling + linear head"
-        )
+        reason = "the model has no global-average-pooling + linear head"
+        return {"skipped": reason, "clusters": []}, []
+    if not str(head.layer):
+        reason = "no image of a mistake could be read to check the model's head"
         return {"skipped": reason, "clusters": []}, []
     missing = [p for p in chosen if p.id not in recorder.cache.rows]
     if missing:
