@@ -222,6 +222,10 @@ def test_analyze_writes_failure_modes_that_match_the_model(setup) -> None:
     assert wrong, "the tiny model should make mistakes on this data"
     assert info["features_recomputed"] == 0  # all from the prediction pass
     assert sum(c["errors"] for c in info["clusters"]) == len(wrong)
+    classes = {p.label for p in wrong.values()}
+    right = [p for p in result.predictions if p.correct and p.label in classes]
+    assert info["correct_clustered"] == len(right)
+    assert info["images_clustered"] == len(right) + len(wrong)
     assert [c["rank"] for c in info["clusters"]] == list(range(1, len(info["clusters"]) + 1))
     scores = [c["score"] for c in info["clusters"]]
     assert scores == sorted(scores, reverse=True)

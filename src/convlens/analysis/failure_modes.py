@@ -547,7 +547,12 @@ def find_failure_modes(
 
 
 def summarize(
-    modes: Sequence[FailureMode], *, layer: str, images: int, features_recomputed: int
+    modes: Sequence[FailureMode],
+    *,
+    layer: str,
+    images: int,
+    correct: int,
+    features_recomputed: int,
 ) -> dict[str, Any]:
     """The ``failure_modes`` entry of ``metrics.json``."""
     return {
@@ -558,6 +563,7 @@ def summarize(
         "stands_out": f"z >= {STAND_OUT_Z:g} and errors >= {STAND_OUT_MIN_ERRORS}",
         "layer": layer,
         "images_clustered": images,
+        "correct_clustered": correct,
         "features_recomputed": features_recomputed,
         "any_stands_out": any(m.stands_out for m in modes),
         "clusters": [m.summary() for m in modes],

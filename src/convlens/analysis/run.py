@@ -1002,6 +1002,7 @@ def _failure_modes(
         modes,
         layer=str(head.layer),
         images=sum(1 for p in chosen if p.id in recorder.cache.rows),
+        correct=sum(1 for p in chosen if p.correct and p.id in recorder.cache.rows),
         features_recomputed=len(missing),
     )
     return summary, modes
