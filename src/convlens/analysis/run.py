@@ -245,8 +245,11 @@ class _FeatureRecorder:
     """Keeps the penultimate features of the prediction pass (failure modes) in a
     :class:`~convlens.analysis.failure_modes.FeatureCache` under ``folder``.
 
-    The GAP + linear head is found on the first batch (or, when every image is resumed, on the
-    first readable stored image); a model without one records nothing.
+    The classifier is found in the first batch's own forward pass (the last ``nn.Linear`` that
+    makes the output); after the pass, one image confirms that it reads a global average of a
+    feature map (:func:`~convlens.analysis.failure_modes.gap_head`). A resumed run takes the head
+    recorded with the features when the classifier's weights are unchanged (no pass at all). A
+    model without such a head records nothing.
     """
 
     def __init__(self, model: ConvlensModel, folder: Path) -> None:
