@@ -10,10 +10,8 @@ import json
 import math
 import os
 import re
-import shutil
 import sqlite3
 import textwrap
-from collections.abc import Iterator
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
@@ -29,6 +27,7 @@ from convlens.analysis.stats import calibration_bins
 from convlens.errors import BlankMapWarning
 from convlens.models import Preprocess, load_model
 from convlens.models.base import ConvlensModel
+from tests.helpers.browser import chromium_page
 from tests.helpers.models import tiny_net_source
 from tests.helpers.paths import REPO
 
@@ -281,28 +280,6 @@ def test_dataframe_needs_pandas(setup) -> None:
             result.dataframe()
     else:
         assert len(result.dataframe()) == 10
-
-
-@contextlib.contextmanager
-def chromium_page(errors: list[str]) -> Iterator[Any]:
-    """A page of headless Chromium (Debian ``chromium`` driven by Playwright) that appends
-    console errors and uncaught page errors to ``errors``; skips without them."""
-    if shutil.which("chromium") is None or importlib.util.find_spec("playwright") is None:
-        pytest.skip("needs chromium and the playwright package")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(
-            executable_path="/usr/bin/chromium",
-            args=["--headless", "--no-sandbox", "--disable-gpu"],
-        )
-        try:
-            page = browser.new_page()
-            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            yield page
-        finally:
-            browser.close()
 
 
 def test_report_in_headless_chromium(setup) -> None:

@@ -164,6 +164,8 @@ class _Report:
             faith_images=self.faith_images,
             faith_how=_FAITH_HOW,
             faith_caveat=_FAITH_CAVEAT,
+            failure_modes=self.failure_modes_rows(),
+            failure_modes_info=m.get("failure_modes"),
             pairs=self.pairs_rows(),
             classes=m["per_class"],
             images=self.images_table(),
@@ -183,6 +185,37 @@ class _Report:
                 str(row["images"]),
             ]
             for name, row in self.faith.items()
+        ]
+
+    def failure_modes_rows(self) -> list[dict[str, object]]:
+        """One row per cluster of mistakes (``metrics["failure_modes"]``), best first.
+
+        Extension point: a page per cluster would link from here (``FailureMode`` in
+        :attr:`AnalysisResult.failure_modes` holds its members).
+        """
+        d = self.dir
+        info = self.r.metrics.get("failure_modes") or {}
+        return [
+            {
+                "rank": c["rank"],
+                "size": c["size"],
+                "errors": c["errors"],
+                "purity": _pct(c["purity"]),
+                "lift": f"{c['lift']:.2f}",
+                "z": f"{c['z']:.1f}",
+                "stands_out": c["stands_out"],
+                "pairs": [
+                    f"{p['true_name']} → {p['pred_name']} ({p['count']})" for p in c["pairs"]
+                ],
+                "images": [
+                    self.image(self.by_id[i], d) for i in c["representatives"] if i in self.by_id
+                ],
+                "push": [f"c{x['channel']} {x['contribution']:+.3f}" for x in c["push_channels"]],
+                "distinct": [
+                    f"c{x['channel']} d={x['effect_size']:+.2f}" for x in c["distinguishing"]
+                ],
+            }
+            for c in info.get("clusters", [])
         ]
 
     def pairs_rows(self) -> list[dict[str, object]]:

@@ -23,6 +23,18 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from convlens.analysis.failure_modes import (
+    FEATURES_FILE,
+    FailureMode,
+    FeatureCache,
+    FeatureCapture,
+    features_pass,
+    find_failure_modes,
+    gap_head,
+    select_images,
+    stored_head,
+)
+from convlens.analysis.failure_modes import summarize as summarize_failure_modes
 from convlens.analysis.faithfulness import FILE_NAME as FAITHFULNESS_FILE
 from convlens.analysis.faithfulness import ScoreCache, Scores, score_maps, summarize
 from convlens.analysis.report import write_report
@@ -79,6 +91,10 @@ class AnalysisResult:
         unexplained: ``(path, reason)`` of examined images that could not be read any more
             when their explanations were due (deleted or corrupted after the prediction pass);
             their predictions still count.
+        failure_modes: the clusters of mistakes, best first (see
+            :mod:`convlens.analysis.failure_modes`); their summary is
+            ``metrics["failure_modes"]``. Empty when ``analyze(failure_modes=False)`` or the
+            model has no GAP + linear head.
         report: the report's ``index.html``.
         thumbnails: ids of the images whose thumbnail (``thumbs/ID.jpg``) is complete, as
             checked by :func:`analyze`; ``None``: the report checks each file itself.
@@ -92,6 +108,7 @@ class AnalysisResult:
     explanations: dict[str, Path] = field(default_factory=dict)
     unexplained: list[tuple[str, str]] = field(default_factory=list)
     faithfulness: Scores = field(default_factory=dict)
+    failure_modes: list[FailureMode] = field(default_factory=list)
     report: Path | None = None
     thumbnails: frozenset[str] | None = None
 
@@ -259,6 +276,95 @@ class _Launched:
     label_log_probs: torch.Tensor | None = None  # (B,), NaN without a label
     finite: torch.Tensor | None = None  # (B,) bool: every output of the image is finite
     ready: Any = None  # a CUDA event, or None when the tensors are already on the host
+    features: torch.Tensor | None = None  # (B, C) penultimate features, on the host
+    features_ready: Any = None  # a CUDA event for the features' copy, or None
+
+
+class _FeatureRecorder:
+    """Keeps the penultimate features of the prediction pass (failure modes) in a
+    :class:`~convlens.analysis.failure_modes.FeatureCache` under ``folder``.
+
+    The classifier is found in the first batch's own forward pass (the last ``nn.Linear`` that
+    makes the output); after the pass, one image confirms that it reads a global average of a
+    feature map (:func:`~convlens.analysis.failure_modes.gap_head`). A resumed run takes the head
+    recorded with the features when the classifier's weights are unchanged (no pass at all). A
+    model without such a head records nothing.
+    """
+
+    def __init__(self, model: ConvlensModel, folder: Path) -> None:
+        self.model = model
+        self.folder = folder
+        self.checked = False
+        self.head: Any = None
+        self.cache: FeatureCache | None = None
+        self.capture: FeatureCapture | None = None
+
+    def start(self) -> None:
+        """Before the first batch: find the classifier in its forward pass (no extra pass)."""
+        if not self.checked:
+            self.checked = True
+            self.capture = FeatureCapture()
+
+    def found(self) -> None:
+        """After a batch: take the classifier the first batch found (its feature layer is
+        confirmed, by :func:`~convlens.analysis.failure_modes.gap_head`, after the pass)."""
+        capture = self.capture
+        if self.cache is not None or capture is None:
+            return
+        if capture.fc_name is None:
+            self.capture = None
+            return
+        from convlens.architecture import GapHead, LayerRef
+        from convlens.hooks.capture import named_module
+
+        fc = named_module(self.model.net, capture.fc_name)
+        assert isinstance(fc, torch.nn.Linear)
+        bias = None if fc.bias is None else fc.bias.detach()
+        self.head = GapHead(LayerRef(""), capture.fc_name, fc.weight.detach(), bias)
+        self.cache = FeatureCache(self.folder / FEATURES_FILE, self.head)
+
+    def confirm(self, x: torch.Tensor) -> None:
+        """Check that the classifier found reads a global average of a feature map (one pass
+        of one image) and record that map's layer; forget the features otherwise."""
+        if self.head is not None and str(self.head.layer):
+            return
+        head = gap_head(self.model, x)
+        if self.head is None or head is None or head.fc_name != self.head.fc_name:
+            self._use(head)
+            return
+        self.head = head
+        if self.cache is not None:
+            self.cache.head = head
+            self.cache.dirty = True
+
+    def resume(self) -> bool:
+        """Take the head recorded with the features of an earlier run, if the classifier's
+        weights are unchanged (no forward pass); whether it did."""
+        if self.checked:
+            return True
+        head = stored_head(self.folder / FEATURES_FILE, self.model.net)
+        if head is not None:
+            self._use(head)
+        return head is not None
+
+    def _use(self, head: Any) -> None:
+        self.checked = True
+        self.head = head
+        self.cache = None
+        self.capture = None
+        if head is not None:
+            self.cache = FeatureCache(self.folder / FEATURES_FILE, head)
+            self.capture = FeatureCapture(head.fc_name)
+
+    def once(self) -> contextlib.AbstractContextManager[Any]:
+        """The capture of the classifier's input for one forward pass (nothing without a head)."""
+        if self.capture is None:
+            return contextlib.nullcontext(None)
+        return self.capture.once(self.model.net)
+
+    def save(self) -> None:
+        if self.cache is not None:
+            self.cache.save()
 
 
 def _launch_batch(
@@ -310,6 +416,8 @@ def _finish_batch(
     ``(index into todo, reason)`` for the images whose model output is not finite."""
     if launched.ready is not None:
         launched.ready.synchronize()
+    if launched.features_ready is not None:
+        launched.features_ready.synchronize()
     if launched.top_probs is None or launched.top_classes is None:
         return [], []
     classes = launched.top_classes.tolist()
@@ -344,12 +452,14 @@ def _predict_loop(
     todo: Sequence[tuple[str, int | None]],
     batches: Iterable[tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]],
     advance: Any = None,
+    recorder: _FeatureRecorder | None = None,
 ) -> None:
     """Predict ``batches`` of ``(indices into todo, inputs, failures)`` into the store.
 
     One batch is kept in flight: batch ``k + 1`` is read and launched before batch ``k``'s
     results are waited for and written (one transaction per batch). If reading or launching a
     batch fails, the batch before it is still written, so a crash loses only the failing batch.
+    With a ``recorder``, the classifier's input of the same forward pass is kept for each image.
     """
     from convlens.hooks.state import model_state
 
@@ -357,6 +467,8 @@ def _predict_loop(
         preds, not_finite = _finish_batch(launched, todo)
         failed = launched.failed + not_finite
         store.add_batch(preds, [(todo[i][0], reason) for i, reason in failed])
+        if recorder is not None and recorder.cache is not None and launched.features is not None:
+            recorder.cache.add([image_id(todo[i][0]) for i in launched.idx], launched.features)
         for i, reason in failed:
             log.warning("skipped %s: %s", todo[i][0], reason)
         if advance is not None:
@@ -379,9 +491,24 @@ def _predict_loop(
                     threads.check()  # decode workers and other processes take cores too
                 launched = _Launched(idx=idx, failed=failed)
                 if x is not None:
-                    top_probs, top_classes, label_lp, finite, ready = _launch_batch(
-                        model, x, [todo[i][1] for i in idx], copy_stream
-                    )
+                    if recorder is not None:
+                        recorder.start()
+                    with (
+                        recorder.once()
+                        if recorder is not None
+                        else contextlib.nullcontext(None) as cap
+                    ):
+                        top_probs, top_classes, label_lp, finite, ready = _launch_batch(
+                            model, x, [todo[i][1] for i in idx], copy_stream
+                        )
+                    if recorder is not None:
+                        recorder.found()
+                    if cap is not None and cap.value is not None:
+                        cuda = device.type == "cuda"
+                        launched.features = cap.value.to("cpu", non_blocking=cuda)
+                        if cuda:
+                            launched.features_ready = torch.cuda.Event()
+                            launched.features_ready.record()
                     launched.top_probs, launched.top_classes = top_probs, top_classes
                     launched.label_log_probs, launched.ready = label_lp, ready
                     launched.finite = finite
@@ -404,6 +531,7 @@ def _infer(
     batch_size: int,
     workers: int,
     progress: bool,
+    recorder: _FeatureRecorder | None = None,
 ) -> None:
     """Predict the items not yet in the store, one transaction per batch."""
     done = store.finished_paths(retry=[NOT_FINITE])  # new weights may fix those
@@ -423,7 +551,7 @@ def _infer(
     with _progress(progress) as bar:
         task = bar.add_task("predicting", total=len(todo)) if bar is not None else None
         advance = (lambda n: bar.advance(task, n)) if bar is not None else None
-        _predict_loop(model, store, todo, loader, advance)
+        _predict_loop(model, store, todo, loader, advance, recorder)
 
 
 def select_examined(
@@ -651,6 +779,7 @@ def analyze(
     limit: int | None = None,
     progress: bool = True,
     faithfulness: bool = True,
+    failure_modes: bool = True,
 ) -> AnalysisResult:
     """Error analysis of a classifier over a labelled image set, with a browsable report.
 
@@ -693,6 +822,9 @@ def analyze(
         faithfulness: score the maps of the examined images (deletion and insertion AUC for
             the predicted class, against a random map); ``False`` skips it (no scores, no
             report section).
+        failure_modes: cluster the mistakes by the penultimate features of the prediction pass
+            and rank the clusters, with the channels that push each towards the wrong class
+            (:mod:`convlens.analysis.failure_modes`; GAP + linear heads); ``False`` skips it.
 
     Returns:
         The :class:`AnalysisResult`.
@@ -732,6 +864,7 @@ def analyze(
             workers=workers,
             progress=progress,
             faithfulness=faithfulness,
+            failure_modes=failure_modes,
         )
 
 
@@ -783,6 +916,7 @@ def _analyze_locked(
     workers: int,
     progress: bool,
     faithfulness: bool,
+    failure_modes: bool = True,
 ) -> AnalysisResult:
     """:func:`analyze` in the run folder ``out``, whose lock is held."""
     names = list(instances)
@@ -793,15 +927,21 @@ def _analyze_locked(
         meta = _run_meta(model, data)
         _check_same_run(out, store.meta(), meta, data)
         store.set_meta(**meta)
-        _infer(
-            model,
-            store,
-            items,
-            thumbs=thumbs,
-            batch_size=batch_size,
-            workers=workers,
-            progress=progress,
-        )
+        recorder = _FeatureRecorder(model, out / FAILURE_MODES_DIR) if failure_modes else None
+        try:
+            _infer(
+                model,
+                store,
+                items,
+                thumbs=thumbs,
+                batch_size=batch_size,
+                workers=workers,
+                progress=progress,
+                recorder=recorder,
+            )
+        finally:
+            if recorder is not None:
+                recorder.save()
         wanted = {p for p, _ in items}
         predictions = [p for p in store.predictions() if p.path in wanted]
         failures = [f for f in store.failures() if f[0] in wanted]
@@ -837,6 +977,10 @@ def _analyze_locked(
     )
     if faithfulness:
         metrics["faithfulness"] = summarize(explained.faithfulness)
+    modes: list[FailureMode] = []
+    if recorder is not None:
+        metrics["failure_modes"], modes = _failure_modes(model, predictions, recorder, batch_size)
+    if faithfulness or recorder is not None:
         atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
     result = AnalysisResult(
         out_dir=out,
@@ -848,6 +992,60 @@ def _analyze_locked(
         unexplained=explained.unreadable,
         faithfulness=explained.faithfulness,
         thumbnails=thumbnails,
+        failure_modes=modes,
     )
     result.report = write_report(result, [p.id for p in examined])
     return result
+
+
+FAILURE_MODES_DIR = "failure_modes"
+"""Folder of the failure modes' files (the penultimate features) in the run folder."""
+
+
+def _failure_modes(
+    model: ConvlensModel,
+    predictions: Sequence[Prediction],
+    recorder: _FeatureRecorder,
+    batch_size: int,
+) -> tuple[dict[str, Any], list[FailureMode]]:
+    """The failure modes of ``predictions`` and their ``metrics.json`` entry.
+
+    Features come from the prediction pass (``recorder``) or the cache of an earlier run; the
+    images still without them (predicted by a run that was killed before saving them, or by an
+    older version) get them from one extra pass over those images only.
+    """
+    chosen = select_images(predictions)
+    if not chosen:
+        return {"skipped": "no mistakes", "clusters": []}, []
+    if not recorder.resume() or (recorder.head is not None and not str(recorder.head.layer)):
+        # find (every image resumed) or confirm (found in the pass) the head on one image
+        for p in chosen[:8]:
+            _, x, _ = _load_readable(model, [p])
+            if x is not None:
+                recorder.confirm(x.to(model.device))
+                break
+    head = recorder.head
+    if recorder.cache is None or head is None:
+        reason = "the model has no global-average-pooling + linear head"
+        return {"skipped": reason, "clusters": []}, []
+    if not str(head.layer):
+        reason = "no image of a mistake could be read to check the model's head"
+        return {"skipped": reason, "clusters": []}, []
+    missing = [p for p in chosen if p.id not in recorder.cache.rows]
+    if missing:
+        log.info("computing the penultimate features of %d images", len(missing))
+        rows, failed = features_pass(model, head, missing, batch_size)
+        for path, reason in failed:
+            log.warning("no features for %s, unreadable now: %s", path, reason)
+        recorder.cache.add(list(rows), list(rows.values()) if rows else [])
+    recorder.save()
+    names = [model.classes[i] for i in range(len(model.classes))]
+    modes = find_failure_modes(chosen, recorder.cache.rows, head.weight, head.bias, names)
+    summary = summarize_failure_modes(
+        modes,
+        layer=str(head.layer),
+        images=sum(1 for p in chosen if p.id in recorder.cache.rows),
+        correct=sum(1 for p in chosen if p.correct and p.id in recorder.cache.rows),
+        features_recomputed=len(missing),
+    )
+    return summary, modes

@@ -56,6 +56,15 @@ def analyze(
             "Grad-CAM alone, 38 more per further method).",
         ),
     ] = True,
+    failure_modes: Annotated[
+        bool,
+        typer.Option(
+            "--failure-modes/--no-failure-modes",
+            help="Group the mistakes by the penultimate features of the prediction pass and "
+            "rank the groups, with the channels that push each towards the wrong class "
+            "(models ending in global average pooling and a linear layer).",
+        ),
+    ] = True,
     batch_size: BatchSizeOpt = 32,
     workers: WorkersOpt = 0,
     limit: LimitOpt = None,
@@ -79,6 +88,7 @@ def analyze(
         limit=limit,
         progress=True,
         faithfulness=faithfulness,
+        failure_modes=failure_modes,
     )
     m = result.metrics
     say(
@@ -90,6 +100,16 @@ def analyze(
         say(f"skipped {path}: {reason}")
     for path, reason in result.unexplained[:10]:
         say(f"not explained (unreadable now) {path}: {reason}")
+    modes = m.get("failure_modes") or {}
+    if modes.get("clusters"):
+        top = modes["clusters"][0]
+        pair = top["pairs"][0]
+        say(
+            f"failure modes: {len(modes['clusters'])} groups of mistakes; first: {top['errors']} "
+            f"of {top['size']} images wrong (mostly {pair['true_name']} -> {pair['pred_name']})"
+            + (", stands out" if top["stands_out"] else "; none stands out"),
+            console=out,
+        )
     say(f"report: {result.report}")
 
 

@@ -1,0 +1,328 @@
+"""Failure modes: exact wrong-way decomposition, clustering of planted and of cue-less mistakes,
+and the stage inside ``analyze`` (metrics.json, report, resume without recomputing features)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from convlens.analysis import analyze
+from convlens.analysis import failure_modes as fm
+from convlens.analysis.failure_modes import (
+    FeatureCapture,
+    cluster_features,
+    distinguishing_channels,
+    find_failure_modes,
+    wrong_way_contributions,
+)
+from convlens.analysis.store import Prediction
+from convlens.images import load_image
+from convlens.models import Preprocess, load_model
+from convlens.models.base import ConvlensModel
+from tests.helpers.browser import chromium_page
+from tests.helpers.models import GapNet, images, seeded, tiny_net_source
+
+CLASSES = ("cat", "dog", "coffee mug")
+CUE = [5, 6, 7, 8]
+
+
+# --- the decomposition ---------------------------------------------------------------------------
+
+
+def test_decomposition_is_exact_in_float64() -> None:
+    net = seeded(GapNet(classes=5))
+    x = images(6, size=12, seed=3)
+    capture = FeatureCapture("fc")
+    with torch.no_grad(), capture.once(net):
+        logits = net(x)
+    assert not net.fc._forward_pre_hooks  # the hook lived for that call only
+    feats = capture.value
+    assert feats is not None
+    with torch.no_grad():  # the captured input is the pooled map, computed independently
+        pooled = net.features(x).mean(dim=(2, 3))
+    torch.testing.assert_close(feats, pooled.float())
+    pooled = pooled.to(torch.float64)
+    pred = torch.tensor([0, 1, 2, 3, 4, 0])
+    true = torch.tensor([1, 2, 3, 4, 0, 2])
+    contrib, term = wrong_way_contributions(pooled, net.fc.weight, net.fc.bias, pred, true)
+    margin = logits.gather(1, pred[:, None])[:, 0] - logits.gather(1, true[:, None])[:, 0]
+    torch.testing.assert_close(contrib.sum(1) + term, margin, rtol=0, atol=1e-12)
+    assert contrib.dtype == torch.float64
+    # channel by channel against a plain loop
+    w = net.fc.weight.detach()
+    for n in range(6):
+        for c in range(6):
+            expected = (w[pred[n], c] - w[true[n], c]) * pooled[n, c]
+            assert float(contrib[n, c]) == pytest.approx(float(expected), abs=1e-15)
+
+
+def test_capture_finds_the_classifier_in_the_same_pass() -> None:
+    net = seeded(GapNet(classes=5))
+    x = images(4, size=12, seed=1)
+    capture = FeatureCapture()
+    with torch.no_grad(), capture.once(net):
+        net(x)
+    assert capture.fc_name == "fc"
+    assert not any(m._forward_hooks for m in net.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(capture.value, net.features(x).mean(dim=(2, 3)).float())
+    # a last linear layer whose output is not the model's output is not a classifier
+    wrapped = torch.nn.Sequential(net, torch.nn.Softmax(dim=1))
+    other = FeatureCapture()
+    with torch.no_grad(), other.once(wrapped):
+        wrapped(x)
+    assert other.fc_name is None and other.value is None
+
+
+def test_distinguishing_channels_is_cohens_d() -> None:
+    rng = np.random.default_rng(0)
+    group = rng.normal(size=(20, 4))
+    group[:, 2] += 3.0
+    reference = rng.normal(size=(30, 4))
+    top = distinguishing_channels(group, reference, top=2)
+    assert top[0]["channel"] == 2
+    g, r = group[:, 2], reference[:, 2]
+    pooled = ((19 * g.var(ddof=1)) + (29 * r.var(ddof=1))) / 48
+    assert top[0]["effect_size"] == pytest.approx((g.mean() - r.mean()) / np.sqrt(pooled))
+
+
+# --- clustering on synthetic features ------------------------------------------------------------
+
+
+def _synthetic(
+    seed: int, planted: bool, c: int = 24, k: int = 3
+) -> tuple[list[Prediction], dict[str, np.ndarray], set[str], torch.Tensor]:
+    """Per class 60 correct images around a class direction; 12 mistakes per class that look
+    like their class (random label noise); with ``planted``, 30 more mistakes (of classes 1 and
+    2, predicted as class 0) that share a strong response of channels 5-8 (the cue). Weights:
+    the classifier reads channels 5-8 as class 0, channel 5 most."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(k, c)) * 2.0
+    centres[:, CUE] = 0.0
+    preds: list[Prediction] = []
+    feats: dict[str, np.ndarray] = {}
+    cue: set[str] = set()
+
+    def add(label: int, pred: int, row: np.ndarray) -> str:
+        pid = f"{len(preds):05d}"
+        top5 = (pred, *[q for q in range(k) if q != pred])
+        preds.append(
+            Prediction(pid, f"{pid}.png", label, top5, (0.9, 0.05, 0.05), 1.0, pred == label)
+        )
+        feats[pid] = np.maximum(row, 0).astype(np.float32)  # post-ReLU
+        return pid
+
+    for label in range(k):
+        for _ in range(60):
+            add(label, label, centres[label] + rng.normal(size=c))
+        for _ in range(12):
+            add(
+                label,
+                int(label + 1 + rng.integers(0, k - 1)) % k,
+                centres[label] + rng.normal(size=c),
+            )
+    if planted:
+        for n in range(30):
+            label = 1 + n % (k - 1)
+            row = centres[label] + rng.normal(size=c)
+            row[CUE] = 6.0 + rng.normal(size=len(CUE))
+            cue.add(add(label, 0, row))
+    weight = torch.from_numpy(rng.normal(size=(k, c)) * 0.1)
+    weight[0, CUE] = 1.0
+    weight[0, 5] = 2.0
+    return preds, feats, cue, weight
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("channels", [24, 96])  # 96: projected on 32 principal components
+def test_planted_group_is_ranked_first_deterministically(channels: int, seed: int) -> None:
+    preds, feats, cue, weight = _synthetic(seed, planted=True, c=channels)
+    modes = find_failure_modes(preds, feats, weight, None, CLASSES)
+    again = find_failure_modes(preds, feats, weight, None, CLASSES)
+    assert [m.summary() for m in modes] == [m.summary() for m in again]
+    # the cue's mistakes of both classes may form one cluster or one per true class: those
+    # clusters are ranked first, stand out, and hold nearly all and nearly only cue mistakes
+    top = [m for m in modes if set(m.errors_ids) & cue]
+    assert modes[: len(top)] == top and len(top) <= 2
+    found = {i for m in top for i in m.errors_ids}
+    assert len(found & cue) >= 0.9 * len(cue)
+    assert len(found & cue) >= 0.8 * len(found)
+    first = modes[0]
+    assert all(m.stands_out for m in top)
+    assert not any(m.stands_out for m in modes[len(top) :])
+    assert first.push_channels[0]["channel"] == 5
+    assert first.distinguishing[0]["channel"] in CUE
+    assert first.pairs[0]["pred"] == 0
+    assert set(first.representatives) <= set(first.errors_ids)
+    # every mistake is in exactly one cluster
+    ids = [i for m in modes for i in m.errors_ids]
+    assert sorted(ids) == sorted(p.id for p in preds if not p.correct)
+    assert sum(m.size for m in modes) <= len(preds)
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("channels", [24, 96])
+def test_no_cue_raises_no_dominant_cluster(channels: int, seed: int) -> None:
+    """Criterion: no cluster with z >= 3 (and >= 3 mistakes) when the mistakes are label noise
+    that looks like the rest of its class."""
+    preds, feats, _, weight = _synthetic(seed, planted=False, c=channels)
+    modes = find_failure_modes(preds, feats, weight, None, CLASSES)
+    assert modes
+    assert not any(m.stands_out for m in modes), [(m.errors, m.size, m.z) for m in modes]
+
+
+def test_cluster_labels_are_deterministic_and_degenerate_inputs_are_one_cluster() -> None:
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(50, 8))
+    assert (cluster_features(x) == cluster_features(x.copy())).all()
+    assert cluster_features(np.ones((10, 8))).tolist() == [0] * 10
+    assert cluster_features(x[:3]).tolist() == [0, 0, 0]
+
+
+# --- inside analyze ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def setup(tmp_path: Path) -> dict[str, Path]:
+    from PIL import Image
+
+    (tmp_path / "net.py").write_text(tiny_net_source(seed=1))
+    (tmp_path / "labels.txt").write_text("\n".join(CLASSES) + "\n")
+    data = tmp_path / "data"
+    rng = np.random.default_rng(0)
+    for c, folder in enumerate(("cat", "dog", "coffee_mug")):
+        (data / folder).mkdir(parents=True)
+        for k in range(8):
+            pixels = rng.integers(0, 255, (36, 36, 3), dtype=np.uint8)
+            pixels[..., c] = 255 - k * 20
+            Image.fromarray(pixels).save(data / folder / f"img{k}.png")
+    return {"dir": tmp_path, "data": data, "run": tmp_path / "run"}
+
+
+def make_model(d: Path) -> ConvlensModel:
+    return load_model(
+        f"{d / 'net.py'}:build", classes=d / "labels.txt", preprocess=Preprocess(resize=36, crop=32)
+    )
+
+
+def run(model: ConvlensModel, setup: dict[str, Path], **kw: object):  # type: ignore[no-untyped-def]
+    kw = {"batch_size": 5, "top_errors": 2, "progress": False, "faithfulness": False, **kw}
+    return analyze(model, setup["data"], setup["run"], **kw)  # type: ignore[arg-type]
+
+
+def test_analyze_writes_failure_modes_that_match_the_model(setup) -> None:
+    model = make_model(setup["dir"])
+    result = run(model, setup)
+    info = json.loads((setup["run"] / "metrics.json").read_text())["failure_modes"]
+    wrong = {p.id: p for p in result.predictions if p.correct is False}
+    assert wrong, "the tiny model should make mistakes on this data"
+    assert info["features_recomputed"] == 0  # all from the prediction pass
+    assert sum(c["errors"] for c in info["clusters"]) == len(wrong)
+    classes = {p.label for p in wrong.values()}
+    right = [p for p in result.predictions if p.correct and p.label in classes]
+    assert info["correct_clustered"] == len(right)
+    assert info["images_clustered"] == len(right) + len(wrong)
+    assert [c["rank"] for c in info["clusters"]] == list(range(1, len(info["clusters"]) + 1))
+    scores = [c["score"] for c in info["clusters"]]
+    assert scores == sorted(scores, reverse=True)
+    # each cluster's mean margin equals the model's own logits on its mistakes
+    net = model.net.eval()
+    for mode in result.failure_modes:
+        x = torch.stack([model.preprocess(load_image(wrong[i].path)) for i in mode.errors_ids])
+        with torch.no_grad():
+            logits = net(x).double()
+        pred = torch.tensor([wrong[i].pred for i in mode.errors_ids])
+        true = torch.tensor([int(wrong[i].label or 0) for i in mode.errors_ids])
+        margin = logits.gather(1, pred[:, None]) - logits.gather(1, true[:, None])
+        assert mode.margin == pytest.approx(float(margin.mean()), abs=1e-4)
+    page = result.report.read_text()
+    assert 'id="failure-modes"' in page and "Failure modes" in page
+    assert f"c{info['clusters'][0]['push_channels'][0]['channel']} " in page
+
+
+def test_resume_does_not_recompute_features(setup, monkeypatch) -> None:
+    first = run(make_model(setup["dir"]), setup)
+    store = setup["run"] / "failure_modes" / fm.FEATURES_FILE
+    stamp = store.stat().st_mtime_ns
+
+    def forbidden(*args: object, **kw: object) -> None:
+        raise AssertionError("features recomputed")
+
+    with monkeypatch.context() as m:
+        m.setattr(fm, "features_pass", forbidden)
+        from convlens.analysis import run as run_module
+
+        m.setattr(run_module, "features_pass", forbidden)
+        again = run(make_model(setup["dir"]), setup)
+    assert store.stat().st_mtime_ns == stamp
+    assert [m.summary() for m in again.failure_modes] == [m.summary() for m in first.failure_modes]
+    # without the file (a run of an older version): one extra pass, the same clusters
+    store.unlink()
+    third = run(make_model(setup["dir"]), setup)
+    assert third.metrics["failure_modes"]["features_recomputed"] > 0
+    # the extra pass sees other batches, so the last bits may differ: same groups, same numbers
+    assert [sorted(m.errors_ids) for m in third.failure_modes] == [
+        sorted(m.errors_ids) for m in first.failure_modes
+    ]
+    for got, want in zip(third.failure_modes, first.failure_modes, strict=True):
+        assert got.margin == pytest.approx(want.margin, abs=1e-4)
+
+
+def test_no_gap_head_is_skipped_with_a_reason(setup) -> None:
+    (setup["dir"] / "net.py").write_text(
+        "from torch import nn\n"
+        "def build():\n"
+        "    return nn.Sequential(nn.Conv2d(3, 2, 3), nn.Flatten(), nn.Linear(2 * 30 * 30, 3))\n"
+    )
+    result = run(make_model(setup["dir"]), setup)
+    assert "global-average-pooling" in result.metrics["failure_modes"]["skipped"]
+    assert result.failure_modes == []
+    assert "Not computed" in result.report.read_text()
+
+
+def test_failure_modes_off_computes_nothing(setup) -> None:
+    result = run(make_model(setup["dir"]), setup, failure_modes=False)
+    assert "failure_modes" not in result.metrics
+    assert not (setup["run"] / "failure_modes").exists()
+    assert 'id="failure-modes"' not in result.report.read_text()
+
+
+def test_failure_modes_section_in_headless_chromium(setup) -> None:
+    result = run(make_model(setup["dir"]), setup)
+    errors: list[str] = []
+    with chromium_page(errors) as page:
+        page.goto(result.report.as_uri())
+        assert page.is_visible("#failure-modes")
+        rows = page.eval_on_selector_all("#failure-modes table tr", "els => els.length")
+        assert rows == 1 + len(result.failure_modes)
+        broken = page.eval_on_selector_all(
+            "#failure-modes img",
+            "els => els.filter(e => !e.complete || e.naturalWidth == 0).length",
+        )
+        assert broken == 0
+    assert errors == []
+
+
+def test_cli_failure_modes_flag(setup, capsys) -> None:
+    from convlens.cli import main
+
+    d = setup["dir"]
+    args = ["analyze", str(setup["data"]), "--model", f"{d / 'net.py'}:build"]
+    args += ["--classes", str(d / "labels.txt"), "--size", "32", "--out", str(setup["run"])]
+    args += ["--top-errors", "1", "--no-faithfulness"]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, "--no-failure-modes"])
+    assert exit_info.value.code == 0
+    metrics = setup["run"] / "metrics.json"
+    assert "failure_modes" not in json.loads(metrics.read_text())
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 0
+    clusters = json.loads(metrics.read_text())["failure_modes"]["clusters"]
+    assert clusters
+    assert f"failure modes: {len(clusters)} groups of mistakes" in capsys.readouterr().out
