@@ -18,6 +18,7 @@ from torch import nn
 
 from convlens import get_method, list_methods
 from convlens.errors import ConvlensError, ConvlensWarning
+from tests.helpers import zoo
 
 #: per method, options that keep the call small on a 32x32 input (the defaults are sized for
 #: 224x224 photos)
@@ -31,63 +32,12 @@ SMALL = {
 }
 
 
-def _timm_vit() -> nn.Module:
-    timm = pytest.importorskip("timm")
-    return timm.models.vision_transformer.VisionTransformer(
-        img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=5
-    )
-
-
-def _timm_deit_distilled() -> nn.Module:
-    pytest.importorskip("timm")
-    from timm.models.deit import VisionTransformerDistilled
-
-    return VisionTransformerDistilled(
-        img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=5
-    )
-
-
-def _timm_swin() -> nn.Module:
-    pytest.importorskip("timm")
-    from timm.models.swin_transformer import SwinTransformer
-
-    return SwinTransformer(
-        img_size=32,
-        patch_size=4,
-        window_size=4,
-        embed_dim=16,
-        depths=(1, 1),
-        num_heads=(1, 2),
-        num_classes=5,
-    )
-
-
-def _timm_convnext() -> nn.Module:
-    pytest.importorskip("timm")
-    from timm.models.convnext import ConvNeXt
-
-    return ConvNeXt(depths=(1, 1, 1, 1), dims=(8, 16, 24, 32), num_classes=5)
-
-
-def _torchvision_vit() -> nn.Module:
-    tv = pytest.importorskip("torchvision")
-    return tv.models.VisionTransformer(
-        image_size=32,
-        patch_size=8,
-        num_layers=2,
-        num_heads=2,
-        hidden_dim=32,
-        mlp_dim=64,
-        num_classes=5,
-    )
-
-
 MODELS: dict[str, Callable[[], nn.Module]] = {
-    "timm-vit": _timm_vit,
-    "timm-deit-distilled": _timm_deit_distilled,
-    "timm-swin": _timm_swin,
-    "timm-convnext": _timm_convnext,
-    "torchvision-vit": _torchvision_vit,
+    "timm-vit": zoo.timm_vit,
+    "timm-deit-distilled": zoo.timm_deit_distilled,
+    "timm-swin": zoo.timm_swin,
+    "timm-convnext": zoo.timm_convnext,
+    "torchvision-vit": zoo.torchvision_vit,
 }
 
 

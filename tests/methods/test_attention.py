@@ -20,6 +20,7 @@ from torch import nn
 from convlens import UnsupportedModelError, get_method, list_methods
 from convlens.hooks.attention import explicit_attention
 from convlens.methods import METHODS, AttentionRelevance, AttentionRollout
+from tests.helpers import zoo
 from tests.helpers.cli import exit_code
 from tests.helpers.models import GapNet, TinyVGG, TinyViT, images, seeded
 from tests.helpers.paths import REPO
@@ -189,18 +190,7 @@ def timm_vit(**kw: object) -> nn.Module:
 
 
 def torchvision_vit() -> nn.Module:
-    tv = pytest.importorskip("torchvision")
-    return _init(
-        tv.models.VisionTransformer(
-            image_size=32,
-            patch_size=8,
-            num_layers=2,
-            num_heads=2,
-            hidden_dim=32,
-            mlp_dim=64,
-            num_classes=5,
-        )
-    )
+    return _init(zoo.torchvision_vit())
 
 
 MODELS: dict[str, tuple[Callable[[], nn.Module], Forward, int]] = {
@@ -360,20 +350,8 @@ def test_cnns_are_refused_in_one_line_naming_what_is_supported(name: str, cnn: t
 
 @pytest.mark.parametrize("arch", ["swin", "convnext"])
 def test_timm_swin_and_convnext_are_refused_in_one_line(arch: str) -> None:
-    timm = pytest.importorskip("timm")
     torch.manual_seed(0)
-    if arch == "swin":
-        net = timm.models.swin_transformer.SwinTransformer(
-            img_size=32,
-            patch_size=4,
-            window_size=4,
-            embed_dim=16,
-            depths=(1, 1),
-            num_heads=(1, 2),
-            num_classes=5,
-        )
-    else:
-        net = timm.models.convnext.ConvNeXt(depths=(1, 1, 1, 1), dims=(8, 8, 8, 8), num_classes=5)
+    net = zoo.timm_swin() if arch == "swin" else zoo.timm_convnext()
     for name in ("rollout", "chefer"):
         with pytest.raises(UnsupportedModelError, match="no attention module") as info:
             get_method(name)(net.eval(), images(1, size=32).float())

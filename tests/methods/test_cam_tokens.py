@@ -13,6 +13,7 @@ from torch import nn
 from convlens.errors import LayerError
 from convlens.methods import GradCAM, get_method
 from convlens.result import Explanation
+from tests.helpers import zoo
 from tests.helpers.models import ChannelsLastNet, TokenViT, images, seeded
 
 CAM_METHODS = [
@@ -223,17 +224,8 @@ _ZOO: dict[str, Callable[[], tuple[nn.Module, int, str, str, int, tuple[int, int
 
 
 def _torchvision_vit() -> tuple[nn.Module, int, str, str, int, tuple[int, int]]:
-    tv = pytest.importorskip("torchvision")
     torch.manual_seed(0)
-    net = tv.models.VisionTransformer(
-        image_size=32,
-        patch_size=8,
-        num_layers=2,
-        num_heads=2,
-        hidden_dim=32,
-        mlp_dim=64,
-        num_classes=5,
-    )
+    net = zoo.torchvision_vit()
     nn.init.normal_(net.heads.head.weight)  # torchvision initialises the head to zero
     return net.double().eval(), 32, "encoder.layers.encoder_layer_1.ln_1", "tokens", 1, (4, 4)
 
