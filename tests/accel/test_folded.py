@@ -326,3 +326,34 @@ def test_layer_methods_use_the_copy_only_where_it_keeps_the_layer(layer: str) ->
         plain = method(net, x, layer=layer, accel=Acceleration.plain())
         torch.testing.assert_close(got.maps, plain.maps, rtol=1e-9, atol=1e-12)
         torch.testing.assert_close(got.scores, plain.scores, rtol=1e-9, atol=1e-12)
+
+
+def test_a_container_holding_a_folded_convolution_runs_on_the_network() -> None:
+    """``stem`` is a Sequential holding only a convolution whose BatchNorm (outside it) is
+    folded: in the copy ``stem`` would output the normalised map. The same convolution reached
+    under a second name is caught too."""
+    from convlens import get_method
+    from convlens.accel import Acceleration
+    from convlens.accel.folded import copy_keeping_layer
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1))
+            self.bn = nn.BatchNorm2d(6)
+            self.head = nn.Sequential(nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+            self.fc = nn.Linear(6, 4)
+            self.alias = self.stem[0]  # the same convolution under another name
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.head(self.bn(self.stem(x))))
+
+    clear_inference_copies()
+    net, x = seeded(Net(), seed=4).eval(), images(2, size=12)
+    for layer in ("stem", "stem.0", "alias"):
+        assert copy_keeping_layer(net, x, layer, channels_last=False) is None, layer
+    assert copy_keeping_layer(net, x, "bn", channels_last=False) is not None
+    for layer in ("stem", "alias", "bn"):
+        got = get_method("gradcam")(net, x, layer=layer, accel=Acceleration())
+        plain = get_method("gradcam")(net, x, layer=layer, accel=Acceleration.plain())
+        torch.testing.assert_close(got.maps, plain.maps, rtol=1e-9, atol=1e-12)

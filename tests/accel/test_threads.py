@@ -97,7 +97,9 @@ def test_threads_are_the_free_cores_up_to_the_limit(
 ) -> None:
     proc = fake_proc(tmp_path, loadavg_running=1 + others, own=["R"], others={2000: ["R"] * others})
     governor = ThreadGovernor(limit=limit, cores=cores, proc=proc)
-    assert governor.choose() == expected
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(threads_mod.os, "cpu_count", lambda: cores)
+        assert governor.choose() == expected
 
 
 def test_no_proc_keeps_the_limit(tmp_path: Path) -> None:
@@ -108,6 +110,7 @@ def test_check_applies_and_rechecks_at_most_every_interval(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     proc = fake_proc(tmp_path, loadavg_running=2, own=["R"], others={2000: ["R"]})
+    monkeypatch.setattr(threads_mod.os, "cpu_count", lambda: 2)
     set_to: list[int] = []
     monkeypatch.setattr(torch, "set_num_threads", set_to.append)
     governor = ThreadGovernor(limit=2, cores=2, proc=proc, interval=3600)
@@ -173,9 +176,47 @@ def test_long_methods_recount_between_chunks(
     assert len(calls) >= 3  # on entry and between chunks
 
 
-def test_auto_threads_equal_fixed_threads() -> None:
-    net, x = seeded(GapNet()), images(2)
-    method = get_method("occlusion", patch=4, stride=2)
-    auto = method(net, x, accel=Acceleration(threads="auto"))
-    fixed = method(net, x, accel=Acceleration(threads=1))
+def test_auto_threads_equal_fixed_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The governor switching between 2 and 1 threads between chunks changes nothing that is
+    computed (to float rounding)."""
+    counts = iter([2, 1] * 50)
+    seen: list[int] = []
+
+    def alternate(self: ThreadGovernor) -> int:
+        seen.append(next(counts))
+        return seen[-1]
+
+    clock = iter(range(0, 10**6, 10))  # every check is a re-count (10 s apart)
+    monkeypatch.setattr(threads_mod.ThreadGovernor, "choose", alternate)
+    monkeypatch.setattr(threads_mod.time, "monotonic", lambda: float(next(clock)))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        net, x = seeded(GapNet()), images(2)
+        method = get_method("occlusion", patch=4, stride=2, batch_size=5)
+        auto = method(net, x, accel=Acceleration(threads="auto"))
+        fixed = method(net, x, accel=Acceleration(threads=1))
+    finally:
+        torch.set_num_threads(before)
+    assert 1 in seen and 2 in seen
     torch.testing.assert_close(auto.maps, fixed.maps)
+
+
+def test_a_narrower_affinity_mask_leaves_the_threads_alone(tmp_path: Path) -> None:
+    # /proc/loadavg counts every core's tasks; with 2 of 8 cores it says nothing about ours
+    proc = fake_proc(tmp_path, loadavg_running=6, own=["R"], others={2000: ["R"] * 5})
+    with_mask = ThreadGovernor(limit=2, cores=2, proc=proc)
+    if (os.cpu_count() or 1) > 2:
+        assert with_mask.choose() == 2
+
+
+def test_auto_changes_nothing_off_the_cpu_or_when_deterministic() -> None:
+    with Acceleration(threads="auto").threads_for_call(torch.device("meta")) as governor:
+        assert governor is None
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        with Acceleration(threads="auto").threads_for_call(torch.device("cpu")) as governor:
+            assert governor is None
+    finally:
+        torch.use_deterministic_algorithms(before)

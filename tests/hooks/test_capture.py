@@ -7,10 +7,12 @@ import pytest
 import torch
 from torch import nn
 
+from convlens import get_method
 from convlens.errors import LayerError
 from convlens.hooks import StopForward, capture_call, named_module, stoppable
+from convlens.hooks.capture import layer_capture
 from convlens.layers import resolve_layer
-from tests.helpers.models import SharedActNet, images, seeded
+from tests.helpers.models import GapNet, SharedActNet, images, seeded
 
 
 class Swallowing(nn.Module):
@@ -89,3 +91,34 @@ def test_stoppable_ends_only_the_block() -> None:
     ran.append(2)
     assert ran == [1, 2]
     assert not issubclass(StopForward, Exception)  # model code catching Exception lets it pass
+
+
+def test_grad_capture_restores_the_grad_mode() -> None:
+    """``layer_capture(grad=True)`` records gradients from the layer on and restores the mode
+    of the block's start: after a normal pass, a pass that raises, and one that never reaches
+    the layer; and Grad-CAM leaves the caller's mode as it was."""
+    net, x = seeded(GapNet()).eval(), images(2)
+
+    class Boom(nn.Module):
+        def forward(self, _x: torch.Tensor) -> torch.Tensor:
+            raise RuntimeError("boom")
+
+    for grad_before in (False, True):
+        with torch.set_grad_enabled(grad_before):
+            with torch.no_grad(), layer_capture(net, "conv2", grad=True) as cap:
+                out = net(x)
+                assert torch.is_grad_enabled()  # from the layer on
+                assert out.requires_grad and cap.output().requires_grad
+            assert torch.is_grad_enabled() is grad_before
+            bad = nn.Sequential(net.conv1, Boom())
+            try:
+                with torch.no_grad(), layer_capture(bad, "0", grad=True):
+                    bad(x)
+            except RuntimeError:
+                pass
+            assert torch.is_grad_enabled() is grad_before
+            with torch.no_grad(), layer_capture(net, "fc", grad=True):
+                net.features(x)  # the layer is never reached
+            assert torch.is_grad_enabled() is grad_before
+            get_method("gradcam")(net, x)
+            assert torch.is_grad_enabled() is grad_before

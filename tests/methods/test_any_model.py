@@ -57,6 +57,7 @@ def test_every_method_works_or_refuses_in_one_line(
     net = built[arch]
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     before = {k: v.clone() for k, v in net.state_dict().items()}
+    flags = {k: p.requires_grad for k, p in net.named_parameters()}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvlensWarning)  # blank maps of random weights
@@ -73,6 +74,4 @@ def test_every_method_works_or_refuses_in_one_line(
     assert not net.training
     for k, v in net.state_dict().items():
         assert torch.equal(v, before[k]), k
-    assert all(not p.requires_grad for p in net.parameters()) or all(
-        p.requires_grad for p in net.parameters()
-    )
+    assert {k: p.requires_grad for k, p in net.named_parameters()} == flags

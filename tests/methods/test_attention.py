@@ -525,3 +525,25 @@ def test_windowed_attention_is_not_taken_for_global_attention() -> None:
 
     net = nn.Sequential(Windowed(), Global())
     assert [name for name, _ in attention_modules(net)] == ["1"]
+
+
+def test_registers_without_a_class_token_are_refused() -> None:
+    """timm ViTs with register tokens and no class token (``class_token=False``,
+    ``reg_tokens=1``, average pooling) have a prefix whose first row is a register: refused,
+    not read as the class token."""
+    timm = pytest.importorskip("timm")
+    net = timm.models.vision_transformer.VisionTransformer(
+        img_size=32,
+        patch_size=8,
+        embed_dim=32,
+        depth=2,
+        num_heads=2,
+        num_classes=5,
+        class_token=False,
+        reg_tokens=1,
+        global_pool="avg",
+    ).eval()
+    x = torch.randn(1, 3, 32, 32)
+    for method in (AttentionRollout(), AttentionRelevance()):
+        with pytest.raises(UnsupportedModelError, match="no class token"):
+            method(net, x)

@@ -388,14 +388,24 @@ def copy_keeping_layer(
 
     The copy keeps every module name. A folded BatchNorm became ``nn.Identity`` and outputs
     ``BN(conv(x))`` as before; a convolution whose BatchNorm was folded into it outputs the
-    normalised map instead of its own, so a copy is returned only when ``layer`` is not such a
-    convolution.
+    normalised map instead of its own, and so may a module holding such a convolution (e.g. a
+    ``Sequential`` ending in it, with the BatchNorm outside). A copy is returned only when
+    ``layer`` holds no folded convolution at all (compared by module identity, so a layer
+    reached under another name is caught too).
 
     Returns:
         The copy, or ``None`` when the network itself must run (see
-        :func:`cached_inference_copy`, or ``layer`` is a folded convolution).
+        :func:`cached_inference_copy`, or ``layer`` holds a folded convolution).
     """
     fast = cached_inference_copy(net, example, channels_last=channels_last)
-    if fast is None or layer.strip() in getattr(fast, "convlens_folded_convs", frozenset({layer})):
+    if fast is None:
         return None
+    try:
+        target = net.get_submodule(layer.strip())
+    except AttributeError:
+        return None  # the method reports the unknown layer itself
+    inside = {id(m) for m in target.modules()}
+    for conv in getattr(fast, "convlens_folded_convs", None) or ():
+        if id(net.get_submodule(conv)) in inside:
+            return None
     return fast

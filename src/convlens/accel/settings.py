@@ -24,6 +24,7 @@ from typing import Literal
 import torch
 
 from convlens.accel.threads import ThreadGovernor, governed_threads
+from convlens.errors import InputError
 
 __all__ = ["AUTO_COMPILE_PASSES", "Acceleration", "compiler_available"]
 
@@ -69,8 +70,8 @@ class Acceleration:
             process's setting.
 
     Raises:
-        ValueError: ``compile`` is not ``True``, ``False`` or ``"auto"``, or ``threads`` is not
-            a positive integer, ``"auto"`` or ``None``.
+        InputError: (a ``ValueError``) ``compile`` is not ``True``, ``False`` or ``"auto"``,
+            or ``threads`` is not a positive integer, ``"auto"`` or ``None``.
     """
 
     fold_batchnorm: bool = True
@@ -82,11 +83,11 @@ class Acceleration:
 
     def __post_init__(self) -> None:
         if self.compile not in (True, False, "auto"):
-            raise ValueError(f"compile must be True, False or 'auto', not {self.compile!r}")
+            raise InputError(f"compile must be True, False or 'auto', not {self.compile!r}")
         if self.threads not in (None, "auto") and (
             isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 1
         ):
-            raise ValueError(
+            raise InputError(
                 f"threads must be a positive integer, 'auto' or None, not {self.threads!r}"
             )
 
@@ -129,15 +130,23 @@ class Acceleration:
         return compiler_available()
 
     @contextlib.contextmanager
-    def threads_for_call(self) -> Iterator[ThreadGovernor | None]:
+    def threads_for_call(
+        self, device: torch.device | None = None
+    ) -> Iterator[ThreadGovernor | None]:
         """The call's torch threads, restored on exit. With ``threads="auto"`` yields the
         :class:`~convlens.accel.threads.ThreadGovernor` whose ``check()`` long jobs call between
         chunks; otherwise ``None`` (a fixed count is set for the block; ``None`` changes
-        nothing)."""
+        nothing). ``"auto"`` changes nothing for a call on another ``device`` than the CPU or
+        with ``torch.use_deterministic_algorithms(True)``."""
         if self.threads is None:
             yield None
             return
         if self.threads == "auto":
+            if (
+                device is not None and device.type != "cpu"
+            ) or torch.are_deterministic_algorithms_enabled():
+                yield None
+                return
             with governed_threads() as governor:
                 yield governor
             return

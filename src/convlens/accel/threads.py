@@ -15,8 +15,12 @@ exit. The count reads ``/proc/loadavg`` (its fourth field: runnable tasks / all 
 process's own threads' states in ``/proc/self/task``; when another process seems to run, the
 count is confirmed, inside a container (a child PID namespace, whose ``/proc/loadavg`` is the
 host's), by the states of the threads of the processes it can see in ``/proc``. Elsewhere (no
-``/proc``) nothing changes. Only the number of threads changes, never what is computed: the
-results equal those of any fixed thread count to float rounding.
+``/proc``, or an affinity mask narrower than the machine) nothing changes. Only the number of
+threads changes, never what is computed: the results equal those of any fixed thread count to
+float rounding (reductions may round differently, so two calls under different load can differ
+in the last bits; with ``torch.use_deterministic_algorithms(True)`` the count is left alone).
+``torch.set_num_threads`` is process-wide: methods called from several Python threads at once
+should run with a fixed ``Acceleration(threads=N)`` or ``threads=None``.
 """
 
 from __future__ import annotations
@@ -148,7 +152,14 @@ class ThreadGovernor:
     _checked: float = -1e9
 
     def choose(self) -> int:
-        """The thread count for the cores free now: ``max(1, min(limit, cores - others))``."""
+        """The thread count for the cores free now: ``max(1, min(limit, cores - others))``.
+
+        ``limit`` itself where the count would not be about this process's cores: no
+        ``/proc``, or an affinity mask narrower than the machine (``taskset``, a cgroup cpuset,
+        a batch scheduler's slot), since ``/proc/loadavg`` counts the other cores' tasks too.
+        """
+        if self.cores < (os.cpu_count() or self.cores):
+            return self.limit
         others = runnable_elsewhere(proc=self.proc)
         if others is None:
             return self.limit

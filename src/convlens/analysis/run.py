@@ -483,7 +483,7 @@ def _predict_loop(
     with (
         model_state(model.net, eval_mode=True, grads=False),
         torch.no_grad(),
-        model.accel.threads_for_call() as threads,
+        model.accel.threads_for_call(model.device) as threads,
     ):
         try:
             for idx, x, failed in batches:

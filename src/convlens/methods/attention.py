@@ -20,7 +20,7 @@ from convlens.errors import UnsupportedModelError
 from convlens.hooks.attention import SUPPORTED_ATTENTION, AttentionRecord, explicit_attention
 from convlens.methods.base import Context, Method, RawResult
 from convlens.methods.registry import register
-from convlens.tokens import patch_grid
+from convlens.tokens import MAX_PREFIX, patch_grid
 from convlens.validate import Bound
 
 __all__ = ["AttentionRelevance", "AttentionRollout", "attention_relevance", "attention_rollout"]
@@ -57,7 +57,7 @@ def _patch_grid(net: nn.Module, x: torch.Tensor) -> tuple[int, int]:
 
 
 def _attentions(
-    record: AttentionRecord, grid: tuple[int, int], batch: int
+    record: AttentionRecord, grid: tuple[int, int], batch: int, net: nn.Module
 ) -> tuple[list[torch.Tensor], _Tokens]:
     """The recorded (B, heads, N, N) matrices, checked against the patch grid, and the token
     layout they imply: ``N - h w`` prefix tokens (at least the class token) before the patches.
@@ -76,12 +76,29 @@ def _attentions(
                 f"prefix tokens and a {grid[0]}x{grid[1]} patch grid; attention methods support "
                 "global self-attention over the tokens"
             )
-    if tokens.prefix == 0:
+    if tokens.prefix > MAX_PREFIX:
         raise UnsupportedModelError(
-            "the model has no class token (its attention runs over the patch tokens only); "
+            f"the attention matrices are {n}x{n}, {tokens.prefix} more than the "
+            f"{grid[0]}x{grid[1]} patch grid; attention methods support global self-attention "
+            "over a class token, a few other prefix tokens and the patches"
+        )
+    if tokens.prefix == 0 or not _has_class_token(net):
+        raise UnsupportedModelError(
+            "the model has no class token (its prefix tokens, if any, are registers); "
             "attention rollout and relevance read the class token's attention"
         )
     return list(record.weights), tokens
+
+
+def _has_class_token(net: nn.Module) -> bool:
+    """``False`` when a module of ``net`` states it has no class token (timm's
+    ``has_class_token`` / ``cls_token = None``; its prefix tokens are then registers)."""
+    for m in net.modules():
+        if getattr(m, "has_class_token", True) is False:
+            return False
+        if hasattr(m, "cls_token") and m.cls_token is None:
+            return False
+    return True
 
 
 def attention_rollout(
@@ -195,7 +212,7 @@ class AttentionRollout(_AttentionMethod):
             grid = _patch_grid(ctx.net, ctx.x)
             record.clear()  # only the explained pass's attention
             logits = ctx.net(ctx.x)
-        attentions, tokens = _attentions(record, grid, ctx.x.shape[0])
+        attentions, tokens = _attentions(record, grid, ctx.x.shape[0], ctx.net)
         targets = ctx.targets(logits)
         r = attention_rollout(attentions, self.head_fusion, self.discard_ratio)
         m = _patch_map(r, tokens).unsqueeze(1)
@@ -230,7 +247,7 @@ class AttentionRelevance(_AttentionMethod):
             grid = _patch_grid(ctx.net, ctx.x)
             record.clear()  # only the explained pass's attention
             logits = ctx.net(x)
-            attentions, tokens = _attentions(record, grid, x.shape[0])
+            attentions, tokens = _attentions(record, grid, x.shape[0], ctx.net)
             targets = ctx.targets(logits.detach())
             k = targets.shape[1]
             maps = []

@@ -214,7 +214,7 @@ class Method:
         with (
             model_state(net, eval_mode=True, grads=self.uses_gradients),
             full_float32(),
-            accel.threads_for_call() as ctx.threads,
+            accel.threads_for_call(x.device) as ctx.threads,
         ):
             try:
                 raw = self.compute(ctx)

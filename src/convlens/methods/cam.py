@@ -72,16 +72,18 @@ def layer_gradients(
     with torch.no_grad(), layer_capture(net, ref.name, grad=True) as cap:
         logits = net(x)
         a = cap.output(ref.call)
-        layout = layer_layout_of(ctx, ref, a)
         targets = ctx.targets(logits.detach())
         k = targets.shape[1]
-        grads = []
+        raw = []
         for j in range(k):
             score = logits.gather(1, targets[:, j : j + 1]).sum()
             (g,) = torch.autograd.grad(score, a, retain_graph=j < k - 1, allow_unused=True)
             if g is None:
                 raise LayerError(f"the output does not depend on layer {str(ref)!r}")
-            grads.append(layout.to_maps(g))
+            raw.append(g)
+    # after the capture: finding the layout may run a pass of its own (the patch grid)
+    layout = layer_layout_of(ctx, ref, a)
+    grads = [layout.to_maps(g) for g in raw]
     maps = layout.to_maps(a.detach())
     return maps, torch.stack(grads, dim=1), logits.detach(), targets, str(ref), layout
 

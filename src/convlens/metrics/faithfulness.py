@@ -199,13 +199,19 @@ class _Scorer:
             self._use_compiled()
 
     def __enter__(self) -> _Scorer:
-        if self.copy is None:
-            self._stack.enter_context(model_state(self.net, eval_mode=True, grads=False))
-        self._stack.enter_context(torch.no_grad())
-        self.threads = self._stack.enter_context(self.accel.threads_for_call())
+        try:
+            if self.copy is None:
+                self._stack.enter_context(model_state(self.net, eval_mode=True, grads=False))
+            self._stack.enter_context(torch.no_grad())
+            device = self.example.device
+            self.threads = self._stack.enter_context(self.accel.threads_for_call(device))
+        except BaseException:
+            self._stack.close()  # what was entered is undone (the model's state restored)
+            raise
         return self
 
     def __exit__(self, *exc: object) -> bool:
+        self.threads = None
         self._stack.close()
         return False
 
