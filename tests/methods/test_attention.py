@@ -512,18 +512,18 @@ def _softmax_attention(m: nn.Module, y: torch.Tensor) -> torch.Tensor:
 def test_windowed_attention_is_not_taken_for_global_attention() -> None:
     from convlens.hooks.attention import attention_modules
 
-    class Windowed(nn.Module):
-        def __init__(self) -> None:
+    class Attention(nn.Module):  # written like timm's
+        def __init__(self, window: bool = False) -> None:
             super().__init__()
             self.qkv, self.num_heads, self.fused_attn = nn.Linear(4, 12), 2, False
-            self.attn_drop, self.window_size = nn.Dropout(0.0), (2, 2)
+            self.attn_drop = nn.Dropout(0.0)
+            if window:
+                self.window_size = (2, 2)
 
-    class Global(Windowed):
-        def __init__(self) -> None:
-            super().__init__()
-            del self.window_size
+    class XCA(Attention):  # the same layout, but channel attention: another class name
+        pass
 
-    net = nn.Sequential(Windowed(), Global())
+    net = nn.Sequential(Attention(window=True), Attention(), XCA())
     assert [name for name, _ in attention_modules(net)] == ["1"]
 
 

@@ -7,9 +7,11 @@ form the attention matrix, or form it outside the autograd graph. For the call,
 ``A = softmax(q k^T / sqrt(d))`` explicitly, from the module's own projections, as a tensor
 of the autograd graph that the rest of the forward pass uses, and records it:
 
-- timm's ``Attention`` (``VisionTransformer``, DeiT), and any module laid out like it (a
-  ``qkv`` projection, ``num_heads``, ``fused_attn``, ``attn_drop``; windowed attention, which
-  has a ``window_size``, excluded): the module's own non-fused branch
+- timm's ``Attention`` (``VisionTransformer``, DeiT), and a class of another package also
+  named ``Attention`` and written like it (a ``qkv`` projection, ``num_heads``,
+  ``fused_attn``, ``attn_drop``; windowed attention excluded; timm's other attention classes,
+  e.g. channel attention (XCiT) or differential attention, are not taken for it): the
+  module's own non-fused branch
   (``fused_attn = False`` for the call); the matrix is read as the output of its ``attn_drop``
   (a forward hook), the tensor multiplied with the values;
 - ``nn.MultiheadAttention`` (torchvision's ``VisionTransformer`` and models built like it): the
@@ -81,9 +83,14 @@ def attention_modules(net: nn.Module) -> list[tuple[str, nn.Module]]:
             timm_cls is not None and isinstance(m, timm_cls) and _timm_layout(m)
         ):
             found.append((name, m))
-        elif _timm_layout(m) and not hasattr(m, "window_size"):
-            found.append((name, m))  # laid out like timm's Attention (global, not windowed)
+        elif type(m).__name__ == "Attention" and _timm_layout(m) and not _windowed(m):
+            found.append((name, m))  # written like timm's Attention (global, not windowed)
     return found
+
+
+def _windowed(m: nn.Module) -> bool:
+    """Whether ``m`` attends within windows (Swin's ``window_size``, Twins' ``ws``)."""
+    return hasattr(m, "window_size") or hasattr(m, "ws")
 
 
 def _timm_layout(m: nn.Module) -> bool:

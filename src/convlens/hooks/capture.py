@@ -114,7 +114,8 @@ class LayerCapture:
     ``torch.autograd.grad(score, capture.output())`` gives dS/dA. The graph starts at the first
     call of the module: run the forward pass under ``torch.no_grad()`` and the hook turns
     gradient recording on from there (:func:`layer_capture` restores the mode on exit), so the
-    part of the network before the layer runs as plain inference, recording nothing.
+    part of the network before the layer runs as plain inference, recording nothing. Register
+    the hook through :func:`layer_capture` only: used on its own it would leave recording on.
     """
 
     name: str
