@@ -3,8 +3,11 @@ here; each method overrides one step, :meth:`Method.compute`."""
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import time
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -31,7 +34,36 @@ from convlens.result import Explanation
 from convlens.targets import TargetSpec, resolve_targets
 from convlens.validate import check_finite_inputs, listed, nonfinite_outputs, positive_int
 
-__all__ = ["Context", "Method", "RawResult"]
+__all__ = ["Cancelled", "Context", "Method", "RawResult", "pace_listener"]
+
+#: Called by :meth:`Context.pace` in the thread running a method (see :func:`pace_listener`).
+_PACE_LISTENER: contextvars.ContextVar[Callable[[float | None], None] | None] = (
+    contextvars.ContextVar("convlens_pace_listener", default=None)
+)
+
+
+class Cancelled(Exception):
+    """Raised by a :func:`pace_listener` to stop a method between two chunks of its work (a
+    live explorer's cancel button). The method's ``finally`` blocks restore the model as
+    always; nothing is computed after."""
+
+
+@contextlib.contextmanager
+def pace_listener(listener: Callable[[float | None], None]) -> Iterator[None]:
+    """Within the block, the long methods of this thread (occlusion, RISE, Score-CAM,
+    Ablation-CAM, integrated gradients, SmoothGrad, VarGrad) call ``listener`` between chunks of
+    their work with the fraction done in [0, 1] (``None`` when a step does not know it).
+    The listener may raise :class:`Cancelled` to stop the method.
+
+    Example:
+        >>> with pace_listener(lambda f: print(f)):
+        ...     convlens.explain(model, x, "occlusion")
+    """
+    token = _PACE_LISTENER.set(listener)
+    try:
+        yield
+    finally:
+        _PACE_LISTENER.reset(token)
 
 
 @dataclass
@@ -50,12 +82,17 @@ class Context:
     threads: ThreadGovernor | None = None
     """The call's thread governor (``accel.threads == "auto"``), else ``None``."""
 
-    def pace(self) -> None:
+    def pace(self, done: float | None = None, total: float | None = None) -> None:
         """Between chunks of a long job: let the thread count follow the cores other processes
         leave free (:meth:`~convlens.accel.threads.ThreadGovernor.check`; at most one re-count
-        a second). Changes nothing that is computed."""
+        a second), and tell this thread's :func:`pace_listener`, if any, the fraction
+        ``done / total`` of the work done (it may raise :class:`Cancelled`). Changes nothing
+        that is computed."""
         if self.threads is not None:
             self.threads.check()
+        listener = _PACE_LISTENER.get()
+        if listener is not None:
+            listener(min(1.0, max(0.0, done / total)) if done is not None and total else None)
 
     def targets(self, logits: torch.Tensor) -> torch.Tensor:
         """Resolve the target request against the clean logits, (B, K)."""
@@ -243,7 +280,9 @@ class Method:
         """After a failure: when the model's own outputs for ``x`` are not finite, that is the
         cause to report (a tolerance check or a search for the head fails on NaN), not the
         step that tripped over it."""
-        if isinstance(exc, NonFiniteError | TargetError | InputError | InferenceModeError):
+        if isinstance(
+            exc, NonFiniteError | TargetError | InputError | InferenceModeError | Cancelled
+        ):
             return  # the user's request or input is the cause, whatever the outputs are
         if isinstance(exc, torch.OutOfMemoryError):
             return  # another pass would run out of memory too

@@ -135,7 +135,7 @@ class ScoreCAM(Method):
                 weights[ci, :, chosen[ci, cn]] = s0[ci]
             total = int(pairs_img.numel())
             for start in range(0, total, chunk):
-                ctx.pace()
+                ctx.pace(start, total)
                 idx = torch.arange(start, min(start + chunk, total), device=a.device)
                 img, ch = pairs_img[idx], pairs_ch[idx]
                 m = a[img, ch].unsqueeze(1)  # (n, 1, h, w)
@@ -247,7 +247,7 @@ class AblationCAM(Method):
         module, call = target.module, target.call
         for i in range(b):
             for start in range(0, c, self.batch_size):
-                ctx.pace()
+                ctx.pace(i * c + start, b * c)
                 chans = torch.arange(start, min(start + self.batch_size, c), device=a.device)
                 copies = a[i : i + 1].expand(len(chans), -1, -1, -1).clone()
                 copies[torch.arange(len(chans)), chans] = 0

@@ -331,7 +331,7 @@ class IntegratedGradients(Method):
                 )
         targets = total = None
         for start in range(0, self.steps, per):
-            ctx.pace()
+            ctx.pace(start, self.steps)
             a = alphas[start : start + per]
             n = len(a)
             pts = torch.addcmul(base.unsqueeze(0), a.view(-1, 1, 1, 1, 1), diff.unsqueeze(0))

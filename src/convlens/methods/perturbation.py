@@ -314,7 +314,7 @@ class Occlusion(Method):
                 """Score drops (n, K) of (image * n_pos + position) pairs."""
                 out = torch.empty(len(pairs), targets.shape[1], device=x.device)
                 for start in range(0, len(pairs), chunk):
-                    ctx.pace()
+                    ctx.pace(start, len(pairs))
                     idx = pairs[start : start + chunk]
                     img, pos = idx // n_pos, idx % n_pos
                     if engine is None:
@@ -496,7 +496,7 @@ class RISE(Method):
             grid, dy, dx = self.draw((h, w), gen, x.device)
             done = 0
             while done < self.n:
-                ctx.pace()
+                ctx.pace(done, self.n)
                 sl = slice(done, min(done + self.batch_size, self.n))
                 m = self.masks(grid[sl], dy[sl], dx[sl], (h, w))
                 n = m.shape[0]

@@ -116,7 +116,7 @@ class SmoothGrad(Method):
         done = 0
         per_pass = max(1, self.batch_size // b)
         while done < self.samples:
-            ctx.pace()
+            ctx.pace(done, self.samples)
             s = min(per_pass, self.samples - done)
             eps = torch.randn((s, *x.shape), generator=gen, device=x.device, dtype=x.dtype)
             noisy = (x.unsqueeze(0) + eps * sigma.unsqueeze(0)).flatten(0, 1)
