@@ -4,8 +4,8 @@ The commands live in this package's modules, each adding its commands to :data:`
 ``register`` (:mod:`~convlens.cli.explain`: ``predict``, ``explain``, ``layers``, ``methods``,
 ``demo``; :mod:`~convlens.cli.features`; :mod:`~convlens.cli.analyze`;
 :mod:`~convlens.cli.evaluate`; :mod:`~convlens.cli.synthesis`: ``classviz``, ``featviz``,
-``dream``); what they share (option types and groups, model loading, output) is in
-:mod:`~convlens.cli.options`.
+``dream``; :mod:`~convlens.cli.serve`); what they share (option types and groups, model
+loading, output) is in :mod:`~convlens.cli.options`.
 
 Every user error is reported as one line on stderr with exit code 2; ``--debug`` shows the
 traceback instead.
@@ -43,13 +43,14 @@ log = logging.getLogger("convlens")
 
 def _register_commands() -> None:
     """Commands kept in their own modules, each adding itself to ``app``."""
-    from convlens.cli import analyze, evaluate, explain, features, synthesis
+    from convlens.cli import analyze, evaluate, explain, features, serve, synthesis
 
     explain.register(app)
     features.register(app)
     evaluate.register(app)
     analyze.register(app)
     synthesis.register(app)
+    serve.register(app)
 
 
 _register_commands()

@@ -1,0 +1,416 @@
+"""What the live explorer knows and computes, without the web layer: the images it may show (an
+analysis run's, an image folder's, uploads), the model's predictions, layers and methods, and
+maps computed on demand through a :class:`~convlens.serve.jobs.JobQueue`.
+
+Every image is known by an id the server made (the run's :func:`image_id`, or a hash of an
+upload): no request names a file path, so no request can read a file the server was not given.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import logging
+import re
+import tempfile
+import threading
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from convlens.analysis.store import Prediction, PredictionStore, image_id
+from convlens.errors import ImageError, InputError, RunFolderError, TargetError
+from convlens.models.base import ConvlensModel
+from convlens.serve.jobs import Job, JobQueue
+
+__all__ = ["Explorer", "ImageRecord"]
+
+log = logging.getLogger(__name__)
+
+STORE_NAME = "predictions.sqlite"  # analysis.run.STORE_NAME (not imported: run.py is heavy)
+MAX_UPLOAD_BYTES = 20 * 2**20
+LONG_METHODS = frozenset(
+    {"occlusion", "rise", "scorecam", "ablationcam", "intgrad", "smoothgrad", "vargrad"}
+)
+"""Methods that report progress and can be cancelled (they call ``Context.pace``)."""
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """An image the explorer may show.
+
+    Attributes:
+        id: the id in URLs.
+        path: the file (never sent to the browser).
+        name: the file name shown.
+        label: true class index, when known.
+    """
+
+    id: str
+    path: Path
+    name: str
+    label: int | None = None
+
+
+def is_run_folder(folder: Path) -> bool:
+    """Whether ``folder`` holds an analysis run (its store and ``metrics.json``)."""
+    return (folder / STORE_NAME).is_file() and (folder / "metrics.json").is_file()
+
+
+class Explorer:
+    """The state of one explorer server.
+
+    Args:
+        model: the model that explains.
+        folder: an analysis run folder, an image folder, or ``None`` (uploads only).
+        workers: threads computing maps.
+        max_upload_bytes: largest upload accepted.
+
+    Raises:
+        RunFolderError: the run's store or metrics cannot be read, or were made with a model of
+            another number of classes.
+        InputError: ``folder`` is not a folder.
+    """
+
+    def __init__(
+        self,
+        model: ConvlensModel,
+        folder: Path | None = None,
+        *,
+        workers: int = 2,
+        max_upload_bytes: int = MAX_UPLOAD_BYTES,
+    ) -> None:
+        self.model = model
+        self.root = None if folder is None else folder.resolve()
+        self.jobs = JobQueue(workers=workers)
+        self.max_upload_bytes = max_upload_bytes
+        self.images: dict[str, ImageRecord] = {}
+        self.predictions: list[Prediction] = []
+        self.failures: list[tuple[str, str]] = []
+        self.metrics: dict[str, Any] | None = None
+        self.run_meta: dict[str, object] = {}
+        self._uploads = tempfile.TemporaryDirectory(prefix="convlens-uploads-")
+        self._lock = threading.Lock()
+        self._inputs: dict[str, torch.Tensor] = {}
+        self._top: dict[str, list[tuple[int, float]]] = {}
+        self._layers: list[dict[str, Any]] | None = None
+        if self.root is not None:
+            if not self.root.is_dir():
+                raise InputError(f"{folder} is not a folder")
+            if is_run_folder(self.root):
+                self._load_run()
+            else:
+                self._load_folder()
+
+    @property
+    def is_run(self) -> bool:
+        """Whether the explorer shows an analysis run."""
+        return self.metrics is not None
+
+    def close(self) -> None:
+        """Stop the computations and delete the uploads."""
+        self.jobs.shutdown()
+        self._uploads.cleanup()
+
+    # ------------------------------------------------------------------------------- sources
+
+    def _load_run(self) -> None:
+        assert self.root is not None
+        try:
+            self.metrics = json.loads((self.root / "metrics.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise RunFolderError(f"cannot read {self.root / 'metrics.json'}: {exc}") from exc
+        with PredictionStore(self.root / STORE_NAME) as store:
+            self.run_meta = store.meta()
+            self.predictions = store.predictions()
+            self.failures = store.failures()
+        n = self.run_meta.get("num_classes")
+        if isinstance(n, int) and n != len(self.model.classes):
+            raise RunFolderError(
+                f"{self.root} was analysed with a model of {n} classes "
+                f"({self.run_meta.get('model')}), but {self.model.name} has "
+                f"{len(self.model.classes)}; give the run's model with --model"
+            )
+        for p in self.predictions:
+            self.images[p.id] = ImageRecord(p.id, Path(p.path), Path(p.path).name, p.label)
+            self._top[p.id] = list(zip(p.top5, p.probs5, strict=True))
+
+    def _load_folder(self) -> None:
+        from convlens.images import list_images
+
+        assert self.root is not None
+        for path in list_images(self.root):
+            rel = path.resolve()
+            if not rel.is_relative_to(self.root):  # a link out of the folder
+                continue
+            i = image_id(path)
+            self.images[i] = ImageRecord(i, path, path.name)
+
+    def add_upload(self, data: bytes, name: str) -> ImageRecord:
+        """Keep an uploaded image (checked by the validated image loader) and return its record.
+
+        Raises:
+            InputError: the upload is larger than ``max_upload_bytes``.
+            ImageError: it is not a readable image.
+        """
+        from convlens.images import load_image
+
+        if len(data) > self.max_upload_bytes:
+            raise InputError(
+                f"upload of {len(data)} bytes refused: the limit is {self.max_upload_bytes}"
+            )
+        digest = hashlib.sha1(data).hexdigest()[:15]
+        i = "u" + digest
+        path = Path(self._uploads.name) / f"{i}.upload"
+        path.write_bytes(data)
+        try:
+            load_image(path)
+        except ImageError as exc:
+            path.unlink(missing_ok=True)
+            raise ImageError(str(exc).replace(str(path), _clean_name(name))) from None
+        record = ImageRecord(i, path, _clean_name(name))
+        with self._lock:
+            self.images[i] = record
+        return record
+
+    def record(self, i: str) -> ImageRecord:
+        """The image with id ``i``.
+
+        Raises:
+            InputError: no such image.
+        """
+        with self._lock:
+            record = self.images.get(i)
+        if record is None:
+            raise InputError(f"no image with id {i!r}")
+        return record
+
+    # ---------------------------------------------------------------------------- the model
+
+    def input(self, i: str) -> torch.Tensor:
+        """The preprocessed (1, 3, H, W) input of image ``i`` (cached).
+
+        Raises:
+            InputError: no such image. ImageError: it cannot be read (any more).
+        """
+        with self._lock:
+            x = self._inputs.get(i)
+        if x is None:
+            x = self.model.load_images([self.record(i).path]).to(self.model.device)
+            with self._lock:
+                self._inputs[i] = x
+        return x
+
+    def input_png(self, i: str) -> bytes:
+        """The model's view of image ``i`` (the preprocessed crop) as PNG."""
+        from convlens.render.overlay import to_pil
+
+        return _png(to_pil(self.model.display(self.input(i))[0].cpu()))
+
+    def top5(self, i: str) -> list[tuple[int, float]]:
+        """The five most probable classes of image ``i`` with their probabilities (the run's
+        stored ones for a run's images)."""
+        with self._lock:
+            top = self._top.get(i)
+        if top is None:
+            x = self.input(i)
+            with self.jobs.model_lock:
+                idx, probs = self.model.predict(x, 5)
+            top = list(zip(idx[0].tolist(), probs[0].tolist(), strict=True))
+            with self._lock:
+                self._top[i] = top
+        return top
+
+    def image_info(self, i: str) -> dict[str, Any]:
+        """Image ``i`` as JSON values: name, label, top-5."""
+        r = self.record(i)
+        names = self.model.classes
+        return {
+            "id": r.id,
+            "name": r.name,
+            "label": r.label,
+            "label_name": None if r.label is None else names[r.label],
+            "top5": [{"index": c, "name": names[c], "prob": p} for c, p in self.top5(i)],
+        }
+
+    def layers(self) -> list[dict[str, Any]]:
+        """The layers a map can be computed at: those whose output is a feature map (or a token
+        sequence that maps to one), with their shapes; computed once."""
+        from convlens.layers import layer_table
+
+        if self._layers is None:
+            crop = self.model.preprocess.crop
+            x = torch.zeros(1, 3, crop, crop, device=self.model.device)
+            with self.jobs.model_lock:
+                rows = layer_table(self.model.net, x)
+            self._layers = [
+                {
+                    "name": r.name,
+                    "type": r.type,
+                    "shape": "x".join(str(d) for d in r.shapes[-1][1:]),
+                    "layout": r.layout,
+                }
+                for r in rows
+                if r.shapes and (len(r.shapes[-1]) == 4 or r.layout is not None)
+            ]
+        return self._layers
+
+    def methods(self) -> list[dict[str, Any]]:
+        """The registered methods as JSON values: name, title, whether they take a layer or
+        report progress, their options."""
+        from convlens.methods import METHODS
+        from convlens.methods.options import method_options
+
+        return [
+            {
+                "name": name,
+                "title": cls.title or name,
+                "layer": cls.uses_layer and not cls.finds_own_layer,
+                "long": name in LONG_METHODS,
+                "attention": cls.needs_attention,
+                "options": method_options(name),
+            }
+            for name, cls in METHODS.items()
+        ]
+
+    def search_classes(self, query: str, limit: int = 20) -> list[dict[str, Any]]:
+        """Classes whose name (or index) contains ``query``, case-insensitive."""
+        q = query.strip().lower()
+        names = self.model.classes
+        out = []
+        for c in range(len(names)):
+            if not q or q in names[c].lower() or q == str(c):
+                out.append({"index": c, "name": names[c]})
+                if len(out) >= limit:
+                    break
+        return out
+
+    # ------------------------------------------------------------------------------- maps
+
+    def target_index(self, i: str, target: object) -> int:
+        """A target as sent by the page (``"pred"``, ``"true"``, an index or a class name) as
+        a class index.
+
+        Raises:
+            TargetError: no true class known, unknown class, index out of range.
+        """
+        if target in (None, "", "pred"):
+            return self.top5(i)[0][0]
+        if target == "true":
+            label = self.record(i).label
+            if label is None:
+                raise TargetError("this image has no true class")
+            return label
+        if isinstance(target, bool) or not isinstance(target, (int, str)):
+            raise TargetError(f"target must be a class index or name, not {target!r}")
+        from convlens.targets import target_from_text
+
+        value = target_from_text(target) if isinstance(target, str) else target
+        if isinstance(value, int):
+            if not 0 <= value < len(self.model.classes):
+                raise TargetError(
+                    f"target index {value} is out of range (0..{len(self.model.classes) - 1})"
+                )
+            return value
+        return self.model.classes.index(value)
+
+    def request_map(
+        self,
+        i: str,
+        method: str,
+        target: object = "pred",
+        layer: str | None = None,
+        options: Mapping[str, object] | None = None,
+    ) -> Job:
+        """The job computing the map of ``method`` for image ``i`` (shared with every request
+        for the same map; served from the cache when done before).
+
+        Raises:
+            InputError, TargetError, ConvlensError: unknown image, method, option, layer name
+                or target (checked before anything is queued).
+        """
+        from convlens.methods import METHODS
+        from convlens.methods.options import parse_method_options
+
+        self.record(i)
+        if method not in METHODS:
+            from convlens.methods.registry import get_method
+
+            get_method(method)  # raises, with close matches
+        cls = METHODS[method]
+        specs = []
+        for k, v in (options or {}).items():
+            if not isinstance(v, (str, int, float, bool)) or not str(v).strip():
+                raise InputError(f"option {k!r} of {method}: give a value as text")
+            specs.append(f"{method}.{k}={v}")
+        opts = parse_method_options(specs).get(method, {})
+        takes_layer = cls.uses_layer and not cls.finds_own_layer
+        if layer and takes_layer and layer not in {r["name"] for r in self.layers()}:
+            from convlens.layers import resolve_layer
+
+            resolve_layer(self.model.net, layer.split("@")[0])  # raises, with close matches
+        use_layer = layer or None if takes_layer else None
+        t = self.target_index(i, target)
+        key = (
+            i,
+            self.model.name,
+            method,
+            t,
+            use_layer,
+            tuple(sorted((k, repr(v)) for k, v in opts.items())),
+        )
+        return self.jobs.submit(key, lambda: self._compute(i, method, t, use_layer, opts))
+
+    def _compute(
+        self, i: str, method: str, target: int, layer: str | None, opts: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Runs in a job thread, holding the model lock."""
+        from convlens.methods.registry import get_method
+
+        x = self.input(i)
+        m = get_method(method, **opts)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            exp = m(self.model, x, target, layer=layer)
+        names = self.model.classes
+        return {
+            "png": _png(exp.overlay(0, 0)),
+            "method": method,
+            "target": target,
+            "target_name": names[target],
+            "prob": float(exp.probs[0, 0]),
+            "layer": exp.layer,
+            "seconds": float(exp.meta.get("seconds", 0.0)),
+            "notes": [" ".join(str(w.message).split()) for w in caught],
+        }
+
+    @staticmethod
+    def job_json(job: Job) -> dict[str, Any]:
+        """A job's status, with its map as a ``data:`` URL once done."""
+        out = job.status()
+        if job.state == "done":
+            r = dict(job.result)
+            r["map"] = "data:image/png;base64," + base64.b64encode(r.pop("png")).decode("ascii")
+            out.update(r)
+        return out
+
+
+def _png(image: Any) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+_UNSAFE = re.compile(r"[^\w.\- ]+")
+
+
+def _clean_name(name: str) -> str:
+    """An upload's file name to show: its last part, odd characters replaced, 100 at most."""
+    base = name.replace("\\", "/").rsplit("/", 1)[-1]
+    return (_UNSAFE.sub("_", base).strip() or "upload")[:100]
