@@ -9,9 +9,13 @@ only here and only when the explorer starts. :func:`serve` runs the server;
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
+import threading
+import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,8 +23,17 @@ from convlens.errors import ConvlensError
 
 if TYPE_CHECKING:
     from convlens.models.base import ConvlensModel
+    from convlens.serve.explorer import Explorer
 
-__all__ = ["INSTALL_HINT", "LOOPBACK", "MissingExtraError", "ServeError", "require_extra", "serve"]
+__all__ = [
+    "INSTALL_HINT",
+    "LOOPBACK",
+    "MissingExtraError",
+    "ServeError",
+    "background",
+    "require_extra",
+    "serve",
+]
 
 log = logging.getLogger(__name__)
 
@@ -101,17 +114,64 @@ def serve(
     )
     app = create_app(explorer)
     try:
-        sock = socket.create_server(
-            (host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET
-        )
-    except OSError as exc:
+        sock = _bind(host, port)
+    except ServeError:
         explorer.close()
-        raise ServeError(
-            f"cannot listen on {host} port {port}: {exc.strerror or exc}; choose another --port"
-        ) from exc
+        raise
     config = uvicorn.Config(app, log_level="warning", lifespan="on")
     if ready is not None:
         shown = f"[{host}]" if ":" in host else host
         ready(f"http://{shown}:{sock.getsockname()[1]}/")
     with sock:
         uvicorn.Server(config).run(sockets=[sock])
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """A listening socket on ``host``:``port`` (0: any free port).
+
+    Raises:
+        ServeError: the port is taken or the address is not this machine's.
+    """
+    try:
+        return socket.create_server(
+            (host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET
+        )
+    except OSError as exc:
+        raise ServeError(
+            f"cannot listen on {host} port {port}: {exc.strerror or exc}; choose another --port"
+        ) from exc
+
+
+@contextlib.contextmanager
+def background(explorer: Explorer, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
+    """Serve ``explorer`` from a thread of this process for the ``with`` block (notebooks,
+    tests, benchmarks); yields the URL (``http://127.0.0.1:PORT/``). The explorer is closed
+    when the block ends.
+
+    Raises:
+        MissingExtraError: Starlette or uvicorn is missing.
+        ServeError: the port is taken.
+    """
+    require_extra()
+    import uvicorn
+
+    from convlens.serve.app import create_app
+
+    sock = _bind(host, port)
+    config = uvicorn.Config(create_app(explorer), log_level="warning", lifespan="on")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(
+        target=server.run, kwargs={"sockets": [sock]}, name="convlens-serve", daemon=True
+    )
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise ServeError("the explorer did not start")
+            time.sleep(0.01)
+        yield f"http://{host}:{sock.getsockname()[1]}/"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
