@@ -1,0 +1,299 @@
+"""The explorer's web application: pages, maps against the public API, refusals, concurrency."""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import http.client
+import io
+import os
+import time
+import urllib.parse
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("starlette")
+pytest.importorskip("uvicorn")
+pytest.importorskip("httpx")
+
+import httpx
+from starlette.testclient import TestClient
+
+from convlens.methods import get_method
+from convlens.serve import background
+from convlens.serve.app import create_app
+from convlens.serve.explorer import Explorer
+from tests.helpers.runs import TinyRun, tiny_run
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> TinyRun:
+    return tiny_run(tmp_path_factory.mktemp("serve"))
+
+
+@pytest.fixture
+def explorer(run: TinyRun) -> Iterator[Explorer]:
+    ex = Explorer(run.model(), run.run, max_upload_bytes=200_000)
+    yield ex
+    ex.close()
+
+
+@pytest.fixture
+def client(explorer: Explorer) -> Iterator[TestClient]:
+    with TestClient(create_app(explorer)) as c:
+        yield c
+
+
+def pixels(data_url: str) -> np.ndarray:
+    head, _, b64 = data_url.partition(",")
+    assert head == "data:image/png;base64"
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"))
+
+
+def mistake(explorer: Explorer) -> str:
+    return next(p.id for p in explorer.predictions if p.correct is False)
+
+
+def test_run_view_shows_the_report_with_live_links(client: TestClient, explorer: Explorer) -> None:
+    page = client.get("/", follow_redirects=True)
+    assert page.status_code == 200 and page.url.path == "/run/report/index.html"
+    text = page.text
+    for section in ("summary", "pairs", "classes", "images", "mistakes"):
+        assert f'id="{section}"' in text
+    assert "Live explorer" in text
+    wrong = mistake(explorer)
+    assert f'href="/image/{wrong}.html"' in text  # the mistakes gallery links to live pages
+    assert '"pages":"/image/"' in text  # so does every row of the images table
+    thumb = client.get(f"/run/thumbs/{wrong}.jpg")
+    assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg"
+
+
+def test_image_page_and_api(client: TestClient, explorer: Explorer) -> None:
+    i = mistake(explorer)
+    page = client.get(f"/image/{i}.html")
+    assert page.status_code == 200 and "why not the true class?" in page.text
+    info = client.get(f"/api/images/{i}").json()
+    p = explorer.predictions[[q.id for q in explorer.predictions].index(i)]
+    assert [t["index"] for t in info["top5"]] == list(p.top5)
+    assert info["label"] == p.label
+    layers = client.get("/api/layers").json()["layers"]
+    assert [(r["name"], r["shape"]) for r in layers][:3] == [
+        ("0", "4x32x32"),
+        ("1", "4x32x32"),
+        ("2", "6x16x16"),
+    ]
+    names = {m["name"]: m for m in client.get("/api/methods").json()["methods"]}
+    assert names["occlusion"]["long"] and "patch" in names["occlusion"]["options"]
+    assert client.get("/api/classes?q=MUG").json()["classes"] == [
+        {"index": 2, "name": "coffee mug"}
+    ]
+    png = client.get(f"/api/images/{i}/input.png")
+    assert Image.open(io.BytesIO(png.content)).size == (32, 32)
+
+
+@pytest.mark.parametrize(
+    ("method", "target", "layer", "options"),
+    [
+        ("gradcam", "pred", None, {}),
+        ("gradcam", "true", "0", {}),
+        ("gradcam", "coffee mug", "2", {}),
+        ("occlusion", 1, None, {"patch": "8", "stride": "4"}),
+        ("saliency", "true", None, {}),
+    ],
+)
+def test_maps_equal_the_public_api(
+    client: TestClient,
+    explorer: Explorer,
+    run: TinyRun,
+    method: str,
+    target: Any,
+    layer: str | None,
+    options: dict[str, str],
+) -> None:
+    i = mistake(explorer)
+    r = client.post(
+        "/api/explain",
+        json={"image": i, "method": method, "target": target, "layer": layer, "options": options},
+    ).json()
+    assert r["state"] == "done", r
+    p = explorer.predictions[[q.id for q in explorer.predictions].index(i)]
+    want = {"pred": p.pred, "true": p.label, "coffee mug": 2}.get(target, target)
+    assert r["target"] == want
+    model = run.model()
+    x = model.load_images([p.path])
+    typed = {k: int(v) for k, v in options.items()}
+    exp = get_method(method, **typed)(model, x, want, layer=layer)
+    assert np.array_equal(pixels(r["map"]), np.asarray(exp.overlay(0, 0).convert("RGB")))
+    if layer is not None:
+        assert r["layer"] == layer
+
+
+@pytest.mark.parametrize(
+    ("body", "words"),
+    [
+        ({"method": "nope"}, "unknown method"),
+        ({"method": "occlusion", "options": {"patchy": "3"}}, "no option 'patchy'"),
+        ({"method": "occlusion", "options": {"patch": "-3"}}, "patch"),
+        ({"method": "gradcam", "layer": "../../etc"}, "no layer named"),
+        ({"method": "gradcam", "target": "zebra"}, "zebra"),
+        ({"method": "gradcam", "target": 7}, "out of range"),
+        ({"method": "gradcam", "image": "../../etc/passwd"}, "no image"),
+        ({"method": "gradcam", "options": {"patch": {"__class__": 1}}}, "text"),
+    ],
+)
+def test_bad_requests_are_refused_before_anything_runs(
+    client: TestClient, explorer: Explorer, body: dict[str, Any], words: str
+) -> None:
+    body = {"image": mistake(explorer), **body}
+    r = client.post("/api/explain", json=body)
+    assert r.status_code == 400
+    message = r.json()["error"]
+    assert words in message and "\n" not in message
+    assert explorer.jobs.computations == 0
+
+
+def test_files_outside_the_folder_are_refused(
+    client: TestClient, explorer: Explorer, run: TinyRun, tmp_path: Path
+) -> None:
+    secret = run.root / "secret.png"
+    Image.new("RGB", (40, 40)).save(secret)
+    link = run.run / "thumbs" / "link.png"
+    link.unlink(missing_ok=True)
+    os.symlink(secret, link)
+    try:
+        for url in (
+            "/run/..%2fsecret.png",
+            "/run/%2e%2e/secret.png",
+            "/run/thumbs/..%2f..%2fsecret.png",
+            "/run/" + urllib.parse.quote(str(secret), safe=""),
+            "/run/thumbs/link.png",  # a link out of the folder
+            "/run/predictions.sqlite",  # inside, but not an image
+            "/run/metrics.json",
+        ):
+            assert client.get(url).status_code == 404, url
+        assert client.get(f"/run/thumbs/{mistake(explorer)}.jpg").status_code == 200
+        # a literal ../ that no client library tidies away first
+        with background(explorer) as url:
+            host, port = urllib.parse.urlsplit(url).netloc.split(":")
+            conn = http.client.HTTPConnection(host, int(port), timeout=10)
+            conn.request("GET", "/run/../secret.png")
+            assert conn.getresponse().status == 404
+            conn.close()
+    finally:
+        link.unlink()
+        secret.unlink()
+
+
+def png_bytes(size: tuple[int, int] = (40, 40)) -> bytes:
+    buf = io.BytesIO()
+    rng = np.random.default_rng(1)
+    Image.fromarray(rng.integers(0, 255, (*size[::-1], 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_uploads(client: TestClient, explorer: Explorer) -> None:
+    big = b"\x89PNG" + b"0" * 200_001
+    r = client.post("/api/upload", content=big)
+    assert r.status_code == 413 and "limit of 200000 bytes" in r.json()["error"]
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: refused while streaming
+        for _ in range(30):
+            yield b"0" * 10_000
+
+    assert client.post("/api/upload", content=chunks()).status_code == 413
+    r = client.post("/api/upload", content=b"GIF89a not really", headers={"X-Filename": "x.gif"})
+    assert r.status_code == 400 and "cannot read image 'x.gif'" in r.json()["error"]
+    assert client.post("/api/upload", content=b"").status_code == 400
+    r = client.post(
+        "/api/upload", content=png_bytes(), headers={"X-Filename": "..%2F..%2Fmy%20cat.png"}
+    )
+    assert r.status_code == 200
+    up = r.json()
+    assert up["name"] == "my cat.png" and up["url"] == f"/image/{up['id']}.html"
+    assert client.get(up["url"]).status_code == 200
+    m = client.post("/api/explain", json={"image": up["id"], "method": "gradcam"}).json()
+    assert m["state"] == "done" and m["target"] == explorer.top5(up["id"])[0][0]
+    with pytest.raises(Exception, match="no true class"):
+        explorer.target_index(up["id"], "true")
+
+
+def test_long_job_progress_within_a_second_and_cancel(
+    client: TestClient, explorer: Explorer
+) -> None:
+    i = mistake(explorer)
+    model = explorer.model.net
+    flags = [p.requires_grad for p in model.parameters()]
+    body = {
+        "image": i,
+        "method": "rise",
+        "options": {"masks": "200000", "batch_size": "4"},
+        "wait": 0,
+    }
+    start = time.perf_counter()
+    r = client.post("/api/explain", json=body).json()
+    while not r["progress"]:
+        r = client.get(f"/api/jobs/{r['job']}?state={r['state']}&progress={r['progress'] or ''}")
+        r = r.json()
+    assert time.perf_counter() - start < 1.0
+    assert r["state"] == "running" and 0 < r["progress"] < 1
+    assert client.post(f"/api/jobs/{r['job']}/cancel").status_code == 200
+    while r["state"] == "running":
+        r = client.get(f"/api/jobs/{r['job']}?state=running&progress={r['progress']}").json()
+    assert r["state"] == "cancelled"
+    assert [p.requires_grad for p in model.parameters()] == flags
+    # asked again, it is computed anew (cancelled jobs are not cached)
+    again = client.post("/api/explain", json={**body, "wait": 0}).json()
+    assert again["job"] != r["job"]
+    client.post(f"/api/jobs/{again['job']}/cancel")
+    assert client.get("/api/jobs/j999").status_code == 404
+
+
+def test_ten_concurrent_requests(explorer: Explorer) -> None:
+    i = mistake(explorer)
+    same = {"image": i, "method": "scorecam", "target": "true"}
+    different = [
+        {"image": i, "method": m, "target": t}
+        for m in ("gradcam", "saliency")
+        for t in ("pred", "true", 1, 2, "dog")
+    ]
+    with background(explorer) as url, httpx.Client(base_url=url, timeout=60) as http:
+
+        def ask(body: dict[str, Any]) -> dict[str, Any]:
+            r = http.post("/api/explain", json={**body, "wait": 10})
+            assert r.status_code == 200
+            return r.json()
+
+        with concurrent.futures.ThreadPoolExecutor(10) as pool:
+            answers = list(pool.map(ask, [same] * 10))
+        assert {a["state"] for a in answers} == {"done"}
+        assert len({a["job"] for a in answers}) == 1
+        assert len({a["map"] for a in answers}) == 1
+        assert explorer.jobs.computations == 1  # computed once
+        with concurrent.futures.ThreadPoolExecutor(10) as pool:
+            answers = list(pool.map(ask, different))
+        assert {a["state"] for a in answers} == {"done"}
+        # "dog" is class 1 and "pred"/"true" are one of 0..2: fewer maps than requests
+        keys = {(b["method"], a["target"]) for b, a in zip(different, answers, strict=True)}
+        assert explorer.jobs.computations == 1 + len(keys)
+        assert len({a["job"] for a in answers}) == len(keys)
+
+
+def test_image_folder(run: TinyRun) -> None:
+    ex = Explorer(run.model(), run.data)
+    try:
+        with TestClient(create_app(ex)) as c:
+            page = c.get("/")
+            assert page.status_code == 200
+            assert page.text.count('class="card"') == 9
+            i = next(iter(ex.images))
+            assert c.get(f"/image/{i}.html").status_code == 200
+            r = c.post("/api/explain", json={"image": i, "method": "gradcam"}).json()
+            assert r["state"] == "done"
+            assert c.get("/run/thumbs/x.jpg").status_code == 404  # not a run: no files
+    finally:
+        ex.close()
