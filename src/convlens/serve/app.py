@@ -181,8 +181,12 @@ def create_app(explorer: Explorer) -> Starlette:
         yield
         await asyncio.to_thread(explorer.close)
 
+    async def favicon(request: Request) -> Response:
+        return Response(status_code=204)
+
     routes = [
         route("/", home),
+        route("/favicon.ico", favicon),
         route("/run/report/index.html", run_index),
         route("/run/{path:path}", run_file),
         route("/image/{id}.html", image_page),

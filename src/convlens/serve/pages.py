@@ -67,8 +67,9 @@ def run_page(explorer: Explorer) -> str:
     report.examined = [p.id for p in chosen][:_MISTAKES]
     html = report.index_page()
     banner = (
-        '<p class="live">Live explorer: click an image to explain it with any method, class '
-        'and layer. <a href="/upload.html">Explain an image of your own</a>.</p>'
+        '<p class="live" style="background:#eef6ff;padding:.4em .8em">Live explorer: click an '
+        "image to explain it with any method, class and layer. "
+        '<a href="/upload.html">Explain an image of your own</a>.</p>'
     )
     return html.replace("<body>\n", "<body>\n" + banner, 1)
 

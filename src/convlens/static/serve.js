@@ -92,7 +92,7 @@
     return '<label title="' + esc(m.title + (opts.length ? "\n" + opts.join("\n") : "")) + '">' +
       '<input type="checkbox" name="method" value="' + esc(m.name) + '"' +
       (chosen.indexOf(m.name) >= 0 ? " checked" : "") + "> " + esc(m.name) +
-      (m.long ? " ⏱" : "") + "</label>";
+      (m.long ? ' <small class="slow">slow</small>' : "") + "</label>";
   }).join("") + '<div class="row"><label>options <input id="options" type="text" ' +
     'placeholder="e.g. occlusion.patch=16, rise.n=500" size="40"></label></div>';
   var optionsInput = document.getElementById("options");
@@ -219,7 +219,10 @@
       if (names.indexOf(n) < 0) { maps.removeChild(cards[n].el); delete cards[n]; }
     });
     var target = targetValue(), layer = layerSelect.value;
-    document.querySelectorAll("#top5 .bar").forEach(function (b) { b.classList.remove("chosen"); });
+    var shown = target === "pred" ? image.top5[0].index : (target === "true" ? image.label : target);
+    document.querySelectorAll("#top5 .bar").forEach(function (b) {
+      b.classList.toggle("chosen", b.dataset.index === String(shown));
+    });
     names.forEach(function (name) {
       var c = card(name);
       var body = {image: image.id, method: name, target: target,
