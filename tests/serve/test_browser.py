@@ -86,4 +86,14 @@ def test_explore_a_run(tmp_path: Path) -> None:
         page.wait_for_url("**/image/u*.html")
         page.wait_for_selector(f'{GRADCAM}[data-state="done"]')
         assert page.locator("h1").inner_text() == "dropped.png"
+
+        # the feature browser: a layer, then a channel's top patches and projections
+        page.click("text=feature browser")
+        page.select_option("#feature-layer", "2")
+        page.wait_for_selector("#channels button")
+        channel = page.locator("#channels button").first
+        c = channel.get_attribute("data-channel")
+        channel.click()
+        page.wait_for_selector(f'#channel[data-state="done"][data-channel="{c}"]')
+        assert page.locator("#channel .example img.projection").count() == 9
     assert errors == []

@@ -34,7 +34,7 @@ from convlens.result import Explanation
 from convlens.targets import TargetSpec, resolve_targets
 from convlens.validate import check_finite_inputs, listed, nonfinite_outputs, positive_int
 
-__all__ = ["Cancelled", "Context", "Method", "RawResult", "pace_listener"]
+__all__ = ["Cancelled", "Context", "Method", "RawResult", "notify_pace", "pace_listener"]
 
 #: Called by :meth:`Context.pace` in the thread running a method (see :func:`pace_listener`).
 _PACE_LISTENER: contextvars.ContextVar[Callable[[float | None], None] | None] = (
@@ -66,6 +66,15 @@ def pace_listener(listener: Callable[[float | None], None]) -> Iterator[None]:
         _PACE_LISTENER.reset(token)
 
 
+def notify_pace(done: float | None = None, total: float | None = None) -> None:
+    """Tell this thread's :func:`pace_listener`, if any, the fraction ``done / total`` of the
+    work done (``None`` when unknown); it may raise :class:`Cancelled`. For long jobs that are
+    not methods (a feature scan's progress callback)."""
+    listener = _PACE_LISTENER.get()
+    if listener is not None:
+        listener(min(1.0, max(0.0, done / total)) if done is not None and total else None)
+
+
 @dataclass
 class Context:
     """What a method's :meth:`Method.compute` gets: the network (already in eval mode with
@@ -90,9 +99,7 @@ class Context:
         that is computed."""
         if self.threads is not None:
             self.threads.check()
-        listener = _PACE_LISTENER.get()
-        if listener is not None:
-            listener(min(1.0, max(0.0, done / total)) if done is not None and total else None)
+        notify_pace(done, total)
 
     def targets(self, logits: torch.Tensor) -> torch.Tensor:
         """Resolve the target request against the clean logits, (B, K)."""

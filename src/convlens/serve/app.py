@@ -12,6 +12,10 @@ Routes:
   answered when done or after ``wait`` seconds (default 2) with its state and progress;
   ``GET /api/jobs/ID?state=S&progress=P`` answers once the job differs from that (or after a
   second); ``POST /api/jobs/ID/cancel``.
+- ``GET /features.html``: the live feature browser; ``POST /api/features/scan``
+  ``{"layer"}``: the job ranking each channel's strongest activations over the images;
+  ``POST /api/features/channel`` ``{"layer", "channel"}``: the job projecting one channel's
+  top activations into pixel space, with their patches (both answered like ``/api/explain``).
 - ``POST /api/upload``: the image file as the request body (``X-Filename`` header for its
   name), at most ``max_upload_bytes`` (413 beyond), read by the validated image loader.
 
@@ -33,7 +37,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
-from convlens.errors import ConvlensError
+from convlens.errors import ConvlensError, InputError
 from convlens.serve import pages
 from convlens.serve.explorer import Explorer
 
@@ -181,6 +185,30 @@ def create_app(explorer: Explorer) -> Starlette:
         yield
         await asyncio.to_thread(explorer.close)
 
+    async def features_page(request: Request) -> Response:
+        return HTMLResponse(await _call(pages.features_page, explorer))
+
+    async def body_of(request: Request) -> dict[str, Any]:
+        try:
+            body = await request.json()
+        except ValueError:
+            raise InputError("the request body must be a JSON object") from None
+        if not isinstance(body, dict):
+            raise InputError("the request body must be a JSON object")
+        return body
+
+    async def scan(request: Request) -> Response:
+        body = await body_of(request)
+        job = await _call(explorer.request_scan, str(body.get("layer", "")))
+        await _call(job.wait, _seconds(body.get("wait"), 0.5))
+        return JSONResponse(explorer.job_json(job), headers=_NO_STORE)
+
+    async def channel(request: Request) -> Response:
+        body = await body_of(request)
+        job = await _call(explorer.request_channel, str(body.get("layer", "")), body.get("channel"))
+        await _call(job.wait, _seconds(body.get("wait"), 2.0))
+        return JSONResponse(explorer.job_json(job), headers=_NO_STORE)
+
     async def favicon(request: Request) -> Response:
         return Response(status_code=204)
 
@@ -191,6 +219,9 @@ def create_app(explorer: Explorer) -> Starlette:
         route("/run/{path:path}", run_file),
         route("/image/{id}.html", image_page),
         route("/upload.html", upload_page),
+        route("/features.html", features_page),
+        route("/api/features/scan", scan, ("POST",)),
+        route("/api/features/channel", channel, ("POST",)),
         route("/api/images/{id}", image_info),
         route("/api/images/{id}/input.png", input_png),
         route("/api/methods", methods),

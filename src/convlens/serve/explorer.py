@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 STORE_NAME = "predictions.sqlite"  # analysis.run.STORE_NAME (not imported: run.py is heavy)
 MAX_UPLOAD_BYTES = 20 * 2**20
+_TOP = 9  # activations kept per channel by a feature scan
 LONG_METHODS = frozenset(
     {"occlusion", "rise", "scorecam", "ablationcam", "intgrad", "smoothgrad", "vargrad"}
 )
@@ -100,6 +101,7 @@ class Explorer:
         self._inputs: dict[str, torch.Tensor] = {}
         self._top: dict[str, list[tuple[int, float]]] = {}
         self._layers: list[dict[str, Any]] | None = None
+        self._scans: dict[str, Any] = {}
         if self.root is not None:
             if not self.root.is_dir():
                 raise InputError(f"{folder} is not a folder")
@@ -392,13 +394,111 @@ class Explorer:
 
     @staticmethod
     def job_json(job: Job) -> dict[str, Any]:
-        """A job's status, with its map as a ``data:`` URL once done."""
+        """A job's status, with its result once done (a map as a ``data:`` URL)."""
         out = job.status()
         if job.state == "done":
             r = dict(job.result)
-            r["map"] = "data:image/png;base64," + base64.b64encode(r.pop("png")).decode("ascii")
+            if "png" in r:
+                r["map"] = _data_url(r.pop("png"))
             out.update(r)
         return out
+
+    # ------------------------------------------------------------------- feature browser
+
+    def scan_paths(self) -> list[Path]:
+        """The images a feature scan ranks: the run's or the folder's (not the uploads).
+
+        Raises:
+            InputError: the explorer was started without a folder.
+        """
+        paths = [r.path for r in self.images.values() if not r.id.startswith("u")]
+        if not paths:
+            raise InputError("no images to scan: start the explorer on a run or image folder")
+        return paths
+
+    def request_scan(self, layer: str) -> Job:
+        """The job scanning the images for the strongest activations of each channel of
+        ``layer`` (Zeiler & Fergus 2014, §4), with the 16 most active channels.
+
+        Raises:
+            LayerError: no such layer (close matches listed).
+        """
+        from convlens.layers import resolve_layer
+
+        resolve_layer(self.model.net, layer.split("@")[0])
+        paths = self.scan_paths()
+        return self.jobs.submit(("scan", self.model.name, layer), lambda: self._scan(layer, paths))
+
+    def _scan(self, layer: str, paths: list[Path]) -> dict[str, Any]:
+        from convlens.features import scan_features
+        from convlens.methods.base import notify_pace
+
+        scan = scan_features(
+            self.model,
+            paths,
+            [layer],
+            top=_TOP,
+            num_channels=16,
+            batch_size=16,
+            progress=notify_pace,
+        )
+        with self._lock:
+            self._scans[layer] = scan
+        info = scan.layers[layer]
+        values = info.top.values
+        return {
+            "layer": layer,
+            "shape": "x".join(str(d) for d in info.shape),
+            "scanned": scan.scanned,
+            "channels": [{"channel": c, "value": float(values[c, 0])} for c in info.channels],
+        }
+
+    def request_channel(self, layer: str, channel: int) -> Job:
+        """The job projecting the top activations of one channel of a scanned layer into
+        pixel space (deconvnet), with their image patches.
+
+        Raises:
+            InputError: the layer was not scanned yet, or the channel is out of range.
+        """
+        with self._lock:
+            scan = self._scans.get(layer)
+        if scan is None:
+            raise InputError(f"layer {layer!r} is not scanned yet: scan it first")
+        if isinstance(channel, bool) or not isinstance(channel, int):
+            raise InputError(f"channel must be an integer, not {channel!r}")
+        scan.top(layer, channel)  # InputError when out of range
+        return self.jobs.submit(
+            ("channel", self.model.name, layer, channel),
+            lambda: self._channel(scan, layer, channel),
+        )
+
+    def _channel(self, scan: Any, layer: str, channel: int) -> dict[str, Any]:
+        from convlens.features import feature_examples
+        from convlens.render.overlay import rgb_attribution, to_pil
+
+        found = next(feature_examples(scan, self.model, layer, channels=[channel]))
+        names = {r.path: r.name for r in self.images.values()}
+        ids = {r.path: r.id for r in self.images.values()}
+        return {
+            "layer": layer,
+            "channel": channel,
+            "window": list(found.window),
+            "examples": [
+                {
+                    "value": e.activation.value,
+                    "name": names.get(e.activation.path, e.activation.path.name),
+                    "image": ids.get(e.activation.path),
+                    "box": list(e.box),
+                    "patch": _data_url(_png(to_pil(e.patch))),
+                    "projection": _data_url(_png(rgb_attribution(e.projection))),
+                }
+                for e in found.examples
+            ],
+        }
+
+
+def _data_url(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
 def _png(image: Any) -> bytes:

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from convlens.analysis.store import Prediction
     from convlens.serve.explorer import Explorer
 
-__all__ = ["folder_page", "image_page", "run_page"]
+__all__ = ["features_page", "folder_page", "image_page", "run_page", "upload_page"]
 
 _MISTAKES = 50  # mistakes in the gallery of a run view
 
@@ -69,7 +69,8 @@ def run_page(explorer: Explorer) -> str:
     banner = (
         '<p class="live" style="background:#eef6ff;padding:.4em .8em">Live explorer: click an '
         "image to explain it with any method, class and layer. "
-        '<a href="/upload.html">Explain an image of your own</a>.</p>'
+        '<a href="/upload.html">Explain an image of your own</a> · '
+        '<a href="/features.html">Browse the features</a>.</p>'
     )
     return html.replace("<body>\n", "<body>\n" + banner, 1)
 
@@ -113,4 +114,19 @@ def upload_page(explorer: Explorer) -> str:
         title="convlens explorer: your image",
         model=explorer.model.name,
         config={"maxUpload": explorer.max_upload_bytes},
+    )
+
+
+def features_page(explorer: Explorer) -> str:
+    """The live feature browser: pick a layer, then a channel."""
+    return render_page(
+        "serve_features.html.j2",
+        title="convlens explorer: features",
+        model=explorer.model.name,
+        count=len([i for i in explorer.images if not i.startswith("u")]),
+        config={
+            "features": True,
+            "layers": [r for r in explorer.layers() if r["layout"] is None],
+            "maxUpload": explorer.max_upload_bytes,
+        },
     )

@@ -85,8 +85,9 @@
   var box = document.getElementById("methods");
   var start = new URLSearchParams(window.location.search);
   var chosen = (start.get("methods") || "gradcam").split(",");
+  var tokens = config.layers.some(function (l) { return l.layout; });
   box.innerHTML = '<span class="label">methods</span>' + methods.filter(function (m) {
-    return !m.attention;
+    return tokens || !m.attention;  // attention methods need a transformer
   }).map(function (m) {
     var opts = Object.keys(m.options).map(function (k) { return k + ": " + m.options[k]; });
     return '<label title="' + esc(m.title + (opts.length ? "\n" + opts.join("\n") : "")) + '">' +
