@@ -223,9 +223,7 @@ def test_uploads(client: TestClient, explorer: Explorer) -> None:
         explorer.target_index(up["id"], "true")
 
 
-def test_long_job_progress_and_cancel(
-    client: TestClient, explorer: Explorer
-) -> None:
+def test_long_job_progress_and_cancel(client: TestClient, explorer: Explorer) -> None:
     i = mistake(explorer)
     model = explorer.model.net
     flags = [p.requires_grad for p in model.parameters()]
