@@ -383,6 +383,7 @@ class Explorer:
         self, i: str, method: str, target: int, layer: str | None, opts: dict[str, Any]
     ) -> dict[str, Any]:
         """Runs in a job thread, holding the model lock."""
+        from convlens.accel.threads import governed_threads
         from convlens.methods.registry import get_method
 
         x = self.input(i)
@@ -391,14 +392,18 @@ class Explorer:
             warnings.simplefilter("always")
             exp = m(self.model, x, target, layer=layer)
         names = self.model.classes
+        # as many threads as the cores others leave free: small tensor operations on busy
+        # cores wait for each other (the overlay takes 20x longer on 2 threads of 2 busy cores)
+        with governed_threads():
+            png = _png(exp.overlay(0, 0))
         return {
-            "png": _png(exp.overlay(0, 0)),
+            "png": png,
             "method": method,
             "target": target,
             "target_name": names[target],
             "prob": float(exp.probs[0, 0]),
             "layer": exp.layer,
-            "seconds": float(exp.meta.get("seconds", 0.0)),
+            "method_seconds": float(exp.meta.get("seconds", 0.0)),
             "notes": [" ".join(str(w.message).split()) for w in caught],
         }
 
@@ -513,7 +518,7 @@ def _data_url(png: bytes) -> str:
 
 def _png(image: Any) -> bytes:
     buf = io.BytesIO()
-    image.save(buf, format="PNG")
+    image.save(buf, format="PNG", compress_level=1)  # 5x faster than the default, 15% larger
     return buf.getvalue()
 
 

@@ -191,7 +191,7 @@
       c.el.dataset.key = c.key;
       c.state.textContent = "";
       c.caption.textContent = data.target_name + " (p=" + data.prob.toFixed(3) + ")" +
-        (data.layer ? " · layer " + data.layer : "") + " · " + data.seconds.toFixed(2) + " s" +
+        (data.layer ? " · layer " + data.layer : "") + " · " + data.method_seconds.toFixed(2) + " s" +
         (data.notes.length ? " · " + data.notes.join("; ") : "");
       return;
     }
