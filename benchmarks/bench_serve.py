@@ -39,7 +39,6 @@ from convlens.serve.explorer import Explorer
 
 import _common as common
 
-
 TITLE = "# convlens live explorer benchmarks"
 INTRO = (
     "Produced by `benchmarks/bench_serve.py`: the explorer (`convlens serve`) in-process on a "
