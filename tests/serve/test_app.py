@@ -332,3 +332,23 @@ def test_feature_browser_against_a_hooked_forward_pass(
     bad = client.post("/api/features/channel", json={"layer": "2", "channel": 6})
     assert bad.status_code == 400 and "out of range" in bad.json()["error"]
     assert client.post("/api/features/scan", json={"layer": "zz"}).status_code == 400
+
+
+def test_a_run_of_another_model_is_refused(run: TinyRun) -> None:
+    from convlens.errors import InputError, RunFolderError
+    from convlens.models.base import ConvlensModel
+    from convlens.models.classes import ClassList
+
+    model = run.model()
+    other = ConvlensModel(
+        net=model.net, preprocess=model.preprocess, classes=ClassList(("a", "b", "c", "d"))
+    )
+    with pytest.raises(RunFolderError, match=r"3 classes .* has 4; give the run's model"):
+        Explorer(other, run.run)
+    with pytest.raises(InputError, match="is not a folder"):
+        Explorer(model, run.root / "net.py")
+
+
+def test_warm_up_makes_the_layer_table(explorer: Explorer) -> None:
+    explorer.warm_up()
+    assert explorer._layers is not None and explorer.jobs.computations == 0

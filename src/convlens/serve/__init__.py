@@ -118,6 +118,7 @@ def serve(
     except ServeError:
         explorer.close()
         raise
+    threading.Thread(target=explorer.warm_up, name="convlens-warm-up", daemon=True).start()
     config = uvicorn.Config(app, log_level="warning", lifespan="on")
     if ready is not None:
         shown = f"[{host}]" if ":" in host else host

@@ -109,18 +109,34 @@ class Explorer:
         self._top: dict[str, list[tuple[int, float]]] = {}
         self._layers: list[dict[str, Any]] | None = None
         self._scans: dict[str, Any] = {}
-        if self.root is not None:
-            if not self.root.is_dir():
-                raise InputError(f"{folder} is not a folder")
-            if is_run_folder(self.root):
-                self._load_run()
-            else:
-                self._load_folder()
+        try:
+            if self.root is not None:
+                if not self.root.is_dir():
+                    what = "is not a folder" if self.root.exists() else "does not exist"
+                    raise InputError(f"{folder} {what}: give a run folder or an image folder")
+                if is_run_folder(self.root):
+                    self._load_run()
+                else:
+                    self._load_folder()
+        except BaseException:
+            self.close()
+            raise
 
     @property
     def is_run(self) -> bool:
         """Whether the explorer shows an analysis run."""
         return self.metrics is not None
+
+    def warm_up(self) -> None:
+        """Do the first-request work ahead (the layer table, the colour maps' import), so that
+        the first map is as quick as the next; errors are logged, not raised."""
+        try:
+            self.layers()
+            from convlens.render.overlay import colorize
+
+            colorize(torch.zeros(2, 2))
+        except Exception:
+            log.exception("warming up the explorer failed")
 
     def close(self) -> None:
         """Stop the computations and delete the uploads."""
