@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import importlib.util
+import socket
+from pathlib import Path
 
 import pytest
 
 from convlens.serve import INSTALL_HINT, MissingExtraError, exposure_warning, require_extra
 from tests.helpers.cli import exit_code
+from tests.helpers.models import tiny_net_source
 
 
 def test_missing_extra_is_one_line(
@@ -40,3 +43,38 @@ def test_bad_port_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     assert exit_code(["serve", "--port", "70000"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "--port" in err
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["DIR", "--max-upload-mb", "0"], "--max-upload-mb"),
+        (["DIR", "--port", "-1"], "--port"),
+        (["DIR", "--device", "nonsense"], "device"),
+        (["DIR", "--model", "DIR/missing.py:build"], "missing.py"),
+        (["DIR/nowhere", "--model", "NET"], "nowhere does not exist"),
+        (["DIR/net.py", "--model", "NET"], "net.py is not a folder"),
+        (["DIR", "--model", "NET", "--port", "TAKEN"], "cannot listen on 127.0.0.1 port"),
+    ],
+)
+def test_bad_input_is_one_line(
+    args: list[str], words: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    if any(a.startswith("--max-upload") or (a == "--port" and "-1" in args) for a in args):
+        pass  # refused while parsing, before the extra is looked for
+    else:
+        pytest.importorskip("starlette")  # without the extra, the one line says to install it
+        pytest.importorskip("uvicorn")
+    (tmp_path / "net.py").write_text(tiny_net_source())
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = str(taken.getsockname()[1])
+        given = [
+            a.replace("NET", f"{tmp_path / 'net.py'}:build")
+            .replace("DIR", str(tmp_path))
+            .replace("TAKEN", port)
+            for a in args
+        ]
+        assert exit_code(["serve", *given]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "Traceback" not in err
+    assert words in err
