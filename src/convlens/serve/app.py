@@ -73,6 +73,8 @@ def create_app(explorer: Explorer) -> Starlette:
 
         return Route(path, endpoint, methods=list(methods))
 
+    cached: list[str] = []
+
     async def home(request: Request) -> Response:
         if explorer.is_run:
             return RedirectResponse("/run/report/index.html", status_code=307)
@@ -81,7 +83,9 @@ def create_app(explorer: Explorer) -> Starlette:
     async def run_index(request: Request) -> Response:
         if not explorer.is_run:
             return _error("not an analysis run", 404)
-        return HTMLResponse(await _call(pages.run_page, explorer))
+        if not cached:  # the run does not change while it is served
+            cached.append(await _call(pages.run_page, explorer))
+        return HTMLResponse(cached[0])
 
     async def run_file(request: Request) -> Response:
         if explorer.root is None or not explorer.is_run:
