@@ -68,7 +68,7 @@ def index_html(scan: FeatureScan, pages: Sequence[LayerPage], rule: str, root: P
         if p.tokens is not None:
             shape = (
                 f"output {c}x{h}x{w} ({p.tokens}) · patches: token cells {rf.size[0]}x"
-                f"{rf.size[1]} px (a transformer token's receptive field is the whole image)"
+                f"{rf.size[1]} px (not receptive fields: attention reaches beyond the cell)"
             )
         layers.append(
             {

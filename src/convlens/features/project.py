@@ -72,7 +72,8 @@ def token_cell(info: LayerScan, input_size: tuple[int, int]) -> ReceptiveField:
     ``y * (H // h)`` to ``(y + 1) * (H // h)`` and likewise for columns: for a plain ViT or
     DeiT, its ``patch_size x patch_size`` patch; for a Swin stage after ``k`` patch mergings,
     the ``2^k`` patches merged into it. This is *not* a receptive field: attention lets every
-    token depend on every pixel, so a transformer token's receptive field is the whole image.
+    token depend on every pixel, so a ViT token's receptive field is the whole image (and a
+    Swin token's, made of shifted windows, reaches far beyond its cell after a few blocks).
     The cell is the token's own patch, the image content the token started from and that its
     position stands for. It is returned as a :class:`ReceptiveField` so that patches are cut
     like those of convolutional units (``size == stride``, ``offset == (0, 0)``).
@@ -144,8 +145,8 @@ def feature_examples(
     patch), whatever ``crop`` says; the projection is the plain gradient of the unit with
     respect to the input (:data:`TOKEN_RULE`, whatever ``rule`` says), cropped to that cell, and
     :attr:`FeatureExample.inside` says how much of the gradient's L1 norm lies in the cell: a
-    token's receptive field is the whole image, so the cell shows where the token sits, not
-    all it depends on.
+    ViT token's receptive field is the whole image, so the cell shows where the token sits,
+    not all it depends on.
 
     Work is done a few channels at a time (about ``batch_size`` projections); results are
     yielded one channel at a time, so memory does not grow with the number of channels.

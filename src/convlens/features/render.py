@@ -289,7 +289,7 @@ def _token_subtitle(
     held = "" if share is None else f", median {share:.0%} of it inside"
     return (
         f"{c} channels, {h}x{w} token grid · patches: each token's {rf.size[0]}x{rf.size[1]} px "
-        f"cell (its receptive field is the whole image) · top {scan.k} of {scan.scanned} "
+        f"cell (attention reaches beyond it) · top {scan.k} of {scan.scanned} "
         f"images · left: input gradient of the unit in the cell{held}, right: image patches"
     )
 
@@ -308,7 +308,8 @@ def _token_note(info: LayerScan, rf: ReceptiveField, inside: Sequence[float]) ->
         f"{info.layer} is a token layer ({_layout_text(info.layout)}): each unit is one "
         f"channel of one patch token, and its patch is the token's own {rf.size[0]}x"
         f"{rf.size[1]} px grid cell. That is where the token sits, not a receptive field: "
-        "attention lets every token depend on the whole image. Projections are the plain "
+        "attention lets a token depend on pixels far outside its cell (for a ViT, on the whole "
+        "image). Projections are the plain "
         "gradient of the unit with respect to the input, cropped to the cell (the deconvnet "
         "and guided rules only change ReLU and max-pooling backward passes and mean nothing "
         f"through attention){held}"

@@ -167,7 +167,7 @@ class FeatureExample:
             unit with respect to the input, cropped to the token's cell.
         inside: on a token layer, the share of the (uncropped) projection's L1 norm that lies
             inside ``box``: how much of what the token depends on the crop shows (a token's
-            receptive field is the whole image); ``None`` on a feature map.
+            receptive field reaches beyond its cell); ``None`` on a feature map.
     """
 
     activation: TopActivation
