@@ -3,7 +3,8 @@
 Not part of the test suite (each model takes seconds to minutes on a shared CPU): the suite runs
 the same code paths on tiny configurations of the same classes (``tests/helpers/zoo.py``). This
 script builds the real architectures with ``--random-weights`` (nothing is downloaded; the maps
-mean nothing, only the plumbing is checked), and for each one runs
+mean nothing, only the plumbing is checked; torchvision's ViT gets a saved random state dict
+with a non-zero head instead, see :func:`_random_head`), and for each one runs
 
 - ``convlens explain`` on one photo (scikit-image's astronaut, saved to a temporary PNG) with
   cheap methods: ``gradcam``, ``gradcam++``, ``saliency``, occlusion with a large stride, and
@@ -55,6 +56,24 @@ def _photo(folder: Path) -> Path:
     return path
 
 
+def _random_head(spec: str, folder: Path) -> list[str]:
+    """The weight options for ``spec``: ``--random-weights``, except for torchvision's ViTs,
+    whose classification head torchvision initialises to zero (every logit 0, every gradient
+    map blank): for them a state dict of the random model with a random-normal head (std 0.02),
+    so that the gradient methods have something to show."""
+    if not spec.startswith("torchvision:vit_"):
+        return ["--random-weights"]
+    import torch
+    import torchvision
+
+    torch.manual_seed(0)
+    net = torchvision.models.get_model(spec.split(":", 1)[1], weights=None)
+    torch.nn.init.normal_(net.heads.head.weight, std=0.02)
+    path = folder / f"{spec.replace(':', '_')}-random-head.pt"
+    torch.save(net.state_dict(), path)
+    return ["--weights", str(path)]
+
+
 def _run(args: Sequence[str]) -> tuple[int, float, str]:
     """Run ``convlens ARGS`` in a child process: (exit code, seconds, last line of stderr)."""
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
@@ -88,22 +107,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         for spec in opts.models.split(","):
             slug = spec.replace(":", "_")
             methods = CAM + (ATTENTION if "vit" in spec or "deit" in spec else "")
-            model = ["--model", spec, "--random-weights"]
-            runs = [
-                (
-                    f"explain {methods}",
-                    ["explain", str(photo), *model, "--methods", methods, "--patch", "64"]
-                    + ["--stride", "64", "--out", str(root / f"explain-{slug}")],
-                )
-            ]
+            model = ["--model", spec, *_random_head(spec, root)]
+            explain = ["explain", str(photo), *model, "--methods", methods]
+            explain += ["--patch", "64", "--stride", "64", "--out", str(root / f"explain-{slug}")]
+            runs = [(f"explain {methods}", explain)]
             if not opts.skip_features:
-                runs.append(
-                    (
-                        "features (default layer, top 3, 4 channels)",
-                        ["features", str(images), *model, "--top", "3", "--num-channels", "4"]
-                        + ["--batch-size", "3", "--out", str(root / f"features-{slug}")],
-                    )
-                )
+                features = ["features", str(images), *model, "--top", "3", "--num-channels", "4"]
+                features += ["--batch-size", "3", "--out", str(root / f"features-{slug}")]
+                runs.append(("features (default layer, top 3, 4 channels)", features))
             for what, args in runs:
                 code, seconds, last = _run(args)
                 failed += code != 0
