@@ -19,6 +19,7 @@ from convlens import ClassList, ConvlensModel, LayerError, Preprocess
 from convlens.features.browser import feature_examples, render_features, scan_features
 from tests.helpers import zoo
 from tests.helpers.cli import exit_code as run
+from tests.helpers.models import TokenViT
 
 SIZE = 32
 PATCH = 8  # the tiny ViTs' patch size: a 4x4 grid on 32x32 inputs
@@ -28,6 +29,11 @@ IDENTITY = Preprocess(resize=None, crop=SIZE, mean=(0.0, 0.0, 0.0), std=(1.0, 1.
 # from the raw output by hand: the prefix (class, distillation tokens) is what the architecture
 # puts first, Swin's stage output is (B, H, W, C).
 CASES: dict[str, tuple[Callable[[], nn.Module], str, Callable[[torch.Tensor], torch.Tensor]]] = {
+    "plain-torch-vit": (
+        lambda: TokenViT(size=SIZE, patch=PATCH, prefix=2),
+        "blocks.1.norm1",
+        lambda out: out[:, 2:],
+    ),
     "timm-vit": (zoo.timm_vit, "blocks.1.norm1", lambda out: out[:, 1:]),
     "timm-deit-distilled": (zoo.timm_deit_distilled, "blocks.1", lambda out: out[:, 2:]),
     "timm-swin": (zoo.timm_swin, "layers.1", lambda out: out.flatten(1, 2)),
@@ -99,7 +105,7 @@ def test_top_activations_match_a_brute_force_over_the_tokens(case: str, files) -
     assert info.channels == torch.argsort(score, descending=True, stable=True)[:16].tolist()
 
 
-@pytest.mark.parametrize("case", ["timm-vit", "timm-swin"])
+@pytest.mark.parametrize("case", ["plain-torch-vit", "timm-vit", "timm-swin"])
 def test_patches_are_grid_cells_and_projections_cropped_gradients(case: str, files) -> None:
     model, layer, tokens = build(case)
     scan = scan_features(model, files, [layer], [0, 5], top=2, progress=False)
@@ -124,10 +130,10 @@ def test_patches_are_grid_cells_and_projections_cropped_gradients(case: str, fil
 
 
 def test_render_says_what_token_patches_and_projections_are(files, tmp_path: Path) -> None:
-    model, layer, _ = build("timm-deit-distilled")
+    model, layer, _ = build("plain-torch-vit")
     scan = scan_features(model, files, [layer], [1, 2], top=2, progress=False)
     written = render_features(scan, model, tmp_path / "out", rule="guided")
-    assert [p.name for p in written] == ["features_blocks.1.png", "index.html"]
+    assert [p.name for p in written] == ["features_blocks.1.norm1.png", "index.html"]
     text = (tmp_path / "out" / "index.html").read_text(encoding="utf-8")
     assert "token cells 8x8 px" in text and "2 prefix token(s) dropped" in text
     assert "plain gradient" in text and "receptive field" in text
