@@ -37,6 +37,12 @@ CASES: dict[str, tuple[Callable[[], nn.Module], str, Callable[[torch.Tensor], to
     "timm-vit": (zoo.timm_vit, "blocks.1.norm1", lambda out: out[:, 1:]),
     "timm-deit-distilled": (zoo.timm_deit_distilled, "blocks.1", lambda out: out[:, 2:]),
     "timm-swin": (zoo.timm_swin, "layers.1", lambda out: out.flatten(1, 2)),
+    # torchvision's Swin permutes its final norm's tokens into a map: ranked as that norm
+    "torchvision-swin-permute": (
+        zoo.torchvision_swin,
+        "permute",
+        lambda out: out.flatten(2).transpose(1, 2),
+    ),
     "torchvision-vit": (
         zoo.torchvision_vit,
         "encoder.layers.encoder_layer_1.ln_1",
@@ -86,6 +92,7 @@ def test_top_activations_match_a_brute_force_over_the_tokens(case: str, files) -
     scan = scan_features(model, files, [layer], "auto", top=3, batch_size=2, progress=False)
     info = scan.layers[layer]
     assert info.layout is not None and info.layout.grid == (4, 4)
+    assert info.source.name == ("norm" if layer == "permute" else layer)
 
     with torch.no_grad():
         grid = tokens(raw_output(model, layer, model.load_images(files))).float()  # (B, 16, C)
@@ -105,7 +112,9 @@ def test_top_activations_match_a_brute_force_over_the_tokens(case: str, files) -
     assert info.channels == torch.argsort(score, descending=True, stable=True)[:16].tolist()
 
 
-@pytest.mark.parametrize("case", ["plain-torch-vit", "timm-vit", "timm-swin"])
+@pytest.mark.parametrize(
+    "case", ["plain-torch-vit", "timm-vit", "timm-swin", "torchvision-swin-permute"]
+)
 def test_patches_are_grid_cells_and_projections_cropped_gradients(case: str, files) -> None:
     model, layer, tokens = build(case)
     scan = scan_features(model, files, [layer], [0, 5], top=2, progress=False)

@@ -276,8 +276,14 @@ def _project(
 
 
 def _centre(rf: ReceptiveField, y: int, x: int) -> tuple[int, int]:
-    top, left, bottom, right = rf.box(y, x, clip=False)
-    return (top + bottom - 1) // 2, (left + right - 1) // 2
+    """The centre of unit ``(y, x)``'s receptive field, inside the image. A ``clipped`` field
+    (larger than the largest input measured, e.g. after attention or global pooling: stride 0,
+    a box of 1024 px) has no reliable geometry beyond the image, so the centre of its part in
+    the image is used; a window around the unclipped centre could miss the image entirely."""
+    top, left, bottom, right = rf.box(y, x, clip=rf.clipped)
+    h, w = rf.input_size
+    cy, cx = (top + bottom - 1) // 2, (left + right - 1) // 2
+    return min(max(cy, 0), h - 1), min(max(cx, 0), w - 1)
 
 
 def _window_box(

@@ -298,6 +298,7 @@ def _token_note(info: LayerScan, rf: ReceptiveField, inside: Sequence[float]) ->
     """The note of a token layer: what its patches and projections are."""
     assert info.layout is not None
     share = _median(inside)
+    ranked = "" if info.source.name == info.ref.name else f", as {info.source.name}'s tokens"
     held = (
         ""
         if share is None
@@ -305,7 +306,7 @@ def _token_note(info: LayerScan, rf: ReceptiveField, inside: Sequence[float]) ->
         "lies elsewhere in the image"
     )
     return (
-        f"{info.layer} is a token layer ({_layout_text(info.layout)}): each unit is one "
+        f"{info.layer} is a token layer ({_layout_text(info.layout)}{ranked}): each unit is one "
         f"channel of one patch token, and its patch is the token's own {rf.size[0]}x"
         f"{rf.size[1]} px grid cell. That is where the token sits, not a receptive field: "
         "attention lets a token depend on pixels far outside its cell (for a ViT, on the whole "

@@ -179,6 +179,39 @@ def _token_layout(net: nn.Module, ref: LayerRef, out: Any, x: torch.Tensor) -> T
     )
 
 
+def _token_producer(
+    net: nn.Module,
+    out: Any,
+    inp: Any,
+    earlier: Sequence[tuple[str, int, Any]],
+    x: torch.Tensor,
+) -> tuple[LayerRef, TokenLayout] | None:
+    """The token layer whose output a ``(B, C, H, W)`` output only rearranges, with its layout
+    (torchvision's Swin permutes its final norm's ``(B, H, W, C)`` tokens into a map before
+    pooling): ``out`` is the module's input ``inp``, produced by an earlier module of
+    ``earlier`` (``(name, call, output)`` in call order), placed on its grid. ``None`` when
+    there is no such layer."""
+    if (
+        not isinstance(inp, torch.Tensor)
+        or not isinstance(out, torch.Tensor)
+        or inp.dim() not in (3, 4)
+        or inp.shape == out.shape
+        or inp.numel() != out.numel()
+    ):
+        return None
+    for name, call, o in reversed(earlier):
+        if o is not inp:
+            continue
+        try:
+            layout = layer_layout(net, named_module(net, name), o, x, name)
+        except LayerError:
+            return None
+        if layout.kind != "nchw" and torch.equal(layout.to_maps(o), out):
+            return LayerRef(name, call), layout
+        return None
+    return None
+
+
 def _probe(
     net: nn.Module, refs: Mapping[str, LayerRef], size: tuple[int, int]
 ) -> dict[str, _Probed]:
@@ -192,7 +225,8 @@ def _probe(
 
     A token layer of a vision transformer (``(B, N, C)``, or Swin's ``(B, H, W, C)``) is
     ranked as the ``(B, C, h, w)`` map of its patch tokens (:mod:`convlens.tokens`; class,
-    distillation and register tokens dropped).
+    distillation and register tokens dropped); so is a module that only rearranges a token
+    layer's output into such a map (:func:`_token_producer`), as the token layer itself.
     """
     device, dtype = _param(net)
     requested = {r.name for r in refs.values()}
@@ -230,9 +264,14 @@ def _probe(
             found[spec] = _Probed(shape=shape, source=source, clip=None, layout=layout)
             continue
         shape = tuple(out.shape)
+        inp, position = inputs[r.name, index]
+        producer = _token_producer(net, out, inp, produced[:position], blank)
+        if producer is not None:
+            source, layout = producer
+            found[spec] = _Probed(shape=shape, source=source, clip=None, layout=layout)  # type: ignore[arg-type]
+            continue
         clip = _saturating(named_module(net, r.name))
         if clip is not None:
-            inp, position = inputs[r.name, index]
             producer = next(
                 (LayerRef(n, i) for n, i, o in reversed(produced[:position]) if o is inp),
                 None,
