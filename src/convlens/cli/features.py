@@ -64,13 +64,17 @@ def features_cmd(
     ] = 9,
     rule: Annotated[
         str,
-        typer.Option(help="Projection: deconvnet (Zeiler & Fergus) or guided (backprop)."),
+        typer.Option(
+            help="Projection: deconvnet (Zeiler & Fergus) or guided (backprop). Token layers of "
+            "vision transformers always show the input gradient."
+        ),
     ] = "deconvnet",
     crop: Annotated[
         str,
         typer.Option(
             help="Patches: 'effective' (the part of the receptive field holding 90% of the "
-            "projection) or 'field' (the whole receptive field)."
+            "projection) or 'field' (the whole receptive field). Token layers: each token's "
+            "grid cell."
         ),
     ] = "effective",
     out_dir: OutDirOpt = Path("convlens-features"),

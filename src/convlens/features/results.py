@@ -39,7 +39,8 @@ class LayerScan:
     Attributes:
         layer: the layer as requested (``"name"`` or ``"name@call"``).
         ref: the parsed layer reference.
-        shape: ``(C, h, w)`` of the layer's output for one input image.
+        shape: ``(C, h, w)`` of the layer's output for one input image (of a token layer:
+            of its patch tokens on their grid).
         top: per channel, the ``k`` strongest activations (one per image), on the CPU; covers
             all ``C`` channels.
         channels: the channels to show, in display order (for ``"auto"``: most active first).
