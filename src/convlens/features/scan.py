@@ -143,7 +143,7 @@ def _param(net: nn.Module) -> tuple[torch.device, torch.dtype]:
 class _Probed:
     """What one forward pass of a blank image says about a requested layer."""
 
-    shape: tuple[int, int, int, int]  # of the (1, C, h, w) map that is ranked
+    shape: tuple[int, ...]  # (1, C, h, w) of the map that is ranked
     source: LayerRef  # what is captured and projected; the call index is absolute
     clip: float | None  # upper bound of a saturating activation whose input is used instead
     layout: TokenLayout | None = None  # how a token layer's output maps to (B, C, h, w)
@@ -260,15 +260,14 @@ def _probe(
         layout = _token_layout(net, r, out, blank)
         if layout is not None:
             shape = tuple(layout.to_maps(out).shape)
-            assert len(shape) == 4
             found[spec] = _Probed(shape=shape, source=source, clip=None, layout=layout)
             continue
         shape = tuple(out.shape)
         inp, position = inputs[r.name, index]
-        producer = _token_producer(net, out, inp, produced[:position], blank)
-        if producer is not None:
-            source, layout = producer
-            found[spec] = _Probed(shape=shape, source=source, clip=None, layout=layout)  # type: ignore[arg-type]
+        rearranged = _token_producer(net, out, inp, produced[:position], blank)
+        if rearranged is not None:
+            source, layout = rearranged
+            found[spec] = _Probed(shape=shape, source=source, clip=None, layout=layout)
             continue
         clip = _saturating(named_module(net, r.name))
         if clip is not None:
@@ -280,7 +279,7 @@ def _probe(
                 clip = None
             else:
                 source = producer
-        found[spec] = _Probed(shape=shape, source=source, clip=clip)  # type: ignore[arg-type]
+        found[spec] = _Probed(shape=shape, source=source, clip=clip)
     return found
 
 
