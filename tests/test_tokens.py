@@ -201,3 +201,66 @@ def test_layer_table_shows_token_grids() -> None:
     assert "[" not in embed  # a convolutional map is shown as before
     text = format_layer_table(layer_table(seeded(ChannelsLastNet()), images(1, 16)))
     assert "[channels-last 4x4x6 -> 4x4 grid]" in text
+
+
+class _ConvTokens(nn.Module):
+    """Patch-embedding convolution -> tokens -> LayerNorm -> mean -> head (any grid)."""
+
+    def __init__(self, patch: int = 4) -> None:
+        super().__init__()
+        self.patch_embed = nn.Conv2d(3, 6, patch, stride=patch)
+        self.norm = nn.LayerNorm(6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(self.patch_embed(x).flatten(2).transpose(1, 2)).mean(1))
+
+
+def test_patch_grid_cache_follows_the_network_and_the_input() -> None:
+    from convlens.tokens import clear_cache
+
+    net = seeded(_ConvTokens())
+    runs = []
+    net.register_forward_pre_hook(lambda _m, _a: runs.append(1))
+    x = images(1, 16)
+    assert patch_grid(net, x) == (4, 4) and patch_grid(net, x) == (4, 4)
+    assert len(runs) == 1  # the second answer is cached
+    assert patch_grid(net, images(1, 32)) == (8, 8)  # another input size: observed again
+    assert len(runs) == 2
+
+    net.patch_embed = nn.Conv2d(3, 6, 2, stride=2).double()  # a module replaced
+    assert patch_grid(net, x) == (8, 8)
+    net.patch_embed.stride = (4, 4)  # a setting changed in place
+    assert patch_grid(net, x) == (4, 4)
+    with torch.no_grad():
+        net.patch_embed.weight.mul_(2.0)  # weights changed in place: observed again
+    assert patch_grid(net, x) == (4, 4) and len(runs) == 5
+
+    unit = seeded(_LinearPatches())
+    assert patch_grid(unit, images(1, 16)) == (4, 4)
+    unit.patch_size = 2  # a stated patch size changed
+    assert patch_grid(unit, images(1, 16)) == (8, 8)
+
+    clear_cache(net)
+    assert patch_grid(net, x) == (4, 4) and len(runs) == 6
+    clear_cache()
+    assert patch_grid(net, x) == (4, 4) and len(runs) == 7
+
+
+def test_default_layer_cache_follows_the_network() -> None:
+    from convlens.architecture import clear_cache
+
+    net = seeded(GapNet())
+    runs = []
+    net.register_forward_pre_hook(lambda _m, _a: runs.append(1))
+    x = images(1)
+    first = find_gap_head(net, x)
+    assert find_gap_head(net, x) is first and len(runs) == 1  # cached
+    torch.manual_seed(1)
+    net.fc = nn.Linear(6, 5).double()  # a new classifier: a stale head would keep the old one
+    head = find_gap_head(net, x)
+    assert head is not first and torch.equal(head.weight, net.fc.weight)
+    assert find_gap_head(net, x.float().double()) is head  # same shape and dtype: cached
+    count = len(runs)
+    clear_cache(net)
+    assert default_layer(net, x) == head.layer and len(runs) == count + 1

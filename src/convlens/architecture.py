@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from convlens.accel.fingerprint import structure_fingerprint
 from convlens.errors import LayerError, UnsupportedModelError
 from convlens.hooks.capture import CallCapture, call_error, capture_call, hooks, named_module
 from convlens.hooks.state import model_state
@@ -34,6 +35,7 @@ from convlens.tokens import (
     patch_grid,
     stated_prefix,
 )
+from convlens.tokens import clear_cache as clear_token_cache
 from convlens.validate import int_text
 
 __all__ = [
@@ -41,6 +43,7 @@ __all__ = [
     "LayerCall",
     "LayerRef",
     "absolute_call",
+    "clear_cache",
     "default_layer",
     "find_gap_head",
     "parse_layer",
@@ -82,9 +85,25 @@ class _Scan:
     token_default: LayerRef | None = None
 
 
-_CACHE: weakref.WeakKeyDictionary[nn.Module, dict[tuple[int, ...], _Scan]] = (
-    weakref.WeakKeyDictionary()
-)
+_CACHE: weakref.WeakKeyDictionary[
+    nn.Module, dict[tuple[Any, ...], tuple[tuple[Any, ...], _Scan]]
+] = weakref.WeakKeyDictionary()
+"""Per network (weakly: an entry goes with its network) and input shape and dtype: the
+network's fingerprint when it was scanned
+(:func:`convlens.accel.fingerprint.structure_fingerprint`) and what the scan found. A network
+changed in place since (a module replaced, weights loaded, a setting changed) no longer matches
+and is scanned again."""
+
+
+def clear_cache(net: nn.Module | None = None) -> None:
+    """Forget what was observed of ``net`` (default layer, classifier head, patch grid), or of
+    every network. Needed only after changes a fingerprint cannot see (values permuted inside a
+    tensor through ``.data``, state hidden in other Python objects)."""
+    if net is None:
+        _CACHE.clear()
+    else:
+        _CACHE.pop(net, None)
+    clear_token_cache(net)
 
 
 def parse_layer(spec: str | LayerRef) -> LayerRef:
@@ -172,10 +191,12 @@ def resolve_call(
 
 
 def _scan(net: nn.Module, x: torch.Tensor) -> _Scan:
-    key = tuple(x.shape[1:])
+    key = (tuple(x.shape[1:]), x.dtype)
+    stamp = structure_fingerprint(net)
     per_net = _CACHE.setdefault(net, {})
-    if key in per_net:
-        return per_net[key]
+    hit = per_net.get(key)
+    if hit is not None and hit[0] == stamp:
+        return hit[1]
     size = (int(x.shape[-2]), int(x.shape[-1]))
     names = {m: n for n, m in net.named_modules()}
     calls: dict[str, int] = {}
@@ -267,7 +288,7 @@ def _scan(net: nn.Module, x: torch.Tensor) -> _Scan:
     scan = _Scan(
         head=head, head_error=error, last_spatial=last_spatial, token_default=token_default
     )
-    per_net[key] = scan
+    per_net[key] = (stamp, scan)
     return scan
 
 

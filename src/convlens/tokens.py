@@ -35,6 +35,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from convlens.accel.fingerprint import structure_fingerprint
 from convlens.errors import LayerError
 from convlens.hooks.capture import StopForward, hooks, stoppable
 from convlens.hooks.state import model_state
@@ -43,6 +44,7 @@ __all__ = [
     "MAX_PREFIX",
     "TokenLayout",
     "channel_count",
+    "clear_cache",
     "detect_layout",
     "is_grid",
     "is_norm",
@@ -167,9 +169,21 @@ def is_grid(h: int, w: int, size: tuple[int, int]) -> bool:
     return False
 
 
-_GRIDS: weakref.WeakKeyDictionary[nn.Module, dict[tuple[int, ...], tuple[int, int] | None]] = (
-    weakref.WeakKeyDictionary()
-)
+_GRIDS: weakref.WeakKeyDictionary[
+    nn.Module, dict[tuple[int, ...], tuple[tuple[Any, ...], tuple[int, int] | None]]
+] = weakref.WeakKeyDictionary()
+"""Per network (weakly: an entry goes with its network) and input shape: the fingerprint of
+the network when its grid was found (:func:`convlens.accel.fingerprint.structure_fingerprint`)
+and the grid. A network changed in place (a module replaced, a stride set, weights loaded) no longer
+matches its fingerprint and is observed again."""
+
+
+def clear_cache(net: nn.Module | None = None) -> None:
+    """Forget the patch grids found (:func:`patch_grid`) of ``net``, or of every network."""
+    if net is None:
+        _GRIDS.clear()
+    else:
+        _GRIDS.pop(net, None)
 
 
 def _attribute_patch(net: nn.Module) -> tuple[int, int] | None:
@@ -206,7 +220,9 @@ def patch_grid(net: nn.Module, x: torch.Tensor) -> tuple[int, int] | None:
     a 3-D tensor (a token sequence): the grid is the spatial size of the last ``Conv2d`` output
     before it (the patch embedding). Without such a convolution, the patch size the model
     states (:func:`_attribute_patch`) divides the input size. Cached per network and input
-    shape.
+    shape, and found again when the network's fingerprint changed since
+    (:func:`convlens.accel.fingerprint.structure_fingerprint`: modules, settings, parameters
+    and buffers); :func:`clear_cache` forgets.
 
     Returns:
         ``(h, w)``, or ``None`` when the model shows no patch grid.
@@ -215,9 +231,11 @@ def patch_grid(net: nn.Module, x: torch.Tensor) -> tuple[int, int] | None:
         LayerError: the model states conflicting patch sizes.
     """
     key = tuple(x.shape[1:])
+    stamp = structure_fingerprint(net)
     per_net = _GRIDS.setdefault(net, {})
-    if key in per_net:
-        return per_net[key]
+    hit = per_net.get(key)
+    if hit is not None and hit[0] == stamp:
+        return hit[1]
     convs: list[tuple[int, int]] = []
     seen_tokens = False
 
@@ -245,7 +263,7 @@ def patch_grid(net: nn.Module, x: torch.Tensor) -> tuple[int, int] | None:
         patch = _attribute_patch(net)
         if patch is not None:
             grid = (int(x.shape[-2]) // patch[0], int(x.shape[-1]) // patch[1])
-    per_net[key] = grid
+    per_net[key] = (stamp, grid)
     return grid
 
 

@@ -424,3 +424,14 @@ def test_index_escapes_file_and_model_names(tmp_path: Path) -> None:
     assert sorted(set(page.files)) == sorted(shown)
     assert "Feature browser · </script><b>model</b> {{ 7*7 }}" in page.text
     check_offline_html(written[-1])
+
+
+def test_effective_crops_of_a_field_larger_than_any_input_stay_in_the_image() -> None:
+    from convlens.features.project import _window_box
+    from convlens.features.receptive_field import ReceptiveField
+
+    # What is measured after attention or global pooling: every unit sees a 1024 px field
+    # (the largest input tried), stride 0. The crop is centred on the field's part in the image.
+    whole = ReceptiveField("x", (1024, 1024), (0, 0), (0, 0), (224, 224), (7, 7), clipped=True)
+    assert _window_box(whole, 6, 6, (64, 64)) == (80, 80, 144, 144)
+    assert _window_box(whole, 0, 0, whole.size) == (0, 0, 224, 224)

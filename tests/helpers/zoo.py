@@ -6,7 +6,14 @@ from __future__ import annotations
 import pytest
 from torch import nn
 
-__all__ = ["timm_convnext", "timm_deit_distilled", "timm_swin", "timm_vit", "torchvision_vit"]
+__all__ = [
+    "timm_convnext",
+    "timm_deit_distilled",
+    "timm_swin",
+    "timm_vit",
+    "torchvision_swin",
+    "torchvision_vit",
+]
 
 
 def timm_vit() -> nn.Module:
@@ -62,5 +69,19 @@ def torchvision_vit() -> nn.Module:
         num_heads=2,
         hidden_dim=32,
         mlp_dim=64,
+        num_classes=5,
+    )
+
+
+def torchvision_swin() -> nn.Module:
+    """torchvision ``SwinTransformer``: 32x32 input, 4x4 patches, 4x4 windows, two stages (its
+    final norm's channels-last tokens are permuted to (B, C, H, W) by its ``permute`` module)."""
+    tv = pytest.importorskip("torchvision")
+    return tv.models.SwinTransformer(
+        patch_size=[4, 4],
+        embed_dim=16,
+        depths=[1, 1],
+        num_heads=[1, 2],
+        window_size=[4, 4],
         num_classes=5,
     )

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["fingerprint"]
+__all__ = ["fingerprint", "structure_fingerprint"]
 
 
 def fingerprint(net: nn.Module) -> tuple[Any, ...]:
@@ -54,6 +54,31 @@ def fingerprint(net: nn.Module) -> tuple[Any, ...]:
         (t.data_ptr(), None if t.is_inference() else t._version, tuple(t.shape)) for t in tensors
     )
     return modules, state, tuple(sums)
+
+
+def structure_fingerprint(net: nn.Module) -> tuple[Any, ...]:
+    """:func:`fingerprint` without the summary of the tensors' values: every module's identity,
+    type, settings and plain attributes, every parameter's and buffer's storage, version
+    counter, shape, dtype and device. It reads no tensor data (microseconds per module, also
+    on a GPU), so it fits caches consulted on every call whose answers depend on what the
+    network is rather than on the exact values of its weights (the default layer, the patch
+    grid). Seen: a module replaced or reconfigured, weights loaded or changed in place
+    (``load_state_dict``, ``mul_``, an optimiser step); not seen: writes through ``.data``."""
+    modules = tuple(
+        (name, id(m), type(m).__qualname__, m.extra_repr(), *_attributes(m))
+        for name, m in net.named_modules()
+    )
+    state = tuple(
+        (
+            t.data_ptr(),
+            None if t.is_inference() else t._version,
+            tuple(t.shape),
+            t.dtype,
+            t.device,
+        )
+        for t in [*net.parameters(), *net.buffers()]
+    )
+    return modules, state
 
 
 def _foreach_max(tensors: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -23,6 +23,9 @@ from convlens.console import progress_callback
 from convlens.errors import InputError
 from convlens.validate import positive_int
 
+if TYPE_CHECKING:
+    from convlens.models.base import ConvlensModel
+
 __all__ = ["register"]
 
 
@@ -33,13 +36,14 @@ def features_cmd(
     ],
     *,
     layer: Annotated[
-        list[str],
+        list[str] | None,
         typer.Option(
             "--layer",
             help="Layer to browse (repeatable; `convlens layers`); name@call for modules "
-            "called several times.",
+            "called several times. Default: the layer Grad-CAM uses (the last convolutional "
+            "map; for a vision transformer, a token layer of its last block).",
         ),
-    ],
+    ] = None,
     channels: Annotated[
         str,
         typer.Option(help="Channels: 'auto' (the most active), a range '0-15', a list '0,3,7'."),
@@ -60,13 +64,17 @@ def features_cmd(
     ] = 9,
     rule: Annotated[
         str,
-        typer.Option(help="Projection: deconvnet (Zeiler & Fergus) or guided (backprop)."),
+        typer.Option(
+            help="Projection: deconvnet (Zeiler & Fergus) or guided (backprop). Token layers of "
+            "vision transformers always show the input gradient."
+        ),
     ] = "deconvnet",
     crop: Annotated[
         str,
         typer.Option(
             help="Patches: 'effective' (the part of the receptive field holding 90% of the "
-            "projection) or 'field' (the whole receptive field)."
+            "projection) or 'field' (the whole receptive field). Token layers: each token's "
+            "grid cell."
         ),
     ] = "effective",
     out_dir: OutDirOpt = Path("convlens-features"),
@@ -97,6 +105,9 @@ def features_cmd(
     if not files:
         raise InputError(f"no images found in {', '.join(str(d) for d in data)}")
     net = model_options.load()
+    if not layer:
+        layer = [_default_layer(net)]
+        say(f"layer {layer[0]} (the default; choose others with --layer)")
     for name in layer:
         named_module(net.net, parse_layer(name).name)  # a bad name fails before the scan
     with progress_bar() as bar:  # cleared if the scan or the rendering fails
@@ -125,6 +136,20 @@ def features_cmd(
         f"scanned {scan.scanned} images{skipped}; wrote {len(written) - 1} grid(s) to "
         f"{out_dir}/ — open {out_dir / 'index.html'}"
     )
+
+
+def _default_layer(model: ConvlensModel) -> str:
+    """The layer the CAM family uses by default (:func:`convlens.architecture.default_layer`),
+    found on a blank image of the model's input size: the last convolutional map of a CNN, a
+    token layer of the last block of a vision transformer."""
+    import torch
+
+    from convlens.architecture import default_layer
+    from convlens.features.scan import _param
+
+    device, dtype = _param(model.net)
+    size = model.preprocess.crop
+    return str(default_layer(model.net, torch.zeros(1, 3, size, size, device=device, dtype=dtype)))
 
 
 def register(app: typer.Typer) -> None:

@@ -48,6 +48,7 @@ class LayerPage:
     window: tuple[int, int]  # side of the patches shown
     notes: list[str]  # sentences shown as notes
     rows: list[ChannelRow]
+    tokens: str | None = None  # how a token layer's output became the map; None: a map
 
 
 def index_html(scan: FeatureScan, pages: Sequence[LayerPage], rule: str, root: Path | None) -> str:
@@ -64,6 +65,11 @@ def index_html(scan: FeatureScan, pages: Sequence[LayerPage], rule: str, root: P
             + (" (clipped: larger than the largest input measured)" if rf.clipped else "")
             + ("" if p.window == rf.size else f" · patches {p.window[0]}x{p.window[1]} px")
         )
+        if p.tokens is not None:
+            shape = (
+                f"output {c}x{h}x{w} ({p.tokens}) · patches: token cells {rf.size[0]}x"
+                f"{rf.size[1]} px (not receptive fields: attention reaches beyond the cell)"
+            )
         layers.append(
             {
                 "layer": p.layer,

@@ -14,14 +14,21 @@ import torch
 from convlens.architecture import LayerRef
 from convlens.errors import ImageError, InputError
 from convlens.features.receptive_field import ReceptiveField, receptive_field
-from convlens.features.results import ChannelExamples, FeatureExample, FeatureScan, TopActivation
+from convlens.features.results import (
+    ChannelExamples,
+    FeatureExample,
+    FeatureScan,
+    LayerScan,
+    TopActivation,
+)
 from convlens.features.scan import _param
 from convlens.images import load_image
 from convlens.methods.rules import project_units
 from convlens.models.base import ConvlensModel
 from convlens.models.preprocess import Preprocess
+from convlens.tokens import TokenLayout
 
-__all__ = ["Crop", "feature_examples"]
+__all__ = ["TOKEN_RULE", "Crop", "feature_examples", "layer_geometry", "token_cell"]
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +55,54 @@ class _ImageCache:
         if len(self.items) > self.capacity:
             self.items.popitem(last=False)
         return unit
+
+
+TOKEN_RULE = "gradient"
+"""The projection rule on token layers, whatever rule is asked for. The deconvnet and guided
+rules change only the backward pass of ReLU-like units and max pooling (Zeiler & Fergus 2014;
+Springenberg et al. 2015); through attention (softmax, products of two activations), GELU and
+LayerNorm they define no projection of their own, so a token's projection is the plain gradient
+of the unit with respect to the input pixels, and the page says so."""
+
+
+def token_cell(info: LayerScan, input_size: tuple[int, int]) -> ReceptiveField:
+    """The grid cell of each token of a token layer, as boxes in the model input.
+
+    Token ``(y, x)`` of an ``h x w`` grid on an ``H x W`` input sits on rows
+    ``y * (H // h)`` to ``(y + 1) * (H // h)`` and likewise for columns: for a plain ViT or
+    DeiT, its ``patch_size x patch_size`` patch; for a Swin stage after ``k`` patch mergings,
+    the ``2^k`` patches merged into it. This is *not* a receptive field: attention lets every
+    token depend on every pixel, so a ViT token's receptive field is the whole image (and a
+    Swin token's, made of shifted windows, reaches far beyond its cell after a few blocks).
+    The cell is the token's own patch, the image content the token started from and that its
+    position stands for. It is returned as a :class:`ReceptiveField` so that patches are cut
+    like those of convolutional units (``size == stride``, ``offset == (0, 0)``).
+    """
+    _, h, w = info.shape
+    big_h, big_w = input_size
+    sy, sx = max(1, big_h // h), max(1, big_w // w)
+    return ReceptiveField(
+        layer=str(info.source),
+        size=(sy, sx),
+        stride=(sy, sx),
+        offset=(0, 0),
+        input_size=(big_h, big_w),
+        output_size=(h, w),
+    )
+
+
+def layer_geometry(
+    model: ConvlensModel,
+    info: LayerScan,
+    input_size: tuple[int, int],
+    receptive: ReceptiveField | None = None,
+) -> ReceptiveField:
+    """Where a scanned layer's units are cut from the input: the measured receptive field of a
+    feature map (:func:`receptive_field`, or ``receptive`` when given), the grid cell of a token
+    layer's tokens (:func:`token_cell`)."""
+    if info.layout is not None:
+        return token_cell(info, input_size)
+    return receptive or receptive_field(model.net, info.source, input_size)
 
 
 Crop = Literal["effective", "field"]
@@ -84,6 +139,14 @@ def feature_examples(
       Zeiler & Fergus' Fig. 2), at least 32 px and never larger than the receptive field;
       clipped to the image. This is the part of the receptive field that actually drives the
       unit (its "effective receptive field", Luo et al. 2016).
+
+    On a token layer of a vision transformer (:attr:`LayerScan.layout`), the patch under a
+    token is its grid cell (:func:`token_cell`: for a ViT, its ``patch_size x patch_size``
+    patch), whatever ``crop`` says; the projection is the plain gradient of the unit with
+    respect to the input (:data:`TOKEN_RULE`, whatever ``rule`` says), cropped to that cell, and
+    :attr:`FeatureExample.inside` says how much of the gradient's L1 norm lies in the cell: a
+    ViT token's receptive field is the whole image, so the cell shows where the token sits,
+    not all it depends on.
 
     Work is done a few channels at a time (about ``batch_size`` projections); results are
     yielded one channel at a time, so memory does not grow with the number of channels.
@@ -131,7 +194,10 @@ def _examples(
     info = scan._layer(layer)
     wanted = list(info.channels if channels is None else channels)
     tops = {c: scan.top(layer, c) for c in wanted}  # validates the channels
-    rf = receptive or receptive_field(model.net, info.source, scan.input_size)
+    rf = layer_geometry(model, info, scan.input_size, receptive)
+    tokens = info.layout is not None
+    if tokens:
+        rule, crop = TOKEN_RULE, "field"
     step = max(1, batch_size)
     window: tuple[int, int] | None = None if crop == "effective" else rf.size
     group: list[int] = []
@@ -139,7 +205,9 @@ def _examples(
         group.append(c)
         if sum(len(tops[g]) for g in group) < step and n < len(wanted) - 1:
             continue
-        owners, images, projections = _project(model, info.source, group, tops, cache, rule, step)
+        owners, images, projections = _project(
+            model, info.source, group, tops, cache, rule, step, info.layout
+        )
         if window is None and owners:
             window = _effective_window(owners, projections, rf, mass)
             logger.debug("layer %s: effective patch %s of receptive field %s", layer, window, rf)
@@ -147,12 +215,18 @@ def _examples(
         for k, (c_, act, slot) in enumerate(owners):
             box = _window_box(rf, act.y, act.x, window or rf.size)
             top, left, bottom, right = box
+            projection = projections[k, :, top:bottom, left:right]
+            inside = None
+            if tokens:
+                total = float(projections[k].abs().sum())
+                inside = float(projection.abs().sum()) / total if total > 0 else 0.0
             per_channel[c_].append(
                 FeatureExample(
                     activation=act,
                     box=box,
                     patch=images[slot][:, top:bottom, left:right].clone(),
-                    projection=projections[k, :, top:bottom, left:right].clone(),
+                    projection=projection.clone(),
+                    inside=inside,
                 )
             )
         for g in group:
@@ -170,10 +244,11 @@ def _project(
     cache: _ImageCache,
     rule: str,
     batch_size: int,
+    layout: TokenLayout | None = None,
 ) -> tuple[list[tuple[int, TopActivation, int]], list[torch.Tensor], torch.Tensor]:
     """Projections of the top activations of a few channels: ``(owners, images, projections)``
     with ``owners[k] = (channel, activation, index in images)`` for projection ``k``; images in
-    [0, 1] and projections (float32) on the CPU."""
+    [0, 1] and projections (float32) on the CPU. ``layout``: that of a token layer."""
     device, dtype = _param(model.net)
     slots: dict[int, int] = {}
     images: list[torch.Tensor] = []
@@ -194,13 +269,21 @@ def _project(
         return owners, images, torch.empty(0)
     x = model.preprocess.normalize(torch.stack(images)).to(device=device, dtype=dtype)
     index = torch.tensor(units, dtype=torch.long, device=device)
-    out = project_units(model.net, x, source, index, rule=rule, batch_size=batch_size)
+    out = project_units(
+        model.net, x, source, index, rule=rule, batch_size=batch_size, layout=layout
+    )
     return owners, images, out.detach().float().cpu()
 
 
 def _centre(rf: ReceptiveField, y: int, x: int) -> tuple[int, int]:
-    top, left, bottom, right = rf.box(y, x, clip=False)
-    return (top + bottom - 1) // 2, (left + right - 1) // 2
+    """The centre of unit ``(y, x)``'s receptive field, inside the image. A ``clipped`` field
+    (larger than the largest input measured, e.g. after attention or global pooling: stride 0,
+    a box of 1024 px) has no reliable geometry beyond the image, so the centre of its part in
+    the image is used; a window around the unclipped centre could miss the image entirely."""
+    top, left, bottom, right = rf.box(y, x, clip=rf.clipped)
+    h, w = rf.input_size
+    cy, cx = (top + bottom - 1) // 2, (left + right - 1) // 2
+    return min(max(cy, 0), h - 1), min(max(cx, 0), w - 1)
 
 
 def _window_box(

@@ -14,12 +14,13 @@ import torch.nn.functional as F
 from convlens.atomic import atomic_write_text, save_image
 from convlens.errors import InputError
 from convlens.features.html import ChannelRow, LayerPage, Source, index_html, slug
-from convlens.features.project import Crop, _examples, _ImageCache, _project
-from convlens.features.receptive_field import ReceptiveField, receptive_field
+from convlens.features.project import Crop, _examples, _ImageCache, _project, layer_geometry
+from convlens.features.receptive_field import ReceptiveField
 from convlens.features.results import FeatureScan, LayerScan, Progress, TopActivation
 from convlens.features.scan import _progress_callback
 from convlens.models.base import ConvlensModel
 from convlens.outputs import lock_folder
+from convlens.tokens import TokenLayout
 from convlens.validate import positive_int
 
 __all__ = ["render_features"]
@@ -91,6 +92,11 @@ def render_features(
     pattern; this is detected and noted in the page (use ``rule="guided"`` to see image-specific
     structure).
 
+    On a token layer of a vision transformer, the patches are the tokens' grid cells and the
+    projections the input gradient of each unit cropped to its cell, whatever ``rule`` and
+    ``crop`` say (see :func:`feature_examples`); the page says so, with the share of the
+    gradient inside the cells.
+
     Args:
         scan: the result of :func:`scan_features`.
         model: the model scanned with.
@@ -161,9 +167,11 @@ def _render_features(
             if not info.channels:
                 logger.warning("layer %s: no channel has any activation; nothing to show", layer)
                 continue
-            rf = receptive_field(model.net, info.source, scan.input_size)
-            independent = _image_independent(scan, model, info, rule, cache)
+            rf = layer_geometry(model, info, scan.input_size)
+            tokens = info.layout is not None
+            independent = not tokens and _image_independent(scan, model, info, rule, cache)
             notes = _layer_notes(info, rule, independent)
+            inside: list[float] = []
             for note in notes:
                 logger.info("layer %s: %s", layer, note)
             base = f"features_{slug(layer)}"
@@ -177,6 +185,7 @@ def _render_features(
             window = rf.size
             for ch in _examples(scan, model, layer, None, rule, crop, 0.9, batch_size, rf, cache):
                 window = ch.window
+                inside += [e.inside for e in ch.examples if e.inside is not None]
                 projections = [rgb_attribution(_shrink(e.projection, cell)) for e in ch.examples]
                 patches = [to_pil(e.patch) for e in ch.examples]
                 best = f"max {ch.examples[0].activation.value:.3g}" if ch.examples else "no data"
@@ -203,14 +212,21 @@ def _render_features(
                     cell=cell,
                     columns=columns,
                     title=f"{scan.model_name} · layer {layer}{part}",
-                    subtitle=_subtitle(scan, info, rf, window, rule, independent),
+                    subtitle=(
+                        _token_subtitle(scan, info, rf, inside)
+                        if tokens
+                        else _subtitle(scan, info, rf, window, rule, independent)
+                    ),
                 )
                 png = out / (f"{base}.png" if npages == 1 else f"{base}_{len(pngs) + 1}.png")
                 save_image(fig, png, optimize=True)
                 written.append(png)
                 pngs.append(png.name)
                 tiles = []
-            pages.append(LayerPage(layer, pngs, info.shape, rf, window, notes, rows))
+            if tokens:
+                notes.append(_token_note(info, rf, inside))
+            cells = None if info.layout is None else _layout_text(info.layout)
+            pages.append(LayerPage(layer, pngs, info.shape, rf, window, notes, rows, cells))
     finally:
         if bar is not None:
             bar.stop()
@@ -249,6 +265,55 @@ def _subtitle(
         f"{scan.scanned} images · left: {rule} projections"
         + (" (the same for every image: no max pooling)" if independent else "")
         + ", right: image patches"
+    )
+
+
+def _layout_text(layout: TokenLayout) -> str:
+    """How a token layer's output became the ranked map, in words."""
+    h, w = layout.grid
+    if layout.kind == "nhwc":
+        return f"channels-last, a {h}x{w} grid"
+    dropped = "" if not layout.prefix else f", {layout.prefix} prefix token(s) dropped"
+    return f"a sequence of tokens, {h}x{w} patch tokens{dropped}"
+
+
+def _median(values: Sequence[float]) -> float | None:
+    return float(torch.tensor(values, dtype=torch.float64).median()) if values else None
+
+
+def _token_subtitle(
+    scan: FeatureScan, info: LayerScan, rf: ReceptiveField, inside: Sequence[float]
+) -> str:
+    c, h, w = info.shape
+    share = _median(inside)
+    held = "" if share is None else f", median {share:.0%} of it inside"
+    return (
+        f"{c} channels, {h}x{w} token grid · patches: each token's {rf.size[0]}x{rf.size[1]} px "
+        f"cell (attention reaches beyond it) · top {scan.k} of {scan.scanned} "
+        f"images · left: input gradient of the unit in the cell{held}, right: image patches"
+    )
+
+
+def _token_note(info: LayerScan, rf: ReceptiveField, inside: Sequence[float]) -> str:
+    """The note of a token layer: what its patches and projections are."""
+    assert info.layout is not None
+    share = _median(inside)
+    ranked = "" if info.source.name == info.ref.name else f", as {info.source.name}'s tokens"
+    held = (
+        ""
+        if share is None
+        else f"; the cells hold a median {share:.0%} of the gradient's L1 norm, the rest "
+        "lies elsewhere in the image"
+    )
+    return (
+        f"{info.layer} is a token layer ({_layout_text(info.layout)}{ranked}): each unit is one "
+        f"channel of one patch token, and its patch is the token's own {rf.size[0]}x"
+        f"{rf.size[1]} px grid cell. That is where the token sits, not a receptive field: "
+        "attention lets a token depend on pixels far outside its cell (for a ViT, on the whole "
+        "image). Projections are the plain "
+        "gradient of the unit with respect to the input, cropped to the cell (the deconvnet "
+        "and guided rules only change ReLU and max-pooling backward passes and mean nothing "
+        f"through attention){held}"
     )
 
 

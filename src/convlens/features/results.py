@@ -12,6 +12,7 @@ import torch
 from convlens.architecture import LayerRef
 from convlens.errors import InputError, LayerError
 from convlens.features.topk import RunningTopK
+from convlens.tokens import TokenLayout
 
 __all__ = [
     "ChannelExamples",
@@ -38,7 +39,8 @@ class LayerScan:
     Attributes:
         layer: the layer as requested (``"name"`` or ``"name@call"``).
         ref: the parsed layer reference.
-        shape: ``(C, h, w)`` of the layer's output for one input image.
+        shape: ``(C, h, w)`` of the layer's output for one input image (of a token layer:
+            of its patch tokens on their grid).
         top: per channel, the ``k`` strongest activations (one per image), on the CPU; covers
             all ``C`` channels.
         channels: the channels to show, in display order (for ``"auto"``: most active first).
@@ -48,6 +50,11 @@ class LayerScan:
         clip: for a saturating activation, its upper bound ``u``: its output
             ``clamp(a, 0, u)`` ties every unit in saturation, so units are ranked by their value
             ``a`` before clipping (the output of ``source``); ``None`` otherwise.
+        layout: for a token layer of a vision transformer (``(B, N, C)`` tokens, or Swin's
+            channels-last ``(B, H, W, C)``), how its output maps to the ``(C, h, w)`` map that
+            is ranked (:class:`convlens.tokens.TokenLayout`: prefix tokens dropped, patch
+            tokens on their grid); ``None`` for a ``(B, C, H, W)`` feature map. A unit
+            ``(y, x)`` of a token layer is the token of grid cell ``(y, x)``.
     """
 
     layer: str
@@ -57,6 +64,7 @@ class LayerScan:
     channels: list[int]
     source: LayerRef
     clip: float | None = None
+    layout: TokenLayout | None = None
 
 
 @dataclass(frozen=True)
@@ -156,13 +164,18 @@ class FeatureExample:
         patch: (3, h, w) image crop under ``box``, RGB in [0, 1].
         projection: (3, h, w) deconvnet (or guided) projection of the single activation, cropped
             to ``box``; signed, in model-input units (display with
-            :func:`convlens.render.rgb_attribution`).
+            :func:`convlens.render.rgb_attribution`). On a token layer: the gradient of the
+            unit with respect to the input, cropped to the token's cell.
+        inside: on a token layer, the share of the (uncropped) projection's L1 norm that lies
+            inside ``box``: how much of what the token depends on the crop shows (a token's
+            receptive field reaches beyond its cell); ``None`` on a feature map.
     """
 
     activation: TopActivation
     box: tuple[int, int, int, int]
     patch: torch.Tensor
     projection: torch.Tensor
+    inside: float | None = None
 
 
 @dataclass(frozen=True)
@@ -170,7 +183,8 @@ class ChannelExamples:
     """A channel's top activations with patches and projections, strongest first.
 
     ``window`` is the ``(height, width)`` of the crops before clipping to the image: the
-    receptive field's size, or the layer's effective patch size.
+    receptive field's size, or the layer's effective patch size; on a token layer, the size of
+    a token's grid cell.
     """
 
     layer: str

@@ -24,6 +24,7 @@ from convlens.hooks.state import model_state
 from convlens.images import load_image
 from convlens.models.base import ConvlensModel
 from convlens.models.preprocess import Preprocess
+from convlens.tokens import TokenLayout, layer_layout
 from convlens.validate import non_negative_int, positive_int
 
 __all__ = ["parse_channels", "scan_features"]
@@ -142,15 +143,72 @@ def _param(net: nn.Module) -> tuple[torch.device, torch.dtype]:
 class _Probed:
     """What one forward pass of a blank image says about a requested layer."""
 
-    shape: tuple[int, int, int, int]
+    shape: tuple[int, ...]  # (1, C, h, w) of the map that is ranked
     source: LayerRef  # what is captured and projected; the call index is absolute
     clip: float | None  # upper bound of a saturating activation whose input is used instead
+    layout: TokenLayout | None = None  # how a token layer's output maps to (B, C, h, w)
 
 
 def _saturating(module: nn.Module) -> float | None:
     """The upper bound of a ReLU6-like module (``clamp(x, 0, u)``), else ``None``."""
     if isinstance(module, nn.Hardtanh) and module.min_val == 0 and module.max_val > 0:
         return float(module.max_val)
+    return None
+
+
+def _token_layout(net: nn.Module, ref: LayerRef, out: Any, x: torch.Tensor) -> TokenLayout | None:
+    """How layer ``ref``'s output ``out`` (for the blank input ``x``) maps to a ``(B, C, h, w)``
+    map: ``None`` when it is one, a :class:`~convlens.tokens.TokenLayout` for a token layer
+    (:func:`convlens.tokens.layer_layout`).
+
+    Raises:
+        LayerError: the output is neither.
+    """
+    if isinstance(out, torch.Tensor) and out.dim() in (3, 4):
+        try:
+            layout = layer_layout(net, named_module(net, ref.name), out, x, str(ref))
+        except LayerError:
+            pass
+        else:
+            return None if layout.kind == "nchw" else layout
+    kind = f"shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__
+    raise LayerError(
+        f"layer {str(ref)!r} outputs {kind}; the feature browser needs a (B, C, H, W) "
+        "feature map or a token layer of a vision transformer ((B, N, C) patch tokens, or "
+        "Swin's (B, H, W, C), one per image): choose one with `convlens layers MODEL`"
+    )
+
+
+def _token_producer(
+    net: nn.Module,
+    out: Any,
+    inp: Any,
+    earlier: Sequence[tuple[str, int, Any]],
+    x: torch.Tensor,
+) -> tuple[LayerRef, TokenLayout] | None:
+    """The token layer whose output a ``(B, C, H, W)`` output only rearranges, with its layout
+    (torchvision's Swin permutes its final norm's ``(B, H, W, C)`` tokens into a map before
+    pooling): ``out`` is the module's input ``inp``, produced by an earlier module of
+    ``earlier`` (``(name, call, output)`` in call order), placed on its grid. ``None`` when
+    there is no such layer."""
+    if (
+        not isinstance(inp, torch.Tensor)
+        or not isinstance(out, torch.Tensor)
+        or inp.dim() not in (3, 4)
+        or inp.shape == out.shape
+        or inp.numel() != out.numel()
+    ):
+        return None
+    for name, call, o in reversed(earlier):
+        if o is not inp:
+            continue
+        try:
+            layout = layer_layout(net, named_module(net, name), o, x, name)
+        except LayerError:
+            return None
+        if layout.kind != "nchw" and torch.equal(layout.to_maps(o), out):
+            return LayerRef(name, call), layout
+        return None
     return None
 
 
@@ -164,13 +222,18 @@ def _probe(
     unit in saturation, and guided backpropagation would zero them. When its input is the output
     of a module (e.g. a BatchNorm), that module's output is ranked and projected instead: the
     same units before clipping.
+
+    A token layer of a vision transformer (``(B, N, C)``, or Swin's ``(B, H, W, C)``) is
+    ranked as the ``(B, C, h, w)`` map of its patch tokens (:mod:`convlens.tokens`; class,
+    distillation and register tokens dropped); so is a module that only rearranges a token
+    layer's output into such a map (:func:`_token_producer`), as the token layer itself.
     """
     device, dtype = _param(net)
     requested = {r.name for r in refs.values()}
     modules = [(n, m) for n, m in net.named_modules() if n]
     calls: dict[str, int] = {}
     produced: list[tuple[str, int, Any]] = []  # (module name, call index, output)
-    shapes: dict[tuple[str, int], Any] = {}
+    outputs: dict[tuple[str, int], Any] = {}
     inputs: dict[tuple[str, int], Any] = {}
 
     def recorder(name: str) -> Callable[..., None]:
@@ -178,31 +241,38 @@ def _probe(
             index = calls.get(name, 0)
             calls[name] = index + 1
             if name in requested:
-                shapes[name, index] = tuple(out.shape) if isinstance(out, torch.Tensor) else out
+                outputs[name, index] = out
                 inputs[name, index] = (args[0] if args else None, len(produced))
             produced.append((name, index, out))
 
         return record
 
+    blank = torch.zeros(1, 3, *size, device=device, dtype=dtype)
     regs = [(lambda n=n, m=m: m.register_forward_hook(recorder(n))) for n, m in modules]
     with hooks(regs):
-        net(torch.zeros(1, 3, *size, device=device, dtype=dtype))
+        net(blank)
     found: dict[str, _Probed] = {}
     for spec, r in refs.items():
         count = calls.get(r.name, 0)
         index = absolute_call(r, count)
-        shape = shapes[r.name, index]
-        if not isinstance(shape, tuple) or len(shape) != 4:
-            kind = f"shape {shape}" if isinstance(shape, tuple) else type(shape).__name__
-            raise LayerError(
-                f"layer {str(r)!r} outputs {kind}; the feature browser needs a (B, C, H, W) "
-                "feature map: choose a convolutional layer (`convlens layers MODEL`)"
-            )
-        source, clip = LayerRef(r.name, index), _saturating(named_module(net, r.name))
+        out = outputs[r.name, index]
+        source = LayerRef(r.name, index)
+        layout = _token_layout(net, r, out, blank)
+        if layout is not None:
+            shape = tuple(layout.to_maps(out).shape)
+            found[spec] = _Probed(shape=shape, source=source, clip=None, layout=layout)
+            continue
+        shape = tuple(out.shape)
+        inp, position = inputs[r.name, index]
+        rearranged = _token_producer(net, out, inp, produced[:position], blank)
+        if rearranged is not None:
+            source, layout = rearranged
+            found[spec] = _Probed(shape=shape, source=source, clip=None, layout=layout)
+            continue
+        clip = _saturating(named_module(net, r.name))
         if clip is not None:
-            inp, position = inputs[r.name, index]
             producer = next(
-                (LayerRef(n, i) for n, i, out in reversed(produced[:position]) if out is inp),
+                (LayerRef(n, i) for n, i, o in reversed(produced[:position]) if o is inp),
                 None,
             )
             if producer is None:
@@ -254,6 +324,11 @@ def scan_features(
     :attr:`FeatureScan.skipped`. A layer that is a saturating activation module (``nn.ReLU6``,
     as EfficientNet-Lite's ``_swish``) is ranked by its input, the value before clipping (see
     :attr:`LayerScan.clip`): after the clip every unit in saturation ties at the bound.
+
+    A token layer of a vision transformer (ViT/DeiT ``(B, N, C)`` tokens, Swin's channels-last
+    ``(B, H, W, C)``) is ranked as the ``(B, C, h, w)`` map of its patch tokens on their grid
+    (:mod:`convlens.tokens`; class, distillation and register tokens dropped, see
+    :attr:`LayerScan.layout`): a top activation is then one channel of one patch token.
 
     Args:
         model: the model with its preprocessing.
@@ -321,7 +396,8 @@ def scan_features(
                 index = state["calls"].get(name, 0)
                 state["calls"][name] = index + 1
                 for s in wanted.get((name, index), ()):
-                    trackers[s].update(out, state["ids"])
+                    layout = probed[s].layout
+                    trackers[s].update(out if layout is None else layout.to_maps(out), state["ids"])
                     state["done"] += 1
                 if state["done"] == len(specs):
                     raise StopForward
@@ -387,6 +463,7 @@ def scan_features(
             channels=picked,
             source=probed[s].source,
             clip=probed[s].clip,
+            layout=probed[s].layout,
         )
     result.seconds = time.perf_counter() - start
     return result

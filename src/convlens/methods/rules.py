@@ -26,6 +26,7 @@ from convlens.methods.base import Context, Method, RawResult
 from convlens.methods.cam import GradCAM
 from convlens.methods.gradient import input_gradients
 from convlens.methods.registry import register
+from convlens.tokens import TokenLayout
 
 __all__ = ["Deconvnet", "GuidedBackprop", "GuidedGradCAM", "project_units"]
 
@@ -127,6 +128,7 @@ def project_units(
     *,
     rule: str = "deconvnet",
     batch_size: int = 16,
+    layout: TokenLayout | None = None,
 ) -> torch.Tensor:
     """Project single activations into pixel space (Zeiler & Fergus 2014, Fig. 2).
 
@@ -141,6 +143,8 @@ def project_units(
         units: (N, 4) long tensor of ``(image index, channel, y, x)``.
         rule: ``"deconvnet"``, ``"guided"`` or ``"gradient"``.
         batch_size: projections computed per backward pass.
+        layout: for a token layer, how its output maps to ``(B, C, h, w)``
+            (:class:`convlens.tokens.TokenLayout`); ``(y, x)`` is then a token's grid cell.
 
     Returns:
         (N, 3, H, W) projections.
@@ -155,6 +159,8 @@ def project_units(
             with torch.enable_grad(), target.capture() as capture, backprop_rule(rule):
                 net(xs)
             a = capture.output()
+            if layout is not None:
+                a = layout.to_maps(a)
             if a.dim() != 4:
                 raise LayerError(f"layer {str(target.ref)!r} has no (B, C, H, W) output")
             idx = torch.arange(chunk.shape[0], device=a.device)
