@@ -37,7 +37,7 @@ are stored in ``benchmarks/planted_cause/`` as float16 state dicts (the CI test 
 the others are kept in ``build/planted_cause/``; present files are loaded, ``--train`` retrains
 and rewrites them:
 
-    python benchmarks/bench_planted_cause.py              # 5 seeds (~25 min to train on a busy CPU)
+    python benchmarks/bench_planted_cause.py   # 5 seeds: 10 models (~6 min each on a busy CPU)
     python benchmarks/bench_planted_cause.py --seeds 0 --no-write
 
 The section is written into ``benchmarks/RESULTS_FAILURE_MODES.md``.
