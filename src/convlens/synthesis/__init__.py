@@ -1,6 +1,7 @@
 """Image synthesis: class model visualisation, channel/neuron visualisation and DeepDream; and
 images whose cause is known (``known_cause``) with the tiny networks trained on them
-(``tiny_models``), for scoring maps against the truth.
+(``tiny_models``), for scoring maps against the truth; and the same images with a planted
+spurious cue (``planted_cause``), for scoring failure-mode analysis.
 
 Public API::
 
@@ -46,6 +47,11 @@ from convlens.synthesis.parameterization import (
     fourier_scale,
     recorrelate_colors,
 )
+from convlens.synthesis.planted_cause import (
+    PlantedCauseBatch,
+    planted_cause_batch,
+    train_planted_cause,
+)
 from convlens.synthesis.result import DreamResult, SynthesisResult, image_grid, to_pil
 from convlens.synthesis.tiny_models import TinyCNN, TinyViT, tiny_model, train_known_cause
 from convlens.synthesis.transforms import (
@@ -72,6 +78,7 @@ __all__ = [
     "Neuron",
     "Objective",
     "PixelImage",
+    "PlantedCauseBatch",
     "RandomTransform",
     "SynthesisResult",
     "SynthesisSettings",
@@ -89,6 +96,7 @@ __all__ = [
     "known_cause_batch",
     "octave_sizes",
     "optimize_images",
+    "planted_cause_batch",
     "random_roll",
     "recorrelate_colors",
     "resolve_settings",
@@ -96,4 +104,5 @@ __all__ = [
     "tiny_model",
     "to_pil",
     "train_known_cause",
+    "train_planted_cause",
 ]

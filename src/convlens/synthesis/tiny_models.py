@@ -17,6 +17,8 @@ trains them in minutes on one CPU core and stores their weights in ``benchmarks/
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -30,6 +32,7 @@ __all__ = [
     "TinyViT",
     "tiny_model",
     "train_known_cause",
+    "train_steps",
 ]
 
 
@@ -242,11 +245,36 @@ def train_known_cause(
     Returns:
         The training loss of each step.
     """
+    from convlens.synthesis.known_cause import known_cause_batch
+
+    def batch(t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        b = known_cause_batch(batch_size, seed=seed * 1_000_003 + t + 1, num_classes=num_classes)
+        return b.images, b.labels
+
+    return train_steps(net, steps, batch, lr=lr, weight_decay=weight_decay, warmup=warmup)
+
+
+def train_steps(
+    net: nn.Module,
+    steps: int,
+    batch: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
+    *,
+    lr: float = 3e-3,
+    weight_decay: float = 0.05,
+    warmup: int = 50,
+) -> list[float]:
+    """Train ``net`` with cross-entropy on ``batch(t)`` (images, labels) at step ``t``.
+
+    AdamW with a linear warm-up over ``warmup`` steps and a cosine decay to 0; the network is
+    left in eval mode. Deterministic for a given initial state, batches, torch version and
+    thread count.
+
+    Returns:
+        The training loss of each step.
+    """
     import math
 
     import torch.nn.functional as F
-
-    from convlens.synthesis.known_cause import known_cause_batch
 
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
     losses: list[float] = []
@@ -255,10 +283,8 @@ def train_known_cause(
         scale = 0.5 * (1.0 + math.cos(math.pi * t / steps)) * min(1.0, (t + 1) / max(warmup, 1))
         for group in opt.param_groups:
             group["lr"] = lr * scale
-        batch = known_cause_batch(
-            batch_size, seed=seed * 1_000_003 + t + 1, num_classes=num_classes
-        )
-        loss = F.cross_entropy(net(batch.images), batch.labels)
+        images, labels = batch(t)
+        loss = F.cross_entropy(net(images), labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
