@@ -326,3 +326,74 @@ def test_cli_failure_modes_flag(setup, capsys) -> None:
     clusters = json.loads(metrics.read_text())["failure_modes"]["clusters"]
     assert clusters
     assert f"failure modes: {len(clusters)} groups of mistakes" in capsys.readouterr().out
+
+
+# --- the gradient fallback -----------------------------------------------------------------------
+
+
+def test_gradient_fallback_equals_the_exact_decomposition_on_a_gap_head() -> None:
+    net = seeded(GapNet(classes=5))
+    net.train()  # left as found
+    x = images(6, size=12, seed=4)
+    pred = torch.tensor([0, 1, 2, 3, 4, 0])
+    true = torch.tensor([1, 2, 3, 4, 0, 2])
+    contrib, pooled, margin = fm.gradient_contributions(net, x, "relu2", pred, true)
+    assert net.training and all(p.requires_grad for p in net.parameters())
+    assert not any(m._forward_hooks for m in net.modules())
+    net.eval()
+    with torch.no_grad():
+        feats = net.features(x).mean(dim=(2, 3))
+        logits = net(x)
+    exact, term = wrong_way_contributions(feats, net.fc.weight, net.fc.bias, pred, true)
+    torch.testing.assert_close(pooled, feats, rtol=0, atol=1e-12)
+    torch.testing.assert_close(contrib, exact, rtol=0, atol=1e-12)
+    rows = torch.arange(6)
+    torch.testing.assert_close(margin, logits[rows, pred] - logits[rows, true], rtol=0, atol=1e-12)
+    torch.testing.assert_close(contrib.sum(1) + term, margin, rtol=0, atol=1e-12)
+
+
+class _MlpHead(torch.nn.Module):
+    """conv -> ReLU -> flatten -> linear -> tanh -> linear: not GAP + linear."""
+
+    def __init__(self, size: int = 6, classes: int = 4) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 5, 3, padding=1)
+        self.relu = torch.nn.ReLU()
+        self.hidden = torch.nn.Linear(5 * size * size, 7)
+        self.out = torch.nn.Linear(7, classes)
+
+    def head(self, a: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.hidden(a.flatten(1))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.relu(self.conv(x)))
+
+
+def test_gradient_fallback_on_other_heads_against_autograd_and_closed_form() -> None:
+    from tests.helpers.models import NoGapNet
+
+    # flatten + linear: dD/dA = (W_pred - W_true) reshaped, so r_c has a closed form, and the
+    # head is linear, so the channels plus the bias difference give the margin exactly
+    net = seeded(NoGapNet(size=8, classes=3))
+    x = images(4, size=8, seed=2)
+    pred, true = torch.tensor([0, 1, 2, 0]), torch.tensor([1, 2, 0, 2])
+    contrib, _, margin = fm.gradient_contributions(net, x, "relu", pred, true)
+    with torch.no_grad():
+        a = net.relu(net.conv(x))
+    w = net.fc.weight.detach().view(3, 2, 8, 8)
+    expected = ((w[pred] - w[true]) * a).sum(dim=(2, 3))
+    torch.testing.assert_close(contrib, expected, rtol=0, atol=1e-12)
+    b = net.fc.bias.detach()
+    torch.testing.assert_close(contrib.sum(1) + b[pred] - b[true], margin, rtol=0, atol=1e-12)
+    # a non-linear head: each image's gradient by autograd on the feature map itself, no hooks
+    mlp = seeded(_MlpHead())
+    x = images(3, size=6, seed=5)
+    pred, true = torch.tensor([0, 3, 1]), torch.tensor([2, 1, 1])
+    contrib, pooled, _ = fm.gradient_contributions(mlp, x, "relu", pred, true)
+    for n in range(3):
+        a = mlp.relu(mlp.conv(x[n : n + 1])).detach().requires_grad_(True)
+        s = mlp.head(a)[0]
+        (g,) = torch.autograd.grad(s[pred[n]] - s[true[n]], a)
+        torch.testing.assert_close(contrib[n], (g * a).detach()[0].sum(dim=(1, 2)))
+        torch.testing.assert_close(pooled[n], a.detach()[0].mean(dim=(1, 2)))
+    assert not mlp.training and not any(m._forward_hooks for m in mlp.modules())

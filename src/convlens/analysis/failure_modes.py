@@ -64,11 +64,13 @@ from convlens.atomic import atomic_write_bytes
 
 if TYPE_CHECKING:
     from convlens.analysis.store import Prediction
-    from convlens.architecture import GapHead
+    from convlens.architecture import GapHead, LayerRef
     from convlens.models.base import ConvlensModel
 
 __all__ = [
     "FEATURES_FILE",
+    "PUSH_EXACT",
+    "PUSH_GRADIENT",
     "FailureMode",
     "FeatureCache",
     "FeatureCapture",
@@ -77,6 +79,7 @@ __all__ = [
     "features_pass",
     "find_failure_modes",
     "gap_head",
+    "gradient_contributions",
     "head_stamp",
     "select_images",
     "stored_head",
@@ -568,3 +571,67 @@ def summarize(
         "any_stands_out": any(m.stands_out for m in modes),
         "clusters": [m.summary() for m in modes],
     }
+
+
+PUSH_EXACT = "exact"
+"""``push_kind`` of channels from the exact decomposition of a GAP + linear head."""
+PUSH_GRADIENT = "gradient"
+"""``push_kind`` of channels from the gradient x activation fallback
+(:func:`gradient_contributions`)."""
+
+
+def gradient_contributions(
+    net: nn.Module,
+    x: torch.Tensor,
+    layer: str | LayerRef,
+    pred: torch.Tensor,
+    true: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradient x activation attribution of ``s_pred - s_true`` to the channels of a feature map:
+    the fallback of :func:`wrong_way_contributions` for heads other than GAP + linear.
+
+    With ``A`` the ``(C, H, W)`` output of ``layer`` and ``D = s_pred - s_true`` (logits),
+
+        ``r_c = sum_hw (dD / dA_chw) * A_chw = H W * mean_hw(dD/dA_c * A_c)``
+
+    (gradient x input of Shrikumar et al. 2016, "Not Just a Black Box", taken at a feature map
+    and summed over its positions, as the channel weights of Grad-CAM, Selvaraju et al. 2017,
+    eq. 1, are averaged). For a GAP + linear head ``dD/dA_chw = (w_pred,c - w_true,c) / (H W)``,
+    so ``r_c = (w_pred,c - w_true,c) mean_hw(A_c)``: the exact decomposition, term for term. For
+    other heads it is a first-order estimate, and ``D - sum_c r_c`` is not the bias difference.
+
+    The network runs in eval mode without parameter gradients (left as found); the hook on the
+    layer lives for this call only.
+
+    Args:
+        net: the network; ``x``: its ``(N, 3, H, W)`` inputs.
+        layer: ``"name"``, ``"name@call"`` or a :class:`~convlens.architecture.LayerRef`
+            with a ``(N, C, h, w)`` output.
+        pred, true: predicted and true class of each image ``(N,)``.
+
+    Returns:
+        Contributions ``r`` ``(N, C)``, pooled activations ``mean_hw(A)`` ``(N, C)`` and the
+        margins ``D`` ``(N,)`` (detached, in the layer's dtype, on the model's device).
+    """
+    from convlens.architecture import parse_layer
+    from convlens.hooks.capture import layer_capture
+    from convlens.hooks.state import model_state
+
+    ref = parse_layer(layer)
+    with (
+        model_state(net, eval_mode=True, grads=False),
+        torch.no_grad(),
+        layer_capture(net, ref.name, grad=True) as cap,
+    ):
+        logits = net(x)
+        acts = cap.output(ref.call)
+        rows = torch.arange(len(x), device=logits.device)
+        margin = logits[rows, pred.to(logits.device)] - logits[rows, true.to(logits.device)]
+        (grad,) = torch.autograd.grad(margin.sum(), acts)
+    if acts.dim() != 4:
+        from convlens.errors import LayerError
+
+        raise LayerError(f"layer {str(ref)!r} has no (N, C, H, W) output: {tuple(acts.shape)}")
+    a = acts.detach()
+    contrib = (grad * a).sum(dim=(2, 3))
+    return contrib, a.mean(dim=(2, 3)), margin.detach()

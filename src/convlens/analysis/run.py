@@ -979,7 +979,9 @@ def _analyze_locked(
         metrics["faithfulness"] = summarize(explained.faithfulness)
     modes: list[FailureMode] = []
     if recorder is not None:
-        metrics["failure_modes"], modes = _failure_modes(model, predictions, recorder, batch_size)
+        metrics["failure_modes"], modes = _failure_modes(
+            model, predictions, recorder, batch_size, panels=explained.panels
+        )
     if faithfulness or recorder is not None:
         atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
     result = AnalysisResult(
@@ -1007,13 +1009,22 @@ def _failure_modes(
     predictions: Sequence[Prediction],
     recorder: _FeatureRecorder,
     batch_size: int,
+    panels: Mapping[str, Path] | None = None,
 ) -> tuple[dict[str, Any], list[FailureMode]]:
     """The failure modes of ``predictions`` and their ``metrics.json`` entry.
 
     Features come from the prediction pass (``recorder``) or the cache of an earlier run; the
     images still without them (predicted by a run that was killed before saving them, or by an
-    older version) get them from one extra pass over those images only.
+    older version) get them from one extra pass over those images only. ``panels``: the
+    explanation panels of the examined mistakes, shown on the clusters' pages
+    (:mod:`convlens.analysis.failure_pages` computes the rest of what those pages show).
     """
+    import time
+
+    from convlens.analysis.failure_modes import PUSH_EXACT
+    from convlens.analysis.failure_pages import channel_evidence
+
+    started = time.perf_counter()
     chosen = select_images(predictions)
     if not chosen:
         return {"skipped": "no mistakes", "clusters": []}, []
@@ -1048,4 +1059,21 @@ def _failure_modes(
         correct=sum(1 for p in chosen if p.correct and p.id in recorder.cache.rows),
         features_recomputed=len(missing),
     )
+    summary["push_kind"] = PUSH_EXACT
+    for cluster in summary["clusters"]:
+        cluster["push_kind"] = PUSH_EXACT
+    summary["seconds"] = {"clustering": round(time.perf_counter() - started, 3)}
+    if modes:
+        started = time.perf_counter()
+        summary["evidence"] = channel_evidence(
+            model,
+            head.layer,
+            modes,
+            predictions,
+            recorder.cache.rows,
+            panels or {},
+            recorder.folder.parent,
+            batch_size=batch_size,
+        )
+        summary["seconds"]["pages"] = round(time.perf_counter() - started, 3)
     return summary, modes
