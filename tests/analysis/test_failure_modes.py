@@ -272,16 +272,38 @@ def test_resume_does_not_recompute_features(setup, monkeypatch) -> None:
         assert got.margin == pytest.approx(want.margin, abs=1e-4)
 
 
-def test_no_gap_head_is_skipped_with_a_reason(setup) -> None:
+@pytest.mark.filterwarnings("ignore::convlens.errors.BlankMapWarning")  # a 2-channel ReLU map
+def test_other_heads_use_the_gradient_fallback(setup) -> None:
     (setup["dir"] / "net.py").write_text(
+        "import torch\n"
         "from torch import nn\n"
         "def build():\n"
-        "    return nn.Sequential(nn.Conv2d(3, 2, 3), nn.Flatten(), nn.Linear(2 * 30 * 30, 3))\n"
+        "    torch.manual_seed(0)\n"
+        "    return nn.Sequential(nn.Conv2d(3, 2, 3), nn.ReLU(), nn.Flatten(),\n"
+        "                         nn.Linear(2 * 30 * 30, 3))\n"
     )
-    result = run(make_model(setup["dir"]), setup)
-    assert "global-average-pooling" in result.metrics["failure_modes"]["skipped"]
-    assert result.failure_modes == []
-    assert "Not computed" in result.report.read_text()
+    model = make_model(setup["dir"])
+    result = run(model, setup)
+    info = json.loads((setup["run"] / "metrics.json").read_text())["failure_modes"]
+    assert info["skipped"] is None and info["push_kind"] == "gradient"
+    assert result.failure_modes
+    assert all(c["push_kind"] == "gradient" for c in info["clusters"])
+    # flatten + linear: each channel's contribution has a closed form, computed here by hand
+    by_id = {p.id: p for p in result.predictions}
+    net = model.net.eval()
+    w = net[3].weight.detach().double().view(3, 2, 30, 30)
+    for mode in result.failure_modes:
+        ps = [by_id[i] for i in mode.errors_ids]
+        x = torch.stack([model.preprocess(load_image(p.path)) for p in ps])
+        with torch.no_grad():
+            a = net[1](net[0](x)).double()
+        pred = torch.tensor([p.pred for p in ps])
+        true = torch.tensor([int(p.label or 0) for p in ps])
+        r = ((w[pred] - w[true]) * a).sum(dim=(2, 3)).mean(0)
+        for c in mode.push_channels:
+            assert c["contribution"] == pytest.approx(float(r[c["channel"]]), abs=1e-4)
+        page = setup["run"] / "report" / "failure_modes" / f"mode-{mode.rank}.html"
+        assert "gradient × activation" in page.read_text()
 
 
 def test_failure_modes_off_computes_nothing(setup) -> None:
@@ -397,3 +419,89 @@ def test_gradient_fallback_on_other_heads_against_autograd_and_closed_form() -> 
         torch.testing.assert_close(contrib[n], (g * a).detach()[0].sum(dim=(1, 2)))
         torch.testing.assert_close(pooled[n], a.detach()[0].mean(dim=(1, 2)))
     assert not mlp.training and not any(m._forward_hooks for m in mlp.modules())
+
+
+# --- the page of each failure mode ---------------------------------------------------------------
+
+
+def test_each_failure_mode_has_a_page_with_channels_patches_and_maps(setup) -> None:
+    from convlens.analysis.failure_pages import PATCHES, SHOWN_CHANNELS
+
+    model = make_model(setup["dir"])
+    result = run(model, setup)
+    run_dir = setup["run"]
+    info = json.loads((run_dir / "metrics.json").read_text())["failure_modes"]
+    ev = info["evidence"]
+    assert info["push_kind"] == "exact"
+    assert all(c["push_kind"] == "exact" for c in info["clusters"])
+    assert set(info["seconds"]) == {"clustering", "pages"}
+    assert ev["scanned"] == len(result.predictions)
+    by_id = {p.id: p for p in result.predictions}
+    # each patch's activation is its image's strongest unit of the channel, computed here from
+    # the layer's output directly; the k images are the k best over the whole run, each once
+    net = model.net.eval()
+    x = torch.stack([model.preprocess(load_image(p.path)) for p in result.predictions])
+    with torch.no_grad():
+        maps = net[:4](x)  # conv, ReLU, conv, ReLU: the map pooled by the head
+    best = maps.amax(dim=(2, 3))
+    row = {p.id: n for n, p in enumerate(result.predictions)}
+    for mode in result.failure_modes:
+        shown = [c["channel"] for c in mode.push_channels[:SHOWN_CHANNELS]]
+        shown += [c["channel"] for c in mode.distinguishing[:SHOWN_CHANNELS]]
+        for c in shown:
+            entry = ev["channels"][str(c)]
+            assert (run_dir / entry["image"]).is_file()
+            values = [q["value"] for q in entry["patches"]]
+            ids = [q["id"] for q in entry["patches"]]
+            assert len(set(ids)) == len(ids) == min(PATCHES, len(result.predictions))
+            for q in entry["patches"]:
+                assert q["value"] == pytest.approx(float(best[row[q["id"]], c]), abs=1e-5)
+            expected = torch.sort(best[:, c], descending=True).values[: len(values)]
+            assert values == pytest.approx(expected.tolist(), abs=1e-5)
+        for i in mode.representatives:
+            assert set(ev["fires"][i]) == {str(c) for c in shown[: len(mode.push_channels[:3])]}
+            kind = ev["maps"][i]["kind"]
+            assert kind == ("panel" if i in result.explanations else "gradcam")
+            assert (run_dir / ev["maps"][i]["image"]).is_file()
+            assert by_id[i].correct is False
+        page = run_dir / "report" / "failure_modes" / f"mode-{mode.rank}.html"
+        text = page.read_text()
+        assert f"Failure mode {mode.rank}" in text and "exact" in text
+        for p in mode.pairs:
+            assert p["true_name"] in text and p["pred_name"] in text
+        for c in shown:
+            assert f"channels/c{c}.png" in text
+    assert f'href="failure_modes/mode-{result.failure_modes[0].rank}.html"' in (
+        result.report.read_text()
+    )
+
+
+def test_failure_mode_pages_in_headless_chromium(setup) -> None:
+    from tests.helpers.paths import REPO
+
+    result = run(make_model(setup["dir"]), setup, top_errors=1)  # some maps are Grad-CAM's
+    kinds = {m["kind"] for m in result.metrics["failure_modes"]["evidence"]["maps"].values()}
+    assert "gradcam" in kinds
+    artifacts = REPO / "test-artifacts"
+    artifacts.mkdir(exist_ok=True)
+    errors: list[str] = []
+    with chromium_page(errors) as page:
+        page.goto(result.report.as_uri())
+        page.click("#failure-modes table tr:nth-child(2) a")
+        for mode in result.failure_modes:
+            assert page.url.endswith(f"mode-{mode.rank}.html")
+            assert page.inner_text("h1").startswith(f"Failure mode {mode.rank}")
+            broken = page.eval_on_selector_all(
+                "img", "els => els.filter(e => !e.complete || e.naturalWidth == 0).length"
+            )
+            assert broken == 0
+            assert page.eval_on_selector_all("img", "els => els.length") > 0
+            hrefs = page.eval_on_selector_all("a[href]", "els => els.map(e => e.href)")
+            for href in hrefs:
+                target = Path(href.split("#")[0].removeprefix("file://"))
+                assert target.is_file(), href
+            if mode.rank == 1:
+                page.screenshot(path=str(artifacts / "failure-mode-page.png"), full_page=True)
+            if mode is not result.failure_modes[-1]:
+                page.click("text=next failure mode")
+    assert errors == []

@@ -80,6 +80,7 @@ __all__ = [
     "find_failure_modes",
     "gap_head",
     "gradient_contributions",
+    "gradient_failure_modes",
     "head_stamp",
     "select_images",
     "stored_head",
@@ -635,3 +636,65 @@ def gradient_contributions(
     a = acts.detach()
     contrib = (grad * a).sum(dim=(2, 3))
     return contrib, a.mean(dim=(2, 3)), margin.detach()
+
+
+def gradient_failure_modes(
+    model: ConvlensModel,
+    chosen: Sequence[Prediction],
+    class_names: Sequence[str],
+    batch_size: int,
+) -> tuple[list[FailureMode], LayerRef | None, dict[str, np.ndarray], list[tuple[str, str]]]:
+    """Failure modes of a model whose head is not GAP + linear: the fallback of
+    :func:`find_failure_modes`.
+
+    The layer is the last feature map (:func:`convlens.architecture.default_layer`, the layer
+    Grad-CAM uses). One pass with gradients over the chosen images gives, per image, the
+    feature map's spatial mean (clustered as the pooled features of a GAP head are) and the
+    gradient x activation contribution of each channel to ``s_pred - s_true``
+    (:func:`gradient_contributions`). Clusters, ranks and distinguishing channels are computed
+    as for a GAP head; each cluster's ``push_channels`` are the largest mean contributions over
+    its mistakes, ``push_method`` says so, ``margin`` is the mean ``s_pred - s_true`` and
+    ``bias_term`` the mean remainder ``margin - sum_c r_c`` (not a bias: what the first-order
+    attribution leaves unexplained).
+
+    Returns:
+        The clusters (best first), the layer (``None`` when no image could be read), the
+        pooled features by id and the unreadable ``(path, reason)``.
+    """
+    from convlens.analysis.run import _load_readable
+    from convlens.architecture import default_layer
+
+    feats: dict[str, np.ndarray] = {}
+    pushes: dict[str, np.ndarray] = {}
+    margins: dict[str, float] = {}
+    failed: list[tuple[str, str]] = []
+    layer: LayerRef | None = None
+    for start in range(0, len(chosen), batch_size):
+        chunk, x, bad = _load_readable(model, chosen[start : start + batch_size])
+        failed += bad
+        if x is None:
+            continue
+        x = x.to(model.device)
+        if layer is None:
+            layer = default_layer(model.net, x[:1])
+        pred = torch.tensor([p.pred for p in chunk])
+        true = torch.tensor([int(p.label if p.label is not None else p.pred) for p in chunk])
+        contrib, pooled, margin = gradient_contributions(model.net, x, layer, pred, true)
+        for n, p in enumerate(chunk):
+            feats[p.id] = pooled[n].float().cpu().numpy()
+            pushes[p.id] = contrib[n].double().cpu().numpy()
+            margins[p.id] = float(margin[n])
+    if layer is None or not feats:
+        return [], layer, feats, failed
+    channels = len(next(iter(feats.values())))
+    zero = torch.zeros(len(class_names), channels, dtype=torch.float64)
+    modes = find_failure_modes(chosen, feats, zero, None, class_names)
+    for m in modes:
+        r = np.stack([pushes[i] for i in m.errors_ids])
+        mean = r.mean(0)
+        order = sorted(range(len(mean)), key=lambda ch: (-float(mean[ch]), ch))[:_TOP]
+        m.push_channels = [{"channel": ch, "contribution": float(mean[ch])} for ch in order]
+        m.push_method = "gradient x activation (head is not GAP + linear)"
+        m.margin = float(np.mean([margins[i] for i in m.errors_ids]))
+        m.bias_term = m.margin - float(r.sum(1).mean())
+    return modes, layer, feats, failed

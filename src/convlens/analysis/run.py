@@ -1037,8 +1037,9 @@ def _failure_modes(
                 break
     head = recorder.head
     if recorder.cache is None or head is None:
-        reason = "the model has no global-average-pooling + linear head"
-        return {"skipped": reason, "clusters": []}, []
+        return _gradient_failure_modes(
+            model, predictions, chosen, batch_size, panels, recorder.folder.parent
+        )
     if not str(head.layer):
         reason = "no image of a mistake could be read to check the model's head"
         return {"skipped": reason, "clusters": []}, []
@@ -1074,6 +1075,57 @@ def _failure_modes(
             panels or {},
             recorder.folder.parent,
             batch_size=batch_size,
+        )
+        summary["seconds"]["pages"] = round(time.perf_counter() - started, 3)
+    return summary, modes
+
+
+def _gradient_failure_modes(
+    model: ConvlensModel,
+    predictions: Sequence[Prediction],
+    chosen: Sequence[Prediction],
+    batch_size: int,
+    panels: Mapping[str, Path] | None,
+    out: Path,
+) -> tuple[dict[str, Any], list[FailureMode]]:
+    """:func:`_failure_modes` for a head that is not GAP + linear: channels by gradient x
+    activation at the last feature map (one pass with gradients over the clustered images,
+    nothing cached; :func:`~convlens.analysis.failure_modes.gradient_failure_modes`)."""
+    import time
+
+    from convlens.analysis.failure_modes import PUSH_GRADIENT, gradient_failure_modes
+    from convlens.analysis.failure_pages import channel_evidence
+    from convlens.errors import LayerError
+
+    started = time.perf_counter()
+    names = [model.classes[i] for i in range(len(model.classes))]
+    try:
+        modes, layer, feats, failed = gradient_failure_modes(model, chosen, names, batch_size)
+    except LayerError as exc:
+        return {
+            "skipped": f"the model has no feature map to attribute to ({exc})",
+            "clusters": [],
+        }, []
+    for path, reason in failed:
+        log.warning("no features for %s, unreadable now: %s", path, reason)
+    if layer is None:
+        reason = "no image of a mistake could be read"
+        return {"skipped": reason, "clusters": []}, []
+    summary = summarize_failure_modes(
+        modes,
+        layer=str(layer),
+        images=len(feats),
+        correct=sum(1 for p in chosen if p.correct and p.id in feats),
+        features_recomputed=len(feats),
+    )
+    summary["push_kind"] = PUSH_GRADIENT
+    for cluster in summary["clusters"]:
+        cluster["push_kind"] = PUSH_GRADIENT
+    summary["seconds"] = {"clustering": round(time.perf_counter() - started, 3)}
+    if modes:
+        started = time.perf_counter()
+        summary["evidence"] = channel_evidence(
+            model, layer, modes, predictions, feats, panels or {}, out, batch_size=batch_size
         )
         summary["seconds"]["pages"] = round(time.perf_counter() - started, 3)
     return summary, modes
