@@ -424,7 +424,7 @@ def test_gradient_fallback_on_other_heads_against_autograd_and_closed_form() -> 
 # --- the page of each failure mode ---------------------------------------------------------------
 
 
-def test_each_failure_mode_has_a_page_with_channels_patches_and_maps(setup) -> None:
+def test_each_failure_mode_has_a_page_with_channels_patches_and_maps(setup, monkeypatch) -> None:
     from convlens.analysis.failure_pages import PATCHES, SHOWN_CHANNELS
 
     model = make_model(setup["dir"])
@@ -474,6 +474,18 @@ def test_each_failure_mode_has_a_page_with_channels_patches_and_maps(setup) -> N
     assert f'href="failure_modes/mode-{result.failure_modes[0].rank}.html"' in (
         result.report.read_text()
     )
+    # a resumed run does not measure the receptive field again, and shows the same evidence
+    import sys
+
+    rf_module = sys.modules["convlens.features.receptive_field"]  # the package re-exports the name
+
+    def forbidden(*args: object, **kw: object) -> None:
+        raise AssertionError("receptive field measured again")
+
+    monkeypatch.setattr(rf_module, "receptive_field", forbidden)
+    again = json.loads(json.dumps(run(model, setup).metrics["failure_modes"]["evidence"]))
+    for key in ("channels", "fires", "maps", "patch_pixels", "receptive_field"):
+        assert again[key] == ev[key]
 
 
 def test_failure_mode_pages_in_headless_chromium(setup) -> None:

@@ -46,6 +46,7 @@ if TYPE_CHECKING:
     from convlens.analysis.failure_modes import FailureMode
     from convlens.analysis.store import Prediction
     from convlens.architecture import LayerRef
+    from convlens.features.receptive_field import ReceptiveField
     from convlens.models.base import ConvlensModel
 
 __all__ = ["MAX_SCAN", "PATCHES", "SHOWN_CHANNELS", "channel_evidence", "shown_channels"]
@@ -117,11 +118,39 @@ def channel_evidence(
         of the same true classes), ``scanned``, ``patch_pixels``, ``seconds``. Paths are
         relative to ``out``.
     """
-    from convlens.analysis.failure_modes import select_images
-    from convlens.features.receptive_field import receptive_field
-    from convlens.features.scan import scan_features
+    from convlens.errors import ConvlensError
 
     start = time.perf_counter()
+    try:
+        return _evidence(
+            model, layer, modes, predictions, features, examined, out, batch_size, start
+        )
+    except ConvlensError as exc:  # a layer the scan or the receptive field cannot handle
+        log.warning("failure-mode pages without patches or channel maps: %s", exc)
+        return {
+            "layer": str(layer),
+            "skipped": str(exc),
+            "channels": {},
+            "fires": {},
+            "maps": {},
+            "seconds": round(time.perf_counter() - start, 3),
+        }
+
+
+def _evidence(
+    model: ConvlensModel,
+    layer: LayerRef,
+    modes: Sequence[FailureMode],
+    predictions: Sequence[Prediction],
+    features: Mapping[str, np.ndarray],
+    examined: Mapping[str, Path],
+    out: Path,
+    batch_size: int,
+    start: float,
+) -> dict[str, Any]:
+    from convlens.analysis.failure_modes import select_images
+    from convlens.features.scan import scan_features
+
     by_id = {p.id: p for p in predictions}
     channels: list[int] = []
     for m in modes:
@@ -146,7 +175,9 @@ def channel_evidence(
     info = scan.layers[str(layer)]
     source = info.source
     top = info.top
-    rf = receptive_field(model.net, source, scan.input_size)
+    timing = {"scan": time.perf_counter() - start}
+    rf = _receptive_field(model, source, scan.input_size, out / "failure_modes")
+    timing["receptive_field"] = time.perf_counter() - start - timing["scan"]
     side = [min(rf.size[a], max(3 * rf.stride[a], _MIN_WINDOW)) for a in (0, 1)]
     evidence.update(
         scanned=scan.scanned,
@@ -173,7 +204,54 @@ def channel_evidence(
     _fires_and_maps(evidence, model, source, modes, by_id, top, examined, unit, folder, batch_size)
     evidence["effect_sizes"] = _effect_sizes(modes, predictions, features)
     evidence["seconds"] = round(time.perf_counter() - start, 3)
+    evidence["seconds_by_step"] = {k: round(v, 3) for k, v in timing.items()}
     return evidence
+
+
+RF_FILE = "receptive_field.json"
+"""The feature layer's receptive field, kept under ``RUN_DIR/failure_modes/``: measuring it
+costs several forward and backward passes on inputs up to 1024 pixels long."""
+
+
+def _receptive_field(
+    model: ConvlensModel, source: LayerRef, size: tuple[int, int], folder: Path
+) -> ReceptiveField:
+    """:func:`~convlens.features.receptive_field.receptive_field` of ``source``, measured once
+    per run folder (kept in :data:`RF_FILE` for this model, layer and input size)."""
+    import json
+
+    from convlens.atomic import atomic_write_text
+    from convlens.features.receptive_field import ReceptiveField, receptive_field
+
+    key = {"model": model.name, "layer": str(source), "input_size": list(size)}
+    path = folder / RF_FILE
+    try:
+        kept = json.loads(path.read_text(encoding="utf-8"))
+        if kept["key"] == key:
+            g = kept["field"]
+            return ReceptiveField(
+                layer=str(g["layer"]),
+                size=(int(g["size"][0]), int(g["size"][1])),
+                stride=(int(g["stride"][0]), int(g["stride"][1])),
+                offset=(int(g["offset"][0]), int(g["offset"][1])),
+                input_size=(int(g["input_size"][0]), int(g["input_size"][1])),
+                output_size=(int(g["output_size"][0]), int(g["output_size"][1])),
+                clipped=bool(g["clipped"]),
+            )
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        pass  # missing, unreadable or of another layer: measure
+    rf = receptive_field(model.net, source, size)
+    field = {
+        "layer": rf.layer,
+        "size": list(rf.size),
+        "stride": list(rf.stride),
+        "offset": list(rf.offset),
+        "input_size": list(rf.input_size),
+        "output_size": list(rf.output_size),
+        "clipped": rf.clipped,
+    }
+    atomic_write_text(path, json.dumps({"key": key, "field": field}))
+    return rf
 
 
 def _patches(

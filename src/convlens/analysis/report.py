@@ -323,7 +323,10 @@ class _Report:
             ],
             push_how=_PUSH_HOW.get(kind, kind),
             layer=info.get("layer", ""),
-            evidence=ev,
+            scanned=ev.get("scanned", 0),
+            patch_px=(ev.get("patch_pixels") or ["n/a"])[0],
+            field_px=(ev.get("receptive_field") or {}).get("size", ["n/a"])[0],
+            evidence_note=ev.get("skipped"),
             shown=SHOWN_CHANNELS,
         )
 
