@@ -7,23 +7,29 @@ to ``metrics.json`` (``failure_modes.evidence``):
 
 1. **Top activating patches** of the channels shown (each cluster's first
    :data:`SHOWN_CHANNELS` wrong-way channels and first :data:`SHOWN_CHANNELS` distinguishing
-   ones), from the run's own images: one pass of the feature browser's scan
-   (:func:`convlens.features.scan_features`, Zeiler & Fergus 2014, §2: per channel the ``k``
-   images where it fires most, each reduced to its strongest unit) over at most
-   :data:`MAX_SCAN` images (the clustered images first), stopped at the feature layer. Each
-   patch is the image under the unit, cut as the feature browser does
-   (:func:`convlens.features.receptive_field.receptive_field`): a square centred on the unit's
-   receptive field, ``clamp(3 * stride, 32, rf size)`` pixels a side (the last feature map's
-   receptive field is the whole image; three strides show the region around the unit).
-   No projection (deconvnet) is computed: that would cost a backward pass per patch.
+   ones), from the run's own images, as in the feature browser (Zeiler & Fergus 2014, §2: per
+   channel the ``k`` images where it responds most, each a different image, cut around its
+   strongest unit). The images are ranked by the channel's pooled activation ``mean_hw(A_c)``,
+   which the prediction pass already captured for every image (the features of the clustering;
+   up to :data:`MAX_SCAN` images): what the classifier reads, and no pass over the data set.
+   Only the ``k`` top images of the shown channels (and the representatives) go through the
+   network again, once, up to the feature layer (the layer found as the feature browser's scan
+   does, :func:`convlens.features.scan._probe`: a saturating activation such as ReLU6 is read
+   before its clip). Each patch is a square of ``clamp(3 * stride, 32, image)`` pixels centred
+   on the strongest unit's place on the grid, ``((y + 1/2) H / h, (x + 1/2) W / w)``: the last
+   feature map's receptive field is the whole image (851 px for EfficientNet-Lite0 at 224 px),
+   so cutting it, as the browser does, would show whole images, and measuring it
+   (:func:`convlens.features.receptive_field.receptive_field`) costs more than the rest of this
+   stage. No projection (deconvnet) is computed: that would cost a backward pass per patch.
 2. **Where each wrong-way channel fires** in the cluster's representative images: the channel's
-   activation map, divided by its strongest activation over the scanned images (so 1 means "as
-   strongly as anywhere in the data set"), clipped to [0, 1] and overlaid on the image.
+   activation map divided by its strongest unit over its top images (so 1 means "as strongly
+   as anywhere in the data set"), clipped to [0, 1] and overlaid on the image.
 3. **Maps** of the representatives: the explanation panel of ``analyze`` when the image was
    examined, else a Grad-CAM map of the predicted class (one batch for all of them).
 
-Cost: one forward pass up to the feature layer over the scanned images, one forward pass over
-the representatives (at most 3 per cluster) and one Grad-CAM batch over those not examined.
+Cost: one forward pass over at most ``k`` images per shown channel plus the representatives
+(at most 3 per cluster), whatever the size of the data set, and one Grad-CAM batch over the
+representatives not examined.
 """
 
 from __future__ import annotations
@@ -46,7 +52,6 @@ if TYPE_CHECKING:
     from convlens.analysis.failure_modes import FailureMode
     from convlens.analysis.store import Prediction
     from convlens.architecture import LayerRef
-    from convlens.features.receptive_field import ReceptiveField
     from convlens.models.base import ConvlensModel
 
 __all__ = ["MAX_SCAN", "PATCHES", "SHOWN_CHANNELS", "channel_evidence", "shown_channels"]
@@ -57,9 +62,8 @@ SHOWN_CHANNELS = 3
 """Wrong-way (and distinguishing) channels shown per cluster."""
 PATCHES = 6
 """Top activating patches per channel."""
-MAX_SCAN = 2000
-"""At most this many images are scanned for the patches: the clustered ones first, then the
-others by id."""
+MAX_SCAN = 100_000
+"""At most this many images (with features, by id) are ranked for the patches."""
 _TILE = 96  # pixels of a patch tile
 _FIRE = 112  # pixels of a "where it fires" overlay
 _MIN_WINDOW = 32
@@ -148,8 +152,8 @@ def _evidence(
     batch_size: int,
     start: float,
 ) -> dict[str, Any]:
-    from convlens.analysis.failure_modes import select_images
-    from convlens.features.scan import scan_features
+    from convlens.features.scan import _probe
+    from convlens.hooks.state import model_state
 
     by_id = {p.id: p for p in predictions}
     channels: list[int] = []
@@ -160,133 +164,143 @@ def _evidence(
     evidence: dict[str, Any] = {"layer": str(layer), "channels": {}, "fires": {}, "maps": {}}
     if not channels:
         return evidence
-    first = [p.id for p in select_images(predictions)]
-    rest = sorted(set(by_id) - set(first))
-    scanned = [by_id[i] for i in (first + rest)[:MAX_SCAN]]
-    scan = scan_features(
-        model,
-        [p.path for p in scanned],
-        [str(layer)],
-        channels=channels,
-        top=PATCHES,
-        batch_size=batch_size,
-        progress=False,
+    crop = model.preprocess.crop
+    with model_state(model.net, eval_mode=True, grads=False), torch.no_grad():
+        probed = _probe(model.net, {str(layer): layer}, (crop, crop))[str(layer)]
+    source = probed.source
+    _, _, h, w = probed.shape
+    stride = (crop / h, crop / w)
+    side = (
+        min(crop, max(round(3 * stride[0]), _MIN_WINDOW)),
+        min(crop, max(round(3 * stride[1]), _MIN_WINDOW)),
     )
-    info = scan.layers[str(layer)]
-    source = info.source
-    top = info.top
-    timing = {"scan": time.perf_counter() - start}
-    rf = _receptive_field(model, source, scan.input_size, out / "failure_modes")
-    timing["receptive_field"] = time.perf_counter() - start - timing["scan"]
-    side = [min(rf.size[a], max(3 * rf.stride[a], _MIN_WINDOW)) for a in (0, 1)]
+    # the top images of each channel by its pooled activation, over every image with features
+    ranked = sorted(i for i in features if i in by_id)[:MAX_SCAN]
+    pooled = np.stack([features[i] for i in ranked]) if ranked else np.zeros((0, 0))
+    top: dict[int, list[str]] = {}
+    for c in channels:
+        order = np.lexsort((np.arange(len(ranked)), -pooled[:, c]))[:PATCHES]
+        top[c] = [ranked[int(n)] for n in order]
+    reps: dict[str, list[int]] = {}
+    for m in modes:
+        push, _ = shown_channels(m)
+        for i in m.representatives:
+            if i in by_id:
+                reps[i] = list(dict.fromkeys([*reps.get(i, []), *push]))
+    needed = list(dict.fromkeys([i for c in channels for i in top[c]] + list(reps)))
+    units: dict[str, torch.Tensor] = {}
+    acts = _feature_maps(model, source, [by_id[i] for i in needed], channels, units, batch_size)
     evidence.update(
-        scanned=scan.scanned,
-        patch_pixels=side,
-        receptive_field={"size": list(rf.size), "stride": list(rf.stride)},
+        ranked_over=len(ranked),
+        forward_images=len(acts),
+        patch_pixels=list(side),
+        input_pixels=[crop, crop],
+        grid_stride=[round(stride[0], 3), round(stride[1], 3)],
         source=str(source),
     )
     folder = out / "failure_modes"
-    units: dict[str, torch.Tensor | None] = {}
-
-    def unit(p: Prediction) -> torch.Tensor | None:
-        if p.id not in units:
-            from convlens.errors import ImageError
-            from convlens.images import load_image
-
-            try:
-                units[p.id] = model.preprocess.to_unit(load_image(p.path))
-            except ImageError as exc:
-                log.warning("cannot re-read %s for the failure-mode pages: %s", p.path, exc)
-                units[p.id] = None
-        return units[p.id]
-
-    _patches(evidence, channels, top, scanned, rf, (side[0], side[1]), unit, folder)
-    _fires_and_maps(evidence, model, source, modes, by_id, top, examined, unit, folder, batch_size)
+    col = {c: n for n, c in enumerate(channels)}
+    strongest = _patches(evidence, top, acts, col, units, stride, side, features, folder)
+    _fires(evidence, reps, acts, col, strongest, units, folder)
+    _maps(
+        evidence, model, [by_id[i] for i in reps if i in units], examined, units, folder, batch_size
+    )
     evidence["effect_sizes"] = _effect_sizes(modes, predictions, features)
     evidence["seconds"] = round(time.perf_counter() - start, 3)
-    evidence["seconds_by_step"] = {k: round(v, 3) for k, v in timing.items()}
     return evidence
 
 
-RF_FILE = "receptive_field.json"
-"""The feature layer's receptive field, kept under ``RUN_DIR/failure_modes/``: measuring it
-costs several forward and backward passes on inputs up to 1024 pixels long."""
+def _feature_maps(
+    model: ConvlensModel,
+    source: LayerRef,
+    images: Sequence[Prediction],
+    channels: Sequence[int],
+    units: dict[str, torch.Tensor],
+    batch_size: int,
+) -> dict[str, torch.Tensor]:
+    """The maps of ``channels`` at ``source`` (``(len(channels), h, w)`` per image id, on the
+    CPU) by one forward pass over ``images``; their [0, 1] pixels go to ``units``. Unreadable
+    images are left out (a warning)."""
+    from convlens.errors import ImageError
+    from convlens.hooks.capture import layer_capture
+    from convlens.hooks.state import model_state
+    from convlens.images import load_image
 
-
-def _receptive_field(
-    model: ConvlensModel, source: LayerRef, size: tuple[int, int], folder: Path
-) -> ReceptiveField:
-    """:func:`~convlens.features.receptive_field.receptive_field` of ``source``, measured once
-    per run folder (kept in :data:`RF_FILE` for this model, layer and input size)."""
-    import json
-
-    from convlens.atomic import atomic_write_text
-    from convlens.features.receptive_field import ReceptiveField, receptive_field
-
-    key = {"model": model.name, "layer": str(source), "input_size": list(size)}
-    path = folder / RF_FILE
-    try:
-        kept = json.loads(path.read_text(encoding="utf-8"))
-        if kept["key"] == key:
-            g = kept["field"]
-            return ReceptiveField(
-                layer=str(g["layer"]),
-                size=(int(g["size"][0]), int(g["size"][1])),
-                stride=(int(g["stride"][0]), int(g["stride"][1])),
-                offset=(int(g["offset"][0]), int(g["offset"][1])),
-                input_size=(int(g["input_size"][0]), int(g["input_size"][1])),
-                output_size=(int(g["output_size"][0]), int(g["output_size"][1])),
-                clipped=bool(g["clipped"]),
-            )
-    except (OSError, ValueError, KeyError, TypeError, IndexError):
-        pass  # missing, unreadable or of another layer: measure
-    rf = receptive_field(model.net, source, size)
-    field = {
-        "layer": rf.layer,
-        "size": list(rf.size),
-        "stride": list(rf.stride),
-        "offset": list(rf.offset),
-        "input_size": list(rf.input_size),
-        "output_size": list(rf.output_size),
-        "clipped": rf.clipped,
-    }
-    atomic_write_text(path, json.dumps({"key": key, "field": field}))
-    return rf
+    dtype = next((q.dtype for q in model.net.parameters()), torch.float32)
+    index = torch.tensor(list(channels))
+    out: dict[str, torch.Tensor] = {}
+    for s in range(0, len(images), batch_size):
+        chunk = []
+        for p in images[s : s + batch_size]:
+            try:
+                units[p.id] = model.preprocess.to_unit(load_image(p.path))
+                chunk.append(p)
+            except ImageError as exc:
+                log.warning("cannot re-read %s for the failure-mode pages: %s", p.path, exc)
+        if not chunk:
+            continue
+        x = model.preprocess.normalize(torch.stack([units[p.id] for p in chunk]))
+        x = x.to(device=model.device, dtype=dtype)
+        with (
+            model_state(model.net, eval_mode=True, grads=False),
+            torch.no_grad(),
+            layer_capture(model.net, source.name) as cap,
+        ):
+            model.net(x)
+        maps = cap.output(source.call).float().cpu()[:, index]
+        for n, p in enumerate(chunk):
+            out[p.id] = maps[n]
+    return out
 
 
 def _patches(
     evidence: dict[str, Any],
-    channels: Sequence[int],
-    top: Any,
-    scanned: Sequence[Prediction],
-    rf: Any,
-    window: tuple[int, int],
-    unit: Any,
+    top: Mapping[int, Sequence[str]],
+    acts: Mapping[str, torch.Tensor],
+    col: Mapping[int, int],
+    units: Mapping[str, torch.Tensor],
+    stride: tuple[float, float],
+    side: tuple[int, int],
+    features: Mapping[str, np.ndarray],
     folder: Path,
-) -> None:
-    """Each channel's top patches as one strip PNG (``channels/c<channel>.png``)."""
+) -> dict[int, float]:
+    """Each channel's top patches as one strip PNG (``channels/c<channel>.png``): around the
+    strongest unit of each of its top images, a ``side`` box centred on the unit's place on
+    the grid (``((y + 1/2) stride_y, (x + 1/2) stride_x)``), clipped to the image. Returns each
+    channel's strongest unit over those images (for the "where it fires" maps)."""
     from PIL import Image
 
-    from convlens.features.project import _window_box
     from convlens.render.overlay import to_pil
 
-    for c in channels:
+    strongest: dict[int, float] = {}
+    for c, ids in top.items():
         tiles: list[Image.Image] = []
         patches = []
-        for k in range(top.k):
-            image_id = int(top.image_ids[c, k])
-            value = float(top.values[c, k])
-            if image_id < 0 or not np.isfinite(value):
+        for i in ids:
+            if i not in acts:
                 continue
-            p = scanned[image_id]
-            img = unit(p)
-            if img is None:
-                continue
-            y, x = int(top.ys[c, k]), int(top.xs[c, k])
-            t, left, b, r = _window_box(rf, y, x, window)
+            a = acts[i][col[c]]
+            flat = int(torch.argmax(a))
+            y, x = divmod(flat, a.shape[1])
+            value = float(a.reshape(-1)[flat])
+            img = units[i]
+            hh, ww = img.shape[1:]
+            cy, cx = (y + 0.5) * stride[0], (x + 0.5) * stride[1]
+            t = round(min(max(cy - side[0] / 2, 0), hh - side[0]))
+            left = round(min(max(cx - side[1] / 2, 0), ww - side[1]))
+            b, r = t + side[0], left + side[1]
             tile = to_pil(img[:, t:b, left:r]).resize((_TILE, _TILE), Image.Resampling.BICUBIC)
             tiles.append(tile)
-            patches.append({"id": p.id, "value": value, "box": [t, left, b, r]})
+            patches.append(
+                {
+                    "id": i,
+                    "pooled": float(features[i][c]),
+                    "value": value,
+                    "unit": [y, x],
+                    "box": [t, left, b, r],
+                }
+            )
+            strongest[c] = max(strongest.get(c, 0.0), value)
         if not tiles:
             continue
         strip = Image.new("RGB", (len(tiles) * (_TILE + 4) - 4, _TILE), "white")
@@ -295,55 +309,33 @@ def _patches(
         rel = f"failure_modes/channels/c{c}.png"
         _png(strip, folder.parent / rel)
         evidence["channels"][str(c)] = {"patches": patches, "image": rel}
+    return strongest
 
 
-def _fires_and_maps(
+def _fires(
     evidence: dict[str, Any],
-    model: ConvlensModel,
-    source: LayerRef,
-    modes: Sequence[FailureMode],
-    by_id: Mapping[str, Prediction],
-    top: Any,
-    examined: Mapping[str, Path],
-    unit: Any,
+    reps: Mapping[str, Sequence[int]],
+    acts: Mapping[str, torch.Tensor],
+    col: Mapping[int, int],
+    strongest: Mapping[int, float],
+    units: Mapping[str, torch.Tensor],
     folder: Path,
-    batch_size: int,
 ) -> None:
-    """Where each cluster's wrong-way channels fire on its representatives, and their maps."""
-    from convlens.hooks.capture import layer_capture
-    from convlens.hooks.state import model_state
+    """Where each cluster's wrong-way channels fire on its representatives: the channel's map
+    over its strongest unit among its top images, clipped to [0, 1], on the image."""
     from convlens.render.overlay import overlay_map
 
-    wanted: dict[str, list[int]] = {}
-    for m in modes:
-        push, _ = shown_channels(m)
-        for i in m.representatives:
-            wanted.setdefault(i, [])
-            wanted[i] = list(dict.fromkeys(wanted[i] + push))
-    reps = [by_id[i] for i in wanted if i in by_id and unit(by_id[i]) is not None]
-    if not reps:
-        return
-    device = model.device
-    dtype = next((p.dtype for p in model.net.parameters()), torch.float32)
-    strongest = top.values[:, 0].clamp(min=1e-12)
-    for s in range(0, len(reps), batch_size):
-        chunk = reps[s : s + batch_size]
-        units = torch.stack([unit(p) for p in chunk])
-        x = model.preprocess.normalize(units).to(device=device, dtype=dtype)
-        with model_state(model.net, eval_mode=True, grads=False), torch.no_grad():
-            with layer_capture(model.net, source.name) as cap:
-                model.net(x)
-            acts = cap.output(source.call).float().cpu()
-        for n, p in enumerate(chunk):
-            files = {}
-            for c in wanted[p.id]:
-                heat = (acts[n, c] / strongest[c]).clamp(0, 1)
-                image = overlay_map(heat, units[n], alpha=0.5).resize((_FIRE, _FIRE))
-                rel = f"failure_modes/fires/{p.id}-c{c}.png"
-                _png(image, folder.parent / rel)
-                files[str(c)] = rel
-            evidence["fires"][p.id] = files
-    _maps(evidence, model, reps, examined, unit, folder, batch_size)
+    for i, chans in reps.items():
+        if i not in acts:
+            continue
+        files = {}
+        for c in chans:
+            heat = (acts[i][col[c]] / max(strongest.get(c, 0.0), 1e-12)).clamp(0, 1)
+            image = overlay_map(heat, units[i], alpha=0.5).resize((_FIRE, _FIRE))
+            rel = f"failure_modes/fires/{i}-c{c}.png"
+            _png(image, folder.parent / rel)
+            files[str(c)] = rel
+        evidence["fires"][i] = files
 
 
 def _maps(
@@ -351,7 +343,7 @@ def _maps(
     model: ConvlensModel,
     reps: Sequence[Prediction],
     examined: Mapping[str, Path],
-    unit: Any,
+    pixels: Mapping[str, torch.Tensor],
     folder: Path,
     batch_size: int,
 ) -> None:
@@ -370,7 +362,7 @@ def _maps(
     dtype = next((q.dtype for q in model.net.parameters()), torch.float32)
     for s in range(0, len(todo), batch_size):
         chunk = todo[s : s + batch_size]
-        units = torch.stack([unit(p) for p in chunk])
+        units = torch.stack([pixels[p.id] for p in chunk])
         x = model.preprocess.normalize(units).to(device=model.device, dtype=dtype)
         target = torch.tensor([p.pred for p in chunk], device=model.device)
         exp = explain(model, x, ["gradcam"], target=target)["gradcam"]

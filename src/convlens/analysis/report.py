@@ -256,7 +256,7 @@ class _Report:
                 "patches": [
                     {
                         "image": self.image(self.by_id[q["id"]], d),
-                        "value": f"{q['value']:.3g}",
+                        "value": f"{q['pooled']:.3g}",
                     }
                     for q in shown.get("patches", [])
                     if q["id"] in self.by_id
@@ -323,9 +323,9 @@ class _Report:
             ],
             push_how=_PUSH_HOW.get(kind, kind),
             layer=info.get("layer", ""),
-            scanned=ev.get("scanned", 0),
+            scanned=ev.get("ranked_over", 0),
             patch_px=(ev.get("patch_pixels") or ["n/a"])[0],
-            field_px=(ev.get("receptive_field") or {}).get("size", ["n/a"])[0],
+            field_px=(ev.get("input_pixels") or ["n/a"])[0],
             evidence_note=ev.get("skipped"),
             shown=SHOWN_CHANNELS,
         )
