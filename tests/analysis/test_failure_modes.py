@@ -434,7 +434,9 @@ def test_each_failure_mode_has_a_page_with_channels_patches_and_maps(setup) -> N
     ev = info["evidence"]
     assert info["push_kind"] == "exact"
     assert all(c["push_kind"] == "exact" for c in info["clusters"])
-    assert set(info["seconds"]) == {"clustering", "pages"}
+    assert "seconds" not in info  # metrics.json is the same when a run is resumed
+    timing = json.loads((run_dir / "failure_modes" / "timing.json").read_text())
+    assert set(timing) == {"clustering", "pages"}
     assert ev["ranked_over"] == len(result.predictions)
     by_id = {p.id: p for p in result.predictions}
     # computed here from the layer's output directly: each channel's top images are those of
@@ -483,6 +485,14 @@ def test_each_failure_mode_has_a_page_with_channels_patches_and_maps(setup) -> N
         for c in shown:
             assert f"channels/c{c}.png" in text
     assert ev["forward_images"] == len(forwarded)  # one pass over those images only
+    # resumed: the same evidence, from the kept file, without calling the model
+    calls: list[int] = []
+    handle = model.net.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        again = run(model, setup).metrics["failure_modes"]["evidence"]
+    finally:
+        handle.remove()
+    assert calls == [] and again == ev
     assert f'href="failure_modes/mode-{result.failure_modes[0].rank}.html"' in (
         result.report.read_text()
     )

@@ -35,8 +35,8 @@ representatives not examined.
 from __future__ import annotations
 
 import io
+import json
 import logging
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -119,16 +119,15 @@ def channel_evidence(
         ``fires`` (per representative and wrong-way channel, the overlay's file), ``maps``
         (per representative, its explanation panel or Grad-CAM file), ``effect_sizes`` (per
         cluster rank and shown channel, Cohen's d of its mistakes against the correct images
-        of the same true classes), ``scanned``, ``patch_pixels``, ``seconds``. Paths are
-        relative to ``out``.
+        of the same true classes), ``ranked_over``, ``forward_images``, ``patch_pixels``.
+        Paths are relative to ``out``. Nothing is recomputed when the same channels, top
+        images, representatives and panels were shown by an earlier run of the folder and its
+        files are all there (kept in :data:`EVIDENCE_FILE`): a resumed run calls no model.
     """
     from convlens.errors import ConvlensError
 
-    start = time.perf_counter()
     try:
-        return _evidence(
-            model, layer, modes, predictions, features, examined, out, batch_size, start
-        )
+        return _evidence(model, layer, modes, predictions, features, examined, out, batch_size)
     except ConvlensError as exc:  # a layer the scan or the receptive field cannot handle
         log.warning("failure-mode pages without patches or channel maps: %s", exc)
         return {
@@ -137,7 +136,6 @@ def channel_evidence(
             "channels": {},
             "fires": {},
             "maps": {},
-            "seconds": round(time.perf_counter() - start, 3),
         }
 
 
@@ -150,7 +148,6 @@ def _evidence(
     examined: Mapping[str, Path],
     out: Path,
     batch_size: int,
-    start: float,
 ) -> dict[str, Any]:
     from convlens.features.scan import _probe
     from convlens.hooks.state import model_state
@@ -165,15 +162,6 @@ def _evidence(
     if not channels:
         return evidence
     crop = model.preprocess.crop
-    with model_state(model.net, eval_mode=True, grads=False), torch.no_grad():
-        probed = _probe(model.net, {str(layer): layer}, (crop, crop))[str(layer)]
-    source = probed.source
-    _, _, h, w = probed.shape
-    stride = (crop / h, crop / w)
-    side = (
-        min(crop, max(round(3 * stride[0]), _MIN_WINDOW)),
-        min(crop, max(round(3 * stride[1]), _MIN_WINDOW)),
-    )
     # the top images of each channel by its pooled activation, over every image with features
     ranked = sorted(i for i in features if i in by_id)[:MAX_SCAN]
     pooled = np.stack([features[i] for i in ranked]) if ranked else np.zeros((0, 0))
@@ -187,6 +175,29 @@ def _evidence(
         for i in m.representatives:
             if i in by_id:
                 reps[i] = list(dict.fromkeys([*reps.get(i, []), *push]))
+    folder = out / "failure_modes"
+    key = {
+        "model": model.name,
+        "layer": str(layer),
+        "crop": crop,
+        "ranked_over": len(ranked),
+        "top": {str(c): ids for c, ids in top.items()},
+        "reps": reps,
+        "panels": {i: examined[i].name for i in reps if i in examined},
+    }
+    kept = _kept(folder / EVIDENCE_FILE, key, out)
+    if kept is not None:
+        kept["effect_sizes"] = _effect_sizes(modes, predictions, features)
+        return kept
+    with model_state(model.net, eval_mode=True, grads=False), torch.no_grad():
+        probed = _probe(model.net, {str(layer): layer}, (crop, crop))[str(layer)]
+    source = probed.source
+    _, _, h, w = probed.shape
+    stride = (crop / h, crop / w)
+    side = (
+        min(crop, max(round(3 * stride[0]), _MIN_WINDOW)),
+        min(crop, max(round(3 * stride[1]), _MIN_WINDOW)),
+    )
     needed = list(dict.fromkeys([i for c in channels for i in top[c]] + list(reps)))
     units: dict[str, torch.Tensor] = {}
     acts = _feature_maps(model, source, [by_id[i] for i in needed], channels, units, batch_size)
@@ -198,16 +209,39 @@ def _evidence(
         grid_stride=[round(stride[0], 3), round(stride[1], 3)],
         source=str(source),
     )
-    folder = out / "failure_modes"
     col = {c: n for n, c in enumerate(channels)}
     strongest = _patches(evidence, top, acts, col, units, stride, side, features, folder)
     _fires(evidence, reps, acts, col, strongest, units, folder)
     _maps(
         evidence, model, [by_id[i] for i in reps if i in units], examined, units, folder, batch_size
     )
+    from convlens.atomic import atomic_write_text
+
+    atomic_write_text(folder / EVIDENCE_FILE, json.dumps({"key": key, "evidence": evidence}))
     evidence["effect_sizes"] = _effect_sizes(modes, predictions, features)
-    evidence["seconds"] = round(time.perf_counter() - start, 3)
     return evidence
+
+
+EVIDENCE_FILE = "evidence.json"
+"""What the pages showed last, under ``RUN_DIR/failure_modes/``, with what it was made for."""
+
+
+def _kept(path: Path, key: Mapping[str, Any], out: Path) -> dict[str, Any] | None:
+    """The evidence kept in ``path`` if it was made for ``key`` and its image files are all
+    complete, else ``None``."""
+    from convlens.atomic import is_complete
+
+    try:
+        kept = json.loads(path.read_text(encoding="utf-8"))
+        if kept["key"] != json.loads(json.dumps(key)):
+            return None
+        evidence = dict(kept["evidence"])
+        files = [c["image"] for c in evidence["channels"].values()]
+        files += [f for fires in evidence["fires"].values() for f in fires.values()]
+        files += [m["image"] for m in evidence["maps"].values()]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return evidence if all(is_complete(out / f) for f in files) else None
 
 
 def _feature_maps(

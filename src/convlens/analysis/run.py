@@ -1022,7 +1022,6 @@ def _failure_modes(
     import time
 
     from convlens.analysis.failure_modes import PUSH_EXACT
-    from convlens.analysis.failure_pages import channel_evidence
 
     started = time.perf_counter()
     chosen = select_images(predictions)
@@ -1063,20 +1062,8 @@ def _failure_modes(
     summary["push_kind"] = PUSH_EXACT
     for cluster in summary["clusters"]:
         cluster["push_kind"] = PUSH_EXACT
-    summary["seconds"] = {"clustering": round(time.perf_counter() - started, 3)}
-    if modes:
-        started = time.perf_counter()
-        summary["evidence"] = channel_evidence(
-            model,
-            head.layer,
-            modes,
-            predictions,
-            recorder.cache.rows,
-            panels or {},
-            recorder.folder.parent,
-            batch_size=batch_size,
-        )
-        summary["seconds"]["pages"] = round(time.perf_counter() - started, 3)
+    evidence = (head.layer, recorder.cache.rows, panels, recorder.folder.parent)
+    _pages(model, modes, predictions, evidence, summary, started, batch_size)
     return summary, modes
 
 
@@ -1094,7 +1081,6 @@ def _gradient_failure_modes(
     import time
 
     from convlens.analysis.failure_modes import PUSH_GRADIENT, gradient_failure_modes
-    from convlens.analysis.failure_pages import channel_evidence
     from convlens.errors import LayerError
 
     started = time.perf_counter()
@@ -1121,11 +1107,36 @@ def _gradient_failure_modes(
     summary["push_kind"] = PUSH_GRADIENT
     for cluster in summary["clusters"]:
         cluster["push_kind"] = PUSH_GRADIENT
-    summary["seconds"] = {"clustering": round(time.perf_counter() - started, 3)}
+    _pages(model, modes, predictions, (layer, feats, panels, out), summary, started, batch_size)
+    return summary, modes
+
+
+def _pages(
+    model: ConvlensModel,
+    modes: Sequence[FailureMode],
+    predictions: Sequence[Prediction],
+    evidence: tuple[Any, Mapping[str, Any], Mapping[str, Path] | None, Path],
+    summary: dict[str, Any],
+    started: float,
+    batch_size: int,
+) -> None:
+    """Add what the clusters' pages show to ``summary``
+    (:func:`~convlens.analysis.failure_pages.channel_evidence`; ``evidence``: the feature
+    layer, the pooled features, the examined panels and the run folder), and record the
+    stage's times in ``failure_modes/timing.json`` (not in ``metrics.json``, which stays the
+    same when a run is resumed)."""
+    import time
+
+    from convlens.analysis.failure_pages import channel_evidence
+
+    layer, feats, panels, out = evidence
+    timing = {"clustering": time.perf_counter() - started}
     if modes:
-        started = time.perf_counter()
+        start = time.perf_counter()
         summary["evidence"] = channel_evidence(
             model, layer, modes, predictions, feats, panels or {}, out, batch_size=batch_size
         )
-        summary["seconds"]["pages"] = round(time.perf_counter() - started, 3)
-    return summary, modes
+        timing["pages"] = time.perf_counter() - start
+    log.info("failure modes: %s", ", ".join(f"{k} {v:.1f} s" for k, v in timing.items()))
+    text = json.dumps({k: round(v, 3) for k, v in timing.items()})
+    atomic_write_text(out / FAILURE_MODES_DIR / "timing.json", text)
