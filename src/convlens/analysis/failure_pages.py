@@ -383,7 +383,10 @@ def _maps(
 ) -> None:
     """The explanation panel of each examined representative, a Grad-CAM map of the others."""
     from convlens.api import explain
+    from convlens.methods.options import build_methods
     from convlens.render.overlay import overlay_map
+
+    gradcam = build_methods({"gradcam": {}})["gradcam"]
 
     root = folder.parent
     todo = []
@@ -399,7 +402,7 @@ def _maps(
         units = torch.stack([pixels[p.id] for p in chunk])
         x = model.preprocess.normalize(units).to(device=model.device, dtype=dtype)
         target = torch.tensor([p.pred for p in chunk], device=model.device)
-        exp = explain(model, x, ["gradcam"], target=target)["gradcam"]
+        exp = next(iter(explain(model, x, [gradcam], target=target).values()))
         maps = exp.normalized()[:, 0].float().cpu()
         for n, p in enumerate(chunk):
             rel = f"failure_modes/maps/{p.id}.png"
