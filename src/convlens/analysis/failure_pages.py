@@ -10,8 +10,9 @@ to ``metrics.json`` (``failure_modes.evidence``):
    ones), from the run's own images, as in the feature browser (Zeiler & Fergus 2014, §2: per
    channel the ``k`` images where it responds most, each a different image, cut around its
    strongest unit). The images are ranked by the channel's pooled activation ``mean_hw(A_c)``,
-   which the prediction pass already captured for every image (the features of the clustering;
-   up to :data:`MAX_SCAN` images): what the classifier reads, and no pass over the data set.
+   which the prediction pass already captured for every image (the features of the
+   clustering): what the classifier reads, and no pass over the data set (memory: one row of
+   the shown channels per image).
    Only the ``k`` top images of the shown channels (and the representatives) go through the
    network again, once, up to the feature layer (the layer found as the feature browser's scan
    does, :func:`convlens.features.scan._probe`: a saturating activation such as ReLU6 is read
@@ -54,7 +55,7 @@ if TYPE_CHECKING:
     from convlens.architecture import LayerRef
     from convlens.models.base import ConvlensModel
 
-__all__ = ["MAX_SCAN", "PATCHES", "SHOWN_CHANNELS", "channel_evidence", "shown_channels"]
+__all__ = ["EVIDENCE_FILE", "PATCHES", "SHOWN_CHANNELS", "channel_evidence", "shown_channels"]
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +63,6 @@ SHOWN_CHANNELS = 3
 """Wrong-way (and distinguishing) channels shown per cluster."""
 PATCHES = 6
 """Top activating patches per channel."""
-MAX_SCAN = 100_000
-"""At most this many images (with features, by id) are ranked for the patches."""
 _TILE = 96  # pixels of a patch tile
 _FIRE = 112  # pixels of a "where it fires" overlay
 _MIN_WINDOW = 32
@@ -107,8 +106,9 @@ def channel_evidence(
     Args:
         model: the classifier; ``layer``: its feature layer (the channels' layer).
         modes: the clusters, best first.
-        predictions: every prediction of the run (the scanned images are taken from them).
-        features: pooled features by image id (for the effect sizes of the shown channels).
+        predictions: every prediction of the run.
+        features: pooled features by image id (the top images of each channel are those of
+            its highest pooled activation; the effect sizes of the shown channels).
         examined: explanation panels of the examined mistakes, by image id.
         out: the run folder; images go under ``out/failure_modes/``.
         batch_size: images per forward pass.
@@ -163,12 +163,13 @@ def _evidence(
         return evidence
     crop = model.preprocess.crop
     # the top images of each channel by its pooled activation, over every image with features
-    ranked = sorted(i for i in features if i in by_id)[:MAX_SCAN]
-    pooled = np.stack([features[i] for i in ranked]) if ranked else np.zeros((0, 0))
+    ranked = sorted(i for i in features if i in by_id)
+    index = np.asarray(channels)
+    shown = np.stack([features[i][index] for i in ranked]) if ranked else np.zeros((0, 0))
     top: dict[int, list[str]] = {}
-    for c in channels:
-        order = np.lexsort((np.arange(len(ranked)), -pooled[:, c]))[:PATCHES]
-        top[c] = [ranked[int(n)] for n in order]
+    for n, c in enumerate(channels):
+        order = np.lexsort((np.arange(len(ranked)), -shown[:, n]))[:PATCHES]
+        top[c] = [ranked[int(k)] for k in order]
     reps: dict[str, list[int]] = {}
     for m in modes:
         push, _ = shown_channels(m)

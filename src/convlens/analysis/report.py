@@ -298,6 +298,8 @@ class _Report:
         ]
         if kind == "exact":
             stats.append(("mean bias term b_pred − b_true", f"{c['bias_term']:.3f}"))
+        else:
+            stats.append(("mean remainder (margin − Σ channels)", f"{c['bias_term']:.3f}"))
         return render_page(
             "report_failure_mode.html.j2",
             title=f"Failure mode {c['rank']}: convlens error analysis",
