@@ -272,16 +272,38 @@ def test_resume_does_not_recompute_features(setup, monkeypatch) -> None:
         assert got.margin == pytest.approx(want.margin, abs=1e-4)
 
 
-def test_no_gap_head_is_skipped_with_a_reason(setup) -> None:
+@pytest.mark.filterwarnings("ignore::convlens.errors.BlankMapWarning")  # a 2-channel ReLU map
+def test_other_heads_use_the_gradient_fallback(setup) -> None:
     (setup["dir"] / "net.py").write_text(
+        "import torch\n"
         "from torch import nn\n"
         "def build():\n"
-        "    return nn.Sequential(nn.Conv2d(3, 2, 3), nn.Flatten(), nn.Linear(2 * 30 * 30, 3))\n"
+        "    torch.manual_seed(0)\n"
+        "    return nn.Sequential(nn.Conv2d(3, 2, 3), nn.ReLU(), nn.Flatten(),\n"
+        "                         nn.Linear(2 * 30 * 30, 3))\n"
     )
-    result = run(make_model(setup["dir"]), setup)
-    assert "global-average-pooling" in result.metrics["failure_modes"]["skipped"]
-    assert result.failure_modes == []
-    assert "Not computed" in result.report.read_text()
+    model = make_model(setup["dir"])
+    result = run(model, setup)
+    info = json.loads((setup["run"] / "metrics.json").read_text())["failure_modes"]
+    assert info["skipped"] is None and info["push_kind"] == "gradient"
+    assert result.failure_modes
+    assert all(c["push_kind"] == "gradient" for c in info["clusters"])
+    # flatten + linear: each channel's contribution has a closed form, computed here by hand
+    by_id = {p.id: p for p in result.predictions}
+    net = model.net.eval()
+    w = net[3].weight.detach().double().view(3, 2, 30, 30)
+    for mode in result.failure_modes:
+        ps = [by_id[i] for i in mode.errors_ids]
+        x = torch.stack([model.preprocess(load_image(p.path)) for p in ps])
+        with torch.no_grad():
+            a = net[1](net[0](x)).double()
+        pred = torch.tensor([p.pred for p in ps])
+        true = torch.tensor([int(p.label or 0) for p in ps])
+        r = ((w[pred] - w[true]) * a).sum(dim=(2, 3)).mean(0)
+        for c in mode.push_channels:
+            assert c["contribution"] == pytest.approx(float(r[c["channel"]]), abs=1e-4)
+        page = setup["run"] / "report" / "failure_modes" / f"mode-{mode.rank}.html"
+        assert "gradient × activation" in page.read_text()
 
 
 def test_failure_modes_off_computes_nothing(setup) -> None:
@@ -326,3 +348,182 @@ def test_cli_failure_modes_flag(setup, capsys) -> None:
     clusters = json.loads(metrics.read_text())["failure_modes"]["clusters"]
     assert clusters
     assert f"failure modes: {len(clusters)} groups of mistakes" in capsys.readouterr().out
+
+
+# --- the gradient fallback -----------------------------------------------------------------------
+
+
+def test_gradient_fallback_equals_the_exact_decomposition_on_a_gap_head() -> None:
+    net = seeded(GapNet(classes=5))
+    net.train()  # left as found
+    x = images(6, size=12, seed=4)
+    pred = torch.tensor([0, 1, 2, 3, 4, 0])
+    true = torch.tensor([1, 2, 3, 4, 0, 2])
+    contrib, pooled, margin = fm.gradient_contributions(net, x, "relu2", pred, true)
+    assert net.training and all(p.requires_grad for p in net.parameters())
+    assert not any(m._forward_hooks for m in net.modules())
+    net.eval()
+    with torch.no_grad():
+        feats = net.features(x).mean(dim=(2, 3))
+        logits = net(x)
+    exact, term = wrong_way_contributions(feats, net.fc.weight, net.fc.bias, pred, true)
+    torch.testing.assert_close(pooled, feats, rtol=0, atol=1e-12)
+    torch.testing.assert_close(contrib, exact, rtol=0, atol=1e-12)
+    rows = torch.arange(6)
+    torch.testing.assert_close(margin, logits[rows, pred] - logits[rows, true], rtol=0, atol=1e-12)
+    torch.testing.assert_close(contrib.sum(1) + term, margin, rtol=0, atol=1e-12)
+
+
+class _MlpHead(torch.nn.Module):
+    """conv -> ReLU -> flatten -> linear -> tanh -> linear: not GAP + linear."""
+
+    def __init__(self, size: int = 6, classes: int = 4) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 5, 3, padding=1)
+        self.relu = torch.nn.ReLU()
+        self.hidden = torch.nn.Linear(5 * size * size, 7)
+        self.out = torch.nn.Linear(7, classes)
+
+    def head(self, a: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.hidden(a.flatten(1))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.relu(self.conv(x)))
+
+
+def test_gradient_fallback_on_other_heads_against_autograd_and_closed_form() -> None:
+    from tests.helpers.models import NoGapNet
+
+    # flatten + linear: dD/dA = (W_pred - W_true) reshaped, so r_c has a closed form, and the
+    # head is linear, so the channels plus the bias difference give the margin exactly
+    net = seeded(NoGapNet(size=8, classes=3))
+    x = images(4, size=8, seed=2)
+    pred, true = torch.tensor([0, 1, 2, 0]), torch.tensor([1, 2, 0, 2])
+    contrib, _, margin = fm.gradient_contributions(net, x, "relu", pred, true)
+    with torch.no_grad():
+        a = net.relu(net.conv(x))
+    w = net.fc.weight.detach().view(3, 2, 8, 8)
+    expected = ((w[pred] - w[true]) * a).sum(dim=(2, 3))
+    torch.testing.assert_close(contrib, expected, rtol=0, atol=1e-12)
+    b = net.fc.bias.detach()
+    torch.testing.assert_close(contrib.sum(1) + b[pred] - b[true], margin, rtol=0, atol=1e-12)
+    # a non-linear head: each image's gradient by autograd on the feature map itself, no hooks
+    mlp = seeded(_MlpHead())
+    x = images(3, size=6, seed=5)
+    pred, true = torch.tensor([0, 3, 1]), torch.tensor([2, 1, 1])
+    contrib, pooled, _ = fm.gradient_contributions(mlp, x, "relu", pred, true)
+    for n in range(3):
+        a = mlp.relu(mlp.conv(x[n : n + 1])).detach().requires_grad_(True)
+        s = mlp.head(a)[0]
+        (g,) = torch.autograd.grad(s[pred[n]] - s[true[n]], a)
+        torch.testing.assert_close(contrib[n], (g * a).detach()[0].sum(dim=(1, 2)))
+        torch.testing.assert_close(pooled[n], a.detach()[0].mean(dim=(1, 2)))
+    assert not mlp.training and not any(m._forward_hooks for m in mlp.modules())
+
+
+# --- the page of each failure mode ---------------------------------------------------------------
+
+
+def test_each_failure_mode_has_a_page_with_channels_patches_and_maps(setup) -> None:
+    from convlens.analysis.failure_pages import PATCHES, SHOWN_CHANNELS
+
+    model = make_model(setup["dir"])
+    result = run(model, setup)
+    run_dir = setup["run"]
+    info = json.loads((run_dir / "metrics.json").read_text())["failure_modes"]
+    ev = info["evidence"]
+    assert info["push_kind"] == "exact"
+    assert all(c["push_kind"] == "exact" for c in info["clusters"])
+    assert "seconds" not in info  # metrics.json is the same when a run is resumed
+    timing = json.loads((run_dir / "failure_modes" / "timing.json").read_text())
+    assert set(timing) == {"clustering", "pages"}
+    assert ev["ranked_over"] == len(result.predictions)
+    by_id = {p.id: p for p in result.predictions}
+    # computed here from the layer's output directly: each channel's top images are those of
+    # the highest mean activation over the whole run, each once; each patch's activation is its
+    # image's strongest unit, and the patch is centred on that unit's place on the grid
+    net = model.net.eval()
+    x = torch.stack([model.preprocess(load_image(p.path)) for p in result.predictions])
+    with torch.no_grad():
+        maps = net[:4](x)  # conv, ReLU, conv, ReLU: the map pooled by the head
+    mean = maps.mean(dim=(2, 3))
+    row = {p.id: n for n, p in enumerate(result.predictions)}
+    stride = 32 / maps.shape[2]
+    forwarded = set()
+    for mode in result.failure_modes:
+        shown = [c["channel"] for c in mode.push_channels[:SHOWN_CHANNELS]]
+        shown += [c["channel"] for c in mode.distinguishing[:SHOWN_CHANNELS]]
+        for c in shown:
+            entry = ev["channels"][str(c)]
+            assert (run_dir / entry["image"]).is_file()
+            ids = [q["id"] for q in entry["patches"]]
+            assert len(set(ids)) == len(ids) == min(PATCHES, len(result.predictions))
+            pooled = [q["pooled"] for q in entry["patches"]]
+            expected = torch.sort(mean[:, c], descending=True).values[: len(ids)]
+            assert pooled == pytest.approx(expected.tolist(), abs=1e-5)
+            for q in entry["patches"]:
+                a = maps[row[q["id"]], c]
+                assert q["value"] == pytest.approx(float(a.max()), abs=1e-5)
+                y, x_ = q["unit"]
+                assert float(a[y, x_]) == pytest.approx(float(a.max()), abs=1e-6)
+                t, left, b, r = q["box"]
+                assert t <= (y + 0.5) * stride <= b and left <= (x_ + 0.5) * stride <= r
+                assert 0 <= t < b <= 32 and 0 <= left < r <= 32
+            forwarded |= set(ids)
+        for i in mode.representatives:
+            assert set(ev["fires"][i]) == {str(c) for c in shown[: len(mode.push_channels[:3])]}
+            kind = ev["maps"][i]["kind"]
+            assert kind == ("panel" if i in result.explanations else "gradcam")
+            assert (run_dir / ev["maps"][i]["image"]).is_file()
+            assert by_id[i].correct is False
+            forwarded.add(i)
+        page = run_dir / "report" / "failure_modes" / f"mode-{mode.rank}.html"
+        text = page.read_text()
+        assert f"Failure mode {mode.rank}" in text and "exact" in text
+        for p in mode.pairs:
+            assert p["true_name"] in text and p["pred_name"] in text
+        for c in shown:
+            assert f"channels/c{c}.png" in text
+    assert ev["forward_images"] == len(forwarded)  # one pass over those images only
+    # resumed: the same evidence, from the kept file, without calling the model
+    calls: list[int] = []
+    handle = model.net.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        again = run(model, setup).metrics["failure_modes"]["evidence"]
+    finally:
+        handle.remove()
+    assert calls == [] and again == ev
+    assert f'href="failure_modes/mode-{result.failure_modes[0].rank}.html"' in (
+        result.report.read_text()
+    )
+
+
+def test_failure_mode_pages_in_headless_chromium(setup) -> None:
+    from tests.helpers.paths import REPO
+
+    result = run(make_model(setup["dir"]), setup, top_errors=1)  # some maps are Grad-CAM's
+    kinds = {m["kind"] for m in result.metrics["failure_modes"]["evidence"]["maps"].values()}
+    assert "gradcam" in kinds
+    artifacts = REPO / "test-artifacts"
+    artifacts.mkdir(exist_ok=True)
+    errors: list[str] = []
+    with chromium_page(errors) as page:
+        page.goto(result.report.as_uri())
+        page.click("#failure-modes table tr:nth-child(2) a")
+        for mode in result.failure_modes:
+            assert page.url.endswith(f"mode-{mode.rank}.html")
+            assert page.inner_text("h1").startswith(f"Failure mode {mode.rank}")
+            broken = page.eval_on_selector_all(
+                "img", "els => els.filter(e => !e.complete || e.naturalWidth == 0).length"
+            )
+            assert broken == 0
+            assert page.eval_on_selector_all("img", "els => els.length") > 0
+            hrefs = page.eval_on_selector_all("a[href]", "els => els.map(e => e.href)")
+            for href in hrefs:
+                target = Path(href.split("#")[0].removeprefix("file://"))
+                assert target.is_file(), href
+            if mode.rank == 1:
+                page.screenshot(path=str(artifacts / "failure-mode-page.png"), full_page=True)
+            if mode is not result.failure_modes[-1]:
+                page.click("text=next failure mode")
+    assert errors == []

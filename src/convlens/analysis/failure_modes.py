@@ -37,10 +37,12 @@ average pooling and one linear layer (``logits = W f + b``, ``f = mean_hw(A)``; 
    the mean activation of its mistakes and of the correctly classified images of the same true
    classes, as Cohen's d (pooled standard deviation).
 
-Other heads are not covered in this slice (the result says so; a gradient x activation
-attribution to channels is the planned fallback). Extension points: :class:`FailureMode` holds
-everything a per-cluster page needs (member ids, representatives, channels), and channel indices
-are those of :attr:`GapHead.layer`, the layer the feature browser works on.
+Other heads (:func:`gradient_failure_modes`): the last feature map's spatial mean is
+clustered, and the channels come from gradient x activation (:func:`gradient_contributions`),
+a first-order estimate that equals the exact decomposition on a GAP + linear head; which one
+was used is ``push_kind`` (``"exact"`` or ``"gradient"``) in ``metrics.json``. The page of each
+cluster (patches, channel maps) is :mod:`convlens.analysis.failure_pages`; channel indices are
+those of :attr:`GapHead.layer`, the layer the feature browser works on.
 """
 
 from __future__ import annotations
@@ -64,11 +66,13 @@ from convlens.atomic import atomic_write_bytes
 
 if TYPE_CHECKING:
     from convlens.analysis.store import Prediction
-    from convlens.architecture import GapHead
+    from convlens.architecture import GapHead, LayerRef
     from convlens.models.base import ConvlensModel
 
 __all__ = [
     "FEATURES_FILE",
+    "PUSH_EXACT",
+    "PUSH_GRADIENT",
     "FailureMode",
     "FeatureCache",
     "FeatureCapture",
@@ -77,6 +81,8 @@ __all__ = [
     "features_pass",
     "find_failure_modes",
     "gap_head",
+    "gradient_contributions",
+    "gradient_failure_modes",
     "head_stamp",
     "select_images",
     "stored_head",
@@ -568,3 +574,129 @@ def summarize(
         "any_stands_out": any(m.stands_out for m in modes),
         "clusters": [m.summary() for m in modes],
     }
+
+
+PUSH_EXACT = "exact"
+"""``push_kind`` of channels from the exact decomposition of a GAP + linear head."""
+PUSH_GRADIENT = "gradient"
+"""``push_kind`` of channels from the gradient x activation fallback
+(:func:`gradient_contributions`)."""
+
+
+def gradient_contributions(
+    net: nn.Module,
+    x: torch.Tensor,
+    layer: str | LayerRef,
+    pred: torch.Tensor,
+    true: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradient x activation attribution of ``s_pred - s_true`` to the channels of a feature map:
+    the fallback of :func:`wrong_way_contributions` for heads other than GAP + linear.
+
+    With ``A`` the ``(C, H, W)`` output of ``layer`` and ``D = s_pred - s_true`` (logits),
+
+        ``r_c = sum_hw (dD / dA_chw) * A_chw = H W * mean_hw(dD/dA_c * A_c)``
+
+    (gradient x input of Shrikumar et al. 2016, "Not Just a Black Box", taken at a feature map
+    and summed over its positions, as the channel weights of Grad-CAM, Selvaraju et al. 2017,
+    eq. 1, are averaged). For a GAP + linear head ``dD/dA_chw = (w_pred,c - w_true,c) / (H W)``,
+    so ``r_c = (w_pred,c - w_true,c) mean_hw(A_c)``: the exact decomposition, term for term. For
+    other heads it is a first-order estimate, and ``D - sum_c r_c`` is not the bias difference.
+
+    The network runs in eval mode without parameter gradients (left as found); the hook on the
+    layer lives for this call only.
+
+    Args:
+        net: the network; ``x``: its ``(N, 3, H, W)`` inputs.
+        layer: ``"name"``, ``"name@call"`` or a :class:`~convlens.architecture.LayerRef`
+            with a ``(N, C, h, w)`` output.
+        pred, true: predicted and true class of each image ``(N,)``.
+
+    Returns:
+        Contributions ``r`` ``(N, C)``, pooled activations ``mean_hw(A)`` ``(N, C)`` and the
+        margins ``D`` ``(N,)`` (detached, in the layer's dtype, on the model's device).
+    """
+    from convlens.architecture import parse_layer
+    from convlens.hooks.capture import layer_capture
+    from convlens.hooks.state import model_state
+
+    ref = parse_layer(layer)
+    with (
+        model_state(net, eval_mode=True, grads=False),
+        torch.no_grad(),
+        layer_capture(net, ref.name, grad=True) as cap,
+    ):
+        logits = net(x)
+        acts = cap.output(ref.call)
+        rows = torch.arange(len(x), device=logits.device)
+        margin = logits[rows, pred.to(logits.device)] - logits[rows, true.to(logits.device)]
+        (grad,) = torch.autograd.grad(margin.sum(), acts)
+    if acts.dim() != 4:
+        from convlens.errors import LayerError
+
+        raise LayerError(f"layer {str(ref)!r} has no (N, C, H, W) output: {tuple(acts.shape)}")
+    a = acts.detach()
+    contrib = (grad * a).sum(dim=(2, 3))
+    return contrib, a.mean(dim=(2, 3)), margin.detach()
+
+
+def gradient_failure_modes(
+    model: ConvlensModel,
+    chosen: Sequence[Prediction],
+    class_names: Sequence[str],
+    batch_size: int,
+) -> tuple[list[FailureMode], LayerRef | None, dict[str, np.ndarray], list[tuple[str, str]]]:
+    """Failure modes of a model whose head is not GAP + linear: the fallback of
+    :func:`find_failure_modes`.
+
+    The layer is the last feature map (:func:`convlens.architecture.default_layer`, the layer
+    Grad-CAM uses). One pass with gradients over the chosen images gives, per image, the
+    feature map's spatial mean (clustered as the pooled features of a GAP head are) and the
+    gradient x activation contribution of each channel to ``s_pred - s_true``
+    (:func:`gradient_contributions`). Clusters, ranks and distinguishing channels are computed
+    as for a GAP head; each cluster's ``push_channels`` are the largest mean contributions over
+    its mistakes, ``push_method`` says so, ``margin`` is the mean ``s_pred - s_true`` and
+    ``bias_term`` the mean remainder ``margin - sum_c r_c`` (not a bias: what the first-order
+    attribution leaves unexplained).
+
+    Returns:
+        The clusters (best first), the layer (``None`` when no image could be read), the
+        pooled features by id and the unreadable ``(path, reason)``.
+    """
+    from convlens.analysis.run import _load_readable
+    from convlens.architecture import default_layer
+
+    feats: dict[str, np.ndarray] = {}
+    pushes: dict[str, np.ndarray] = {}
+    margins: dict[str, float] = {}
+    failed: list[tuple[str, str]] = []
+    layer: LayerRef | None = None
+    for start in range(0, len(chosen), batch_size):
+        chunk, x, bad = _load_readable(model, chosen[start : start + batch_size])
+        failed += bad
+        if x is None:
+            continue
+        x = x.to(model.device)
+        if layer is None:
+            layer = default_layer(model.net, x[:1])
+        pred = torch.tensor([p.pred for p in chunk])
+        true = torch.tensor([int(p.label if p.label is not None else p.pred) for p in chunk])
+        contrib, pooled, margin = gradient_contributions(model.net, x, layer, pred, true)
+        for n, p in enumerate(chunk):
+            feats[p.id] = pooled[n].float().cpu().numpy()
+            pushes[p.id] = contrib[n].double().cpu().numpy()
+            margins[p.id] = float(margin[n])
+    if layer is None or not feats:
+        return [], layer, feats, failed
+    channels = len(next(iter(feats.values())))
+    zero = torch.zeros(len(class_names), channels, dtype=torch.float64)
+    modes = find_failure_modes(chosen, feats, zero, None, class_names)
+    for m in modes:
+        r = np.stack([pushes[i] for i in m.errors_ids])
+        mean = r.mean(0)
+        order = sorted(range(len(mean)), key=lambda ch: (-float(mean[ch]), ch))[:_TOP]
+        m.push_channels = [{"channel": ch, "contribution": float(mean[ch])} for ch in order]
+        m.push_method = "gradient x activation (head is not GAP + linear)"
+        m.margin = float(np.mean([margins[i] for i in m.errors_ids]))
+        m.bias_term = m.margin - float(r.sum(1).mean())
+    return modes, layer, feats, failed

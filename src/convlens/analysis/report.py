@@ -12,7 +12,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from convlens.analysis.faithfulness import RANDOM_MAP
 from convlens.atomic import atomic_write_text, is_complete
@@ -80,6 +80,7 @@ class _Report:
         self.root = result.out_dir
         self.dir = self.root / "report"
         self.pages = self.dir / "images"
+        self.modes_dir = self.dir / "failure_modes"
         self.examined = [i for i in examined if is_complete(result.explanations.get(i) or Path())]
         self.by_id = {p.id: p for p in result.predictions}
         summary = result.metrics.get("faithfulness") or {}
@@ -107,6 +108,18 @@ class _Report:
             nxt = self.examined[n + 1] if n + 1 < len(self.examined) else None
             atomic_write_text(
                 self.pages / f"{pid}.html", self.image_page(self.by_id[pid], prev, nxt)
+            )
+        clusters = (self.r.metrics.get("failure_modes") or {}).get("clusters", [])
+        if clusters:
+            self.modes_dir.mkdir(parents=True, exist_ok=True)
+        for n, cluster in enumerate(clusters):
+            atomic_write_text(
+                self.modes_dir / _mode_file(cluster["rank"]),
+                self.mode_page(
+                    cluster,
+                    clusters[n - 1]["rank"] if n > 0 else None,
+                    clusters[n + 1]["rank"] if n + 1 < len(clusters) else None,
+                ),
             )
         return index
 
@@ -198,6 +211,7 @@ class _Report:
         return [
             {
                 "rank": c["rank"],
+                "page": _rel(self.modes_dir / _mode_file(c["rank"]), d),
                 "size": c["size"],
                 "errors": c["errors"],
                 "purity": _pct(c["purity"]),
@@ -217,6 +231,106 @@ class _Report:
             }
             for c in info.get("clusters", [])
         ]
+
+    def mode_page(self, c: dict[str, Any], prev: int | None, nxt: int | None) -> str:
+        """The page of one failure mode (``metrics["failure_modes"]["clusters"]`` entry ``c``):
+        its numbers, pairs, representatives with their maps and where its wrong-way channels
+        fire, and each shown channel's top patches from the run's images."""
+        from convlens.analysis.failure_pages import SHOWN_CHANNELS
+
+        d = self.modes_dir
+        info = self.r.metrics.get("failure_modes") or {}
+        ev = info.get("evidence") or {}
+        kind = c.get("push_kind", info.get("push_kind", "exact"))
+        effects = (ev.get("effect_sizes") or {}).get(str(c["rank"]), {})
+        push = [int(x["channel"]) for x in c["push_channels"][:SHOWN_CHANNELS]]
+
+        def channel(ch: int, **numbers: str) -> dict[str, object]:
+            shown = (ev.get("channels") or {}).get(str(ch)) or {}
+            d_value = effects.get(str(ch))
+            return {
+                "channel": ch,
+                **numbers,
+                "effect": "n/a" if d_value is None else f"{d_value:+.2f}",
+                "strip": _rel(self.root / shown["image"], d) if shown.get("image") else None,
+                "patches": [
+                    {
+                        "image": self.image(self.by_id[q["id"]], d),
+                        "value": f"{q['pooled']:.3g}",
+                    }
+                    for q in shown.get("patches", [])
+                    if q["id"] in self.by_id
+                ],
+            }
+
+        reps = []
+        for pid in c["representatives"]:
+            p = self.by_id.get(pid)
+            if p is None:
+                continue
+            shown_map = (ev.get("maps") or {}).get(pid) or {}
+            fires = (ev.get("fires") or {}).get(pid) or {}
+            reps.append(
+                {
+                    "image": self.image(p, d),
+                    "true": self.name(p.label),
+                    "pred": self.name(p.pred),
+                    "confidence": p.confidence,
+                    "map": _rel(self.root / shown_map["image"], d)
+                    if shown_map.get("image")
+                    else None,
+                    "map_kind": shown_map.get("kind"),
+                    "fires": [
+                        (ch, _rel(self.root / fires[str(ch)], d)) for ch in push if str(ch) in fires
+                    ],
+                }
+            )
+        stats = [
+            ("images", c["size"]),
+            ("mistakes", c["errors"]),
+            ("purity (share of mistakes)", _pct(c["purity"])),
+            ("lift (purity / base error rate)", f"{c['lift']:.2f}"),
+            ("z (excess of mistakes, binomial SDs)", f"{c['z']:.1f}"),
+            ("score (mistakes × purity)", f"{c['score']:.2f}"),
+            ("stands out", f"yes ({info.get('stands_out', '')})" if c["stands_out"] else "no"),
+            ("mean margin s_pred − s_true", f"{c['margin']:.3f}"),
+            ("channel attribution", kind),
+        ]
+        if kind == "exact":
+            stats.append(("mean bias term b_pred − b_true", f"{c['bias_term']:.3f}"))
+        else:
+            stats.append(("mean remainder (margin − Σ channels)", f"{c['bias_term']:.3f}"))
+        return render_page(
+            "report_failure_mode.html.j2",
+            title=f"Failure mode {c['rank']}: convlens error analysis",
+            back=_rel(self.dir / "index.html", d) + "#failure-modes",
+            prev=None if prev is None else _mode_file(prev),
+            next=None if nxt is None else _mode_file(nxt),
+            rank=c["rank"],
+            stands_out=c["stands_out"],
+            stats=stats,
+            pairs=c["pairs"],
+            representatives=reps,
+            push=[
+                channel(int(x["channel"]), contribution=f"{x['contribution']:+.3f}")
+                for x in c["push_channels"]
+            ],
+            distinct=[
+                channel(
+                    int(x["channel"]),
+                    group=f"{x['group_mean']:.3f}",
+                    reference=f"{x['reference_mean']:.3f}",
+                )
+                for x in c["distinguishing"]
+            ],
+            push_how=_PUSH_HOW.get(kind, kind),
+            layer=info.get("layer", ""),
+            scanned=ev.get("ranked_over", 0),
+            patch_px=(ev.get("patch_pixels") or ["n/a"])[0],
+            field_px=(ev.get("input_pixels") or ["n/a"])[0],
+            evidence_note=ev.get("skipped"),
+            shown=SHOWN_CHANNELS,
+        )
 
     def pairs_rows(self) -> list[dict[str, object]]:
         """The 50 most confused pairs, each with up to two examined examples."""
@@ -290,6 +404,19 @@ class _Report:
             ],
             faith_how=_FAITH_HOW,
         )
+
+
+def _mode_file(rank: int) -> str:
+    """File name of the page of the failure mode ranked ``rank``."""
+    return f"mode-{int(rank)}.html"
+
+
+_PUSH_HOW = {
+    "exact": "exact decomposition of the GAP + linear head: s_pred − s_true = Σ_c (w_pred,c − "
+    "w_true,c) · mean(A_c) + (b_pred − b_true), each term averaged over the cluster's mistakes",
+    "gradient": "gradient × activation of s_pred − s_true at the last feature map, summed over "
+    "its positions (a first-order estimate: the head is not GAP + linear)",
+}
 
 
 def write_report(result: AnalysisResult, examined: Sequence[str]) -> Path:

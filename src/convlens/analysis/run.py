@@ -979,7 +979,9 @@ def _analyze_locked(
         metrics["faithfulness"] = summarize(explained.faithfulness)
     modes: list[FailureMode] = []
     if recorder is not None:
-        metrics["failure_modes"], modes = _failure_modes(model, predictions, recorder, batch_size)
+        metrics["failure_modes"], modes = _failure_modes(
+            model, predictions, recorder, batch_size, panels=explained.panels
+        )
     if faithfulness or recorder is not None:
         atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
     result = AnalysisResult(
@@ -1007,13 +1009,21 @@ def _failure_modes(
     predictions: Sequence[Prediction],
     recorder: _FeatureRecorder,
     batch_size: int,
+    panels: Mapping[str, Path] | None = None,
 ) -> tuple[dict[str, Any], list[FailureMode]]:
     """The failure modes of ``predictions`` and their ``metrics.json`` entry.
 
     Features come from the prediction pass (``recorder``) or the cache of an earlier run; the
     images still without them (predicted by a run that was killed before saving them, or by an
-    older version) get them from one extra pass over those images only.
+    older version) get them from one extra pass over those images only. ``panels``: the
+    explanation panels of the examined mistakes, shown on the clusters' pages
+    (:mod:`convlens.analysis.failure_pages` computes the rest of what those pages show).
     """
+    import time
+
+    from convlens.analysis.failure_modes import PUSH_EXACT
+
+    started = time.perf_counter()
     chosen = select_images(predictions)
     if not chosen:
         return {"skipped": "no mistakes", "clusters": []}, []
@@ -1026,8 +1036,9 @@ def _failure_modes(
                 break
     head = recorder.head
     if recorder.cache is None or head is None:
-        reason = "the model has no global-average-pooling + linear head"
-        return {"skipped": reason, "clusters": []}, []
+        return _gradient_failure_modes(
+            model, predictions, chosen, batch_size, panels, recorder.folder.parent
+        )
     if not str(head.layer):
         reason = "no image of a mistake could be read to check the model's head"
         return {"skipped": reason, "clusters": []}, []
@@ -1048,4 +1059,84 @@ def _failure_modes(
         correct=sum(1 for p in chosen if p.correct and p.id in recorder.cache.rows),
         features_recomputed=len(missing),
     )
+    summary["push_kind"] = PUSH_EXACT
+    for cluster in summary["clusters"]:
+        cluster["push_kind"] = PUSH_EXACT
+    evidence = (head.layer, recorder.cache.rows, panels, recorder.folder.parent)
+    _pages(model, modes, predictions, evidence, summary, started, batch_size)
     return summary, modes
+
+
+def _gradient_failure_modes(
+    model: ConvlensModel,
+    predictions: Sequence[Prediction],
+    chosen: Sequence[Prediction],
+    batch_size: int,
+    panels: Mapping[str, Path] | None,
+    out: Path,
+) -> tuple[dict[str, Any], list[FailureMode]]:
+    """:func:`_failure_modes` for a head that is not GAP + linear: channels by gradient x
+    activation at the last feature map (one pass with gradients over the clustered images,
+    nothing cached; :func:`~convlens.analysis.failure_modes.gradient_failure_modes`)."""
+    import time
+
+    from convlens.analysis.failure_modes import PUSH_GRADIENT, gradient_failure_modes
+    from convlens.errors import LayerError
+
+    started = time.perf_counter()
+    names = [model.classes[i] for i in range(len(model.classes))]
+    try:
+        modes, layer, feats, failed = gradient_failure_modes(model, chosen, names, batch_size)
+    except LayerError as exc:
+        return {
+            "skipped": f"the model has no feature map to attribute to ({exc})",
+            "clusters": [],
+        }, []
+    for path, reason in failed:
+        log.warning("no features for %s, unreadable now: %s", path, reason)
+    if layer is None:
+        reason = "no image of a mistake could be read"
+        return {"skipped": reason, "clusters": []}, []
+    summary = summarize_failure_modes(
+        modes,
+        layer=str(layer),
+        images=len(feats),
+        correct=sum(1 for p in chosen if p.correct and p.id in feats),
+        features_recomputed=len(feats),
+    )
+    summary["push_kind"] = PUSH_GRADIENT
+    for cluster in summary["clusters"]:
+        cluster["push_kind"] = PUSH_GRADIENT
+    _pages(model, modes, predictions, (layer, feats, panels, out), summary, started, batch_size)
+    return summary, modes
+
+
+def _pages(
+    model: ConvlensModel,
+    modes: Sequence[FailureMode],
+    predictions: Sequence[Prediction],
+    evidence: tuple[Any, Mapping[str, Any], Mapping[str, Path] | None, Path],
+    summary: dict[str, Any],
+    started: float,
+    batch_size: int,
+) -> None:
+    """Add what the clusters' pages show to ``summary``
+    (:func:`~convlens.analysis.failure_pages.channel_evidence`; ``evidence``: the feature
+    layer, the pooled features, the examined panels and the run folder), and record the
+    stage's times in ``failure_modes/timing.json`` (not in ``metrics.json``, which stays the
+    same when a run is resumed)."""
+    import time
+
+    from convlens.analysis.failure_pages import channel_evidence
+
+    layer, feats, panels, out = evidence
+    timing = {"clustering": time.perf_counter() - started}
+    if modes:
+        start = time.perf_counter()
+        summary["evidence"] = channel_evidence(
+            model, layer, modes, predictions, feats, panels or {}, out, batch_size=batch_size
+        )
+        timing["pages"] = time.perf_counter() - start
+    log.info("failure modes: %s", ", ".join(f"{k} {v:.1f} s" for k, v in timing.items()))
+    text = json.dumps({k: round(v, 3) for k, v in timing.items()})
+    atomic_write_text(out / FAILURE_MODES_DIR / "timing.json", text)
