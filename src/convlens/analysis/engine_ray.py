@@ -42,6 +42,7 @@ import math
 import os
 import pickle
 import tempfile
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -362,7 +363,12 @@ class RayEngine:
                 text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
                 raise InputError(f"cannot start Ray on {where}: {text}") from None
             self._own = True
-        ray.data.DataContext.get_current().enable_progress_bars = False
+        with warnings.catch_warnings():
+            # Ray Data 2.60 warns that use_push_based_shuffle is deprecated whenever it makes
+            # its context, even when nobody sets it
+            warnings.simplefilter("ignore", DeprecationWarning)
+            context = ray.data.DataContext.get_current()
+        context.enable_progress_bars = False
         return self
 
     def __exit__(
