@@ -69,6 +69,8 @@ SHARD_SIZE = 256
 RAY_DIR = "ray"
 """Folder of the Ray engine's files in the run folder."""
 _K = 5
+ACTOR_START_S = 600
+"""Seconds an actor pool may take to start all its actors (then the run fails)."""
 
 
 def _ray() -> Any:
@@ -347,6 +349,7 @@ class RayEngine:
         self.nodes: dict[str, set[str]] = {"decode": set(), "predict": set(), "explain": set()}
         self._own = False
         self._folder: Path | None = None
+        self._context: tuple[Any, bool, int, bool] | None = None
 
     def __enter__(self) -> RayEngine:
         ray = _ray()
@@ -368,7 +371,19 @@ class RayEngine:
             # its context, even when nobody sets it
             warnings.simplefilter("ignore", DeprecationWarning)
             context = ray.data.DataContext.get_current()
+        options = context.execution_options
+        self._context = (
+            context,
+            context.enable_progress_bars,
+            context.wait_for_min_actors_s,
+            options.actor_locality_enabled,
+        )
         context.enable_progress_bars = False
+        # batches go to the next free actor, wherever they were decoded
+        options.actor_locality_enabled = False
+        # the pools start whole before the first batch: every node gets its actor, rather
+        # than the first actor up taking every batch of a small run
+        context.wait_for_min_actors_s = ACTOR_START_S
         return self
 
     def __exit__(
@@ -377,22 +392,39 @@ class RayEngine:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> bool:
+        if self._context is not None:
+            context, bars, wait, locality = self._context
+            context.enable_progress_bars, context.wait_for_min_actors_s = bars, wait
+            context.execution_options.actor_locality_enabled = locality
+            self._context = None
         if self._own:
             _ray().shutdown()
             self._own = False
         return False
 
-    def _pool(self) -> dict[str, Any]:
-        """Resources of an actor pool: one GPU per actor when the cluster has GPUs; otherwise
-        one actor per node on half a CPU each, so the decoding tasks always find a CPU."""
+    def _resources(self) -> tuple[dict[str, Any], float]:
+        """Resources of an actor pool, and the CPUs of a decoding task.
+
+        With GPUs: one actor per GPU (one CPU each), decoding tasks of one CPU. Without:
+        one actor per node, on 60% of the smallest node's CPUs (more than half, so that no
+        node gets two), and decoding tasks on the rest (at most one CPU each), so that the
+        decoding always finds a CPU beside the actors."""
         ray = _ray()
         resources = ray.cluster_resources()
         gpus = int(resources.get("GPU", 0))
-        nodes = max(1, sum(1 for n in ray.nodes() if n.get("Alive")))
-        size = self.actors or (gpus or nodes)
+        alive = [n for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU", 0) > 0]
+
+        def pool(size: int) -> Any:
+            # two batches in flight per actor: the next one is there when a batch ends
+            return ray.data.ActorPoolStrategy(size=size, max_tasks_in_flight_per_actor=2)
+
         if gpus:
-            return {"concurrency": size, "num_gpus": 1, "num_cpus": 1}
-        return {"concurrency": size, "num_cpus": 0.5}
+            return {"compute": pool(self.actors or gpus), "num_gpus": 1, "num_cpus": 1}, 1.0
+        cpus = min((float(n["Resources"]["CPU"]) for n in alive), default=1.0)
+        return {
+            "compute": pool(self.actors or max(1, len(alive))),
+            "num_cpus": 0.6 * cpus,
+        }, min(1.0, 0.4 * cpus)
 
     def _record_nodes(self) -> None:
         if self._folder is None:
@@ -460,14 +492,14 @@ class RayEngine:
             fn_kwargs={"preprocess": model.preprocess, "side": model.preprocess.crop},
             batch_size=batch_size,
             batch_format="numpy",
-            num_cpus=0.5,
+            num_cpus=self._resources()[1],
         )
         ds = ds.map_batches(
             _Predictor,
             fn_constructor_kwargs={"spec": self.spec, "features": recorder is not None},
             batch_size=batch_size,
             batch_format="numpy",
-            **self._pool(),
+            **self._resources()[0],
         )
         pending: dict[int, list[dict[str, Any]]] = {}
         columns = ("shard", "pos", "path", "label", "error", "top5", "probs5", "loss")
@@ -614,7 +646,7 @@ class RayEngine:
             fn_constructor_kwargs={"spec": self.spec, "specs": self.specs},
             batch_size=1,
             batch_format="numpy",
-            **self._pool(),
+            **self._resources()[0],
         )
         folder = next(iter(files.values())).parent
         maps_dir = folder / "maps"
