@@ -349,7 +349,7 @@ class RayEngine:
         self.nodes: dict[str, set[str]] = {"decode": set(), "predict": set(), "explain": set()}
         self._own = False
         self._folder: Path | None = None
-        self._context: tuple[Any, bool, int, bool] | None = None
+        self._context: tuple[Any, bool, int] | None = None
 
     def __enter__(self) -> RayEngine:
         ray = _ray()
@@ -371,16 +371,8 @@ class RayEngine:
             # its context, even when nobody sets it
             warnings.simplefilter("ignore", DeprecationWarning)
             context = ray.data.DataContext.get_current()
-        options = context.execution_options
-        self._context = (
-            context,
-            context.enable_progress_bars,
-            context.wait_for_min_actors_s,
-            options.actor_locality_enabled,
-        )
+        self._context = (context, context.enable_progress_bars, context.wait_for_min_actors_s)
         context.enable_progress_bars = False
-        # batches go to the next free actor, wherever they were decoded
-        options.actor_locality_enabled = False
         # the pools start whole before the first batch: every node gets its actor, rather
         # than the first actor up taking every batch of a small run
         context.wait_for_min_actors_s = ACTOR_START_S
@@ -393,9 +385,8 @@ class RayEngine:
         tb: TracebackType | None,
     ) -> bool:
         if self._context is not None:
-            context, bars, wait, locality = self._context
+            context, bars, wait = self._context
             context.enable_progress_bars, context.wait_for_min_actors_s = bars, wait
-            context.execution_options.actor_locality_enabled = locality
             self._context = None
         if self._own:
             _ray().shutdown()
@@ -415,8 +406,9 @@ class RayEngine:
         alive = [n for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU", 0) > 0]
 
         def pool(size: int) -> Any:
-            # two batches in flight per actor: the next one is there when a batch ends
-            return ray.data.ActorPoolStrategy(size=size, max_tasks_in_flight_per_actor=2)
+            # one batch in flight per actor: a batch goes to the next free actor, not to the
+            # one beside the node that decoded it (Ray Data prefers those)
+            return ray.data.ActorPoolStrategy(size=size, max_tasks_in_flight_per_actor=1)
 
         if gpus:
             return {"compute": pool(self.actors or gpus), "num_gpus": 1, "num_cpus": 1}, 1.0
