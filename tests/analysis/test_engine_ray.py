@@ -35,7 +35,8 @@ SHARD = 4
 # RISE is seeded: its maps must not depend on which worker draws them
 METHODS = {"gradcam": {}, "rise": {"masks": 24, "cells": 4, "batch_size": 12}}
 
-# a model file whose forward kills its process once: when the marker file is there
+# a model file whose forward kills its process once, in a batch (not while loading): when the
+# marker file is there
 CRASHING_NET = """
 import os
 from pathlib import Path
@@ -44,13 +45,18 @@ class CrashOnce(nn.Module):
     def __init__(self, net):
         super().__init__()
         self.net = net
+        self.calls = 0
 
     def forward(self, x):
-        try:
-            Path(MARKER).unlink()
-        except FileNotFoundError:
-            return self.net(x)
-        os._exit(1)
+        self.calls += 1  # the first call is load_model's probe of the output size
+        if self.calls > 1:
+            try:
+                Path(MARKER).unlink()
+            except FileNotFoundError:
+                pass
+            else:
+                os._exit(1)
+        return self.net(x)
 
 def build_crashing():
     return CrashOnce(build())
@@ -119,7 +125,8 @@ def run(data: dict[str, Path], out: Path, engine: str = "ray", **kw: Any) -> Ana
     model_spec = kw.pop("model_spec", spec(data["dir"]))
     if engine == "ray":
         kw["model_spec"] = model_spec
-    return analyze(model_spec(), data["data"], out, **kw)
+    model = kw.pop("model", None) or model_spec()
+    return analyze(model, data["data"], out, **kw)
 
 
 @pytest.fixture
@@ -221,6 +228,7 @@ def test_driver_killed_then_worker_killed_same_results(
     marker = tmp_path / "crash-once"
     source = f"MARKER = {str(marker)!r}\n" + tiny_net_source(seed=1) + CRASHING_NET
     (tmp_path / "crashing.py").write_text(source)
+    (tmp_path / "labels.txt").write_text((data["dir"] / "labels.txt").read_text())
     crashing = spec(tmp_path, "crashing.py:build_crashing")
     kw: dict[str, Any] = {"top_errors": 0, "faithfulness": False, "model_spec": crashing}
     finished: list[Path] = []
@@ -255,8 +263,9 @@ def test_driver_killed_then_worker_killed_same_results(
         return original(self, store, rows, file, thumbs, recorder)
 
     monkeypatch.setattr(engine_ray.RayEngine, "_finish_shard", counted)
+    driver = crashing()  # loaded before the marker: only an actor dies on it
     marker.touch()
-    result = run(data, out, **kw)
+    result = run(data, out, model=driver, **kw)
     assert not marker.exists()  # an actor died on it; Ray restarted it and retried its batch
     shards = sorted((out / "ray" / "predictions").glob("shard-*.parquet"))
     assert len(shards) == 4  # 13 images in shards of 4

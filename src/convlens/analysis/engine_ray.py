@@ -393,7 +393,7 @@ class RayEngine:
             self._own = False
         return False
 
-    def _resources(self) -> tuple[dict[str, Any], float]:
+    def _resources(self, most: int | None = None) -> tuple[dict[str, Any], float]:
         """Resources of an actor pool, and the CPUs of a decoding task.
 
         With GPUs: one actor per GPU (one CPU each), decoding tasks of one CPU. Without:
@@ -406,6 +406,7 @@ class RayEngine:
         alive = [n for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU", 0) > 0]
 
         def pool(size: int) -> Any:
+            size = max(1, min(size, most or size))  # no more actors than inputs
             # one batch in flight per actor: a batch goes to the next free actor, not to the
             # one beside the node that decoded it (Ray Data prefers those)
             return ray.data.ActorPoolStrategy(size=size, max_tasks_in_flight_per_actor=1)
@@ -491,7 +492,7 @@ class RayEngine:
             fn_constructor_kwargs={"spec": self.spec, "features": recorder is not None},
             batch_size=batch_size,
             batch_format="numpy",
-            **self._resources()[0],
+            **self._resources(most=math.ceil(len(rows) / batch_size))[0],
         )
         pending: dict[int, list[dict[str, Any]]] = {}
         columns = ("shard", "pos", "path", "label", "error", "top5", "probs5", "loss")
@@ -638,7 +639,7 @@ class RayEngine:
             fn_constructor_kwargs={"spec": self.spec, "specs": self.specs},
             batch_size=1,
             batch_format="numpy",
-            **self._resources()[0],
+            **self._resources(most=len(rows))[0],
         )
         folder = next(iter(files.values())).parent
         maps_dir = folder / "maps"
