@@ -922,7 +922,9 @@ def analyze(
 
     Raises:
         InputError: no images found, bad arguments, an unknown method or option (the valid
-            ones are listed).
+            ones are listed); an unknown engine, ``address`` or ``model_spec`` without
+            ``engine="ray"``, ``engine="ray"`` without ``model_spec`` or without Ray Data
+            installed, or a Ray cluster that cannot be joined.
         RunFolderError: another process is writing ``out_dir`` (it holds the folder's lock),
             or ``out_dir`` holds a run of other data, another model or other classes.
         OutputError: a file cannot be written (full disk, permissions; the message names it);
