@@ -15,7 +15,7 @@ import json
 import logging
 import math
 import stat
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -45,7 +45,7 @@ from convlens.analysis.stats import (
     reliability_figure,
 )
 from convlens.analysis.store import Prediction, PredictionStore, image_id
-from convlens.atomic import atomic_write_text, is_complete, save_image
+from convlens.atomic import atomic_write_bytes, atomic_write_text, is_complete, save_image
 from convlens.errors import ConvlensError, InputError, RunFolderError
 from convlens.models.base import ConvlensModel
 from convlens.models.preprocess import Preprocess
@@ -177,6 +177,19 @@ class _ImageSet(Dataset):
         return i, x, ""
 
 
+THUMB_QUALITY = 85
+"""JPEG quality of the report's thumbnails."""
+
+
+def _thumbnail(image: Image.Image) -> Image.Image:
+    """The report's thumbnail of ``image`` (at most :data:`THUMB_SIDE` pixels a side)."""
+    small = image.copy()
+    small.thumbnail((THUMB_SIDE, THUMB_SIDE))
+    if small.mode not in ("RGB", "L"):
+        small = small.convert("RGB")
+    return small
+
+
 def _write_thumbnail(image: Image.Image, thumb: Path) -> None:
     """Write the report's thumbnail of ``image`` unless a complete one is there already.
 
@@ -185,12 +198,8 @@ def _write_thumbnail(image: Image.Image, thumb: Path) -> None:
     """
     if is_complete(thumb):
         return
-    small = image.copy()
-    small.thumbnail((THUMB_SIDE, THUMB_SIDE))
-    if small.mode not in ("RGB", "L"):
-        small = small.convert("RGB")
     try:
-        save_image(small, thumb, quality=85)
+        save_image(_thumbnail(image), thumb, quality=THUMB_QUALITY)
     except OSError as exc:
         log.warning("no thumbnail for the report: %s", exc)
 
@@ -322,6 +331,16 @@ class _FeatureRecorder:
         bias = None if fc.bias is None else fc.bias.detach()
         self.head = GapHead(LayerRef(""), capture.fc_name, fc.weight.detach(), bias)
         self.cache = FeatureCache(self.folder / FEATURES_FILE, self.head)
+
+    def adopt(self, fc_name: str | None) -> None:
+        """Take the classifier a prediction pass elsewhere found by name (another process:
+        the Ray engine's actors); its feature layer is confirmed after the pass, as for
+        :meth:`found`."""
+        if self.cache is not None:
+            return
+        self.checked = True
+        self.capture = FeatureCapture(fc_name)
+        self.found()
 
     def confirm(self, x: torch.Tensor) -> None:
         """Check that the classifier found reads a global average of a feature map (one pass
@@ -650,6 +669,86 @@ def _panels_stamp(out: Path, config: str) -> None:
         atomic_write_text(stamp, config)
 
 
+def _explain_chunk(
+    model: ConvlensModel,
+    part: Sequence[Prediction],
+    methods: Mapping[str, Method],
+    files: Mapping[str, Path],
+    need_panel: set[str] | frozenset[str],
+    need_score: set[str] | frozenset[str],
+    *,
+    batch_size: int,
+    maps: Path | None = None,
+) -> tuple[list[tuple[str, str]], Scores]:
+    """Explain one chunk of examined images (one :func:`~convlens.api.explain` call for both
+    targets): draw the panels of ``need_panel`` into ``files``, and score the predicted class's
+    maps of ``need_score``. With ``maps``, each image's maps are also saved there as
+    ``ID.npy`` (methods in order, then predicted and true class: ``(M, 2, H, W)``).
+
+    The engines share it (the Ray engine runs it in its actors), so both draw and score the
+    same chunks the same way.
+
+    Returns:
+        ``(path, reason)`` of the images unreadable now whose panel was due (those whose
+        scores only were due are logged), and the scores by image id.
+    """
+    from convlens.api import explain
+    from convlens.render import save_figure, side_by_side_figure
+
+    chunk, x, failed = _load_readable(model, part)
+    due = {p.path for p in part if p.id in need_panel}
+    unreadable: list[tuple[str, str]] = []
+    for path, reason in failed:
+        if path in due:
+            log.warning("cannot explain %s, unreadable now: %s", path, reason)
+            unreadable.append((path, reason))
+        else:
+            log.warning("cannot score the maps of %s, unreadable now: %s", path, reason)
+    if x is None:
+        return unreadable, {}
+    x = x.to(model.device)
+    # both targets in one call: one sweep of a perturbation method serves both
+    both = torch.tensor([[p.pred, int(p.label or 0)] for p in chunk], device=model.device)
+    results = explain(model, x, list(methods.values()), target=both)
+    for i, p in enumerate(chunk):
+        if maps is not None:
+            stacked = torch.stack([exp.maps[i] for exp in results.values()])
+            atomic_write_bytes(maps / f"{p.id}.npy", _npy(stacked.detach().cpu().numpy()))
+        if p.id not in need_panel:
+            continue
+        panels = {}
+        for m, exp in results.items():
+            panels[f"{m}: predicted"] = _one_target(exp, 0)
+            panels[f"{m}: true"] = _one_target(exp, 1)
+        fig = side_by_side_figure(panels, i)
+        save_figure(fig, files[p.id])
+        fig.clear()
+    rows = [i for i, p in enumerate(chunk) if p.id in need_score]
+    if not rows:
+        return unreadable, {}
+    sel = torch.tensor(rows, device=model.device)
+    scores = score_maps(
+        model,
+        x[sel],
+        {m: exp.maps[sel, 0] for m, exp in results.items()},
+        both[sel, 0],
+        [chunk[i].id for i in rows],
+        batch_size=batch_size,
+    )
+    return unreadable, scores
+
+
+def _npy(array: Any) -> bytes:
+    """``array`` in NumPy's ``.npy`` format."""
+    import io
+
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
 def _explain_errors(
     model: ConvlensModel,
     examined: Sequence[Prediction],
@@ -660,6 +759,7 @@ def _explain_errors(
     batch_size: int,
     progress: bool,
     faithfulness: bool = True,
+    engine: Any = None,
 ) -> _Explained:
     """Side-by-side panels (predicted vs true class) of each examined image, cached as PNGs,
     and the faithfulness scores of the predicted class's maps, cached in ``faithfulness.json``.
@@ -669,10 +769,11 @@ def _explain_errors(
     or (with ``faithfulness``) its scores are; the scores are saved after each chunk. An image
     that can no longer be read (deleted or corrupted since the prediction pass) is skipped and
     returned as ``(path, reason)`` if its panel was due (if only its scores were, it is logged).
-    """
-    from convlens.api import explain
-    from convlens.render import save_figure, side_by_side_figure
 
+    The chunks (``batch_size`` images each, in order) are explained here one after the other,
+    or by ``engine`` (:mod:`convlens.analysis.engine_ray`), which runs the same
+    :func:`_explain_chunk` on each chunk elsewhere and yields the results as they come.
+    """
     out.mkdir(parents=True, exist_ok=True)
     _panels_stamp(out, config)
     files = {p.id: out / f"{p.id}.png" for p in examined}
@@ -687,51 +788,29 @@ def _explain_errors(
         scoring = (
             bar.add_task("scoring maps", total=len(need_score)) if bar and need_score else None
         )
-        for start in range(0, len(todo), batch_size):
-            part = todo[start : start + batch_size]
-            chunk, x, failed = _load_readable(model, part)
-            due = {p.path for p in part if p.id in need_panel}
-            for path, reason in failed:
-                if path in due:
-                    log.warning("cannot explain %s, unreadable now: %s", path, reason)
-                    unreadable.append((path, reason))
-                else:
-                    log.warning("cannot score the maps of %s, unreadable now: %s", path, reason)
-            if x is not None:
-                x = x.to(model.device)
-                # both targets in one call: one sweep of a perturbation method serves both
-                both = torch.tensor(
-                    [[p.pred, int(p.label or 0)] for p in chunk], device=model.device
+        parts = [todo[start : start + batch_size] for start in range(0, len(todo), batch_size)]
+        done: Iterable[tuple[Sequence[Prediction], list[tuple[str, str]], Scores]] = (
+            engine.explain_chunks(parts, files, need_panel, need_score, batch_size=batch_size)
+            if engine is not None
+            else (
+                (
+                    part,
+                    *_explain_chunk(
+                        model, part, methods, files, need_panel, need_score, batch_size=batch_size
+                    ),
                 )
-                results = explain(model, x, list(methods.values()), target=both)
-                for i, p in enumerate(chunk):
-                    if p.id not in need_panel:
-                        continue
-                    panels = {}
-                    for m, exp in results.items():
-                        panels[f"{m}: predicted"] = _one_target(exp, 0)
-                        panels[f"{m}: true"] = _one_target(exp, 1)
-                    fig = side_by_side_figure(panels, i)
-                    save_figure(fig, files[p.id])
-                    fig.clear()
-                rows = [i for i, p in enumerate(chunk) if p.id in need_score]
-                if cache is not None and rows:
-                    sel = torch.tensor(rows, device=model.device)
-                    cache.update(
-                        score_maps(
-                            model,
-                            x[sel],
-                            {m: exp.maps[sel, 0] for m, exp in results.items()},
-                            both[sel, 0],
-                            [chunk[i].id for i in rows],
-                            batch_size=batch_size,
-                        )
-                    )
-                    cache.save()
-                    if bar is not None and scoring is not None:
-                        bar.advance(scoring, len(rows))
+                for part in parts
+            )
+        )
+        for part, failed, scores in done:
+            unreadable += failed
+            if cache is not None and scores:
+                cache.update(scores)
+                cache.save()
+                if bar is not None and scoring is not None:
+                    bar.advance(scoring, len(scores))
             if bar is not None:
-                bar.advance(task, len(chunk) + len(failed))
+                bar.advance(task, len(part))
     panels = {k: f for k, f in files.items() if is_complete(f)}
     scores = {} if cache is None else {k: cache.scores[k] for k in panels if cache.has(k, names)}
     return _Explained(panels, unreadable, scores)
@@ -780,6 +859,9 @@ def analyze(
     progress: bool = True,
     faithfulness: bool = True,
     failure_modes: bool = True,
+    engine: str = "local",
+    address: str | None = None,
+    model_spec: Callable[[], ConvlensModel] | None = None,
 ) -> AnalysisResult:
     """Error analysis of a classifier over a labelled image set, with a browsable report.
 
@@ -825,13 +907,24 @@ def analyze(
         failure_modes: cluster the mistakes by the penultimate features of the prediction pass
             and rank the clusters, with the channels that push each towards the wrong class
             (:mod:`convlens.analysis.failure_modes`; GAP + linear heads); ``False`` skips it.
+        engine: ``"local"`` (this process) or ``"ray"``: the prediction pass and the
+            explanations on a Ray cluster (:mod:`convlens.analysis.engine_ray`; needs
+            ``pip install convlens[ray]``), into the same store, metrics and report.
+        address: the Ray cluster to join (``ray.init(address=...)``, e.g. ``"auto"`` or
+            ``"HOST:6379"``; ``engine="ray"`` only). Default: the one this process is connected
+            to, else a new local one.
+        model_spec: for ``engine="ray"``: a picklable callable without arguments that builds
+            ``model`` (e.g. ``functools.partial(load_model, "net.py:build", weights="w.pt")``);
+            each worker rebuilds the model with it (the network itself is never pickled).
 
     Returns:
         The :class:`AnalysisResult`.
 
     Raises:
         InputError: no images found, bad arguments, an unknown method or option (the valid
-            ones are listed).
+            ones are listed); an unknown engine, ``address`` or ``model_spec`` without
+            ``engine="ray"``, ``engine="ray"`` without ``model_spec`` or without Ray Data
+            installed, or a Ray cluster that cannot be joined.
         RunFolderError: another process is writing ``out_dir`` (it holds the folder's lock),
             or ``out_dir`` holds a run of other data, another model or other classes.
         OutputError: a file cannot be written (full disk, permissions; the message names it);
@@ -847,11 +940,12 @@ def analyze(
 
     specs = _method_specs(methods, method_options)
     instances = build_methods(specs)  # checks names and options before any work
+    runner = _engine(engine, address, model_spec, specs)
     out = Path(out_dir)
     items = [(str(p), lbl) for p, lbl in read_labelled(data, model.classes, limit=limit)]
     if not items:
         raise InputError(f"no images found in {data}")
-    with lock_folder(out, "analyze"):
+    with lock_folder(out, "analyze"), runner if runner is not None else contextlib.nullcontext():
         return _analyze_locked(
             model,
             data,
@@ -865,7 +959,32 @@ def analyze(
             progress=progress,
             faithfulness=faithfulness,
             failure_modes=failure_modes,
+            engine=runner,
         )
+
+
+ENGINES = ("local", "ray")
+"""The engines of :func:`analyze`."""
+
+
+def _engine(
+    engine: object,
+    address: str | None,
+    model_spec: Callable[[], ConvlensModel] | None,
+    specs: Mapping[str, Mapping[str, Any]],
+) -> Any:
+    """The engine object of ``engine`` (``None``: this process), its arguments checked."""
+    if engine not in ENGINES:
+        raise InputError(f"engine {engine!r} is not one of: {', '.join(ENGINES)}")
+    if engine == "local":
+        if address is not None:
+            raise InputError("--address is for --engine ray (the local engine joins no cluster)")
+        if model_spec is not None:
+            raise InputError("model_spec is for engine='ray' (the local engine uses the model)")
+        return None
+    from convlens.analysis.engine_ray import RayEngine
+
+    return RayEngine(model_spec, specs, address=address)
 
 
 def _run_meta(model: ConvlensModel, data: str | Path) -> dict[str, object]:
@@ -917,8 +1036,11 @@ def _analyze_locked(
     progress: bool,
     faithfulness: bool,
     failure_modes: bool = True,
+    engine: Any = None,
 ) -> AnalysisResult:
-    """:func:`analyze` in the run folder ``out``, whose lock is held."""
+    """:func:`analyze` in the run folder ``out``, whose lock is held; ``engine``: ``None``
+    (this process) or the engine that predicts and explains (it is given the same store,
+    feature recorder and explanation caches)."""
     names = list(instances)
     thumbs = out / "thumbs"
     thumbs.mkdir(parents=True, exist_ok=True)
@@ -929,7 +1051,7 @@ def _analyze_locked(
         store.set_meta(**meta)
         recorder = _FeatureRecorder(model, out / FAILURE_MODES_DIR) if failure_modes else None
         try:
-            _infer(
+            (_infer if engine is None else engine.infer)(
                 model,
                 store,
                 items,
@@ -974,6 +1096,7 @@ def _analyze_locked(
         batch_size=batch_size,
         progress=progress,
         faithfulness=faithfulness,
+        engine=engine,
     )
     if faithfulness:
         metrics["faithfulness"] = summarize(explained.faithfulness)

@@ -65,6 +65,20 @@ def analyze(
             "(models ending in global average pooling and a linear layer).",
         ),
     ] = True,
+    engine: Annotated[
+        str,
+        typer.Option(
+            help="Where to run the prediction pass and the explanations: local (this process) "
+            "or ray (a Ray cluster; pip install 'convlens[ray]'; docs/scale.md).",
+        ),
+    ] = "local",
+    address: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(
+            help="With --engine ray: the cluster to join (auto, or HOST:PORT of `ray start "
+            "--head`); default: a new local one.",
+        ),
+    ] = None,
     batch_size: BatchSizeOpt = 32,
     workers: WorkersOpt = 0,
     limit: LimitOpt = None,
@@ -72,9 +86,15 @@ def analyze(
 ) -> None:
     """Find where and why the model errs: metrics, calibration, explained mistakes."""
     from convlens.analysis import analyze as run_analysis
+    from convlens.analysis.run import ENGINES
+    from convlens.errors import InputError
     from convlens.methods.options import parse_method_options
 
     options = parse_method_options(method_option or [])
+    if engine not in ENGINES:
+        raise InputError(f"--engine {engine!r} is not one of: {', '.join(ENGINES)}")
+    if address is not None and engine != "ray":
+        raise InputError("--address is for --engine ray (the local engine joins no cluster)")
     net = model_options.load()
     result = run_analysis(
         net,
@@ -89,6 +109,10 @@ def analyze(
         progress=True,
         faithfulness=faithfulness,
         failure_modes=failure_modes,
+        engine=engine,
+        address=address,
+        # the workers rebuild the model from its options (the network is not pickled)
+        model_spec=model_options.load if engine == "ray" else None,
     )
     m = result.metrics
     say(
