@@ -13,7 +13,14 @@ from convlens.render import html
 def test_every_static_file_can_be_inlined() -> None:
     static = resources.files("convlens") / "static"
     names = sorted(f.name for f in static.iterdir() if f.name.endswith((".css", ".js")))
-    assert names == ["features.css", "report.css", "report.js"]
+    assert names == [
+        "features.css",
+        "report.css",
+        "report.js",
+        "serve.css",
+        "serve.js",
+        "serve_features.js",
+    ]
     for name in names:
         assert str(html.static_text(name)).strip()
 
