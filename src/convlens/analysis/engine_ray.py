@@ -480,13 +480,19 @@ class RayEngine:
             for i, (p, lbl) in enumerate(shard)
         ]
         ds = ray.data.from_items(rows, override_num_blocks=max(1, len(todo)))
-        ds = ds.map_batches(
-            _decode,
-            fn_kwargs={"preprocess": model.preprocess, "side": model.preprocess.crop},
-            batch_size=batch_size,
-            batch_format="numpy",
-            num_cpus=self._resources()[1],
-        )
+        with warnings.catch_warnings():
+            # Ray 2.60 deprecates free remote arguments (removal announced for 2.64) and has
+            # no named parameter for a scheduling strategy yet
+            warnings.simplefilter("ignore", DeprecationWarning)
+            ds = ds.map_batches(
+                _decode,
+                fn_kwargs={"preprocess": model.preprocess, "side": model.preprocess.crop},
+                batch_size=batch_size,
+                batch_format="numpy",
+                num_cpus=self._resources()[1],
+                # spread over the nodes rather than packed beside the data (Ray's default)
+                scheduling_strategy="SPREAD",
+            )
         ds = ds.map_batches(
             _Predictor,
             fn_constructor_kwargs={"spec": self.spec, "features": recorder is not None},
