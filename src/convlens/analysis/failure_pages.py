@@ -15,7 +15,7 @@ to ``metrics.json`` (``failure_modes.evidence``):
    the shown channels per image).
    Only the ``k`` top images of the shown channels (and the representatives) go through the
    network again, once, up to the feature layer (the layer found as the feature browser's scan
-   does, :func:`convlens.features.scan._probe`: a saturating activation such as ReLU6 is read
+   does, :func:`convlens.features.scan.probe_layers`: a saturating activation such as ReLU6 is read
    before its clip). Each patch is a square of ``clamp(3 * stride, 32, image)`` pixels centred
    on the strongest unit's place on the grid, ``((y + 1/2) H / h, (x + 1/2) W / w)``: the last
    feature map's receptive field is the whole image (851 px for EfficientNet-Lite0 at 224 px),
@@ -149,7 +149,7 @@ def _evidence(
     out: Path,
     batch_size: int,
 ) -> dict[str, Any]:
-    from convlens.features.scan import _probe
+    from convlens.features.scan import probe_layers
     from convlens.hooks.state import model_state
 
     by_id = {p.id: p for p in predictions}
@@ -191,7 +191,7 @@ def _evidence(
         kept["effect_sizes"] = _effect_sizes(modes, predictions, features)
         return kept
     with model_state(model.net, eval_mode=True, grads=False), torch.no_grad():
-        probed = _probe(model.net, {str(layer): layer}, (crop, crop))[str(layer)]
+        probed = probe_layers(model.net, {str(layer): layer}, (crop, crop))[str(layer)]
     source = probed.source
     _, _, h, w = probed.shape
     stride = (crop / h, crop / w)
