@@ -527,3 +527,60 @@ def test_failure_mode_pages_in_headless_chromium(setup) -> None:
             if mode is not result.failure_modes[-1]:
                 page.click("text=next failure mode")
     assert errors == []
+
+
+# --- token layers (vision transformers) ----------------------------------------------------------
+
+
+def _zoo_model(net: torch.nn.Module) -> ConvlensModel:
+    from convlens.models.classes import ClassList
+
+    net.head = torch.nn.Linear(net.head.in_features, len(CLASSES))  # the data set's 3 classes
+    return ConvlensModel(
+        net=net.eval(), preprocess=Preprocess(resize=36, crop=32), classes=ClassList(CLASSES)
+    )
+
+
+def test_failure_mode_pages_of_torchvision_swin_read_channels_not_rows(setup) -> None:
+    """torchvision Swin's head layer is ``permute`` (B, C, h, w), probed as its source, the final
+    norm, whose output is (B, h, w, C): the pages map it back to channels. Each patch's value
+    and unit equal those of the channel of ``permute(norm(features(x)))`` computed here."""
+    from tests.helpers.zoo import torchvision_swin
+
+    torch.manual_seed(0)
+    model = _zoo_model(torchvision_swin())
+    result = run(model, setup)
+    info = result.metrics["failure_modes"]
+    assert info["skipped"] is None and result.failure_modes
+    ev = info["evidence"]
+    assert "skipped" not in ev, ev.get("skipped")  # no note: the pages were made
+    assert ev["source"] == "norm@0" and info["layer"] == "permute"
+    net = model.net
+    x = torch.stack([model.preprocess(load_image(p.path)) for p in result.predictions])
+    with torch.no_grad():
+        maps = net.permute(net.norm(net.features(x)))
+    assert maps.shape[1] > maps.shape[2]  # more channels than rows: rows would be out of range
+    row = {p.id: n for n, p in enumerate(result.predictions)}
+    checked = 0
+    for c, entry in ev["channels"].items():
+        for q in entry["patches"]:
+            a = maps[row[q["id"]], int(c)]
+            assert q["value"] == pytest.approx(float(a.max()), abs=1e-5)
+            y, x_ = q["unit"]
+            assert float(a[y, x_]) == pytest.approx(float(a.max()), abs=1e-6)
+            checked += 1
+    assert checked > 0
+
+
+def test_an_unexpected_error_in_the_pages_is_a_note_not_a_traceback(setup, monkeypatch) -> None:
+    from convlens.analysis import failure_pages
+
+    def broken(*args: object, **kw: object) -> None:
+        raise RuntimeError("planted bug")
+
+    monkeypatch.setattr(failure_pages, "_evidence", broken)
+    result = run(make_model(setup["dir"]), setup)
+    ev = result.metrics["failure_modes"]["evidence"]
+    assert "RuntimeError: planted bug" in ev["skipped"] and ev["channels"] == {}
+    page = setup["run"] / "report" / "failure_modes" / f"mode-{result.failure_modes[0].rank}.html"
+    assert "planted bug" in page.read_text()
