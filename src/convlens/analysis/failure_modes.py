@@ -37,9 +37,10 @@ average pooling and one linear layer (``logits = W f + b``, ``f = mean_hw(A)``; 
    the mean activation of its mistakes and of the correctly classified images of the same true
    classes, as Cohen's d (pooled standard deviation).
 
-Other heads (:func:`gradient_failure_modes`): the last feature map's spatial mean is
-clustered, and the channels come from gradient x activation (:func:`gradient_contributions`),
-a first-order estimate that equals the exact decomposition on a GAP + linear head; which one
+Other heads (:func:`gradient_failure_modes`): the last feature map's spatial mean (for a
+ViT or DeiT, the mean over the patch tokens of its default layer) is clustered, and the
+channels come from gradient x activation (:func:`gradient_contributions`), a first-order
+estimate that equals the exact decomposition on a GAP + linear head; which one
 was used is ``push_kind`` (``"exact"`` or ``"gradient"``) in ``metrics.json``. The page of each
 cluster (patches, channel maps) is :mod:`convlens.analysis.failure_pages`; channel indices are
 those of :attr:`GapHead.layer`, the layer the feature browser works on.
