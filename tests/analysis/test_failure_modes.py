@@ -527,3 +527,127 @@ def test_failure_mode_pages_in_headless_chromium(setup) -> None:
             if mode is not result.failure_modes[-1]:
                 page.click("text=next failure mode")
     assert errors == []
+
+
+# --- token layers (vision transformers) ----------------------------------------------------------
+
+
+def _zoo_model(net: torch.nn.Module) -> ConvlensModel:
+    from convlens.models.classes import ClassList
+
+    net.head = torch.nn.Linear(net.head.in_features, len(CLASSES))  # the data set's 3 classes
+    return ConvlensModel(
+        net=net.eval(), preprocess=Preprocess(resize=36, crop=32), classes=ClassList(CLASSES)
+    )
+
+
+def test_failure_mode_pages_of_torchvision_swin_read_channels_not_rows(setup) -> None:
+    """torchvision Swin's head layer is ``permute`` (B, C, h, w), probed as its source, the final
+    norm, whose output is (B, h, w, C): the pages map it back to channels. Each patch's value
+    and unit equal those of the channel of ``permute(norm(features(x)))`` computed here."""
+    from tests.helpers.zoo import torchvision_swin
+
+    torch.manual_seed(0)
+    model = _zoo_model(torchvision_swin())
+    result = run(model, setup)
+    info = result.metrics["failure_modes"]
+    assert info["skipped"] is None and result.failure_modes
+    ev = info["evidence"]
+    assert "skipped" not in ev, ev.get("skipped")  # no note: the pages were made
+    assert ev["source"] == "norm@0" and info["layer"] == "permute"
+    net = model.net
+    x = torch.stack([model.preprocess(load_image(p.path)) for p in result.predictions])
+    with torch.no_grad():
+        maps = net.permute(net.norm(net.features(x)))
+    assert maps.shape[1] > maps.shape[2]  # more channels than rows: rows would be out of range
+    row = {p.id: n for n, p in enumerate(result.predictions)}
+    checked = 0
+    for c, entry in ev["channels"].items():
+        for q in entry["patches"]:
+            a = maps[row[q["id"]], int(c)]
+            assert q["value"] == pytest.approx(float(a.max()), abs=1e-5)
+            y, x_ = q["unit"]
+            assert float(a[y, x_]) == pytest.approx(float(a.max()), abs=1e-6)
+            checked += 1
+    assert checked > 0
+
+
+def test_an_unexpected_error_in_the_pages_is_a_note_not_a_traceback(setup, monkeypatch) -> None:
+    from convlens.analysis import failure_pages
+
+    def broken(*args: object, **kw: object) -> None:
+        raise RuntimeError("planted bug")
+
+    monkeypatch.setattr(failure_pages, "_evidence", broken)
+    result = run(make_model(setup["dir"]), setup)
+    ev = result.metrics["failure_modes"]["evidence"]
+    assert "RuntimeError: planted bug" in ev["skipped"] and ev["channels"] == {}
+    page = setup["run"] / "report" / "failure_modes" / f"mode-{result.failure_modes[0].rank}.html"
+    assert "planted bug" in page.read_text()
+
+
+def _vit_by_autograd(
+    net: torch.nn.Module, x: torch.Tensor, pred: torch.Tensor, true: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradient x activation over the patch tokens of ``blocks.1.norm1`` (token 0 is the class
+    token), by a plain forward hook and autograd: ``(r (N, C), mean over patch tokens (N, C))``."""
+    seen: list[torch.Tensor] = []
+
+    def keep(_m: object, _a: object, out: torch.Tensor) -> None:
+        out.retain_grad()
+        seen.append(out)
+
+    handle = net.blocks[1].norm1.register_forward_hook(keep)
+    try:
+        logits = net(x)
+    finally:
+        handle.remove()
+    rows = torch.arange(len(x))
+    (logits[rows, pred] - logits[rows, true]).sum().backward()
+    a, g = seen[0].detach()[:, 1:], seen[0].grad[:, 1:]
+    net.zero_grad(set_to_none=True)
+    return (g * a).sum(dim=1), a.mean(dim=1)
+
+
+def test_gradient_fallback_on_a_vit_token_layer_against_autograd() -> None:
+    from convlens import LayerError
+    from tests.helpers.zoo import timm_vit
+
+    torch.manual_seed(0)
+    net = timm_vit().eval()
+    x = images(3, size=32, seed=4).float()
+    pred, true = torch.tensor([0, 3, 1]), torch.tensor([2, 1, 4])
+    contrib, pooled, margin = fm.gradient_contributions(net, x, "blocks.1.norm1", pred, true)
+    expected, mean = _vit_by_autograd(net, x, pred, true)
+    torch.testing.assert_close(contrib, expected, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(pooled, mean)
+    with torch.no_grad():
+        logits = net(x)
+    torch.testing.assert_close(
+        margin, logits[torch.arange(3), pred] - logits[torch.arange(3), true]
+    )
+    assert not any(p.grad is not None for p in net.parameters())
+    with pytest.raises(LayerError, match="no \\(N, C, H, W\\) or token output"):
+        fm.gradient_contributions(net, x, "head", pred, true)  # (N, classes): no map
+
+
+def test_analyze_finds_gradient_failure_modes_on_a_vit(setup) -> None:
+    from tests.helpers.zoo import timm_vit
+
+    torch.manual_seed(0)
+    model = _zoo_model(timm_vit())
+    result = run(model, setup)
+    info = result.metrics["failure_modes"]
+    assert info["skipped"] is None and info["push_kind"] == "gradient"
+    assert info["layer"] == "blocks.1.norm1" and result.failure_modes
+    assert all(c["push_kind"] == "gradient" for c in info["clusters"])
+    assert "skipped" not in info["evidence"], info["evidence"].get("skipped")
+    by_id = {p.id: p for p in result.predictions}
+    for mode in result.failure_modes:
+        ps = [by_id[i] for i in mode.errors_ids]
+        x = torch.stack([model.preprocess(load_image(p.path)) for p in ps])
+        pred = torch.tensor([p.pred for p in ps])
+        true = torch.tensor([int(p.label or 0) for p in ps])
+        r, _ = _vit_by_autograd(model.net, x, pred, true)
+        for c in mode.push_channels:
+            assert c["contribution"] == pytest.approx(float(r.mean(0)[c["channel"]]), abs=1e-4)

@@ -239,6 +239,22 @@ def test_saturating_activation_is_ranked_before_the_clip(folder: Path) -> None:
     assert float(layer.top.values.max()) > 6.0  # values before ReLU6, not tied at 6
 
 
+def test_probe_layers_is_public_and_reads_a_saturating_layer_before_its_clip() -> None:
+    """The public probe (used by the failure-mode pages) gives the shape of the layer's map,
+    computed here by a plain forward pass, and the module read before a ReLU6."""
+    from convlens.architecture import parse_layer
+    from convlens.features.scan import probe_layers
+
+    net = Saturating().eval()
+    with torch.no_grad():
+        expected = net.act(net.bn(net.conv(torch.zeros(1, 3, 20, 24)))).shape
+    probed = probe_layers(net, {"act": parse_layer("act"), "conv": parse_layer("conv")}, (20, 24))
+    assert probed["act"].shape == tuple(expected) and probed["conv"].shape == tuple(expected)
+    assert probed["act"].source.name == "bn" and probed["act"].clip == 6.0
+    assert probed["conv"].source.name == "conv" and probed["conv"].clip is None
+    assert probed["act"].layout is None
+
+
 @pytest.mark.parametrize(
     ("layers", "channels", "error", "message"),
     [

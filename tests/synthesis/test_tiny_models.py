@@ -8,7 +8,13 @@ import torch
 import convlens
 from convlens.metrics import baseline_map, boxes_to_masks, pointing_game
 from convlens.synthesis.known_cause import known_cause_batch
-from convlens.synthesis.tiny_models import TinyCNN, TinyViT, tiny_model, train_known_cause
+from convlens.synthesis.tiny_models import (
+    TinyCNN,
+    TinyViT,
+    tiny_model,
+    train_known_cause,
+    train_steps,
+)
 from tests.helpers.paths import REPO
 
 CHECKPOINTS = REPO / "benchmarks" / "known_cause"
@@ -62,6 +68,26 @@ def test_training_is_seeded() -> None:
     (la, sa, wa), (lb, _, wb) = run(), run()
     assert la == lb and torch.equal(wa, wb)
     assert not torch.equal(sa, wa)
+
+
+def test_train_steps_leaves_eval_mode_without_gradients() -> None:
+    """After training, and after a step that raises, the net is in eval mode with no .grad."""
+    torch.manual_seed(0)
+    net = TinyCNN(width=4)
+    images, labels = torch.rand(4, 3, 64, 64), torch.tensor([0, 1, 2, 3])
+    train_steps(net, 2, lambda t: (images, labels), warmup=1)
+    assert not net.training
+    assert all(p.grad is None for p in net.parameters())
+
+    def failing(t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if t == 1:
+            raise RuntimeError("batch failed")
+        return images, labels
+
+    with pytest.raises(RuntimeError, match="batch failed"):
+        train_steps(net, 3, failing, warmup=1)
+    assert not net.training
+    assert all(p.grad is None for p in net.parameters())
 
 
 def test_stored_cnn_accurate_and_gradcam_points_at_the_object() -> None:

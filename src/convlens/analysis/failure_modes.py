@@ -37,9 +37,10 @@ average pooling and one linear layer (``logits = W f + b``, ``f = mean_hw(A)``; 
    the mean activation of its mistakes and of the correctly classified images of the same true
    classes, as Cohen's d (pooled standard deviation).
 
-Other heads (:func:`gradient_failure_modes`): the last feature map's spatial mean is
-clustered, and the channels come from gradient x activation (:func:`gradient_contributions`),
-a first-order estimate that equals the exact decomposition on a GAP + linear head; which one
+Other heads (:func:`gradient_failure_modes`): the last feature map's spatial mean (for a
+ViT or DeiT, the mean over the patch tokens of its default layer) is clustered, and the
+channels come from gradient x activation (:func:`gradient_contributions`), a first-order
+estimate that equals the exact decomposition on a GAP + linear head; which one
 was used is ``push_kind`` (``"exact"`` or ``"gradient"``) in ``metrics.json``. The page of each
 cluster (patches, channel maps) is :mod:`convlens.analysis.failure_pages`; channel indices are
 those of :attr:`GapHead.layer`, the layer the feature browser works on.
@@ -603,13 +604,19 @@ def gradient_contributions(
     so ``r_c = (w_pred,c - w_true,c) mean_hw(A_c)``: the exact decomposition, term for term. For
     other heads it is a first-order estimate, and ``D - sum_c r_c`` is not the bias difference.
 
+    A token layer of a vision transformer (``(N, T, C)`` tokens, or Swin's channels-last
+    ``(N, H, W, C)``) is read as the ``(N, C, h, w)`` map of its patch tokens, as the CAM
+    methods read it (:meth:`convlens.tokens.TokenLayout.to_maps`): activation and gradient are
+    mapped alike, so ``r_c`` sums over the patch tokens; the class (and distillation) token's
+    share of ``D`` stays in ``D - sum_c r_c``.
+
     The network runs in eval mode without parameter gradients (left as found); the hook on the
     layer lives for this call only.
 
     Args:
         net: the network; ``x``: its ``(N, 3, H, W)`` inputs.
         layer: ``"name"``, ``"name@call"`` or a :class:`~convlens.architecture.LayerRef`
-            with a ``(N, C, h, w)`` output.
+            with a ``(N, C, h, w)`` output or a token output (above).
         pred, true: predicted and true class of each image ``(N,)``.
 
     Returns:
@@ -617,26 +624,26 @@ def gradient_contributions(
         margins ``D`` ``(N,)`` (detached, in the layer's dtype, on the model's device).
     """
     from convlens.architecture import parse_layer
-    from convlens.hooks.capture import layer_capture
+    from convlens.errors import LayerError
+    from convlens.hooks.capture import layer_capture, named_module
     from convlens.hooks.state import model_state
+    from convlens.tokens import layer_layout
 
     ref = parse_layer(layer)
-    with (
-        model_state(net, eval_mode=True, grads=False),
-        torch.no_grad(),
-        layer_capture(net, ref.name, grad=True) as cap,
-    ):
-        logits = net(x)
-        acts = cap.output(ref.call)
-        rows = torch.arange(len(x), device=logits.device)
-        margin = logits[rows, pred.to(logits.device)] - logits[rows, true.to(logits.device)]
-        (grad,) = torch.autograd.grad(margin.sum(), acts)
-    if acts.dim() != 4:
-        from convlens.errors import LayerError
-
-        raise LayerError(f"layer {str(ref)!r} has no (N, C, H, W) output: {tuple(acts.shape)}")
-    a = acts.detach()
-    contrib = (grad * a).sum(dim=(2, 3))
+    with model_state(net, eval_mode=True, grads=False):
+        with torch.no_grad(), layer_capture(net, ref.name, grad=True) as cap:
+            logits = net(x)
+            acts = cap.output(ref.call)
+            if acts.dim() not in (3, 4):  # neither a feature map nor a token sequence
+                shape = tuple(acts.shape)
+                raise LayerError(f"layer {str(ref)!r} has no (N, C, H, W) or token output: {shape}")
+            rows = torch.arange(len(x), device=logits.device)
+            margin = logits[rows, pred.to(logits.device)] - logits[rows, true.to(logits.device)]
+            (grad,) = torch.autograd.grad(margin.sum(), acts)
+        # after the capture: finding the layout may run a pass of its own (the patch grid)
+        layout = layer_layout(net, named_module(net, ref.name), acts, x, str(ref))
+    a = layout.to_maps(acts.detach())
+    contrib = (layout.to_maps(grad) * a).sum(dim=(2, 3))
     return contrib, a.mean(dim=(2, 3)), margin.detach()
 
 

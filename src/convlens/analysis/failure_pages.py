@@ -15,7 +15,7 @@ to ``metrics.json`` (``failure_modes.evidence``):
    the shown channels per image).
    Only the ``k`` top images of the shown channels (and the representatives) go through the
    network again, once, up to the feature layer (the layer found as the feature browser's scan
-   does, :func:`convlens.features.scan._probe`: a saturating activation such as ReLU6 is read
+   does, :func:`convlens.features.scan.probe_layers`: a saturating activation such as ReLU6 is read
    before its clip). Each patch is a square of ``clamp(3 * stride, 32, image)`` pixels centred
    on the strongest unit's place on the grid, ``((y + 1/2) H / h, (x + 1/2) W / w)``: the last
    feature map's receptive field is the whole image (851 px for EfficientNet-Lite0 at 224 px),
@@ -54,6 +54,7 @@ if TYPE_CHECKING:
     from convlens.analysis.store import Prediction
     from convlens.architecture import LayerRef
     from convlens.models.base import ConvlensModel
+    from convlens.tokens import TokenLayout
 
 __all__ = ["EVIDENCE_FILE", "PATCHES", "SHOWN_CHANNELS", "channel_evidence", "shown_channels"]
 
@@ -130,13 +131,20 @@ def channel_evidence(
         return _evidence(model, layer, modes, predictions, features, examined, out, batch_size)
     except ConvlensError as exc:  # a layer the scan or the receptive field cannot handle
         log.warning("failure-mode pages without patches or channel maps: %s", exc)
-        return {
-            "layer": str(layer),
-            "skipped": str(exc),
-            "channels": {},
-            "fires": {},
-            "maps": {},
-        }
+        return _without_evidence(layer, str(exc))
+    except Exception as exc:  # the pages are an extra: a bug here must not end analyze
+        log.warning(
+            "failure-mode pages without patches or channel maps (unexpected error): %s: %s",
+            type(exc).__name__,
+            exc,
+            exc_info=True,
+        )
+        return _without_evidence(layer, f"unexpected error: {type(exc).__name__}: {exc}")
+
+
+def _without_evidence(layer: LayerRef, note: str) -> dict[str, Any]:
+    """The evidence entry of pages without patches or maps: ``skipped`` is the page's note."""
+    return {"layer": str(layer), "skipped": note, "channels": {}, "fires": {}, "maps": {}}
 
 
 def _evidence(
@@ -149,7 +157,7 @@ def _evidence(
     out: Path,
     batch_size: int,
 ) -> dict[str, Any]:
-    from convlens.features.scan import _probe
+    from convlens.features.scan import probe_layers
     from convlens.hooks.state import model_state
 
     by_id = {p.id: p for p in predictions}
@@ -191,7 +199,7 @@ def _evidence(
         kept["effect_sizes"] = _effect_sizes(modes, predictions, features)
         return kept
     with model_state(model.net, eval_mode=True, grads=False), torch.no_grad():
-        probed = _probe(model.net, {str(layer): layer}, (crop, crop))[str(layer)]
+        probed = probe_layers(model.net, {str(layer): layer}, (crop, crop))[str(layer)]
     source = probed.source
     _, _, h, w = probed.shape
     stride = (crop / h, crop / w)
@@ -201,7 +209,9 @@ def _evidence(
     )
     needed = list(dict.fromkeys([i for c in channels for i in top[c]] + list(reps)))
     units: dict[str, torch.Tensor] = {}
-    acts = _feature_maps(model, source, [by_id[i] for i in needed], channels, units, batch_size)
+    acts = _feature_maps(
+        model, source, [by_id[i] for i in needed], channels, units, batch_size, probed.layout
+    )
     evidence.update(
         ranked_over=len(ranked),
         forward_images=len(acts),
@@ -252,9 +262,12 @@ def _feature_maps(
     channels: Sequence[int],
     units: dict[str, torch.Tensor],
     batch_size: int,
+    layout: TokenLayout | None = None,
 ) -> dict[str, torch.Tensor]:
     """The maps of ``channels`` at ``source`` (``(len(channels), h, w)`` per image id, on the
-    CPU) by one forward pass over ``images``; their [0, 1] pixels go to ``units``. Unreadable
+    CPU) by one forward pass over ``images``; their [0, 1] pixels go to ``units``. The output
+    of a token layer (``layout``, from :func:`convlens.features.scan.probe_layers`) is first
+    mapped to ``(B, C, h, w)`` (:meth:`convlens.tokens.TokenLayout.to_maps`). Unreadable
     images are left out (a warning)."""
     from convlens.errors import ImageError
     from convlens.hooks.capture import layer_capture
@@ -282,7 +295,10 @@ def _feature_maps(
             layer_capture(model.net, source.name) as cap,
         ):
             model.net(x)
-        maps = cap.output(source.call).float().cpu()[:, index]
+        captured = cap.output(source.call)
+        if layout is not None:
+            captured = layout.to_maps(captured)
+        maps = captured.float().cpu()[:, index]
         for n, p in enumerate(chunk):
             out[p.id] = maps[n]
     return out

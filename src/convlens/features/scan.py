@@ -27,7 +27,7 @@ from convlens.models.preprocess import Preprocess
 from convlens.tokens import TokenLayout, layer_layout
 from convlens.validate import non_negative_int, positive_int
 
-__all__ = ["parse_channels", "scan_features"]
+__all__ = ["ProbedLayer", "parse_channels", "probe_layers", "scan_features"]
 
 logger = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ def _param(net: nn.Module) -> tuple[torch.device, torch.dtype]:
 
 
 @dataclass(frozen=True)
-class _Probed:
+class ProbedLayer:
     """What one forward pass of a blank image says about a requested layer."""
 
     shape: tuple[int, ...]  # (1, C, h, w) of the map that is ranked
@@ -212,9 +212,9 @@ def _token_producer(
     return None
 
 
-def _probe(
+def probe_layers(
     net: nn.Module, refs: Mapping[str, LayerRef], size: tuple[int, int]
-) -> dict[str, _Probed]:
+) -> dict[str, ProbedLayer]:
     """One forward pass of a blank image: each requested layer's shape and source.
 
     A layer that is a saturating activation module (``nn.ReLU6``, ``nn.Hardtanh(0, u)``) caps its
@@ -251,7 +251,7 @@ def _probe(
     regs = [(lambda n=n, m=m: m.register_forward_hook(recorder(n))) for n, m in modules]
     with hooks(regs):
         net(blank)
-    found: dict[str, _Probed] = {}
+    found: dict[str, ProbedLayer] = {}
     for spec, r in refs.items():
         count = calls.get(r.name, 0)
         index = absolute_call(r, count)
@@ -260,14 +260,14 @@ def _probe(
         layout = _token_layout(net, r, out, blank)
         if layout is not None:
             shape = tuple(layout.to_maps(out).shape)
-            found[spec] = _Probed(shape=shape, source=source, clip=None, layout=layout)
+            found[spec] = ProbedLayer(shape=shape, source=source, clip=None, layout=layout)
             continue
         shape = tuple(out.shape)
         inp, position = inputs[r.name, index]
         rearranged = _token_producer(net, out, inp, produced[:position], blank)
         if rearranged is not None:
             source, layout = rearranged
-            found[spec] = _Probed(shape=shape, source=source, clip=None, layout=layout)
+            found[spec] = ProbedLayer(shape=shape, source=source, clip=None, layout=layout)
             continue
         clip = _saturating(named_module(net, r.name))
         if clip is not None:
@@ -279,7 +279,7 @@ def _probe(
                 clip = None
             else:
                 source = producer
-        found[spec] = _Probed(shape=shape, source=source, clip=clip)
+        found[spec] = ProbedLayer(shape=shape, source=source, clip=clip)
     return found
 
 
@@ -378,7 +378,7 @@ def scan_features(
     start = time.perf_counter()
 
     with model_state(net, eval_mode=True, grads=False), torch.no_grad():
-        probed = _probe(net, refs, size)
+        probed = probe_layers(net, refs, size)
         chosen: dict[str, list[int] | None] = {}
         for s in specs:
             spec = _explicit_channels(channels, s)

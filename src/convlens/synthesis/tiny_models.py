@@ -266,8 +266,8 @@ def train_steps(
     """Train ``net`` with cross-entropy on ``batch(t)`` (images, labels) at step ``t``.
 
     AdamW with a linear warm-up over ``warmup`` steps and a cosine decay to 0; the network is
-    left in eval mode. Deterministic for a given initial state, batches, torch version and
-    thread count.
+    left in eval mode with no parameter gradients, also when a step raises. Deterministic for a
+    given initial state, batches, torch version and thread count.
 
     Returns:
         The training loss of each step.
@@ -279,15 +279,18 @@ def train_steps(
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
     losses: list[float] = []
     net.train()
-    for t in range(steps):
-        scale = 0.5 * (1.0 + math.cos(math.pi * t / steps)) * min(1.0, (t + 1) / max(warmup, 1))
-        for group in opt.param_groups:
-            group["lr"] = lr * scale
-        images, labels = batch(t)
-        loss = F.cross_entropy(net(images), labels)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
-    net.eval()
+    try:
+        for t in range(steps):
+            scale = 0.5 * (1.0 + math.cos(math.pi * t / steps)) * min(1.0, (t + 1) / max(warmup, 1))
+            for group in opt.param_groups:
+                group["lr"] = lr * scale
+            images, labels = batch(t)
+            loss = F.cross_entropy(net(images), labels)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+    finally:  # eval mode and no gradients left behind, also when a step fails
+        net.eval()
+        net.zero_grad(set_to_none=True)
     return losses
