@@ -31,6 +31,14 @@ from convlens.serve.app import create_app
 from convlens.serve.explorer import Explorer
 from tests.helpers.runs import TinyRun, tiny_run
 
+# a job thread does not catch warnings (catch_warnings is process-wide, not thread-safe), so the
+# strict "error" filter would turn a method's blank-map warning into the job's failure; the
+# page gets the flag as a note instead (test_maps_report_blank_flags_as_notes)
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::convlens.errors.BlankMapWarning"),
+    pytest.mark.filterwarnings("ignore::convlens.errors.NonFiniteMapWarning"),
+]
+
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> TinyRun:
@@ -352,3 +360,36 @@ def test_a_run_of_another_model_is_refused(run: TinyRun) -> None:
 def test_warm_up_makes_the_layer_table(explorer: Explorer) -> None:
     explorer.warm_up()
     assert explorer._layers is not None and explorer.jobs.computations == 0
+
+
+def test_a_job_leaves_the_process_warning_state_alone(explorer: Explorer) -> None:
+    """``warnings.catch_warnings`` is process-wide and not thread-safe: a job thread using it
+    while a request thread loads an image (which uses it too) can leave a dead ``showwarning``
+    and an ``always`` filter behind. So no job touches the warning state while it runs."""
+    import warnings
+
+    before = (warnings.showwarning, list(warnings.filters))
+    seen: list[tuple[object, list[object]]] = []
+
+    def spy(module: torch.nn.Module, args: object, out: object) -> None:
+        seen.append((warnings.showwarning, list(warnings.filters)))
+
+    handle = explorer.model.net.register_forward_hook(spy)
+    try:
+        i = mistake(explorer)
+        job = explorer.request_map(i, "gradcam")
+        assert job.wait(60) and job.state == "done", job.error
+    finally:
+        handle.remove()
+    assert seen and all(s == before for s in seen)
+    assert (warnings.showwarning, list(warnings.filters)) == before
+    assert isinstance(job.result["notes"], list)
+
+
+def test_maps_report_blank_flags_as_notes() -> None:
+    from convlens.serve.explorer import _notes
+
+    assert _notes({"blank": torch.tensor([[True]]), "nonfinite": torch.tensor([[False]])}) == [
+        "the map is all zero (nothing to show)"
+    ]
+    assert _notes({"blank": torch.tensor([[False]])}) == []

@@ -16,7 +16,6 @@ import logging
 import re
 import tempfile
 import threading
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -404,9 +403,11 @@ class Explorer:
 
         x = self.input(i)
         m = get_method(method, **opts)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            exp = m(self.model, x, target, layer=layer)
+        # no warnings.catch_warnings here: it swaps process-wide state (the filters and
+        # showwarning) and is not thread-safe, so a job thread must not use it while request
+        # threads load images; the method's warnings go to the server's log, and the flags it
+        # sets in meta make the page's notes
+        exp = m(self.model, x, target, layer=layer)
         names = self.model.classes
         # as many threads as the cores others leave free: small tensor operations on busy
         # cores wait for each other (the overlay takes 20x longer on 2 threads of 2 busy cores)
@@ -420,7 +421,7 @@ class Explorer:
             "prob": float(exp.probs[0, 0]),
             "layer": exp.layer,
             "method_seconds": float(exp.meta.get("seconds", 0.0)),
-            "notes": [" ".join(str(w.message).split()) for w in caught],
+            "notes": _notes(exp.meta),
         }
 
     @staticmethod
@@ -526,6 +527,19 @@ class Explorer:
                 for e in found.examples
             ],
         }
+
+
+def _notes(meta: Mapping[str, Any]) -> list[str]:
+    """One line per flag a method set on its map (``meta["blank"]``, ``meta["nonfinite"]``)."""
+    notes = []
+    for key, what in (
+        ("nonfinite", "the map holds NaN or infinite values"),
+        ("blank", "the map is all zero (nothing to show)"),
+    ):
+        flag = meta.get(key)
+        if isinstance(flag, torch.Tensor) and bool(flag.any()):
+            notes.append(what)
+    return notes
 
 
 def _data_url(png: bytes) -> str:
