@@ -6,6 +6,7 @@ import base64
 import concurrent.futures
 import http.client
 import io
+import json
 import os
 import time
 import urllib.parse
@@ -34,6 +35,7 @@ from tests.helpers.runs import TinyRun, tiny_run
 # a job thread does not catch warnings (catch_warnings is process-wide, not thread-safe), so the
 # strict "error" filter would turn a method's blank-map warning into the job's failure; the
 # page gets the flag as a note instead (test_maps_report_blank_flags_as_notes)
+POST_HEADER = {"X-Convlens": "1"}
 pytestmark = [
     pytest.mark.filterwarnings("ignore::convlens.errors.BlankMapWarning"),
     pytest.mark.filterwarnings("ignore::convlens.errors.NonFiniteMapWarning"),
@@ -54,7 +56,7 @@ def explorer(run: TinyRun) -> Iterator[Explorer]:
 
 @pytest.fixture
 def client(explorer: Explorer) -> Iterator[TestClient]:
-    with TestClient(create_app(explorer)) as c:
+    with TestClient(create_app(explorer), base_url="http://127.0.0.1", headers=POST_HEADER) as c:
         yield c
 
 
@@ -270,7 +272,10 @@ def test_ten_concurrent_requests(explorer: Explorer) -> None:
         for m in ("gradcam", "saliency")
         for t in ("pred", "true", 1, 2, "dog")
     ]
-    with background(explorer) as url, httpx.Client(base_url=url, timeout=60) as http:
+    with (
+        background(explorer) as url,
+        httpx.Client(base_url=url, timeout=60, headers=POST_HEADER) as http,
+    ):
 
         def ask(body: dict[str, Any]) -> dict[str, Any]:
             r = http.post("/api/explain", json={**body, "wait": 10})
@@ -295,7 +300,7 @@ def test_ten_concurrent_requests(explorer: Explorer) -> None:
 def test_image_folder(run: TinyRun) -> None:
     ex = Explorer(run.model(), run.data)
     try:
-        with TestClient(create_app(ex)) as c:
+        with TestClient(create_app(ex), base_url="http://127.0.0.1", headers=POST_HEADER) as c:
             page = c.get("/")
             assert page.status_code == 200
             assert page.text.count('class="card"') == 9
@@ -393,3 +398,32 @@ def test_maps_report_blank_flags_as_notes() -> None:
         "the map is all zero (nothing to show)"
     ]
     assert _notes({"blank": torch.tensor([[False]])}) == []
+
+
+def test_foreign_hosts_and_cross_site_posts_are_refused(explorer: Explorer) -> None:
+    """DNS rebinding (a foreign Host header) and cross-site POSTs (no X-Convlens header, or a
+    form's text/plain body) are refused before anything runs."""
+    i = mistake(explorer)
+    body = {"image": i, "method": "gradcam"}
+    # without "with": no lifespan, so the explorer stays open for the next client
+    evil = TestClient(create_app(explorer), base_url="http://evil.example")
+    assert evil.get("/api/methods").status_code == 400
+    v6 = TestClient(create_app(explorer, "::1"), base_url="http://[::1]:8000")
+    assert v6.get("/api/methods").status_code == 200
+    lan = TestClient(create_app(explorer, "10.1.2.3"), base_url="http://10.1.2.3:8000")
+    assert lan.get("/api/methods").status_code == 200
+    assert evil.get("/api/methods", headers={"Host": "10.1.2.3"}).status_code == 400
+    with TestClient(create_app(explorer), base_url="http://127.0.0.1") as c:
+        assert c.get("/api/methods").status_code == 200
+        assert c.post("/api/explain", json=body).status_code == 403
+        assert c.post("/api/upload", content=png_bytes()).status_code == 403
+        assert c.post("/api/features/scan", json={"layer": "x"}).status_code == 403
+        as_form = c.post(
+            "/api/explain",
+            content=json.dumps(body),
+            headers={**POST_HEADER, "Content-Type": "text/plain"},
+        )
+        assert as_form.status_code == 415
+        assert explorer.jobs.computations == 0
+        ok = c.post("/api/explain", json={**body, "wait": 10}, headers=POST_HEADER)
+        assert ok.status_code == 200 and ok.json()["state"] == "done"

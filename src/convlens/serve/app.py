@@ -19,7 +19,13 @@ Routes:
 - ``POST /api/upload``: the image file as the request body (``X-Filename`` header for its
   name), at most ``max_upload_bytes`` (413 beyond), read by the validated image loader.
 
-Errors are JSON ``{"error": "one line"}`` with status 400 (bad request), 404 or 413.
+Errors are JSON ``{"error": "one line"}`` with status 400 (bad request), 403, 404, 413 or 415.
+
+Against DNS rebinding and cross-site requests from other web pages: a request whose ``Host`` is
+not the loopback name or the address listened on is refused (400, ``TrustedHostMiddleware``);
+every ``POST`` must carry the header ``X-Convlens: 1`` (403 otherwise; a page of another site
+cannot send it without a CORS preflight, which this server never grants), and the JSON ones
+``Content-Type: application/json`` (415 otherwise).
 """
 
 from __future__ import annotations
@@ -33,6 +39,8 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.middleware import Middleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
@@ -41,12 +49,25 @@ from convlens.errors import ConvlensError, InputError
 from convlens.serve import pages
 from convlens.serve.explorer import Explorer
 
-__all__ = ["create_app"]
+__all__ = ["CSRF_HEADER", "allowed_hosts", "create_app"]
 
 log = logging.getLogger(__name__)
 
 _FILE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg"}
 _NO_STORE = {"Cache-Control": "no-store"}
+CSRF_HEADER = "X-Convlens"
+"""The header every POST carries (value ``1``): a cross-site form or simple request cannot."""
+_LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
+
+
+def allowed_hosts(host: str) -> list[str]:
+    """The ``Host`` header values served when listening on ``host``: the loopback names and
+    ``host`` itself (bracketed when IPv6); any, when listening on every address (``0.0.0.0``,
+    ``::``), whose names cannot be known (the exposure warning says so)."""
+    if host in ("0.0.0.0", "::", ""):
+        return ["*"]
+    shown = f"[{host}]" if ":" in host and not host.startswith("[") else host
+    return list(dict.fromkeys((*_LOOPBACK_NAMES, shown.lower())))
 
 
 def _error(message: str, status: int = 400) -> JSONResponse:
@@ -58,18 +79,28 @@ async def _call(fn: Any, *args: Any, **kwargs: Any) -> Any:
     return await run_in_threadpool(fn, *args, **kwargs)
 
 
-def create_app(explorer: Explorer) -> Starlette:
-    """The web application of ``explorer`` (closed when the application shuts down)."""
+def create_app(explorer: Explorer, host: str = "127.0.0.1") -> Starlette:
+    """The web application of ``explorer`` listening on ``host`` (which names the ``Host``
+    headers accepted, see :func:`allowed_hosts`); ``explorer`` is closed when the application
+    shuts down."""
 
-    async def guarded(request: Request, handler: Any) -> Response:
+    async def guarded(request: Request, handler: Any, json_body: bool) -> Response:
+        if request.method == "POST":
+            if request.headers.get(CSRF_HEADER) != "1":
+                return _error(f"POST requests must carry the header {CSRF_HEADER}: 1", 403)
+            kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+            if json_body and kind != "application/json":
+                return _error("the request body must be JSON (Content-Type: application/json)", 415)
         try:
             return await handler(request)
         except ConvlensError as exc:
             return _error(str(exc))
 
     def route(path: str, handler: Any, methods: tuple[str, ...] = ("GET",)) -> Route:
+        json_body = "POST" in methods and handler is not upload and handler is not cancel
+
         async def endpoint(request: Request) -> Response:
-            return await guarded(request, handler)
+            return await guarded(request, handler, json_body)
 
         return Route(path, endpoint, methods=list(methods))
 
@@ -236,7 +267,8 @@ def create_app(explorer: Explorer) -> Starlette:
         route("/api/jobs/{id}/cancel", cancel, ("POST",)),
         route("/api/upload", upload, ("POST",)),
     ]
-    app = Starlette(routes=routes, lifespan=lifespan)
+    middleware = [Middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts(host))]
+    app = Starlette(routes=routes, lifespan=lifespan, middleware=middleware)
     app.state.explorer = explorer
     return app
 
