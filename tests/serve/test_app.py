@@ -427,3 +427,30 @@ def test_foreign_hosts_and_cross_site_posts_are_refused(explorer: Explorer) -> N
         assert explorer.jobs.computations == 0
         ok = c.post("/api/explain", json={**body, "wait": 10}, headers=POST_HEADER)
         assert ok.status_code == 200 and ok.json()["state"] == "done"
+
+
+def test_uploads_and_inputs_are_bounded(
+    explorer: Explorer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import convlens.serve.explorer as ex_module
+
+    monkeypatch.setattr(ex_module, "MAX_UPLOADS", 3)
+    monkeypatch.setattr(ex_module, "MAX_INPUTS", 2)
+    records = [explorer.add_upload(png_bytes((40 + k, 40)), f"{k}.png") for k in range(5)]
+    kept = [k for k in explorer.images if k.startswith("u")]
+    assert kept == [r.id for r in records[2:]]
+    assert sorted(p.name for p in Path(explorer._uploads.name).iterdir()) == sorted(
+        f"{r.id}.upload" for r in records[2:]
+    )
+    for r in records[2:]:
+        explorer.input(r.id)
+    assert list(explorer._inputs) == [r.id for r in records[3:]]
+
+
+def test_the_same_upload_at_once_from_many_threads(explorer: Explorer) -> None:
+    data = png_bytes((44, 44))
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        records = list(pool.map(lambda k: explorer.add_upload(data, f"{k}.png"), range(16)))
+    assert len({r.id for r in records}) == 1
+    assert [p.name for p in Path(explorer._uploads.name).iterdir()] == [f"{records[0].id}.upload"]
+    assert explorer.input(records[0].id).shape[-1] == 32

@@ -13,9 +13,11 @@ import hashlib
 import io
 import json
 import logging
+import os
 import re
 import tempfile
 import threading
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +36,10 @@ log = logging.getLogger(__name__)
 
 STORE_NAME = "predictions.sqlite"  # analysis.run.STORE_NAME (not imported: run.py is heavy)
 MAX_UPLOAD_BYTES = 20 * 2**20
+MAX_UPLOADS = 200
+"""Uploads kept (the oldest dropped beyond)."""
+MAX_INPUTS = 64
+"""Preprocessed inputs kept in memory (least recently used dropped beyond)."""
 _TOP = 9  # activations kept per channel by a feature scan
 LONG_METHODS = frozenset(
     {"occlusion", "rise", "scorecam", "ablationcam", "intgrad", "smoothgrad", "vargrad"}
@@ -104,7 +110,7 @@ class Explorer:
         self.run_meta: dict[str, object] = {}
         self._uploads = tempfile.TemporaryDirectory(prefix="convlens-uploads-")
         self._lock = threading.Lock()
-        self._inputs: dict[str, torch.Tensor] = {}
+        self._inputs: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._top: dict[str, list[tuple[int, float]]] = {}
         self._layers: list[dict[str, Any]] | None = None
         self._scans: dict[str, Any] = {}
@@ -192,15 +198,29 @@ class Explorer:
         digest = hashlib.sha1(data).hexdigest()[:15]
         i = "u" + digest
         path = Path(self._uploads.name) / f"{i}.upload"
-        path.write_bytes(data)
+        with self._lock:
+            known = self.images.get(i)
+        if known is not None:  # the same bytes again: the file is there already
+            return known
+        # written under a temporary name and renamed: a concurrent upload of the same bytes
+        # never reads (or deletes) a half-written file
+        tmp = path.with_name(f"{i}.{threading.get_ident()}.part")
+        tmp.write_bytes(data)
         try:
-            load_image(path)
+            load_image(tmp)
         except ImageError as exc:
-            path.unlink(missing_ok=True)
-            raise ImageError(str(exc).replace(str(path), _clean_name(name))) from None
+            tmp.unlink(missing_ok=True)
+            raise ImageError(str(exc).replace(str(tmp), _clean_name(name))) from None
+        os.replace(tmp, path)
         record = ImageRecord(i, path, _clean_name(name))
         with self._lock:
             self.images[i] = record
+            uploads = [k for k in self.images if k.startswith("u")]
+            for old in uploads[: max(0, len(uploads) - MAX_UPLOADS)]:
+                gone = self.images.pop(old)
+                self._inputs.pop(old, None)
+                self._top.pop(old, None)
+                gone.path.unlink(missing_ok=True)
         return record
 
     def record(self, i: str) -> ImageRecord:
@@ -225,10 +245,14 @@ class Explorer:
         """
         with self._lock:
             x = self._inputs.get(i)
+            if x is not None:
+                self._inputs.move_to_end(i)
         if x is None:
             x = self.model.load_images([self.record(i).path]).to(self.model.device)
             with self._lock:
                 self._inputs[i] = x
+                while len(self._inputs) > MAX_INPUTS:
+                    self._inputs.popitem(last=False)
         return x
 
     def input_png(self, i: str) -> bytes:
