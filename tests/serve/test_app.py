@@ -8,6 +8,8 @@ import http.client
 import io
 import json
 import os
+import posixpath
+import re
 import time
 import urllib.parse
 from collections.abc import Iterator
@@ -454,3 +456,25 @@ def test_the_same_upload_at_once_from_many_threads(explorer: Explorer) -> None:
     assert len({r.id for r in records}) == 1
     assert [p.name for p in Path(explorer._uploads.name).iterdir()] == [f"{records[0].id}.upload"]
     assert explorer.input(records[0].id).shape[-1] == 32
+
+
+def test_failure_mode_pages_of_the_run_view(tmp_path: Path) -> None:
+    """The run view links each failure mode to the report's page of it: those pages (and the
+    images they show) are served; other HTML of the folder is not."""
+    made = tiny_run(tmp_path, failure_modes=True)
+    ex = Explorer(made.model(), made.run)
+    (made.run / "notes.html").write_text("<p>not a report page</p>")
+    with TestClient(create_app(ex), base_url="http://127.0.0.1", headers=POST_HEADER) as c:
+        index = c.get("/run/report/index.html").text
+        links = sorted(set(re.findall(r'href="(failure_modes/mode-\d+\.html)"', index)))
+        assert links, "the tiny run has no failure modes"
+        for link in links:
+            page = c.get(f"/run/report/{link}")
+            assert page.status_code == 200, link
+            assert page.headers["content-type"].startswith("text/html")
+            base = f"/run/report/{link}".rsplit("/", 1)[0]
+            for src in re.findall(r'src="(\.\./\.\./[^"]+)"', page.text):
+                url = posixpath.normpath(f"{base}/{src}")
+                assert c.get(url).status_code == 200, url
+        assert c.get("/run/notes.html").status_code == 404
+        assert c.get("/run/report/%2e%2e/notes.html").status_code == 404

@@ -4,8 +4,9 @@ Routes:
 
 - ``GET /``: the run view (redirect to ``/run/report/index.html``) or the image folder's
   gallery; ``GET /image/ID.html``: the live page of an image; ``GET /upload.html``.
-- ``GET /run/PATH``: files of the run folder (thumbnails, plots, explanation panels); only
-  image files, only under the folder (anything resolving outside it is refused with 404).
+- ``GET /run/PATH``: files of the run folder (thumbnails, plots, explanation panels, and the
+  report's HTML pages of failure modes and images under ``report/``); only image files and
+  those pages, only under the folder (anything resolving outside it is refused with 404).
 - ``GET /api/images/ID`` (name, label, top-5), ``GET /api/images/ID/input.png``,
   ``GET /api/methods``, ``GET /api/layers``, ``GET /api/classes?q=TEXT``.
 - ``POST /api/explain`` ``{"image", "method", "target", "layer", "options"}``: the map's job,
@@ -124,6 +125,9 @@ def create_app(explorer: Explorer, host: str = "127.0.0.1") -> Starlette:
         rel = request.path_params["path"]
         path = (explorer.root / rel).resolve()
         kind = _FILE_TYPES.get(path.suffix.lower())
+        # the report's own pages (a failure mode's, an image's): HTML under RUN_DIR/report/
+        if path.suffix.lower() == ".html" and path.is_relative_to(explorer.root / "report"):
+            kind = "text/html; charset=utf-8"
         if kind is None or not path.is_relative_to(explorer.root) or not path.is_file():
             return _error("no such file", 404)
         return FileResponse(path, media_type=kind)
