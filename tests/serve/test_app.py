@@ -478,3 +478,33 @@ def test_failure_mode_pages_of_the_run_view(tmp_path: Path) -> None:
                 assert c.get(url).status_code == 200, url
         assert c.get("/run/notes.html").status_code == 404
         assert c.get("/run/report/%2e%2e/notes.html").status_code == 404
+
+
+def test_huge_options_are_refused_before_anything_runs(
+    client: TestClient, explorer: Explorer
+) -> None:
+    i = mistake(explorer)
+    for method, option in (("rise", "masks"), ("smoothgrad", "samples"), ("intgrad", "steps")):
+        r = client.post(
+            "/api/explain", json={"image": i, "method": method, "options": {option: 10**12}}
+        )
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert "\n" not in error and option in error and "at most 4096" in error
+    assert explorer.jobs.computations == 0
+
+
+def test_running_out_of_memory_is_one_line(
+    explorer: Explorer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from convlens.methods.base import Method
+
+    def no_memory(*args: object, **kwargs: object) -> None:
+        raise RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate"
+        )
+
+    monkeypatch.setattr(Method, "__call__", no_memory)
+    job = explorer.request_map(mistake(explorer), "gradcam")
+    assert job.wait(30) and job.state == "failed"
+    assert job.error is not None and "\n" not in job.error and "smaller options" in job.error

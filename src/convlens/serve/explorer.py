@@ -53,6 +53,19 @@ RESPONSIVE_DEFAULTS: dict[str, dict[str, object]] = {
 shows (and a cancel stops) within about a second on a CPU. Chunking changes no map (equal to
 float tolerance); without these, occlusion of a 224 px image runs in one chunk."""
 
+SERVER_CAPS: dict[str, float] = {
+    "masks": 4096,
+    "samples": 4096,
+    "steps": 4096,
+    "cells": 256,
+    "batch_size": 1024,
+    "top_channels": 4096,
+    "memory_mb": 8192.0,
+}
+"""Upper bounds the explorer puts on size-like method options (on top of each option's own
+validation, which only asks for a positive number): one request must not make the server
+allocate without bound (``rise masks=10**7`` would hold 10**7 masks)."""
+
 
 @dataclass(frozen=True)
 class ImageRecord:
@@ -401,6 +414,12 @@ class Explorer:
             **RESPONSIVE_DEFAULTS.get(method, {}),
             **parse_method_options(specs).get(method, {}),
         }
+        for k, v in opts.items():
+            cap = SERVER_CAPS.get(k)
+            if cap is not None and isinstance(v, (int, float)) and v > cap:
+                raise InputError(
+                    f"option {k} of {method} is {v}; the explorer allows at most {cap}"
+                )
         takes_layer = cls.uses_layer and not cls.finds_own_layer
         if layer and takes_layer and layer not in {r["name"] for r in self.layers()}:
             from convlens.layers import resolve_layer
@@ -431,7 +450,18 @@ class Explorer:
         # showwarning) and is not thread-safe, so a job thread must not use it while request
         # threads load images; the method's warnings go to the server's log, and the flags it
         # sets in meta make the page's notes
-        exp = m(self.model, x, target, layer=layer)
+        try:
+            exp = m(self.model, x, target, layer=layer)
+        except MemoryError:
+            raise InputError(f"{method} ran out of memory: choose smaller options") from None
+        except RuntimeError as exc:
+            text = str(exc).lower()
+            if "memory" in text or "alloc" in text or "invalid shape" in text:
+                first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+                raise InputError(
+                    f"{method} could not allocate its buffers ({first}): choose smaller options"
+                ) from None
+            raise
         names = self.model.classes
         # as many threads as the cores others leave free: small tensor operations on busy
         # cores wait for each other (the overlay takes 20x longer on 2 threads of 2 busy cores)
