@@ -242,7 +242,7 @@ def test_long_job_progress_and_cancel(client: TestClient, explorer: Explorer) ->
     body = {
         "image": i,
         "method": "rise",
-        "options": {"masks": "200000", "batch_size": "4"},
+        "options": {"masks": "4096", "batch_size": "1"},
         "wait": 0,
     }
     start = time.perf_counter()
@@ -508,3 +508,11 @@ def test_running_out_of_memory_is_one_line(
     job = explorer.request_map(mistake(explorer), "gradcam")
     assert job.wait(30) and job.state == "failed"
     assert job.error is not None and "\n" not in job.error and "smaller options" in job.error
+
+
+def test_no_layer_and_the_default_layer_share_one_map(explorer: Explorer) -> None:
+    i = mistake(explorer)
+    first = explorer.request_map(i, "gradcam")
+    assert first.wait(30) and first.state == "done", first.error
+    named = explorer.request_map(i, "gradcam", layer=first.result["layer"])
+    assert named is first and explorer.jobs.computations == 1

@@ -127,6 +127,7 @@ class Explorer:
         self._top: dict[str, list[tuple[int, float]]] = {}
         self._layers: list[dict[str, Any]] | None = None
         self._scans: dict[str, Any] = {}
+        self._default_layer: str | None = None
         try:
             if self.root is not None:
                 if not self.root.is_dir():
@@ -322,6 +323,19 @@ class Explorer:
             ]
         return self._layers
 
+    def default_layer(self) -> str:
+        """The layer a map is computed at when the request names none (the CAM family's
+        :func:`~convlens.architecture.default_layer` on a blank input; computed once), so that
+        a request without a layer and one naming this layer share one map."""
+        from convlens.architecture import default_layer
+
+        if self._default_layer is None:
+            crop = self.model.preprocess.crop
+            x = torch.zeros(1, 3, crop, crop, device=self.model.device)
+            with self.jobs.model_lock:
+                self._default_layer = str(default_layer(self.model.net, x))
+        return self._default_layer
+
     def methods(self) -> list[dict[str, Any]]:
         """The registered methods as JSON values: name, title, whether they take a layer or
         report progress, their options."""
@@ -425,7 +439,7 @@ class Explorer:
             from convlens.layers import resolve_layer
 
             resolve_layer(self.model.net, layer.split("@")[0])  # raises, with close matches
-        use_layer = layer or None if takes_layer else None
+        use_layer = (layer or self.default_layer()) if takes_layer else None
         t = self.target_index(i, target)
         key = (
             i,
@@ -497,7 +511,9 @@ class Explorer:
         Raises:
             InputError: the explorer was started without a folder.
         """
-        paths = [r.path for r in self.images.values() if not r.id.startswith("u")]
+        with self._lock:
+            records = list(self.images.values())
+        paths = [r.path for r in records if not r.id.startswith("u")]
         if not paths:
             raise InputError("no images to scan: start the explorer on a run or image folder")
         return paths
@@ -563,8 +579,10 @@ class Explorer:
         from convlens.render.overlay import rgb_attribution, to_pil
 
         found = next(feature_examples(scan, self.model, layer, channels=[channel]))
-        names = {r.path: r.name for r in self.images.values()}
-        ids = {r.path: r.id for r in self.images.values()}
+        with self._lock:
+            records = list(self.images.values())
+        names = {r.path: r.name for r in records}
+        ids = {r.path: r.id for r in records}
         return {
             "layer": layer,
             "channel": channel,
