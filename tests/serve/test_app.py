@@ -516,3 +516,21 @@ def test_no_layer_and_the_default_layer_share_one_map(explorer: Explorer) -> Non
     assert first.wait(30) and first.state == "done", first.error
     named = explorer.request_map(i, "gradcam", layer=first.result["layer"])
     assert named is first and explorer.jobs.computations == 1
+
+
+def test_long_polls_hold_no_worker_thread(
+    client: TestClient, explorer: Explorer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Waiting for a job happens on the event loop, not by blocking a threadpool thread."""
+    from convlens.serve.jobs import Job
+
+    def blocking(*args: object) -> None:
+        raise AssertionError("a request blocked a worker thread waiting for a job")
+
+    monkeypatch.setattr(Job, "wait", blocking)
+    monkeypatch.setattr(Job, "wait_change", blocking)
+    i = mistake(explorer)
+    r = client.post("/api/explain", json={"image": i, "method": "saliency", "wait": 10})
+    assert r.status_code == 200 and r.json()["state"] == "done"
+    r = client.get(f"/api/jobs/{r.json()['job']}?state=running&progress=0").json()
+    assert r["state"] == "done"

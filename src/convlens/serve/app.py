@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import urllib.parse
 from collections.abc import AsyncIterator
 from typing import Any
@@ -78,6 +79,14 @@ def _error(message: str, status: int = 400) -> JSONResponse:
 async def _call(fn: Any, *args: Any, **kwargs: Any) -> Any:
     """``fn(*args, **kwargs)`` in a worker thread (it may read files or run the model)."""
     return await run_in_threadpool(fn, *args, **kwargs)
+
+
+async def _until(done: Any, timeout: float) -> None:
+    """Wait up to ``timeout`` seconds for ``done()`` to be true, on the event loop: a long poll
+    holds no worker thread (the pool's threads are for file reads and the model)."""
+    deadline = time.monotonic() + timeout
+    while not done() and time.monotonic() < deadline:
+        await asyncio.sleep(min(0.02, max(0.0, deadline - time.monotonic())))
 
 
 def create_app(explorer: Explorer, host: str = "127.0.0.1") -> Starlette:
@@ -175,7 +184,7 @@ def create_app(explorer: Explorer, host: str = "127.0.0.1") -> Starlette:
             options,
         )
         wait = _seconds(body.get("wait"), 2.0)
-        await _call(job.wait, wait)
+        await _until(job.finished.is_set, wait)
         return JSONResponse(explorer.job_json(job), headers=_NO_STORE)
 
     async def job_status(request: Request) -> Response:
@@ -190,7 +199,7 @@ def create_app(explorer: Explorer, host: str = "127.0.0.1") -> Starlette:
             seen_progress = None
         seen = (q.get("state", ""), seen_progress)
         if seen[0]:
-            await _call(job.wait_change, seen, 1.0)
+            await _until(lambda: (job.state, job.progress) != seen, 1.0)
         return JSONResponse(explorer.job_json(job), headers=_NO_STORE)
 
     async def cancel(request: Request) -> Response:
@@ -239,13 +248,13 @@ def create_app(explorer: Explorer, host: str = "127.0.0.1") -> Starlette:
     async def scan(request: Request) -> Response:
         body = await body_of(request)
         job = await _call(explorer.request_scan, str(body.get("layer", "")))
-        await _call(job.wait, _seconds(body.get("wait"), 0.5))
+        await _until(job.finished.is_set, _seconds(body.get("wait"), 0.5))
         return JSONResponse(explorer.job_json(job), headers=_NO_STORE)
 
     async def channel(request: Request) -> Response:
         body = await body_of(request)
         job = await _call(explorer.request_channel, str(body.get("layer", "")), body.get("channel"))
-        await _call(job.wait, _seconds(body.get("wait"), 2.0))
+        await _until(job.finished.is_set, _seconds(body.get("wait"), 2.0))
         return JSONResponse(explorer.job_json(job), headers=_NO_STORE)
 
     async def favicon(request: Request) -> Response:

@@ -277,7 +277,11 @@ class Explorer:
 
     def top5(self, i: str) -> list[tuple[int, float]]:
         """The five most probable classes of image ``i`` with their probabilities (the run's
-        stored ones for a run's images)."""
+        stored ones for a run's images).
+
+        For an uploaded or folder image the prediction takes the model lock, so it waits
+        until a map being computed is done (a method hooks the model for its whole call, and
+        a forward pass in between would run through its hooks); the result is cached."""
         with self._lock:
             top = self._top.get(i)
         if top is None:
