@@ -61,7 +61,7 @@ def test_explore_a_run(tmp_path: Path) -> None:
         assert page.locator(".map").count() == 2
 
         # a long job shows progress and is cancelled
-        page.fill("#options", "rise.masks=200000, rise.batch_size=4")
+        page.fill("#options", "rise.masks=4096, rise.batch_size=1")
         page.dispatch_event("#options", "change")
         page.check('input[value="rise"]')
         page.wait_for_selector('.map[data-method="rise"] progress[value]', timeout=5000)
