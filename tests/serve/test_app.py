@@ -235,14 +235,19 @@ def test_uploads(client: TestClient, explorer: Explorer) -> None:
         explorer.target_index(up["id"], "true")
 
 
-def test_long_job_progress_and_cancel(client: TestClient, explorer: Explorer) -> None:
+def test_long_job_progress_and_cancel(
+    client: TestClient, explorer: Explorer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from convlens.serve.explorer import SERVER_CAPS
+
+    monkeypatch.setitem(SERVER_CAPS, "masks", 10**6)  # a job long enough to cancel
     i = mistake(explorer)
     model = explorer.model.net
     flags = [p.requires_grad for p in model.parameters()]
     body = {
         "image": i,
         "method": "rise",
-        "options": {"masks": "4096", "batch_size": "1"},
+        "options": {"masks": "200000", "batch_size": "4"},
         "wait": 0,
     }
     start = time.perf_counter()

@@ -22,7 +22,10 @@ from tests.helpers.runs import CLASSES, tiny_run
 GRADCAM = '.map[data-method="gradcam"]'
 
 
-def test_explore_a_run(tmp_path: Path) -> None:
+def test_explore_a_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from convlens.serve.explorer import SERVER_CAPS
+
+    monkeypatch.setitem(SERVER_CAPS, "masks", 10**6)  # a job long enough to cancel
     run = tiny_run(tmp_path)
     explorer = Explorer(run.model(), run.run)
     errors: list[str] = []
@@ -61,7 +64,7 @@ def test_explore_a_run(tmp_path: Path) -> None:
         assert page.locator(".map").count() == 2
 
         # a long job shows progress and is cancelled
-        page.fill("#options", "rise.masks=4096, rise.batch_size=1")
+        page.fill("#options", "rise.masks=200000, rise.batch_size=4")
         page.dispatch_event("#options", "change")
         page.check('input[value="rise"]')
         page.wait_for_selector('.map[data-method="rise"] progress[value]', timeout=5000)
