@@ -161,7 +161,10 @@ def main(argv: list[str] | None = None) -> None:
     model = convlens.load_model(args.model)
     explorer = Explorer(model, data)
     ids = list(explorer.images)[: args.images + 1]
-    with background(explorer) as url, httpx.Client(base_url=url, timeout=120) as http:
+    with (
+        background(explorer) as url,
+        httpx.Client(base_url=url, timeout=120, headers={"X-Convlens": "1"}) as http,
+    ):
         _explain(http, {"image": ids[0], "method": "gradcam"})  # warm-up
         rounds = http_round_trips(http, ids[1:])
         occ = occlusion_progress(http, ids[1])

@@ -33,9 +33,10 @@ class TinyRun:
         )
 
 
-def tiny_run(root: Path) -> TinyRun:
+def tiny_run(root: Path, *, failure_modes: bool = False) -> TinyRun:
     """Write the model, the images (three per class, each with some class signal) and analyse
-    them into ``root / "run"`` (Grad-CAM, no faithfulness, no failure modes)."""
+    them into ``root / "run"`` (Grad-CAM, no faithfulness; failure modes and their pages only
+    when ``failure_modes``)."""
     from convlens.analysis import analyze
 
     (root / "net.py").write_text(tiny_net_source(seed=1))
@@ -56,7 +57,7 @@ def tiny_run(root: Path) -> TinyRun:
         methods="gradcam",
         top_errors=3,
         faithfulness=False,
-        failure_modes=False,
+        failure_modes=failure_modes,
         progress=False,
     )
     return made

@@ -6,7 +6,10 @@ import base64
 import concurrent.futures
 import http.client
 import io
+import json
 import os
+import posixpath
+import re
 import time
 import urllib.parse
 from collections.abc import Iterator
@@ -31,6 +34,15 @@ from convlens.serve.app import create_app
 from convlens.serve.explorer import Explorer
 from tests.helpers.runs import TinyRun, tiny_run
 
+# a job thread does not catch warnings (catch_warnings is process-wide, not thread-safe), so the
+# strict "error" filter would turn a method's blank-map warning into the job's failure; the
+# page gets the flag as a note instead (test_maps_report_blank_flags_as_notes)
+POST_HEADER = {"X-Convlens": "1"}
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::convlens.errors.BlankMapWarning"),
+    pytest.mark.filterwarnings("ignore::convlens.errors.NonFiniteMapWarning"),
+]
+
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> TinyRun:
@@ -46,7 +58,7 @@ def explorer(run: TinyRun) -> Iterator[Explorer]:
 
 @pytest.fixture
 def client(explorer: Explorer) -> Iterator[TestClient]:
-    with TestClient(create_app(explorer)) as c:
+    with TestClient(create_app(explorer), base_url="http://127.0.0.1", headers=POST_HEADER) as c:
         yield c
 
 
@@ -223,7 +235,12 @@ def test_uploads(client: TestClient, explorer: Explorer) -> None:
         explorer.target_index(up["id"], "true")
 
 
-def test_long_job_progress_and_cancel(client: TestClient, explorer: Explorer) -> None:
+def test_long_job_progress_and_cancel(
+    client: TestClient, explorer: Explorer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from convlens.serve.explorer import SERVER_CAPS
+
+    monkeypatch.setitem(SERVER_CAPS, "masks", 10**6)  # a job long enough to cancel
     i = mistake(explorer)
     model = explorer.model.net
     flags = [p.requires_grad for p in model.parameters()]
@@ -262,7 +279,10 @@ def test_ten_concurrent_requests(explorer: Explorer) -> None:
         for m in ("gradcam", "saliency")
         for t in ("pred", "true", 1, 2, "dog")
     ]
-    with background(explorer) as url, httpx.Client(base_url=url, timeout=60) as http:
+    with (
+        background(explorer) as url,
+        httpx.Client(base_url=url, timeout=60, headers=POST_HEADER) as http,
+    ):
 
         def ask(body: dict[str, Any]) -> dict[str, Any]:
             r = http.post("/api/explain", json={**body, "wait": 10})
@@ -287,7 +307,7 @@ def test_ten_concurrent_requests(explorer: Explorer) -> None:
 def test_image_folder(run: TinyRun) -> None:
     ex = Explorer(run.model(), run.data)
     try:
-        with TestClient(create_app(ex)) as c:
+        with TestClient(create_app(ex), base_url="http://127.0.0.1", headers=POST_HEADER) as c:
             page = c.get("/")
             assert page.status_code == 200
             assert page.text.count('class="card"') == 9
@@ -352,3 +372,170 @@ def test_a_run_of_another_model_is_refused(run: TinyRun) -> None:
 def test_warm_up_makes_the_layer_table(explorer: Explorer) -> None:
     explorer.warm_up()
     assert explorer._layers is not None and explorer.jobs.computations == 0
+
+
+def test_a_job_leaves_the_process_warning_state_alone(explorer: Explorer) -> None:
+    """``warnings.catch_warnings`` is process-wide and not thread-safe: a job thread using it
+    while a request thread loads an image (which uses it too) can leave a dead ``showwarning``
+    and an ``always`` filter behind. So no job touches the warning state while it runs."""
+    import warnings
+
+    before = (warnings.showwarning, list(warnings.filters))
+    seen: list[tuple[object, list[object]]] = []
+
+    def spy(module: torch.nn.Module, args: object, out: object) -> None:
+        seen.append((warnings.showwarning, list(warnings.filters)))
+
+    handle = explorer.model.net.register_forward_hook(spy)
+    try:
+        i = mistake(explorer)
+        job = explorer.request_map(i, "gradcam")
+        assert job.wait(60) and job.state == "done", job.error
+    finally:
+        handle.remove()
+    assert seen and all(s == before for s in seen)
+    assert (warnings.showwarning, list(warnings.filters)) == before
+    assert isinstance(job.result["notes"], list)
+
+
+def test_maps_report_blank_flags_as_notes() -> None:
+    from convlens.serve.explorer import _notes
+
+    assert _notes({"blank": torch.tensor([[True]]), "nonfinite": torch.tensor([[False]])}) == [
+        "the map is all zero (nothing to show)"
+    ]
+    assert _notes({"blank": torch.tensor([[False]])}) == []
+
+
+def test_foreign_hosts_and_cross_site_posts_are_refused(explorer: Explorer) -> None:
+    """DNS rebinding (a foreign Host header) and cross-site POSTs (no X-Convlens header, or a
+    form's text/plain body) are refused before anything runs."""
+    i = mistake(explorer)
+    body = {"image": i, "method": "gradcam"}
+    # without "with": no lifespan, so the explorer stays open for the next client
+    evil = TestClient(create_app(explorer), base_url="http://evil.example")
+    assert evil.get("/api/methods").status_code == 400
+    v6 = TestClient(create_app(explorer, "::1"), base_url="http://[::1]:8000")
+    assert v6.get("/api/methods").status_code == 200
+    lan = TestClient(create_app(explorer, "10.1.2.3"), base_url="http://10.1.2.3:8000")
+    assert lan.get("/api/methods").status_code == 200
+    assert evil.get("/api/methods", headers={"Host": "10.1.2.3"}).status_code == 400
+    with TestClient(create_app(explorer), base_url="http://127.0.0.1") as c:
+        assert c.get("/api/methods").status_code == 200
+        assert c.post("/api/explain", json=body).status_code == 403
+        assert c.post("/api/upload", content=png_bytes()).status_code == 403
+        assert c.post("/api/features/scan", json={"layer": "x"}).status_code == 403
+        as_form = c.post(
+            "/api/explain",
+            content=json.dumps(body),
+            headers={**POST_HEADER, "Content-Type": "text/plain"},
+        )
+        assert as_form.status_code == 415
+        assert explorer.jobs.computations == 0
+        ok = c.post("/api/explain", json={**body, "wait": 10}, headers=POST_HEADER)
+        assert ok.status_code == 200 and ok.json()["state"] == "done"
+
+
+def test_uploads_and_inputs_are_bounded(
+    explorer: Explorer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import convlens.serve.explorer as ex_module
+
+    monkeypatch.setattr(ex_module, "MAX_UPLOADS", 3)
+    monkeypatch.setattr(ex_module, "MAX_INPUTS", 2)
+    records = [explorer.add_upload(png_bytes((40 + k, 40)), f"{k}.png") for k in range(5)]
+    kept = [k for k in explorer.images if k.startswith("u")]
+    assert kept == [r.id for r in records[2:]]
+    assert sorted(p.name for p in Path(explorer._uploads.name).iterdir()) == sorted(
+        f"{r.id}.upload" for r in records[2:]
+    )
+    for r in records[2:]:
+        explorer.input(r.id)
+    assert list(explorer._inputs) == [r.id for r in records[3:]]
+
+
+def test_the_same_upload_at_once_from_many_threads(explorer: Explorer) -> None:
+    data = png_bytes((44, 44))
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        records = list(pool.map(lambda k: explorer.add_upload(data, f"{k}.png"), range(16)))
+    assert len({r.id for r in records}) == 1
+    assert [p.name for p in Path(explorer._uploads.name).iterdir()] == [f"{records[0].id}.upload"]
+    assert explorer.input(records[0].id).shape[-1] == 32
+
+
+def test_failure_mode_pages_of_the_run_view(tmp_path: Path) -> None:
+    """The run view links each failure mode to the report's page of it: those pages (and the
+    images they show) are served; other HTML of the folder is not."""
+    made = tiny_run(tmp_path, failure_modes=True)
+    ex = Explorer(made.model(), made.run)
+    (made.run / "notes.html").write_text("<p>not a report page</p>")
+    with TestClient(create_app(ex), base_url="http://127.0.0.1", headers=POST_HEADER) as c:
+        index = c.get("/run/report/index.html").text
+        links = sorted(set(re.findall(r'href="(failure_modes/mode-\d+\.html)"', index)))
+        assert links, "the tiny run has no failure modes"
+        for link in links:
+            page = c.get(f"/run/report/{link}")
+            assert page.status_code == 200, link
+            assert page.headers["content-type"].startswith("text/html")
+            base = f"/run/report/{link}".rsplit("/", 1)[0]
+            for src in re.findall(r'src="(\.\./\.\./[^"]+)"', page.text):
+                url = posixpath.normpath(f"{base}/{src}")
+                assert c.get(url).status_code == 200, url
+        assert c.get("/run/notes.html").status_code == 404
+        assert c.get("/run/report/%2e%2e/notes.html").status_code == 404
+
+
+def test_huge_options_are_refused_before_anything_runs(
+    client: TestClient, explorer: Explorer
+) -> None:
+    i = mistake(explorer)
+    for method, option in (("rise", "masks"), ("smoothgrad", "samples"), ("intgrad", "steps")):
+        r = client.post(
+            "/api/explain", json={"image": i, "method": method, "options": {option: 10**12}}
+        )
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert "\n" not in error and option in error and "at most 4096" in error
+    assert explorer.jobs.computations == 0
+
+
+def test_running_out_of_memory_is_one_line(
+    explorer: Explorer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from convlens.methods.base import Method
+
+    def no_memory(*args: object, **kwargs: object) -> None:
+        raise RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate"
+        )
+
+    monkeypatch.setattr(Method, "__call__", no_memory)
+    job = explorer.request_map(mistake(explorer), "gradcam")
+    assert job.wait(30) and job.state == "failed"
+    assert job.error is not None and "\n" not in job.error and "smaller options" in job.error
+
+
+def test_no_layer_and_the_default_layer_share_one_map(explorer: Explorer) -> None:
+    i = mistake(explorer)
+    first = explorer.request_map(i, "gradcam")
+    assert first.wait(30) and first.state == "done", first.error
+    named = explorer.request_map(i, "gradcam", layer=first.result["layer"])
+    assert named is first and explorer.jobs.computations == 1
+
+
+def test_long_polls_hold_no_worker_thread(
+    client: TestClient, explorer: Explorer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Waiting for a job happens on the event loop, not by blocking a threadpool thread."""
+    from convlens.serve.jobs import Job
+
+    def blocking(*args: object) -> None:
+        raise AssertionError("a request blocked a worker thread waiting for a job")
+
+    monkeypatch.setattr(Job, "wait", blocking)
+    monkeypatch.setattr(Job, "wait_change", blocking)
+    i = mistake(explorer)
+    r = client.post("/api/explain", json={"image": i, "method": "saliency", "wait": 10})
+    assert r.status_code == 200 and r.json()["state"] == "done"
+    r = client.get(f"/api/jobs/{r.json()['job']}?state=running&progress=0").json()
+    assert r["state"] == "done"

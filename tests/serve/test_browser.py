@@ -22,7 +22,10 @@ from tests.helpers.runs import CLASSES, tiny_run
 GRADCAM = '.map[data-method="gradcam"]'
 
 
-def test_explore_a_run(tmp_path: Path) -> None:
+def test_explore_a_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from convlens.serve.explorer import SERVER_CAPS
+
+    monkeypatch.setitem(SERVER_CAPS, "masks", 10**6)  # a job long enough to cancel
     run = tiny_run(tmp_path)
     explorer = Explorer(run.model(), run.run)
     errors: list[str] = []

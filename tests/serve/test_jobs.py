@@ -118,3 +118,34 @@ def test_computations_on_the_model_never_overlap(workers: int) -> None:
         assert most == 1
     finally:
         q.shutdown()
+
+
+def test_a_job_asked_to_cancel_is_not_handed_to_the_next_request() -> None:
+    q = JobQueue(workers=1)
+    gate = threading.Event()
+    try:
+        first = q.submit("k", paced(50, gate))
+        q.cancel(first.id)  # still running until its next step
+        second = q.submit("k", paced(2))
+        assert second is not first
+        gate.set()
+        assert first.wait(10) and first.state == "cancelled"
+        assert second.wait(10) and second.state == "done" and second.result == 2
+    finally:
+        q.shutdown()
+
+
+def test_failed_jobs_are_not_kept_by_id_forever() -> None:
+    q = JobQueue(workers=1, cache_size=3)
+
+    def fail() -> None:
+        raise InputError("no")
+
+    try:
+        jobs = [q.submit(("f", k), fail) for k in range(20)]
+        for job in jobs:
+            assert job.wait(10) and job.state == "failed"
+        assert len(q._by_id) <= 3
+        assert q.get(jobs[-1].id) is jobs[-1]  # the newest still answer their status
+    finally:
+        q.shutdown()

@@ -112,7 +112,7 @@ def serve(
         workers=workers,
         max_upload_bytes=MAX_UPLOAD_BYTES if max_upload_bytes is None else max_upload_bytes,
     )
-    app = create_app(explorer)
+    app = create_app(explorer, host)
     try:
         sock = _bind(host, port)
     except ServeError:
@@ -159,7 +159,7 @@ def background(explorer: Explorer, host: str = "127.0.0.1", port: int = 0) -> It
     from convlens.serve.app import create_app
 
     sock = _bind(host, port)
-    config = uvicorn.Config(create_app(explorer), log_level="warning", lifespan="on")
+    config = uvicorn.Config(create_app(explorer, host), log_level="warning", lifespan="on")
     server = uvicorn.Server(config)
     thread = threading.Thread(
         target=server.run, kwargs={"sockets": [sock]}, name="convlens-serve", daemon=True

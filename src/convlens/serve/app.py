@@ -4,8 +4,9 @@ Routes:
 
 - ``GET /``: the run view (redirect to ``/run/report/index.html``) or the image folder's
   gallery; ``GET /image/ID.html``: the live page of an image; ``GET /upload.html``.
-- ``GET /run/PATH``: files of the run folder (thumbnails, plots, explanation panels); only
-  image files, only under the folder (anything resolving outside it is refused with 404).
+- ``GET /run/PATH``: files of the run folder (thumbnails, plots, explanation panels, and the
+  report's HTML pages of failure modes and images under ``report/``); only image files and
+  those pages, only under the folder (anything resolving outside it is refused with 404).
 - ``GET /api/images/ID`` (name, label, top-5), ``GET /api/images/ID/input.png``,
   ``GET /api/methods``, ``GET /api/layers``, ``GET /api/classes?q=TEXT``.
 - ``POST /api/explain`` ``{"image", "method", "target", "layer", "options"}``: the map's job,
@@ -19,7 +20,13 @@ Routes:
 - ``POST /api/upload``: the image file as the request body (``X-Filename`` header for its
   name), at most ``max_upload_bytes`` (413 beyond), read by the validated image loader.
 
-Errors are JSON ``{"error": "one line"}`` with status 400 (bad request), 404 or 413.
+Errors are JSON ``{"error": "one line"}`` with status 400 (bad request), 403, 404, 413 or 415.
+
+Against DNS rebinding and cross-site requests from other web pages: a request whose ``Host`` is
+not the loopback name or the address listened on is refused (400, ``TrustedHostMiddleware``);
+every ``POST`` must carry the header ``X-Convlens: 1`` (403 otherwise; a page of another site
+cannot send it without a CORS preflight, which this server never grants), and the JSON ones
+``Content-Type: application/json`` (415 otherwise).
 """
 
 from __future__ import annotations
@@ -27,12 +34,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import urllib.parse
 from collections.abc import AsyncIterator
 from typing import Any
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.middleware import Middleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
@@ -41,12 +51,25 @@ from convlens.errors import ConvlensError, InputError
 from convlens.serve import pages
 from convlens.serve.explorer import Explorer
 
-__all__ = ["create_app"]
+__all__ = ["CSRF_HEADER", "allowed_hosts", "create_app"]
 
 log = logging.getLogger(__name__)
 
 _FILE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg"}
 _NO_STORE = {"Cache-Control": "no-store"}
+CSRF_HEADER = "X-Convlens"
+"""The header every POST carries (value ``1``): a cross-site form or simple request cannot."""
+_LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
+
+
+def allowed_hosts(host: str) -> list[str]:
+    """The ``Host`` header values served when listening on ``host``: the loopback names and
+    ``host`` itself (bracketed when IPv6); any, when listening on every address (``0.0.0.0``,
+    ``::``), whose names cannot be known (the exposure warning says so)."""
+    if host in ("0.0.0.0", "::", ""):
+        return ["*"]
+    shown = f"[{host}]" if ":" in host and not host.startswith("[") else host
+    return list(dict.fromkeys((*_LOOPBACK_NAMES, shown.lower())))
 
 
 def _error(message: str, status: int = 400) -> JSONResponse:
@@ -58,18 +81,36 @@ async def _call(fn: Any, *args: Any, **kwargs: Any) -> Any:
     return await run_in_threadpool(fn, *args, **kwargs)
 
 
-def create_app(explorer: Explorer) -> Starlette:
-    """The web application of ``explorer`` (closed when the application shuts down)."""
+async def _until(done: Any, timeout: float) -> None:
+    """Wait up to ``timeout`` seconds for ``done()`` to be true, on the event loop: a long poll
+    holds no worker thread (the pool's threads are for file reads and the model)."""
+    deadline = time.monotonic() + timeout
+    while not done() and time.monotonic() < deadline:
+        await asyncio.sleep(min(0.02, max(0.0, deadline - time.monotonic())))
 
-    async def guarded(request: Request, handler: Any) -> Response:
+
+def create_app(explorer: Explorer, host: str = "127.0.0.1") -> Starlette:
+    """The web application of ``explorer`` listening on ``host`` (which names the ``Host``
+    headers accepted, see :func:`allowed_hosts`); ``explorer`` is closed when the application
+    shuts down."""
+
+    async def guarded(request: Request, handler: Any, json_body: bool) -> Response:
+        if request.method == "POST":
+            if request.headers.get(CSRF_HEADER) != "1":
+                return _error(f"POST requests must carry the header {CSRF_HEADER}: 1", 403)
+            kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+            if json_body and kind != "application/json":
+                return _error("the request body must be JSON (Content-Type: application/json)", 415)
         try:
             return await handler(request)
         except ConvlensError as exc:
             return _error(str(exc))
 
     def route(path: str, handler: Any, methods: tuple[str, ...] = ("GET",)) -> Route:
+        json_body = "POST" in methods and handler is not upload and handler is not cancel
+
         async def endpoint(request: Request) -> Response:
-            return await guarded(request, handler)
+            return await guarded(request, handler, json_body)
 
         return Route(path, endpoint, methods=list(methods))
 
@@ -93,6 +134,9 @@ def create_app(explorer: Explorer) -> Starlette:
         rel = request.path_params["path"]
         path = (explorer.root / rel).resolve()
         kind = _FILE_TYPES.get(path.suffix.lower())
+        # the report's own pages (a failure mode's, an image's): HTML under RUN_DIR/report/
+        if path.suffix.lower() == ".html" and path.is_relative_to(explorer.root / "report"):
+            kind = "text/html; charset=utf-8"
         if kind is None or not path.is_relative_to(explorer.root) or not path.is_file():
             return _error("no such file", 404)
         return FileResponse(path, media_type=kind)
@@ -140,7 +184,7 @@ def create_app(explorer: Explorer) -> Starlette:
             options,
         )
         wait = _seconds(body.get("wait"), 2.0)
-        await _call(job.wait, wait)
+        await _until(job.finished.is_set, wait)
         return JSONResponse(explorer.job_json(job), headers=_NO_STORE)
 
     async def job_status(request: Request) -> Response:
@@ -155,7 +199,7 @@ def create_app(explorer: Explorer) -> Starlette:
             seen_progress = None
         seen = (q.get("state", ""), seen_progress)
         if seen[0]:
-            await _call(job.wait_change, seen, 1.0)
+            await _until(lambda: (job.state, job.progress) != seen, 1.0)
         return JSONResponse(explorer.job_json(job), headers=_NO_STORE)
 
     async def cancel(request: Request) -> Response:
@@ -204,13 +248,13 @@ def create_app(explorer: Explorer) -> Starlette:
     async def scan(request: Request) -> Response:
         body = await body_of(request)
         job = await _call(explorer.request_scan, str(body.get("layer", "")))
-        await _call(job.wait, _seconds(body.get("wait"), 0.5))
+        await _until(job.finished.is_set, _seconds(body.get("wait"), 0.5))
         return JSONResponse(explorer.job_json(job), headers=_NO_STORE)
 
     async def channel(request: Request) -> Response:
         body = await body_of(request)
         job = await _call(explorer.request_channel, str(body.get("layer", "")), body.get("channel"))
-        await _call(job.wait, _seconds(body.get("wait"), 2.0))
+        await _until(job.finished.is_set, _seconds(body.get("wait"), 2.0))
         return JSONResponse(explorer.job_json(job), headers=_NO_STORE)
 
     async def favicon(request: Request) -> Response:
@@ -236,7 +280,8 @@ def create_app(explorer: Explorer) -> Starlette:
         route("/api/jobs/{id}/cancel", cancel, ("POST",)),
         route("/api/upload", upload, ("POST",)),
     ]
-    app = Starlette(routes=routes, lifespan=lifespan)
+    middleware = [Middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts(host))]
+    app = Starlette(routes=routes, lifespan=lifespan, middleware=middleware)
     app.state.explorer = explorer
     return app
 

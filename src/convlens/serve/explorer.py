@@ -13,10 +13,11 @@ import hashlib
 import io
 import json
 import logging
+import os
 import re
 import tempfile
 import threading
-import warnings
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,10 @@ log = logging.getLogger(__name__)
 
 STORE_NAME = "predictions.sqlite"  # analysis.run.STORE_NAME (not imported: run.py is heavy)
 MAX_UPLOAD_BYTES = 20 * 2**20
+MAX_UPLOADS = 200
+"""Uploads kept (the oldest dropped beyond)."""
+MAX_INPUTS = 64
+"""Preprocessed inputs kept in memory (least recently used dropped beyond)."""
 _TOP = 9  # activations kept per channel by a feature scan
 LONG_METHODS = frozenset(
     {"occlusion", "rise", "scorecam", "ablationcam", "intgrad", "smoothgrad", "vargrad"}
@@ -45,8 +50,25 @@ RESPONSIVE_DEFAULTS: dict[str, dict[str, object]] = {
     "scorecam": {"batch_size": 32},
 }
 """Options the explorer uses unless the request gives them: smaller chunks, so that progress
-shows (and a cancel stops) within about a second on a CPU. Chunking changes no map (equal to
-float tolerance); without these, occlusion of a 224 px image runs in one chunk."""
+shows (and a cancel stops) after one chunk rather than after the whole map. Measured
+(benchmarks/RESULTS_SERVE.md, lite0 at 224 px on 2 CPU cores that other processes shared, load
+11 to 15): the progress bar at 66 ms, the first progress above 0 at 2.1 s, a cancel stopping in
+0.8 s, the whole occlusion map in 15 s; the goal of 1 s for the first progress was not shown on
+that busy machine. Chunking changes no map (equal to float tolerance); without these, occlusion
+of a 224 px image runs in one chunk."""
+
+SERVER_CAPS: dict[str, float] = {
+    "masks": 4096,
+    "samples": 4096,
+    "steps": 4096,
+    "cells": 256,
+    "batch_size": 1024,
+    "top_channels": 4096,
+    "memory_mb": 8192.0,
+}
+"""Upper bounds the explorer puts on size-like method options (on top of each option's own
+validation, which only asks for a positive number): one request must not make the server
+allocate without bound (``rise masks=10**7`` would hold 10**7 masks)."""
 
 
 @dataclass(frozen=True)
@@ -105,10 +127,11 @@ class Explorer:
         self.run_meta: dict[str, object] = {}
         self._uploads = tempfile.TemporaryDirectory(prefix="convlens-uploads-")
         self._lock = threading.Lock()
-        self._inputs: dict[str, torch.Tensor] = {}
+        self._inputs: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._top: dict[str, list[tuple[int, float]]] = {}
         self._layers: list[dict[str, Any]] | None = None
         self._scans: dict[str, Any] = {}
+        self._default_layer: str | None = None
         try:
             if self.root is not None:
                 if not self.root.is_dir():
@@ -193,15 +216,29 @@ class Explorer:
         digest = hashlib.sha1(data).hexdigest()[:15]
         i = "u" + digest
         path = Path(self._uploads.name) / f"{i}.upload"
-        path.write_bytes(data)
+        with self._lock:
+            known = self.images.get(i)
+        if known is not None:  # the same bytes again: the file is there already
+            return known
+        # written under a temporary name and renamed: a concurrent upload of the same bytes
+        # never reads (or deletes) a half-written file
+        tmp = path.with_name(f"{i}.{threading.get_ident()}.part")
+        tmp.write_bytes(data)
         try:
-            load_image(path)
+            load_image(tmp)
         except ImageError as exc:
-            path.unlink(missing_ok=True)
-            raise ImageError(str(exc).replace(str(path), _clean_name(name))) from None
+            tmp.unlink(missing_ok=True)
+            raise ImageError(str(exc).replace(str(tmp), _clean_name(name))) from None
+        os.replace(tmp, path)
         record = ImageRecord(i, path, _clean_name(name))
         with self._lock:
             self.images[i] = record
+            uploads = [k for k in self.images if k.startswith("u")]
+            for old in uploads[: max(0, len(uploads) - MAX_UPLOADS)]:
+                gone = self.images.pop(old)
+                self._inputs.pop(old, None)
+                self._top.pop(old, None)
+                gone.path.unlink(missing_ok=True)
         return record
 
     def record(self, i: str) -> ImageRecord:
@@ -226,10 +263,14 @@ class Explorer:
         """
         with self._lock:
             x = self._inputs.get(i)
+            if x is not None:
+                self._inputs.move_to_end(i)
         if x is None:
             x = self.model.load_images([self.record(i).path]).to(self.model.device)
             with self._lock:
                 self._inputs[i] = x
+                while len(self._inputs) > MAX_INPUTS:
+                    self._inputs.popitem(last=False)
         return x
 
     def input_png(self, i: str) -> bytes:
@@ -240,7 +281,11 @@ class Explorer:
 
     def top5(self, i: str) -> list[tuple[int, float]]:
         """The five most probable classes of image ``i`` with their probabilities (the run's
-        stored ones for a run's images)."""
+        stored ones for a run's images).
+
+        For an uploaded or folder image the prediction takes the model lock, so it waits
+        until a map being computed is done (a method hooks the model for its whole call, and
+        a forward pass in between would run through its hooks); the result is cached."""
         with self._lock:
             top = self._top.get(i)
         if top is None:
@@ -285,6 +330,19 @@ class Explorer:
                 if r.shapes and (len(r.shapes[-1]) == 4 or r.layout is not None)
             ]
         return self._layers
+
+    def default_layer(self) -> str:
+        """The layer a map is computed at when the request names none (the CAM family's
+        :func:`~convlens.architecture.default_layer` on a blank input; computed once), so that
+        a request without a layer and one naming this layer share one map."""
+        from convlens.architecture import default_layer
+
+        if self._default_layer is None:
+            crop = self.model.preprocess.crop
+            x = torch.zeros(1, 3, crop, crop, device=self.model.device)
+            with self.jobs.model_lock:
+                self._default_layer = str(default_layer(self.model.net, x))
+        return self._default_layer
 
     def methods(self) -> list[dict[str, Any]]:
         """The registered methods as JSON values: name, title, whether they take a layer or
@@ -378,12 +436,18 @@ class Explorer:
             **RESPONSIVE_DEFAULTS.get(method, {}),
             **parse_method_options(specs).get(method, {}),
         }
+        for k, v in opts.items():
+            cap = SERVER_CAPS.get(k)
+            if cap is not None and isinstance(v, (int, float)) and v > cap:
+                raise InputError(
+                    f"option {k} of {method} is {v}; the explorer allows at most {cap}"
+                )
         takes_layer = cls.uses_layer and not cls.finds_own_layer
         if layer and takes_layer and layer not in {r["name"] for r in self.layers()}:
             from convlens.layers import resolve_layer
 
             resolve_layer(self.model.net, layer.split("@")[0])  # raises, with close matches
-        use_layer = layer or None if takes_layer else None
+        use_layer = (layer or self.default_layer()) if takes_layer else None
         t = self.target_index(i, target)
         key = (
             i,
@@ -404,9 +468,22 @@ class Explorer:
 
         x = self.input(i)
         m = get_method(method, **opts)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
+        # no warnings.catch_warnings here: it swaps process-wide state (the filters and
+        # showwarning) and is not thread-safe, so a job thread must not use it while request
+        # threads load images; the method's warnings go to the server's log, and the flags it
+        # sets in meta make the page's notes
+        try:
             exp = m(self.model, x, target, layer=layer)
+        except MemoryError:
+            raise InputError(f"{method} ran out of memory: choose smaller options") from None
+        except RuntimeError as exc:
+            text = str(exc).lower()
+            if "memory" in text or "alloc" in text or "invalid shape" in text:
+                first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+                raise InputError(
+                    f"{method} could not allocate its buffers ({first}): choose smaller options"
+                ) from None
+            raise
         names = self.model.classes
         # as many threads as the cores others leave free: small tensor operations on busy
         # cores wait for each other (the overlay takes 20x longer on 2 threads of 2 busy cores)
@@ -420,7 +497,7 @@ class Explorer:
             "prob": float(exp.probs[0, 0]),
             "layer": exp.layer,
             "method_seconds": float(exp.meta.get("seconds", 0.0)),
-            "notes": [" ".join(str(w.message).split()) for w in caught],
+            "notes": _notes(exp.meta),
         }
 
     @staticmethod
@@ -442,7 +519,9 @@ class Explorer:
         Raises:
             InputError: the explorer was started without a folder.
         """
-        paths = [r.path for r in self.images.values() if not r.id.startswith("u")]
+        with self._lock:
+            records = list(self.images.values())
+        paths = [r.path for r in records if not r.id.startswith("u")]
         if not paths:
             raise InputError("no images to scan: start the explorer on a run or image folder")
         return paths
@@ -508,8 +587,10 @@ class Explorer:
         from convlens.render.overlay import rgb_attribution, to_pil
 
         found = next(feature_examples(scan, self.model, layer, channels=[channel]))
-        names = {r.path: r.name for r in self.images.values()}
-        ids = {r.path: r.id for r in self.images.values()}
+        with self._lock:
+            records = list(self.images.values())
+        names = {r.path: r.name for r in records}
+        ids = {r.path: r.id for r in records}
         return {
             "layer": layer,
             "channel": channel,
@@ -526,6 +607,19 @@ class Explorer:
                 for e in found.examples
             ],
         }
+
+
+def _notes(meta: Mapping[str, Any]) -> list[str]:
+    """One line per flag a method set on its map (``meta["blank"]``, ``meta["nonfinite"]``)."""
+    notes = []
+    for key, what in (
+        ("nonfinite", "the map holds NaN or infinite values"),
+        ("blank", "the map is all zero (nothing to show)"),
+    ):
+        flag = meta.get(key)
+        if isinstance(flag, torch.Tensor) and bool(flag.any()):
+            notes.append(what)
+    return notes
 
 
 def _data_url(png: bytes) -> str:

@@ -4,7 +4,8 @@ A :class:`JobQueue` runs computations on a small thread pool. Each is identified
 key (image, model, method, target, layer, options): a request for a key already queued, running
 or done gets that job back, so several tabs asking for the same map share one computation, and
 a map asked for again is served from the cache (least recently used jobs dropped beyond
-``cache_size``). A failed or cancelled job is forgotten, so asking again computes anew.
+``cache_size``). A failed or cancelled job, or one asked to cancel, is forgotten, so asking
+again computes anew; such jobs stay known by id (for their status) up to ``cache_size`` of them.
 
 Computations on one model run one at a time (``model_lock``): a method hooks the model's modules
 for its call, and two calls at once on the same modules would see each other's hooks.
@@ -95,7 +96,7 @@ class JobQueue:
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="convlens-job")
         self._lock = threading.Lock()
         self._by_key: OrderedDict[Hashable, Job] = OrderedDict()
-        self._by_id: dict[str, Job] = {}
+        self._by_id: OrderedDict[str, Job] = OrderedDict()
         self._ids = itertools.count(1)
         self.cache_size = cache_size
         self.model_lock = threading.Lock()
@@ -115,7 +116,11 @@ class JobQueue:
         """
         with self._lock:
             job = self._by_key.get(key)
-            if job is not None and job.state not in (FAILED, CANCELLED):
+            if (
+                job is not None
+                and job.state not in (FAILED, CANCELLED)
+                and not job.cancel_requested.is_set()
+            ):
                 self._by_key.move_to_end(key)
                 return job
             job = Job(id=f"j{next(self._ids)}", key=key)
@@ -151,6 +156,11 @@ class JobQueue:
         for k in finished[: max(0, len(finished) - self.cache_size)]:
             job = self._by_key.pop(k)
             self._by_id.pop(job.id, None)
+        # jobs no longer cached (failed, cancelled, replaced): known by id for a while only
+        cached = {j.id for j in self._by_key.values()}
+        stale = [i for i, j in self._by_id.items() if i not in cached and j.finished.is_set()]
+        for i in stale[: max(0, len(stale) - self.cache_size)]:
+            del self._by_id[i]
 
     def _forget(self, job: Job) -> None:
         with self._lock:
@@ -193,3 +203,5 @@ class JobQueue:
             job._set(state=DONE, progress=1.0, result=result, seconds=time.perf_counter() - start)
         finally:
             job.finished.set()
+            with self._lock:
+                self._trim()

@@ -10,7 +10,7 @@
     });
   }
   function json(method, url, body) {
-    var init = {method: method, headers: {}};
+    var init = {method: method, headers: {"X-Convlens": "1"}};
     if (body !== undefined) {
       init.headers["Content-Type"] = "application/json";
       init.body = JSON.stringify(body);
@@ -36,7 +36,7 @@
     status.textContent = "uploading " + file.name + " ...";
     fetch("/api/upload", {
       method: "POST",
-      headers: {"Content-Type": "application/octet-stream", "X-Filename": encodeURIComponent(file.name)},
+      headers: {"Content-Type": "application/octet-stream", "X-Convlens": "1", "X-Filename": encodeURIComponent(file.name)},
       body: file
     }).then(function (r) {
       return r.json().then(function (data) {

@@ -15,7 +15,7 @@
     });
   }
   function post(url, body) {
-    return fetch(url, {method: "POST", headers: {"Content-Type": "application/json"},
+    return fetch(url, {method: "POST", headers: {"Content-Type": "application/json", "X-Convlens": "1"},
       body: JSON.stringify(body)}).then(function (r) {
       return r.json().then(function (data) {
         if (!r.ok) { throw new Error(data.error || r.statusText); }
