@@ -50,12 +50,9 @@ RESPONSIVE_DEFAULTS: dict[str, dict[str, object]] = {
     "scorecam": {"batch_size": 32},
 }
 """Options the explorer uses unless the request gives them: smaller chunks, so that progress
-shows (and a cancel stops) after one chunk rather than after the whole map. Measured
-(benchmarks/RESULTS_SERVE.md, lite0 at 224 px on 2 CPU cores that other processes shared, load
-11 to 15): the progress bar at 66 ms, the first progress above 0 at 2.1 s, a cancel stopping in
-0.8 s, the whole occlusion map in 15 s; the goal of 1 s for the first progress was not shown on
-that busy machine. Chunking changes no map (equal to float tolerance); without these, occlusion
-of a 224 px image runs in one chunk."""
+shows (and a cancel stops) after one chunk rather than after the whole map. Chunking changes no
+map (equal to float tolerance); without these, occlusion of a 224 px image runs in one chunk.
+Timings: benchmarks/RESULTS_SERVE.md (lite0 at 224 px, 2 CPU cores)."""
 
 SERVER_CAPS: dict[str, float] = {
     "masks": 4096,
