@@ -19,7 +19,6 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from convlens.analysis import AnalysisResult, analyze
 from convlens.analysis.run import select_examined
@@ -28,6 +27,7 @@ from convlens.models import Preprocess, load_model
 from convlens.models.base import ConvlensModel
 from tests.helpers.cli import exit_code
 from tests.helpers.models import tiny_net_source
+from tests.helpers.runs import write_class_images
 
 CLASSES = ("cat", "dog", "coffee mug")
 BATCH = 4
@@ -92,14 +92,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("ray-data")
     (d / "net.py").write_text(tiny_net_source(seed=1))
     (d / "labels.txt").write_text("\n".join(CLASSES) + "\n")
-    images = d / "data"
-    rng = np.random.default_rng(0)
-    for c, folder in enumerate(("cat", "dog", "coffee_mug")):
-        (images / folder).mkdir(parents=True)
-        for k in range(4):
-            pixels = rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)
-            pixels[..., c] = 255 - k * 40
-            Image.fromarray(pixels).save(images / folder / f"img{k}.png")
+    images = write_class_images(d / "data", per_class=4)
     (images / "dog" / "broken.png").write_bytes(b"not really a png")
     return {"dir": d, "data": images}
 

@@ -25,6 +25,7 @@ from convlens.models import Preprocess, load_model
 from convlens.models.base import ConvlensModel
 from tests.helpers.browser import chromium_page
 from tests.helpers.models import GapNet, images, seeded, tiny_net_source
+from tests.helpers.runs import write_class_images
 
 CLASSES = ("cat", "dog", "coffee mug")
 CUE = [5, 6, 7, 8]
@@ -188,18 +189,9 @@ def test_cluster_labels_are_deterministic_and_degenerate_inputs_are_one_cluster(
 
 @pytest.fixture
 def setup(tmp_path: Path) -> dict[str, Path]:
-    from PIL import Image
-
     (tmp_path / "net.py").write_text(tiny_net_source(seed=1))
     (tmp_path / "labels.txt").write_text("\n".join(CLASSES) + "\n")
-    data = tmp_path / "data"
-    rng = np.random.default_rng(0)
-    for c, folder in enumerate(("cat", "dog", "coffee_mug")):
-        (data / folder).mkdir(parents=True)
-        for k in range(8):
-            pixels = rng.integers(0, 255, (36, 36, 3), dtype=np.uint8)
-            pixels[..., c] = 255 - k * 20
-            Image.fromarray(pixels).save(data / folder / f"img{k}.png")
+    data = write_class_images(tmp_path / "data", per_class=8, shape=(36, 36), step=20)
     return {"dir": tmp_path, "data": data, "run": tmp_path / "run"}
 
 

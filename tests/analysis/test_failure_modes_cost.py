@@ -10,9 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
-from PIL import Image
 from torch import nn
 
 from convlens.accel import Acceleration
@@ -20,21 +18,14 @@ from convlens.analysis import analyze
 from convlens.models import Preprocess, load_model
 from convlens.models.base import ConvlensModel
 from tests.helpers.models import tiny_net_source
-
-CLASSES = ("cat", "dog", "coffee mug")
+from tests.helpers.runs import CLASSES, write_class_images
 
 
 @pytest.fixture
 def data(tmp_path: Path) -> Path:
     (tmp_path / "net.py").write_text(tiny_net_source(seed=1))
     (tmp_path / "labels.txt").write_text("\n".join(CLASSES) + "\n")
-    rng = np.random.default_rng(0)
-    for c, folder in enumerate(("cat", "dog", "coffee_mug")):
-        (tmp_path / "data" / folder).mkdir(parents=True)
-        for k in range(8):
-            pixels = rng.integers(0, 255, (36, 36, 3), dtype=np.uint8)
-            pixels[..., c] = 255 - k * 20
-            Image.fromarray(pixels).save(tmp_path / "data" / folder / f"img{k}.png")
+    write_class_images(tmp_path / "data", per_class=8, shape=(36, 36), step=20)
     return tmp_path
 
 

@@ -16,6 +16,23 @@ from tests.helpers.models import tiny_net_source
 CLASSES = ("cat", "dog", "coffee mug")
 
 
+def write_class_images(
+    folder: Path, per_class: int, shape: tuple[int, int] = (40, 48), step: int = 40
+) -> Path:
+    """``per_class`` seeded random PNGs in one subfolder per class of :data:`CLASSES`
+    (``cat/``, ``dog/``, ``coffee_mug/``), each with a strong class signal (its class's colour
+    channel at ``255 - k * step``): the labelled data the tiny model of
+    :func:`tests.helpers.models.tiny_net_source` gets partly right. Returns ``folder``."""
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(("cat", "dog", "coffee_mug")):
+        (folder / name).mkdir(parents=True)
+        for k in range(per_class):
+            pixels = rng.integers(0, 255, (*shape, 3), dtype=np.uint8)
+            pixels[..., c] = 255 - k * step
+            Image.fromarray(pixels).save(folder / name / f"img{k}.png")
+    return folder
+
+
 @dataclass(frozen=True)
 class TinyRun:
     """A run folder with its model and data."""
@@ -41,14 +58,7 @@ def tiny_run(root: Path, *, failure_modes: bool = False) -> TinyRun:
 
     (root / "net.py").write_text(tiny_net_source(seed=1))
     (root / "labels.txt").write_text("\n".join(CLASSES) + "\n")
-    data = root / "data"
-    rng = np.random.default_rng(0)
-    for c, folder in enumerate(("cat", "dog", "coffee_mug")):
-        (data / folder).mkdir(parents=True)
-        for k in range(3):
-            pixels = rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)
-            pixels[..., c] = 255 - k * 40
-            Image.fromarray(pixels).save(data / folder / f"img{k}.png")
+    data = write_class_images(root / "data", per_class=3)
     made = TinyRun(root, data, root / "run")
     analyze(
         made.model(),
