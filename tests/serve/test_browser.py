@@ -68,7 +68,17 @@ def test_explore_a_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         page.dispatch_event("#options", "change")
         page.check('input[value="rise"]')
         page.wait_for_selector('.map[data-method="rise"] progress[value]', timeout=5000)
-        page.click('.map[data-method="rise"] .cancel')
+        # the cancel button is the same element while the progress moves on, so a click is
+        # never lost to a rebuild of the progress line (seen once in CI)
+        button = page.query_selector('.map[data-method="rise"] .cancel')
+        assert button is not None
+        first = page.eval_on_selector('.map[data-method="rise"] progress', "p => p.value")
+        page.wait_for_function(
+            "v => document.querySelector('.map[data-method=\"rise\"] progress').value !== v",
+            arg=first,
+        )
+        assert button.evaluate("b => b.isConnected")
+        button.click()
         page.wait_for_selector('.map[data-method="rise"][data-state="cancelled"]')
         assert "cancelled" in page.locator('.map[data-method="rise"] .state').inner_text()
 

@@ -170,14 +170,26 @@
       caption: el.querySelector(".caption"), token: 0, job: null};
     return cards[name];
   }
+  // The progress line of a job is built once and then updated in place: a line rebuilt on
+  // every progress report would replace the cancel button under the user's pointer, and a
+  // click landing between two rebuilds would be lost.
   function showProgress(c, data) {
     var pct = data.progress === null ? null : Math.round(100 * data.progress);
-    c.state.innerHTML = (data.state === "queued" ? "waiting " : "computing ") +
-      (pct === null ? "<progress></progress>" : '<progress max="100" value="' + pct + '"></progress> ' + pct + "%") +
-      ' <button type="button" class="cancel">cancel</button>';
-    c.state.querySelector(".cancel").addEventListener("click", function () {
-      json("POST", "/api/jobs/" + data.job + "/cancel");
-    });
+    var line = c.state.querySelector(".progress-line");
+    if (!line || line.dataset.job !== data.job) {
+      c.state.innerHTML = '<span class="progress-line"><span class="what"></span> ' +
+        '<progress max="100"></progress> <span class="pct"></span> ' +
+        '<button type="button" class="cancel">cancel</button></span>';
+      line = c.state.querySelector(".progress-line");
+      line.dataset.job = data.job;
+      line.querySelector(".cancel").addEventListener("click", function () {
+        json("POST", "/api/jobs/" + line.dataset.job + "/cancel");
+      });
+    }
+    line.querySelector(".what").textContent = data.state === "queued" ? "waiting" : "computing";
+    var bar = line.querySelector("progress");
+    if (pct === null) { bar.removeAttribute("value"); } else { bar.value = pct; }
+    line.querySelector(".pct").textContent = pct === null ? "" : pct + "%";
   }
   function show(c, token, data) {
     if (token !== c.token) { return; }  // an older request

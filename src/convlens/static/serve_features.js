@@ -33,12 +33,20 @@
     }
     var pct = data.progress === null ? null : Math.round(100 * data.progress);
     shown.dataset.state = data.state;
-    shown.innerHTML = "working " + (pct === null ? "<progress></progress>" :
-      '<progress max="100" value="' + pct + '"></progress> ' + pct + "%") +
-      ' <button type="button" class="cancel">cancel</button>';
-    shown.querySelector(".cancel").addEventListener("click", function () {
-      post("/api/jobs/" + data.job + "/cancel", {});
-    });
+    // built once per job and updated in place, so a click on cancel is never lost to a rebuild
+    var line = shown.querySelector(".progress-line");
+    if (!line || line.dataset.job !== data.job) {
+      shown.innerHTML = '<span class="progress-line">working <progress max="100"></progress> ' +
+        '<span class="pct"></span> <button type="button" class="cancel">cancel</button></span>';
+      line = shown.querySelector(".progress-line");
+      line.dataset.job = data.job;
+      line.querySelector(".cancel").addEventListener("click", function () {
+        post("/api/jobs/" + line.dataset.job + "/cancel", {});
+      });
+    }
+    var bar = line.querySelector("progress");
+    if (pct === null) { bar.removeAttribute("value"); } else { bar.value = pct; }
+    line.querySelector(".pct").textContent = pct === null ? "" : pct + "%";
     fetch("/api/jobs/" + data.job + "?state=" + data.state + "&progress=" +
       (data.progress === null ? "" : data.progress)).then(function (r) { return r.json(); })
       .then(function (next) { poll(next, mine, shown, done); });
