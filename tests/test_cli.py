@@ -496,7 +496,7 @@ def undecodable_name_dir(d: Path) -> tuple[Path, str]:
     return folder, name
 
 
-def test_a_file_name_that_is_not_utf8_does_not_stop_analyze(setup, capsys) -> None:
+def test_a_file_name_that_is_not_utf8_does_not_stop_analyze(setup, capsys, caplog) -> None:
     d = setup["dir"]
     folder, _ = undecodable_name_dir(d)
     (folder / os.fsdecode(b"broken\xfe.jpg")).write_bytes(b"not an image")
@@ -508,6 +508,10 @@ def test_a_file_name_that_is_not_utf8_does_not_stop_analyze(setup, capsys) -> No
     report = (out / "report" / "index.html").read_text(encoding="utf-8")
     assert "bad\\\\xff.png" in report or "bad\\xff.png" in report
     assert "skipped" in capsys.readouterr().err  # the unreadable one, named printably
+    # and logged printably: a log file or handler on a strict UTF-8 stream takes every record
+    assert any("broken\\xfe.jpg" in r.getMessage() for r in caplog.records)
+    for r in caplog.records:
+        r.getMessage().encode("utf-8")
     with sqlite3.connect(out / "predictions.sqlite") as db:
         reason = db.execute("SELECT reason FROM failures").fetchone()[0]
     assert "broken\\xfe.jpg" in reason

@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from convlens.console import printable
 from convlens.errors import OutputError
 
 if TYPE_CHECKING:
@@ -292,5 +293,5 @@ def remove_stale_temporaries(folder: str | Path, *, recursive: bool = True) -> i
         with contextlib.suppress(OSError):
             f.unlink()
             removed += 1
-            log.info("removed %s, left by a write that did not finish", f)
+            log.info("removed %s, left by a write that did not finish", printable(str(f)))
     return removed

@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from convlens.atomic import remove_stale_temporaries
+from convlens.console import printable
 from convlens.errors import OutputError, RunFolderError
 
 __all__ = [
@@ -197,7 +198,7 @@ def _read_manifest(path: Path) -> dict[str, str]:
     except FileNotFoundError:
         return {}
     except (OSError, ValueError) as exc:
-        log.warning("ignoring unreadable %s: %s", path, exc)
+        log.warning("ignoring unreadable %s: %s", printable(str(path)), printable(str(exc)))
         return {}
     if not isinstance(stored, dict):
         return {}

@@ -64,6 +64,7 @@ import torch
 from torch import nn
 
 from convlens.atomic import atomic_write_bytes
+from convlens.console import printable
 
 if TYPE_CHECKING:
     from convlens.analysis.store import Prediction
@@ -215,12 +216,18 @@ class FeatureCache:
         try:
             with np.load(path, allow_pickle=False) as z:
                 if str(z["stamp"]) != self.stamp:
-                    log.info("features in %s are of other weights; recomputing", path)
+                    log.info(
+                        "features in %s are of other weights; recomputing", printable(str(path))
+                    )
                     return
                 ids = [str(i) for i in z["ids"]]
                 feats = np.asarray(z["features"], dtype=np.float32)
         except (OSError, ValueError, KeyError) as exc:
-            log.warning("ignoring unreadable features file %s: %s", path, exc)
+            log.warning(
+                "ignoring unreadable features file %s: %s",
+                printable(str(path)),
+                printable(str(exc)),
+            )
             return
         self.rows = dict(zip(ids, feats, strict=True))
 

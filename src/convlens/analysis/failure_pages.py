@@ -46,6 +46,7 @@ import numpy as np
 import torch
 
 from convlens.atomic import atomic_write_bytes
+from convlens.console import printable
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -284,7 +285,9 @@ def _feature_maps(
                 units[p.id] = model.preprocess.to_unit(load_image(p.path))
                 chunk.append(p)
             except ImageError as exc:
-                log.warning("cannot re-read %s for the failure-mode pages: %s", p.path, exc)
+                log.warning(
+                    "cannot re-read %s for the failure-mode pages: %s", printable(p.path), exc
+                )
         if not chunk:
             continue
         x = model.preprocess.normalize(torch.stack([units[p.id] for p in chunk]))

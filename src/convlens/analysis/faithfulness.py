@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from convlens.atomic import atomic_write_text
+from convlens.console import printable
 from convlens.metrics.faithfulness import DEFAULT_STEPS
 
 __all__ = [
@@ -129,10 +130,13 @@ class ScoreCache:
         try:
             stored = json.loads(path.read_text())
         except (OSError, ValueError) as exc:
-            log.warning("ignoring unreadable %s: %s", path, exc)
+            log.warning("ignoring unreadable %s: %s", printable(str(path)), printable(str(exc)))
             return
         if not isinstance(stored, dict) or stored.get("settings") != SETTINGS:
-            log.info("faithfulness scores in %s were made with other settings; redoing", path)
+            log.info(
+                "faithfulness scores in %s were made with other settings; redoing",
+                printable(str(path)),
+            )
             return
         self.scores = dict(stored.get("images", {}))
 

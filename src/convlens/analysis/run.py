@@ -46,6 +46,7 @@ from convlens.analysis.stats import (
 )
 from convlens.analysis.store import Prediction, PredictionStore, image_id
 from convlens.atomic import atomic_write_bytes, atomic_write_text, is_complete, save_image
+from convlens.console import printable
 from convlens.errors import ConvlensError, InputError, RunFolderError
 from convlens.models.base import ConvlensModel
 from convlens.models.preprocess import Preprocess
@@ -244,7 +245,7 @@ def _repair_thumbnails(
             try:
                 image = load_image(p.path)
             except (ConvlensError, OSError) as exc:
-                log.info("no thumbnail for %s: %s", p.path, exc)
+                log.info("no thumbnail for %s: %s", printable(p.path), exc)
                 continue
             _write_thumbnail(image, thumb)
             if not is_complete(thumb):  # not writable now (a full disk): tried again next run
@@ -489,7 +490,7 @@ def _predict_loop(
         if recorder is not None and recorder.cache is not None and launched.features is not None:
             recorder.cache.add([image_id(todo[i][0]) for i in launched.idx], launched.features)
         for i, reason in failed:
-            log.warning("skipped %s: %s", todo[i][0], reason)
+            log.warning("skipped %s: %s", printable(todo[i][0]), printable(reason))
         if advance is not None:
             advance(len(launched.idx) + len(launched.failed))
 
@@ -700,10 +701,14 @@ def _explain_chunk(
     unreadable: list[tuple[str, str]] = []
     for path, reason in failed:
         if path in due:
-            log.warning("cannot explain %s, unreadable now: %s", path, reason)
+            log.warning("cannot explain %s, unreadable now: %s", printable(path), printable(reason))
             unreadable.append((path, reason))
         else:
-            log.warning("cannot score the maps of %s, unreadable now: %s", path, reason)
+            log.warning(
+                "cannot score the maps of %s, unreadable now: %s",
+                printable(path),
+                printable(reason),
+            )
     if x is None:
         return unreadable, {}
     x = x.to(model.device)
@@ -1170,7 +1175,9 @@ def _failure_modes(
         log.info("computing the penultimate features of %d images", len(missing))
         rows, failed = features_pass(model, head, missing, batch_size)
         for path, reason in failed:
-            log.warning("no features for %s, unreadable now: %s", path, reason)
+            log.warning(
+                "no features for %s, unreadable now: %s", printable(path), printable(reason)
+            )
         recorder.cache.add(list(rows), list(rows.values()) if rows else [])
     recorder.save()
     names = [model.classes[i] for i in range(len(model.classes))]
@@ -1216,7 +1223,7 @@ def _gradient_failure_modes(
             "clusters": [],
         }, []
     for path, reason in failed:
-        log.warning("no features for %s, unreadable now: %s", path, reason)
+        log.warning("no features for %s, unreadable now: %s", printable(path), printable(reason))
     if layer is None:
         reason = "no image of a mistake could be read"
         return {"skipped": reason, "clusters": []}, []
