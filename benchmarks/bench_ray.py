@@ -66,7 +66,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         t_local = time.perf_counter() - t0
         t0 = time.perf_counter()
         ray.init(
-            address=args.address,
+            # "local": a new instance even where another cluster runs on this machine (Ray
+            # would join the one it finds)
+            address=args.address or "local",
             num_cpus=None if args.address else args.cpus,
             include_dashboard=False,
             log_to_driver=False,

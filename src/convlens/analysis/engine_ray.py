@@ -152,10 +152,32 @@ def _decode(batch: dict[str, np.ndarray], preprocess: Preprocess, side: int) -> 
     }
 
 
+def _use_assigned_cpus() -> int:
+    """Give torch in this actor as many threads as the CPUs Ray assigned it (rounded up);
+    the count set.
+
+    Ray starts a worker with ``OMP_NUM_THREADS`` set to its whole CPUs, and to 1 for a
+    fractional share (the 1.2 CPUs of an actor on a 2-CPU node), so torch would run one
+    thread where the local engine runs one per core: measured, that alone made the Ray
+    engine's prediction pass twice as slow on 2 cores. The actor's process is the stage's
+    own, so nothing is restored; the driver is not touched. Within this limit each batch's
+    threads then follow the load as the local engine's do
+    (:meth:`~convlens.accel.Acceleration.threads_for_call`)."""
+    import ray
+    import torch
+
+    cpus = float(ray.get_runtime_context().get_assigned_resources().get("CPU", 0.0))
+    threads = max(1, math.ceil(cpus - 1e-6))
+    torch.set_num_threads(threads)
+    return threads
+
+
 def _load(spec: Callable[[], ConvlensModel]) -> ConvlensModel:
-    """The model built by ``spec`` in this worker, on its GPU when Ray gave it one."""
+    """The model built by ``spec`` in this worker, on its GPU when Ray gave it one, with
+    torch threads for the CPUs Ray gave it (:func:`_use_assigned_cpus`)."""
     import ray
 
+    _use_assigned_cpus()
     model = spec()
     if ray.get_gpu_ids():
         model.to("cuda")
@@ -198,6 +220,7 @@ class _Predictor:
             with (
                 model_state(self.model.net, eval_mode=True, grads=False),
                 torch.no_grad(),
+                self.model.accel.threads_for_call(self.model.device),
                 capture.once(self.model.net) if capture is not None else contextlib.nullcontext(),
             ):
                 launched = _Launched(list(range(len(ok))), [])
@@ -290,6 +313,25 @@ class _Explainer:
             "result": np.array(results, dtype=object),
             "node": np.array([self.node] * len(results), dtype=object),
         }
+
+
+def _blocks(rows: Sequence[dict[str, Any]], batch_size: int) -> list[Any]:
+    """``rows`` as Arrow tables of ``batch_size`` rows (the last one shorter), in order: one
+    Ray Data block per batch.
+
+    Each block is then one decoding task, one decoded batch and one actor batch, the batches
+    of the local engine: the pipeline streams batch by batch (the first batch is predicted
+    while the next ones are decoded), the decoding fans out over as many tasks as there are
+    batches, and an actor pool of one actor per block receives a block per actor. Blocks of
+    a whole shard would be decoded in one task each, and Ray Data buffers a task's output
+    into blocks of up to 128 MiB: on 200 images nothing was predicted before all were
+    decoded."""
+    import pyarrow as pa
+
+    return [
+        pa.Table.from_pylist(list(rows[i : i + batch_size]))
+        for i in range(0, len(rows), batch_size)
+    ]
 
 
 def _shard_name(k: int, shard: Sequence[tuple[str, int | None]]) -> str:
@@ -479,7 +521,7 @@ class RayEngine:
             for k, (shard, _) in todo.items()
             for i, (p, lbl) in enumerate(shard)
         ]
-        ds = ray.data.from_items(rows, override_num_blocks=max(1, len(todo)))
+        ds = ray.data.from_arrow(_blocks(rows, batch_size))
         with warnings.catch_warnings():
             # Ray 2.60 deprecates free remote arguments (removal announced for 2.64) and has
             # no named parameter for a scheduling strategy yet
