@@ -332,3 +332,12 @@ def test_cli_bad_engine_is_one_line(data, tmp_path, capsys) -> None:
     assert exit_code([*base, "--address", "auto"]) != 0
     err = capsys.readouterr().err
     assert "engine 'spark' is not one of" in err and "--address is for --engine ray" in err
+
+
+@pytest.mark.parametrize("cpus", [0, -1.0, math.inf, math.nan, True, "1"])
+def test_bad_decode_cpus(data, cpus) -> None:
+    pytest.importorskip("ray.data")
+    from convlens.analysis.engine_ray import RayEngine
+
+    with pytest.raises(InputError, match="decode_cpus must be a positive number"):
+        RayEngine(spec(data["dir"]), {}, decode_cpus=cpus)
