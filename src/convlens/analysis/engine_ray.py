@@ -52,6 +52,7 @@ import numpy as np
 
 from convlens.analysis.store import Prediction, PredictionStore, image_id
 from convlens.atomic import atomic_write_bytes, atomic_write_text, is_complete
+from convlens.console import printable
 from convlens.errors import ConvlensError, InputError
 
 if TYPE_CHECKING:
@@ -683,7 +684,7 @@ class RayEngine:
             self.nodes["decode"].add(r["decode_node"])
             if r["error"]:
                 failures.append((path, r["error"]))
-                log.warning("skipped %s: %s", path, r["error"])
+                log.warning("skipped %s: %s", printable(path), printable(str(r["error"])))
                 continue
             self.nodes["predict"].add(r["predict_node"])
             label = r["label"]
