@@ -496,7 +496,7 @@ def test_vargrad_is_the_variance(gap_net: nn.Module) -> None:
     var = VarGrad(samples=4, noise=0.2, batch_size=4, seed=5)(gap_net, x)
     mean = SmoothGrad(samples=4, noise=0.2, batch_size=4, seed=5)(gap_net, x)
     gen = torch.Generator().manual_seed(5)
-    eps = torch.randn((4, *x.shape), generator=gen, dtype=x.dtype)
+    eps = [torch.randn(x.shape, generator=gen, dtype=x.dtype) for _ in range(4)]
     span = x.max() - x.min()
     maps = torch.stack([Saliency()(gap_net, x + 0.2 * span * eps[s]).maps for s in range(4)])
     torch.testing.assert_close(mean.maps, maps.mean(0))
