@@ -887,9 +887,11 @@ def analyze(
 
     Predictions stream into ``out_dir/predictions.sqlite`` (one transaction per batch; a rerun
     skips finished and previously failed images); metrics and plots are computed from the store;
-    the most confident mistakes are explained for the predicted and the true class, and each
-    method's map for the predicted class is scored for faithfulness; the report is written to
-    ``out_dir/report/index.html``.
+    the most confident mistakes are explained for the predicted and the true class (panels in
+    ``out_dir/explanations/``, the maps as ``explanations/maps/ID.npy``, ``(methods, 2, H, W)``),
+    and each method's map for the predicted class is scored for faithfulness; the report is
+    written to ``out_dir/report/index.html``. A change of methods or options removes the
+    panels, maps and scores made for the old ones.
 
     Faithfulness (``faithfulness=True``): deletion and insertion (Petsiuk, Das & Saenko 2018,
     "RISE", §4; :func:`~convlens.metrics.deletion_insertion_many`, 20 steps of 5% of the pixels).
