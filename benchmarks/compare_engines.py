@@ -170,6 +170,7 @@ def prediction_checks(a: Path, b: Path) -> list[Check]:
         probs.number(
             math.nan if p.loss is None else p.loss, math.nan if q.loss is None else q.loss, p.path
         )
+    top.count = len(pa)  # images, not comparisons
     failures = Check("failures and their reasons", "exact")
     failures.same(sorted(fa), sorted(fb), "failures")
     failures.count = len(fa)
@@ -376,7 +377,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"- 1-minute load average: {load_before:.2f} before, {load_average():.2f} after")
     print(f"- command: `{command_line(argv, script='benchmarks/compare_engines.py')}`")
     print(
-        f"- {args.model}, {n} images ({data.name if not args.augmented else 'augmented set'}), "
+        f"- {args.model}, {n} images ("
+        + (f"bench_analyze's augmented set from {default_data()}" if args.augmented else str(data))
+        + "), "
         f"methods {json.dumps(methods)}, top errors {args.top_errors}, batch {args.batch}; "
         f"local {t_local:.0f} s, ray {t_ray:.0f} s (Ray: {resources.get('CPU', 0):g} CPUs)"
     )
