@@ -474,12 +474,27 @@ class RayEngine:
             sum(len(s) for s, _ in todo.values()),
             len(items),
         )
-        rows = [
-            {"shard": k, "pos": i, "path": os.fsencode(p), "label": -1 if lbl is None else lbl}
+        import pyarrow as pa
+
+        # one block per shard, each cut into batches from its start (by the decoding tasks),
+        # and one decoded batch per model call: the model sees the local engine's batches
+        # whenever batch_size divides SHARD_SIZE (float32 results depend on the batch size)
+        blocks = [
+            pa.Table.from_pylist(
+                [
+                    {
+                        "shard": k,
+                        "pos": i,
+                        "path": os.fsencode(p),
+                        "label": -1 if lbl is None else lbl,
+                    }
+                    for i, (p, lbl) in enumerate(shard)
+                ]
+            )
             for k, (shard, _) in todo.items()
-            for i, (p, lbl) in enumerate(shard)
         ]
-        ds = ray.data.from_items(rows, override_num_blocks=max(1, len(todo)))
+        rows = sum(len(b) for b in blocks)
+        ds = ray.data.from_arrow(blocks)
         with warnings.catch_warnings():
             # Ray 2.60 deprecates free remote arguments (removal announced for 2.64) and has
             # no named parameter for a scheduling strategy yet
@@ -496,13 +511,13 @@ class RayEngine:
         ds = ds.map_batches(
             _Predictor,
             fn_constructor_kwargs={"spec": self.spec, "features": recorder is not None},
-            batch_size=batch_size,
+            batch_size=None,  # each decoded batch whole (see above)
             batch_format="numpy",
-            **self._resources(most=math.ceil(len(rows) / batch_size))[0],
+            **self._resources(most=math.ceil(rows / batch_size))[0],
         )
         pending: dict[int, list[dict[str, Any]]] = {}
         columns = ("shard", "pos", "path", "label", "error", "top5", "probs5", "loss")
-        with _bar(progress, "predicting (ray)", len(rows)) as advance:
+        with _bar(progress, "predicting (ray)", rows) as advance:
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
                 n = len(batch["shard"])
                 for i in range(n):
