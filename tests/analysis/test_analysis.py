@@ -344,6 +344,44 @@ def test_method_options_reach_the_methods_and_reset_the_cache(setup, monkeypatch
     assert "occlusion (patch=16)" in index
 
 
+def test_maps_are_saved_and_a_rerun_with_other_methods_leaves_none_stale(setup) -> None:
+    """Each examined image's maps are saved (methods in order, predicted and true class, equal
+    to an explain() of the image alone); a rerun with other methods removes the panels, maps
+    and the Ray engine's list made for the old ones; a missing map file is made again."""
+    from convlens import explain
+
+    model = make_model(setup["dir"])
+    folder = setup["run"] / "explanations"
+    fast = {"faithfulness": False, "failure_modes": False}
+    first = run(model, setup, methods="gradcam,saliency", top_errors=3, **fast)
+    by_id = {p.id: p for p in first.predictions}
+    assert first.explanations
+    assert {f.stem for f in (folder / "maps").glob("*.npy")} == set(first.explanations)
+    for pid in first.explanations:
+        p = by_id[pid]
+        want = explain(
+            model,
+            model.load_images([p.path]),
+            ["gradcam", "saliency"],
+            target=torch.tensor([[p.pred, p.label]]),
+        )
+        got = np.load(folder / "maps" / f"{pid}.npy")
+        assert got.shape == (2, 2, 32, 32)
+        np.testing.assert_allclose(got, torch.cat([e.maps for e in want.values()]), atol=1e-6)
+    (folder / "ray.parquet").write_bytes(b"a list of the old explanations")
+    second = run(model, setup, methods="gradcam", top_errors=1, **fast)
+    assert second.explanations
+    assert sorted(folder.glob("*.png")) == sorted(second.explanations.values())
+    npys = sorted((folder / "maps").glob("*.npy"))
+    assert {f.stem for f in npys} == set(second.explanations)
+    assert np.load(npys[0]).shape == (1, 2, 32, 32)  # Grad-CAM's alone
+    assert not (folder / "ray.parquet").exists()
+    npys[0].unlink()
+    again = counting(model)
+    run(again, setup, methods="gradcam", top_errors=1, **fast)
+    assert again.net.calls > 0 and npys[0].is_file()
+
+
 @pytest.mark.parametrize(
     ("methods", "options", "message"),
     [

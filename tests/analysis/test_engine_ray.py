@@ -15,6 +15,7 @@ import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -33,8 +34,14 @@ from tests.helpers.runs import write_class_images
 CLASSES = ("cat", "dog", "coffee mug")
 BATCH = 4
 SHARD = 4
-# RISE is seeded: its maps must not depend on which worker draws them
-METHODS = {"gradcam": {}, "rise": {"masks": 24, "cells": 4, "batch_size": 12}}
+# RISE and SmoothGrad are seeded: their maps must not depend on which worker draws them, nor
+# on the other images of the chunk
+METHODS = {
+    "gradcam": {},
+    "rise": {"masks": 24, "cells": 4, "batch_size": 12},
+    "smoothgrad": {"samples": 3, "batch_size": 6},
+}
+COMPARE = Path(__file__).resolve().parents[2] / "benchmarks" / "compare_engines.py"
 
 # a model file whose forward kills its process once, in a batch (not while loading): when the
 # marker file is there
@@ -159,6 +166,23 @@ def same_metrics(a: dict[str, Any], b: dict[str, Any]) -> None:
     close(a.get("failure_modes"), b.get("failure_modes"), "failure_modes", rel=1e-5)
 
 
+def load_compare_engines() -> ModuleType:
+    """``benchmarks/compare_engines.py`` (not a package: loaded from its path, its folder on
+    ``sys.path`` for its ``_common``)."""
+    import importlib.util
+
+    sys.path.insert(0, str(COMPARE.parent))
+    try:
+        module_spec = importlib.util.spec_from_file_location("convlens_compare_engines", COMPARE)
+        assert module_spec is not None and module_spec.loader is not None
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[module_spec.name] = module  # its dataclasses look their module up
+        module_spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(COMPARE.parent))
+    return module
+
+
 def cluster_nodes() -> list[dict[str, Any]]:
     import ray
 
@@ -190,22 +214,25 @@ def test_same_answers_as_local_on_two_nodes(cluster, data, small_shards, tmp_pat
     )
     assert set(result.explanations) == set(local.explanations) != set()
     close(result.faithfulness, local.faithfulness)
-    # maps equal to an independent explain() of the same chunks, image by image
+    # maps equal to an independent explain() of each image alone (seeded per image, so the
+    # chunk an image was explained in does not matter)
     from convlens import explain
     from convlens.methods.options import build_methods
 
     model = spec(data["dir"])()
     examined = select_examined(local.predictions, local.metrics, 3)
     methods = list(build_methods(METHODS).values())
-    for start in range(0, len(examined), BATCH):
-        chunk = examined[start : start + BATCH]
-        x = model.load_images([p.path for p in chunk])
-        target = torch.tensor([[p.pred, p.label] for p in chunk])
-        expected = explain(model, x, methods, target=target)
-        for i, p in enumerate(chunk):
-            got = np.load(tmp_path / "ray" / "explanations" / "maps" / f"{p.id}.npy")
-            want = torch.stack([e.maps[i] for e in expected.values()]).numpy()
-            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    for p in examined:  # each map equals the image explained alone (seeds are per image)
+        x = model.load_images([p.path])
+        expected = explain(model, x, methods, target=torch.tensor([[p.pred, p.label]]))
+        got = np.load(tmp_path / "ray" / "explanations" / "maps" / f"{p.id}.npy")
+        want = torch.cat([e.maps for e in expected.values()]).numpy()
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    # and the whole report, figure for figure, as benchmarks/compare_engines.py compares it
+    compare = load_compare_engines()
+    checks = compare.compare(tmp_path / "local", tmp_path / "ray")
+    assert [(c.what, c.mismatches) for c in checks if c.mismatches] == []
+    assert all(c.count for c in checks if "failures" not in c.what)
     # every stage ran on both nodes, as nodes.json and the log say: the decoding tasks are
     # spread over the nodes (scheduling strategy SPREAD), a decoded batch goes to the actor
     # beside it (Ray Data's locality) or to the other one when that one is busy, and the

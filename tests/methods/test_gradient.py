@@ -59,21 +59,17 @@ def test_smoothgrad_without_noise_equals_inner(gap_net: torch.nn.Module) -> None
 def test_smoothgrad_is_the_mean_over_noisy_copies(gap_net: torch.nn.Module) -> None:
     x = images(2)
     smooth = SmoothGrad(samples=4, noise=0.2, batch_size=3, seed=7)(gap_net, x)
-    # Independent loop with the same noise draws.
-    gen = torch.Generator().manual_seed(7)
-    span = (x.amax(dim=(1, 2, 3)) - x.amin(dim=(1, 2, 3))).view(2, 1, 1, 1)
-    eps = torch.cat(
-        [
-            torch.randn((3, *x.shape), generator=gen, dtype=x.dtype),
-            torch.randn((1, *x.shape), generator=gen, dtype=x.dtype),
-        ]
-    )
+    # Independent loop: each image's noise from its own generator seeded with the seed, one
+    # draw of one image's shape per noisy copy.
     t = smooth.targets[:, 0]
     total = torch.zeros(2, 12, 12, dtype=torch.float64)
-    for s in range(4):
-        noisy = x + 0.2 * span * eps[s]
-        for i in range(2):
-            total[i] += input_gradient(gap_net, noisy[i : i + 1], int(t[i])).abs().amax(0)
+    for i in range(2):
+        gen = torch.Generator().manual_seed(7)
+        span = x[i].max() - x[i].min()
+        for _ in range(4):
+            eps = torch.randn(x.shape[1:], generator=gen, dtype=x.dtype)
+            noisy = (x[i] + 0.2 * span * eps).unsqueeze(0)
+            total[i] += input_gradient(gap_net, noisy, int(t[i])).abs().amax(0)
     torch.testing.assert_close(smooth.maps[:, 0], (total / 4).float())
 
 
@@ -84,6 +80,30 @@ def test_smoothgrad_is_deterministic_and_seed_dependent(gap_net: torch.nn.Module
     c = SmoothGrad(samples=3, seed=2)(gap_net, x).maps
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
+
+
+@pytest.mark.parametrize("aggregate", ["mean", "var"])
+def test_smoothgrad_map_of_an_image_does_not_depend_on_its_batch(
+    gap_net: torch.nn.Module, aggregate: str
+) -> None:
+    """Seeded per image: image i's map is the same alone, in a batch (any position) and with
+    any batch_size (how the noisy copies are cut into passes)."""
+    x = images(4, size=11)  # 363 values per image: not a multiple of torch's 16-value blocks
+
+    def maps(batch: torch.Tensor, batch_size: int) -> torch.Tensor:
+        method = SmoothGrad(
+            samples=5, noise=0.2, batch_size=batch_size, seed=3, aggregate=aggregate
+        )
+        return method(gap_net, batch).maps
+
+    together = maps(x, 4)
+    for i in range(4):
+        for batch_size in (1, 3, 8):
+            torch.testing.assert_close(maps(x[i : i + 1], batch_size)[0], together[i])
+    reordered = maps(x.flip(0), 6)
+    torch.testing.assert_close(reordered.flip(0), together)
+    # and the seed still matters
+    assert not torch.equal(together, SmoothGrad(samples=5, noise=0.2, seed=4)(gap_net, x).maps)
 
 
 def test_smoothgrad_wraps_gradcam(gap_net: torch.nn.Module) -> None:

@@ -491,12 +491,25 @@ def test_rise_equals_the_mask_weighted_average(gap_net: nn.Module) -> None:
     torch.testing.assert_close(again.meta["log_scale"], exp.meta["log_scale"])
 
 
+def test_rise_map_of_an_image_does_not_depend_on_its_batch(gap_net: nn.Module) -> None:
+    """Seeded per image: the masks come from the seed alone, so image i's map (and its scale)
+    is the same alone, in a batch at any position, and at any batch_size."""
+    x = images(3)
+    together = RISE(masks=20, cells=3, batch_size=7, seed=2)(gap_net, x)
+    for i in range(3):
+        alone = RISE(masks=20, cells=3, batch_size=4, seed=2)(gap_net, x[i : i + 1])
+        torch.testing.assert_close(alone.maps[0], together.maps[i])
+        torch.testing.assert_close(alone.meta["log_scale"][0], together.meta["log_scale"][i])
+    flipped = RISE(masks=20, cells=3, batch_size=20, seed=2)(gap_net, x.flip(0))
+    torch.testing.assert_close(flipped.maps.flip(0), together.maps)
+
+
 def test_vargrad_is_the_variance(gap_net: nn.Module) -> None:
     x = images(1)
     var = VarGrad(samples=4, noise=0.2, batch_size=4, seed=5)(gap_net, x)
     mean = SmoothGrad(samples=4, noise=0.2, batch_size=4, seed=5)(gap_net, x)
     gen = torch.Generator().manual_seed(5)
-    eps = torch.randn((4, *x.shape), generator=gen, dtype=x.dtype)
+    eps = [torch.randn(x.shape, generator=gen, dtype=x.dtype) for _ in range(4)]
     span = x.max() - x.min()
     maps = torch.stack([Saliency()(gap_net, x + 0.2 * span * eps[s]).maps for s in range(4)])
     torch.testing.assert_close(mean.maps, maps.mean(0))

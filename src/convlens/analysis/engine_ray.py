@@ -587,7 +587,9 @@ class RayEngine:
         ds = ds.map_batches(
             _Predictor,
             fn_constructor_kwargs={"spec": self.spec, "features": recorder is not None},
-            batch_size=batch_size,
+            # each decoded batch whole: the model sees the local engine's batches (float32
+            # results depend on the batch), never rows of two blocks regrouped by Ray Data
+            batch_size=None,
             batch_format="numpy",
             **actor,
         )

@@ -656,15 +656,21 @@ class _Explained:
     faithfulness: Scores
 
 
+MAPS_DIR = "maps"
+"""Folder of the examined images' maps (``ID.npy``) in the run's ``explanations`` folder."""
+
+
 def _panels_stamp(out: Path, config: str) -> None:
-    """Keep the cached panels and scores of ``out`` only if they were made under ``config``."""
+    """Keep the cached panels, maps and scores of ``out`` only if they were made under
+    ``config``: otherwise they (and the Ray engine's list of them, ``*.parquet``) are removed,
+    so that no panel or map of a method no longer asked for outlives the change."""
     stamp = out / "config.json"
     try:
         same = stamp.read_text(encoding="utf-8") == config
     except (OSError, ValueError):  # missing or unreadable: start over
         same = False
     if not same:
-        for old in out.glob("*.png"):
+        for old in [*out.glob("*.png"), *out.glob("*.parquet"), *(out / MAPS_DIR).glob("*.npy")]:
             old.unlink()
         (out / FAITHFULNESS_FILE).unlink(missing_ok=True)
         atomic_write_text(stamp, config)
@@ -767,11 +773,13 @@ def _explain_errors(
     engine: Any = None,
 ) -> _Explained:
     """Side-by-side panels (predicted vs true class) of each examined image, cached as PNGs,
-    and the faithfulness scores of the predicted class's maps, cached in ``faithfulness.json``.
+    its maps (``maps/ID.npy``, see :func:`_explain_chunk`), and the faithfulness scores of the
+    predicted class's maps, cached in ``faithfulness.json``.
 
     The caches are kept while ``config`` (the methods and their options) is unchanged; other
-    panels and scores are removed first. An image is explained again when its panel is missing,
-    or (with ``faithfulness``) its scores are; the scores are saved after each chunk. An image
+    panels, maps and scores are removed first. An image is explained again when its panel or
+    its maps are missing, or (with ``faithfulness``) its scores are; the scores are saved after
+    each chunk. An image
     that can no longer be read (deleted or corrupted since the prediction pass) is skipped and
     returned as ``(path, reason)`` if its panel was due (if only its scores were, it is logged).
 
@@ -784,7 +792,12 @@ def _explain_errors(
     files = {p.id: out / f"{p.id}.png" for p in examined}
     cache = ScoreCache(out / FAITHFULNESS_FILE) if faithfulness else None
     names = [m.name for m in methods.values()]  # the keys of explain()'s results
-    need_panel = {p.id for p in examined if not is_complete(files[p.id])}
+    maps = out / MAPS_DIR
+    need_panel = {
+        p.id
+        for p in examined
+        if not (is_complete(files[p.id]) and is_complete(maps / f"{p.id}.npy"))
+    }
     need_score = {p.id for p in examined if cache is not None and not cache.has(p.id, names)}
     todo = [p for p in examined if p.id in need_panel or p.id in need_score]
     unreadable: list[tuple[str, str]] = []
@@ -801,7 +814,14 @@ def _explain_errors(
                 (
                     part,
                     *_explain_chunk(
-                        model, part, methods, files, need_panel, need_score, batch_size=batch_size
+                        model,
+                        part,
+                        methods,
+                        files,
+                        need_panel,
+                        need_score,
+                        batch_size=batch_size,
+                        maps=maps,
                     ),
                 )
                 for part in parts
@@ -872,9 +892,11 @@ def analyze(
 
     Predictions stream into ``out_dir/predictions.sqlite`` (one transaction per batch; a rerun
     skips finished and previously failed images); metrics and plots are computed from the store;
-    the most confident mistakes are explained for the predicted and the true class, and each
-    method's map for the predicted class is scored for faithfulness; the report is written to
-    ``out_dir/report/index.html``.
+    the most confident mistakes are explained for the predicted and the true class (panels in
+    ``out_dir/explanations/``, the maps as ``explanations/maps/ID.npy``, ``(methods, 2, H, W)``),
+    and each method's map for the predicted class is scored for faithfulness; the report is
+    written to ``out_dir/report/index.html``. A change of methods or options removes the
+    panels, maps and scores made for the old ones.
 
     Faithfulness (``faithfulness=True``): deletion and insertion (Petsiuk, Das & Saenko 2018,
     "RISE", §4; :func:`~convlens.metrics.deletion_insertion_many`, 20 steps of 5% of the pixels).

@@ -62,13 +62,18 @@ class SmoothGrad(Method):
     input, so every noisy copy explains the same class. Wraps any method (default: saliency),
     e.g. ``SmoothGrad(GradCAM())``.
 
+    Seeded per image: the ``i``-th noisy copy of every image takes the ``i``-th draw of one
+    image's shape from a generator seeded with ``seed`` (``eps_i = sigma z_i``, the same ``z_i``
+    for each image), as if each image had its own generator. An image's map is therefore the
+    same alone or in any batch, at any position and any ``batch_size``.
+
     Args:
         inner: the method to smooth.
         samples: number of noisy copies ``n``.
         noise: noise level as a fraction of each image's value range (the paper uses 0.1-0.2).
         batch_size: noisy images per forward pass, all input images together (at least one
             noisy copy of each image per pass).
-        seed: seed of the noise (results are deterministic for a seed).
+        seed: seed of each image's noise (results are deterministic for a seed).
         aggregate: ``"mean"`` (SmoothGrad) or ``"var"`` (VarGrad: the variance of the maps over
             the noisy copies, Adebayo et al. 2018).
     """
@@ -118,8 +123,15 @@ class SmoothGrad(Method):
         while done < self.samples:
             ctx.pace(done, self.samples)
             s = min(per_pass, self.samples - done)
-            eps = torch.randn((s, *x.shape), generator=gen, device=x.device, dtype=x.dtype)
-            noisy = (x.unsqueeze(0) + eps * sigma.unsqueeze(0)).flatten(0, 1)
+            # z_i of one image's shape, one draw per copy (the same whatever the passes):
+            # (s, 1, C, H, W), shared by the batch's images
+            z = torch.stack(
+                [
+                    torch.randn(x.shape[1:], generator=gen, device=x.device, dtype=x.dtype)
+                    for _ in range(s)
+                ]
+            ).unsqueeze(1)
+            noisy = (x.unsqueeze(0) + z * sigma.unsqueeze(0)).flatten(0, 1)
             inner_ctx = Context(
                 net=ctx.net,
                 x=noisy,
