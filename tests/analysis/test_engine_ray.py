@@ -368,3 +368,33 @@ def test_bad_decode_cpus(data, cpus) -> None:
 
     with pytest.raises(InputError, match="decode_cpus must be a positive number"):
         RayEngine(spec(data["dir"]), {}, decode_cpus=cpus)
+
+
+def test_decode_cpus_more_than_any_node_is_one_line(cluster, data) -> None:
+    from convlens.analysis.engine_ray import RayEngine
+
+    engine = RayEngine(spec(data["dir"]), {}, decode_cpus=3)
+    with engine, pytest.raises(InputError, match=r"decode_cpus=3 is more than any node"):
+        engine._resources()
+
+
+def test_gpu_actors_get_a_batch_size_and_blocks_are_not_sliced(cluster, data) -> None:
+    """Ray Data refuses GPU actors without a batch size: the stages of a GPU cluster are made
+    (lazily: no GPU is needed to build them); the block-size limit is lifted for the run only."""
+    import pyarrow as pa
+    import ray
+
+    from convlens.analysis.engine_ray import RayEngine
+
+    context = ray.data.DataContext.get_current()
+    before = context.target_max_block_size
+    model = spec(data["dir"])()
+    blocks = [pa.Table.from_pylist([{"shard": 0, "pos": 0, "path": b"x.png", "label": 0}])]
+    gpu = {"compute": ray.data.ActorPoolStrategy(size=1), "num_gpus": 1, "num_cpus": 1}
+    cpu = {"compute": ray.data.ActorPoolStrategy(size=1), "num_cpus": 0.5}
+    with RayEngine(spec(data["dir"]), {}) as engine:
+        assert context.target_max_block_size is None
+        for actor in (gpu, cpu):
+            ds = engine._prediction_stages(model, blocks, 4, actor, 0.5, None)
+            assert isinstance(ds, ray.data.Dataset)
+    assert context.target_max_block_size == before

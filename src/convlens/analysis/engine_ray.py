@@ -404,7 +404,7 @@ class RayEngine:
         self.nodes: dict[str, set[str]] = {"decode": set(), "predict": set(), "explain": set()}
         self._own = False
         self._folder: Path | None = None
-        self._context: tuple[Any, bool, int] | None = None
+        self._context: tuple[Any, bool, int, int | None] | None = None
 
     def __enter__(self) -> RayEngine:
         ray = _ray()
@@ -426,8 +426,16 @@ class RayEngine:
             # its context, even when nobody sets it
             warnings.simplefilter("ignore", DeprecationWarning)
             context = ray.data.DataContext.get_current()
-        self._context = (context, context.enable_progress_bars, context.wait_for_min_actors_s)
+        self._context = (
+            context,
+            context.enable_progress_bars,
+            context.wait_for_min_actors_s,
+            context.target_max_block_size,
+        )
         context.enable_progress_bars = False
+        # a decoded batch stays one block: Ray Data would slice a block over 1.5 x its target
+        # size (128 MiB: about 330 images of 224 x 224), and the model would see sub-batches
+        context.target_max_block_size = None
         # the pools start whole before the first batch: every node gets its actor, rather
         # than the first actor up taking every batch of a small run
         context.wait_for_min_actors_s = ACTOR_START_S
@@ -440,8 +448,9 @@ class RayEngine:
         tb: TracebackType | None,
     ) -> bool:
         if self._context is not None:
-            context, bars, wait = self._context
+            context, bars, wait, block = self._context
             context.enable_progress_bars, context.wait_for_min_actors_s = bars, wait
+            context.target_max_block_size = block
             self._context = None
         if self._own:
             _ray().shutdown()
@@ -466,6 +475,12 @@ class RayEngine:
             # one beside the node that decoded it (Ray Data prefers those)
             return ray.data.ActorPoolStrategy(size=size, max_tasks_in_flight_per_actor=1)
 
+        most_cpus = max((float(n["Resources"]["CPU"]) for n in alive), default=1.0)
+        if self.decode_cpus is not None and self.decode_cpus > most_cpus:
+            raise InputError(
+                f"decode_cpus={self.decode_cpus:g} is more than any node has "
+                f"({most_cpus:g} CPUs): no decoding task could ever start"
+            )
         if gpus:
             actor = {"compute": pool(self.actors or gpus), "num_gpus": 1, "num_cpus": 1}
             return actor, self.decode_cpus or 1.0
@@ -588,8 +603,10 @@ class RayEngine:
             _Predictor,
             fn_constructor_kwargs={"spec": self.spec, "features": recorder is not None},
             # each decoded batch whole: the model sees the local engine's batches (float32
-            # results depend on the batch), never rows of two blocks regrouped by Ray Data
-            batch_size=None,
+            # results depend on the batch), never rows of two blocks regrouped by Ray Data.
+            # Ray Data refuses GPU actors without a batch size: there the batches are cut
+            # anew at batch_size (only the last, shorter block can be regrouped)
+            batch_size=batch_size if actor.get("num_gpus") else None,
             batch_format="numpy",
             **actor,
         )

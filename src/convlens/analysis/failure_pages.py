@@ -286,7 +286,9 @@ def _feature_maps(
                 chunk.append(p)
             except ImageError as exc:
                 log.warning(
-                    "cannot re-read %s for the failure-mode pages: %s", printable(p.path), exc
+                    "cannot re-read %s for the failure-mode pages: %s",
+                    printable(p.path),
+                    printable(str(exc)),
                 )
         if not chunk:
             continue

@@ -68,9 +68,10 @@ _PAIR_EXAMPLES = 2
 _PAIRS = 5
 NOT_FINITE = "model output is not finite (NaN/Inf)"
 """The failure reason recorded for an image whose model output has a NaN or an infinity."""
-PANEL_RENDERING = 2
-"""Version of how explanation panels are drawn (2: signed maps red/blue); part of the panel
-cache's key, so a resumed run redraws panels made the older way."""
+PANEL_RENDERING = 3
+"""Version of how explanation panels and maps are made (2: signed maps red/blue; 3: SmoothGrad
+and VarGrad noise drawn per image); part of the panel cache's key, so a resumed run remakes
+panels, maps and scores made the older way."""
 
 
 @dataclass
@@ -245,7 +246,7 @@ def _repair_thumbnails(
             try:
                 image = load_image(p.path)
             except (ConvlensError, OSError) as exc:
-                log.info("no thumbnail for %s: %s", printable(p.path), exc)
+                log.info("no thumbnail for %s: %s", printable(p.path), printable(str(exc)))
                 continue
             _write_thumbnail(image, thumb)
             if not is_complete(thumb):  # not writable now (a full disk): tried again next run

@@ -65,7 +65,8 @@ class SmoothGrad(Method):
     Seeded per image: the ``i``-th noisy copy of every image takes the ``i``-th draw of one
     image's shape from a generator seeded with ``seed`` (``eps_i = sigma z_i``, the same ``z_i``
     for each image), as if each image had its own generator. An image's map is therefore the
-    same alone or in any batch, at any position and any ``batch_size``.
+    same, to float tolerance (the inner forward passes batch other images with it), alone or in
+    any batch, at any position and any ``batch_size``.
 
     Args:
         inner: the method to smooth.
