@@ -36,3 +36,15 @@ def nogap_net() -> NoGapNet:
 @pytest.fixture
 def linear_net() -> LinearNet:
     return seeded(LinearNet(), seed=3)  # type: ignore[return-value]
+
+
+# Tests that start a Ray cluster run one after another in one pytest-xdist worker: two clusters
+# at once would each take the machine's cores for their nodes and actors.
+_ONE_WORKER = {"test_engine_ray.py": "ray"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        group = _ONE_WORKER.get(item.path.name)
+        if group is not None:
+            item.add_marker(pytest.mark.xdist_group(group))

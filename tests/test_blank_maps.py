@@ -148,7 +148,11 @@ def test_wrapped_scorecam_is_the_average_of_the_paper_s_maps() -> None:
     # SmoothGrad: the noisy copies of the documented recipe (sigma = noise * value range)
     smooth = SmoothGrad(ScoreCAM(), samples=3, noise=0.2, batch_size=6, seed=1)
     exp = smooth(net, x, layer="relu")
-    eps = torch.randn((3, *x.shape), generator=torch.Generator().manual_seed(1))
+    # the noise is drawn per image: every image's i-th copy takes the i-th draw of its own
+    # generator seeded with the seed, as it would alone
+    eps = torch.stack(
+        [torch.randn((3, *x.shape[1:]), generator=torch.Generator().manual_seed(1))] * 2, dim=1
+    )
     span = (x.amax(dim=(1, 2, 3)) - x.amin(dim=(1, 2, 3))).view(1, 2, 1, 1, 1)
     noisy = x.unsqueeze(0) + eps * 0.2 * span
     reference = torch.stack([score_cam_float64(net, n, t) for n in noisy]).mean(0)
