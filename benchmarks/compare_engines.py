@@ -57,6 +57,8 @@ from convlens.models import load_model
 
 from _common import command_line, default_data, git_commit, load_average, machine_line
 
+log = logging.getLogger("compare_engines")
+
 REL = 1e-5
 """Relative tolerance of a float (probabilities, losses, metrics): float32 arithmetic in
 another process, with other thread counts, rounds differently."""
@@ -165,7 +167,9 @@ def prediction_checks(a: Path, b: Path) -> list[Check]:
             top.mismatches.append(f"{p.path}: not predicted by ray")
             continue
         top.same((p.id, p.label, p.top5, p.correct), (q.id, q.label, q.top5, q.correct), p.path)
-        for k, (x, y) in enumerate(zip(p.probs5, q.probs5, strict=True)):
+        if len(p.probs5) != len(q.probs5):
+            probs.mismatches.append(f"{p.path}: {len(p.probs5)} != {len(q.probs5)} probabilities")
+        for k, (x, y) in enumerate(zip(p.probs5, q.probs5, strict=False)):
             probs.number(x, y, f"{p.path} probs5[{k}]")
         probs.number(
             math.nan if p.loss is None else p.loss, math.nan if q.loss is None else q.loss, p.path
@@ -338,6 +342,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     load_before = load_average()
     started = dt.datetime.now(dt.timezone.utc)
+    if args.keep is not None and args.keep.exists() and any(args.keep.iterdir()):
+        # runs already there would be resumed, and the comparison would read stale reports
+        log.error("--keep %s is not empty; give a new folder", args.keep)
+        return 2
     with tempfile.TemporaryDirectory(prefix="compare-engines-") as tmp:
         work = args.keep or Path(tmp)
         if args.augmented:
