@@ -324,9 +324,10 @@ def test_cli_passes_engine_and_model_spec(data, tmp_path, monkeypatch, capsys) -
     monkeypatch.setattr(convlens.analysis, "analyze", fake)
     args = ["analyze", str(data["data"]), "--model", f"{data['dir'] / 'net.py'}:build"]
     args += ["--classes", str(data["dir"] / "labels.txt"), "--size", "32", "--out", "o"]
-    assert exit_code([*args, "--engine", "ray", "--address", "auto"]) != 0
+    ray_args = ["--engine", "ray", "--address", "auto", "--decode-cpus", "0.5"]
+    assert exit_code([*args, *ray_args]) != 0
     assert "stop here" in capsys.readouterr().err
-    assert (seen["engine"], seen["address"]) == ("ray", "auto")
+    assert (seen["engine"], seen["address"], seen["decode_cpus"]) == ("ray", "auto", 0.5)
     rebuilt = pickle.loads(pickle.dumps(seen["model_spec"]))()
     x = torch.rand(2, 3, 32, 32)
     torch.testing.assert_close(rebuilt.net(x), seen["model"].net(x))
@@ -338,6 +339,7 @@ def test_cli_passes_engine_and_model_spec(data, tmp_path, monkeypatch, capsys) -
     [
         ({"engine": "spark"}, "engine 'spark' is not one of: local, ray"),
         ({"address": "auto"}, "--address is for --engine ray"),
+        ({"decode_cpus": 1.0}, "--decode-cpus is for --engine ray"),
     ],
 )
 def test_bad_engine_arguments(data, tmp_path, kw, text) -> None:

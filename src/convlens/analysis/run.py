@@ -888,6 +888,7 @@ def analyze(
     engine: str = "local",
     address: str | None = None,
     model_spec: Callable[[], ConvlensModel] | None = None,
+    decode_cpus: float | None = None,
 ) -> AnalysisResult:
     """Error analysis of a classifier over a labelled image set, with a browsable report.
 
@@ -941,6 +942,9 @@ def analyze(
         address: the Ray cluster to join (``ray.init(address=...)``, e.g. ``"auto"`` or
             ``"HOST:6379"``; ``engine="ray"`` only). Default: the one this process is connected
             to, else a new local one.
+        decode_cpus: for ``engine="ray"``: CPUs of each decoding task, the decode fan-out
+            (default: 1 with GPUs, else 40% of the smallest node's CPUs, at most 1; see
+            :class:`~convlens.analysis.engine_ray.RayEngine`).
         model_spec: for ``engine="ray"``: a picklable callable without arguments that builds
             ``model`` (e.g. ``functools.partial(load_model, "net.py:build", weights="w.pt")``);
             each worker rebuilds the model with it (the network itself is never pickled).
@@ -968,7 +972,7 @@ def analyze(
 
     specs = _method_specs(methods, method_options)
     instances = build_methods(specs)  # checks names and options before any work
-    runner = _engine(engine, address, model_spec, specs)
+    runner = _engine(engine, address, model_spec, specs, decode_cpus)
     out = Path(out_dir)
     items = [(str(p), lbl) for p, lbl in read_labelled(data, model.classes, limit=limit)]
     if not items:
@@ -1000,6 +1004,7 @@ def _engine(
     address: str | None,
     model_spec: Callable[[], ConvlensModel] | None,
     specs: Mapping[str, Mapping[str, Any]],
+    decode_cpus: float | None = None,
 ) -> Any:
     """The engine object of ``engine`` (``None``: this process), its arguments checked."""
     if engine not in ENGINES:
@@ -1009,10 +1014,12 @@ def _engine(
             raise InputError("--address is for --engine ray (the local engine joins no cluster)")
         if model_spec is not None:
             raise InputError("model_spec is for engine='ray' (the local engine uses the model)")
+        if decode_cpus is not None:
+            raise InputError("--decode-cpus is for --engine ray (the local engine: --workers)")
         return None
     from convlens.analysis.engine_ray import RayEngine
 
-    return RayEngine(model_spec, specs, address=address)
+    return RayEngine(model_spec, specs, address=address, decode_cpus=decode_cpus)
 
 
 def _run_meta(model: ConvlensModel, data: str | Path) -> dict[str, object]:

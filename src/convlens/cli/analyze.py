@@ -79,6 +79,13 @@ def analyze(
             "--head`); default: a new local one.",
         ),
     ] = None,
+    decode_cpus: Annotated[
+        Optional[float],  # noqa: UP045
+        typer.Option(
+            help="With --engine ray: CPUs of each decoding task (the decode fan-out: fewer "
+            "CPUs each, more tasks at once); default 1 with GPUs, less on small CPU nodes.",
+        ),
+    ] = None,
     batch_size: BatchSizeOpt = 32,
     workers: WorkersOpt = 0,
     limit: LimitOpt = None,
@@ -111,6 +118,7 @@ def analyze(
         failure_modes=failure_modes,
         engine=engine,
         address=address,
+        decode_cpus=decode_cpus,
         # the workers rebuild the model from its options (the network is not pickled)
         model_spec=model_options.load if engine == "ray" else None,
     )
